@@ -1,0 +1,110 @@
+"""`megapt <verb>`: thin. Parses arguments, loads the config, calls one function.
+
+Every verb takes ``-c/--config FILE`` (repeatable; later files win) and any number of
+``--section.key=value`` overrides. Each verb lives in its own module, which provides
+``add_args(parser)`` (optional) and ``cli_main(cfg, args) -> int``; modules are imported only
+when their verb runs, so ``megapt data ...`` never imports DeepSpeed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+
+from megapt.config import ConfigError, describe, load_config, save_config, to_dict
+
+# verb (one or two words) -> (module, one-line help)
+VERBS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data", "clean"): ("megapt.data.clean", "normalise, filter and deduplicate raw text"),
+    ("tokenizer", "train"): ("megapt.data.tokenizer", "train a sentencepiece tokenizer on the corpus"),
+    ("data", "shard"): ("megapt.data.shard", "tokenize in parallel and write WebDataset shards + manifest"),
+    ("data", "merge"): ("megapt.data.manifest", "merge partial manifests of a split shard job"),
+    ("data", "verify"): ("megapt.data.manifest", "check every shard against its manifest"),
+    ("data", "prepare"): ("megapt.data.prepare", "clean + tokenizer + shards, skipping steps already done"),
+    ("train",): ("megapt.train.trainer", "pretrain (DeepSpeed engine; prepares data when needed)"),
+    ("finetune",): ("megapt.finetune.run", "fine-tune: classification, regression, SFT, LoRA"),
+    ("eval",): ("megapt.eval.evaluate", "perplexity / accuracy on held-out data"),
+    ("generate",): ("megapt.generate", "sample text from a checkpoint (KV cache)"),
+    ("export",): ("megapt.export", "export to / import from Hugging Face format"),
+    ("plan",): ("megapt.planner", "predict per-GPU memory before launch"),
+    ("bench",): ("megapt.bench", "throughput / MFU / memory benchmarks"),
+    ("ckpt", "consolidate"): ("megapt.train.consolidate", "write one safetensors file from a ZeRO checkpoint"),
+    ("ckpt", "universal"): ("megapt.train.consolidate", "convert a ZeRO checkpoint to a reshardable universal one"),
+    ("config",): ("megapt.cli", "print the resolved config (or --describe every key)"),
+}
+
+_OVERRIDE = re.compile(r"^--?[A-Za-z_][\w]*\.[\w.]+=")
+
+
+def _usage() -> str:
+    lines = ["usage: megapt <verb> [-c CONFIG.yaml ...] [--section.key=value ...] [options]", "", "verbs:"]
+    for verb, (_, text) in VERBS.items():
+        lines.append(f"  {' '.join(verb):<22} {text}")
+    return "\n".join(lines)
+
+
+def _find_verb(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    if len(argv) >= 2 and tuple(argv[:2]) in VERBS:
+        return tuple(argv[:2]), argv[2:]
+    if argv and (argv[0],) in VERBS:
+        return (argv[0],), argv[1:]
+    raise SystemExit(_usage() + (f"\n\nmegapt: unknown verb {' '.join(argv[:2])!r}" if argv else ""))
+
+
+# `megapt config`: the verb implemented here
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--describe", action="store_true", help="list every key with default and help")
+    p.add_argument("--save", default="", help="also write the resolved config to this YAML file")
+
+
+def cli_main(cfg, args) -> int:
+    import yaml
+
+    if args.describe:
+        print("\n".join(describe()))
+        return 0
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if args.save:
+        save_config(cfg, args.save)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    verb, rest = _find_verb(argv)
+    module_name, text = VERBS[verb]
+    module = importlib.import_module(module_name)
+    overrides = [a for a in rest if _OVERRIDE.match(a)]
+    rest = [a for a in rest if not _OVERRIDE.match(a)]
+    parser = argparse.ArgumentParser(prog="megapt " + " ".join(verb), description=text)
+    parser.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
+    if verb == ("config",):
+        add_args(parser)
+    elif hasattr(module, "add_args"):
+        try:
+            module.add_args(parser, verb)
+        except TypeError:
+            module.add_args(parser)
+    args = parser.parse_args(rest)
+    args.verb = verb
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"megapt: config error in {exc}", file=sys.stderr)
+        return 2
+    fn = cli_main if verb == ("config",) else module.cli_main
+    try:
+        return int(fn(cfg, args) or 0)
+    except ConfigError as exc:
+        print(f"megapt: config error in {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""megapt: pretrain decoder-only LLMs from scratch across many GPUs and nodes.
+
+The top-level ``kernels/`` folder installs as ``megapt.kernels`` (``package_dir``), so its
+import name never clashes with the unrelated ``kernels`` package on PyPI.
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "megapt",
+    "megapt.model",
+    "megapt.data",
+    "megapt.train",
+    "megapt.finetune",
+    "megapt.eval",
+    "megapt.kernels",
+]
+
+setup(
+    name="megapt",
+    version="0.1.0",
+    description="Pretrain and fine-tune decoder-only transformers with DeepSpeed ZeRO and fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"megapt.kernels": "kernels"},
+    package_data={"megapt.kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
+    install_requires=[
+        # torch is installed first, by hand (see README): a bare `torch` requirement lets pip
+        # pull a multi-GB CUDA build. Any torch >= 2.4 satisfies this bound.
+        "torch>=2.4",
+        "deepspeed>=0.19",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "webdataset>=0.2.100",
+        "tensorboard>=2.16",
+        "pyyaml>=6.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        "gpu": ["triton>=3.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.1", "transformers>=4.45"],
+    },
+    entry_points={"console_scripts": ["megapt=megapt.cli:main"]},
+)
