@@ -1,0 +1,120 @@
+"""Config tree: YAML + overrides fill it; every bad key/value is reported at once."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megapt.config import (Config, ConfigError, config_from_dict, load_config, parse_overrides,
+                           read_yaml, save_config)
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_valid_and_tiny_config_loads():
+    cfg = load_config(["configs/tiny.yaml"])
+    assert cfg.model.preset == "tiny"
+    assert cfg.data.seq_len == 256
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_overrides_win_over_yaml_and_parse_types(tmp_path):
+    p = write(tmp_path, "a.yaml", "train:\n  lr: 1.0e-3\n  max_steps: 10\n")
+    cfg = load_config([p], ["--train.lr=3e-4", "--deepspeed.zero_stage=2", "--train.compile=true",
+                            "--tokenizer.special_tokens=[<|endoftext|>, <|pad|>, <|sep|>]"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.train.max_steps == 10
+    assert cfg.deepspeed.zero_stage == 2
+    assert cfg.train.compile is True
+    assert cfg.tokenizer.special_tokens[-1] == "<|sep|>"
+
+
+def test_unknown_keys_and_wrong_types_are_all_listed(tmp_path):
+    p = write(tmp_path, "bad.yaml", "train:\n  lr: fast\n  mirco_batch: 4\nbogus:\n  x: 1\n"
+                                    "model:\n  attention: flash9\n  n_layers: 2.5\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config([p])
+    msg = str(ei.value)
+    for needle in ["train.lr", "train.mirco_batch: unknown key", "bogus: unknown key",
+                   "model.attention", "model.n_layers", str(p)]:
+        assert needle in msg, needle
+    assert "5 problem" in msg
+
+
+def test_value_range_errors_are_all_listed():
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict({"train": {"micro_batch": 0, "lr": -1.0},
+                          "deepspeed": {"zero_stage": 4, "offload_params": "cpu"},
+                          "tokenizer": {"eos_token": "</s>"}})
+    msg = str(ei.value)
+    for needle in ["train.micro_batch", "train.lr", "deepspeed.zero_stage", "deepspeed.offload_params",
+                   "tokenizer.eos_token"]:
+        assert needle in msg, needle
+
+
+def test_broken_yaml_names_the_file(tmp_path):
+    p = write(tmp_path, "broken.yaml", "train: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+        load_config([p])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([tmp_path / "missing.yaml"])
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    p = write(tmp_path, "evil.yaml", "run: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        read_yaml(p)
+
+
+def test_base_include_and_cycle(tmp_path):
+    write(tmp_path, "base.yaml", "train:\n  lr: 1.0e-3\n  max_steps: 5\n")
+    child = write(tmp_path, "child.yaml", "base: base.yaml\ntrain:\n  max_steps: 7\n")
+    cfg = load_config([child])
+    assert (cfg.train.lr, cfg.train.max_steps) == (1e-3, 7)
+    a = write(tmp_path, "ca.yaml", "base: cb.yaml\n")
+    write(tmp_path, "cb.yaml", "base: ca.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config([a])
+
+
+def test_malformed_override_is_an_error():
+    with pytest.raises(ConfigError):
+        parse_overrides(["--trainlr"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config([], ["--train.lr=1e-4", "--train.min_lr=1e-5", "--data.sources=[{path: a.txt, weight: 2}]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config([tmp_path / "config.yaml"])
+    assert again == cfg
+    assert again.data.sources[0].weight == 2.0
+    assert isinstance(yaml.safe_load((tmp_path / "config.yaml").read_text()), dict)
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "megapt", "config", "--train.bogus=1", "--train.lr=x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "train.bogus: unknown key" in r.stderr and "train.lr" in r.stderr
+
+
+def test_every_key_has_help():
+    import dataclasses
+
+    from megapt.config import _hints
+
+    missing = []
+    stack = [(Config, "")]
+    while stack:
+        cls, prefix = stack.pop()
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("help"):
+                missing.append(prefix + f.name)
+            tp = _hints(cls)[f.name]
+            if dataclasses.is_dataclass(tp):
+                stack.append((tp, prefix + f.name + "."))
+    assert not missing, missing
