@@ -1,0 +1,413 @@
+"""Shard manifests: load, validate, verify shards, merge the partial manifests of split jobs.
+
+A shard directory holds ``manifest.json`` and tar files ``{split}-{job:03d}-{n:05d}.tar``; each
+tar member is ``<key>.tokens`` with ``seq_len + 1`` little-endian tokens (uint16 or uint32).
+A job of a split run (``--data.num_shards=K --data.shard_index=i``) writes
+``manifest-part-{i:03d}-of-{K:03d}.json``; ``megapt data merge`` joins them, in job order, into
+``manifest.json``. Every write is atomic (``.tmp`` + ``os.replace``) so a reader never sees a
+half-written shard or manifest.
+
+    m = load_manifest(shard_dir)                 # ShardError naming the file when missing/invalid
+    for entry in m["splits"]["train"]["shards"]:
+        verify_shard(shard_dir / entry["name"], entry, sample_len=m["seq_len"] + 1, dtype=m["dtype"])
+    check_tokenizer(m, Tokenizer.load(path))     # shards were made with this tokenizer?
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import numpy as np
+
+FORMAT = "megapt-shards"
+VERSION = 1
+SPLITS = ("train", "val")
+MANIFEST = "manifest.json"
+PART_RE = re.compile(r"^manifest-part-(\d{3,})-of-(\d{3,})\.json$")
+SHARD_RE = re.compile(r"^(train|val)-(\d{3,})-(\d{5,})\.tar$")
+
+
+class ShardError(RuntimeError):
+    """A shard or manifest is missing, corrupt or inconsistent; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers shared by the writer side
+# --------------------------------------------------------------------------------------------
+
+
+def part_name(job: int, num_jobs: int) -> str:
+    return f"manifest-part-{job:03d}-of-{num_jobs:03d}.json"
+
+
+def shard_name(split: str, job: int, n: int) -> str:
+    return f"{split}-{job:03d}-{n:05d}.tar"
+
+
+def sample_key(split: str, job: int, idx: int) -> str:
+    return f"{split}-{job:03d}-{idx:09d}"
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    return "uint16" if vocab_size < 65536 else "uint32"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to ``path.tmp``, fsync, then rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Manifest(dict):
+    """A manifest dict that remembers the file it came from (``.path``) for error messages."""
+
+    path: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Load and validate
+# --------------------------------------------------------------------------------------------
+
+
+def _schema_errors(m: Any) -> list[str]:
+    e: list[str] = []
+    if not isinstance(m, dict):
+        return [f"top level must be an object, got {type(m).__name__}"]
+    if m.get("format") != FORMAT:
+        e.append(f"format: expected {FORMAT!r}, got {m.get('format')!r}")
+    if m.get("version") != VERSION:
+        e.append(f"version: expected {VERSION}, got {m.get('version')!r} (written by another megapt version?)")
+    for key in ("seq_len", "vocab_size", "eos_id", "pad_id"):
+        if not isinstance(m.get(key), int) or isinstance(m.get(key), bool):
+            e.append(f"{key}: expected an integer, got {m.get(key)!r}")
+    if m.get("dtype") not in ("uint16", "uint32"):
+        e.append(f"dtype: expected 'uint16' or 'uint32', got {m.get('dtype')!r}")
+    elif isinstance(m.get("vocab_size"), int) and m["dtype"] != dtype_for_vocab(m["vocab_size"]):
+        e.append(f"dtype: {m['dtype']} does not match vocab_size {m['vocab_size']}")
+    if not isinstance(m.get("tokenizer_sha256"), str):
+        e.append("tokenizer_sha256: expected a hex string")
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits:
+        e.append("splits: expected an object with at least 'train'")
+        return e
+    seq = m.get("seq_len") if isinstance(m.get("seq_len"), int) else None
+    for split, s in splits.items():
+        where = f"splits.{split}"
+        if split not in SPLITS:
+            e.append(f"{where}: unknown split (expected one of {SPLITS})")
+            continue
+        if not isinstance(s, dict) or not isinstance(s.get("shards"), list):
+            e.append(f"{where}: expected an object with a 'shards' list")
+            continue
+        samples = tokens = 0
+        for k, sh in enumerate(s["shards"]):
+            w = f"{where}.shards[{k}]"
+            if not isinstance(sh, dict):
+                e.append(f"{w}: expected an object")
+                continue
+            name = sh.get("name")
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                e.append(f"{w}.name: must be a plain file name inside the shard directory, got {name!r}")
+            for key in ("samples", "tokens", "bytes"):
+                if not isinstance(sh.get(key), int) or sh[key] < 0:
+                    e.append(f"{w}.{key}: expected a non-negative integer, got {sh.get(key)!r}")
+            if not isinstance(sh.get("sha256"), str) or len(sh["sha256"]) != 64:
+                e.append(f"{w}.sha256: expected 64 hex digits, got {sh.get('sha256')!r}")
+            if seq is not None and isinstance(sh.get("samples"), int) and isinstance(sh.get("tokens"), int):
+                if sh["tokens"] != sh["samples"] * (seq + 1):
+                    e.append(f"{w}: tokens {sh['tokens']} != samples {sh['samples']} x (seq_len+1)")
+                samples += sh["samples"]
+                tokens += sh["tokens"]
+        if s.get("samples") != samples or s.get("tokens") != tokens:
+            e.append(f"{where}: totals samples={s.get('samples')!r} tokens={s.get('tokens')!r} do not match "
+                     f"the sum over its shards ({samples}, {tokens})")
+    return e
+
+
+def validate_manifest(m: Any, where: str = "manifest") -> None:
+    """Raise ShardError listing every schema problem of a manifest dict."""
+    errors = _schema_errors(m)
+    if errors:
+        raise ShardError(f"{where}: invalid shard manifest, {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+
+
+def read_manifest_file(path: str | os.PathLike) -> Manifest:
+    """Read and validate one manifest (or partial manifest) file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ShardError(f"{path}: manifest not found") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}: not valid JSON ({exc}); the file is corrupt - rerun "
+                         f"`megapt data shard` (or `megapt data merge` for a split job)") from None
+    validate_manifest(data, str(path))
+    m = Manifest(data)
+    m.path = path
+    return m
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
+    """Load ``<shard_dir>/manifest.json``; a clear ShardError when missing, unmerged or invalid."""
+    shard_dir = Path(shard_dir)
+    path = shard_dir / MANIFEST
+    if not path.is_file():
+        parts = sorted(p.name for p in shard_dir.glob("manifest-part-*.json")) if shard_dir.is_dir() else []
+        if parts:
+            raise ShardError(f"{path}: not found, but {len(parts)} partial manifest(s) are there ({parts[0]} ...): "
+                             f"run `megapt data merge --data.shard_dir={shard_dir}` once every job has finished")
+        raise ShardError(f"{path}: not found - no shards prepared in {shard_dir}. Run `megapt data prepare` "
+                         f"(or `megapt data shard`) with the same config first")
+    return read_manifest_file(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Shard verification and reading
+# --------------------------------------------------------------------------------------------
+
+
+def check_member_name(name: str, shard: str | os.PathLike) -> None:
+    """Refuse tar member names that would escape the shard directory (absolute, ``..``)."""
+    p = PurePosixPath(name)
+    if not name or name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or "\\" in name \
+            or re.match(r"^[A-Za-z]:", name):
+        raise ShardError(f"{shard}: unsafe tar member name {name!r} (absolute path or '..'); "
+                         f"the shard is corrupt or not from megapt - delete it and re-shard")
+
+
+def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, tokens)`` for every sample of one shard tar, checking its structure.
+
+    Raises ShardError naming the shard for a truncated or unreadable tar, unsafe or unexpected
+    member names and payloads of the wrong size.
+    """
+    path = Path(path)
+    itemsize = np.dtype(dtype).itemsize
+    want = sample_len * itemsize
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            while True:
+                try:
+                    info = tf.next()
+                except tarfile.ReadError as exc:
+                    raise ShardError(f"{path}: truncated or corrupt tar ({exc})") from None
+                if info is None:
+                    break
+                check_member_name(info.name, path)
+                if not info.isfile():
+                    raise ShardError(f"{path}: member {info.name!r} is not a regular file")
+                if not info.name.endswith(".tokens"):
+                    raise ShardError(f"{path}: unexpected member {info.name!r} (expected <key>.tokens)")
+                if info.size != want:
+                    raise ShardError(f"{path}: member {info.name!r} has {info.size} bytes, expected {want} "
+                                     f"({sample_len} x {dtype})")
+                f = tf.extractfile(info)
+                data = f.read() if f is not None else b""
+                if len(data) != want:
+                    raise ShardError(f"{path}: truncated tar: member {info.name!r} has {len(data)} of {want} bytes")
+                yield info.name[: -len(".tokens")], np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file missing") from None
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ShardError(f"{path}: truncated or corrupt tar ({type(exc).__name__}: {exc})") from None
+
+
+def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None = None,
+                 dtype: str | None = None, check_sha: bool = True) -> None:
+    """Check one shard against its manifest entry; raise ShardError naming the file.
+
+    Checks, in order: the file exists, its size, its sha256 (``check_sha``), and - when
+    ``sample_len`` and ``dtype`` are given - the tar structure: member names, payload sizes and
+    the sample count.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: shard file missing (listed in the manifest); re-run the shard job that wrote it")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardError(f"{path}: size mismatch: {size} bytes on disk, manifest says {entry['bytes']} "
+                         f"(truncated or replaced shard)")
+    if check_sha:
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
+                             f"{entry['sha256'][:16]}... (corrupt shard)")
+    if sample_len is not None and dtype is not None:
+        n = sum(1 for _ in iter_shard(path, sample_len=sample_len, dtype=dtype))
+        if n != entry["samples"]:
+            raise ShardError(f"{path}: truncated tar: {n} samples, manifest says {entry['samples']}")
+
+
+def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bool = True) -> tuple[int, list[str]]:
+    """Verify every shard listed in ``<shard_dir>/manifest.json``; returns (checked, errors)."""
+    shard_dir = Path(shard_dir)
+    m = load_manifest(shard_dir)
+    errors, checked = [], 0
+    for split, s in m["splits"].items():
+        for entry in s["shards"]:
+            checked += 1
+            try:
+                verify_shard(shard_dir / entry["name"], entry, check_sha=check_sha,
+                             sample_len=m["seq_len"] + 1 if deep else None, dtype=m["dtype"] if deep else None)
+            except ShardError as exc:
+                errors.append(str(exc))
+    return checked, errors
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer consistency
+# --------------------------------------------------------------------------------------------
+
+
+def check_tokenizer(manifest: dict, tokenizer: Any) -> None:
+    """Raise ShardError when the shards were not written with ``tokenizer``.
+
+    ``tokenizer`` is a megapt Tokenizer (``.sha256``, ``.vocab_size``, ``.eos_id``, ``.path``)
+    or a sha256 hex string.
+    """
+    where = getattr(manifest, "path", None) or "manifest"
+    sha = tokenizer if isinstance(tokenizer, str) else tokenizer.sha256
+    tpath = getattr(tokenizer, "path", "the tokenizer")
+    problems = []
+    if manifest["tokenizer_sha256"] != sha:
+        problems.append(f"tokenizer sha256 {sha[:12]}... != manifest {manifest['tokenizer_sha256'][:12]}...")
+    if not isinstance(tokenizer, str):
+        if tokenizer.vocab_size != manifest["vocab_size"]:
+            problems.append(f"vocab_size {tokenizer.vocab_size} != manifest {manifest['vocab_size']}")
+        if tokenizer.eos_id != manifest["eos_id"]:
+            problems.append(f"eos_id {tokenizer.eos_id} != manifest {manifest['eos_id']}")
+    if problems:
+        raise ShardError(f"{where}: shards were written with a different tokenizer than {tpath} ("
+                         + "; ".join(problems) + "). Re-shard with this tokenizer (`megapt data shard --force`) "
+                         "or set tokenizer.path to the one the shards were made with")
+
+
+# --------------------------------------------------------------------------------------------
+# Build and merge
+# --------------------------------------------------------------------------------------------
+
+
+def build_manifest(*, seq_len: int, vocab_size: int, eos_id: int, pad_id: int, tokenizer_sha256: str,
+                   splits: dict[str, list[dict]], sources: list | None = None, docs: dict | None = None,
+                   dropped_tokens: int = 0, num_jobs: int = 1, done: list[int] | None = None,
+                   params: dict | None = None) -> dict:
+    """Assemble a manifest dict (schema in the module docstring) from shard entries per split."""
+    out_splits = {}
+    for split in SPLITS:
+        shards = list(splits.get(split, []))
+        out_splits[split] = {"samples": sum(s["samples"] for s in shards),
+                             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    m = {"format": FORMAT, "version": VERSION, "seq_len": int(seq_len), "dtype": dtype_for_vocab(vocab_size),
+         "vocab_size": int(vocab_size), "eos_id": int(eos_id), "pad_id": int(pad_id),
+         "tokenizer_sha256": tokenizer_sha256, "splits": out_splits, "sources": list(sources or []),
+         "docs": dict(docs or {"train": 0, "val": 0}), "dropped_tokens": int(dropped_tokens),
+         "jobs": {"num_shards": int(num_jobs), "done": sorted(done if done is not None else range(num_jobs))}}
+    if params is not None:
+        m["params"] = params
+    validate_manifest(m)
+    return m
+
+
+_SAME_KEYS = ("seq_len", "dtype", "vocab_size", "eos_id", "pad_id", "tokenizer_sha256")
+
+
+def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True) -> dict:
+    """Join ``manifest-part-*-of-K.json`` (all K jobs) into ``manifest.json``, in job order."""
+    shard_dir = Path(shard_dir)
+    found: dict[int, dict[int, Path]] = {}
+    for p in sorted(shard_dir.glob("manifest-part-*.json")):
+        mt = PART_RE.match(p.name)
+        if mt:
+            found.setdefault(int(mt.group(2)), {})[int(mt.group(1))] = p
+    if not found:
+        raise ShardError(f"{shard_dir}: no partial manifests (manifest-part-*-of-*.json) to merge; "
+                         f"run `megapt data shard --data.num_shards=K --data.shard_index=i` for each i first")
+    if len(found) > 1:
+        raise ShardError(f"{shard_dir}: partial manifests of different splits {sorted(found)} "
+                         f"(jobs counts); delete the stale ones and merge again")
+    (k, parts), = found.items()
+    missing = [i for i in range(k) if i not in parts]
+    if missing:
+        raise ShardError(f"{shard_dir}: {len(missing)} of {k} jobs have not finished (no partial manifest for "
+                         f"shard_index {missing[:20]}{' ...' if len(missing) > 20 else ''}); run "
+                         f"`megapt data shard --data.num_shards={k} --data.shard_index=<i>` for them, then merge")
+    ms = [read_manifest_file(parts[i]) for i in range(k)]
+    first = ms[0]
+    for i, m in enumerate(ms):
+        diff = [key for key in _SAME_KEYS if m[key] != first[key]]
+        if diff:
+            raise ShardError(f"{parts[i]}: differs from {parts[0].name} in {diff}; all jobs must use the same "
+                             f"config and tokenizer - re-run that job")
+        for split, s in m["splits"].items():
+            for entry in s["shards"]:
+                p = shard_dir / entry["name"]
+                if not p.is_file() or p.stat().st_size != entry["bytes"]:
+                    raise ShardError(f"{p}: listed in {parts[i].name} but missing or of the wrong size; "
+                                     f"re-run job {i}")
+    splits = {s: [e for m in ms for e in m["splits"].get(s, {}).get("shards", [])] for s in SPLITS}
+    sources: list = []
+    for m in ms:
+        for src in m.get("sources", []):
+            if src not in sources:
+                sources.append(src)
+    merged = build_manifest(
+        seq_len=first["seq_len"], vocab_size=first["vocab_size"], eos_id=first["eos_id"], pad_id=first["pad_id"],
+        tokenizer_sha256=first["tokenizer_sha256"], splits=splits, sources=sources,
+        docs={s: sum(m.get("docs", {}).get(s, 0) for m in ms) for s in SPLITS},
+        dropped_tokens=sum(m.get("dropped_tokens", 0) for m in ms), num_jobs=k, done=list(range(k)),
+        params={key: v for key, v in first.get("params", {}).items() if key != "shard_index"} or None)
+    if write:
+        atomic_write_json(shard_dir / MANIFEST, merged)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: `megapt data merge` and `megapt data verify`
+# --------------------------------------------------------------------------------------------
+
+
+def add_args(parser, verb=("data", "verify")) -> None:
+    parser.add_argument("--dir", default="", help="shard directory (default: data.shard_dir / derived)")
+    if tuple(verb)[-1] == "verify":
+        parser.add_argument("--quick", action="store_true", help="check sizes and tar structure only, no sha256")
+
+
+def cli_main(cfg, args) -> int:
+    shard_dir = Path(args.dir) if getattr(args, "dir", "") else cfg.shard_dir
+    try:
+        if tuple(args.verb)[-1] == "merge":
+            m = merge_manifests(shard_dir)
+            print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> {shard_dir / MANIFEST}: "
+                  + ", ".join(f"{s} {m['splits'][s]['samples']} samples / {len(m['splits'][s]['shards'])} shards"
+                              for s in SPLITS))
+            return 0
+        checked, errors = verify_dir(shard_dir, check_sha=not getattr(args, "quick", False))
+    except ShardError as exc:
+        print(f"megapt: {exc}")
+        return 1
+    for e in errors:
+        print(f"BAD  {e}")
+    print(f"verified {checked} shard(s) in {shard_dir}: {checked - len(errors)} ok, {len(errors)} bad")
+    return 1 if errors else 0
