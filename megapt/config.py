@@ -211,6 +211,17 @@ class FinetuneConfig:
 
 
 @dataclass
+class PlanConfig:
+    nodes: int = _f(1, "intended node count (`megapt plan` and launch pre-flight; CLI --nodes wins)")
+    gpus_per_node: int = _f(8, "intended GPUs per node (CLI --gpus-per-node wins)")
+    gpu: str = _f("h100", "GPU model for the memory plan: h100, h200, a100, a100-40, l40s, a10g, v100, rtx4090")
+    gpu_mem_gb: float = _f(0.0, "usable GPU memory in GiB; 0 = the GPU model's capacity")
+    cpu_mem_gb: float = _f(0.0, "host RAM per node in GiB (offload check); 0 = typical for the GPU model")
+    global_batch: int = _f(0, "sequences per optimizer step; 0 = not fixed. When set, it must equal "
+                           "micro_batch * grad_accum * world_size (checked before launch)")
+
+
+@dataclass
 class Config:
     run: RunConfig = _f(default_factory=RunConfig, help="run identity and folders")
     data: DataConfig = _f(default_factory=DataConfig, help="data path")
@@ -221,6 +232,7 @@ class Config:
     checkpoint: CheckpointConfig = _f(default_factory=CheckpointConfig, help="checkpoints")
     logging: LoggingConfig = _f(default_factory=LoggingConfig, help="logs and TensorBoard")
     finetune: FinetuneConfig = _f(default_factory=FinetuneConfig, help="fine-tuning")
+    plan: PlanConfig = _f(default_factory=PlanConfig, help="intended hardware for `megapt plan`")
 
     # ---- derived paths (not config keys) ----
     @property
