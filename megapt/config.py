@@ -208,6 +208,19 @@ class FinetuneConfig:
     distill_from: str = _f("", "teacher checkpoint for KL distillation")
     distill_alpha: float = _f(0.5, "weight of the KL term")
     distill_temperature: float = _f(2.0, "distillation temperature")
+    train_top_layers: int = _f(0, "train only the head, final norm and the top N blocks; 0 = off")
+    lr: float = _f(3e-4, "peak fine-tuning learning rate (head gets head_lr_mult x)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on norms, biases, embeddings)")
+    warmup_frac: float = _f(0.06, "fraction of steps with linear warmup, then linear decay to 0")
+    epochs: int = _f(3, "passes over the training rows")
+    max_steps: int = _f(0, "stop after this many optimizer steps; 0 = epochs decide")
+    batch_size: int = _f(16, "rows per optimizer step")
+    max_len: int = _f(0, "truncate rows to this many tokens; 0 = data.seq_len")
+    eval_every: int = _f(0, "validate every N steps; 0 = once per epoch")
+    val_fraction: float = _f(0.1, "share of train_file held out when val_file is empty")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA input")
+    merge_lora: bool = _f(True, "fold LoRA adapters into the weights when saving the best model")
+    out_dir: str = _f("", "where the best model goes; empty: <run_dir>/finetune")
 
 
 @dataclass
