@@ -1,4 +1,33 @@
 """Fused kernels (Triton, optional CUDA), each beside a plain-PyTorch reference.
 
-Installed as ``megapt.kernels``.
+Installed as ``megapt.kernels``. Submodules load lazily, so importing this package does not
+import triton, and ``chunked_linear_cross_entropy`` (pure PyTorch) works without it.
+
+    flash_attention(q, k, v, causal=True, sm_scale=None)   q (B, nh, T, hs), k/v (B, nkv, T, hs)
+    rms_norm(x, weight, eps)                               x (..., C)
+    apply_rope(q, k, cos, sin)                             q (B, T, nh, hs), cos/sin (T, hs // 2)
+    fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None)
+    chunked_linear_cross_entropy(...)                      same API, pure PyTorch (CPU)
 """
+import importlib
+
+_EXPORTS = {
+    "flash_attention": "flash_attn",
+    "flash_attention_ref": "flash_attn",
+    "rms_norm": "rms_norm",
+    "rms_norm_ref": "rms_norm",
+    "apply_rope": "rope",
+    "apply_rope_": "rope",
+    "apply_rope_ref": "rope",
+    "fused_linear_cross_entropy": "cross_entropy",
+    "fused_linear_cross_entropy_ref": "cross_entropy",
+    "chunked_linear_cross_entropy": "cross_entropy",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
