@@ -1,0 +1,502 @@
+"""A Llama-style decoder-only transformer: one file, read top to bottom.
+
+ModelArgs (+ PRESETS) -> RMSNorm -> Attention (GQA, RoPE) -> FeedForward (SwiGLU) -> Block ->
+GPT -> KVCache. Pre-norm blocks, no biases, rotary positions in the HF Llama "rotate_half"
+layout (so HF export needs no permutation), optional tied embeddings. The four hot operations
+go through ``megapt.model.ops`` and the backend chosen once from config.
+
+    args = ModelArgs.from_config(cfg.model, vocab_size=tok.vocab_size, seq_len=cfg.data.seq_len)
+    with torch.device("meta"):
+        model = GPT(args, select_backends(cfg.model, "cuda"))
+    model.to_empty(device="cuda"); model.init_weights(seed=cfg.run.seed)
+    out = model(input_ids, labels)          # out.loss; logits are not materialised
+
+Shapes: B batch, T sequence, C d_model, nh query heads, n_kv key/value heads, hs head_dim,
+V vocab. Model code does no I/O, never imports DeepSpeed and never looks at ranks.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megapt.config import ConfigError
+from megapt.model import ops
+from megapt.model.ops import Backends
+
+# --------------------------------------------------------------------------------------------
+# Arguments and presets
+# --------------------------------------------------------------------------------------------
+
+
+def swiglu_hidden(d_model: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:
+    """Llama's SwiGLU width: 2/3 of 4*d_model (same params as a 4x GELU MLP), times
+    ``multiplier``, rounded up to ``multiple_of``. 4096 -> 11008; 8192, 4096, 1.3 -> 28672."""
+    hidden = int(multiplier * int(2 * 4 * d_model / 3))
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ModelArgs:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int  # GQA: each kv head serves n_heads // n_kv_heads query heads
+    ffn_hidden: int  # SwiGLU inner width
+    vocab_size: int
+    max_seq_len: int  # length of the RoPE table and the KV cache
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # output head shares tok_embeddings.weight
+    init_std: float = 0.02  # normal init; wo/w2 use init_std / sqrt(2 * n_layers)
+    dropout: float = 0.0  # on the attention and MLP outputs (before the residual add)
+
+    def __post_init__(self) -> None:
+        problems = [f"{f.name}: must be >= 1, got {getattr(self, f.name)}" for f in fields(self)
+                    if f.name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+                                  "max_seq_len") and getattr(self, f.name) < 1]
+        if not problems:
+            if self.d_model % self.n_heads:
+                problems.append(f"n_heads: {self.n_heads} must divide d_model {self.d_model}")
+            elif self.head_dim % 2:
+                problems.append(f"head_dim d_model/n_heads = {self.head_dim} must be even for RoPE")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_kv_heads: {self.n_kv_heads} must divide n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.init_std <= 0 or self.rope_theta <= 0 or self.norm_eps <= 0:
+            problems.append("init_std, rope_theta and norm_eps must be > 0, got "
+                            f"{self.init_std}, {self.rope_theta}, {self.norm_eps}")
+        if problems:
+            raise ConfigError(f"model args: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    # ---- construction ----
+
+    @classmethod
+    def from_preset(cls, name: str, vocab_size: int, max_seq_len: int, **overrides: Any) -> ModelArgs:
+        if name not in PRESETS:
+            raise ConfigError(f"model.preset: unknown {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "vocab_size": vocab_size, "max_seq_len": max_seq_len, **overrides})
+
+    @classmethod
+    def from_config(cls, model_cfg: Any, vocab_size: int, seq_len: int) -> ModelArgs:
+        """Preset named by ``model_cfg.preset`` + every non-None override in ``model_cfg``.
+
+        ``vocab_size`` is the tokenizer's (``model.vocab_size`` may only enlarge it, e.g. to pad
+        to a multiple of 64); ``max_seq_len`` defaults to the data ``seq_len``. When ``d_model``
+        is overridden but ``ffn_hidden`` is not, the SwiGLU width follows the new d_model
+        (``swiglu_hidden(d_model, 64)``).
+        """
+        if model_cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown {model_cfg.preset!r}; choose from {', '.join(PRESETS)}")
+        kw = dict(PRESETS[model_cfg.preset])
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "rope_theta", "norm_eps",
+                     "tie_embeddings", "init_std"):
+            value = getattr(model_cfg, name, None)
+            if value is not None:
+                kw[name] = value
+        if getattr(model_cfg, "d_model", None) is not None and getattr(model_cfg, "ffn_hidden", None) is None:
+            kw["ffn_hidden"] = swiglu_hidden(kw["d_model"], 64)
+        if getattr(model_cfg, "vocab_size", None) is not None:
+            if model_cfg.vocab_size < vocab_size:
+                raise ConfigError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's "
+                                  f"vocabulary ({vocab_size}); token ids would fall outside the embedding")
+            vocab_size = model_cfg.vocab_size
+        max_seq_len = getattr(model_cfg, "max_seq_len", None) or seq_len
+        if max_seq_len < seq_len:
+            raise ConfigError(f"model.max_seq_len: {max_seq_len} is shorter than data.seq_len {seq_len}")
+        return cls(**kw, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                   dropout=float(getattr(model_cfg, "dropout", 0.0) or 0.0))
+
+    # ---- accounting ----
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count from the shapes (equals ``sum(p.numel())`` of the built GPT).
+
+        ``exclude_embeddings=True`` drops the input embedding table, a lookup with no FLOPs.
+        The output head (V x C) is a real matmul and stays counted; with tied embeddings the
+        shared matrix is that head, so nothing is dropped (nanoGPT's convention).
+        """
+        C, hs, V = self.d_model, self.head_dim, self.vocab_size
+        attn = C * self.n_heads * hs + 2 * C * self.n_kv_heads * hs + self.n_heads * hs * C  # wq, wk+wv, wo
+        ffn = 3 * C * self.ffn_hidden  # w1, w3, w2
+        body = self.n_layers * (attn + ffn + 2 * C) + C  # + 2 norms per block + final norm
+        head = V * C  # output projection (the embedding table itself when tied)
+        embed = 0 if self.tie_embeddings else V * C
+        return body + head + (0 if exclude_embeddings else embed)
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B:
+
+            6 * N + 12 * L * H * Q * T
+
+        N = ``num_params(exclude_embeddings=True)``: every weight that takes part in a matmul,
+        i.e. all parameters except the input embedding lookup, with the output head counted
+        (tied or not; norm weights are included, a negligible 2*L*C+C). L layers, H query heads,
+        Q head_dim, T = ``seq_len`` (default ``max_seq_len``). The attention term counts the full
+        T x T score and value matmuls, as PaLM does (no halving for the causal mask); GQA does
+        not change it. Activation recomputation is not included (this is the MFU numerator).
+        """
+        T = self.max_seq_len if seq_len is None else seq_len
+        N = self.num_params(exclude_embeddings=True)
+        return 6.0 * N + 12.0 * self.n_layers * self.n_heads * self.head_dim * T
+
+
+# Named sizes. vocab_size and max_seq_len come from the tokenizer and the data at run time.
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU seconds: 4 layers, GQA 4:2, head_dim 64
+    "tiny": dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=swiglu_hidden(256, 64)),
+    # GPT-2 small / medium shapes; SwiGLU at 8/3 width has the params of GPT-2's 4x MLP
+    "124m": dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, ffn_hidden=swiglu_hidden(768),
+                 tie_embeddings=True),
+    "350m": dict(n_layers=24, d_model=1024, n_heads=16, n_kv_heads=16, ffn_hidden=swiglu_hidden(1024),
+                 tie_embeddings=True),
+    # Llama-3.2-1B / 3B shapes (tied, GQA 8 kv heads, theta 5e5)
+    "1b": dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, ffn_hidden=swiglu_hidden(2048, 256, 1.5),
+               tie_embeddings=True, rope_theta=500000.0),
+    "3b": dict(n_layers=28, d_model=3072, n_heads=24, n_kv_heads=8, ffn_hidden=swiglu_hidden(3072, 256),
+               tie_embeddings=True, rope_theta=500000.0),
+    # Llama-2 shapes
+    "7b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, ffn_hidden=swiglu_hidden(4096)),
+    "13b": dict(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=40, ffn_hidden=swiglu_hidden(5120)),
+    "70b": dict(n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, ffn_hidden=swiglu_hidden(8192, 4096, 1.3)),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, backends: Backends | None = None):
+        super().__init__()
+        self.eps = eps
+        self.backends = backends or Backends()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.backends.norm)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, backends: Backends | None = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.backends = backends or Backends()
+        self.wq = nn.Linear(args.d_model, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, *, causal=True, mask=None, kv_cache=None, start_pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hs)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = ops.apply_rope(q, k, cos, sin, self.backends.rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
+        attn_backend = self.backends.attention
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # (B, n_kv, start_pos + T, hs)
+            if attn_backend in ("triton", "cuda"):
+                attn_backend = "sdpa"  # decoding: query offset / T=1 shapes; the flash kernel serves training
+        y = ops.attention(q, k, v, causal, attn_backend, mask=mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.d_model, args.ffn_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(args.d_model, args.ffn_hidden, bias=False)  # up
+        self.w2 = nn.Linear(args.ffn_hidden, args.d_model, bias=False)  # down
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, backends: Backends | None = None):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.d_model, args.norm_eps, backends)
+        self.attention = Attention(args, layer_id, backends)
+        self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, backends)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, *, causal=True, mask=None, kv_cache=None, start_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, causal=causal, mask=mask,
+                               kv_cache=kv_cache, start_pos=start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, T, V); None when labels were given (loss via the fused path)
+    loss: torch.Tensor | None  # scalar fp32 mean over labels != -100
+    hidden: torch.Tensor | None  # (B, T, C) after the final norm, when return_hidden
+
+
+class GPT(nn.Module):
+    def __init__(self, args: ModelArgs, backends: Backends | None = None, *, seed: int = 0,
+                 doc_mask: bool = False, eos_id: int | None = None):
+        """Build the model; unless built on the meta device, weights come from ``init_weights(seed)``.
+
+        ``doc_mask``: attend only within documents of a packed row (split after each ``eos_id``
+        token) with positions restarting at 0 in each document. The trainer sets
+        ``gradient_checkpointing = True`` to recompute each block in backward.
+        """
+        super().__init__()
+        self.args = args
+        self.backends = backends or Backends()
+        self.doc_mask = doc_mask
+        self.eos_id = eos_id
+        self.gradient_checkpointing = False
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
+        self.layers = nn.ModuleList(Block(args, i, self.backends) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.d_model, args.norm_eps, self.backends)
+        self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.tie_weights()
+        cos, sin = ops.rope_cache(args.max_seq_len, args.head_dim, args.rope_theta,
+                                  device=self.tok_embeddings.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights(seed)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def set_backends(self, backends: Backends) -> None:
+        """Switch every operation's backend (e.g. eager for a reference run)."""
+        self.backends = backends
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention)):
+                m.backends = backends
+
+    # ---- initialisation ----
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init from ``seed``, valid after ``to_empty`` from the meta device.
+
+        Each parameter draws from its own generator seeded by (seed, parameter name) on the
+        parameter's device, so the result does not depend on construction order and a meta build
+        equals a direct build on the same device type. Linear/embedding weights ~ N(0, init_std);
+        wo and w2 (the projections into the residual stream) ~ N(0, init_std / sqrt(2 L));
+        norm weights = 1. Also recomputes the RoPE tables and re-ties the output head.
+        """
+        self.tie_weights()
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                raise RuntimeError(f"init_weights: {name} is on the meta device; call model.to_empty(device=...) first")
+            self.init_parameter(name, p, seed)
+        self.reset_rope_cache()
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor, seed: int = 0) -> None:
+        """Initialise one parameter by its name (the per-parameter step of init_weights).
+
+        Under ``deepspeed.zero.Init`` parameters are partitioned as each submodule is built, so
+        the engine code initialises each one inside ``GatheredParameters([p], modifier_rank=0)``.
+        """
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            return
+        std = self.args.init_std
+        if name.endswith(("wo.weight", "w2.weight")):  # projections into the residual stream
+            std /= math.sqrt(2 * self.args.n_layers)
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+        if p.dtype in (torch.float32, torch.float64):
+            p.normal_(0.0, std, generator=gen)
+        else:  # draw in fp32 so bf16/fp16 weights are the rounded fp32 ones
+            p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0.0, std, generator=gen))
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        self.init_weights(seed)
+
+    def reset_rope_cache(self) -> None:
+        cos, sin = ops.rope_cache(self.args.max_seq_len, self.args.head_dim, self.args.rope_theta,
+                                  device=self.rope_cos.device)
+        self.rope_cos = cos.to(self.rope_cos.dtype)
+        self.rope_sin = sin.to(self.rope_sin.dtype)
+
+    # ---- accounting ----
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Counted from the parameters (tied ones once); same convention as ModelArgs.num_params."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and not self.args.tie_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    # ---- forward ----
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None, start_pos: int = 0, return_hidden: bool = False,
+                position_ids: torch.Tensor | None = None, doc_mask: bool | None = None) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput.
+
+        labels (B, T) (-100 = ignore): the mean loss goes through the loss backend (fused
+        linear+CE) and logits stay None. kv_cache/start_pos: incremental decoding, the tokens sit
+        at positions start_pos .. start_pos+T-1. position_ids (T,) or (B, T) override positions.
+        doc_mask (default ``self.doc_mask``): block attention across EOS boundaries.
+        """
+        B, T = input_ids.shape
+        use_doc_mask = self.doc_mask if doc_mask is None else doc_mask
+        causal, mask = True, None
+        if use_doc_mask:
+            if kv_cache is not None:
+                raise ValueError("doc_mask is for packed training rows; it cannot be combined with kv_cache")
+            if self.eos_id is None:
+                raise ValueError("doc_mask needs the tokenizer's EOS id: GPT(args, eos_id=tok.eos_id) "
+                                 "or model.eos_id = tok.eos_id")
+            doc_positions, mask = document_mask(input_ids, self.eos_id)  # (B, T), (B, 1, T, T)
+            causal = False  # the document mask is already causal
+            if position_ids is None:
+                position_ids = doc_positions
+        if kv_cache is not None and start_pos > 0:
+            S = start_pos + T  # keys held after this step
+            causal = False
+            if T > 1:  # query i (at position start_pos + i) sees keys 0 .. start_pos + i
+                q_pos = torch.arange(start_pos, S, device=input_ids.device)
+                mask = torch.arange(S, device=input_ids.device)[None, :] <= q_pos[:, None]  # (T, S)
+        if position_ids is None:
+            if start_pos + T > self.args.max_seq_len:
+                raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len "
+                                 f"{self.args.max_seq_len} (ModelArgs.max_seq_len / --model.max_seq_len)")
+            cos = self.rope_cos[start_pos:start_pos + T]  # (T, hs/2)
+            sin = self.rope_sin[start_pos:start_pos + T]
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B or T, ..., hs/2)
+
+        h = self.tok_embeddings(input_ids)  # (B, T, C)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if checkpointing:
+                h = checkpoint(layer, h, cos, sin, causal=causal, mask=mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, causal=causal, mask=mask, kv_cache=kv_cache, start_pos=start_pos)
+        h = self.norm(h)  # (B, T, C)
+
+        logits = loss = None
+        if labels is not None:
+            loss = ops.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, labels.reshape(B * T),
+                                            self.backends.loss)
+        else:
+            logits = self.output(h)  # (B, T, V)
+        return ModelOutput(logits=logits, loss=loss, hidden=h if return_hidden else None)
+
+    # ---- generation ----
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
+        p = self.tok_embeddings.weight
+        return KVCache(self.args, batch_size, max_seq_len, device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, eos_id: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation; (B, T) -> (B, T + new).
+
+        With ``eos_id``, rows that emitted it keep emitting it and generation stops early when
+        every row has. Cached and uncached decoding give the same tokens.
+        """
+        B, T = input_ids.shape
+        total = T + max_new_tokens
+        if total > self.args.max_seq_len:
+            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len {self.args.max_seq_len}")
+        cache = self.new_kv_cache(B, total) if use_cache else None
+        out = input_ids
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        pos = 0
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self(out[:, pos:], kv_cache=cache, start_pos=pos).logits[:, -1]  # (B, V)
+                pos = out.shape[1]
+            else:
+                logits = self(out).logits[:, -1]
+            nxt = _sample(logits.float(), temperature, top_k, generator)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done |= nxt == eos_id
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if eos_id is not None and bool(done.all()):
+                break
+        return out
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def document_mask(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions within each document and the block-diagonal causal mask of a packed row.
+
+    A document ends with (and includes) its EOS token; the next token starts a new document at
+    position 0. Returns positions (B, T) and mask (B, 1, T, T), True where query i may see key j.
+    """
+    B, T = input_ids.shape
+    is_eos = (input_ids == eos_id).long()  # (B, T)
+    doc_id = torch.cumsum(is_eos, dim=1) - is_eos  # EOS belongs to the document it closes
+    idx = torch.arange(T, device=input_ids.device).expand(B, T)
+    starts = torch.zeros_like(is_eos)
+    starts[:, 1:] = is_eos[:, :-1] * idx[:, 1:]  # index of each document's first token, else 0
+    positions = idx - torch.cummax(starts, dim=1).values  # (B, T)
+    same_doc = doc_id[:, :, None] == doc_id[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    return positions, (same_doc & causal)[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values, one (B, n_kv, max_T, hs) pair per layer."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.max_seq_len = max_seq_len or args.max_seq_len
+        shape = (batch_size, args.n_kv_heads, self.max_seq_len, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v (B, n_kv, T, hs) at start_pos; return all keys/values so far (B, n_kv, start_pos+T, hs)."""
+        B, end = k.shape[0], start_pos + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache holds {self.max_seq_len} positions, step needs {end}")
+        self.k[layer][:B, :, start_pos:end] = k
+        self.v[layer][:B, :, start_pos:end] = v
+        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]

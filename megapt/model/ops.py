@@ -1,0 +1,350 @@
+"""The four hot operations of the model, each behind a backend chosen once from config.
+
+    backends = select_backends(cfg.model, "cuda")   # resolves "auto", logs the choice once
+    y = attention(q, k, v, causal=True, backend=backends.attention)
+
+Backends per operation (``eager`` is always the reference math):
+
+    attention  eager | sdpa | triton | cuda   q (B, nh, T, hs), k/v (B, n_kv, S, hs) -> (B, nh, T, hs)
+    norm       eager | triton | cuda          RMSNorm over the last dim
+    rope       eager | triton                 rotary embedding, HF Llama "rotate_half" layout
+    loss       eager | chunked | triton       linear + cross-entropy without full logits (chunked/triton)
+
+``auto`` resolves to the Triton kernels of ``megapt.kernels`` on CUDA when they are importable,
+else to ``sdpa`` (attention) / ``eager`` (norm, rope) / ``chunked`` (loss). Asking explicitly for
+a backend that cannot run here is an error that names it; nothing falls back silently in the
+hot path. ``megapt.kernels`` is imported only when a triton/cuda backend is selected.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("megapt")
+
+IGNORE_INDEX = -100
+
+ATTENTION_BACKENDS = ("eager", "sdpa", "triton", "cuda")
+NORM_BACKENDS = ("eager", "triton", "cuda")
+ROPE_BACKENDS = ("eager", "triton")
+LOSS_BACKENDS = ("eager", "chunked", "triton")
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Resolved backend per operation (no ``auto`` left). The defaults run on any device."""
+
+    attention: str = "sdpa"
+    norm: str = "eager"
+    rope: str = "eager"
+    loss: str = "chunked"
+
+    def __post_init__(self) -> None:
+        bad = [
+            f"{op}={getattr(self, op)!r} (choose from {', '.join(allowed)})"
+            for op, allowed in (("attention", ATTENTION_BACKENDS), ("norm", NORM_BACKENDS),
+                                ("rope", ROPE_BACKENDS), ("loss", LOSS_BACKENDS))
+            if getattr(self, op) not in allowed
+        ]
+        if bad:
+            raise ValueError("unknown model backend(s): " + "; ".join(bad))
+
+    def describe(self) -> str:
+        return f"attention={self.attention} norm={self.norm} rope={self.rope} loss={self.loss}"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel lookup (lazy: megapt.kernels is imported only for triton/cuda backends)
+# --------------------------------------------------------------------------------------------
+
+# kernel function -> submodules of megapt.kernels that may define it (the package itself first)
+_KERNEL_HOMES = {
+    "flash_attention": ("attention", "flash_attention"),
+    "rms_norm": ("rms_norm", "norm"),
+    "apply_rope": ("rope",),
+    "fused_linear_cross_entropy": ("cross_entropy",),
+    "chunked_linear_cross_entropy": ("cross_entropy",),
+}
+_KERNEL_CACHE: dict[tuple[str, str], Callable[..., Any]] = {}
+
+
+def _find_kernel(backend: str, name: str) -> Callable[..., Any] | None:
+    """Return ``megapt.kernels[.cuda].<name>`` (or from a known submodule), else None."""
+    key = (backend, name)
+    if key in _KERNEL_CACHE:
+        return _KERNEL_CACHE[key]
+    base = "megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels"
+    for mod_name in (base,) + tuple(f"{base}.{sub}" for sub in _KERNEL_HOMES.get(name, ())):
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            _KERNEL_CACHE[key] = fn
+            return fn
+    return None
+
+
+def _kernel(backend: str, name: str) -> Callable[..., Any]:
+    fn = _find_kernel(backend, name)
+    if fn is None:
+        where = "megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels"
+        raise RuntimeError(
+            f"model backend {backend!r} needs {where}.{name}, which is not available (not written yet, "
+            f"or its import failed: try `python -c 'import {where}'`); choose another backend, e.g. "
+            f"--model.attention=sdpa --model.norm=eager --model.rope=eager --model.loss=chunked")
+    return fn
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Backend selection
+# --------------------------------------------------------------------------------------------
+
+_KERNEL_FOR = {"attention": "flash_attention", "norm": "rms_norm", "rope": "apply_rope",
+               "loss": "fused_linear_cross_entropy"}
+_LOGGED: set[tuple[str, Backends]] = set()
+
+
+def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
+    """Resolve ``model_cfg.attention/norm/rope/loss`` (``auto`` or a name) for ``device``.
+
+    ``model_cfg`` is a :class:`megapt.config.ModelConfig` (anything with those four attributes and
+    optionally ``doc_mask``). Raises ``RuntimeError`` naming every requested backend that cannot
+    run on this device or whose kernel is missing. Logs the result once per distinct choice.
+    """
+    device_type = torch.device(device).type
+    on_cuda = device_type == "cuda"
+    doc_mask = bool(getattr(model_cfg, "doc_mask", False))
+    triton_ok = on_cuda and _triton_importable()
+    cpu_default = {"attention": "sdpa", "norm": "eager", "rope": "eager", "loss": "chunked"}
+
+    chosen: dict[str, str] = {}
+    problems: list[str] = []
+    for op in ("attention", "norm", "rope", "loss"):
+        want = getattr(model_cfg, op, "auto") or "auto"
+        kernel = _KERNEL_FOR[op]
+        # doc_mask needs an explicit (B, 1, T, T) mask and per-sample positions: the flash and
+        # rope kernels take neither, so auto picks sdpa/eager for those two ops.
+        masked_op = doc_mask and op in ("attention", "rope")
+        if want == "auto":
+            use_triton = triton_ok and not masked_op and _find_kernel("triton", kernel) is not None
+            chosen[op] = "triton" if use_triton else cpu_default[op]
+            continue
+        if want in ("triton", "cuda"):
+            if not on_cuda:
+                problems.append(f"model.{op}={want}: needs a CUDA device, running on {device_type}")
+            elif want == "triton" and not _triton_importable():
+                problems.append(f"model.{op}=triton: triton is not installed (pip install -e '.[gpu]')")
+            elif _find_kernel(want, kernel) is None:
+                where = "megapt.kernels.cuda" if want == "cuda" else "megapt.kernels"
+                problems.append(f"model.{op}={want}: {where}.{kernel} is not available")
+            elif masked_op:
+                problems.append(f"model.{op}={want}: model.doc_mask needs "
+                                f"{'sdpa or eager' if op == 'attention' else 'eager'}")
+        chosen[op] = want
+    if problems:
+        raise RuntimeError("requested model backend(s) unavailable:\n  " + "\n  ".join(problems))
+    backends = Backends(**chosen)
+    if (device_type, backends) not in _LOGGED:
+        _LOGGED.add((device_type, backends))
+        log.info("model backends on %s: %s", device_type, backends.describe())
+    return backends
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              backend: str = "sdpa", *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads.
+
+    q (B, nh, T, hs); k, v (B, n_kv, S, hs) with n_kv dividing nh -> (B, nh, T, hs).
+    ``causal`` aligns the causal diagonal top-left (query i sees keys <= i; use it with T == S).
+    ``mask``: optional bool, True = may attend, broadcastable to (B, nh, T, S); combined with
+    ``causal`` when both are given. Only eager and sdpa take a mask.
+    """
+    if backend == "sdpa":
+        if mask is not None and causal:
+            mask = mask & _causal_mask(q.shape[-2], k.shape[-2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              enable_gqa=k.shape[1] != q.shape[1])
+    if backend == "eager":
+        return attention_eager(q, k, v, causal, mask)
+    if backend in ("triton", "cuda"):
+        if mask is not None:
+            raise ValueError(f"attention backend {backend!r} takes no explicit mask (doc_mask, cached "
+                             "decoding); use sdpa or eager")
+        # the kernel contract is (B, nh, T, hs) for q, k and v alike: repeat shared kv heads
+        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+        return _kernel(backend, "flash_attention")(q, k, v, causal=causal)
+    raise ValueError(f"unknown attention backend {backend!r} (choose from {', '.join(ATTENTION_BACKENDS)})")
+
+
+def attention_eager(q, k, v, causal=True, mask=None):
+    """Reference math in fp32 softmax; materialises the (B, nh, T, S) score matrix."""
+    nh, T, S = q.shape[1], q.shape[-2], k.shape[-2]
+    k, v = _repeat_kv(k, nh), _repeat_kv(v, nh)  # (B, nh, S, hs)
+    scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
+    allowed = mask
+    if causal:
+        tri = _causal_mask(T, S, q.device)
+        allowed = tri if allowed is None else allowed & tri
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v)  # (B, nh, T, hs)
+
+
+def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril()  # (T, S), top-left aligned
+
+
+def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, n_kv, S, hs) -> (B, n_heads, S, hs); kv head j serves query heads j*g .. j*g+g-1."""
+    n_kv = x.shape[1]
+    if n_kv == n_heads:
+        return x
+    return x.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm and RoPE
+# --------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "eager") -> torch.Tensor:
+    """x / rms(x) * weight over the last dim; normalised in fp32, cast back, then scaled (Llama)."""
+    if backend == "eager":
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return y.to(x.dtype) * weight
+    if backend in ("triton", "cuda"):
+        return _kernel(backend, "rms_norm")(x, weight, eps)
+    raise ValueError(f"unknown norm backend {backend!r} (choose from {', '.join(NORM_BACKENDS)})")
+
+
+def rope_cache(max_seq_len: int, head_dim: int, theta: float = 10000.0,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (max_seq_len, head_dim // 2) in fp32: angle[p, i] = p * theta^(-2i/hs)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)  # (max_seq_len, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               backend: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q (B, T, nh, hs) and k (B, T, n_kv, hs) by position.
+
+    cos/sin: (T, hs/2) shared by the batch, or (B, T, hs/2) for per-sample positions (doc_mask,
+    position_ids). HF Llama "rotate_half" layout: dim i pairs with dim i + hs/2.
+    """
+    if backend == "eager":
+        return _rope_eager(q, cos, sin), _rope_eager(k, cos, sin)
+    if backend == "triton":
+        if cos.dim() != 2:
+            raise ValueError("rope backend 'triton' takes cos/sin of shape (T, hs/2); per-sample "
+                             "positions (doc_mask, position_ids) need --model.rope=eager")
+        return _kernel("triton", "apply_rope")(q, k, cos, sin)
+    raise ValueError(f"unknown rope backend {backend!r} (choose from {', '.join(ROPE_BACKENDS)})")
+
+
+def _rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos = torch.cat((cos, cos), dim=-1)  # (..., T, hs)
+    sin = torch.cat((sin, sin), dim=-1)
+    cos = cos[None, :, None, :] if cos.dim() == 2 else cos[:, :, None, :]  # (B or 1, T, 1, hs)
+    sin = sin[None, :, None, :] if sin.dim() == 2 else sin[:, :, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)  # rotate_half
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear + cross-entropy
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         backend: str = "chunked", ignore_index: int = IGNORE_INDEX,
+                         chunk_size: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, over non-ignored rows.
+
+    hidden (N, C), weight (V, C), labels (N,) -> scalar fp32. ``chunked`` and ``triton`` never
+    hold more than (chunk_size, V) logits; ``eager`` materialises all (N, V). Like
+    ``F.cross_entropy``, the loss is NaN when every label is ``ignore_index``.
+    """
+    if backend == "eager":
+        return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=ignore_index)
+    if backend == "chunked":
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index,
+                                               chunk_size or default_chunk_size(weight.shape[0]))
+    if backend == "triton":
+        fn = _kernel("triton", "fused_linear_cross_entropy")
+        if chunk_size is None:
+            return fn(hidden, weight, labels, ignore_index=ignore_index)
+        return fn(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
+    raise ValueError(f"unknown loss backend {backend!r} (choose from {', '.join(LOSS_BACKENDS)})")
+
+
+def default_chunk_size(vocab_size: int, budget_elems: int = 1 << 25) -> int:
+    """Rows per chunk so that one (rows, V) fp32 logits block is about 128 MB."""
+    return max(16, budget_elems // max(vocab_size, 1))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Pure-torch fused linear + CE: forward keeps only the per-row logsumexp (N floats);
+    backward recomputes each (chunk, V) logits block, so peak extra memory is O(chunk x V)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size):
+        N = hidden.shape[0]
+        valid = labels != ignore_index  # (N,)
+        safe = torch.where(valid, labels, 0)
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        target = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        for s in range(0, N, chunk_size):
+            logits = (hidden[s:s + chunk_size] @ weight.t()).float()  # (chunk, V)
+            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
+            target[s:s + chunk_size] = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
+        n_valid = valid.sum()
+        loss = ((lse - target) * valid).sum() / n_valid  # NaN when nothing is valid, like F.cross_entropy
+        ctx.save_for_backward(hidden, weight, safe, valid, lse, n_valid)
+        ctx.chunk_size = chunk_size
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, safe, valid, lse, n_valid = ctx.saved_tensors
+        chunk = ctx.chunk_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        scale = grad_loss.float() / n_valid
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]  # (chunk, C)
+            logits = (h @ weight.t()).float()  # (chunk, V)
+            g = torch.exp(logits - lse[s:s + chunk, None])  # softmax
+            g.scatter_add_(1, safe[s:s + chunk, None], torch.full_like(g[:, :1], -1.0))
+            g = g * (valid[s:s + chunk, None] * scale)  # d loss / d logits, (chunk, V)
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = g @ weight
+            if need_w:
+                grad_w += (g.t() @ h).float()  # (V, C)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None
