@@ -1,0 +1,89 @@
+"""HF Llama export/import: transformers loads our export unchanged and gives the same logits,
+and a random HF LlamaForCausalLM imported into megapt gives the same logits (fp32)."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from megapt.export import ExportError, export_hf, load_hf  # noqa: E402
+from megapt.model.gpt import GPT, ModelArgs  # noqa: E402
+from megapt.model.ops import Backends  # noqa: E402
+
+EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
+
+
+def tiny_args(**kw):
+    base = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=101,
+                max_seq_len=32, rope_theta=500.0, norm_eps=1e-5)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def _ids(vocab, B=2, T=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_loads_in_transformers_with_same_logits(tmp_path, tie):
+    torch.manual_seed(0)
+    args = tiny_args(tie_embeddings=tie)
+    model = GPT(args, EAGER, seed=3).eval()
+    with torch.no_grad():  # non-trivial norm gains so a swapped norm mapping would show
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    out = export_hf(model, args, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    ids = _ids(args.vocab_size)
+    with torch.no_grad():
+        ours = model(ids).logits
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_random_hf_llama_imports_with_same_logits(tmp_path, tie):
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=40,
+                                   rms_norm_eps=1e-6, rope_theta=1000.0, tie_word_embeddings=tie)
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(str(tmp_path / "hf"))
+    model, args = load_hf(tmp_path / "hf")
+    model.set_backends(EAGER)
+    model.eval()
+    assert (args.n_layers, args.d_model, args.n_heads, args.n_kv_heads, args.tie_embeddings) == (2, 48, 6, 2, tie)
+    ids = _ids(97, T=17, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_import_shape_mismatch_names_the_tensor(tmp_path):
+    args = tiny_args()
+    export_hf(GPT(args, EAGER), args, tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["intermediate_size"] = 128  # config now disagrees with the saved mlp weights
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match=r"layers\.0\.feed_forward\.w1\.weight.*\(96, 64\).*\(128, 64\)"):
+        load_hf(tmp_path / "hf")
+
+
+def test_unsupported_config_is_named(tmp_path):
+    args = tiny_args()
+    export_hf(GPT(args, EAGER), args, tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["hidden_act"] = "gelu"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="hidden_act"):
+        load_hf(tmp_path / "hf")
