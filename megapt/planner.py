@@ -1,0 +1,599 @@
+"""`megapt plan`: predict per-GPU memory of a run before launching it.
+
+    megapt plan -c configs/7b-1node-zero3.yaml --nodes 1 --gpus-per-node 8 [--gpu h100] [--gpu-mem-gb 79]
+
+Prints one row per memory component, the largest micro-batch that fits, and — when the run does
+not fit — the cheapest change that does (exit code 1). Bad combinations (a world size that does not
+divide the global batch, bf16 on a GPU without bf16, ...) are config errors (exit code 2) that name
+every offending key. Everything is computed from the config; nothing touches a GPU.
+
+Model (bytes per GPU; Psi = parameter count, W = data-parallel world size = nodes * gpus_per_node)
+--------------------------------------------------------------------------------------------------
+Model states, the ZeRO paper's accounting (Rajbhandari et al. 2020), as DeepSpeed 0.19 allocates them:
+
+    precision   params  grads  optimizer (master + Adam m, v)
+    bf16/fp16     2       2     4 + 8 = 12          -> the "16 bytes/param" rule
+    fp32          4       4     0 + 8 =  8 (stage 0, 3) / 4 + 8 = 12 (stages 1, 2: DeepSpeed's
+                                ZeRO-1/2 optimizer clones an fp32 master partition even in fp32)
+
+    stage 0: everything replicated; 1: optimizer /W; 2: + grads /W; 3: + params /W.
+    offload_optimizer=cpu: optimizer states and the fp32 gradient partition live in host RAM.
+    offload_params=cpu (ZeRO-3): the parameter partition lives in host RAM too.
+
+Activations per transformer block (Korthikanti et al. 2022, "Reducing Activation Recomputation",
+re-derived for this model: pre-RMSNorm, RoPE, GQA, flash attention (no s^2 term), SwiGLU, no
+bias, no dropout). With s = seq_len, b = micro_batch, h = d_model, k = n_kv_heads * head_dim,
+f = ffn_hidden, a = n_heads and e = bytes per activation element (2 for bf16/fp16, 4 for fp32):
+
+    attention:  x (norm input) h + norm output h + q, k, v (after RoPE) h + 2k
+                + attention output h + its contiguous copy for wo h           = (5h + 2k) s b e
+    MLP:        x h + norm output h + w1 out f + w3 out f + silu(w1) f + product f
+                                                                               = (2h + 4f) s b e
+    small:      2 fp32 RMSNorm rstd (8 s b) + flash-attention log-sum-exp (4 a s b)
+    per block:  s b [e (7h + 2k + 4f) + 8 + 4a]      (+ 2 s b h bytes of dropout masks if dropout > 0)
+    eager attention adds the s^2 scores and probabilities: 2 e a s^2 b.
+
+    no checkpointing:  L * block + 1 block of activation gradients (backward working set)
+    checkpointing:     L * s b h e (block inputs) + 1 recomputed block + 1 block of gradients
+    plus the final norm (2 s b h e).
+
+Loss: the eager backend materialises logits (s b V e) plus the fp32 copy CE works on and its fp32
+gradient (8 s b V); chunked/triton/auto never materialise them: one chunk of LOSS_CHUNK_TOKENS
+tokens of fp32 logits + gradient (8 c V) plus an fp32 gradient of the hidden states (4 s b h).
+
+DeepSpeed buffers: stage 0-2 reduce bucket (reduce_bucket_size * grad bytes, x2 with overlap_comm),
+stage 1-2 allgather bucket and the fp32 gradient partition during the step; ZeRO-3 gathered-param
+working set (largest module + prefetch bucket), the full gradient of that module before
+reduce-scatter, the reduce bucket, and parameters below stage3_param_persistence_threshold kept
+whole on every rank. All buckets are capped at the model size.
+
+Framework: CUDA context + cuBLAS/NCCL workspaces (OVERHEAD_GIB, outside the caching allocator) and a
+fragmentation margin (FRAGMENTATION of the allocator peak). Peak = model states + max(forward/backward
+transients, optimizer-step transients) + margin + overhead.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from megapt.config import Config, ConfigError
+
+GIB = 1024**3
+OVERHEAD_GIB = 1.0  # CUDA context (~0.5 GB on H100) + cuBLAS workspace + NCCL buffers
+FRAGMENTATION = 0.08  # share of the allocator peak lost to fragmentation (measured 5-10% on LLM runs)
+LOSS_CHUNK_TOKENS = 4096  # tokens per chunk of the chunked / fused linear-cross-entropy
+HOST_PER_RANK_GIB = 3.0  # python + torch + DeepSpeed per process in host RAM
+STAGE3_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed default: the fp32 gradients of one sub-group at a time
+
+# GPU model -> (usable GiB as torch.cuda reports it, bf16 support, typical host RAM GiB per node)
+GPUS: dict[str, tuple[float, bool, float]] = {
+    "h100": (79.1, True, 2048.0),
+    "h200": (139.8, True, 2048.0),
+    "a100": (79.2, True, 1024.0),
+    "a100-40": (39.4, True, 1024.0),
+    "l40s": (44.4, True, 512.0),
+    "a10g": (22.0, True, 256.0),
+    "rtx4090": (23.6, True, 128.0),
+    "v100": (31.7, False, 512.0),
+    "t4": (14.6, False, 128.0),
+}
+
+# Relative step-time cost of each way to save memory (1.0 = the configuration as written); used to
+# order suggestions. Stage 1 costs nothing over stage 0 (same all-reduce volume split into
+# reduce-scatter + all-gather); stage 2 almost nothing; stage 3 moves 1.5x the bytes and gathers
+# parameters in forward and backward (worse across nodes); full recomputation adds a forward pass
+# (~ +33% of the FLOPs); CPU Adam + PCIe transfers; parameter offload streams all weights over PCIe.
+COST_ZERO = {0: 0.0, 1: 0.0, 2: 0.02, 3: 0.12}
+COST_ZERO3_MULTINODE = 0.15
+COST_CKPT = 0.33
+COST_OFFLOAD_OPT = 0.4
+COST_OFFLOAD_PARAMS = 1.0
+COST_HALVE_MICRO_BATCH = 0.06  # lower arithmetic intensity per halving of the micro-batch
+
+
+# --------------------------------------------------------------------------------------------
+# Model shape
+# --------------------------------------------------------------------------------------------
+
+
+def model_args(cfg: Config) -> Any:
+    """The run's ModelArgs (megapt.model.gpt), resolved from the preset + overrides."""
+    from megapt.model.gpt import ModelArgs
+
+    vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
+    return ModelArgs.from_config(cfg.model, vocab, cfg.data.seq_len)
+
+
+def _tied(args: Any) -> bool:
+    return bool(getattr(args, "tie_embeddings", False))
+
+
+def param_tensors(args: Any) -> list[tuple[str, int]]:
+    """(name, numel) of every parameter tensor of the Llama-style GPT: no biases, RMSNorm weights."""
+    h, a, kv, f, v = args.d_model, args.n_heads, args.n_kv_heads, args.ffn_hidden, args.vocab_size
+    hd = h // a
+    out = [("tok_embeddings.weight", v * h)]
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        out += [
+            (p + "attention.wq.weight", a * hd * h),
+            (p + "attention.wk.weight", kv * hd * h),
+            (p + "attention.wv.weight", kv * hd * h),
+            (p + "attention.wo.weight", h * a * hd),
+            (p + "feed_forward.w1.weight", f * h),
+            (p + "feed_forward.w2.weight", h * f),
+            (p + "feed_forward.w3.weight", f * h),
+            (p + "attention_norm.weight", h),
+            (p + "ffn_norm.weight", h),
+        ]
+    out.append(("norm.weight", h))
+    if not _tied(args):
+        out.append(("output.weight", v * h))
+    return out
+
+
+def check_shape(args: Any, seq_len: int) -> list[str]:
+    e = []
+    if args.d_model % args.n_heads:
+        e.append(f"model.d_model: {args.d_model} is not divisible by n_heads {args.n_heads}")
+    if args.n_heads % args.n_kv_heads:
+        e.append(f"model.n_kv_heads: {args.n_kv_heads} does not divide n_heads {args.n_heads}")
+    max_seq = getattr(args, "max_seq_len", seq_len) or seq_len
+    if seq_len > max_seq:
+        e.append(f"data.seq_len: {seq_len} exceeds model.max_seq_len {max_seq}")
+    return e
+
+
+# --------------------------------------------------------------------------------------------
+# Model states (parameters, gradients, optimizer) per rank
+# --------------------------------------------------------------------------------------------
+
+
+def precision_bytes(precision: str) -> tuple[int, int]:
+    """(bytes per parameter, bytes per gradient) of the training copy."""
+    return (4, 4) if precision == "fp32" else (2, 2)
+
+
+@dataclass
+class ModelStates:
+    """Bytes of persistent model state on one rank's GPU and in host RAM (per rank)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    host: float  # offloaded states, per rank
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def model_states(n_params: int, *, precision: str, zero_stage: int, world: int,
+                 offload_optimizer: bool = False, offload_params: bool = False,
+                 persistent_params: int = 0) -> ModelStates:
+    """Per-rank model-state bytes for ``n_params`` parameters (see the module docstring table).
+
+    ``persistent_params``: ZeRO-3 parameters below the persistence threshold, kept whole on every rank.
+    """
+    pb, gb = precision_bytes(precision)
+    mixed = precision != "fp32"
+    master = 4 if (mixed or zero_stage in (1, 2)) else 0
+    moments = 8
+    shard = n_params / world
+    host = 0.0
+    # parameters
+    if zero_stage == 3:
+        part = pb * (n_params - persistent_params) / world
+        params = pb * persistent_params + (0.0 if offload_params else part)
+        if offload_params:
+            host += part
+    else:
+        params = pb * n_params
+    # gradients
+    if zero_stage <= 1:
+        grads = gb * n_params
+    else:
+        grads = 0.0 if offload_optimizer else gb * shard
+    # optimizer states (+ the fp32 gradient partition the offloaded CPU Adam reads)
+    per = (master + moments) * (shard if zero_stage >= 1 else n_params)
+    if offload_optimizer:
+        optimizer = 0.0
+        host += per + 4 * shard + (pb * shard if zero_stage in (1, 2) else 0.0)  # + pinned bit16 buffer
+    else:
+        optimizer = per
+    return ModelStates(params=params, grads=grads, optimizer=optimizer, host=host)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and loss buffers
+# --------------------------------------------------------------------------------------------
+
+
+def activation_element_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def block_activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, *,
+                           attention: str = "auto", dropout: float = 0.0) -> float:
+    """Bytes one transformer block saves for backward (formula in the module docstring)."""
+    e = activation_element_bytes(precision)
+    h, a, f = args.d_model, args.n_heads, args.ffn_hidden
+    k = args.n_kv_heads * (h // a)
+    sb = seq * micro_batch
+    total = sb * (e * (7 * h + 2 * k + 4 * f) + 8 + 4 * a)
+    if dropout > 0:
+        total += 2 * sb * h
+    if attention == "eager":
+        total += 2 * e * a * seq * seq * micro_batch
+    return float(total)
+
+
+def activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, checkpointing: bool, *,
+                     attention: str = "auto", dropout: float = 0.0) -> float:
+    e = activation_element_bytes(precision)
+    block = block_activation_bytes(args, seq, micro_batch, precision, attention=attention, dropout=dropout)
+    final_norm = 2 * seq * micro_batch * args.d_model * e
+    if checkpointing:
+        saved = args.n_layers * seq * micro_batch * args.d_model * e
+        return saved + 2 * block + final_norm
+    return args.n_layers * block + block + final_norm
+
+
+def loss_bytes(args: Any, seq: int, micro_batch: int, precision: str, loss_backend: str) -> float:
+    e = activation_element_bytes(precision)
+    n, v = seq * micro_batch, args.vocab_size
+    if loss_backend == "eager":
+        return float(n * v * e + 8 * n * v)
+    return float(8 * min(n, LOSS_CHUNK_TOKENS) * v + 4 * n * args.d_model)
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Hardware:
+    nodes: int
+    gpus_per_node: int
+    gpu: str = "h100"
+    gpu_mem_gib: float = 0.0  # 0 = from GPUS
+    cpu_mem_gib: float = 0.0  # per node; 0 = from GPUS
+
+    def __post_init__(self) -> None:
+        name = self.gpu.lower()
+        if name not in GPUS:
+            raise ConfigError(f"plan.gpu: unknown GPU {self.gpu!r}; known: {', '.join(GPUS)} "
+                              "(or give --gpu-mem-gb)")
+        self.gpu = name
+        if not self.gpu_mem_gib:
+            self.gpu_mem_gib = GPUS[name][0]
+        if not self.cpu_mem_gib:
+            self.cpu_mem_gib = GPUS[name][2]
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @classmethod
+    def from_config(cls, cfg: Config, **over: Any) -> "Hardware":
+        p = cfg.plan
+        kw = dict(nodes=p.nodes, gpus_per_node=p.gpus_per_node, gpu=p.gpu, gpu_mem_gib=p.gpu_mem_gb,
+                  cpu_mem_gib=p.cpu_mem_gb)
+        kw.update({k: v for k, v in over.items() if v is not None})
+        return cls(**kw)
+
+
+@dataclass
+class Setting:
+    """The knobs the planner varies: a point of the search."""
+
+    zero_stage: int
+    activation_checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    offload_optimizer: bool
+    offload_params: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Setting":
+        ds = cfg.deepspeed
+        return cls(ds.zero_stage, cfg.train.activation_checkpointing, cfg.train.micro_batch,
+                   cfg.train.grad_accum, ds.offload_optimizer == "cpu", ds.offload_params == "cpu")
+
+    def overrides(self, base: "Setting") -> list[str]:
+        """--section.key=value overrides turning ``base`` into this setting."""
+        out = []
+        pairs = [("deepspeed.zero_stage", "zero_stage"), ("train.activation_checkpointing", "activation_checkpointing"),
+                 ("train.micro_batch", "micro_batch"), ("train.grad_accum", "grad_accum"),
+                 ("deepspeed.offload_optimizer", "offload_optimizer"), ("deepspeed.offload_params", "offload_params")]
+        for key, attr in pairs:
+            v, b = getattr(self, attr), getattr(base, attr)
+            if v != b:
+                if attr.startswith("offload"):
+                    v = "cpu" if v else "none"
+                elif isinstance(v, bool):
+                    v = str(v).lower()
+                out.append(f"--{key}={v}")
+        return out
+
+
+@dataclass
+class Plan:
+    setting: Setting
+    hardware: Hardware
+    n_params: int
+    rows: list[tuple[str, float, str]]  # (component, bytes per GPU, note)
+    peak: float  # bytes per GPU
+    host_per_node: float  # bytes of host RAM per node
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def fits_gpu(self) -> bool:
+        return self.peak <= self.hardware.gpu_mem_gib * GIB
+
+    @property
+    def fits_host(self) -> bool:
+        return self.host_per_node <= self.hardware.cpu_mem_gib * GIB
+
+    @property
+    def fits(self) -> bool:
+        return self.fits_gpu and self.fits_host
+
+    def row(self, name: str) -> float:
+        return sum(b for n, b, _ in self.rows if n == name)
+
+
+def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args: Any = None) -> Plan:
+    """Predict per-GPU peak memory (and host RAM per node) of ``cfg`` on ``hw``."""
+    s = setting or Setting.from_config(cfg)
+    args = args if args is not None else model_args(cfg)
+    ds, prec = cfg.deepspeed, cfg.train.precision
+    world, seq, mb = hw.world, cfg.data.seq_len, s.micro_batch
+    tensors = param_tensors(args)
+    n = sum(x for _, x in tensors)
+    pb, gb = precision_bytes(prec)
+    persistent = sum(x for _, x in tensors if x < ds.stage3_param_persistence_threshold) if s.zero_stage == 3 else 0
+    st = model_states(n, precision=prec, zero_stage=s.zero_stage, world=world,
+                      offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
+                      persistent_params=persistent)
+    shard = n / world
+    rows: list[tuple[str, float, str]] = []
+    pnote = {3: f"/{world} (ZeRO-3)" + (", partition on CPU" if s.offload_params else "")}.get(s.zero_stage, "replicated")
+    rows.append(("parameters", st.params, f"{prec} {pb} B/param, {pnote}"))
+    gnote = "replicated" if s.zero_stage <= 1 else (f"/{world}" if not s.offload_optimizer else "partition on CPU")
+    rows.append(("gradients", st.grads, f"{gb} B/param, {gnote}"))
+    master = 4 if (prec != "fp32" or s.zero_stage in (1, 2)) else 0
+    onote = (f"{master}+8 B/param" + (f", /{world}" if s.zero_stage >= 1 else ", replicated")
+             + (", on CPU" if s.offload_optimizer else ""))
+    rows.append(("optimizer states", st.optimizer, onote))
+
+    # forward/backward transients
+    attention = cfg.model.attention
+    act = activation_bytes(args, seq, mb, prec, s.activation_checkpointing, attention=attention,
+                           dropout=cfg.model.dropout)
+    anote = ("block inputs + 1 recomputed block" if s.activation_checkpointing else f"{args.n_layers} blocks")
+    rows.append(("activations", act, f"mb={mb}, seq={seq}, {anote}"))
+    loss = loss_bytes(args, seq, mb, prec, cfg.model.loss)
+    rows.append(("logits / loss", loss, "full logits" if cfg.model.loss == "eager"
+                 else f"chunked CE ({LOSS_CHUNK_TOKENS} tokens/chunk)"))
+    buckets = 0.0
+    bnote = ""
+    if s.zero_stage <= 2:
+        reduce = min(ds.reduce_bucket_size, n) * gb * (2 if ds.overlap_comm else 1)
+        buckets = reduce
+        bnote = f"reduce bucket{' x2 (overlap_comm)' if ds.overlap_comm else ''}"
+    else:
+        largest = max(x for _, x in tensors)
+        gathered = pb * (largest + min(ds.stage3_prefetch_bucket_size, n))
+        buckets = gathered + gb * largest + gb * min(ds.reduce_bucket_size, n)
+        bnote = "gathered largest module + prefetch bucket, its full grad, reduce bucket"
+    rows.append(("ZeRO buffers (fwd/bwd)", buckets, bnote))
+    fwd_bwd = act + loss + buckets
+
+    # optimizer-step transients
+    step = 0.0
+    if not s.offload_optimizer:
+        if s.zero_stage == 0:
+            step = 4 * n if prec != "fp32" else 0.0  # fp32 flat gradient for the master update
+        elif s.zero_stage in (1, 2):
+            step = 4 * shard + pb * min(ds.allgather_bucket_size, n)
+        else:
+            step = 4 * min(STAGE3_SUB_GROUP_SIZE, shard)
+    rows.append(("optimizer step (transient)", step, "fp32 grad partition + allgather bucket"
+                 if s.zero_stage in (1, 2) else "fp32 gradients for the update"))
+
+    alloc = st.total + max(fwd_bwd, step)
+    frag = FRAGMENTATION * alloc
+    rows.append(("fragmentation margin", frag, f"{FRAGMENTATION:.0%} of the allocator peak"))
+    rows.append(("CUDA context + workspaces", OVERHEAD_GIB * GIB, "outside the caching allocator"))
+    peak = alloc + frag + OVERHEAD_GIB * GIB
+    host = hw.gpus_per_node * (st.host + HOST_PER_RANK_GIB * GIB)
+    warnings = []
+    if s.zero_stage >= 1 and world == 1:
+        warnings.append(f"ZeRO stage {s.zero_stage} on one GPU shards nothing (world size 1)")
+    return Plan(s, hw, n, rows, peak, host, warnings)
+
+
+def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None, args: Any = None,
+                    limit: int = 4096) -> int:
+    """Largest micro-batch that fits (0 when not even 1 does)."""
+    s = setting or Setting.from_config(cfg)
+    args = args if args is not None else model_args(cfg)
+
+    def fits(mb: int) -> bool:
+        return plan_memory(cfg, hw, dataclasses.replace(s, micro_batch=mb), args).fits
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before launch and the search for the cheapest fitting setting
+# --------------------------------------------------------------------------------------------
+
+
+def global_batch(cfg: Config, hw: Hardware) -> int:
+    return cfg.plan.global_batch or cfg.train.micro_batch * cfg.train.grad_accum * hw.world
+
+
+def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
+    """Problems that make a launch on ``hw`` wrong regardless of memory; every one is listed."""
+    e: list[str] = []
+    if hw.nodes < 1:
+        e.append(f"--nodes: must be >= 1, got {hw.nodes}")
+    if hw.gpus_per_node < 1:
+        e.append(f"--gpus-per-node: must be >= 1, got {hw.gpus_per_node}")
+    if e:
+        return e
+    t, w = cfg.train, hw.world
+    gbs = cfg.plan.global_batch
+    if gbs:
+        if gbs % w:
+            e.append(f"plan.global_batch: {gbs} sequences are not divisible by the world size {w} "
+                     f"({hw.nodes} node(s) x {hw.gpus_per_node} GPU(s)); pick a world size dividing it")
+        elif (gbs // w) % t.micro_batch:
+            e.append(f"train.micro_batch: {t.micro_batch} does not divide the per-rank batch "
+                     f"{gbs // w} (plan.global_batch {gbs} / world size {w})")
+        elif t.micro_batch * t.grad_accum * w != gbs:
+            need = gbs // (w * t.micro_batch)
+            e.append(f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x world "
+                     f"{w} = {t.micro_batch * t.grad_accum * w} != plan.global_batch {gbs}; "
+                     f"use --train.grad_accum={need}")
+    if t.precision == "bf16" and not GPUS[hw.gpu][1]:
+        e.append(f"train.precision: bf16 is not supported on {hw.gpu}; use fp16 or fp32")
+    if cfg.deepspeed.offload_params == "cpu" and cfg.deepspeed.zero_stage != 3:
+        e.append("deepspeed.offload_params: needs zero_stage 3")
+    if args is not None:
+        e += check_shape(args, cfg.data.seq_len)
+    return e
+
+
+def speed_cost(s: Setting, base: Setting, nodes: int) -> float:
+    c = 1.0 + COST_ZERO[s.zero_stage] + (COST_ZERO3_MULTINODE if s.zero_stage == 3 and nodes > 1 else 0.0)
+    c += COST_CKPT * s.activation_checkpointing
+    c += COST_OFFLOAD_OPT * s.offload_optimizer + COST_OFFLOAD_PARAMS * s.offload_params
+    if s.micro_batch < base.micro_batch:
+        c += COST_HALVE_MICRO_BATCH * math.log2(base.micro_batch / s.micro_batch)
+    # tie-breaks: fewer changes from the config as written, then the lower ZeRO stage
+    changed = len(s.overrides(base))
+    return c + 1e-3 * changed + 1e-4 * s.zero_stage
+
+
+def candidates(cfg: Config, hw: Hardware) -> Iterable[Setting]:
+    base = Setting.from_config(cfg)
+    per_rank = global_batch(cfg, hw) // hw.world if global_batch(cfg, hw) % hw.world == 0 else 0
+    if per_rank:
+        micro = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and m <= max(base.micro_batch, 1) * 4]
+    else:
+        micro = [base.micro_batch]
+    for stage in (0, 1, 2, 3):
+        for ckpt in (False, True):
+            for off_opt, off_par in ((False, False), (True, False), (True, True)):
+                if off_par and stage != 3 or off_opt and stage == 0:
+                    continue
+                for m in micro:
+                    accum = per_rank // m if per_rank else base.grad_accum
+                    yield Setting(stage, ckpt, m, accum, off_opt, off_par)
+
+
+def suggest(cfg: Config, hw: Hardware, args: Any = None, top: int = 3) -> list[tuple[float, Plan]]:
+    """The cheapest settings (by expected step time) that fit, cheapest first."""
+    args = args if args is not None else model_args(cfg)
+    base = Setting.from_config(cfg)
+    ranked = sorted(candidates(cfg, hw), key=lambda s: speed_cost(s, base, hw.nodes))
+    out = []
+    for s in ranked:
+        p = plan_memory(cfg, hw, s, args)
+        if p.fits:
+            out.append((speed_cost(s, base, hw.nodes), p))
+            if len(out) >= top:
+                break
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report and CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:8.2f}"
+
+
+def format_plan(cfg: Config, p: Plan, max_mb: int | None = None) -> str:
+    hw, s = p.hardware, p.setting
+    lines = [
+        f"model {cfg.model.preset}: {p.n_params / 1e9:.3f} B parameters; precision {cfg.train.precision}; "
+        f"seq {cfg.data.seq_len}",
+        f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} {hw.gpu} ({hw.gpu_mem_gib:.1f} GiB) = world {hw.world}; "
+        f"host RAM {hw.cpu_mem_gib:.0f} GiB/node",
+        f"setting: ZeRO-{s.zero_stage}, activation checkpointing {'on' if s.activation_checkpointing else 'off'}, "
+        f"micro_batch {s.micro_batch} x grad_accum {s.grad_accum} x world {hw.world} = "
+        f"{s.micro_batch * s.grad_accum * hw.world} sequences/step, offload optimizer "
+        f"{'cpu' if s.offload_optimizer else 'none'}, params {'cpu' if s.offload_params else 'none'}",
+        "",
+        f"{'component':<28}{'GiB/GPU':>8}  note",
+        "-" * 78,
+    ]
+    for name, b, note in p.rows:
+        lines.append(f"{name:<28}{_gib(b)}  {note}")
+    lines.append("-" * 78)
+    verdict = "fits" if p.fits_gpu else "DOES NOT FIT"
+    lines.append(f"{'peak per GPU':<28}{_gib(p.peak)}  of {hw.gpu_mem_gib:.1f} GiB: {verdict}")
+    hv = "fits" if p.fits_host else "DOES NOT FIT"
+    lines.append(f"{'host RAM per node':<28}{_gib(p.host_per_node)}  of {hw.cpu_mem_gib:.0f} GiB: {hv} "
+                 f"(offloaded states + {HOST_PER_RANK_GIB:.0f} GiB/process)")
+    if max_mb is not None:
+        lines.append(f"largest micro_batch that fits with this setting: {max_mb}")
+    for w in p.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=None, help="nodes (default: plan.nodes)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: plan.gpus_per_node)")
+    p.add_argument("--gpu", default=None, help=f"GPU model: {', '.join(GPUS)} (default: plan.gpu)")
+    p.add_argument("--gpu-mem-gb", type=float, default=None, help="usable GiB per GPU (default: the GPU's)")
+    p.add_argument("--cpu-mem-gb", type=float, default=None, help="host RAM GiB per node")
+    p.add_argument("--check-only", action="store_true",
+                   help="only the launch checks (world size vs batch, combos); no memory verdict")
+
+
+def cli_main(cfg: Config, args: argparse.Namespace) -> int:
+    hw = Hardware.from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
+                              gpu_mem_gib=args.gpu_mem_gb, cpu_mem_gib=args.cpu_mem_gb)
+    margs = model_args(cfg)
+    problems = check_launch(cfg, hw, margs)
+    if problems:
+        raise ConfigError(f"plan for {hw.world} rank(s): {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    if args.check_only:
+        print(f"megapt plan: launch checks passed for world size {hw.world}")
+        return 0
+    plan = plan_memory(cfg, hw, args=margs)
+    print(format_plan(cfg, plan, max_micro_batch(cfg, hw, args=margs)))
+    if plan.fits:
+        return 0
+    print()
+    found = suggest(cfg, hw, margs)
+    if not found:
+        print(f"nothing fits on {hw.world} x {hw.gpu}: no ZeRO stage / checkpointing / micro-batch / offload "
+              "combination brings the peak under the GPU memory; add nodes or use bigger GPUs")
+        return 1
+    print("cheapest settings that fit (expected step time relative to the config as written):")
+    for cost, p in found:
+        ov = " ".join(p.setting.overrides(plan.setting)) or "(as written)"
+        print(f"  x{cost:.2f}  peak {p.peak / GIB:.1f} GiB  {ov}")
+    return 1

@@ -1,0 +1,194 @@
+"""`megapt plan`: memory predictions a user sizes a cluster job with, and the pre-launch checks.
+
+Expected values come from the ZeRO paper (Rajbhandari et al. 2020, Figure 1: 7.5B parameters,
+64 GPUs, K=12) and from first principles, not from the planner's code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from megapt import planner as P
+from megapt.config import ConfigError, load_config
+
+GB = 1e9
+
+
+def args_7b(**kw):
+    d = dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, ffn_hidden=11008, vocab_size=32000,
+             max_seq_len=4096, tie_embeddings=False)
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def cfg_for(*overrides: str):
+    return load_config([], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b", *overrides])
+
+
+# ---- model states -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_model_states_match_zero_paper_figure_1(stage, expected_gb):
+    s = P.model_states(7_500_000_000, precision="bf16", zero_stage=stage, world=64)
+    assert s.total / GB == pytest.approx(expected_gb, abs=0.06)
+
+
+def test_sixteen_bytes_per_param_in_both_precisions_but_split_differently():
+    n = 1_000_000
+    mixed = P.model_states(n, precision="bf16", zero_stage=0, world=1)
+    full = P.model_states(n, precision="fp32", zero_stage=0, world=1)
+    assert mixed.total == full.total == 16 * n
+    assert (mixed.params, mixed.grads, mixed.optimizer) == (2 * n, 2 * n, 12 * n)
+    assert (full.params, full.grads, full.optimizer) == (4 * n, 4 * n, 8 * n)
+
+
+def test_each_zero_stage_shards_one_more_component():
+    n, w = 8_000_000, 8
+    s = [P.model_states(n, precision="bf16", zero_stage=k, world=w) for k in range(4)]
+    assert s[1].optimizer == s[0].optimizer / w and s[1].grads == s[0].grads
+    assert s[2].grads == s[0].grads / w and s[2].params == s[0].params
+    assert s[3].params == s[0].params / w
+
+
+def test_offload_moves_optimizer_and_params_to_host_ram():
+    n, w = 8_000_000, 8
+    on_gpu = P.model_states(n, precision="bf16", zero_stage=3, world=w)
+    off = P.model_states(n, precision="bf16", zero_stage=3, world=w, offload_optimizer=True, offload_params=True)
+    assert off.optimizer == 0 and off.params == 0
+    # host holds fp32 master + Adam moments + fp32 grad partition + the bf16 param partition
+    assert off.host == pytest.approx((12 + 4 + 2) * n / w)
+    assert on_gpu.host == 0
+
+
+def test_offload_reports_host_ram_per_node_and_fails_when_it_does_not_fit():
+    cfg = cfg_for("--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=cpu", "--deepspeed.offload_params=cpu",
+                  "--train.activation_checkpointing=true", "--train.micro_batch=1")
+    a = args_7b()
+    n = sum(x for _, x in P.param_tensors(a))
+    plan = P.plan_memory(cfg, P.Hardware(1, 8, "h100"), args=a)
+    # 8 ranks on the node, each holding 18 bytes/param / 8 of the offloaded states -> 18 bytes/param per node
+    assert plan.host_per_node >= 18 * n
+    small = P.plan_memory(cfg, P.Hardware(1, 8, "h100", cpu_mem_gib=64), args=a)
+    assert not small.fits and small.fits_gpu
+
+
+# ---- activations ----------------------------------------------------------------------------
+
+
+def test_activations_linear_in_micro_batch_and_no_seq_squared_with_flash_attention():
+    a = args_7b()
+    one = P.activation_bytes(a, 2048, 1, "bf16", False)
+    assert P.activation_bytes(a, 2048, 4, "bf16", False) == pytest.approx(4 * one)
+    assert P.activation_bytes(a, 4096, 1, "bf16", False) == pytest.approx(2 * one)
+    eager = P.activation_bytes(a, 4096, 1, "bf16", False, attention="eager")
+    assert eager - P.activation_bytes(a, 4096, 1, "bf16", False) >= 33 * 2 * 2 * 32 * 4096**2  # the s^2 scores
+
+
+def test_activation_checkpointing_keeps_block_inputs_only():
+    a = args_7b()
+    full = P.activation_bytes(a, 4096, 1, "bf16", False)
+    ckpt = P.activation_bytes(a, 4096, 1, "bf16", True)
+    inputs = a.n_layers * 4096 * a.d_model * 2  # one bf16 (s, h) tensor per block
+    assert inputs < ckpt < inputs + 4 * full / a.n_layers
+    assert ckpt < full / 5
+
+
+def test_block_activations_per_token_are_those_of_a_llama_block():
+    # 7B bf16: the block saves ~ 7h + 2k + 4f half-precision values per token (norm in/out, q k v,
+    # attention out twice, SwiGLU's four (s, f) tensors). Korthikanti's GPT block (MLP 4h, no GQA,
+    # flash attention) would be 34 bytes * h per token; SwiGLU at f = 2.7h costs more: between 34h and 50h.
+    a = args_7b()
+    per_token = P.block_activation_bytes(a, 1, 1, "bf16")
+    assert 34 * a.d_model < per_token < 50 * a.d_model
+
+
+def test_full_logits_cost_more_than_chunked_loss():
+    a = args_7b()
+    full = P.loss_bytes(a, 4096, 8, "bf16", "eager")
+    chunked = P.loss_bytes(a, 4096, 8, "bf16", "chunked")
+    assert full >= 4096 * 8 * 32000 * (2 + 8)
+    assert chunked < full / 5
+
+
+# ---- the plan -----------------------------------------------------------------------------
+
+
+def test_7b_zero0_does_not_fit_one_h100_but_zero3_on_8_does():
+    a = args_7b()
+    p0 = P.plan_memory(cfg_for("--train.micro_batch=1"), P.Hardware(1, 1), args=a)
+    assert not p0.fits and p0.peak > 16 * 6.7e9
+    p3 = P.plan_memory(cfg_for("--deepspeed.zero_stage=3", "--train.micro_batch=1",
+                               "--train.activation_checkpointing=true"), P.Hardware(1, 8), args=a)
+    assert p3.fits and p3.peak < 40 * P.GIB
+
+
+def test_largest_micro_batch_is_the_boundary():
+    a = args_7b()
+    cfg = cfg_for("--deepspeed.zero_stage=3", "--train.activation_checkpointing=true")
+    hw = P.Hardware(1, 8)
+    base = P.Setting.from_config(cfg)
+    m = P.max_micro_batch(cfg, hw, args=a)
+    assert m >= 2
+    assert P.plan_memory(cfg, hw, dataclasses.replace(base, micro_batch=m), a).fits
+    assert not P.plan_memory(cfg, hw, dataclasses.replace(base, micro_batch=m + 1), a).fits
+
+
+def test_suggestion_is_the_cheapest_that_fits_and_avoids_offload_when_not_needed():
+    a = args_7b()
+    cfg = cfg_for("--train.micro_batch=4", "--train.grad_accum=8")  # ZeRO-0: ~200 GiB
+    hw = P.Hardware(1, 8)
+    found = P.suggest(cfg, hw, a)
+    assert found
+    cost, plan = found[0]
+    assert plan.fits
+    assert not plan.setting.offload_optimizer and not plan.setting.offload_params
+    # global batch (4 x 8 x 8 = 256 sequences) is kept
+    assert plan.setting.micro_batch * plan.setting.grad_accum * hw.world == 256
+    costs = [c for c, _ in found]
+    assert costs == sorted(costs)
+
+
+def test_70b_on_one_node_needs_offload():
+    a = args_7b(n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672)
+    cfg = cfg_for("--train.micro_batch=1", "--train.grad_accum=16")
+    found = P.suggest(cfg, P.Hardware(1, 8), a)
+    assert found and found[0][1].setting.offload_optimizer
+
+
+# ---- checks before launch ------------------------------------------------------------------
+
+
+def test_world_size_not_dividing_the_global_batch_is_named():
+    cfg = cfg_for("--plan.global_batch=512", "--train.micro_batch=4", "--train.grad_accum=16")
+    problems = P.check_launch(cfg, P.Hardware(1, 6), args_7b())
+    assert any("plan.global_batch" in p and "6" in p for p in problems)
+    assert P.check_launch(cfg, P.Hardware(1, 8), args_7b()) == []
+    wrong_accum = P.check_launch(cfg, P.Hardware(2, 8), args_7b())
+    assert any("--train.grad_accum=8" in p for p in wrong_accum)
+
+
+def test_bad_combinations_are_all_reported():
+    cfg = cfg_for("--plan.global_batch=100", "--train.micro_batch=4")
+    a = args_7b(n_kv_heads=5)
+    problems = P.check_launch(cfg, P.Hardware(1, 8, "v100"), a)
+    text = "\n".join(problems)
+    assert "bf16" in text and "v100" in text
+    assert "n_kv_heads" in text
+    assert "plan.global_batch" in text
+
+
+def test_unknown_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown GPU"):
+        P.Hardware(1, 8, "h9000")
+
+
+def test_overrides_turn_the_config_into_the_suggested_setting():
+    cfg = cfg_for("--train.micro_batch=4")
+    base = P.Setting.from_config(cfg)
+    s = dataclasses.replace(base, zero_stage=3, activation_checkpointing=True, offload_optimizer=True)
+    again = load_config([], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b", "--train.micro_batch=4",
+                             *s.overrides(base)])
+    assert P.Setting.from_config(again) == s
