@@ -1,0 +1,631 @@
+"""Streaming loader: token shards -> deterministic, resumable (B, T) batches on every rank.
+
+    loader = build_loader(cfg.data, cfg.shard_dir, "train", rank=r, world_size=W,
+                          micro_batch=cfg.train.micro_batch, seed=cfg.run.seed)
+    for batch in loader:               # dict(input_ids=LongTensor(B, T), labels=LongTensor(B, T))
+        ...
+        ckpt["data"] = loader.state_dict()   # small JSON-able dict
+    loader.load_state_dict(ckpt["data"])     # the next iteration continues exactly there
+
+Global order
+------------
+Every sample of a shard set (one shard directory + split) has a place in a global order that
+depends only on ``(seed, epoch)`` and the shuffle settings, never on the number of ranks or
+DataLoader workers. Epoch ``e`` of a set is built in three seeded steps: the shard order is
+permuted, the samples inside each shard are permuted, and the concatenated stream is shuffled
+again inside consecutive windows of ``data.shuffle_buffer`` samples (windows cross shard
+boundaries, so a batch mixes neighbouring shards). With ``data.shuffle=false`` the order is the
+manifest order. Several sets (``data.mix``) are interleaved by a fixed smooth weighted
+round-robin pattern of 4096 slots (set ``i`` gets ``round(4096 * w_i / sum(w))`` of them), so
+every stretch of the stream carries the configured proportions to within a sample or two.
+
+Ranks and workers
+-----------------
+Micro-step ``k`` (counted from where this iterator started, at global position ``g0``)
+consumes the ``world_size * micro_batch`` consecutive global positions starting at
+``g0 + k * world_size * micro_batch``; rank ``r`` takes the slice ``[r * B, (r + 1) * B)`` of
+them. DataLoader worker ``i`` of ``n`` builds micro-steps ``k = i, i + n, ...``; the DataLoader
+hands them back in order (checked). So within an epoch every sample is read exactly once
+globally, for any world size and worker count.
+
+Modes
+-----
+``infinite=True`` (training): the stream never ends; a set that reaches the end of its epoch
+rolls over into the next, reshuffled, epoch (a batch may straddle the boundary). Batches are
+always full. ``infinite=False`` (validation, coverage): one epoch of every set, the sets one
+after the other in mix order; the last micro-step is cut at the end of the data, so rank ``r``
+may get a shorter last batch or none at all - ranks can end with different batch counts
+(``len(loader)`` gives this rank's count from the start), and globally every sample is seen
+exactly once. A new ``iter()`` on a finished finite loader starts a new pass from the start.
+
+Resume semantics
+----------------
+The state is the global position: how many global samples the micro-steps this loader has
+*yielded to the caller* consumed (``k`` yielded batches on every rank => ``g0 + k * W * B``),
+plus, for each set, how many of its samples that is (``position``, ``epoch``), the order
+settings (seed, shuffle, shuffle_buffer) and the split. Batches that workers have prefetched
+but the caller has not received are not counted, so they are built again after a resume.
+``load_state_dict`` then continues the global stream at that position: with the same world
+size, micro batch and weights the remaining stream is identical, batch for batch; with another
+world size, worker count or micro batch the global stream is still identical and globally no
+sample is lost or repeated (the new micro-steps start at the saved position). The state's
+order settings win over the loader's (a changed seed mid-epoch would break exactly-once; a
+warning is logged). Changed mix weights take effect from the saved position: each set
+continues from its own saved position, so nothing of a set is lost or repeated either. Sets are
+matched by their place in ``data.mix``: append new sets (they start at 0), don't reorder.
+Every rank must save the state after the same number of batches (true in lock-step training);
+the states of all ranks are then equal.
+
+Bad shards
+----------
+At start-up: every manifest must be present and valid, list the split, match ``data.seq_len``
+(and the tokenizer sha256 when given), and every shard it names must exist - otherwise an error
+naming the file. When a shard is first read (per process; shards are read whole, checked, and
+kept in a small cache): size and sha256 (``data.verify_checksums``), tar structure, member names,
+payload sizes, sample count and token ids < vocab_size are checked with the DATA functions.
+``bad_shard_policy=raise`` raises ShardError naming the shard. ``skip`` logs and counts it and
+stops with ShardError once more than ``max_bad_fraction`` of a set's shards are bad; in
+training mode the positions that fall into a bad shard are filled from the next good shard of
+that epoch's shard order (deterministic on every rank, so batches stay full and ranks agree;
+those fills repeat samples), in finite mode they are dropped. Data is never silently misread.
+
+I/O note: each process reads whole shards; with ``world_size * micro_batch`` much smaller than
+a shard, every rank (and worker) reads every shard of the epoch. Page cache makes this cheap on
+one node; on very large jobs prefer ``verify_checksums=false`` after ``megapt data verify``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from megapt.config import ConfigError
+from megapt.data.manifest import ShardError, check_tokenizer, iter_shard, load_manifest, verify_shard
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "megapt-loader"
+STATE_VERSION = 1
+MIX_SLOTS = 4096  # length of the weighted round-robin pattern that interleaves the sets of a mix
+
+# kinds of seeded permutations (part of the seed so they never collide)
+_SHARD_ORDER, _IN_SHARD, _WINDOW = 1, 2, 3
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: what the shard sets are and how positions map to samples (picklable, no file handles)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ShardSet:
+    path: str  # shard directory
+    weight: float
+    names: list[str]
+    counts: np.ndarray  # samples per shard (int64), manifest order
+    entries: list[dict]  # manifest entries (name, samples, tokens, bytes, sha256)
+
+    @property
+    def samples(self) -> int:
+        return int(self.counts.sum())
+
+
+@dataclass
+class _Order:
+    seed: int
+    shuffle: bool
+    shuffle_buffer: int
+
+    def as_dict(self) -> dict:
+        return {"seed": self.seed, "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer}
+
+
+def _perm(n: int, *key: int) -> np.ndarray:
+    """Seeded permutation of range(n); ``key`` = (seed, set, epoch, kind, index)."""
+    ss = np.random.SeedSequence([int(k) % (1 << 63) for k in key])
+    return np.random.Generator(np.random.PCG64(ss)).permutation(n)
+
+
+class _LRU(OrderedDict):
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+        return value
+
+    def hit(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+def _mix_pattern(weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smooth weighted round-robin over MIX_SLOTS slots.
+
+    Returns ``(labels (S,), per_slot_counts (k,), cum (S+1, k))`` where ``cum[j, i]`` is the
+    number of slots of set ``i`` among the first ``j`` slots.
+    """
+    k = len(weights)
+    w = np.asarray(weights, dtype=np.float64)
+    quota = w / w.sum() * MIX_SLOTS
+    n = np.floor(quota).astype(np.int64)
+    rest = MIX_SLOTS - int(n.sum())
+    n[np.argsort(-(quota - n), kind="stable")[:rest]] += 1  # largest remainders
+    labels = np.zeros(MIX_SLOTS, dtype=np.int64)
+    if k > 1:
+        current = np.zeros(k, dtype=np.int64)
+        for j in range(MIX_SLOTS):
+            current += n
+            i = int(np.argmax(current))
+            labels[j] = i
+            current[i] -= MIX_SLOTS
+    cum = np.zeros((MIX_SLOTS + 1, k), dtype=np.int64)
+    cum[1:] = np.cumsum(labels[:, None] == np.arange(k)[None, :], axis=0)
+    return labels, n, cum
+
+
+@dataclass
+class _Plan:
+    """Everything a worker needs to turn global positions into samples."""
+
+    split: str
+    sets: list[_ShardSet]
+    order: _Order
+    seq_len: int
+    dtype: str
+    vocab_size: int
+    infinite: bool
+    verify_checksums: bool
+    policy: str
+    max_bad_fraction: float
+    mix_labels: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    mix_counts: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    mix_cum: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.mix_labels is None:
+            self.mix_labels, self.mix_counts, self.mix_cum = _mix_pattern([s.weight for s in self.sets])
+
+    @property
+    def total(self) -> int:
+        """Samples in one epoch of all sets (the length of the finite stream)."""
+        return sum(s.samples for s in self.sets)
+
+    def set_counts(self, g: int) -> np.ndarray:
+        """Training mode: how many of the global positions [0, g) belong to each set."""
+        full, rem = divmod(int(g), MIX_SLOTS)
+        return self.mix_counts * full + self.mix_cum[rem]
+
+    def finite_positions(self, g: int) -> list[int]:
+        """Finite mode: samples of each set consumed by the global positions [0, g)."""
+        out, start = [], 0
+        for s in self.sets:
+            out.append(int(min(max(g - start, 0), s.samples)))
+            start += s.samples
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: read shards, map positions, build batches
+# --------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Per-process shard cache and position -> sample mapping for one plan."""
+
+    def __init__(self, plan: _Plan, where: str):
+        self.plan = plan
+        self.where = where
+        self.sample_len = plan.seq_len + 1
+        smallest = min(int(c.min()) for s in plan.sets for c in [s.counts[s.counts > 0]] if c.size) or 1
+        window = plan.order.shuffle_buffer if plan.order.shuffle else 1
+        # a window spans at most ceil(window / smallest) + 1 shards; keep one more per set
+        self.shards = _LRU(max(2, math.ceil(max(window, 1) / smallest) + 2) * len(plan.sets))
+        self.perms = _LRU(256)
+        self.bad: dict[tuple[int, int], str] = {}
+        self.new_bad: list[list] = []
+
+    # ---- the order of one set in one epoch ----
+
+    def _cached_perm(self, n: int, *key: int) -> np.ndarray:
+        p = self.perms.hit(key)
+        if p is None:
+            p = self.perms.put(key, _perm(n, *key))
+        return p
+
+    def _shard_order(self, si: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        key = ("order", si, epoch)
+        got = self.perms.hit(key)
+        if got is None:
+            s = self.plan.sets[si]
+            if self.plan.order.shuffle:
+                order = _perm(len(s.counts), self.plan.order.seed, si, epoch, _SHARD_ORDER, 0)
+            else:
+                order = np.arange(len(s.counts))
+            got = self.perms.put(key, (order, np.cumsum(s.counts[order])))
+        return got
+
+    def locate(self, si: int, epoch: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions ``p`` inside epoch ``epoch`` of set ``si`` -> (shard index, row in the shard)."""
+        s, o = self.plan.sets[si], self.plan.order
+        n_total = s.samples
+        f = p.copy()
+        if o.shuffle and o.shuffle_buffer > 1:
+            buf = o.shuffle_buffer
+            w = p // buf
+            for wi in np.unique(w):
+                m = w == wi
+                size = min(buf, n_total - int(wi) * buf)
+                tau = self._cached_perm(size, o.seed, si, epoch, _WINDOW, int(wi))
+                f[m] = wi * buf + tau[p[m] - wi * buf]
+        order, cum = self._shard_order(si, epoch)
+        j = np.searchsorted(cum, f, side="right")
+        shard = order[j]
+        row = f - (cum[j] - s.counts[shard])
+        if o.shuffle:
+            for sh in np.unique(shard):
+                m = shard == sh
+                sigma = self._cached_perm(int(s.counts[sh]), o.seed, si, epoch, _IN_SHARD, int(sh))
+                row[m] = sigma[row[m]]
+        return shard, row
+
+    # ---- shards ----
+
+    def load(self, si: int, j: int) -> np.ndarray | None:
+        """The (samples, seq_len + 1) array of a shard; None when bad and the policy is skip."""
+        key = (si, j)
+        if key in self.bad:
+            return None
+        arr = self.shards.hit(key)
+        if arr is not None:
+            return arr
+        s = self.plan.sets[si]
+        entry = s.entries[j]
+        path = Path(s.path) / entry["name"]
+        try:
+            arr = self._read(path, entry)
+        except ShardError as exc:
+            if self.plan.policy == "raise":
+                raise
+            self._mark_bad(si, j, str(exc))
+            return None
+        return self.shards.put(key, arr)
+
+    def _read(self, path: Path, entry: dict) -> np.ndarray:
+        verify_shard(path, entry, check_sha=self.plan.verify_checksums)  # exists, size, sha256
+        arr = np.empty((entry["samples"], self.sample_len), dtype=np.dtype(self.plan.dtype).newbyteorder("<"))
+        n = 0
+        for _, tokens in iter_shard(path, sample_len=self.sample_len, dtype=self.plan.dtype):
+            if n >= len(arr):
+                raise ShardError(f"{path}: more samples than the {entry['samples']} the manifest lists")
+            arr[n] = tokens
+            n += 1
+        if n != entry["samples"]:
+            raise ShardError(f"{path}: truncated tar: {n} samples, manifest says {entry['samples']}")
+        if n and int(arr.max()) >= self.plan.vocab_size:
+            raise ShardError(f"{path}: token id {int(arr.max())} >= vocab_size {self.plan.vocab_size} "
+                             f"(corrupt shard or wrong manifest)")
+        return arr
+
+    def _mark_bad(self, si: int, j: int, reason: str) -> None:
+        s = self.plan.sets[si]
+        self.bad[(si, j)] = reason
+        self.new_bad.append([si, s.names[j], reason])
+        log.warning("%s: skipping bad shard (%d of %d in %s): %s", self.where,
+                    sum(1 for k in self.bad if k[0] == si), len(s.names), s.path, reason)
+        _check_bad_fraction(self.plan, si, {k[1] for k in self.bad if k[0] == si})
+
+    def rows(self, si: int, epoch: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Samples at positions ``p`` of (set, epoch) -> (rows (n, L), kept mask (len(p),))."""
+        shard, row = self.locate(si, epoch, p)
+        s = self.plan.sets[si]
+        out = np.empty((len(p), self.sample_len), dtype=np.dtype(self.plan.dtype).newbyteorder("<"))
+        keep = np.ones(len(p), dtype=bool)
+        for sh in np.unique(shard):
+            m = shard == sh
+            arr = self.load(si, int(sh))
+            if arr is not None:
+                out[m] = arr[row[m]]
+                continue
+            if not self.plan.infinite:  # finite mode: drop what a bad shard held
+                keep[m] = False
+                continue
+            # training: fill from the next good shard in this epoch's shard order
+            order, _ = self._shard_order(si, epoch)
+            at = int(np.nonzero(order == sh)[0][0])
+            for step in range(1, len(order)):
+                alt = int(order[(at + step) % len(order)])
+                alt_arr = self.load(si, alt)
+                if alt_arr is not None:
+                    out[m] = alt_arr[row[m] % len(alt_arr)]
+                    break
+            else:
+                raise ShardError(f"{s.path}: every {self.plan.split} shard is bad")
+        return out[keep], keep
+
+
+def _check_bad_fraction(plan: _Plan, si: int, bad_names: set) -> None:
+    s = plan.sets[si]
+    if len(bad_names) > plan.max_bad_fraction * len(s.names):
+        raise ShardError(
+            f"{s.path}: {len(bad_names)} of {len(s.names)} {plan.split} shards are bad "
+            f"(> data.max_bad_fraction={plan.max_bad_fraction}): {sorted(bad_names)[:10]}; "
+            f"run `megapt data verify` and re-shard")
+
+
+class _BatchStream(IterableDataset):
+    """Yields this rank's micro-batches ``k = worker, worker + n_workers, ...`` from ``g0``."""
+
+    def __init__(self, plan: _Plan, *, g0: int, q0: list[int], rank: int, world_size: int, micro_batch: int):
+        super().__init__()
+        self.plan, self.g0, self.q0 = plan, int(g0), list(q0)
+        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan, B = self.plan, self.micro_batch
+        reader = _Reader(plan, f"rank {self.rank} worker {wid}")
+        step = self.world_size * B
+        c0 = plan.set_counts(self.g0)
+        total = plan.total
+        set_start = np.cumsum([0] + [s.samples for s in plan.sets])
+        k = wid
+        while True:
+            start = self.g0 + k * step + self.rank * B
+            if not plan.infinite and start >= total and self.g0 + k * step >= total:
+                return
+            pos = np.arange(start, start + B, dtype=np.int64)
+            if not plan.infinite:
+                pos = pos[pos < total]
+            rows = self._build(reader, pos, c0, set_start)
+            rows_t = torch.from_numpy(rows.astype(np.int64))
+            yield {"input_ids": rows_t[:, :-1].contiguous(), "labels": rows_t[:, 1:].contiguous(),
+                   "_k": k, "_bad": reader.new_bad}
+            reader.new_bad = []
+            k += nw
+
+    def _build(self, reader: _Reader, pos: np.ndarray, c0: np.ndarray, set_start: np.ndarray) -> np.ndarray:
+        plan = self.plan
+        if plan.infinite:
+            slot = pos % MIX_SLOTS
+            si = plan.mix_labels[slot]
+            # sample index within the set's own (endless) stream
+            before = (pos // MIX_SLOTS) * plan.mix_counts[si] + plan.mix_cum[slot, si]
+            q = np.asarray(self.q0, dtype=np.int64)[si] + before - c0[si]
+        else:
+            si = np.searchsorted(set_start, pos, side="right") - 1
+            q = pos - set_start[si]
+        out = np.empty((len(pos), plan.seq_len + 1), dtype=np.int64)
+        keep = np.ones(len(pos), dtype=bool)
+        for s in np.unique(si):
+            n = plan.sets[s].samples
+            ms = si == s
+            epoch = q[ms] // n
+            for e in np.unique(epoch):
+                idx = np.nonzero(ms)[0][epoch == e]
+                got, kept = reader.rows(int(s), int(e), q[idx] - e * n)
+                out[idx[kept]] = got
+                keep[idx[~kept]] = False
+        return out[keep]
+
+
+# --------------------------------------------------------------------------------------------
+# The loader the trainer holds
+# --------------------------------------------------------------------------------------------
+
+
+class ShardLoader:
+    """Iterable of batches for one rank with a resumable global position (see module docstring)."""
+
+    def __init__(self, plan: _Plan, *, rank: int, world_size: int, micro_batch: int, num_workers: int = 0,
+                 pin_memory: bool = False):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        self.plan = plan
+        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.position = 0  # global samples consumed by the batches yielded so far
+        self.set_positions = [0] * len(plan.sets)  # per set: samples consumed (across epochs)
+        self.bad_shards: dict[tuple[int, str], str] = {}
+        self._generation = 0
+
+    # ---- iteration ----
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        plan = self.plan
+        if not plan.infinite and self.position >= plan.total:
+            self._set_position(0, [0] * len(plan.sets))  # a finished finite pass: start a new one
+        while True:
+            gen = self._generation
+            g0, q0 = self.position, list(self.set_positions)
+            c0 = plan.set_counts(g0)
+            step = self.world_size * self.micro_batch
+            ds = _BatchStream(plan, g0=g0, q0=q0, rank=self.rank, world_size=self.world_size,
+                              micro_batch=self.micro_batch)
+            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            persistent_workers=False)
+            expect = 0
+            restarted = False
+            for rec in dl:
+                if rec["_k"] != expect:  # never hand out batches out of order
+                    raise RuntimeError(f"loader: got micro-step {rec['_k']} from the workers, expected {expect}")
+                expect += 1
+                self._note_bad(rec["_bad"])
+                g = g0 + expect * step
+                if plan.infinite:
+                    q = (np.asarray(q0) + plan.set_counts(g) - c0).tolist()
+                else:
+                    g = min(g, plan.total)
+                    q = plan.finite_positions(g)
+                self._set_position(g, q)
+                if len(rec["input_ids"]):
+                    yield {"input_ids": rec["input_ids"], "labels": rec["labels"]}
+                if self._generation != gen:  # load_state_dict() while iterating: restart there
+                    restarted = True
+                    break
+            del dl
+            if not restarted:
+                return
+
+    def _set_position(self, g: int, q: list[int]) -> None:
+        self.position = int(g)
+        self.set_positions = [int(x) for x in q]
+
+    def _note_bad(self, bad: list) -> None:
+        for si, name, reason in bad:
+            if (si, name) not in self.bad_shards:
+                self.bad_shards[(si, name)] = reason
+                _check_bad_fraction(self.plan, si, {n for (i, n) in self.bad_shards if i == si})
+
+    def __len__(self) -> int:
+        """Finite mode: batches this rank yields in a full pass from the start."""
+        if self.plan.infinite:
+            raise TypeError("an infinite (training) loader has no length")
+        B, step, total = self.micro_batch, self.world_size * self.micro_batch, self.plan.total
+        steps = -(-total // step)
+        return max(0, steps - 1) + (1 if steps and (steps - 1) * step + self.rank * B < total else 0)
+
+    @property
+    def samples_per_epoch(self) -> list[int]:
+        return [s.samples for s in self.plan.sets]
+
+    # ---- state ----
+
+    def state_dict(self) -> dict[str, Any]:
+        sets = []
+        for s, q in zip(self.plan.sets, self.set_positions):
+            sets.append({"path": s.path, "weight": s.weight, "samples": s.samples, "position": q,
+                         "epoch": q // s.samples})
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "split": self.plan.split,
+                "infinite": self.plan.infinite, "position": self.position,
+                "epoch": min(x["epoch"] for x in sets), "order": self.plan.order.as_dict(), "sets": sets,
+                "bad_shards": sorted(f"{self.plan.sets[i].path}/{n}" for i, n in self.bad_shards)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a megapt loader state (format {sd.get('format') if isinstance(sd, dict) else sd!r})")
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {sd.get('version')!r}, this megapt reads {STATE_VERSION}")
+        if sd["split"] != self.plan.split or bool(sd["infinite"]) != self.plan.infinite:
+            raise ValueError(f"loader state is for split {sd['split']!r} infinite={sd['infinite']}, this loader is "
+                             f"split {self.plan.split!r} infinite={self.plan.infinite}")
+        order = _Order(int(sd["order"]["seed"]), bool(sd["order"]["shuffle"]), int(sd["order"]["shuffle_buffer"]))
+        if order != self.plan.order:
+            log.warning("loader: the checkpoint's data order %s differs from the config's %s; keeping the "
+                        "checkpoint's so the epoch in progress stays exactly-once", order.as_dict(),
+                        self.plan.order.as_dict())
+            self.plan.order = order
+        old = sd["sets"]
+        if len(old) > len(self.plan.sets):
+            log.warning("loader: the checkpoint had %d shard sets, the config has %d; dropping %s",
+                        len(old), len(self.plan.sets), [o["path"] for o in old[len(self.plan.sets):]])
+        q = []
+        for i, s in enumerate(self.plan.sets):
+            if i >= len(old):
+                log.warning("loader: new shard set %s starts at sample 0", s.path)
+                q.append(0)
+                continue
+            o = old[i]
+            if Path(o["path"]).name != Path(s.path).name or o["samples"] != s.samples:
+                log.warning("loader: shard set %d was %s (%d samples), now %s (%d samples); continuing at its "
+                            "saved position %d", i, o["path"], o["samples"], s.path, s.samples, o["position"])
+            if o.get("weight") != s.weight:
+                log.info("loader: set %s weight %s -> %s from position %d", s.path, o.get("weight"), s.weight,
+                         sd["position"])
+            q.append(int(o["position"]))
+        pos = int(sd["position"])
+        if not self.plan.infinite:
+            q = self.plan.finite_positions(pos)
+        self._set_position(pos, q)
+        self._generation += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Building: start-up checks
+# --------------------------------------------------------------------------------------------
+
+
+def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
+              tokenizer_sha256: str | None) -> tuple[_ShardSet, dict]:
+    path = Path(path)
+    m = load_manifest(path)  # ShardError naming the file when missing / invalid
+    where = getattr(m, "path", path / "manifest.json")
+    if m["seq_len"] != data_cfg.seq_len:
+        raise ConfigError(f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is {data_cfg.seq_len}; "
+                          f"set --data.seq_len={m['seq_len']} or re-shard")
+    if tokenizer_sha256:
+        check_tokenizer(m, tokenizer_sha256)
+    entries = m["splits"].get(split, {}).get("shards", [])
+    entries = [e for e in entries if e["samples"] > 0]
+    if not entries:
+        raise ShardError(f"{where}: no {split!r} samples listed; re-run `megapt data prepare`")
+    missing = [e["name"] for e in entries if not (path / e["name"]).is_file()]
+    if missing:
+        raise ShardError(f"{path / missing[0]}: shard listed in {where} is missing"
+                         + (f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else "")
+                         + "; re-run the shard job that wrote it or restore the files")
+    s = _ShardSet(path=str(path), weight=float(weight), names=[e["name"] for e in entries],
+                  counts=np.array([e["samples"] for e in entries], dtype=np.int64), entries=entries)
+    return s, m
+
+
+def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, rank: int, world_size: int,
+                 micro_batch: int, seed: int, infinite: bool = True, tokenizer_sha256: str | None = None,
+                 pin_memory: bool | None = None, num_workers: int | None = None) -> ShardLoader:
+    """The loader for one rank: checks manifests and shards, returns a resumable ``ShardLoader``.
+
+    ``data_cfg`` is ``cfg.data``; ``shard_dir`` is used when ``data.mix`` is empty. ``pin_memory``
+    defaults to CUDA availability; ``num_workers`` to ``data.loader_workers``.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    specs = [(mx["path"], float(mx.get("weight", 1.0))) for mx in data_cfg.mix] or [(shard_dir, 1.0)]
+    sets, manifests = [], []
+    for p, w in specs:
+        s, m = _open_set(p, w, split, data_cfg, tokenizer_sha256)
+        sets.append(s)
+        manifests.append(m)
+    first = manifests[0]
+    for s, m in zip(sets[1:], manifests[1:]):
+        diff = [k for k in ("dtype", "vocab_size", "tokenizer_sha256", "eos_id") if m[k] != first[k]]
+        if diff:
+            raise ShardError(f"{s.path}: mixed shard sets disagree with {sets[0].path} on {diff}; every set of "
+                             f"data.mix must be tokenized with the same tokenizer")
+    if infinite and len(sets) > 1:
+        total_w = sum(s.weight for s in sets)
+        tiny = [s.path for s in sets if s.weight / total_w * MIX_SLOTS < 0.5]
+        if tiny:
+            raise ConfigError(f"data.mix: weights of {tiny} are below 1/{2 * MIX_SLOTS} of the total; too small to mix")
+    plan = _Plan(split=split, sets=sets, order=_Order(int(seed), bool(data_cfg.shuffle), int(data_cfg.shuffle_buffer)),
+                 seq_len=int(first["seq_len"]), dtype=first["dtype"], vocab_size=int(first["vocab_size"]),
+                 infinite=infinite, verify_checksums=bool(data_cfg.verify_checksums),
+                 policy=data_cfg.bad_shard_policy, max_bad_fraction=float(data_cfg.max_bad_fraction))
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    workers = data_cfg.loader_workers if num_workers is None else num_workers
+    loader = ShardLoader(plan, rank=rank, world_size=world_size, micro_batch=micro_batch, num_workers=workers,
+                         pin_memory=pin_memory)
+    if rank == 0:
+        log.info("loader %s: %s, %d samples x %d tokens in %d shards, %s, %d workers/rank, seed %d, %s",
+                 split, " + ".join(f"{s.path} (w={s.weight:g}, {s.samples} samples)" for s in sets),
+                 plan.total, plan.seq_len, sum(len(s.names) for s in sets),
+                 "infinite" if infinite else "one epoch", workers, seed,
+                 f"shuffle buffer {plan.order.shuffle_buffer}" if plan.order.shuffle else "no shuffle")
+    return loader
