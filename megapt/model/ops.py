@@ -63,33 +63,20 @@ class Backends:
 # Kernel lookup (lazy: megapt.kernels is imported only for triton/cuda backends)
 # --------------------------------------------------------------------------------------------
 
-# kernel function -> submodules of megapt.kernels that may define it (the package itself first)
-_KERNEL_HOMES = {
-    "flash_attention": ("attention", "flash_attention"),
-    "rms_norm": ("rms_norm", "norm"),
-    "apply_rope": ("rope",),
-    "fused_linear_cross_entropy": ("cross_entropy",),
-    "chunked_linear_cross_entropy": ("cross_entropy",),
-}
 _KERNEL_CACHE: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
 def _find_kernel(backend: str, name: str) -> Callable[..., Any] | None:
-    """Return ``megapt.kernels[.cuda].<name>`` (or from a known submodule), else None."""
+    """``megapt.kernels.<name>`` (``megapt.kernels.cuda.<name>`` for cuda), or None when missing."""
     key = (backend, name)
-    if key in _KERNEL_CACHE:
-        return _KERNEL_CACHE[key]
-    base = "megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels"
-    for mod_name in (base,) + tuple(f"{base}.{sub}" for sub in _KERNEL_HOMES.get(name, ())):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            _KERNEL_CACHE[key] = fn
-            return fn
-    return None
+    if key not in _KERNEL_CACHE:
+        try:  # the package resolves names lazily: a missing submodule raises ImportError here
+            mod = importlib.import_module("megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels")
+            fn = getattr(mod, name)
+        except (ImportError, AttributeError):
+            return None
+        _KERNEL_CACHE[key] = fn
+    return _KERNEL_CACHE[key]
 
 
 def _kernel(backend: str, name: str) -> Callable[..., Any]:
@@ -191,17 +178,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         if mask is not None:
             raise ValueError(f"attention backend {backend!r} takes no explicit mask (doc_mask, cached "
                              "decoding); use sdpa or eager")
-        # the kernel contract is (B, nh, T, hs) for q, k and v alike: repeat shared kv heads
-        k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
         return _kernel(backend, "flash_attention")(q, k, v, causal=causal)
     raise ValueError(f"unknown attention backend {backend!r} (choose from {', '.join(ATTENTION_BACKENDS)})")
 
 
 def attention_eager(q, k, v, causal=True, mask=None):
-    """Reference math in fp32 softmax; materialises the (B, nh, T, S) score matrix."""
+    """Reference math, softmax in fp32 (or wider); materialises the (B, nh, T, S) score matrix."""
     nh, T, S = q.shape[1], q.shape[-2], k.shape[-2]
     k, v = _repeat_kv(k, nh), _repeat_kv(v, nh)  # (B, nh, S, hs)
-    scores = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
+    scores = (q @ k.transpose(-2, -1)).to(_acc_dtype(q)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
     allowed = mask
     if causal:
         tri = _causal_mask(T, S, q.device)
@@ -231,7 +216,7 @@ def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "eager") -> torch.Tensor:
     """x / rms(x) * weight over the last dim; normalised in fp32, cast back, then scaled (Llama)."""
     if backend == "eager":
-        xf = x.float()
+        xf = x.to(_acc_dtype(x))
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return y.to(x.dtype) * weight
     if backend in ("triton", "cuda"):
@@ -272,7 +257,8 @@ def _rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     sin = sin[None, :, None, :] if sin.dim() == 2 else sin[:, :, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)  # rotate_half
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    acc = _acc_dtype(x)
+    return (x.to(acc) * cos + rotated.to(acc) * sin).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,12 +271,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, over non-ignored rows.
 
-    hidden (N, C), weight (V, C), labels (N,) -> scalar fp32. ``chunked`` and ``triton`` never
+    hidden (N, C), weight (V, C), labels (N,) -> scalar (fp32; fp64 for fp64 inputs). ``chunked`` and ``triton`` never
     hold more than (chunk_size, V) logits; ``eager`` materialises all (N, V). Like
     ``F.cross_entropy``, the loss is NaN when every label is ``ignore_index``.
     """
     if backend == "eager":
-        return F.cross_entropy((hidden @ weight.t()).float(), labels, ignore_index=ignore_index)
+        logits = (hidden @ weight.t()).to(_acc_dtype(hidden))  # (N, V)
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
     if backend == "chunked":
         return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index,
                                                chunk_size or default_chunk_size(weight.shape[0]))
@@ -300,6 +287,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             return fn(hidden, weight, labels, ignore_index=ignore_index)
         return fn(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
     raise ValueError(f"unknown loss backend {backend!r} (choose from {', '.join(LOSS_BACKENDS)})")
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 for half types, the input's own dtype when wider (fp64 in gradient checks)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def default_chunk_size(vocab_size: int, budget_elems: int = 1 << 25) -> int:
@@ -316,10 +308,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         N = hidden.shape[0]
         valid = labels != ignore_index  # (N,)
         safe = torch.where(valid, labels, 0)
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        target = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        acc = _acc_dtype(hidden)
+        lse = torch.empty(N, dtype=acc, device=hidden.device)
+        target = torch.empty(N, dtype=acc, device=hidden.device)
         for s in range(0, N, chunk_size):
-            logits = (hidden[s:s + chunk_size] @ weight.t()).float()  # (chunk, V)
+            logits = (hidden[s:s + chunk_size] @ weight.t()).to(acc)  # (chunk, V)
             lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
             target[s:s + chunk_size] = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
         n_valid = valid.sum()
@@ -334,11 +327,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk = ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        scale = grad_loss.float() / n_valid
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        scale = grad_loss.to(acc) / n_valid
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]  # (chunk, C)
-            logits = (h @ weight.t()).float()  # (chunk, V)
+            logits = (h @ weight.t()).to(acc)  # (chunk, V)
             g = torch.exp(logits - lse[s:s + chunk, None])  # softmax
             g.scatter_add_(1, safe[s:s + chunk, None], torch.full_like(g[:, :1], -1.0))
             g = g * (valid[s:s + chunk, None] * scale)  # d loss / d logits, (chunk, V)
@@ -346,5 +340,5 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[s:s + chunk] = g @ weight
             if need_w:
-                grad_w += (g.t() @ h).float()  # (V, C)
+                grad_w += (g.t() @ h).to(acc)  # (V, C)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None

@@ -1,0 +1,155 @@
+"""megapt.model.ops: every backend agrees with the reference math; selection fails loudly."""
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megapt.model import ops
+from megapt.model.ops import Backends, select_backends
+
+
+def _cfg(**kw):
+    base = dict(attention="auto", norm="auto", rope="auto", loss="auto", doc_mask=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _naive_attention(q, k, v, allowed):
+    """Per-head loop with explicit kv head sharing; allowed (T, S) or (B, 1, T, S) bool."""
+    B, nh, T, hs = q.shape
+    group = nh // k.shape[1]
+    out = torch.empty_like(q)
+    for h in range(nh):
+        kh, vh = k[:, h // group], v[:, h // group]  # (B, S, hs)
+        s = q[:, h] @ kh.transpose(-1, -2) / hs ** 0.5  # (B, T, S)
+        a = allowed if allowed.dim() == 2 else allowed[:, 0]
+        s = s.masked_fill(~a, float("-inf"))
+        out[:, h] = s.softmax(-1) @ vh
+    return out
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_attention_matches_naive_gqa_causal(backend):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    want = _naive_attention(q, k, v, torch.ones(7, 7, dtype=torch.bool).tril())
+    torch.testing.assert_close(ops.attention(q, k, v, True, backend), want)
+
+
+def test_attention_eager_equals_sdpa_forward_and_grads_with_mask():
+    torch.manual_seed(0)
+    B, nh, nkv, T, hs = 2, 6, 2, 9, 16
+    base = [torch.randn(B, n, T, hs) for n in (nh, nkv, nkv)]
+    mask = torch.rand(B, 1, T, T) > 0.3
+    mask |= torch.eye(T, dtype=torch.bool)  # every query sees at least itself
+    results = {}
+    for backend in ("eager", "sdpa"):
+        for causal, m in ((True, None), (True, mask), (False, mask)):
+            q, k, v = (t.clone().requires_grad_() for t in base)
+            out = ops.attention(q, k, v, causal, backend, mask=m)
+            (out * torch.linspace(-1, 1, hs)).sum().backward()
+            results[(backend, causal, m is None)] = (out, q.grad, k.grad, v.grad)
+    for key in [(True, True), (True, False), (False, False)]:
+        for a, b in zip(results[("eager",) + key], results[("sdpa",) + key]):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    # the mask really restricts: a masked run differs from the plain causal one
+    assert not torch.allclose(results[("eager", True, True)][0], results[("eager", True, False)][0])
+
+
+# ---------------------------------------------------------------- rms norm and rope
+
+
+def test_rms_norm_eager_formula():
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    w = torch.randn(32, dtype=torch.float64)
+    want = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-6, "eager"), want)
+
+
+def test_rope_rotate_half_convention_and_relative_positions():
+    hs = 8
+    cos, sin = ops.rope_cache(16, hs, theta=10000.0)
+    assert cos.shape == (16, hs // 2)
+    # HF Llama: pairs (i, i + hs/2) rotate by angle pos * theta^(-2i/hs)
+    x = torch.randn(1, 16, 1, hs, dtype=torch.float64)
+    y, _ = ops.apply_rope(x, x, cos.double(), sin.double(), "eager")
+    p, i = 5, 1
+    ang = p * 10000.0 ** (-2 * i / hs)
+    a, b = x[0, p, 0, i], x[0, p, 0, i + hs // 2]
+    torch.testing.assert_close(y[0, p, 0, i], a * torch.cos(torch.tensor(ang, dtype=torch.float64))
+                               - b * torch.sin(torch.tensor(ang, dtype=torch.float64)))
+    # relative: <rope(q, m), rope(k, n)> depends only on m - n
+    q, k = torch.randn(hs, dtype=torch.float64), torch.randn(hs, dtype=torch.float64)
+    qs = q.expand(1, 16, 1, hs).contiguous()
+    ks = k.expand(1, 16, 1, hs).contiguous()
+    rq, rk = ops.apply_rope(qs, ks, cos.double(), sin.double(), "eager")
+    torch.testing.assert_close((rq[0, 7, 0] * rk[0, 4, 0]).sum(), (rq[0, 12, 0] * rk[0, 9, 0]).sum())
+    # per-sample positions (B, T, hs/2) give the same rotation as the shared table
+    pos = torch.tensor([[3, 4, 5], [0, 1, 2]])
+    x3 = torch.randn(2, 3, 2, hs)
+    per_sample, _ = ops.apply_rope(x3, x3, cos[pos], sin[pos], "eager")
+    shared, _ = ops.apply_rope(x3[1:], x3[1:], cos[:3], sin[:3], "eager")
+    torch.testing.assert_close(per_sample[1:], shared)
+
+
+# ---------------------------------------------------------------- linear + cross-entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 64])
+def test_chunked_linear_cross_entropy_matches_full(chunk):
+    torch.manual_seed(0)
+    N, C, V = 37, 16, 50
+    h0, w0 = torch.randn(N, C, dtype=torch.float64), torch.randn(V, C, dtype=torch.float64) * 0.5
+    labels = torch.randint(0, V, (N,))
+    labels[::5] = -100
+    h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    want = F.cross_entropy(h1 @ w1.t(), labels, ignore_index=-100)
+    want.backward()
+    h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    got = ops.linear_cross_entropy(h2, w2, labels, "chunked", chunk_size=chunk)
+    (got * 1.0).backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+
+
+def test_linear_cross_entropy_grad_scale_and_all_ignored():
+    h = torch.randn(6, 4, requires_grad=True)
+    w = torch.randn(10, 4, requires_grad=True)
+    labels = torch.randint(0, 10, (6,))
+    (3.0 * ops.linear_cross_entropy(h, w, labels, "chunked", chunk_size=4)).backward()
+    g = h.grad.clone()
+    h.grad = None
+    (3.0 * ops.linear_cross_entropy(h, w, labels, "eager")).backward()
+    torch.testing.assert_close(g, h.grad)
+    ignored = torch.full((6,), -100)
+    assert torch.isnan(ops.linear_cross_entropy(h, w, ignored, "chunked"))
+    assert torch.isnan(ops.linear_cross_entropy(h, w, ignored, "eager"))
+
+
+# ---------------------------------------------------------------- selection
+
+
+def test_select_backends_auto_on_cpu_and_logs_once(caplog):
+    ops._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="megapt"):
+        b = select_backends(_cfg(), "cpu")
+        select_backends(_cfg(), torch.device("cpu"))
+    assert b == Backends(attention="sdpa", norm="eager", rope="eager", loss="chunked")
+    lines = [r.getMessage() for r in caplog.records if "model backends" in r.getMessage()]
+    assert lines == ["model backends on cpu: attention=sdpa norm=eager rope=eager loss=chunked"]
+    assert select_backends(_cfg(attention="eager", loss="eager"), "cpu").attention == "eager"
+
+
+def test_select_backends_rejects_gpu_backends_on_cpu_naming_each():
+    with pytest.raises(RuntimeError) as e:
+        select_backends(_cfg(attention="triton", norm="cuda"), "cpu")
+    assert "model.attention=triton" in str(e.value) and "model.norm=cuda" in str(e.value)
+    assert "CUDA" in str(e.value)
+    with pytest.raises(ValueError, match="attention='flash'"):
+        Backends(attention="flash")
