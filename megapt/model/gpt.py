@@ -420,49 +420,6 @@ class GPT(nn.Module):
         p = self.tok_embeddings.weight
         return KVCache(self.args, batch_size, max_seq_len, device=p.device, dtype=p.dtype)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, eos_id: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation; (B, T) -> (B, T + new).
-
-        With ``eos_id``, rows that emitted it keep emitting it and generation stops early when
-        every row has. Cached and uncached decoding give the same tokens.
-        """
-        B, T = input_ids.shape
-        total = T + max_new_tokens
-        if total > self.args.max_seq_len:
-            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len {self.args.max_seq_len}")
-        cache = self.new_kv_cache(B, total) if use_cache else None
-        out = input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        pos = 0
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits = self(out[:, pos:], kv_cache=cache, start_pos=pos).logits[:, -1]  # (B, V)
-                pos = out.shape[1]
-            else:
-                logits = self(out).logits[:, -1]
-            nxt = _sample(logits.float(), temperature, top_k, generator)  # (B,)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-        return out
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
-            generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
-
 
 def document_mask(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions within each document and the block-diagonal causal mask of a packed row.

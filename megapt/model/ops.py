@@ -271,74 +271,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          chunk_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, over non-ignored rows.
 
-    hidden (N, C), weight (V, C), labels (N,) -> scalar (fp32; fp64 for fp64 inputs). ``chunked`` and ``triton`` never
-    hold more than (chunk_size, V) logits; ``eager`` materialises all (N, V). Like
-    ``F.cross_entropy``, the loss is NaN when every label is ``ignore_index``.
+    hidden (N, C), weight (V, C), labels (N,) -> scalar (fp32; fp64 for fp64 eager inputs).
+    ``chunked`` (pure PyTorch) and ``triton`` are ``megapt.kernels``' chunked/fused linear-CE:
+    they never hold more than (chunk_size, V) logits. ``eager`` materialises all (N, V). Every
+    backend returns 0 (not NaN) when all labels are ``ignore_index``, so an all-padding
+    micro-batch cannot poison a run.
     """
     if backend == "eager":
         logits = (hidden @ weight.t()).to(_acc_dtype(hidden))  # (N, V)
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+        n_valid = (labels != ignore_index).sum().clamp(min=1)
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / n_valid
     if backend == "chunked":
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index,
-                                               chunk_size or default_chunk_size(weight.shape[0]))
-    if backend == "triton":
+        fn = _kernel("chunked", "chunked_linear_cross_entropy")
+    elif backend == "triton":
         fn = _kernel("triton", "fused_linear_cross_entropy")
-        if chunk_size is None:
-            return fn(hidden, weight, labels, ignore_index=ignore_index)
-        return fn(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
-    raise ValueError(f"unknown loss backend {backend!r} (choose from {', '.join(LOSS_BACKENDS)})")
+    else:
+        raise ValueError(f"unknown loss backend {backend!r} (choose from {', '.join(LOSS_BACKENDS)})")
+    return fn(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 for half types, the input's own dtype when wider (fp64 in gradient checks)."""
     return torch.promote_types(t.dtype, torch.float32)
-
-
-def default_chunk_size(vocab_size: int, budget_elems: int = 1 << 25) -> int:
-    """Rows per chunk so that one (rows, V) fp32 logits block is about 128 MB."""
-    return max(16, budget_elems // max(vocab_size, 1))
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Pure-torch fused linear + CE: forward keeps only the per-row logsumexp (N floats);
-    backward recomputes each (chunk, V) logits block, so peak extra memory is O(chunk x V)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_size):
-        N = hidden.shape[0]
-        valid = labels != ignore_index  # (N,)
-        safe = torch.where(valid, labels, 0)
-        acc = _acc_dtype(hidden)
-        lse = torch.empty(N, dtype=acc, device=hidden.device)
-        target = torch.empty(N, dtype=acc, device=hidden.device)
-        for s in range(0, N, chunk_size):
-            logits = (hidden[s:s + chunk_size] @ weight.t()).to(acc)  # (chunk, V)
-            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
-            target[s:s + chunk_size] = logits.gather(1, safe[s:s + chunk_size, None]).squeeze(1)
-        n_valid = valid.sum()
-        loss = ((lse - target) * valid).sum() / n_valid  # NaN when nothing is valid, like F.cross_entropy
-        ctx.save_for_backward(hidden, weight, safe, valid, lse, n_valid)
-        ctx.chunk_size = chunk_size
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, safe, valid, lse, n_valid = ctx.saved_tensors
-        chunk = ctx.chunk_size
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        acc = lse.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        scale = grad_loss.to(acc) / n_valid
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]  # (chunk, C)
-            logits = (h @ weight.t()).to(acc)  # (chunk, V)
-            g = torch.exp(logits - lse[s:s + chunk, None])  # softmax
-            g.scatter_add_(1, safe[s:s + chunk, None], torch.full_like(g[:, :1], -1.0))
-            g = g * (valid[s:s + chunk, None] * scale)  # d loss / d logits, (chunk, V)
-            g = g.to(hidden.dtype)
-            if need_h:
-                grad_h[s:s + chunk] = g @ weight
-            if need_w:
-                grad_w += (g.t() @ h).to(acc)  # (V, C)
-        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None

@@ -184,7 +184,7 @@ def test_eager_and_sdpa_models_agree():
     torch.testing.assert_close(m.layers[0].attention.wq.weight.grad, g_ref, atol=1e-6, rtol=1e-4)
 
 
-def test_kv_cache_prefill_in_pieces_equals_full_forward_and_greedy_matches():
+def test_kv_cache_prefill_in_pieces_equals_full_forward_and_cached_greedy_matches():
     torch.manual_seed(0)
     m = GPT(small_args(init_std=0.2), SDPA, seed=0).eval()  # larger init: well-separated argmaxes
     x = torch.randint(0, 97, (2, 20))
@@ -192,12 +192,17 @@ def test_kv_cache_prefill_in_pieces_equals_full_forward_and_greedy_matches():
     cache = m.new_kv_cache(2)
     pieces = [m(x[:, a:b], kv_cache=cache, start_pos=a).logits for a, b in ((0, 7), (7, 8), (8, 20))]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
-    cached = m.generate(x[:, :6], 20, use_cache=True)
-    uncached = m.generate(x[:, :6], 20, use_cache=False)
-    assert cached.shape == (2, 26)
+    # greedy decoding: one token per step through the cache vs the whole sequence every step
+    cached, uncached = x[:, :6], x[:, :6]
+    cache, pos = m.new_kv_cache(2, 26), 0
+    for _ in range(20):
+        nxt = m(cached[:, pos:], kv_cache=cache, start_pos=pos).logits[:, -1].argmax(-1)
+        pos = cached.shape[1]
+        cached = torch.cat([cached, nxt[:, None]], dim=1)
+        uncached = torch.cat([uncached, m(uncached).logits[:, -1].argmax(-1)[:, None]], dim=1)
     assert torch.equal(cached, uncached)
-    # greedy really is argmax of the uncached logits
-    assert torch.equal(cached[:, 6], m(x[:, :6]).logits[:, -1].argmax(-1))
+    with pytest.raises(ValueError, match="KV cache holds 26"):
+        m(x[:, :1], kv_cache=cache, start_pos=26)
 
 
 def test_document_mask_positions_and_mask():
