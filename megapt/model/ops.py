@@ -170,8 +170,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if backend == "sdpa":
         if mask is not None and causal:
             mask = mask & _causal_mask(q.shape[-2], k.shape[-2], q.device)
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and q.device.type == "cuda" and (mask is not None or q.dtype == torch.float32):
+            # on CUDA only the flash kernel (fp16/bf16, no mask) takes enable_gqa; otherwise SDPA
+            # would drop to the slow math kernel, so repeat kv heads for the memory-efficient one
+            k, v, gqa = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1]), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                              enable_gqa=k.shape[1] != q.shape[1])
+                                              enable_gqa=gqa)
     if backend == "eager":
         return attention_eager(q, k, v, causal, mask)
     if backend in ("triton", "cuda"):
