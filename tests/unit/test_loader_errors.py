@@ -182,3 +182,19 @@ def test_skip_policy_stops_above_max_bad_fraction(shards):
         run_global(loaders(cfg, shards, 1, 4), N // 4)
     with pytest.raises(ShardError, match="2 of 7 train shards are bad"):
         run_global(loaders(cfg, shards, 1, 4, workers=2), N // 4)
+
+
+def test_valid_tar_in_another_layout_still_reads_exactly(shards):
+    """A pax tar (global header first) is not the fixed-stride layout: tarfile walks it instead."""
+    p = shards / SHARD
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}) as tf:
+        for i in sorted(SHARD_IDS):
+            payload = sample(i, 1).tobytes()
+            info = tarfile.TarInfo(f"train-000-{i:09d}.tokens")
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    p.write_bytes(buf.getvalue())
+    _rewrite_entry(shards, SHARD)
+    order, _ = _first_epoch(data_cfg(), shards)
+    assert sorted(i for _, i in order) == list(range(N))
