@@ -1,15 +1,19 @@
 """Fused kernels (Triton, optional CUDA), each beside a plain-PyTorch reference.
 
-Installed as ``megapt.kernels``. Submodules load lazily, so importing this package does not
+Installed as ``megapt.kernels``. Names resolve lazily, so ``import megapt.kernels`` does not
 import triton, and ``chunked_linear_cross_entropy`` (pure PyTorch) works without it.
 
     flash_attention(q, k, v, causal=True, sm_scale=None)   q (B, nh, T, hs), k/v (B, nkv, T, hs)
     rms_norm(x, weight, eps)                               x (..., C)
     apply_rope(q, k, cos, sin)                             q (B, T, nh, hs), cos/sin (T, hs // 2)
     fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None)
-    chunked_linear_cross_entropy(...)                      same API, pure PyTorch (CPU)
+    chunked_linear_cross_entropy(...)                      same API, pure PyTorch (any device)
+
+The CUDA-extension RMSNorm lives in ``megapt.kernels.cuda`` (built on first use).
 """
 import importlib
+import sys
+import types
 
 _EXPORTS = {
     "flash_attention": "flash_attn",
@@ -29,5 +33,21 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _KernelsPackage(types.ModuleType):
+    """``rms_norm`` is both a submodule and a function. Importing a submodule makes the import
+    system set the package attribute of that name to the module; refuse that for exported
+    names so ``megapt.kernels.rms_norm`` stays the function (the module is in sys.modules)."""
+
+    def __setattr__(self, name, value):
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage

@@ -99,7 +99,7 @@ def _ce_chunk_triton(logits, labels, scale, ignore_index, compute_grad):
 
 def _ce_chunk_torch(logits, labels, scale, ignore_index, compute_grad):
     """PyTorch version of _ce_chunk_triton (fp32 softmax). Same contract, returns a new grad."""
-    lf = logits.float()
+    lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
     lse = torch.logsumexp(lf, dim=-1)  # (n,)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
@@ -108,8 +108,8 @@ def _ce_chunk_torch(logits, labels, scale, ignore_index, compute_grad):
     if not compute_grad:
         return loss, None
     grad = torch.exp(lf.sub_(lse[:, None]))  # softmax, reusing the fp32 buffer
-    grad[rows, safe] -= valid.float()
-    grad.mul_((scale * valid.float())[:, None])
+    grad[rows, safe] -= valid.to(grad.dtype)
+    grad.mul_((scale * valid.to(grad.dtype))[:, None])
     return loss, grad.to(logits.dtype)
 
 
@@ -124,11 +124,12 @@ def _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_f
     V = weight.shape[0]
     chunk = chunk_size or default_chunk_size(N, C, V)
     compute_grad = grad_hidden_needed or grad_weight_needed
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 for fp64 inputs)
     n_valid = (labels != ignore_index).sum()
-    scale = (1.0 / n_valid.clamp(min=1).float()).reshape(1)  # stays on device: no host sync
-    loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    scale = (1.0 / n_valid.clamp(min=1).to(acc)).reshape(1)  # stays on device: no host sync
+    loss_rows = torch.empty(N, dtype=acc, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if grad_hidden_needed else None
-    grad_weight = torch.zeros(V, C, dtype=torch.float32, device=weight.device) if grad_weight_needed else None
+    grad_weight = torch.zeros(V, C, dtype=acc, device=weight.device) if grad_weight_needed else None
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
         h = hidden[s:e]  # (n, C)
@@ -138,7 +139,7 @@ def _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_f
         if grad_hidden_needed:
             torch.mm(grad_logits, weight, out=grad_hidden[s:e])  # (n, C)
         if grad_weight_needed:
-            if grad_logits.dtype == torch.float32:
+            if grad_logits.dtype == acc:
                 grad_weight.addmm_(grad_logits.t(), h)  # (V, C)
             else:  # one half-precision GEMM per chunk, summed across chunks in fp32
                 grad_weight.add_(grad_logits.t() @ h)
@@ -149,7 +150,7 @@ def _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_f
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """hidden (N, C), weight (V, C), labels (N,) -> mean CE loss (scalar, fp32).
+    """hidden (N, C), weight (V, C), labels (N,) -> mean CE loss (scalar, fp32; fp64 if inputs are).
 
     The forward stores grad_hidden (N, C) and grad_weight (V, C) computed chunk by chunk; the
     backward multiplies them by grad_output.
@@ -167,14 +168,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         gh, gw = ctx.saved_tensors
-        g = grad_output.float()
+        g = grad_output
         gh = None if gh is None else (gh * g).to(gh.dtype)
         gw = None if gw is None else (gw * g).to(gw.dtype)
         return gh, gw, None, None, None, None
 
 
-def _check(op, hidden, weight, labels, ignore_index, chunk_size):
-    check_dtype(op, _DTYPES, hidden=hidden, weight=weight)
+def _check(op, hidden, weight, labels, ignore_index, chunk_size, dtypes=_DTYPES):
+    check_dtype(op, dtypes, hidden=hidden, weight=weight)
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"megapt.kernels.{op}: expected hidden (N, C) and weight (V, C), got "
@@ -220,6 +221,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
-    """Same API and algorithm as fused_linear_cross_entropy in plain PyTorch (any device)."""
-    _check("chunked_linear_cross_entropy", hidden, weight, labels, ignore_index, chunk_size)
+    """Same API and algorithm as fused_linear_cross_entropy in plain PyTorch (any device).
+
+    Also takes fp64 (loss in fp64) for gradient checks.
+    """
+    _check("chunked_linear_cross_entropy", hidden, weight, labels, ignore_index, chunk_size,
+           dtypes=_DTYPES + (torch.float64,))
     return _apply(hidden, weight, labels, ignore_index, chunk_size, _ce_chunk_torch)

@@ -1,19 +1,36 @@
 """Kernel tests run on CPU through the Triton interpreter when no CUDA device is present.
 
-Triton decides interpreter-or-compiler when a ``@triton.jit`` function is decorated, so
-TRITON_INTERPRET must be set before the kernel modules are imported. Another test directory
-may already have imported them (collection order is alphabetical); those modules are reloaded
-here so their kernels are rebuilt as interpreted functions.
+Triton picks interpreter-or-compiler when a ``@triton.jit`` function is decorated, including
+its own ``tl.sum``/``tl.max`` helpers at ``import triton``. So TRITON_INTERPRET=1 must be set
+before triton is first imported. This conftest sets it; megapt kernel modules imported earlier
+are reloaded. If triton itself was imported earlier in this process (by a test collected
+before this directory), the interpreter cannot be switched on any more: every kernel test then
+fails with an explanation instead of crashing inside triton.
 """
 import importlib
 import os
 import sys
 
+import pytest
 import torch
 
+_TOO_LATE = None
+
 if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        _TOO_LATE = (
+            "triton was imported before tests/unit/kernels/conftest.py could set TRITON_INTERPRET=1, "
+            "so the CPU interpreter is unavailable in this process. Run `TRITON_INTERPRET=1 pytest ...` "
+            "or run tests/unit/kernels in its own pytest invocation."
+        )
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in sorted(n for n in list(sys.modules) if n.startswith("megapt.kernels.")):
         _mod = sys.modules[_name]
         if _mod is not None and not _name.endswith("._common"):
             importlib.reload(_mod)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_available():
+    if _TOO_LATE:
+        pytest.fail(_TOO_LATE)

@@ -80,3 +80,13 @@ def test_linear_ce_bad_input_is_a_clear_error(impl):
         FNS[impl](hidden, weight[:, :5], labels)
     with pytest.raises(ValueError, match="weight is"):
         FNS[impl](hidden, weight.half(), labels)
+
+
+def test_chunked_linear_ce_passes_fp64_gradcheck():
+    # The pure-PyTorch path also serves fp64 gradient checks of the model.
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 11, (9,), generator=g)
+    y[2] = -100
+    assert torch.autograd.gradcheck(lambda h, w: chunked_linear_cross_entropy(h, w, y, chunk_size=4), (h, w))
