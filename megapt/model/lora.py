@@ -79,6 +79,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], dr
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and _matches(name, targets):
+            if name.rsplit(".", 1)[-1] == "output":
+                raise ValueError(f"LoRA target {name!r}: the LM head is not supported (the loss reads "
+                                 "output.weight directly through the fused linear+cross-entropy)")
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))

@@ -1,0 +1,416 @@
+"""`megapt finetune`: classification, regression, SFT and LM fine-tuning of a pretrained model.
+
+    megapt finetune -c configs/tiny.yaml --finetune.task=classify \\
+        --finetune.init_from=runs/tiny/checkpoints --finetune.train_file=train.jsonl \\
+        --finetune.val_file=val.jsonl --finetune.test_file=test.jsonl \\
+        --finetune.train_top_layers=2 --finetune.layer_lr_decay=0.8 --finetune.head_lr_mult=10
+
+What trains: ``freeze_embeddings``, ``freeze_layers`` (first k blocks), ``freeze_pattern``
+(regex on parameter names), ``train_head_only``, ``train_top_layers`` or LoRA adapters
+(``lora_rank > 0``). Only trainable parameters reach the optimizer, in param groups with
+layer-wise LR decay and a head LR multiplier. Validation runs every ``eval_every`` steps (or
+once per epoch); the best validation metric (accuracy, -MSE or -loss) is kept, training stops
+after ``early_stopping_patience`` evaluations without improvement, and the best weights are
+written to ``finetune.out_dir`` (a megapt weights folder that ``eval``, ``generate`` and
+``export`` read).
+
+Optimisation runs in this process with torch AdamW (one device): fine-tuning the sizes this
+toolkit targets on one GPU needs no ZeRO partitioning; multi-GPU fine-tuning would go through
+the trainer's engine.
+
+``init_from=scratch`` builds a freshly initialised model of ``model.preset`` (baselines).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megapt.config import ConfigError
+from megapt.finetune import data as D
+from megapt.finetune.freeze import apply_freezing, param_groups
+from megapt.finetune.source import Source, load_source, save_weights
+
+log = logging.getLogger("megapt.finetune")
+
+
+def _say(msg: str) -> None:
+    print(f"finetune: {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# model assembly
+# --------------------------------------------------------------------------------------------
+
+
+def scratch_source(cfg) -> Source:
+    """A randomly initialised model of ``cfg.model`` (for from-scratch baselines)."""
+    from megapt.data.tokenizer import Tokenizer
+    from megapt.model.gpt import GPT, ModelArgs
+    from megapt.model.ops import select_backends
+
+    tok = Tokenizer.load(cfg.tokenizer_path)
+    max_len = cfg.finetune.max_len or cfg.data.seq_len
+    args = ModelArgs.from_config(cfg.model, vocab_size=tok.vocab_size, seq_len=max(max_len + 1, cfg.data.seq_len))
+    model = GPT(args, select_backends(cfg.model, "cpu"), seed=cfg.run.seed)
+    return Source(model, args, cfg.tokenizer_path, "scratch", "scratch")
+
+
+def get_source(cfg, path: str) -> Source:
+    return scratch_source(cfg) if path == "scratch" else load_source(cfg, path)
+
+
+def build_task_model(src: Source, task: str, num_classes: int, pooling: str, dropout: float):
+    """classify/regress: backbone + pooled head (head weights from ``src.extra`` when present);
+    lm/sft: the backbone itself."""
+    if task in ("lm", "sft"):
+        return src.model
+    from megapt.model.heads import GPTForSequenceClassification
+
+    regression = task == "regress"
+    model = GPTForSequenceClassification(src.model, src.args.d_model, 1 if regression else num_classes,
+                                         pooling, dropout, regression)
+    if src.extra:
+        from megapt.export import load_weights
+
+        head_state = {k[len("head."):]: v.float() for k, v in src.extra.items()}
+        load_weights(model.head, head_state, f"{src.path} (head)")
+    return model
+
+
+def check_tokenizer(tok, task: str, where: str) -> None:
+    missing = []
+    for name in ("pad_id", "eos_id"):
+        v = getattr(tok, name, None)
+        if v is None or v < 0:
+            missing.append(name.replace("_id", ""))
+    if missing:
+        raise ConfigError(f"{where}: tokenizer has no {' / '.join(missing)} token, needed for {task} "
+                          "(batches are padded; SFT responses end with EOS); retrain it with "
+                          "tokenizer.pad_token / tokenizer.eos_token in tokenizer.special_tokens")
+
+
+# --------------------------------------------------------------------------------------------
+# loss / evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor],
+               temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over masked positions.
+
+    logits (..., V); mask (...) bool of the positions that count (None = all)."""
+    t = temperature
+    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (...)
+    if mask is not None:
+        kl = kl[mask]
+    return kl.mean() * t * t
+
+
+def task_loss(model, batch: dict, task: str, teacher=None, alpha: float = 0.0, temperature: float = 1.0):
+    """Training loss for one batch (with optional distillation toward ``teacher``)."""
+    if task in ("lm", "sft"):
+        if teacher is None:
+            return model(batch["input_ids"], labels=batch["labels"]).loss
+        logits = model(batch["input_ids"]).logits  # (B, T, V): needed for the KL term
+        labels = batch["labels"]
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        with torch.no_grad():
+            t_logits = teacher(batch["input_ids"]).logits
+        kl = distill_kl(logits, t_logits, labels != -100, temperature)
+        return (1 - alpha) * ce + alpha * kl
+    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if teacher is None:
+        return out.loss
+    with torch.no_grad():
+        t_logits = teacher(batch["input_ids"], batch["attention_mask"]).logits
+    if task == "regress":
+        return (1 - alpha) * out.loss + alpha * F.mse_loss(out.logits.float(), t_logits.float())
+    return (1 - alpha) * out.loss + alpha * distill_kl(out.logits, t_logits, None, temperature)
+
+
+@torch.no_grad()
+def predict(model, examples, task: str, batch_size: int, pad_id: int, device) -> tuple[list, list]:
+    """(true labels, predictions) for classify/regress."""
+    model.eval()
+    y_true, y_pred = [], []
+    for batch in D.batches(examples, batch_size, pad_id, False, 0, task == "regress"):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(batch["input_ids"], batch["attention_mask"]).logits
+        if task == "regress":
+            y_pred += logits.squeeze(-1).float().tolist()
+        else:
+            y_pred += logits.argmax(-1).tolist()
+        y_true += batch["labels"].tolist()
+    return y_true, y_pred
+
+
+@torch.no_grad()
+def lm_loss(model, examples, batch_size: int, pad_id: int, device) -> dict:
+    """Token-weighted mean loss over labelled positions and its perplexity."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in D.batches(examples, batch_size, pad_id, False, 0):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"] != -100).sum())
+        total += float(model(batch["input_ids"], labels=batch["labels"]).loss) * n
+        count += n
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def evaluate_task(model, examples, task: str, classes, batch_size: int, pad_id: int, device) -> dict:
+    """Metrics dict with a ``score`` (higher is better) used for model selection."""
+    from megapt.eval.metrics import classification_metrics, regression_metrics
+
+    if task == "classify":
+        y, p = predict(model, examples, task, batch_size, pad_id, device)
+        m = classification_metrics(y, p, classes)
+        m["score"] = m["accuracy"]
+    elif task == "regress":
+        y, p = predict(model, examples, task, batch_size, pad_id, device)
+        m = regression_metrics(y, p)
+        m["score"] = -m["mse"]
+    else:
+        m = lm_loss(model, examples, batch_size, pad_id, device)
+        m["score"] = -m["loss"]
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+def load_examples(cfg, tok, max_len: int, classes: Optional[list[str]] = None):
+    """(train, val, test examples, classes). Classes come from the training labels unless given."""
+    ft = cfg.finetune
+    task = ft.task
+    fields = {"classify": [ft.text_field, ft.label_field], "regress": [ft.text_field, ft.label_field],
+              "sft": [ft.prompt_field, ft.response_field], "lm": [ft.text_field]}[task]
+    if not ft.train_file:
+        raise ConfigError("finetune.train_file: required")
+    train_rows = D.read_rows(ft.train_file, fields)
+    if ft.val_file:
+        val_rows = D.read_rows(ft.val_file, fields)
+    else:
+        train_rows, val_rows = D.split_rows(train_rows, ft.val_fraction, cfg.run.seed)
+    test_rows = D.read_rows(ft.test_file, fields) if ft.test_file else []
+    if task == "classify":
+        if classes is None:
+            classes = D.infer_classes(train_rows, ft.label_field)
+        if ft.num_classes and ft.num_classes != len(classes):
+            raise ConfigError(f"finetune.num_classes={ft.num_classes} but {ft.train_file} has "
+                              f"{len(classes)} distinct labels {classes[:20]}")
+        if len(classes) < 2:
+            raise D.DataError(f"{ft.train_file}: classification needs >= 2 distinct labels, found {classes}")
+
+        def build(rows):
+            return D.build_classification(rows, tok, max_len, ft.text_field, ft.label_field, classes)
+    elif task == "regress":
+        def build(rows):
+            return D.build_regression(rows, tok, max_len, ft.text_field, ft.label_field)
+    elif task == "sft":
+        def build(rows):
+            return D.build_sft(rows, tok, max_len, ft.prompt_field, ft.response_field)
+    else:
+        def build(rows):
+            return D.build_lm(rows, tok, max_len, ft.text_field)
+    return build(train_rows), build(val_rows), (build(test_rows) if test_rows else []), classes
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+def _device(cfg) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def finetune(cfg, *, tb=None) -> dict:
+    """Run fine-tuning as configured; returns the results dict (also written as results.json)."""
+    ft = cfg.finetune
+    task = ft.task
+    if task == "none":
+        raise ConfigError("finetune.task: choose classify, regress, sft or lm")
+    if ft.distill_from and not 0.0 <= ft.distill_alpha <= 1.0:
+        raise ConfigError(f"finetune.distill_alpha: must be in [0, 1], got {ft.distill_alpha}")
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    device = _device(cfg)
+
+    src = get_source(cfg, ft.init_from or "")
+    tok = src.tokenizer()
+    check_tokenizer(tok, task, str(src.tokenizer_path))
+    if tok.vocab_size > src.args.vocab_size:
+        raise ConfigError(f"tokenizer {src.tokenizer_path} has {tok.vocab_size} tokens but the model "
+                          f"{src.path} embeds only {src.args.vocab_size}: wrong tokenizer for this model")
+    max_len = min(ft.max_len or cfg.data.seq_len, src.args.max_seq_len - 1)
+    classes = src.meta.get("classes") if task == "classify" and src.meta.get("task") == "classify" else None
+    train_ex, val_ex, test_ex, classes = load_examples(cfg, tok, max_len, classes)
+    model = build_task_model(src, task, len(classes or []), ft.pooling, ft.head_dropout)
+    n_layers = src.args.n_layers
+    if task in ("classify", "regress") and not src.args.tie_embeddings:
+        src.model.output.weight.requires_grad_(False)  # the LM head is unused by a pooled head
+
+    lora_names: list[str] = []
+    if ft.lora_rank > 0:
+        from megapt.model.lora import apply_lora
+
+        lora_names = apply_lora(src.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets, ft.lora_dropout)
+        if task in ("classify", "regress"):
+            for p in model.head.parameters():
+                p.requires_grad_(True)
+    counts = apply_freezing(model, n_layers, freeze_embeddings=ft.freeze_embeddings,
+                            freeze_layers=ft.freeze_layers, freeze_pattern=ft.freeze_pattern,
+                            train_head_only=ft.train_head_only, train_top_layers=ft.train_top_layers)
+    model.to(device)
+    groups = param_groups(model, n_layers, ft.lr, ft.weight_decay, ft.layer_lr_decay, ft.head_lr_mult)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=ft.lr,
+                            betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+    teacher = None
+    if ft.distill_from:
+        tsrc = get_source(cfg, ft.distill_from)
+        if tsrc.args.vocab_size != src.args.vocab_size and task in ("lm", "sft"):
+            raise ConfigError(f"finetune.distill_from: teacher vocab {tsrc.args.vocab_size} != student "
+                              f"vocab {src.args.vocab_size}; KL needs the same tokenizer")
+        t_classes = len(tsrc.meta.get("classes", [])) if tsrc.meta else 0
+        if task in ("classify", "regress") and not tsrc.extra:
+            raise ConfigError(f"finetune.distill_from={ft.distill_from}: a {task} teacher must be a "
+                              "fine-tuned folder with a head (written by megapt finetune)")
+        teacher = build_task_model(tsrc, task, t_classes or len(classes or []), tsrc.meta.get("pooling", ft.pooling),
+                                   0.0).to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    steps_per_epoch = math.ceil(len(train_ex) / ft.batch_size)
+    total = ft.max_steps or steps_per_epoch * ft.epochs
+    warmup = int(total * ft.warmup_frac)
+    eval_every = ft.eval_every or steps_per_epoch
+    _say(f"task={task} source={src.path} ({src.kind}) rows train/val/test={len(train_ex)}/{len(val_ex)}/"
+         f"{len(test_ex)} trainable={counts['trainable']:,} frozen={counts['frozen']:,} params "
+         f"in {len(groups)} groups; lora={len(lora_names)} layers; steps={total} device={device}")
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    best = {"score": -math.inf, "step": 0, "metrics": None}
+    best_state: dict[str, torch.Tensor] = {}
+    bad_evals, step, t0 = 0, 0, time.time()
+    history = []
+    stop = False
+    epoch = 0
+    while not stop:
+        model.train()
+        for batch in D.batches(train_ex, ft.batch_size, tok.pad_id, True, cfg.run.seed + epoch, task == "regress"):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for g in opt.param_groups:
+                g["lr"] = ft.lr * g["lr_scale"] * lr_factor(step)
+            loss = task_loss(model, batch, task, teacher, ft.distill_alpha, ft.distill_temperature)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"finetune: non-finite loss {float(loss)} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.train.grad_clip)
+            opt.step()
+            step += 1
+            loss = loss.detach()
+            if tb is not None:
+                tb.add_scalar("finetune/train_loss", float(loss), step)
+            if step % eval_every == 0 or step == total:
+                m = evaluate_task(model, val_ex, task, classes, ft.batch_size, tok.pad_id, device)
+                model.train()
+                history.append({"step": step, "train_loss": float(loss), "val_score": m["score"]})
+                improved = m["score"] > best["score"]
+                if improved:
+                    best = {"score": m["score"], "step": step, "metrics": m}
+                    best_state = {n: p.detach().clone() for n, p in trainable}
+                    bad_evals = 0
+                else:
+                    bad_evals += 1
+                if tb is not None:
+                    tb.add_scalar("finetune/val_score", m["score"], step)
+                _say(f"step {step}/{total} train_loss {float(loss):.4f} val_score {m['score']:.4f}"
+                     f"{' (best)' if improved else ''} {time.time() - t0:.0f}s")
+                if ft.early_stopping_patience and bad_evals >= ft.early_stopping_patience:
+                    _say(f"early stop: {bad_evals} evaluations without improvement; best at step {best['step']}")
+                    stop = True
+            if step >= total or stop:
+                stop = True
+                break
+        epoch += 1
+
+    with torch.no_grad():  # best-checkpoint selection: restore the best validation weights
+        params = dict(model.named_parameters())
+        for n, v in best_state.items():
+            params[n].copy_(v)
+    results = {"task": task, "init_from": src.path, "best_step": best["step"], "steps": step,
+               "val": best["metrics"], "trainable_params": counts["trainable"], "history": history}
+    if test_ex:
+        results["test"] = evaluate_task(model, test_ex, task, classes, ft.batch_size, tok.pad_id, device)
+        if task == "classify":
+            from megapt.eval.metrics import majority_baseline
+
+            results["majority_baseline"] = majority_baseline([e.label for e in train_ex], [e.label for e in test_ex])
+        _say(f"test: {json.dumps({k: v for k, v in results['test'].items() if not isinstance(v, (dict, list))})}")
+
+    out_dir = Path(ft.out_dir) if ft.out_dir else cfg.run_dir / "finetune"
+    model.cpu()
+    if lora_names and ft.merge_lora:
+        from megapt.model.lora import merge_lora
+
+        merge_lora(src.model)
+    meta = {"task": task, "classes": classes, "pooling": ft.pooling, "init_from": src.path,
+            "best_step": best["step"], "val_score": best["score"], "max_len": max_len}
+    extra = {}
+    if task in ("classify", "regress"):
+        extra = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    if lora_names and not ft.merge_lora:
+        from megapt.model.lora import lora_state_dict
+
+        extra.update(lora_state_dict(src.model))
+    save_weights(out_dir, src.model, src.args, src.tokenizer_path, meta, extra)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    results["out_dir"] = str(out_dir)
+    _say(f"best step {best['step']} val_score {best['score']:.4f}; wrote {out_dir}")
+    return results
+
+
+def add_args(p) -> None:
+    p.add_argument("--example", choices=["stdlib"], default=None,
+                   help="run the built-in example (stdlib module-family classification; no download)")
+
+
+def cli_main(cfg, args) -> int:
+    if getattr(args, "example", None) == "stdlib":
+        from megapt.finetune.stdlib_example import run_example
+
+        run_example(cfg)
+        return 0
+    tb = None
+    if cfg.logging.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(cfg.run_dir / "tb_finetune"))
+    try:
+        finetune(cfg, tb=tb)
+    finally:
+        if tb is not None:
+            tb.close()
+    return 0

@@ -1,0 +1,194 @@
+"""Fine-tuning: freezing keeps frozen weights bit-identical and out of the optimizer, layer-wise
+LR, classification/SFT data rules and the errors users get for bad rows."""
+import json
+import re
+
+import pytest
+import torch
+
+from megapt.config import ConfigError, load_config
+from megapt.data.tokenizer import train_tokenizer
+from megapt.finetune import data as D
+from megapt.finetune.freeze import apply_freezing, param_groups
+from megapt.finetune.run import finetune
+from megapt.finetune.source import load_source, save_weights
+from megapt.model.gpt import GPT, ModelArgs
+from megapt.model.heads import GPTForSequenceClassification, pool_hidden
+from megapt.model.ops import Backends
+
+EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
+WORDS = {"a": "alpha apple avocado anchor arrow", "b": "bravo banana butter bottle button",
+         "c": "charlie cherry carrot candle cable"}
+
+
+def _texts():
+    out = []
+    for k, w in WORDS.items():
+        ws = w.split()
+        for i in range(12):
+            out.append(" ".join(ws[(i + j) % 5] for j in range(3 + i % 3)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tokenizer, a tiny pretrained-shaped weights folder and classification/SFT files."""
+    root = tmp_path_factory.mktemp("ft")
+    cfg = load_config(overrides=[f"--tokenizer.vocab_size=300"])
+    tok = train_tokenizer(cfg.tokenizer, _texts() * 4, root / "spm.model")
+    args = ModelArgs(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                     vocab_size=tok.vocab_size, max_seq_len=32)
+    save_weights(root / "base", GPT(args, EAGER, seed=1), args, root / "spm.model")
+    rows = []
+    for k, w in WORDS.items():
+        ws = w.split()
+        for i in range(10):
+            rows.append({"text": " ".join(ws[(i + j) % 5] for j in range(2 + i % 4)), "label": k})
+    for name, sl in (("train", slice(0, None)), ("val", slice(0, None, 3))):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for r in rows[sl]:
+                f.write(json.dumps(r) + "\n")
+    with open(root / "sft.jsonl", "w") as f:
+        for k, w in WORDS.items():
+            f.write(json.dumps({"prompt": f"{k}:", "response": w}) + "\n")
+    return root, tok, args
+
+
+def _cfg(root, *extra):
+    return load_config(overrides=[
+        f"--run.out_dir={root}/runs", "--run.name=t", "--logging.tensorboard=false",
+        f"--tokenizer.path={root}/spm.model", f"--finetune.init_from={root}/base",
+        f"--finetune.train_file={root}/train.jsonl", f"--finetune.val_file={root}/val.jsonl",
+        "--finetune.batch_size=8", "--finetune.epochs=1", "--finetune.lr=1e-2", "--data.seq_len=16",
+        "--model.attention=eager", *extra])
+
+
+def test_frozen_params_bit_identical_and_not_in_optimizer(workdir):
+    root, tok, args = workdir
+    model = GPTForSequenceClassification(GPT(args, EAGER, seed=2), args.d_model, 3, "last", 0.0)
+    apply_freezing(model, args.n_layers, freeze_embeddings=True, freeze_layers=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = param_groups(model, args.n_layers, 1e-2, 0.1, layer_lr_decay=0.5, head_lr_mult=10.0)
+    in_opt = {n for g in groups for n in g["names"]}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and not (in_opt & frozen)
+    assert any(n.startswith("backbone.layers.2.") for n in in_opt)
+    assert not any(re.match(r"backbone\.(tok_embeddings|layers\.[01]\.)", n) for n in in_opt)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    ids = torch.randint(0, args.vocab_size, (4, 9))
+    for _ in range(3):
+        loss = model(ids, None, torch.tensor([0, 1, 2, 0])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state_ids = {id(p) for p in opt.state}
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, before[n]), n
+            assert id(p) not in state_ids
+    assert not torch.equal(model.head.proj.weight, before["head.proj.weight"])
+
+
+def test_layerwise_lr_decay_and_head_multiplier(workdir):
+    _, _, args = workdir  # 3 blocks: depth 0 emb, 1..3 blocks, 4 final norm/head
+    model = GPTForSequenceClassification(GPT(args, EAGER), args.d_model, 3, "mean", 0.0)
+    lr = {n: g["lr"] for g in param_groups(model, 3, 1.0, 0.0, 0.5, 4.0) for n in g["names"]}
+    assert lr["backbone.tok_embeddings.weight"] == pytest.approx(0.5 ** 4)
+    assert lr["backbone.layers.0.attention.wq.weight"] == pytest.approx(0.5 ** 3)
+    assert lr["backbone.layers.2.feed_forward.w2.weight"] == pytest.approx(0.5)
+    assert lr["backbone.norm.weight"] == pytest.approx(1.0)
+    assert lr["head.proj.weight"] == pytest.approx(4.0)
+
+
+def test_pooling_respects_right_padding():
+    h = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)  # values = position index + 4*row
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert pool_hidden(h, mask, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool_hidden(h, mask, "mean").flatten().tolist() == [0.5, 5.5]
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert pool_hidden(h, left, "last").flatten().tolist() == [3.0, 7.0]
+
+
+def test_padded_batch_gives_same_prediction_as_single_row(workdir):
+    _, _, args = workdir
+    model = GPTForSequenceClassification(GPT(args, EAGER, seed=4), args.d_model, 3, "last", 0.0).eval()
+    short, long = D.Example([5, 6, 7], 0), D.Example([5, 6, 7, 8, 9, 10], 1)
+    b = D.collate([short, long], pad_id=1)
+    with torch.no_grad():
+        both = model(b["input_ids"], b["attention_mask"]).logits
+        alone = model(torch.tensor([[5, 6, 7]])).logits
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sft_labels_only_on_response(workdir):
+    root, tok, _ = workdir
+    rows = D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"])
+    ex = D.build_sft(rows[:1], tok, 32, "prompt", "response")[0]
+    p, r = tok.encode("a:"), tok.encode(WORDS["a"]) + [tok.eos_id]
+    assert ex.input_ids == (p + r)[:-1]
+    assert ex.labels == [-100] * (len(p) - 1) + r
+
+
+def test_bad_rows_name_the_row(workdir, tmp_path):
+    root, tok, _ = workdir
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "alpha", "label": "a"}\n{"text": "bravo", "label": "zzz"}\n')
+    rows = D.read_rows(str(bad), ["text", "label"])
+    with pytest.raises(D.DataError, match=r"bad\.jsonl:2: label 'zzz' is not one of the 3 classes"):
+        D.build_classification(rows, tok, 16, "text", "label", ["a", "b", "c"])
+    bad.write_text('{"prompt": "x", "response": "y"}\n{"prompt": "x", "response": "  "}\n')
+    with pytest.raises(D.DataError, match=r"bad\.jsonl:2: empty response"):
+        D.build_sft(D.read_rows(str(bad), ["prompt", "response"]), tok, 16, "prompt", "response")
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(D.DataError, match=r"bad\.jsonl:1: missing field\(s\) \['response'\]"):
+        D.read_rows(str(bad), ["prompt", "response"])
+
+
+def test_checkpoint_shape_mismatch_names_tensor(workdir, tmp_path):
+    root, _, args = workdir
+    save_weights(tmp_path / "w", GPT(args, EAGER), args)
+    cfg_file = tmp_path / "w" / "model_config.json"
+    d = json.loads(cfg_file.read_text())
+    d["ffn_hidden"] = 80
+    cfg_file.write_text(json.dumps(d))
+    with pytest.raises(Exception, match=r"feed_forward\.w1\.weight.*\(64, 32\).*\(80, 32\)"):
+        load_source(_cfg(root), str(tmp_path / "w"))
+
+
+def test_classification_finetune_learns_and_saves_best(workdir):
+    root, _, _ = workdir
+    cfg = _cfg(root, "--finetune.task=classify", "--finetune.epochs=6", "--finetune.head_lr_mult=3",
+               "--finetune.freeze_embeddings=true", "--finetune.early_stopping_patience=3",
+               f"--finetune.test_file={root}/val.jsonl", f"--finetune.out_dir={root}/clf")
+    res = finetune(cfg)
+    assert res["test"]["accuracy"] > 0.8  # 3 well-separated classes
+    assert res["test"]["accuracy"] == res["val"]["accuracy"]  # test == val file: best weights restored
+    src = load_source(cfg, str(root / "clf"))  # reload: same predictions from the saved folder
+    assert src.meta["classes"] == ["a", "b", "c"] and set(src.extra) == {"head.proj.weight", "head.proj.bias"}
+    base = load_source(cfg, str(root / "base"))
+    assert torch.equal(src.model.tok_embeddings.weight, base.model.tok_embeddings.weight)  # frozen
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_learns_response_and_saves_plain_weights(workdir, lora):
+    root, tok, _ = workdir
+    extra = ["--finetune.lora_rank=8", "--finetune.lora_targets=[wq,wk,wv,wo,w1,w2,w3]"] if lora else []
+    cfg = _cfg(root, "--finetune.task=sft", f"--finetune.train_file={root}/sft.jsonl",
+               f"--finetune.val_file={root}/sft.jsonl", "--finetune.epochs=15", "--finetune.batch_size=3",
+               "--finetune.lr=3e-2", f"--finetune.out_dir={root}/sft", *extra)
+    res = finetune(cfg)
+    first = res["history"][0]["val_score"]
+    # a random base can only move its (frozen) tiny output logits a little through LoRA
+    assert res["val"]["score"] > first + (0.1 if lora else 1.0)
+    src = load_source(cfg, str(root / "sft"))  # LoRA merged: plain weights, no adapters left
+    assert not any("lora" in n for n, _ in src.model.named_parameters())
+    from megapt.finetune.run import lm_loss
+
+    ex = D.build_sft(D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response")
+    assert lm_loss(src.model, ex, 3, tok.pad_id, "cpu")["loss"] == pytest.approx(res["val"]["loss"], abs=1e-4)
+
+
+def test_unknown_freeze_pattern_is_an_error(workdir):
+    _, _, args = workdir
+    with pytest.raises(ValueError, match="matched no parameter"):
+        apply_freezing(GPT(args, EAGER), 3, freeze_pattern=r"^nothing\.")
