@@ -157,3 +157,271 @@ class Packer:
     def leftover(self) -> int:
         """Tokens of the trailing partial chunk (dropped at the end of a job)."""
         return len(self._buf)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenize + pack (runs in worker processes)
+# --------------------------------------------------------------------------------------------
+
+BLOCK_BYTES = 1 << 20  # packing unit: documents are grouped into ~1 MB blocks of the input stream
+
+_WORKER: dict = {}
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Deterministic held-out choice from the document text alone (order/job/process independent)."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < val_fraction
+
+
+def _init_worker(tokenizer, sample_len: int, dtype: str, val_fraction: float) -> None:
+    _WORKER.update(tok=tokenizer, sample_len=sample_len, dtype=np.dtype(dtype), val_fraction=val_fraction)
+
+
+def _pack(docs: list[list[int]], eos: int, sample_len: int, dtype) -> tuple[np.ndarray, int]:
+    """Join docs (each + EOS), cut into rows of sample_len; returns (samples, dropped tail tokens)."""
+    if not docs:
+        return np.empty((0, sample_len), dtype=dtype), 0
+    flat = np.fromiter((t for d in docs for t in (*d, eos)), dtype=dtype, count=sum(len(d) + 1 for d in docs))
+    n = len(flat) // sample_len
+    return flat[: n * sample_len].reshape(n, sample_len), len(flat) - n * sample_len
+
+
+def _process_block(lines: list[bytes]) -> dict:
+    """Parse, split, tokenize and pack one block of jsonl lines."""
+    import json
+
+    w = _WORKER
+    tok = w["tok"]
+    texts = {"train": [], "val": []}
+    nbytes = 0
+    for line in lines:
+        text = json.loads(line)["text"]
+        nbytes += len(line)
+        texts["val" if is_val(text, w["val_fraction"]) else "train"].append(text)
+    out: dict = {"bytes": nbytes}
+    for split, tx in texts.items():
+        ids = tok.encode_batch(tx) if tx else []
+        samples, dropped = _pack(ids, tok.eos_id, w["sample_len"], w["dtype"])
+        out[split] = samples
+        out[f"{split}_docs"] = len(tx)
+        out[f"{split}_dropped"] = dropped
+        out[f"{split}_tokens_in"] = sum(len(d) + 1 for d in ids)
+    return out
+
+
+def iter_blocks(lines: Iterable[bytes], block_bytes: int, num_jobs: int = 1, job: int = 0) -> Iterator[list[bytes]]:
+    """Group the stream into ~block_bytes blocks; yield the blocks b with b % num_jobs == job."""
+    buf: list[bytes] = []
+    size = b = 0
+    for line in lines:
+        buf.append(line)
+        size += len(line)
+        if size >= block_bytes:
+            if b % num_jobs == job:
+                yield buf
+            buf, size, b = [], 0, b + 1
+    if buf and b % num_jobs == job:
+        yield buf
+
+
+def _ordered_map(fn, items: Iterator, num_proc: int, initargs: tuple) -> Iterator:
+    """``map`` in order over a process pool with a bounded number of blocks in flight."""
+    if num_proc <= 1:
+        _init_worker(*initargs)
+        for it in items:
+            yield fn(it)
+        return
+    import collections
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # no fork of a parent that may hold torch/OpenMP threads
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
+        pending: collections.deque = collections.deque()
+        for it in items:
+            pending.append(pool.apply_async(fn, (it,)))
+            if len(pending) >= 2 * num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# --------------------------------------------------------------------------------------------
+# The shard job
+# --------------------------------------------------------------------------------------------
+
+
+def _input_fingerprint(clean_dir: Path, num_jobs: int) -> str:
+    from megapt.data.clean import clean_files
+
+    h = hashlib.sha256()
+    for files in clean_files(clean_dir, num_jobs):
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _job_is_done(out_dir: Path, part: Path, params: dict) -> bool:
+    try:
+        m = read_manifest_file(part)
+    except ShardError:
+        return False
+    if m.get("params") != params:
+        return False
+    for s in m["splits"].values():
+        for e in s["shards"]:
+            p = out_dir / e["name"]
+            if not p.is_file() or p.stat().st_size != e["bytes"]:
+                return False
+    return True
+
+
+def _remove_job_outputs(out_dir: Path, job: int, num_jobs: int) -> None:
+    for split in ("train", "val"):
+        for p in out_dir.glob(f"{split}-{job:03d}-*.tar*"):  # *.tar and leftover *.tar.tmp
+            p.unlink()
+    (out_dir / part_name(job, num_jobs)).unlink(missing_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # it lists this job's shards: stale from now on
+
+
+def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
+                 tokenizer=None, job: int | None = None, num_jobs: int | None = None, num_proc: int | None = None,
+                 block_bytes: int = BLOCK_BYTES, force: bool = False, progress: bool = True,
+                 log=print) -> dict:
+    """Tokenize this job's part of the cleaned corpus into shards; returns its (partial) manifest.
+
+    With one job the manifest is also merged into ``manifest.json``. The returned dict has an
+    extra ``"_run"`` entry with timing (not written to disk); ``"_run"["skipped"]`` is True when
+    the job was already complete.
+    """
+    import time
+
+    from tqdm import tqdm
+
+    from megapt.data.clean import clean_dir_of, clean_files, iter_mixed_lines
+    from megapt.data.sources import DataError, describe_sources, sources_of
+    from megapt.data.tokenizer import Tokenizer
+
+    d = cfg.data
+    k = d.num_shards if num_jobs is None else num_jobs
+    i = d.shard_index if job is None else job
+    clean_dir = Path(clean_dir) if clean_dir else clean_dir_of(cfg)
+    out_dir = Path(out_dir) if out_dir else cfg.shard_dir
+    tok = tokenizer if tokenizer is not None else Tokenizer.load(cfg.tokenizer_path)
+    nproc = num_proc if num_proc is not None else (d.num_proc or os.cpu_count() or 1)
+    params = {"seq_len": d.seq_len, "shard_samples": d.shard_samples, "val_fraction": d.val_fraction,
+              "tokenizer_sha256": tok.sha256, "num_shards": k, "shard_index": i, "block_bytes": block_bytes,
+              "seed": cfg.run.seed, "weights": [s.weight for s in sources_of(d)],
+              "input": _input_fingerprint(clean_dir, k)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = out_dir / part_name(i, k)
+    for stale in out_dir.glob(f"*-{i:03d}-*.tar.tmp"):  # a killed run of this job
+        stale.unlink()
+    if not force and _job_is_done(out_dir, part, params):
+        m = read_manifest_file(part)
+        if k == 1 and not (out_dir / MANIFEST).is_file():
+            merge_manifests(out_dir)
+        log(f"shard: job {i}/{k} already complete in {out_dir} ({m['splits']['train']['samples']} train samples); "
+            f"--force to redo")
+        m["_run"] = {"skipped": True}
+        return m
+    _remove_job_outputs(out_dir, i, k)
+
+    total_bytes = sum(f.stat().st_size for files in clean_files(clean_dir, k) for f in files)
+    sample_len = d.seq_len + 1
+    dtype = dtype_for_vocab(tok.vocab_size)
+    writers = {s: ShardWriter(out_dir, s, i, sample_len=sample_len, dtype=dtype, shard_samples=d.shard_samples)
+               for s in ("train", "val")}
+    docs = {"train": 0, "val": 0}
+    dropped = nbytes = tokens_in = 0
+    t0 = time.time()
+    bar = tqdm(total=total_bytes // k, unit="B", unit_scale=True, desc=f"shard {i}/{k}", disable=not progress,
+               mininterval=1.0)
+    try:
+        blocks = iter_blocks(iter_mixed_lines(cfg, clean_dir), block_bytes, k, i)
+        for res in _ordered_map(_process_block, blocks, nproc, (tok, sample_len, dtype, d.val_fraction)):
+            for split in ("train", "val"):
+                for row in res[split]:
+                    writers[split].add(row)
+                docs[split] += res[f"{split}_docs"]
+                dropped += res[f"{split}_dropped"]
+                tokens_in += res[f"{split}_tokens_in"]
+            nbytes += res["bytes"]
+            bar.update(res["bytes"])
+        entries = {s: w.close() for s, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    seconds = time.time() - t0
+    if docs["train"] + docs["val"] == 0 and k == 1:
+        raise DataError(f"shard: no documents in {clean_dir} (empty input); check data.sources and run "
+                        f"`megapt data clean`")
+    if k == 1 and not entries["train"]:
+        raise DataError(f"shard: the corpus is too small: {tokens_in} tokens in {docs['train']} training documents "
+                        f"give no complete sample of seq_len+1={sample_len} tokens; add text or lower data.seq_len")
+    m = build_manifest(seq_len=d.seq_len, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                       tokenizer_sha256=tok.sha256, splits=entries, sources=describe_sources(sources_of(d)),
+                       docs=docs, dropped_tokens=dropped, num_jobs=k, done=[i], params=params)
+    atomic_write_json(part, m)
+    if k == 1:
+        merge_manifests(out_dir)
+    if d.val_fraction > 0 and not entries["val"] and k == 1:
+        log(f"shard: warning: no validation sample (val_fraction={d.val_fraction}, {docs['val']} val docs); "
+            f"raise data.val_fraction or add text")
+    m["_run"] = {"skipped": False, "seconds": seconds, "bytes": nbytes, "tokens": tokens_in, "num_proc": nproc,
+                 "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9)}
+    return m
+
+
+def summary(m: dict) -> str:
+    r = m.get("_run", {})
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    s = (f"train {tr['samples']} samples / {len(tr['shards'])} shards, val {va['samples']} samples / "
+         f"{len(va['shards'])} shards, docs {m['docs']['train']}+{m['docs']['val']}, "
+         f"dropped tail tokens {m['dropped_tokens']}")
+    if r and not r.get("skipped"):
+        s += (f"; {r['bytes'] / 1e6:.1f} MB -> {r['tokens']} tokens in {r['seconds']:.1f}s "
+              f"({r['mb_per_s']:.2f} MB/s with {r['num_proc']} proc)")
+    return s
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: `megapt data shard`
+# --------------------------------------------------------------------------------------------
+
+
+def add_args(parser) -> None:
+    parser.add_argument("--input", default="", help="cleaned-text folder (default: <work_dir>/clean)")
+    parser.add_argument("--out", default="", help="shard folder (default: data.shard_dir or derived)")
+    parser.add_argument("--num-shards", type=int, default=None, help="same as --data.num_shards")
+    parser.add_argument("--shard-index", type=int, default=None, help="same as --data.shard_index")
+    parser.add_argument("--force", action="store_true", help="rewrite this job's shards even if complete")
+
+
+def cli_main(cfg, args) -> int:
+    from megapt.data.sources import DataError
+    from megapt.data.tokenizer import TokenizerError
+
+    k = args.num_shards if args.num_shards is not None else cfg.data.num_shards
+    i = args.shard_index if args.shard_index is not None else cfg.data.shard_index
+    if k < 1 or not 0 <= i < k:
+        print(f"megapt: need 0 <= shard index < num shards, got {i}/{k}")
+        return 2
+    cfg.data.num_shards, cfg.data.shard_index = k, i
+    try:
+        m = shard_corpus(cfg, clean_dir=args.input or None, out_dir=args.out or None, force=args.force,
+                         progress=cfg.logging.progress)
+    except (DataError, ShardError, TokenizerError) as exc:
+        print(f"megapt: {exc}")
+        return 1
+    out = Path(args.out) if args.out else cfg.shard_dir
+    print(f"shard: job {i}/{k}: {summary(m)} -> {out}")
+    if k > 1:
+        print(f"shard: wrote {part_name(i, k)}; once all {k} jobs are done run `megapt data merge` with the same config")
+    return 0

@@ -1,0 +1,321 @@
+"""Read documents from the configured sources (``data.sources``), or the built-in corpus.
+
+Formats: plain text files (one document per file), jsonl (one object per line, ``text_field``),
+parquet (pyarrow, column ``text_field``), Hugging Face ``datasets`` saved with
+``save_to_disk`` or local data files read by ``datasets.load_dataset("json"|"parquet"|"text",
+data_files=...)`` - never the Hub. A path may be a file, a directory (read recursively, sorted)
+or a glob. With no sources the corpus is every ``.py`` file of the running interpreter's standard
+library (sorted; site-packages excluded; files that are not UTF-8 are skipped and counted).
+
+Splitting for Slurm arrays: with ``num_shards=K, shard_index=i`` a reader yields only the
+documents whose index (per source, in the order above) is ``i mod K``; files and rows of other
+jobs are skipped without being decoded where possible.
+
+Mixing: ``mix_streams`` interleaves several document streams with a seeded weighted choice; a
+source of weight ``w`` contributes ``floor(w)`` full passes plus a hash-chosen fraction ``w - floor(w)``.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+from megapt.config import ConfigError, SourceConfig
+
+TEXT_EXT = {".txt", ".md", ".rst", ".py", ".text", ".c", ".h", ".cpp", ".js", ".java", ".go", ".rs", ".tex"}
+JSONL_EXT = {".jsonl", ".json", ".ndjson"}
+PARQUET_EXT = {".parquet"}
+
+
+class DataError(RuntimeError):
+    """Bad or empty input data; the message names the file (and line/column) and what to do."""
+
+
+@dataclass
+class ReadStats:
+    """What a reader saw: documents yielded, files read, files skipped because not UTF-8."""
+
+    docs: int = 0
+    files: int = 0
+    undecodable: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Resolving a source to files
+# --------------------------------------------------------------------------------------------
+
+
+def stdlib_files() -> list[Path]:
+    """Every .py file of this interpreter's standard library, sorted, without site/dist-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        out += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _is_hf_dir(p: Path) -> bool:
+    return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
+                           or (p / "state.json").is_file())
+
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    ext = path.suffix.lower()
+    if ext in JSONL_EXT:
+        return "jsonl"
+    if ext in PARQUET_EXT:
+        return "parquet"
+    return "text"
+
+
+def resolve_files(src: SourceConfig) -> list[Path]:
+    """Files of a source (file, directory recursively, or glob), sorted; error if none."""
+    path = src.path
+    p = Path(path).expanduser()
+    if any(ch in path for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+    elif p.is_dir():
+        files = sorted((q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")),
+                       key=lambda q: q.relative_to(p).as_posix())
+        if src.format == "python":
+            files = [f for f in files if f.suffix == ".py"]
+        elif src.format == "auto":
+            files = [f for f in files if f.suffix.lower() in TEXT_EXT | JSONL_EXT | PARQUET_EXT]
+    elif p.is_file():
+        files = [p]
+    else:
+        raise DataError(f"data source {path!r}: no such file or directory")
+    if not files:
+        raise DataError(f"data source {path!r}: matched no input files")
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------
+
+
+def _take(idx: int, num_shards: int, shard_index: int) -> bool:
+    return idx % num_shards == shard_index
+
+
+def _read_text_files(files: list[Path], stats: ReadStats, start: int, k: int, i: int) -> Iterator[str]:
+    for n, f in enumerate(files, start):
+        if not _take(n, k, i):
+            continue
+        raw = f.read_bytes()
+        stats.files += 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats.undecodable.append(str(f))
+            continue
+        stats.docs += 1
+        yield text
+
+
+def _read_jsonl(f: Path, field_: str, stats: ReadStats, start: int, k: int, i: int) -> Iterator[tuple[int, str]]:
+    """Yield (global index, text); only lines of this job are parsed."""
+    stats.files += 1
+    n = start
+    with open(f, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            n += 1
+            if not _take(n - 1, k, i):
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DataError(f"{f}:{lineno}: invalid JSON line ({exc})") from None
+            if not isinstance(obj, dict) or field_ not in obj:
+                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise DataError(f"{f}:{lineno}: no field {field_!r} (has {keys}); set the source's text_field")
+            text = obj[field_]
+            if not isinstance(text, str):
+                raise DataError(f"{f}:{lineno}: field {field_!r} is {type(text).__name__}, expected a string")
+            stats.docs += 1
+            yield n, text
+    yield n, None  # type: ignore[misc]  # end marker carries the running index
+
+
+def _read_parquet(f: Path, field_: str, stats: ReadStats, start: int, k: int, i: int) -> Iterator[tuple[int, str]]:
+    import pyarrow.parquet as pq
+
+    stats.files += 1
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise DataError(f"{f}: not a readable parquet file ({exc})") from None
+    names = pf.schema_arrow.names
+    if field_ not in names:
+        raise DataError(f"{f}: no column {field_!r} (columns: {names}); set the source's text_field")
+    n = start
+    for batch in pf.iter_batches(columns=[field_], batch_size=1024):
+        col = batch.column(0)
+        for j in range(len(col)):
+            if _take(n, k, i):
+                v = col[j].as_py()
+                if isinstance(v, str):
+                    stats.docs += 1
+                    yield n, v
+            n += 1
+    yield n, None  # type: ignore[misc]
+
+
+def _open_hf(src: SourceConfig):
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only, never the Hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    p = Path(src.path).expanduser()
+    if _is_hf_dir(p):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise DataError(f"{p}: HF dataset has splits {list(ds)}, not {src.split!r}; set the source's split")
+            ds = ds[src.split]
+    else:
+        files = [str(f) for f in resolve_files(src)]
+        ext = Path(files[0]).suffix.lower()
+        builder = "json" if ext in JSONL_EXT else "parquet" if ext in PARQUET_EXT else "text"
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+    if src.text_field not in ds.column_names:
+        raise DataError(f"{p}: HF dataset has no column {src.text_field!r} (columns: {ds.column_names}); "
+                        f"set the source's text_field")
+    return ds
+
+
+def _read_hf(src: SourceConfig, stats: ReadStats, k: int, i: int) -> Iterator[str]:
+    ds = _open_hf(src)
+    if k > 1:
+        ds = ds.select(range(i, len(ds), k))
+    col = ds.select_columns([src.text_field])
+    for batch in col.iter(batch_size=1024):
+        for v in batch[src.text_field]:
+            if isinstance(v, str):
+                stats.docs += 1
+                yield v
+
+
+def iter_source(src: SourceConfig, stats: ReadStats | None = None, *, num_shards: int = 1,
+                shard_index: int = 0) -> Iterator[str]:
+    """Documents of one source (this job's part of them when ``num_shards > 1``)."""
+    stats = stats if stats is not None else ReadStats()
+    k, i = num_shards, shard_index
+    if src.path == "stdlib" or src.format == "python" and src.path == "":
+        yield from _read_text_files(stdlib_files(), stats, 0, k, i)
+        return
+    if src.format == "hf" or (src.format == "auto" and _is_hf_dir(Path(src.path).expanduser())):
+        yield from _read_hf(src, stats, k, i)
+        return
+    files = resolve_files(src)
+    n = 0
+    for f in files:
+        fmt = _format_of(f, src.format)
+        if fmt in ("text", "python"):
+            for text in _read_text_files([f], stats, n, k, i):
+                yield text
+            n += 1
+            continue
+        reader = _read_jsonl if fmt == "jsonl" else _read_parquet if fmt == "parquet" else None
+        if reader is None:
+            raise DataError(f"{f}: format {fmt!r} cannot be read file by file")
+        for n, text in reader(f, src.text_field, stats, n, k, i):
+            if text is not None:
+                yield text
+
+
+def default_sources() -> list[SourceConfig]:
+    return [SourceConfig(path="stdlib", format="python")]
+
+
+def sources_of(data_cfg) -> list[SourceConfig]:
+    return list(data_cfg.sources) or default_sources()
+
+
+def describe_sources(sources: list[SourceConfig]) -> list[dict]:
+    """JSON-able description of the sources, with a fingerprint of the files behind them."""
+    out = []
+    for s in sources:
+        d = {"path": s.path, "format": s.format, "text_field": s.text_field, "weight": s.weight, "split": s.split}
+        try:
+            files = stdlib_files() if s.path == "stdlib" else (
+                [Path(s.path)] if _is_hf_dir(Path(s.path)) else resolve_files(s))
+            h = hashlib.sha256()
+            for f in files:
+                st = f.stat()
+                h.update(f"{f}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+            d["files"] = len(files)
+            d["fingerprint"] = h.hexdigest()[:16]
+            if s.path == "stdlib":
+                d["root"] = sysconfig.get_paths()["stdlib"]
+        except DataError:
+            d["files"] = 0
+        out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted mixing
+# --------------------------------------------------------------------------------------------
+
+
+def _frac_keep(seed: int, src: int, rep: int, idx: int, frac: float) -> bool:
+    h = hashlib.blake2b(f"{seed}:{src}:{rep}:{idx}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < frac
+
+
+def repeat_weighted(make_stream: Callable[[], Iterable], weight: float, seed: int, src: int) -> Iterator:
+    """``floor(weight)`` passes over the stream, then a hash-chosen ``weight - floor(weight)`` share."""
+    if weight <= 0:
+        raise ConfigError(f"data.sources[{src}].weight: must be > 0, got {weight}")
+    full = int(weight)
+    frac = weight - full
+    for rep in range(full + (1 if frac > 1e-9 else 0)):
+        for idx, item in enumerate(make_stream()):
+            if rep < full or _frac_keep(seed, src, rep, idx, frac):
+                yield item
+
+
+def mix_streams(streams: list[Iterable], weights: list[float], seed: int) -> Iterator:
+    """Interleave streams: each next item comes from a source picked with probability ~ weight.
+
+    Deterministic for a given seed; every item of every stream is yielded exactly once.
+    """
+    rng = random.Random(seed)
+    its = [iter(s) for s in streams]
+    live = list(range(len(its)))
+    w = [float(x) for x in weights]
+    while live:
+        j = rng.choices(live, weights=[w[k] for k in live])[0] if len(live) > 1 else live[0]
+        try:
+            yield next(its[j])
+        except StopIteration:
+            live.remove(j)
+
+
+def iter_documents(data_cfg, stats: list[ReadStats] | None = None, *, seed: int = 0,
+                   num_shards: Optional[int] = None, shard_index: Optional[int] = None) -> Iterator[str]:
+    """All documents of ``data_cfg.sources`` (weighted and mixed), this job's part only."""
+    k = data_cfg.num_shards if num_shards is None else num_shards
+    i = data_cfg.shard_index if shard_index is None else shard_index
+    srcs = sources_of(data_cfg)
+    st = [ReadStats() for _ in srcs]
+    if stats is not None:
+        stats[:] = st
+    streams = [repeat_weighted(lambda s=s, r=r: iter_source(s, r, num_shards=k, shard_index=i), s.weight, seed, j)
+               for j, (s, r) in enumerate(zip(srcs, st))]
+    if len(streams) == 1:
+        return streams[0]
+    return mix_streams(streams, [s.weight for s in srcs], seed)
