@@ -441,37 +441,52 @@ def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: s
                                            writeable=False)
 
 
-class _BatchStream(IterableDataset):
-    """Yields this rank's micro-batches ``k = worker, worker + n_workers, ...`` from ``g0``."""
+def _as_is(record: dict) -> dict:
+    """DataLoader collate_fn: keep the worker's record (numpy rows) as it is."""
+    return record
 
-    def __init__(self, plan: _Plan, *, g0: int, q0: list[int], rank: int, world_size: int, micro_batch: int):
+
+class _BatchStream(IterableDataset):
+    """This rank's micro-batches from global position ``g0``, in chunks of ``chunk`` micro-steps.
+
+    Worker ``i`` of ``n`` yields chunks ``c = i, i + n, ...``; chunk ``c`` holds micro-steps
+    ``c * chunk ... c * chunk + chunk - 1`` as numpy rows (a finite stream's last chunk may be
+    shorter; a rank with nothing in a micro-step gets an empty array for it).
+    """
+
+    def __init__(self, plan: _Plan, *, g0: int, q0: list[int], rank: int, world_size: int, micro_batch: int,
+                 chunk: int):
         super().__init__()
         self.plan, self.g0, self.q0 = plan, int(g0), list(q0)
-        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
+        self.rank, self.world_size, self.micro_batch, self.chunk = rank, world_size, micro_batch, chunk
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        plan, B = self.plan, self.micro_batch
+        plan, B, M = self.plan, self.micro_batch, self.chunk
         reader = _Reader(plan, f"rank {self.rank} worker {wid}")
         step = self.world_size * B
         c0 = plan.set_counts(self.g0)
         total = plan.total
         set_start = np.cumsum([0] + [s.samples for s in plan.sets])
-        k = wid
+        c = wid
         while True:
-            start = self.g0 + k * step + self.rank * B
-            if not plan.infinite and start >= total and self.g0 + k * step >= total:
+            rows = []
+            for k in range(c * M, c * M + M):
+                if not plan.infinite and self.g0 + k * step >= total:
+                    break
+                start = self.g0 + k * step + self.rank * B
+                pos = np.arange(start, start + B, dtype=np.int64)
+                if not plan.infinite:
+                    pos = pos[pos < total]
+                rows.append(self._build(reader, pos, c0, set_start))
+            if not rows:
                 return
-            pos = np.arange(start, start + B, dtype=np.int64)
-            if not plan.infinite:
-                pos = pos[pos < total]
-            rows = self._build(reader, pos, c0, set_start)
-            rows_t = torch.from_numpy(rows.astype(np.int64))
-            yield {"input_ids": rows_t[:, :-1].contiguous(), "labels": rows_t[:, 1:].contiguous(),
-                   "_k": k, "_bad": reader.new_bad}
+            # numpy, not tensors, and several micro-steps a message: a pipe moves small arrays far
+            # faster than torch's shared-memory tensor hand-over; int64 tensors are made by the caller
+            yield {"rows": rows, "_c": c, "_bad": reader.new_bad}
             reader.new_bad = []
-            k += nw
+            c += nw
 
     def _build(self, reader: _Reader, pos: np.ndarray, c0: np.ndarray, set_start: np.ndarray) -> np.ndarray:
         plan = self.plan
@@ -484,7 +499,7 @@ class _BatchStream(IterableDataset):
         else:
             si = np.searchsorted(set_start, pos, side="right") - 1
             q = pos - set_start[si]
-        out = np.empty((len(pos), plan.seq_len + 1), dtype=np.int64)
+        out = np.empty((len(pos), plan.seq_len + 1), dtype=np.dtype(plan.dtype).newbyteorder("<"))
         keep = np.ones(len(pos), dtype=bool)
         for s in np.unique(si):
             n = plan.sets[s].samples
@@ -531,32 +546,48 @@ class ShardLoader:
             g0, q0 = self.position, list(self.set_positions)
             c0 = plan.set_counts(g0)
             step = self.world_size * self.micro_batch
+            chunk = self._chunk()
             ds = _BatchStream(plan, g0=g0, q0=q0, rank=self.rank, world_size=self.world_size,
-                              micro_batch=self.micro_batch)
-            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False)
+                              micro_batch=self.micro_batch, chunk=chunk)
+            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
             expect = 0
             restarted = False
             for rec in dl:
-                if rec["_k"] != expect:  # never hand out batches out of order
-                    raise RuntimeError(f"loader: got micro-step {rec['_k']} from the workers, expected {expect}")
+                if rec["_c"] != expect:  # never hand out batches out of order
+                    raise RuntimeError(f"loader: got chunk {rec['_c']} from the workers, expected {expect}")
                 expect += 1
                 self._note_bad(rec["_bad"])
-                g = g0 + expect * step
-                if plan.infinite:
-                    q = (np.asarray(q0) + plan.set_counts(g) - c0).tolist()
-                else:
-                    g = min(g, plan.total)
-                    q = plan.finite_positions(g)
-                self._set_position(g, q)
-                if len(rec["input_ids"]):
-                    yield {"input_ids": rec["input_ids"], "labels": rec["labels"]}
-                if self._generation != gen:  # load_state_dict() while iterating: restart there
-                    restarted = True
+                for j, rows in enumerate(rec["rows"]):
+                    g = g0 + (rec["_c"] * chunk + j + 1) * step
+                    if plan.infinite:
+                        q = (np.asarray(q0) + plan.set_counts(g) - c0).tolist()
+                    else:
+                        g = min(g, plan.total)
+                        q = plan.finite_positions(g)
+                    self._set_position(g, q)
+                    if len(rows):
+                        yield self._to_batch(rows)
+                    if self._generation != gen:  # load_state_dict() while iterating: restart there
+                        restarted = True
+                        break
+                if restarted:
                     break
             del dl
             if not restarted:
                 return
+
+    def _chunk(self) -> int:
+        """Micro-steps per worker message: up to 16 (~256k tokens); 1 without workers."""
+        if self.num_workers == 0:
+            return 1
+        return max(1, min(16, (1 << 18) // (self.micro_batch * (self.plan.seq_len + 1))))
+
+    def _to_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        x = torch.from_numpy(rows[:, :-1].astype(np.int64))  # (B, T)
+        y = torch.from_numpy(rows[:, 1:].astype(np.int64))  # (B, T), shifted by one
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return {"input_ids": x, "labels": y}
 
     def _set_position(self, g: int, q: list[int]) -> None:
         self.position = int(g)
