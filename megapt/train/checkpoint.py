@@ -1,0 +1,332 @@
+"""Checkpoints that are either complete or absent.
+
+Layout of ``<checkpoint_dir>/step_0000300/``::
+
+    ds/                       DeepSpeed's save_checkpoint (model, optimizer partitions, LR scheduler)
+    ds_universal/             optional: `megapt ckpt universal` output (reshardable to any world size)
+    megapt.json               our client state: step, tokens seen, loader state, world size, ZeRO
+                              stage, precision, model args, tokenizer sha256
+    rng.json                  RNG states of every rank (python, numpy, torch cpu, cuda)
+    config.yaml               the resolved config of the run
+    tokenizer.model           copy of the tokenizer
+    model_config.json         ModelArgs (rebuilds the model alone)
+    MANIFEST.json             sha256 and size of every file above (written last)
+
+Save: every rank writes into ``step_0000300.tmp``; after a barrier rank 0 hashes every file, writes
+the manifest and renames the folder atomically. A crash at any point leaves the previous checkpoints
+intact and at most a ``.tmp`` folder, which is never loaded and is removed by the next save.
+Rotation keeps the newest ``keep_last`` valid checkpoints and never deletes the only valid one.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from megapt.train import dist
+
+log = logging.getLogger("megapt.train")
+
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+MANIFEST = "MANIFEST.json"
+META = "megapt.json"
+DS_TAG = "ds"
+UNIVERSAL_TAG = "ds_universal"
+FORMAT = "megapt-checkpoint"
+VERSION = 1
+
+# ModelArgs fields that do not change the shape/maths of the weights
+_NON_SHAPE_ARGS = {"dropout", "init_std"}
+
+
+class CheckpointError(RuntimeError):
+    """Missing, corrupt or incompatible checkpoint; the message says which and what to do."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(ckpt: Path) -> dict:
+    files = {}
+    for p in sorted(ckpt.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(ckpt).as_posix()
+            files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"format": FORMAT, "version": VERSION, "files": files, "created": time.time()}
+    _atomic_write_text(ckpt / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_checkpoint(ckpt: Path, hashes: bool = True) -> list[str]:
+    """Problems with ``ckpt`` (empty list = valid): missing manifest, missing/extra-size/mismatching files."""
+    ckpt = Path(ckpt)
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        return [f"{mpath}: missing (the save did not finish)"]
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return [f"{mpath}: unreadable manifest ({exc})"]
+    problems = []
+    for rel, entry in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            problems.append(f"{p}: listed in the manifest but missing")
+        elif p.stat().st_size != entry["bytes"]:
+            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {entry['bytes']}")
+        elif hashes and sha256_file(p) != entry["sha256"]:
+            problems.append(f"{p}: sha256 mismatch (file changed or corrupt)")
+    return problems
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Finished (renamed) checkpoint folders under ``root``, oldest first (validity not checked)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def find_latest_valid(root: Path, hashes: bool = True) -> Optional[Path]:
+    for step, p in reversed(list_checkpoints(root)):
+        problems = verify_checkpoint(p, hashes=hashes)
+        if not problems:
+            return p
+        log.warning("checkpoint %s is not valid, trying an older one: %s", p, "; ".join(problems[:3]))
+    return None
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` valid checkpoints (invalid ones older than the newest
+    valid one go too); never delete the newest valid checkpoint. Returns deleted paths."""
+    ckpts = list_checkpoints(root)
+    valid = [(s, p) for s, p in ckpts if (p / MANIFEST).is_file() and not verify_checkpoint(p, hashes=False)]
+    if not valid:
+        return []
+    keep = {p for _, p in valid[-max(1, keep_last):]}
+    newest_valid_step = valid[-1][0]
+    deleted = []
+    for s, p in ckpts:
+        if p in keep or s > newest_valid_step:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        deleted.append(p)
+    for stale in Path(root).glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return deleted
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state (JSON)
+# --------------------------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    npst = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# --------------------------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(root: Path, step: int, engine: Any, meta: dict, *, config_text: str,
+                    tokenizer_path: Optional[Path], keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    if dist.rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    rngs = dist.all_gather_object(rng_state())
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+    dist.barrier()
+    if dist.rank() == 0:
+        meta = dict(meta, format=FORMAT, version=VERSION, step=step, ds_tag=DS_TAG)
+        _atomic_write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True))
+        _atomic_write_text(tmp / "rng.json", json.dumps({"ranks": rngs}))
+        _atomic_write_text(tmp / "config.yaml", config_text)
+        if meta.get("model_args") is not None:
+            _atomic_write_text(tmp / "model_config.json", json.dumps(meta["model_args"], indent=1))
+        if tokenizer_path is not None and Path(tokenizer_path).is_file():
+            shutil.copy2(tokenizer_path, tmp / "tokenizer.model")
+        write_manifest(tmp)
+        if final.exists():  # a previous run's checkpoint at the same step: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        deleted = rotate(root, keep_last)
+        if deleted:
+            log.info("removed old checkpoints: %s", ", ".join(p.name for p in deleted))
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def read_meta(ckpt: Path) -> dict:
+    p = Path(ckpt) / META
+    if not p.is_file():
+        raise CheckpointError(f"{p}: missing; {ckpt} is not a megapt checkpoint")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def resolve_checkpoint(cfg_ckpt: Any, root: Path) -> Optional[Path]:
+    """The checkpoint to start from: ``checkpoint.load`` if set (must be valid), else the newest valid
+    one under ``root`` when ``checkpoint.resume`` (None if there is none yet), else None.
+    Rank 0 decides (hashing every file) and broadcasts the choice."""
+    choice: Any = None
+    if dist.rank() == 0:
+        try:
+            if cfg_ckpt.load:
+                path = Path(cfg_ckpt.load)
+                if not path.is_dir():
+                    raise CheckpointError(f"checkpoint.load: {path} does not exist")
+                problems = verify_checkpoint(path)
+                if problems:
+                    raise CheckpointError(f"checkpoint.load: {path} is not a valid checkpoint:\n  "
+                                          + "\n  ".join(problems[:10]))
+                choice = str(path)
+            elif cfg_ckpt.resume:
+                path = find_latest_valid(root)
+                choice = str(path) if path else None
+        except CheckpointError as exc:
+            choice = exc
+    choice = dist.broadcast_object(choice)
+    if isinstance(choice, Exception):
+        raise CheckpointError(str(choice))
+    return Path(choice) if choice else None
+
+
+def check_compatible(meta: dict, *, model_args: dict, world_size: int, zero_stage: int, universal: bool,
+                     ckpt: Path) -> None:
+    """Raise CheckpointError naming every mismatch between a checkpoint and this run."""
+    problems = []
+    saved_args = meta.get("model_args") or {}
+    for key in sorted(set(saved_args) | set(model_args)):
+        if key in _NON_SHAPE_ARGS:
+            continue
+        if saved_args.get(key) != model_args.get(key):
+            problems.append(f"model.{key}: checkpoint has {saved_args.get(key)!r}, this run has {model_args.get(key)!r}")
+    if problems:
+        raise CheckpointError(f"{ckpt}: the checkpoint was saved for a different model:\n  " + "\n  ".join(problems)
+                              + "\nuse the same model settings (see the checkpoint's config.yaml) or start a new run "
+                                "(another run.name or checkpoint.dir)")
+    s_world, s_stage = meta.get("world_size"), meta.get("zero_stage")
+    if universal:
+        if not (Path(ckpt) / UNIVERSAL_TAG).is_dir():
+            raise CheckpointError(f"{ckpt}: checkpoint.universal=true but there is no {UNIVERSAL_TAG}/ in it; "
+                                  f"convert it first: megapt ckpt universal {ckpt}")
+        return
+    if s_stage and (s_world != world_size or s_stage != zero_stage):
+        raise CheckpointError(
+            f"{ckpt}: saved with ZeRO stage {s_stage} at world size {s_world}; this run has stage {zero_stage} at "
+            f"world size {world_size}. ZeRO partitions cannot be loaded at another world size/stage directly.\n"
+            f"Convert it once:  megapt ckpt universal {ckpt}\n"
+            f"then resume with  --checkpoint.universal=true")
+    if (s_stage or 0) == 0 and zero_stage != 0:
+        raise CheckpointError(
+            f"{ckpt}: saved with ZeRO stage 0; this run uses stage {zero_stage}. Convert it once: "
+            f"megapt ckpt universal {ckpt}, then resume with --checkpoint.universal=true")
+
+
+def load_engine_state(engine: Any, ckpt: Path, universal: bool) -> None:
+    tag = UNIVERSAL_TAG if universal else DS_TAG
+    path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{ckpt}/{tag}: DeepSpeed found no checkpoint to load")
+
+
+def load_rng(ckpt: Path, rank: int, world_size: int, seed: int, step: int) -> None:
+    data = json.loads((Path(ckpt) / "rng.json").read_text(encoding="utf-8"))["ranks"]
+    if len(data) == world_size:
+        set_rng_state(data[rank])
+    else:  # resharded resume: exact RNG continuation is impossible; reseed deterministically
+        s = (seed * 1_000_003 + step * 101 + rank) % (2**31)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        log.warning("checkpoint had %d ranks, this run has %d: RNG states reseeded", len(data), world_size)

@@ -1,0 +1,337 @@
+"""DeepSpeed engine set-up: the ds_config, the optimizer, the LR schedule. The only module that
+imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoint tools).
+
+    ds_config = build_ds_config(cfg, world_size=2)        # the single place a ds_config is made
+    bundle = create_engine(cfg, lambda: GPT(args), world_size=2, seed=cfg.run.seed)
+    bundle.engine(input_ids, labels=labels).loss -> bundle.engine.backward(loss) -> bundle.engine.step()
+
+Precision notes (measured with DeepSpeed 0.19.8):
+  * fp32: any ZeRO stage. At stage 0 the optimizer is our ``GuardedAdamW``: it clips the global grad
+    norm itself (so the pre-clip norm is reported, as ZeRO stages do) and skips a step whose
+    gradients are not finite (as ZeRO stages 1-3 do), so NaN handling is the same at every stage.
+  * bf16: at ZeRO-0 DeepSpeed keeps bf16 gradients and no fp32 master weights, so small updates are
+    rounded away and training drifts. We therefore run bf16 with fp32 master weights: ZeRO stage >= 1
+    (bf16 + ``zero_stage: 0`` is upgraded to stage 1 with fp32 gradient accumulation, with a warning).
+  * fp16: dynamic loss scaling (``loss_scale: 0``); overflowing steps are skipped by DeepSpeed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from megapt.config import Config, ConfigError
+
+log = logging.getLogger("megapt.train")
+
+STEPS_PER_PRINT = 10**9  # DeepSpeed's own progress print: off (we log ourselves)
+
+
+# --------------------------------------------------------------------------------------------
+# ds_config
+# --------------------------------------------------------------------------------------------
+
+
+def effective_zero_stage(cfg: Config) -> int:
+    """bf16 at stage 0 runs as stage 1 (fp32 master weights); see module docstring."""
+    if cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+        return 1
+    return cfg.deepspeed.zero_stage
+
+
+def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
+    """The DeepSpeed config for ``cfg`` at ``world_size`` data-parallel ranks (user JSON merged in)."""
+    t, ds = cfg.train, cfg.deepspeed
+    stage = effective_zero_stage(cfg)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero.update(reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm,
+                    contiguous_gradients=ds.contiguous_gradients)
+    if stage in (1, 2):
+        zero.update(allgather_bucket_size=ds.allgather_bucket_size, reduce_scatter=True)
+    if stage == 3:
+        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    # consolidated 16-bit weights on save: lets `megapt ckpt consolidate` work without fp32 merge
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if ds.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": ds.offload_optimizer == "cpu"
+                                     and torch.cuda.is_available()}
+    if ds.offload_params != "none":
+        zero["offload_param"] = {"device": ds.offload_params, "pin_memory": torch.cuda.is_available()}
+
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * world_size,
+        # fp32 ZeRO-0 clips inside GuardedAdamW (reports the pre-clip norm, skips non-finite steps)
+        "gradient_clipping": 0.0 if (stage == 0 and t.precision == "fp32") else t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "wall_clock_breakdown": False,
+        "steps_per_print": STEPS_PER_PRINT,
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": cfg.checkpoint.universal},
+    }
+    if t.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    if ds.config_file:
+        conf = merge_user_ds_config(conf, load_user_ds_config(ds.config_file), ds.config_file, cfg)
+    return conf
+
+
+def load_user_ds_config(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"deepspeed.config_file: {p} not found")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config_file: {p} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config_file: {p}: top level must be a JSON object")
+    return data
+
+
+def _get(d: dict, dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+# ds_config key -> the megapt key that decides it (for the conflict message)
+_CHECKED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch * train.grad_accum * world_size",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param.device": "deepspeed.offload_params",
+}
+
+
+def merge_user_ds_config(ours: dict, user: dict, path: str, cfg: Config) -> dict:
+    """Check a user's ds_config against ours; every conflict is listed in one error. Keys we do not
+    decide (bucket sizes, comms options...) are taken from the user's file."""
+    problems = []
+    for key, source in _CHECKED.items():
+        theirs = _get(user, key)
+        if theirs is _MISSING or theirs == "auto":
+            continue
+        mine = _get(ours, key)
+        if mine is _MISSING:
+            mine = "none" if key.endswith(".device") else None
+        if theirs != mine and not (key.endswith(".device") and theirs == "none" and mine == "none"):
+            problems.append(f"{key}: file says {theirs!r}, megapt config gives {mine!r} (set by {source})")
+    if "bf16" in user and isinstance(user["bf16"], dict) and user["bf16"].get("enabled") is True \
+            and _get(user, "fp16.enabled") is True:
+        problems.append("bf16.enabled and fp16.enabled are both true")
+    clip = _get(user, "gradient_clipping")
+    if clip is not _MISSING and float(clip) != float(cfg.train.grad_clip):
+        problems.append(f"gradient_clipping: file says {clip!r}, megapt config gives {cfg.train.grad_clip!r} "
+                        "(set by train.grad_clip)")
+    for section, what in (("optimizer", "AdamW from train.lr/beta1/beta2/eps/weight_decay"),
+                          ("scheduler", "the LR schedule from train.warmup_steps/schedule/min_lr")):
+        if section in user:
+            problems.append(f"{section}: megapt builds {what}; remove the '{section}' section from the file")
+    if problems:
+        raise ConfigError(f"deepspeed.config_file {path}: {len(problems)} conflict(s) with the megapt config:\n  "
+                          + "\n  ".join(problems))
+
+    def merge(a: dict, b: dict) -> dict:
+        out = copy.deepcopy(a)
+        for k, v in b.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    merged = merge(ours, {k: v for k, v in user.items() if v != "auto"})
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                "gradient_clipping"):
+        merged[key] = ours[key]  # "auto" or equal: ours is authoritative
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and LR schedule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LRSchedule:
+    """Linear warmup from peak/warmup to peak, then cosine/linear decay to ``min_lr`` at ``max_steps``
+    (constant: stays at peak). ``lr(step)`` is the rate used for optimizer step ``step`` (0-based)."""
+
+    peak: float
+    min_lr: float
+    warmup: int
+    max_steps: int
+    kind: str = "cosine"
+
+    def lr(self, step: int) -> float:
+        if self.warmup > 0 and step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.peak
+        span = max(1, self.max_steps - self.warmup)
+        frac = min(1.0, max(0.0, (step - self.warmup) / span))
+        if self.kind == "linear":
+            return self.peak + (self.min_lr - self.peak) * frac
+        return self.min_lr + 0.5 * (self.peak - self.min_lr) * (1.0 + math.cos(math.pi * frac))
+
+    def __call__(self, step: int) -> float:  # LambdaLR multiplier
+        return self.lr(step) / self.peak
+
+
+def lr_schedule(cfg: Config) -> LRSchedule:
+    t = cfg.train
+    return LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.schedule)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that (1) computes the global grad norm, (2) skips the update when it is not finite and
+    sets ``overflow`` (DeepSpeed then zeroes grads, counts a skipped step and does not advance the LR
+    schedule), (3) clips to ``max_grad_norm``. Used for fp32 ZeRO-0, where DeepSpeed runs the client
+    optimizer as is; gradients are already all-reduced when ``step`` runs, so all ranks agree."""
+
+    def __init__(self, params, max_grad_norm: float = 0.0, **kw):
+        super().__init__(params, **kw)
+        self.max_grad_norm = max_grad_norm
+        self.overflow = False
+        self._global_grad_norm: Optional[float] = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            norm_f = float(norm)
+        else:
+            norm_f = 0.0
+        self._global_grad_norm = norm_f
+        self.overflow = not math.isfinite(norm_f)
+        if self.overflow:
+            return None
+        if self.max_grad_norm > 0:
+            coef = self.max_grad_norm / (norm_f + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        return super().step(closure)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases (1-D) or embeddings."""
+    embed_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions keep their real shape here
+        if len(shape) < 2 or id(p) in embed_ids or "embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+    if cfg.deepspeed.offload_optimizer != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds a CPU op on first use (~1 min)
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    if effective_zero_stage(cfg) == 0 and t.precision == "fp32":
+        return GuardedAdamW(groups, max_grad_norm=t.grad_clip, foreach=True, **kw)
+    return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------------------------
+
+
+def _skip_cpu_shm_comm_build() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles a shared-memory comm op (gcc, ~1-4 min) at its
+    first comm init; it only speeds up inference all-reduce, our collectives go through gloo. Skip
+    the build unless MEGAPT_DS_SHM_COMM=1."""
+    import importlib
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu" and os.environ.get("MEGAPT_DS_SHM_COMM", "0") != "1":
+        # (`import deepspeed.comm.torch as m` would give the torch package: deepspeed.comm re-exports it)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+@dataclass
+class EngineBundle:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ds_config: dict
+    schedule: LRSchedule
+
+
+ModelFactory = Callable[[], nn.Module]
+
+
+def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_size: int,
+                  init_weights: Optional[Callable[[nn.Module, str, torch.Tensor], None]] = None) -> EngineBundle:
+    """Build the model (under ``deepspeed.zero.Init`` for ZeRO-3), the optimizer with weight-decay
+    groups, our LR schedule, and ``deepspeed.initialize``. ``model`` is a module or a factory; with a
+    factory and ZeRO-3 the parameters are partitioned as they are created, then
+    ``init_weights(module, name, param)`` runs for one gathered parameter at a time on rank 0 and
+    DeepSpeed scatters the result. Without ZeRO-3 the factory is expected to initialise the weights."""
+    import deepspeed
+
+    _skip_cpu_shm_comm_build()
+    ds_config = build_ds_config(cfg, world_size)
+    stage = ds_config["zero_optimization"]["stage"]
+    if isinstance(model, nn.Module):
+        module = model
+    elif stage == 3:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            module = model()
+        if init_weights is not None:
+            # one parameter at a time: never more than one full tensor gathered on a rank
+            for name, p in module.named_parameters():
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if torch.distributed.get_rank() == 0:
+                        init_weights(module, name, p)
+    else:
+        module = model()
+
+    if cfg.train.activation_checkpointing:
+        if not hasattr(module, "gradient_checkpointing"):
+            raise ConfigError("train.activation_checkpointing: this model has no gradient_checkpointing switch")
+        module.gradient_checkpointing = True  # GPT recomputes each block in backward
+
+    optimizer = build_optimizer(cfg, module)
+    schedule = lr_schedule(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_config)
+    if cfg.train.compile:
+        engine.compile()
+    return EngineBundle(engine, optimizer, scheduler, ds_config, schedule)

@@ -1,0 +1,128 @@
+"""Training metrics: the log line, ``metrics.jsonl``, TensorBoard, MFU.
+
+MFU = achieved model FLOPs / peak FLOPs, with model FLOPs per token from
+``ModelArgs.flops_per_token(seq_len)`` (6N + 12·L·H·Q·T, PaLM appendix B) and the dense peak of
+the device for the training precision from ``PEAK_TFLOPS`` (no sparsity). On CPU there is no
+meaningful peak: MFU is reported as None.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("megapt.train")
+
+# Dense peak TFLOP/s per GPU: (substring of torch.cuda.get_device_name, {precision: tflops}).
+# fp32 uses the TF32 tensor-core peak where the GPU has one (torch allows TF32 matmuls if set).
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),  # SXM
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
+    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0}),
+    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5}),
+    ("V100", {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7}),
+    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}),
+    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
+]
+
+
+def peak_flops(precision: str, device_name: Optional[str] = None) -> Optional[float]:
+    """Peak FLOP/s of one device, or None when unknown (CPU, unlisted GPU)."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    for key, table in PEAK_TFLOPS:
+        if key in device_name:
+            v = table.get(precision, 0.0)
+            return v * 1e12 if v > 0 else None
+    return None
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: Optional[float]) -> Optional[float]:
+    if not peak:
+        return None
+    return tokens_per_s_per_device * flops_per_token / peak
+
+
+def peak_memory_gb() -> Optional[float]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (RSS)
+    except Exception:  # pragma: no cover
+        return None
+
+
+class Metrics:
+    """Rank-0 sink: text log, one JSON line per optimizer step, TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError as exc:  # pragma: no cover
+                log.warning("TensorBoard disabled (%s): pip install tensorboard", exc)
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.run_dir / "tb"
+
+    def record(self, kind: str, step: int, values: dict) -> None:
+        """kind: train | val | event. Non-None numbers go to TensorBoard under ``kind/``."""
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def text(self, text: str, step: int, tag: str = "sample") -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+            self.tb = None
+
+
+def format_train_line(step: int, max_steps: int, v: dict) -> str:
+    parts = [f"step {step}/{max_steps}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.3e}"]
+    if v.get("grad_norm") is not None:
+        parts.append(f"grad_norm {v['grad_norm']:.3f}")
+    parts.append(f"tok/s {v['tokens_per_s']:,.0f}")
+    if v.get("mfu") is not None:
+        parts.append(f"mfu {100 * v['mfu']:.1f}%")
+    if v.get("peak_mem_gb") is not None:
+        parts.append(f"peak_mem {v['peak_mem_gb']:.2f}GB")
+    if v.get("loss_scale") is not None:
+        parts.append(f"loss_scale {v['loss_scale']:.0f}")
+    if v.get("skipped_total"):
+        parts.append(f"skipped {v['skipped_total']}")
+    return " | ".join(parts)
