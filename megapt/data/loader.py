@@ -24,9 +24,11 @@ Ranks and workers
 Micro-step ``k`` (counted from where this iterator started, at global position ``g0``)
 consumes the ``world_size * micro_batch`` consecutive global positions starting at
 ``g0 + k * world_size * micro_batch``; rank ``r`` takes the slice ``[r * B, (r + 1) * B)`` of
-them. DataLoader worker ``i`` of ``n`` builds micro-steps ``k = i, i + n, ...``; the DataLoader
-hands them back in order (checked). So within an epoch every sample is read exactly once
-globally, for any world size and worker count.
+them. DataLoader workers (``data.loader_workers`` per rank) build chunks of up to 16
+consecutive micro-steps, worker ``i`` of ``n`` taking chunks ``i, i + n, ...``, and hand them
+over as numpy arrays; the loader checks they arrive in order and makes the int64 tensors. So
+within an epoch every sample is read exactly once globally, for any world size and worker
+count.
 
 Modes
 -----
@@ -229,9 +231,8 @@ class _Plan:
 class _Reader:
     """Per-process shard cache and position -> sample mapping for one plan."""
 
-    def __init__(self, plan: _Plan, where: str):
+    def __init__(self, plan: _Plan):
         self.plan = plan
-        self.where = where
         self.sample_len = plan.seq_len + 1
         smallest = min(int(c.min()) for s in plan.sets for c in [s.counts[s.counts > 0]] if c.size) or 1
         window = plan.order.shuffle_buffer if plan.order.shuffle else 1
@@ -333,8 +334,6 @@ class _Reader:
         s = self.plan.sets[si]
         self.bad[(si, j)] = reason
         self.new_bad.append([si, s.names[j], reason])
-        log.warning("%s: skipping bad shard (%d of %d in %s): %s", self.where,
-                    sum(1 for k in self.bad if k[0] == si), len(s.names), s.path, reason)
         _check_bad_fraction(self.plan, si, {k[1] for k in self.bad if k[0] == si})
 
     def rows(self, si: int, epoch: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -464,7 +463,7 @@ class _BatchStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         plan, B, M = self.plan, self.micro_batch, self.chunk
-        reader = _Reader(plan, f"rank {self.rank} worker {wid}")
+        reader = _Reader(plan)
         step = self.world_size * B
         c0 = plan.set_counts(self.g0)
         total = plan.total
@@ -597,10 +596,14 @@ class ShardLoader:
         for si, name, reason in bad:
             if (si, name) not in self.bad_shards:
                 self.bad_shards[(si, name)] = reason
+                n_bad = sum(1 for (i, _) in self.bad_shards if i == si)
+                log.warning("rank %d: skipping bad shard (%d of %d in %s so far): %s", self.rank, n_bad,
+                            len(self.plan.sets[si].names), self.plan.sets[si].path, reason)
                 _check_bad_fraction(self.plan, si, {n for (i, n) in self.bad_shards if i == si})
 
     def __len__(self) -> int:
-        """Finite mode: batches this rank yields in a full pass from the start."""
+        """Finite mode: batches this rank yields in a full pass from the start (fewer when bad shards
+        are skipped)."""
         if self.plan.infinite:
             raise TypeError("an infinite (training) loader has no length")
         B, step, total = self.micro_batch, self.world_size * self.micro_batch, self.plan.total
@@ -701,6 +704,8 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if not data_cfg.mix and not shard_dir:
+        raise ConfigError("loader: no shard directory (pass cfg.shard_dir, or set data.mix)")
     specs = [(mx["path"], float(mx.get("weight", 1.0))) for mx in data_cfg.mix] or [(shard_dir, 1.0)]
     sets, manifests = [], []
     for p, w in specs:

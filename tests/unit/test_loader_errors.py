@@ -8,7 +8,6 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from megapt.config import ConfigError
