@@ -64,6 +64,7 @@ class Backends:
 # --------------------------------------------------------------------------------------------
 
 _KERNEL_CACHE: dict[tuple[str, str], Callable[..., Any]] = {}
+_KERNEL_ERRORS: dict[tuple[str, str], str] = {}
 
 
 def _find_kernel(backend: str, name: str) -> Callable[..., Any] | None:
@@ -73,20 +74,23 @@ def _find_kernel(backend: str, name: str) -> Callable[..., Any] | None:
         try:  # the package resolves names lazily: a missing submodule raises ImportError here
             mod = importlib.import_module("megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels")
             fn = getattr(mod, name)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError) as exc:
+            _KERNEL_ERRORS[key] = f"{type(exc).__name__}: {exc}"
             return None
         _KERNEL_CACHE[key] = fn
     return _KERNEL_CACHE[key]
 
 
+def _missing(backend: str, name: str) -> str:
+    where = "megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels"
+    return f"{where}.{name} is not available ({_KERNEL_ERRORS.get((backend, name), 'not found')})"
+
+
 def _kernel(backend: str, name: str) -> Callable[..., Any]:
     fn = _find_kernel(backend, name)
     if fn is None:
-        where = "megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels"
-        raise RuntimeError(
-            f"model backend {backend!r} needs {where}.{name}, which is not available (not written yet, "
-            f"or its import failed: try `python -c 'import {where}'`); choose another backend, e.g. "
-            f"--model.attention=sdpa --model.norm=eager --model.rope=eager --model.loss=chunked")
+        raise RuntimeError(f"model backend {backend!r}: {_missing(backend, name)}; choose another backend, "
+                           "e.g. --model.attention=sdpa --model.norm=eager --model.rope=eager --model.loss=chunked")
     return fn
 
 
@@ -138,8 +142,7 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
             elif want == "triton" and not _triton_importable():
                 problems.append(f"model.{op}=triton: triton is not installed (pip install -e '.[gpu]')")
             elif _find_kernel(want, kernel) is None:
-                where = "megapt.kernels.cuda" if want == "cuda" else "megapt.kernels"
-                problems.append(f"model.{op}={want}: {where}.{kernel} is not available")
+                problems.append(f"model.{op}={want}: {_missing(want, kernel)}")
             elif masked_op:
                 problems.append(f"model.{op}={want}: model.doc_mask needs "
                                 f"{'sdpa or eager' if op == 'attention' else 'eager'}")
