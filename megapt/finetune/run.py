@@ -239,8 +239,10 @@ def _device(cfg) -> torch.device:
     return torch.device("cpu")
 
 
-def finetune(cfg, *, tb=None) -> dict:
-    """Run fine-tuning as configured; returns the results dict (also written as results.json)."""
+def finetune(cfg, *, tb=None, source: Optional[Source] = None) -> dict:
+    """Run fine-tuning as configured; returns the results dict (also written as results.json).
+
+    ``source``: start from this already-loaded model instead of ``finetune.init_from``."""
     ft = cfg.finetune
     task = ft.task
     if task == "none":
@@ -251,7 +253,7 @@ def finetune(cfg, *, tb=None) -> dict:
     random.seed(cfg.run.seed)
     device = _device(cfg)
 
-    src = get_source(cfg, ft.init_from or "")
+    src = source if source is not None else get_source(cfg, ft.init_from or "")
     tok = src.tokenizer()
     check_tokenizer(tok, task, str(src.tokenizer_path))
     if tok.vocab_size > src.args.vocab_size:
