@@ -148,6 +148,8 @@ class TrainConfig:
     sample_tokens: int = _f(64, "tokens of text generated at the end of training; 0 = none")
     sample_prompt: str = _f("def ", "prompt for the end-of-training sample")
     collective_timeout_s: int = _f(600, "fail (naming the op) when a collective stalls this long")
+    stop_after: int = _f(0, "end this invocation after this optimizer step (checkpoint saved, schedule "
+                            "unchanged) to continue later with --resume; 0 = run to max_steps")
 
 
 @dataclass
