@@ -79,8 +79,8 @@ from __future__ import annotations
 
 import logging
 import math
+import hashlib
 import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,10 +309,15 @@ class _Reader:
         return self.shards.put(key, arr)
 
     def _read(self, path: Path, entry: dict) -> np.ndarray:
-        verify_shard(path, entry, check_sha=self.plan.verify_checksums)  # exists, size, sha256
+        verify_shard(path, entry, check_sha=False)  # exists, size
         buf = path.read_bytes()
         if len(buf) != entry["bytes"]:
             raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest says {entry['bytes']})")
+        if self.plan.verify_checksums:  # hash the bytes we use (verify_shard would read the file again)
+            digest = hashlib.sha256(buf).hexdigest()
+            if digest != entry["sha256"]:
+                raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
+                                 f"{entry['sha256'][:16]}... (corrupt shard)")
         arr = _fixed_stride_rows(buf, path, entry["samples"], self.sample_len, self.plan.dtype)
         if arr is None:  # not the plain layout megapt writes (pax headers, ...): let tarfile walk it
             arr = np.empty((entry["samples"], self.sample_len), dtype=np.dtype(self.plan.dtype).newbyteorder("<"))
@@ -381,7 +386,8 @@ def _check_bad_fraction(plan: _Plan, si: int, bad_names: set) -> None:
 # --------------------------------------------------------------------------------------------
 
 _BLOCK = 512
-_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tokens")  # no '/', so no '..' part
+_NAME_CHARS = np.zeros(256, dtype=bool)  # bytes of a plain member name
+_NAME_CHARS[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-", dtype=np.uint8)] = True
 
 
 def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -425,15 +431,22 @@ def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: s
           & ~h[:, 345:500].any(axis=1))  # no ustar name prefix
     if not ok.all() or raw[end:].any():
         return None
-    names = [buf[k * stride:k * stride + 100].split(b"\0", 1)[0] for k in range(n)]
-    for name in names:
-        if not _PLAIN_NAME.fullmatch(name):  # the slow, thorough check only for unusual names
-            text = name.decode("utf-8", "replace")
-            check_member_name(text, path)
-            if not text.endswith(".tokens"):
-                raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
-    if len(set(names)) != n:
-        raise ShardError(f"{path}: duplicate member names ({n - len(set(names))} repeated keys)")
+    # names: plain `[A-Za-z0-9_][A-Za-z0-9_.-]*.tokens` (no '/', so no '..' part) pass here; any
+    # other name gets DATA's thorough check (unsafe -> ShardError) and must end in .tokens
+    field_ = h[:, :100]
+    length = np.where(field_.all(axis=1), 100, np.argmax(field_ == 0, axis=1))
+    inside = np.arange(100)[None, :] < length[:, None]
+    plain = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
+             & np.all(field_[np.arange(n)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
+                      == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
+    for k in np.nonzero(~plain)[0]:
+        text = bytes(field_[k, :length[k]]).decode("utf-8", "replace")
+        check_member_name(text, path)
+        if not text.endswith(".tokens"):
+            raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
+    unique = len(np.unique(np.ascontiguousarray(field_).view(np.dtype((np.void, 100)))))
+    if unique != n:
+        raise ShardError(f"{path}: duplicate member names ({n - unique} repeated keys)")
     base = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"), offset=_BLOCK,
                          count=(len(buf) - _BLOCK) // itemsize)
     return np.lib.stride_tricks.as_strided(base, shape=(n, sample_len), strides=(stride, itemsize),

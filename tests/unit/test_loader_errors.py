@@ -122,18 +122,26 @@ def test_corrupt_shard_error_crosses_worker_processes(shards):
         _first_epoch(data_cfg(), shards, workers=2)
 
 
-def test_unsafe_member_name_raises(shards):
-    p = shards / SHARD
+def _write_members(p: Path, names: list[str]) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for k, i in enumerate(sorted(SHARD_IDS)):
+        for name, i in zip(names, sorted(SHARD_IDS)):
             payload = sample(i, 1).tobytes()
-            info = tarfile.TarInfo("../../etc/evil.tokens" if k == 3 else f"train-000-{i:09d}.tokens")
+            info = tarfile.TarInfo(name)
             info.size = len(payload)
             tf.addfile(info, io.BytesIO(payload))
     p.write_bytes(buf.getvalue())
+
+
+@pytest.mark.parametrize("bad,match", [("../../etc/evil.tokens", "unsafe"), ("/abs/x.tokens", "unsafe"),
+                                       ("train-000-000000034.txt", "unexpected member"),
+                                       ("train-000-000000032.tokens", "duplicate")])
+def test_unsafe_or_unexpected_member_names_raise(shards, bad, match):
+    names = [f"train-000-{i:09d}.tokens" for i in sorted(SHARD_IDS)]
+    names[3] = bad
+    _write_members(shards / SHARD, names)
     _rewrite_entry(shards, SHARD)
-    with pytest.raises(ShardError, match=SHARD + ".*unsafe"):
+    with pytest.raises(ShardError, match=SHARD + f".*{match}"):
         _first_epoch(data_cfg(), shards)
 
 
