@@ -87,3 +87,22 @@ def test_unsupported_config_is_named(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="hidden_act"):
         load_hf(tmp_path / "hf")
+
+
+def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path):
+    from megapt.config import load_config
+    from megapt.data.tokenizer import train_tokenizer
+
+    text = ("def add(a, b):\n    return a + b\n\n\nclass Point:\n\tx = 1  # tab\n    y = 2\n"
+            "print('héllo wörld', 3.14159)\n") * 30
+    cfg = load_config(overrides=["--tokenizer.vocab_size=320"])
+    tok = train_tokenizer(cfg.tokenizer, [text], tmp_path / "spm.model")
+    args = tiny_args(vocab_size=tok.vocab_size)
+    export_hf(GPT(args, EAGER), args, tmp_path / "hf", tokenizer_path=tmp_path / "spm.model")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for s in ["def add(a, b):\n    return a + b\n", "  leading spaces\n\n\nx\t=\t1", "héllo 3.14 <|endoftext|>"]:
+        assert hf_tok(s)["input_ids"] == tok.encode(s), s
+        assert hf_tok.decode(tok.encode(s)) == tok.decode(tok.encode(s))
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.pad_token_id == tok.pad_id
+    cfg_json = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg_json["eos_token_id"] == tok.eos_id and cfg_json["pad_token_id"] == tok.pad_id
