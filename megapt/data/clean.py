@@ -198,6 +198,9 @@ def run_clean(cfg, out_dir: str | os.PathLike | None = None, *, progress: bool =
     k, i = cfg.data.num_shards, cfg.data.shard_index
     for stale in out_dir.glob(f"*part{i:03d}-of{k:03d}*.tmp"):
         stale.unlink()
+    for p in out_dir.glob("*-part*-of*"):  # outputs of an earlier run split into another number of jobs
+        if not p.name.split("-of")[-1].startswith(f"{k:03d}"):
+            p.unlink()
     t0 = time.time()
     cleaner = Cleaner(cfg.data.clean)
     srcs = sources_of(cfg.data)
@@ -239,33 +242,39 @@ def format_stats(st: dict) -> str:
             f"changed by normalisation: {st['changed']}; skipped non-UTF-8 files: {undec}")
 
 
-def clean_files(clean_dir: str | os.PathLike, num_jobs: int = 1) -> list[list[Path]]:
+_STATS_RE = re.compile(r"^stats-part(\d{3,})-of(\d{3,})\.json$")
+
+
+def clean_files(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) -> list[list[Path]]:
     """The cleaned jsonl files per source (outer list: source j; inner: parts in job order).
 
-    Raises DataError naming the folder when a part of the ``num_jobs``-way clean job is missing.
+    Uses the parts of the ``num_jobs``-way clean run, or (None) the one complete run in the
+    folder, whatever its number of jobs. Raises DataError naming the folder and the missing parts.
     """
     clean_dir = Path(clean_dir)
+    runs: dict[int, dict[int, Path]] = {}
+    for p in clean_dir.glob("stats-part*-of*.json") if clean_dir.is_dir() else []:
+        mt = _STATS_RE.match(p.name)
+        if mt:
+            runs.setdefault(int(mt.group(2)), {})[int(mt.group(1))] = p
+    complete = sorted(k for k, parts in runs.items() if len(parts) == k)
+    k = num_jobs if num_jobs is not None else (complete[0] if len(complete) == 1 else None)
+    if k is None or k not in complete:
+        have = {kk: sorted(parts) for kk, parts in runs.items()}
+        raise DataError(f"{clean_dir}: no complete cleaned text (parts found per job count: {have or 'none'}"
+                        f"{'' if num_jobs is None else f', wanted {num_jobs} jobs'}); run `megapt data clean` "
+                        f"first (for a split run, every --data.shard_index=<i> of --data.num_shards=K)")
     per_source: list[list[Path]] = []
-    missing = []
-    for i in range(num_jobs):
-        p = clean_dir / stats_name(i, num_jobs)
-        try:
-            st = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            missing.append(i)
-            continue
+    for i in range(k):
+        st = json.loads(runs[k][i].read_text())
         for j, name in enumerate(st["files"]):
             while len(per_source) <= j:
                 per_source.append([])
             per_source[j].append(clean_dir / name)
-    if missing:
-        raise DataError(f"{clean_dir}: cleaned text missing for job(s) {missing} of {num_jobs} (no "
-                        f"{stats_name(missing[0], num_jobs)}); run `megapt data clean` first "
-                        f"(with --data.num_shards={num_jobs} --data.shard_index=<i> for split jobs)")
     return per_source
 
 
-def iter_clean_docs(clean_dir: str | os.PathLike, num_jobs: int = 1) -> Iterator[str]:
+def iter_clean_docs(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) -> Iterator[str]:
     """Texts of all cleaned jsonl files (source by source, parts in job order)."""
     for files in clean_files(clean_dir, num_jobs):
         for f in files:
@@ -307,7 +316,7 @@ def iter_mixed_lines(cfg, clean_dir: str | os.PathLike | None = None) -> Iterato
     from megapt.data.sources import mix_streams, repeat_weighted
 
     clean_dir = Path(clean_dir) if clean_dir else clean_dir_of(cfg)
-    per_source = clean_files(clean_dir, cfg.data.num_shards)
+    per_source = clean_files(clean_dir)
     srcs = sources_of(cfg.data)
     if len(per_source) != len(srcs):
         raise DataError(f"{clean_dir}: cleaned text has {len(per_source)} source(s) but data.sources lists "

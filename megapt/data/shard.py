@@ -253,11 +253,11 @@ def _ordered_map(fn, items: Iterator, num_proc: int, initargs: tuple) -> Iterato
 # --------------------------------------------------------------------------------------------
 
 
-def _input_fingerprint(clean_dir: Path, num_jobs: int) -> str:
+def _input_fingerprint(clean_dir: Path) -> str:
     from megapt.data.clean import clean_files
 
     h = hashlib.sha256()
-    for files in clean_files(clean_dir, num_jobs):
+    for files in clean_files(clean_dir):
         for f in files:
             st = f.stat()
             h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -315,7 +315,7 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     params = {"seq_len": d.seq_len, "shard_samples": d.shard_samples, "val_fraction": d.val_fraction,
               "tokenizer_sha256": tok.sha256, "num_shards": k, "shard_index": i, "block_bytes": block_bytes,
               "seed": cfg.run.seed, "weights": [s.weight for s in sources_of(d)],
-              "input": _input_fingerprint(clean_dir, k)}
+              "input": _input_fingerprint(clean_dir)}
     out_dir.mkdir(parents=True, exist_ok=True)
     part = out_dir / part_name(i, k)
     for stale in out_dir.glob(f"*-{i:03d}-*.tar.tmp"):  # a killed run of this job
@@ -330,7 +330,7 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
         return m
     _remove_job_outputs(out_dir, i, k)
 
-    total_bytes = sum(f.stat().st_size for files in clean_files(clean_dir, k) for f in files)
+    total_bytes = sum(f.stat().st_size for files in clean_files(clean_dir) for f in files)
     sample_len = d.seq_len + 1
     dtype = dtype_for_vocab(tok.vocab_size)
     writers = {s: ShardWriter(out_dir, s, i, sample_len=sample_len, dtype=dtype, shard_samples=d.shard_samples)

@@ -1,0 +1,111 @@
+"""Cleaning: each normalisation step, each filter with its drop reason, dedup counts, outputs."""
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pytest
+
+from megapt.cli import main
+from megapt.config import CleanConfig
+from megapt.data.clean import Cleaner, char_fractions, normalize, run_clean
+from megapt.data.sources import DataError
+from test_data_util import make_docs, tiny_cfg
+
+LONG = "A perfectly ordinary sentence about tokens and shards. " * 3  # passes every default filter
+
+
+def test_nfkc_folds_compatibility_characters_and_can_be_turned_off():
+    text = "ﬁle ＡＢＣ ① x²"  # ligature, full-width letters, circled digit, superscript
+    assert normalize(text, CleanConfig()) == "file ABC 1 x2"
+    assert normalize(text, CleanConfig(nfkc=False)) == text
+
+
+def test_control_characters_removed_but_newline_and_tab_kept():
+    text = "a\x00b\x07c\td\ne\x1bf\x7fg\x85h"
+    assert normalize(text, CleanConfig()) == "abc\td\nefgh"
+    assert normalize(text, CleanConfig(strip_control=False, normalize_whitespace=False)) == text
+
+
+def test_windows_newlines_become_unix_newlines():
+    assert normalize("one\r\ntwo\rthree", CleanConfig()) == "one\ntwo\nthree"
+
+
+def test_whitespace_cleanup_strips_trailing_spaces_and_long_blank_runs():
+    text = "\n\nline one   \n\tindented\t\n\n\n\n\n\nafter five blank lines  \n\n"
+    out = normalize(text, CleanConfig())
+    assert out == "line one\n\tindented\n\n\nafter five blank lines"
+    # two blank lines (PEP 8 spacing) survive untouched
+    assert normalize("a\n\n\nb", CleanConfig()) == "a\n\n\nb"
+    assert normalize(text, CleanConfig(normalize_whitespace=False)) == text
+
+
+@pytest.mark.parametrize("text,cc,reason", [
+    ("   \n  ", CleanConfig(), "empty"),
+    ("short text", CleanConfig(min_chars=64), "too_short"),
+    ("word " * 100, CleanConfig(max_chars=100), "too_long"),
+    ("{}[]()<>!!@@##$$%%^^&&**" * 5 + "abc", CleanConfig(min_chars=1), "symbols"),
+    ("1234567890 " * 10 + "ab", CleanConfig(min_chars=1), "few_letters"),
+])
+def test_each_filter_drops_with_its_reason(text, cc, reason):
+    c = Cleaner(cc)
+    assert c(text) is None
+    assert c.stats()["dropped"][reason] == 1
+    assert c.stats()["docs_out"] == 0
+
+
+def test_documents_passing_all_filters_are_kept():
+    c = Cleaner(CleanConfig())
+    assert c(LONG) == LONG.rstrip()
+    assert c.stats()["docs_out"] == 1 and sum(c.stats()["dropped"].values()) == 0
+
+
+def test_character_shares_match_a_plain_definition_on_unicode_text():
+    text = "Grüße, 東京! ٣ apples — 42 × π ≈ 131.9\tok"
+    letters = sum(ch.isalpha() for ch in text) / len(text)
+    symbols = sum(not (ch.isalnum() or ch.isspace()) for ch in text) / len(text)
+    assert char_fractions(text) == pytest.approx((letters, symbols))
+
+
+def test_exact_duplicates_after_cleaning_are_dropped_and_counted():
+    c = Cleaner(CleanConfig())
+    assert c(LONG) is not None
+    assert c(LONG + "   \n\n") is None  # same text once trailing whitespace is cleaned
+    assert c(LONG.upper()) is not None  # different text
+    assert c(LONG) is None
+    assert c.stats()["dropped"]["duplicate"] == 2
+    c2 = Cleaner(CleanConfig(dedup=False))
+    assert c2(LONG) is not None and c2(LONG) is not None
+
+
+def test_clean_job_writes_jsonl_and_stats_with_drop_counts(tmp_path):
+    docs = make_docs(30) + ["tiny", make_docs(1)[0], "∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑"]
+    cfg = tiny_cfg(tmp_path, docs=docs)
+    st = run_clean(cfg, progress=False)
+    out = tmp_path / "work" / "clean"
+    kept = [json.loads(line)["text"] for line in (out / st["files"][0]).read_text().splitlines()]
+    assert len(kept) == 30 and kept[0] == docs[0].rstrip("\n")  # trailing newline: EOS ends a doc
+    saved = json.loads((out / "stats-part000-of001.json").read_text())
+    assert saved["dropped"]["too_short"] == 1
+    assert saved["dropped"]["duplicate"] == 1
+    assert saved["dropped"]["symbols"] == 1
+    assert saved["docs_in"] == 33 and saved["docs_out"] == 30
+    assert not list(out.glob("*.tmp"))
+    assert all(unicodedata.is_normalized("NFKC", d) for d in kept)
+
+
+def test_clean_with_nothing_left_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, docs=["a", "b", "c"])
+    with pytest.raises(DataError, match="no documents left"):
+        run_clean(cfg, progress=False)
+
+
+def test_cli_clean_reports_counts_and_skips_when_up_to_date(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, docs=make_docs(10) + ["x"])
+    args = ["data", "clean", f"--run.work_dir={cfg.run.work_dir}", f"--data.sources=[{{path: '{cfg.data.sources[0].path}'}}]",
+            "--data.clean.min_chars=20", "--logging.progress=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "kept 10/11" in out and "too_short 1" in out
+    assert main(args) == 0
+    assert "up to date" in capsys.readouterr().out
