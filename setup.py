@@ -13,6 +13,7 @@ PACKAGES = [
     "megapt.finetune",
     "megapt.eval",
     "megapt.kernels",
+    "megapt.benchmarking",
 ]
 
 setup(

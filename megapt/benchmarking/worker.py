@@ -1,0 +1,67 @@
+"""One benchmark point in a fresh process: ``python -m megapt.benchmarking.worker SPEC.json OUT.json``.
+
+SPEC: {"config_files": [...], "overrides": ["--model.preset=tiny", ...], "runners": ["engine", "plain"],
+       "warmup": 2, "steps": 5, "data": "synthetic"|"loader", "measured": {key: {"tflops": ...}}}
+OUT is rewritten (atomically) after every runner, so a crash in the next runner keeps what was
+measured before it; the parent sweep reads it whatever the exit code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_spec(spec: dict, out_path: Path) -> dict:
+    from megapt.benchmarking.planner import predict_memory
+    from megapt.benchmarking.runners import run_one
+    from megapt.config import load_config
+
+    cfg = load_config(spec.get("config_files", []), spec.get("overrides", []))
+    # {key: TFLOP/s} (from the parent's fingerprint) or {key: {"tflops": ...}} (measure_matmul_tflops rows)
+    measured = {k: (v.get("tflops") if isinstance(v, dict) else v) for k, v in (spec.get("measured") or {}).items()}
+    if not measured:
+        from megapt.benchmarking.hardware import measured_peaks
+        from megapt.benchmarking.runners import resolve_device
+
+        dev = resolve_device(cfg.train)
+        keys = ("bf16", "fp16", "tf32", "fp32") if dev == "cuda" else ("fp32", cfg.train.precision)
+        measured = {k: v.get("tflops") for k, v in measured_peaks(dev, tuple(dict.fromkeys(keys))).items()}
+    out = {"pid": os.getpid(), "started": time.time(), "planner": predict_memory(cfg, int(os.environ.get("WORLD_SIZE", "1"))), "runners": {}}
+    write_json_atomic(out_path, out)
+    for name in spec["runners"]:
+        print(f"[bench worker] runner {name}: {spec.get('overrides')}", file=sys.stderr, flush=True)
+        out["runners"][name] = run_one(name, cfg, warmup=spec["warmup"], steps=spec["steps"],
+                                       data=spec.get("data", "synthetic"), measured=measured)
+        write_json_atomic(out_path, out)
+    out["finished"] = time.time()
+    write_json_atomic(out_path, out)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    run_spec(spec, Path(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
