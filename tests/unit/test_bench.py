@@ -1,0 +1,306 @@
+"""megapt bench: the numbers a user reads off a benchmark JSON are the right numbers.
+
+MFU/HFU against a hand calculation, the peak a run is measured against (spec sheet, or the measured
+matmul peak for an unknown GPU / a CPU), medians and spread, real-token accounting under grad
+accumulation, ratios that are the ratio of the recorded absolutes, compare flagging a regression,
+and a sweep that records an OOM and carries on.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from megapt.bench import PEAK_TFLOPS, fingerprint, match_gpu, select_peak
+from megapt.benchmarking import flops, report, runners, sweep
+from megapt.benchmarking.hardware import measure_matmul_tflops
+from megapt.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+# --------------------------------------------------------------------------------------------
+# MFU / HFU
+# --------------------------------------------------------------------------------------------
+
+
+def test_palm_flops_hand_calculation():
+    # N=100, L=2, H=4, Q=8, T=16: 6*100 + 12*2*4*8*16 = 600 + 12288
+    assert flops.model_flops_per_token(100, 2, 4, 8, 16) == 12888
+    # activation checkpointing recomputes the forward: 8*100 + 16*2*4*8*16 = 800 + 16384
+    assert flops.hardware_flops_per_token(100, 2, 4, 8, 16, recompute=True) == 17184
+    assert flops.hardware_flops_per_token(100, 2, 4, 8, 16, recompute=False) == 12888
+    # 1000 tokens/s x 12888 FLOP/token on a 1 GFLOP/s (1e-3 TFLOP/s) device
+    assert flops.utilization(1000.0, 12888, 1e-3) == pytest.approx(0.012888)
+    assert flops.utilization(1000.0, 12888, None) is None
+
+
+def test_tiny_preset_flops_match_hand_count_and_built_model():
+    from megapt.benchmarking.runners import _flops_for
+    from megapt.model.gpt import GPT, ModelArgs
+
+    # tiny: d=256, L=4, H=4, kv=2 (head 64), ffn=704, vocab 4096, untied.
+    # per block: wq 256*256 + wk 256*128 + wv 256*128 + wo 256*256 = 196608; ffn 3*256*704 = 540672;
+    # 2 norms 512 -> 737792; x4 = 2951168; + final norm 256 + output head 4096*256 = 1048576
+    # -> N = 4,000,000 (the 4096*256 input embedding is a lookup: not counted)
+    args = ModelArgs.from_preset("tiny", vocab_size=4096, max_seq_len=128)
+    info = _flops_for(args, seq_len=128, recompute=True)
+    assert info["N"] == 4_000_000
+    # 6*4e6 + 12*4*4*64*128 = 24,000,000 + 1,572,864
+    assert info["model_flops_per_token"] == 25_572_864
+    # 8*4e6 + 16*4*4*64*128 = 32,000,000 + 2,097,152
+    assert info["hardware_flops_per_token"] == 34_097_152
+    assert info["model_args_flops_per_token"] == 25_572_864  # MODEL's own count agrees
+    model = GPT(args)
+    assert flops.matmul_params(model) == 4_000_000
+
+
+def test_hf_baseline_has_the_same_shapes_as_megapt_gpt():
+    from megapt.model.gpt import GPT, ModelArgs
+
+    for tie in (False, True):
+        args = ModelArgs.from_preset("tiny", vocab_size=512, max_seq_len=32, tie_embeddings=tie)
+        hf = runners.build_hf_llama(args, "cpu")
+        assert hf.config._attn_implementation == "sdpa"
+        ours = GPT(args)
+        assert flops.matmul_params(hf) == flops.matmul_params(ours)
+        assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Peaks and fingerprint
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,key", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200 SXM"), ("NVIDIA A100-SXM4-80GB", "A100 SXM"), ("NVIDIA A100-PCIE-40GB", "A100 PCIe"),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe"), ("NVIDIA A10G", "A10G"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("Tesla V100-SXM2-16GB", "V100 SXM"), ("Tesla V100-PCIE-32GB", "V100 PCIe"),
+    ("NVIDIA GeForce GTX 1080", None),
+])
+def test_gpu_names_map_to_the_right_spec_row(name, key):
+    assert match_gpu(name) == key
+
+
+def test_spec_peak_is_dense_and_follows_precision():
+    h100 = select_peak("NVIDIA H100 80GB HBM3", "bf16", False, {"bf16": 700.0})
+    assert (h100["tflops"], h100["source"]) == (989.4, "spec")  # 1979 with sparsity, halved
+    assert h100["measured_tflops"] == 700.0  # reported beside the spec peak
+    a100_tf32 = select_peak("NVIDIA A100-SXM4-40GB", "fp32", True, {})
+    assert (a100_tf32["precision_key"], a100_tf32["tflops"]) == ("tf32", 156.0)
+    a100_fp32 = select_peak("NVIDIA A100-SXM4-40GB", "fp32", False, {})
+    assert a100_fp32["tflops"] == 19.5
+
+
+def test_unknown_gpu_falls_back_to_measured_peak_and_says_so():
+    p = select_peak("NVIDIA Z9000 Prototype", "bf16", False, {"bf16": 123.0})
+    assert (p["tflops"], p["source"], p["gpu_model"]) == (123.0, "measured", None)
+    assert "unknown GPU model 'NVIDIA Z9000 Prototype'" in p["note"]
+    # a known GPU without the precision (V100 has no bf16) also falls back, with its own reason
+    v = select_peak("Tesla V100-SXM2-16GB", "bf16", False, {"bf16": 30.0})
+    assert (v["tflops"], v["source"]) == (30.0, "measured") and "no bf16" in v["note"]
+    # nothing measured either: no MFU rather than a made-up one
+    assert select_peak("NVIDIA Z9000", "bf16", False, {})["tflops"] is None
+
+
+def test_cpu_uses_measured_peak():
+    p = select_peak(None, "fp32", False, {"fp32": 0.05}, is_cuda=False)
+    assert (p["tflops"], p["source"]) == (0.05, "measured") and p["note"].startswith("CPU")
+
+
+def test_every_table_row_has_all_precisions():
+    for name, row in PEAK_TFLOPS.items():
+        assert set(row) == {"bf16", "fp16", "tf32", "fp32"}, name
+        assert row["fp16"] and row["fp32"], name
+        assert row["fp16"] >= row["fp32"], name
+
+
+def test_measured_matmul_peak_on_cpu_is_positive():
+    m = measure_matmul_tflops("cpu", "fp32", n=64, repeats=3, warmup=1)
+    assert m["tflops"] > 0 and m["n"] == 64
+    # 2 n^3 flops per call over the median time
+    assert m["tflops"] == pytest.approx(2 * 64**3 / m["median_s"] / 1e12)
+
+
+def test_fingerprint_identifies_the_machine():
+    fp = fingerprint(measure=False)
+    for key in ("device", "gpu", "cpu", "software", "git", "hostname_sha256", "os"):
+        assert key in fp
+    assert fp["software"]["torch"] == torch.__version__
+    assert {"deepspeed", "triton", "transformers"} <= set(fp["software"])
+    assert len(fp["hostname_sha256"]) == 12 and fp["cpu"]["logical_cores"] >= 1
+    assert set(fp["git"]) == {"commit", "dirty"}
+    json.dumps(fp)  # JSON-ready
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and the timed loop
+# --------------------------------------------------------------------------------------------
+
+
+def test_summary_median_and_spread():
+    s = flops.summarize([5, 1, 4, 2, 3])
+    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (3, 2, 4, 2, 1, 5, 5)
+    assert flops.summarize([])["median"] is None
+
+
+def test_timed_loop_counts_real_tokens_over_grad_accum_and_skips_warmup():
+    B, T, ga = 2, 8, 3
+    labels = torch.ones(B, T, dtype=torch.long)
+    labels[0, :3] = -100  # 3 padded positions per micro-batch
+    batch = {"input_ids": torch.zeros(B, T, dtype=torch.long), "labels": labels}
+    calls = {"fwd": 0, "step": []}
+
+    def forward(b):
+        calls["fwd"] += 1
+        return torch.tensor(float(calls["fwd"]))
+
+    out = runners.timed_loop(iter([batch] * 100), forward, lambda loss: None,
+                             lambda boundary: calls["step"].append(boundary), grad_accum=ga, warmup=2, steps=4,
+                             cuda=False)
+    recs = out["records"]
+    assert len(recs) == 4  # warm-up steps are not recorded
+    assert calls["fwd"] == (2 + 4) * ga
+    assert calls["step"].count(True) == 6  # one optimizer boundary per step
+    assert all(r["tokens"] == ga * (B * T - 3) for r in recs)  # real tokens only
+    assert all(r["all_tokens"] == ga * B * T for r in recs)
+    assert set(recs[0]["phases"]) == {"data_wait", "forward", "backward", "optimizer"}
+    assert len(out["losses"]) == 6
+    peak = {"tflops": 1e-3}
+    fl = {"model_flops_per_token": 100, "hardware_flops_per_token": 150}
+    res = runners.summarize_records(out, world_size=2, flops=fl, peak=peak)
+    step = recs[0]
+    assert res["tokens_per_s_total"]["n"] == 4
+    assert res["real_token_fraction"] == pytest.approx((B * T - 3) / (B * T))
+    tps = sorted(r["tokens"] / r["step_time_s"] for r in recs)
+    assert res["tokens_per_s_per_device"]["median"] == pytest.approx((tps[1] + tps[2]) / 2)
+    assert res["tokens_per_s_total"]["median"] == pytest.approx(2 * res["tokens_per_s_per_device"]["median"])
+    assert res["hfu"]["median"] == pytest.approx(1.5 * res["mfu"]["median"])
+    assert step["step_time_s"] >= sum(step["phases"].values()) * 0.999
+
+
+def test_runner_oom_is_recorded_not_raised(monkeypatch):
+    def boom(cfg, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(runners.RUNNER_FNS, "plain", boom)
+    cfg = load_config([str(REPO / "configs" / "tiny.yaml")], ["--train.device=cpu"])
+    res = runners.run_one("plain", cfg, warmup=0, steps=1, data="synthetic", measured={})
+    assert res["status"] == "oom" and "out of memory" in res["error"]
+    assert res["memory"]["kind"] == "rss" and res["memory"]["peak_bytes"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps, ratios, compare
+# --------------------------------------------------------------------------------------------
+
+
+def _ok(tps: float, mem: float) -> dict:
+    s = flops.summarize([tps])
+    return {"status": "ok", "tokens_per_s_total": s, "tokens_per_s_per_device": s,
+            "step_time_s": flops.summarize([1000.0 / tps]), "mfu": flops.summarize([tps / 1e4]),
+            "memory": {"kind": "rss", "peak_bytes": mem}}
+
+
+def test_sweep_axes_expand_in_order_and_bad_specs_list_every_problem(tmp_path):
+    assert sweep.parse_axis_arg("size=tiny,124m") == ("model.preset", ["tiny", "124m"])
+    assert sweep.parse_axis_arg("zero=0,3") == ("deepspeed.zero_stage", [0, 3])
+    pts = sweep.expand({"size": ["tiny", "124m"], "seq": [64, 128]})
+    assert pts == [{"model.preset": "tiny", "data.seq_len": 64}, {"model.preset": "tiny", "data.seq_len": 128},
+                   {"model.preset": "124m", "data.seq_len": 64}, {"model.preset": "124m", "data.seq_len": 128}]
+    assert sweep.expand({}) == [{}]
+    spec = tmp_path / "s.yaml"
+    spec.write_text("axes: {size: tiny}\nrunners: [engine, fsdp]\nbogus: 1\n")
+    with pytest.raises(ConfigError) as e:
+        sweep.load_spec(str(spec))
+    for word in ("bogus", "axes.size", "fsdp"):
+        assert word in str(e.value)
+    with pytest.raises(ConfigError):
+        sweep.parse_axis_arg("nodot=1,2")
+
+
+def test_sweep_records_oom_with_planner_and_continues(monkeypatch):
+    calls = []
+
+    def fake_point(config_files, overrides, todo, **kw):
+        calls.append((tuple(overrides), tuple(todo)))
+        if "--train.micro_batch=64" in overrides:  # the big point dies in the engine
+            return {"returncode": -signal.SIGKILL, "wall_s": 1.0, "planner": {"available": True, "peak_bytes": 9e10},
+                    "runners": {"engine": {"status": "oom", "error": "killed by SIGKILL"},
+                                "plain": {"status": "not_run"}}, "failure": {"status": "oom"}}
+        mb = int([o for o in overrides if "micro_batch" in o][0].split("=")[1])
+        z = int([o for o in overrides if "zero_stage" in o][0].split("=")[1])
+        res = {"engine": _ok(100.0 * mb + z, 2e9)}
+        if "plain" in todo:
+            res["plain"] = _ok(80.0 * mb, 1e9)
+        return {"returncode": 0, "wall_s": 1.0, "planner": {"available": True, "peak_bytes": 3e9}, "runners": res}
+
+    monkeypatch.setattr(sweep, "run_point_subprocess", fake_point)
+    recs = sweep.run_sweep([], [], {"micro_batch": [64, 2], "zero": [0, 1]}, ["engine", "plain"], warmup=0, steps=1,
+                           data="synthetic", measured={}, timeout_s=10, progress=lambda *_: None)
+    assert [r["status"] for r in recs] == ["oom", "oom", "ok", "ok"]
+    assert recs[0]["planner"]["peak_bytes"] == 9e10  # the OOM carries the planner's prediction
+    # plain ignores the ZeRO stage: measured once for mb=2 and reused by the zero=1 point
+    assert calls[3][1] == ("engine",)
+    assert recs[3]["baselines"]["plain"]["reused_from"] == recs[2]["id"]
+    # ratios are the ratios of the recorded absolutes
+    r = recs[3]
+    assert r["ratios"]["engine/plain"]["tokens_per_s_total"] == pytest.approx(
+        r["results"]["engine"]["tokens_per_s_total"]["median"] / r["baselines"]["plain"]["tokens_per_s_total"]["median"])
+    assert r["ratios"]["engine/plain"]["peak_memory_bytes"] == pytest.approx(2.0)
+
+
+def test_failure_classification():
+    assert sweep._classify_failure(-signal.SIGKILL, "", False)[0] == "oom"
+    assert sweep._classify_failure(1, "torch.OutOfMemoryError: CUDA out of memory", False)[0] == "oom"
+    assert sweep._classify_failure(1, "ValueError: x", False)[0] == "error"
+    assert sweep._classify_failure(None, "", True)[0] == "timeout"
+
+
+def _doc(engine_tps: float, engine_status: str = "ok") -> dict:
+    point = {"id": "p000", "params": {"model.preset": "tiny"}, "status": engine_status,
+             "results": {"engine": _ok(engine_tps, 2e9) if engine_status == "ok" else {"status": engine_status}},
+             "baselines": {"plain": _ok(80.0, 1e9)}}
+    point["ratios"] = report.point_ratios(point)
+    fp = {"gpu": {"name": None}, "cpu": {"model": "x"}, "software": {"torch": "2"}}
+    return report.build_document("sweep", argv=[], config={}, fingerprint=fp, peaks={}, points=[point])
+
+
+def test_compare_flags_an_injected_regression(tmp_path):
+    base = _doc(100.0)
+    rows, _ = report.compare(base, copy.deepcopy(base), threshold=0.05)
+    assert rows and not any(r["regression"] for r in rows)
+    slower = _doc(90.0)  # engine 10% slower, plain unchanged
+    rows, _ = report.compare(base, slower, threshold=0.05)
+    flagged = {(r["runner"], r["metric"]) for r in rows if r["regression"]}
+    assert ("engine", "tokens_per_s_total") in flagged and ("engine", "step_time_s") in flagged
+    assert not any(r["runner"] == "plain" and r["regression"] for r in rows)
+    assert not any(r["regression"] for r in report.compare(base, slower, threshold=0.2)[0])
+    # a point that ran in A and OOMs in B is a regression too
+    rows, _ = report.compare(base, _doc(0, "oom"))
+    assert any(r["metric"] == "status" and r["regression"] for r in rows)
+
+    # through the CLI: exit code 1 on a regression, 0 without
+    from megapt.cli import main
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    report.write_json(a, base)
+    report.write_json(b, slower)
+    assert main(["bench", "compare", str(a), str(b)]) == 1
+    assert main(["bench", "compare", str(a), str(a)]) == 0
+    assert main(["bench", "compare", str(a), str(b), "--threshold", "0.5"]) == 0
+
+
+def test_document_ratios_equal_recorded_absolutes():
+    doc = _doc(120.0)
+    assert {"config", "fingerprint", "results", "baselines", "ratios", "formulas", "peaks"} <= set(doc)
+    (row,) = [r for r in doc["ratios"] if r["metric"] == "tokens_per_s_total"]
+    assert row["ratio"] == pytest.approx(120.0 / 80.0)
+    assert row["ratio"] == pytest.approx(row["numerator_value"] / row["denominator_value"])
+    assert "6*N + 12*L*H*Q*T" in doc["formulas"]["mfu"] and "8*N + 16*L*H*Q*T" in doc["formulas"]["hfu"]
+    plain_row = [line for line in report.table(doc["results"]).splitlines() if " plain " in line][0]
+    assert "1.50x" in plain_row  # the terminal table prints the ratio beside the absolutes
