@@ -274,7 +274,9 @@ def fingerprint(measure: bool = True, precisions: Optional[tuple[str, ...]] = No
         "gpu": gpu,
         "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": physical,
                 "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                "torch_threads": torch.get_num_threads(), "memory_gb": mem_gb},
+                "torch_threads": torch.get_num_threads(), "memory_gb": mem_gb,
+                # other processes competing for the cores make CPU numbers noisy: say how busy it was
+                "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "software": {"python": platform.python_version(), "torch": torch.__version__,
                      "triton": _version("triton"), "deepspeed": _version("deepspeed"),
                      "transformers": _version("transformers"), "megapt": _version("megapt"),
