@@ -212,7 +212,13 @@ def save_checkpoint(root: Path, step: int, engine: Any, meta: dict, *, config_te
         tmp.mkdir()
     dist.barrier()
     rngs = dist.all_gather_object(rng_state())
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+    # universal_checkpoint_info (no tensor/pipeline parallelism: nothing to describe but the version)
+    # is what `megapt ckpt universal` (ds_to_universal) needs to reshard this checkpoint later
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=client, save_latest=False)
     dist.barrier()
     if dist.rank() == 0:
         meta = dict(meta, format=FORMAT, version=VERSION, step=step, ds_tag=DS_TAG)

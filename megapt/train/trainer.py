@@ -150,6 +150,7 @@ class Trainer:
             cfg, lambda: GPT(args, backends, seed=seed, doc_mask=cfg.model.doc_mask, eos_id=eos),
             world_size=self.world_size, init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
         self.engine, self.scheduler, self.schedule = bundle.engine, bundle.scheduler, bundle.schedule
+        self._config_schedule = dataclasses.replace(bundle.schedule)  # a copy LambdaLR loading can't touch
         self.ds_config = bundle.ds_config
         n_params = args.num_params()
         log.info("model: %s preset, %.2fM parameters (%s), backends %s, ZeRO stage %d, %s, world size %d",
@@ -327,6 +328,7 @@ class Trainer:
                 f"{path}: saved with tokenizer sha256 {meta['tokenizer_sha256'][:12]}..., this run's tokenizer "
                 f"{cfg.tokenizer_path} is {self.tokenizer.sha256[:12]}...; use the checkpoint's tokenizer.model")
         ckpt_lib.load_engine_state(self.engine, path, universal=cfg.checkpoint.universal)
+        self._reapply_schedule()
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.attempt, self.skipped_total = int(meta.get("attempt", meta["step"])), int(meta.get("skipped_total", 0))
         self.train_loader.load_state_dict(meta["loader"])
@@ -334,6 +336,18 @@ class Trainer:
         self.last_checkpoint = Path(path)
         log.info("resumed from %s: step %d, %d tokens seen%s", path, self.step, self.tokens_seen,
                  " (universal checkpoint)" if cfg.checkpoint.universal else "")
+
+    def _reapply_schedule(self) -> None:
+        """LambdaLR.load_state_dict restores the saved LRSchedule fields (e.g. an older max_steps);
+        the current config's schedule wins, and the LR of the next step is recomputed from it."""
+        fresh = dataclasses.asdict(self._config_schedule)
+        for fn in self.scheduler.lr_lambdas:
+            fn.__dict__.update(fresh)
+        step = self.scheduler.last_epoch
+        for group, base, fn in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
+                                   self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
 
     # ------------------------------------------------------------------------------------------
 
@@ -406,6 +420,11 @@ class Trainer:
                     if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.max_steps:
                         self.save()
                         saved_at = self.step
+                if t.stop_after and self.step >= t.stop_after and not out["skipped"]:
+                    if saved_at != self.step:
+                        self.save()
+                    log.info("stopping at step %d (train.stop_after); continue with --resume", self.step)
+                    return EXIT_OK
                 if preempt is not None and preempt.should_stop():
                     from megapt.train.preempt import PREEMPT_EXIT_CODE
 
