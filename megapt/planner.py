@@ -45,7 +45,8 @@ DeepSpeed buffers: stage 0-2 reduce bucket (reduce_bucket_size * grad bytes, x2 
 stage 1-2 allgather bucket and the fp32 gradient partition during the step; ZeRO-3 gathered-param
 working set (largest module + prefetch bucket), the full gradient of that module before
 reduce-scatter, the reduce bucket, and parameters below stage3_param_persistence_threshold kept
-whole on every rank. All buckets are capped at the model size.
+whole on every rank. DeepSpeed allocates reduce buckets at their configured size whatever the model
+size (measured); the allgather and prefetch buckets are capped at the model size.
 
 Framework: CUDA context + cuBLAS/NCCL workspaces (OVERHEAD_GIB, outside the caching allocator) and a
 fragmentation margin (FRAGMENTATION of the allocator peak). Peak = model states + max(forward/backward
@@ -157,6 +158,16 @@ def precision_bytes(precision: str) -> tuple[int, int]:
     return (4, 4) if precision == "fp32" else (2, 2)
 
 
+def engine_stage(precision: str, zero_stage: int) -> tuple[int, bool]:
+    """(ZeRO stage the engine runs, fp32 gradient accumulation?) — mirrors
+    megapt.train.engine.effective_zero_stage: bf16 at stage 0 would keep no fp32 master weights in
+    DeepSpeed 0.19, so the engine runs it as stage 1 with fp32 gradient accumulation buffers
+    (DeepSpeed's BF16_Optimizer: 2 B params + 4 B grads + 12 B / W optimizer states)."""
+    if precision == "bf16" and zero_stage == 0:
+        return 1, True
+    return zero_stage, False
+
+
 @dataclass
 class ModelStates:
     """Bytes of persistent model state on one rank's GPU and in host RAM (per rank)."""
@@ -173,12 +184,16 @@ class ModelStates:
 
 def model_states(n_params: int, *, precision: str, zero_stage: int, world: int,
                  offload_optimizer: bool = False, offload_params: bool = False,
-                 persistent_params: int = 0) -> ModelStates:
+                 persistent_params: int = 0, fp32_grad_accum: bool = False) -> ModelStates:
     """Per-rank model-state bytes for ``n_params`` parameters (see the module docstring table).
 
-    ``persistent_params``: ZeRO-3 parameters below the persistence threshold, kept whole on every rank.
+    ``zero_stage`` is the stage the engine runs (see :func:`engine_stage`); ``persistent_params``:
+    ZeRO-3 parameters below the persistence threshold, kept whole on every rank (on top of their
+    partition, as DeepSpeed keeps both); ``fp32_grad_accum``: full fp32 gradient buffers.
     """
     pb, gb = precision_bytes(precision)
+    if fp32_grad_accum:
+        gb = 4 + pb  # BF16_Optimizer: fp32 accumulation buffers beside the bf16 .grad tensors
     mixed = precision != "fp32"
     master = 4 if (mixed or zero_stage in (1, 2)) else 0
     moments = 8
@@ -186,7 +201,7 @@ def model_states(n_params: int, *, precision: str, zero_stage: int, world: int,
     host = 0.0
     # parameters
     if zero_stage == 3:
-        part = pb * (n_params - persistent_params) / world
+        part = pb * n_params / world
         params = pb * persistent_params + (0.0 if offload_params else part)
         if offload_params:
             host += part
@@ -346,6 +361,11 @@ class Plan:
     def row(self, name: str) -> float:
         return sum(b for n, b, _ in self.rows if n == name)
 
+    @property
+    def allocator_peak(self) -> float:
+        """What torch.cuda.max_memory_allocated should read: peak minus margin and CUDA context."""
+        return self.peak - self.row("fragmentation margin") - self.row("CUDA context + workspaces")
+
 
 def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args: Any = None) -> Plan:
     """Predict per-GPU peak memory (and host RAM per node) of ``cfg`` on ``hw``."""
@@ -353,21 +373,25 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
     args = args if args is not None else model_args(cfg)
     ds, prec = cfg.deepspeed, cfg.train.precision
     world, seq, mb = hw.world, cfg.data.seq_len, s.micro_batch
+    stage, fp32_accum = engine_stage(prec, s.zero_stage)
     tensors = param_tensors(args)
     n = sum(x for _, x in tensors)
     pb, gb = precision_bytes(prec)
-    persistent = sum(x for _, x in tensors if x < ds.stage3_param_persistence_threshold) if s.zero_stage == 3 else 0
-    st = model_states(n, precision=prec, zero_stage=s.zero_stage, world=world,
+    gb = 4 + pb if fp32_accum else gb
+    persistent = sum(x for _, x in tensors if x < ds.stage3_param_persistence_threshold) if stage == 3 else 0
+    st = model_states(n, precision=prec, zero_stage=stage, world=world,
                       offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
-                      persistent_params=persistent)
+                      persistent_params=persistent, fp32_grad_accum=fp32_accum)
     shard = n / world
     rows: list[tuple[str, float, str]] = []
-    pnote = {3: f"/{world} (ZeRO-3)" + (", partition on CPU" if s.offload_params else "")}.get(s.zero_stage, "replicated")
+    pnote = {3: f"/{world} (ZeRO-3)" + (", partition on CPU" if s.offload_params else "")}.get(stage, "replicated")
     rows.append(("parameters", st.params, f"{prec} {pb} B/param, {pnote}"))
-    gnote = "replicated" if s.zero_stage <= 1 else (f"/{world}" if not s.offload_optimizer else "partition on CPU")
+    gnote = "replicated" if stage <= 1 else (f"/{world}" if not s.offload_optimizer else "partition on CPU")
+    if fp32_accum:
+        gnote += ", fp32 accumulation (bf16 at ZeRO-0 runs as ZeRO-1)"
     rows.append(("gradients", st.grads, f"{gb} B/param, {gnote}"))
-    master = 4 if (prec != "fp32" or s.zero_stage in (1, 2)) else 0
-    onote = (f"{master}+8 B/param" + (f", /{world}" if s.zero_stage >= 1 else ", replicated")
+    master = 4 if (prec != "fp32" or stage in (1, 2)) else 0
+    onote = (f"{master}+8 B/param" + (f", /{world}" if stage >= 1 else ", replicated")
              + (", on CPU" if s.offload_optimizer else ""))
     rows.append(("optimizer states", st.optimizer, onote))
 
@@ -382,14 +406,16 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
                  else f"chunked CE ({LOSS_CHUNK_TOKENS} tokens/chunk)"))
     buckets = 0.0
     bnote = ""
-    if s.zero_stage <= 2:
-        reduce = min(ds.reduce_bucket_size, n) * gb * (2 if ds.overlap_comm else 1)
+    bucket_gb = precision_bytes(prec)[1]
+    if stage <= 2:
+        # DeepSpeed allocates the whole bucket (reduce_bucket_size elements) whatever the model size
+        reduce = ds.reduce_bucket_size * bucket_gb * (2 if ds.overlap_comm else 1)
         buckets = reduce
         bnote = f"reduce bucket{' x2 (overlap_comm)' if ds.overlap_comm else ''}"
     else:
         largest = max(x for _, x in tensors)
         gathered = pb * (largest + min(ds.stage3_prefetch_bucket_size, n))
-        buckets = gathered + gb * largest + gb * min(ds.reduce_bucket_size, n)
+        buckets = gathered + bucket_gb * largest + bucket_gb * ds.reduce_bucket_size
         bnote = "gathered largest module + prefetch bucket, its full grad, reduce bucket"
     rows.append(("ZeRO buffers (fwd/bwd)", buckets, bnote))
     fwd_bwd = act + loss + buckets
@@ -397,14 +423,15 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
     # optimizer-step transients
     step = 0.0
     if not s.offload_optimizer:
-        if s.zero_stage == 0:
+        if stage == 0:
             step = 4 * n if prec != "fp32" else 0.0  # fp32 flat gradient for the master update
-        elif s.zero_stage in (1, 2):
-            step = 4 * shard + pb * min(ds.allgather_bucket_size, n)
+        elif stage in (1, 2):
+            # fp32 copy of the gradient partition (none when accumulating in fp32) + allgather bucket
+            step = (0.0 if fp32_accum else 4 * shard) + pb * min(ds.allgather_bucket_size, n)
         else:
             step = 4 * min(STAGE3_SUB_GROUP_SIZE, shard)
     rows.append(("optimizer step (transient)", step, "fp32 grad partition + allgather bucket"
-                 if s.zero_stage in (1, 2) else "fp32 gradients for the update"))
+                 if stage in (1, 2) else "fp32 gradients for the update"))
 
     alloc = st.total + max(fwd_bwd, step)
     frag = FRAGMENTATION * alloc
@@ -413,8 +440,10 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
     peak = alloc + frag + OVERHEAD_GIB * GIB
     host = hw.gpus_per_node * (st.host + HOST_PER_RANK_GIB * GIB)
     warnings = []
-    if s.zero_stage >= 1 and world == 1:
-        warnings.append(f"ZeRO stage {s.zero_stage} on one GPU shards nothing (world size 1)")
+    if fp32_accum:
+        warnings.append("bf16 at ZeRO-0 runs as ZeRO-1 with fp32 gradient accumulation (megapt.train.engine)")
+    elif stage >= 1 and world == 1:
+        warnings.append(f"ZeRO stage {stage} on one GPU shards nothing (world size 1)")
     return Plan(s, hw, n, rows, peak, host, warnings)
 
 

@@ -192,3 +192,12 @@ def test_overrides_turn_the_config_into_the_suggested_setting():
     again = load_config([], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b", "--train.micro_batch=4",
                              *s.overrides(base)])
     assert P.Setting.from_config(again) == s
+
+
+def test_planner_runs_the_stage_the_engine_runs():
+    from megapt.train.engine import effective_zero_stage
+
+    for precision in ("fp32", "bf16", "fp16"):
+        for stage in range(4):
+            cfg = load_config([], [f"--train.precision={precision}", f"--deepspeed.zero_stage={stage}"])
+            assert P.engine_stage(precision, stage)[0] == effective_zero_stage(cfg)
