@@ -62,24 +62,34 @@ Bad shards
 ----------
 At start-up: every manifest must be present and valid, list the split, match ``data.seq_len``
 (and the tokenizer sha256 when given), and every shard it names must exist - otherwise an error
-naming the file. When a shard is first read (per process; shards are read whole, checked, and
-kept in a small cache): size and sha256 (``data.verify_checksums``), tar structure, member names,
-payload sizes, sample count and token ids < vocab_size are checked with the DATA functions.
-``bad_shard_policy=raise`` raises ShardError naming the shard. ``skip`` logs and counts it and
-stops with ShardError once more than ``max_bad_fraction`` of a set's shards are bad; in
-training mode the positions that fall into a bad shard are filled from the next good shard of
-that epoch's shard order (deterministic on every rank, so batches stay full and ranks agree;
-those fills repeat samples), in finite mode they are dropped. Data is never silently misread.
+naming the file. Reading depends on ``data.verify_checksums`` (the config alone, never the
+world size, so all ranks agree on every sample):
 
-I/O note: each process reads whole shards; with ``world_size * micro_batch`` much smaller than
-a shard, every rank (and worker) reads every shard of the epoch. Page cache makes this cheap on
-one node; on very large jobs prefer ``verify_checksums=false`` after ``megapt data verify``.
+* ``true``: a process reads a shard whole the first time it needs it and checks its size,
+  sha256, tar structure (every header, name, payload size), sample count and token ids
+  (< vocab_size), then keeps it in a small cache. A bad shard is bad as a whole.
+* ``false``: the file size is checked, then a process reads only the members it needs
+  (``pread``), each with its header, name (safe, ``<key>.tokens``, the key the layout puts
+  there) and token ids checked; a shard that is not in the plain fixed-stride layout is read
+  whole. A bad member is bad alone; the shard is still counted as bad.
+
+``bad_shard_policy=raise`` raises ShardError naming the shard. ``skip`` logs and counts the
+shard and stops with ShardError once more than ``max_bad_fraction`` of a set's shards are bad;
+in training mode the positions whose sample is bad are filled from the next shard of that
+epoch's shard order (same row, modulo its size: deterministic on every rank, so batches stay
+full and ranks agree; those fills repeat samples), in finite mode they are dropped. Data is
+never silently misread.
+
+I/O note: with ``verify_checksums=true`` and ``world_size * micro_batch`` smaller than a shard,
+every rank (and worker) reads and hashes every shard of the epoch though it uses only its part;
+fine on a node (page cache), costly on large jobs: there run ``megapt data verify`` once and
+train with ``verify_checksums=false``, which reads only the samples each process uses.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -196,6 +206,7 @@ class _Plan:
     verify_checksums: bool
     policy: str
     max_bad_fraction: float
+    partial_reads: bool = False  # read single members instead of whole shards (see _PartialShard)
     mix_labels: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_counts: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_cum: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
@@ -239,7 +250,8 @@ class _Reader:
         # a window spans at most ceil(window / smallest) + 1 shards; keep one more per set
         self.shards = _LRU(max(2, math.ceil(max(window, 1) / smallest) + 2) * len(plan.sets))
         self.perms = _LRU(256)
-        self.bad: dict[tuple[int, int], str] = {}
+        self.bad: dict[tuple[int, int], str] = {}  # shards found bad (reported, counted)
+        self.unusable: set[tuple[int, int]] = set()  # bad shards none of whose samples are used
         self.new_bad: list[list] = []
 
     # ---- the order of one set in one epoch ----
@@ -288,25 +300,57 @@ class _Reader:
 
     # ---- shards ----
 
-    def load(self, si: int, j: int) -> np.ndarray | None:
-        """The (samples, seq_len + 1) array of a shard; None when bad and the policy is skip."""
-        key = (si, j)
-        if key in self.bad:
-            return None
-        arr = self.shards.hit(key)
-        if arr is not None:
-            return arr
+    def _open(self, si: int, j: int) -> np.ndarray | _PartialShard | None:
+        """Open shard ``j`` of set ``si``: its rows (whole read) or a _PartialShard (member reads);
+        None when it is unusable as a whole (policy skip)."""
         s = self.plan.sets[si]
         entry = s.entries[j]
         path = Path(s.path) / entry["name"]
         try:
-            arr = self._read(path, entry)
+            verify_shard(path, entry, check_sha=False)  # exists, size
+            if self.plan.partial_reads:
+                try:
+                    return self.shards.put((si, j), _PartialShard(path, entry, self.sample_len, self.plan.dtype,
+                                                                  self.plan.vocab_size))
+                except _NotFixedLayout:
+                    pass
+            return self.shards.put((si, j), self._read(path, entry))
         except ShardError as exc:
             if self.plan.policy == "raise":
                 raise
+            self.unusable.add((si, j))
             self._mark_bad(si, j, str(exc))
             return None
-        return self.shards.put(key, arr)
+
+    def take(self, si: int, j: int, rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Rows ``rows`` of shard ``j`` of set ``si`` -> (data (m, L), usable (m,)); with policy
+        skip, unusable rows are False (a bad shard read whole: all of them)."""
+        none = np.zeros(len(rows), dtype=bool)
+        if (si, j) in self.unusable:
+            return None, none
+        arr = self.shards.hit((si, j))
+        if arr is None:
+            arr = self._open(si, j)
+            if arr is None:
+                return None, none
+        if isinstance(arr, np.ndarray):
+            return arr[rows], ~none
+        data, ok = arr.read(rows)
+        if ok.all():
+            return data, ok
+        # members that are not what the fixed layout promises: a full read of the shard decides
+        s = self.plan.sets[si]
+        try:
+            whole = self._read(Path(s.path) / s.entries[j]["name"], s.entries[j])
+        except ShardError as exc:
+            if self.plan.policy == "raise":
+                raise
+            # counted and reported, but its good members stay in use: every process must agree on
+            # each sample, and the others may never read the bad member
+            self._mark_bad(si, j, str(exc))
+            return data, ok
+        self.shards.put((si, j), whole)
+        return whole[rows], ~none
 
     def _read(self, path: Path, entry: dict) -> np.ndarray:
         verify_shard(path, entry, check_sha=False)  # exists, size
@@ -336,10 +380,11 @@ class _Reader:
         return arr
 
     def _mark_bad(self, si: int, j: int, reason: str) -> None:
-        s = self.plan.sets[si]
+        if (si, j) in self.bad:
+            return
         self.bad[(si, j)] = reason
-        self.new_bad.append([si, s.names[j], reason])
-        _check_bad_fraction(self.plan, si, {k[1] for k in self.bad if k[0] == si})
+        self.new_bad.append([si, self.plan.sets[si].names[j], reason])
+        _check_bad_fraction(self.plan, si, {self.plan.sets[si].names[k[1]] for k in self.bad if k[0] == si})
 
     def rows(self, si: int, epoch: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples at positions ``p`` of (set, epoch) -> (rows (n, L), kept mask (len(p),))."""
@@ -348,25 +393,29 @@ class _Reader:
         out = np.empty((len(p), self.sample_len), dtype=np.dtype(self.plan.dtype).newbyteorder("<"))
         keep = np.ones(len(p), dtype=bool)
         for sh in np.unique(shard):
-            m = shard == sh
-            arr = self.load(si, int(sh))
-            if arr is not None:
-                out[m] = arr[row[m]]
+            idx = np.nonzero(shard == sh)[0]
+            data, ok = self.take(si, int(sh), row[idx])
+            if data is not None:
+                out[idx[ok]] = data[ok]
+            pending = idx[~ok]
+            if not len(pending):
                 continue
-            if not self.plan.infinite:  # finite mode: drop what a bad shard held
-                keep[m] = False
+            if not self.plan.infinite:  # finite mode: drop the samples of bad shards / members
+                keep[pending] = False
                 continue
-            # training: fill from the next good shard in this epoch's shard order
+            # training: fill from the next shards in this epoch's shard order (same row, modulo)
             order, _ = self._shard_order(si, epoch)
             at = int(np.nonzero(order == sh)[0][0])
             for step in range(1, len(order)):
                 alt = int(order[(at + step) % len(order)])
-                alt_arr = self.load(si, alt)
-                if alt_arr is not None:
-                    out[m] = alt_arr[row[m] % len(alt_arr)]
+                data, ok = self.take(si, alt, row[pending] % int(s.counts[alt]))
+                if data is not None:
+                    out[pending[ok]] = data[ok]
+                pending = pending[~ok]
+                if not len(pending):
                     break
             else:
-                raise ShardError(f"{s.path}: every {self.plan.split} shard is bad")
+                raise ShardError(f"{s.path}: no usable {self.plan.split} shard left to fill in for bad ones")
         return out[keep], keep
 
 
@@ -403,21 +452,13 @@ def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return value, ok
 
 
-def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: str) -> np.ndarray | None:
-    """(n, sample_len) read-only view of the payloads when the tar is n regular members of equal
-    size, back to back (one ustar header each), then zero blocks; None when the layout differs.
+def _stride(sample_len: int, dtype: str) -> int:
+    """Bytes from one member's header to the next: 512 header + payload padded to 512."""
+    return _BLOCK + -(-sample_len * np.dtype(dtype).itemsize // _BLOCK) * _BLOCK
 
-    Every header's checksum, type, size and name is checked; an unsafe or unexpected name
-    raises ShardError (DATA's check_member_name).
-    """
-    itemsize = np.dtype(dtype).itemsize
-    payload = sample_len * itemsize
-    stride = _BLOCK + -(-payload // _BLOCK) * _BLOCK
-    end = n * stride
-    if n == 0 or len(buf) < end + 2 * _BLOCK:
-        return None
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    h = raw[:end].reshape(n, stride)[:, :_BLOCK]  # (n, 512) headers
+
+def _headers_ok(h: np.ndarray, payload: int) -> bool:
+    """Are the (m, 512) headers plain ustar regular files of ``payload`` bytes with valid checksums?"""
     size, size_ok = _octal(h[:, 124:136])
     chk, chk_ok = _octal(h[:, 148:156])
     unsigned = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
@@ -429,28 +470,126 @@ def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: s
           & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))  # regular file
           & np.all(h[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8), axis=1)
           & ~h[:, 345:500].any(axis=1))  # no ustar name prefix
-    if not ok.all() or raw[end:].any():
-        return None
-    # names: plain `[A-Za-z0-9_][A-Za-z0-9_.-]*.tokens` (no '/', so no '..' part) pass here; any
-    # other name gets DATA's thorough check (unsafe -> ShardError) and must end in .tokens
+    return bool(ok.all())
+
+
+def _check_names(h: np.ndarray, path: Path, *, strict: bool = True) -> np.ndarray:
+    """Member names of the (m, 512) headers -> ok (m,). Plain ``[A-Za-z0-9_][A-Za-z0-9_.-]*.tokens``
+    names (no '/', so no '..' part) pass here; any other gets DATA's thorough check and must end
+    in .tokens. ``strict``: raise ShardError for the first bad name instead of returning False."""
+    m = len(h)
     field_ = h[:, :100]
     length = np.where(field_.all(axis=1), 100, np.argmax(field_ == 0, axis=1))
     inside = np.arange(100)[None, :] < length[:, None]
-    plain = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
-             & np.all(field_[np.arange(n)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
-                      == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
-    for k in np.nonzero(~plain)[0]:
+    ok = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
+          & np.all(field_[np.arange(m)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
+                   == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
+    for k in np.nonzero(~ok)[0]:
         text = bytes(field_[k, :length[k]]).decode("utf-8", "replace")
-        check_member_name(text, path)
-        if not text.endswith(".tokens"):
-            raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
-    unique = len(np.unique(np.ascontiguousarray(field_).view(np.dtype((np.void, 100)))))
+        try:
+            check_member_name(text, path)
+            if not text.endswith(".tokens"):
+                raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
+            ok[k] = True
+        except ShardError:
+            if strict:
+                raise
+    return ok
+
+
+def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: str) -> np.ndarray | None:
+    """(n, sample_len) read-only view of the payloads when the tar is n regular members of equal
+    size, back to back (one ustar header each), then zero blocks; None when the layout differs.
+
+    Every header's checksum, type, size and name is checked; an unsafe, unexpected or repeated
+    name raises ShardError.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    stride = _stride(sample_len, dtype)
+    end = n * stride
+    if n == 0 or len(buf) < end + 2 * _BLOCK:
+        return None
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    h = raw[:end].reshape(n, stride)[:, :_BLOCK]  # (n, 512) headers
+    if not _headers_ok(h, sample_len * itemsize) or raw[end:].any():
+        return None
+    _check_names(h, path)
+    unique = len(np.unique(np.ascontiguousarray(h[:, :100]).view(np.dtype((np.void, 100)))))
     if unique != n:
         raise ShardError(f"{path}: duplicate member names ({n - unique} repeated keys)")
     base = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"), offset=_BLOCK,
                          count=(len(buf) - _BLOCK) // itemsize)
     return np.lib.stride_tricks.as_strided(base, shape=(n, sample_len), strides=(stride, itemsize),
                                            writeable=False)
+
+
+class _NotFixedLayout(Exception):
+    """The shard is not n equal members back to back: read it whole."""
+
+
+def _key_index(name: bytes) -> int | None:
+    """The sample index at the end of a key ``{split}-{job}-{idx}.tokens``; None for other names."""
+    stem = name[:-7] if name.endswith(b".tokens") else b""
+    tail = stem.rsplit(b"-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+class _PartialShard:
+    """A shard read member by member (``os.pread``); used when ``verify_checksums=false``.
+
+    Opening checks the fixed layout (first and last header valid, keys ``n - 1`` apart, the
+    end-of-archive blocks right after member ``n - 1``); every member read has its header
+    (checksum, type, size), name (safe, ``.tokens``, key = first key + row) and token ids checked.
+    A process then reads only the members it needs instead of whole shards.
+    """
+
+    def __init__(self, path: Path, entry: dict, sample_len: int, dtype: str, vocab_size: int):
+        self.path, self.n, self.vocab_size = path, int(entry["samples"]), vocab_size
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.payload = sample_len * self.dtype.itemsize
+        self.stride = _stride(sample_len, dtype)
+        if self.n == 0 or entry["bytes"] < self.n * self.stride + 2 * _BLOCK:
+            raise _NotFixedLayout
+        self.fd = os.open(path, os.O_RDONLY)
+        first = os.pread(self.fd, _BLOCK, 0)
+        last = os.pread(self.fd, _BLOCK, (self.n - 1) * self.stride)
+        eof = os.pread(self.fd, 2 * _BLOCK, self.n * self.stride)
+        h = np.frombuffer(first + last, dtype=np.uint8).reshape(2, _BLOCK) if len(first + last) == 2 * _BLOCK \
+            else None
+        self.key0 = _key_index(first[:100].split(b"\0", 1)[0])
+        key_last = _key_index(last[:100].split(b"\0", 1)[0])
+        if (h is None or not _headers_ok(h, self.payload) or eof != bytes(2 * _BLOCK) or self.key0 is None
+                or key_last != self.key0 + self.n - 1):
+            raise _NotFixedLayout
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (data (m, sample_len), ok (m,)): ok is False for a member that fails a check."""
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        buf = bytearray(len(uniq) * self.stride)
+        view = memoryview(buf)
+        for i, k in enumerate(uniq.tolist()):
+            got = os.preadv(self.fd, [view[i * self.stride:(i + 1) * self.stride]], k * self.stride)
+            if got != self.stride:
+                raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the file")
+        raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride)
+        h = raw[:, :_BLOCK]
+        ok = np.array([_headers_ok(h[i:i + 1], self.payload) for i in range(len(uniq))]) \
+            if not _headers_ok(h, self.payload) else np.ones(len(uniq), dtype=bool)
+        ok &= _check_names(h, self.path, strict=False)
+        for i, k in enumerate(uniq.tolist()):
+            if ok[i] and _key_index(bytes(h[i, :100]).split(b"\0", 1)[0]) != self.key0 + k:
+                ok[i] = False  # not the member the layout puts here
+        data = raw[:, _BLOCK:_BLOCK + self.payload].view(self.dtype)  # (m, sample_len)
+        ok &= data.max(axis=1) < self.vocab_size
+        return data[inverse], ok[inverse]
 
 
 def _as_is(record: dict) -> dict:
@@ -544,7 +683,7 @@ class ShardLoader:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.position = 0  # global samples consumed by the batches yielded so far
         self.set_positions = [0] * len(plan.sets)  # per set: samples consumed (across epochs)
-        self.bad_shards: dict[tuple[int, str], str] = {}
+        self.bad_shards: dict[tuple[int, str], str] = {}  # (set, shard name) -> reason, as seen by this rank
         self._generation = 0
 
     # ---- iteration ----
@@ -636,8 +775,7 @@ class ShardLoader:
                          "epoch": q // s.samples})
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "split": self.plan.split,
                 "infinite": self.plan.infinite, "position": self.position,
-                "epoch": min(x["epoch"] for x in sets), "order": self.plan.order.as_dict(), "sets": sets,
-                "bad_shards": sorted(f"{self.plan.sets[i].path}/{n}" for i, n in self.bad_shards)}
+                "epoch": min(x["epoch"] for x in sets), "order": self.plan.order.as_dict(), "sets": sets}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
@@ -736,13 +874,16 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
         tiny = [s.path for s in sets if s.weight / total_w * MIX_SLOTS < 0.5]
         if tiny:
             raise ConfigError(f"data.mix: weights of {tiny} are below 1/{2 * MIX_SLOTS} of the total; too small to mix")
+    workers = data_cfg.loader_workers if num_workers is None else num_workers
     plan = _Plan(split=split, sets=sets, order=_Order(int(seed), bool(data_cfg.shuffle), int(data_cfg.shuffle_buffer)),
                  seq_len=int(first["seq_len"]), dtype=first["dtype"], vocab_size=int(first["vocab_size"]),
                  infinite=infinite, verify_checksums=bool(data_cfg.verify_checksums),
-                 policy=data_cfg.bad_shard_policy, max_bad_fraction=float(data_cfg.max_bad_fraction))
+                 policy=data_cfg.bad_shard_policy, max_bad_fraction=float(data_cfg.max_bad_fraction),
+                 # no checksums to compute: read just the members this process needs. Decided by the
+                 # config alone, so every world size / worker count sees the same samples
+                 partial_reads=not data_cfg.verify_checksums)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    workers = data_cfg.loader_workers if num_workers is None else num_workers
     loader = ShardLoader(plan, rank=rank, world_size=world_size, micro_batch=micro_batch, num_workers=workers,
                          pin_memory=pin_memory)
     if rank == 0:

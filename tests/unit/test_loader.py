@@ -43,6 +43,15 @@ def test_every_sample_once_per_epoch_and_order_independent_of_ranks_and_workers(
     assert state["position"] == steps * W * B and state["epoch"] == steps * W * B // N
 
 
+def test_member_reads_without_checksums_give_the_same_stream(shards, reference):
+    """verify_checksums=false reads single members (pread) instead of whole shards."""
+    for W, workers in [(4, 0), (1, 2)]:
+        lds = loaders(data_cfg(verify_checksums=False), shards, W, 3, workers=workers)
+        assert lds[0].plan.partial_reads
+        order, _ = run_global(lds, 80 // W)  # 240 samples: two epochs and a bit
+        assert order == reference[:len(order)]
+
+
 @pytest.mark.parametrize("W,workers", [(1, 0), (2, 2), (3, 0), (3, 2)])
 def test_finite_mode_sees_every_sample_exactly_once(shards, reference, W, workers):
     B = 8

@@ -48,8 +48,8 @@ def _corrupt_header(d: Path, name: str = SHARD) -> None:
     p.write_bytes(bytes(data))
 
 
-def _first_epoch(cfg, d, *, workers=0):
-    order, state = run_global(loaders(cfg, d, 1, 4, workers=workers), N // 4)
+def _first_epoch(cfg, d, *, workers=0, ranks=1):
+    order, state = run_global(loaders(cfg, d, ranks, 4, workers=workers), -(-N // (4 * ranks)))
     return order, state
 
 
@@ -104,16 +104,19 @@ def test_truncated_shard_raises_even_without_checksums(shards):
     p.write_bytes(p.read_bytes()[:5000])
     with pytest.raises(ShardError, match=SHARD + ".*size mismatch"):
         _first_epoch(data_cfg(verify_checksums=False), shards)
+    with pytest.raises(ShardError, match=SHARD + ".*size mismatch"):
+        _first_epoch(data_cfg(verify_checksums=False), shards, ranks=4)
     _rewrite_entry(shards, SHARD)  # a manifest that agrees with the cut file: the tar structure catches it
     with pytest.raises(ShardError, match=SHARD + ".*(truncated|corrupt)"):
         _first_epoch(data_cfg(verify_checksums=False), shards)
 
 
-def test_corrupt_tar_header_is_never_silently_misread(shards):
+@pytest.mark.parametrize("verify,ranks", [(True, 1), (False, 4)])  # whole shards / single members
+def test_corrupt_tar_header_is_never_silently_misread(shards, verify, ranks):
     _corrupt_header(shards)
     _rewrite_entry(shards, SHARD)  # even when size and sha256 agree
     with pytest.raises(ShardError, match=SHARD):
-        _first_epoch(data_cfg(), shards)
+        _first_epoch(data_cfg(verify_checksums=verify), shards, ranks=ranks)
 
 
 def test_corrupt_shard_error_crosses_worker_processes(shards):
@@ -143,6 +146,9 @@ def test_unsafe_or_unexpected_member_names_raise(shards, bad, match):
     _rewrite_entry(shards, SHARD)
     with pytest.raises(ShardError, match=SHARD + f".*{match}"):
         _first_epoch(data_cfg(), shards)
+    if match == "unsafe":  # single-member reads check every name they read too
+        with pytest.raises(ShardError, match=SHARD + f".*{match}"):
+            _first_epoch(data_cfg(verify_checksums=False), shards, ranks=4)
 
 
 def test_token_id_beyond_vocab_raises(shards, tmp_path):
@@ -165,19 +171,32 @@ def test_skip_policy_finite_drops_the_bad_shard_and_counts_it(shards):
     lds = loaders(cfg, shards, 2, 4, workers=2, infinite=False)
     got = [i for ld in lds for b in ld for _, i in ids_of(b)]
     assert Counter(got) == Counter(i for i in range(N) if i not in SHARD_IDS)
-    assert any(SHARD in name for name in lds[0].state_dict()["bad_shards"] + lds[1].state_dict()["bad_shards"])
+    assert {name for ld in lds for _, name in ld.bad_shards} == {SHARD}
 
 
 def test_skip_policy_training_keeps_full_batches_without_bad_samples(shards):
     _corrupt_header(shards)
     cfg = data_cfg(bad_shard_policy="skip", max_bad_fraction=0.2)
-    order, state = run_global(loaders(cfg, shards, 2, 5), 2 * N // 10)
+    lds = loaders(cfg, shards, 2, 5)
+    order, state = run_global(lds, 2 * N // 10)
     ids = [i for _, i in order]
     assert len(ids) == 2 * N and not SHARD_IDS & set(ids)
     assert set(ids[:N]) == set(range(N)) - SHARD_IDS  # the good samples are all there
-    assert state["bad_shards"] == [f"{shards}/{SHARD}"]
+    assert list(lds[0].bad_shards) == [(0, SHARD)] and SHARD in lds[0].bad_shards[(0, SHARD)]
     # the fill is deterministic: any world size sees the same global stream
     order1, _ = run_global(loaders(cfg, shards, 1, 4, workers=2), 2 * N // 4)
+    assert order1 == order
+
+
+def test_skip_policy_with_member_reads_skips_only_the_bad_member(shards):
+    """verify_checksums=false reads single members: only the member with the broken header (id 34)
+    is replaced, the same way on any number of ranks and workers."""
+    _corrupt_header(shards)
+    cfg = data_cfg(bad_shard_policy="skip", max_bad_fraction=0.2, verify_checksums=False)
+    order, _ = run_global(loaders(cfg, shards, 4, 5), N // 20)
+    ids = [i for _, i in order]
+    assert len(ids) == N and 34 not in ids and set(ids) == set(range(N)) - {34}
+    order1, _ = run_global(loaders(cfg, shards, 1, 4, workers=2), N // 4)
     assert order1 == order
 
 
