@@ -1,0 +1,122 @@
+"""ds_config generation, user ds_config validation, LR schedule, weight-decay groups, NaN guard."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from megapt.config import ConfigError, load_config
+from megapt.train.engine import GuardedAdamW, LRSchedule, build_ds_config, param_groups
+
+
+def cfg_with(*overrides):
+    return load_config([], list(overrides))
+
+
+def test_batch_sizes_and_zero_sections_follow_the_config():
+    cfg = cfg_with("--train.micro_batch=3", "--train.grad_accum=5", "--deepspeed.zero_stage=3",
+                   "--deepspeed.offload_params=cpu", "--deepspeed.offload_optimizer=cpu")
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 3 * 5 * 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["steps_per_print"] >= 10**9 and ds["wall_clock_breakdown"] is False
+    assert ds["gradient_clipping"] == cfg.train.grad_clip
+
+
+def test_precision_sections():
+    fp16 = build_ds_config(cfg_with("--train.precision=fp16", "--deepspeed.zero_stage=2"))
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert not fp16["bf16"]["enabled"]
+    # bf16 at stage 0 would train without fp32 master weights: it runs as stage 1 with fp32 grad accumulation
+    bf16 = build_ds_config(cfg_with("--train.precision=bf16", "--deepspeed.zero_stage=0"))
+    assert bf16["bf16"]["enabled"] and bf16["zero_optimization"]["stage"] == 1
+    assert bf16["data_types"]["grad_accum_dtype"] == "fp32"
+    assert bf16["bf16"]["check_grad_overflow"] is True  # NaN steps are skipped in bf16 too
+
+
+def test_fp32_stage0_clips_in_our_optimizer_not_twice():
+    ds = build_ds_config(cfg_with("--train.grad_clip=0.5"))
+    assert ds["zero_optimization"]["stage"] == 0 and ds["gradient_clipping"] == 0.0
+
+
+def test_user_ds_config_conflicts_are_all_listed(tmp_path):
+    user = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": True}, "optimizer": {"type": "Adam"}, "gradient_clipping": 5.0}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    cfg = cfg_with("--train.micro_batch=8", "--deepspeed.zero_stage=1", f"--deepspeed.config_file={path}")
+    with pytest.raises(ConfigError) as exc:
+        build_ds_config(cfg, world_size=2)
+    msg = str(exc.value)
+    for key in ("train_micro_batch_size_per_gpu", "zero_optimization.stage", "bf16.enabled", "optimizer",
+                "gradient_clipping"):
+        assert key in msg, key
+    assert "gradient_accumulation_steps" not in msg  # equal values are not conflicts
+    assert str(path) in msg
+
+
+def test_user_ds_config_extra_knobs_are_kept(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {
+        "stage": 2, "reduce_bucket_size": 12345}, "communication_data_type": "fp32"}))
+    cfg = cfg_with("--deepspeed.zero_stage=2", f"--deepspeed.config_file={path}")
+    ds = build_ds_config(cfg, world_size=1)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert ds["communication_data_type"] == "fp32"
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch
+
+
+def test_missing_user_ds_config_names_the_file(tmp_path):
+    cfg = cfg_with(f"--deepspeed.config_file={tmp_path / 'nope.json'}")
+    with pytest.raises(ConfigError, match="nope.json"):
+        build_ds_config(cfg)
+
+
+def test_lr_schedule_shapes():
+    s = LRSchedule(peak=1.0, min_lr=0.1, warmup=10, max_steps=110, kind="cosine")
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)  # linear warmup, peak at its end
+    assert s.lr(60) == pytest.approx(0.55)  # cosine midpoint
+    assert s.lr(110) == pytest.approx(0.1) and s.lr(500) == pytest.approx(0.1)
+    lin = LRSchedule(1.0, 0.0, 0, 100, "linear")
+    assert lin.lr(25) == pytest.approx(0.75)
+    assert LRSchedule(2.0, 0.0, 5, 100, "constant").lr(99) == 2.0
+    assert all(s.lr(i) >= s.lr(i + 1) for i in range(10, 200))  # monotone after warmup
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(10, 4)
+        self.proj = nn.Linear(4, 4)
+        self.norm_weight = nn.Parameter(torch.ones(4))
+
+
+def test_weight_decay_only_on_matrices():
+    groups = {g["name"]: g for g in param_groups(Tiny(), 0.1)}
+    m = Tiny()
+    assert len(groups["decay"]["params"]) == 1 and groups["decay"]["params"][0].shape == (4, 4)
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    shapes = sorted(tuple(p.shape) for p in groups["no_decay"]["params"])
+    assert shapes == [(4,), (4,), (10, 4)]  # bias, norm, embedding
+
+
+def test_guarded_adamw_skips_non_finite_and_clips():
+    p = nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([p], max_grad_norm=1.0, lr=0.1)
+    p.grad = torch.tensor([float("nan"), 0.0, 0.0])
+    opt.step()
+    assert opt.overflow and torch.equal(p.data, torch.ones(3)) and not opt.state[p]
+    p.grad = torch.tensor([30.0, 40.0, 0.0])
+    opt.step()
+    assert not opt.overflow and opt._global_grad_norm == pytest.approx(50.0)  # pre-clip norm reported
+    assert not torch.equal(p.data, torch.ones(3))
+    q = nn.Parameter(torch.ones(3))
+    ref = torch.optim.AdamW([q], lr=0.1)
+    q.grad = torch.tensor([30.0, 40.0, 0.0]) / 50.0 * 1.0  # what the clip should leave
+    ref.step()
+    assert torch.allclose(p.data, q.data, rtol=1e-5)
