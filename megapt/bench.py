@@ -62,6 +62,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", dest="micro_batches", default="", help="shortcut for --axis micro_batch=...")
     p.add_argument("--zero", default="", help="shortcut for --axis zero=...")
     p.add_argument("--attention", default="", help="shortcut for --axis attention=...")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="devices per point: the engine runs under torchrun with this many processes")
+    p.add_argument("--comm-timers", dest="comm_timers", choices=("auto", "on", "off"), default="auto",
+                   help="DeepSpeed wall_clock_breakdown for the exposed all-reduce time (auto: on when nproc > 1)")
     p.add_argument("--no-peak", action="store_true", help="skip the measured torch.mm peak")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.add_argument("--logs", default="", help="keep each point's worker log in this folder")
@@ -150,10 +154,13 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
         base_yaml = Path(tmp) / "base_config.yaml"
         save_config(cfg, base_yaml)
         log_dir = Path(args.logs) if args.logs else Path(tmp) / "logs"
+        comm = args.comm_timers == "on" or (args.comm_timers == "auto" and args.nproc > 1)
         points = run_sweep([str(base_yaml)], [], axes, runners, warmup=warmup, steps=steps, data=data,
-                           measured=peaks["measured_tflops"], timeout_s=timeout_s, log_dir=log_dir)
+                           measured=peaks["measured_tflops"], timeout_s=timeout_s, log_dir=log_dir,
+                           nproc=args.nproc, comm_timers=comm)
     config = {"bench": {"action": args.action, "runners": runners, "warmup": warmup, "steps": steps,
-                        "timeout_s": timeout_s, "data": data, "spec": args.spec or None},
+                        "timeout_s": timeout_s, "data": data, "spec": args.spec or None, "nproc": args.nproc,
+                        "comm_timers": comm},
               "axes": axes, "base": to_dict(cfg)}
     doc = report.build_document(args.action, argv=argv if argv is not None else sys.argv, config=config,
                                 fingerprint=fp, peaks=peaks, points=points)
@@ -202,9 +209,7 @@ def run_compare(args) -> int:
 
 
 def run_script(action: str, args) -> int:
-    """Run another workstream's benchmark script; wrap its output with our fingerprint."""
-    from megapt.benchmarking import report
-
+    """Run another workstream's benchmark script (it writes its own JSON with our fingerprint)."""
     script = SCRIPTS[action]
     if not script.is_file():
         print(f"megapt bench {action}: {script.relative_to(REPO)} not found (it comes with a source checkout "
@@ -212,38 +217,16 @@ def run_script(action: str, args) -> int:
         return 2
     results_dir = REPO / "benchmarks" / "results"
     before = {p: p.stat().st_mtime for p in results_dir.rglob("*.json")} if results_dir.is_dir() else {}
-    cmd = [sys.executable, str(script)] + shlex.split(args.script_args)
+    cmd = [sys.executable, str(script)] + shlex.split(args.script_args) + (["--out", args.out] if args.out else [])
     print(f"[bench] {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=str(REPO), text=True, capture_output=True, timeout=args.timeout)
-    sys.stdout.write(proc.stdout)
-    sys.stderr.write(proc.stderr)
-    written = sorted(str(p) for p in (results_dir.rglob("*.json") if results_dir.is_dir() else [])
-                     if before.get(p) != p.stat().st_mtime)
-    embedded = []
-    for path in written:
-        try:
-            embedded.append({"path": path, "content": json.loads(Path(path).read_text(encoding="utf-8"))})
-        except (OSError, json.JSONDecodeError):
-            embedded.append({"path": path, "content": None})
-    last = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-    stdout_json = None
-    if last:
-        try:
-            stdout_json = json.loads(last[0])
-        except json.JSONDecodeError:
-            pass
-    fp = fingerprint(measure=not args.no_peak)
-    doc = report.build_document(action, argv=sys.argv, config={"script": str(script.relative_to(REPO)),
-                                                                "script_args": args.script_args},
-                                fingerprint=fp, peaks={}, points=[],
-                                extra={"script": {"returncode": proc.returncode, "wall_s": time.time() - t0,
-                                                  "stdout_tail": proc.stdout[-4000:], "stderr_tail": proc.stderr[-4000:],
-                                                  "stdout_json": stdout_json, "json_written": embedded}})
-    out = Path(args.out) if args.out else default_out_path().with_name(default_out_path().stem + f"-{action}.json")
-    report.write_json(out, doc)
-    print(f"[bench] wrote {out} (script exit code {proc.returncode})")
-    return proc.returncode
+    rc = subprocess.call(cmd, cwd=str(REPO))
+    written = [p for p in ([Path(args.out)] if args.out else results_dir.rglob("*.json"))
+               if p.is_file() and before.get(p) != p.stat().st_mtime]
+    for p in written:
+        print(f"[bench] {action} wrote {p}")
+    if rc == 0 and not written:
+        print(f"[bench] warning: {script.name} exited 0 but wrote no JSON under {results_dir}", file=sys.stderr)
+    return rc
 
 
 def cli_main(cfg: Config, args) -> int:

@@ -30,7 +30,7 @@ METRICS = {
     "mfu": (("mfu", "median"), True),
     "peak_memory_bytes": (("memory", "peak_bytes"), False),
 }
-RATIO_METRICS = ("tokens_per_s_total", "step_time_s", "peak_memory_bytes")
+RATIO_METRICS = ("tokens_per_s_total", "tokens_per_s_per_device", "step_time_s", "peak_memory_bytes")
 RATIO_PAIRS = (("engine", "plain"), ("engine", "hf"), ("plain", "hf"))
 RATIO_FORMULA = ("ratio = numerator / denominator of the recorded medians (memory: peak bytes); "
                  "tokens_per_s_total > 1 means the numerator is faster")

@@ -301,8 +301,10 @@ def summarize_records(out: dict, *, world_size: int, flops: dict, peak: dict) ->
         "step_time_s": summarize(r["step_time_s"] for r in recs),
         "phases_s": {name: summarize(r["phases"].get(name, 0.0) for r in recs) for name in phase_names},
         "comm_s": summarize(comm) if comm else None,
-        "comm_note": (None if comm else "communication is inside backward (and step with ZeRO); measured separately "
-                      "only when DeepSpeed wall_clock_breakdown timers are on; single-process runs have none"),
+        "comm_note": ("DeepSpeed bwd_allreduce timer: gradient reduction not overlapped with backward (inside the "
+                      "backward phase)" if comm else
+                      "communication is inside backward (and step with ZeRO); measured separately only with "
+                      "--comm-timers (DeepSpeed wall_clock_breakdown); single-process runs have none"),
         "mfu": summarize(mfu) if peak.get("tflops") else None,
         "hfu": summarize(hfu) if peak.get("tflops") else None,
         "flops": flops,
@@ -358,8 +360,27 @@ def _engine_comm_timer(engine) -> Optional[Callable[[], Optional[float]]]:
     return read
 
 
-def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict) -> dict:
-    """The trainer's engine set-up (megapt.train.dist + create_engine), timed by our loop."""
+def _with_wall_clock_breakdown(cfg, tmp_dir: str):
+    """A copy of cfg whose ds_config turns DeepSpeed's own timers on (through deepspeed.config_file)."""
+    import dataclasses
+    import json
+
+    user = {}
+    if cfg.deepspeed.config_file:
+        user = json.loads(open(cfg.deepspeed.config_file, encoding="utf-8").read())
+    user["wall_clock_breakdown"] = True
+    path = os.path.join(tmp_dir, "ds_wall_clock_breakdown.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(user, f)
+    return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, config_file=path))
+
+
+def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict,
+               comm_timers: bool = False) -> dict:
+    """The trainer's engine set-up (megapt.train.dist + create_engine), timed by our loop.
+
+    comm_timers: turn on DeepSpeed's wall_clock_breakdown and report its gradient all-reduce timer
+    (the part of the reduction not overlapped with backward) as comm_s."""
     from megapt.model import ops
     from megapt.model.gpt import GPT
     from megapt.train import dist as mdist
@@ -374,6 +395,10 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     backends = ops.select_backends(cfg.model, device)
     seed = cfg.run.seed
     flops = _flops_for(args, cfg.data.seq_len, cfg.train.activation_checkpointing)
+    if comm_timers:
+        import tempfile
+
+        cfg = _with_wall_clock_breakdown(cfg, tempfile.mkdtemp(prefix="megapt-bench-ds-"))
     bundle = create_engine(cfg, lambda: GPT(args, backends, seed=seed), world_size=world,
                            init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
     engine = bundle.engine
@@ -440,7 +465,7 @@ def _torch_loop(model, cfg, *, device: str, warmup: int, steps: int, data: str, 
     return timed_loop(batches, forward, backward, optimizer_step, grad_accum=ga, warmup=warmup, steps=steps, cuda=cuda)
 
 
-def run_plain(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict) -> dict:
+def run_plain(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict, **_) -> dict:
     import torch
 
     args = model_args(cfg)
@@ -456,7 +481,7 @@ def run_plain(cfg, *, device: str, warmup: int, steps: int, data: str, measured:
     return res
 
 
-def run_hf(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict) -> dict:
+def run_hf(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict, **_) -> dict:
     import torch
 
     args = model_args(cfg)
@@ -487,7 +512,7 @@ def is_oom(exc: BaseException) -> bool:
     return "out of memory" in text.lower() or "CUDA_ERROR_OUT_OF_MEMORY" in text
 
 
-def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dict) -> dict:
+def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dict, comm_timers: bool = False) -> dict:
     """One runner, its memory window and its failure (OOM or error) caught and recorded."""
     import torch
 
@@ -497,7 +522,8 @@ def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dic
     meter = MemoryMeter(cuda)
     try:
         with meter:
-            res = RUNNER_FNS[name](cfg, device=device, warmup=warmup, steps=steps, data=data, measured=measured)
+            res = RUNNER_FNS[name](cfg, device=device, warmup=warmup, steps=steps, data=data, measured=measured,
+                                   comm_timers=comm_timers)
     except ImportError as exc:
         res = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"}
     except BaseException as exc:  # noqa: BLE001 - a sweep must survive any failure of one runner

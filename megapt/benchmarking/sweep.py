@@ -134,19 +134,25 @@ def _classify_failure(rc: Optional[int], log_tail: str, timed_out: bool) -> tupl
     return "error", f"worker exited with code {rc}"
 
 
+def worker_command(spec_path: Path, out_path: Path, nproc: int = 1) -> list[str]:
+    if nproc > 1:  # one process per GPU, as the deepspeed/torchrun launchers do
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "megapt.benchmarking.worker", str(spec_path), str(out_path)]
+    return [sys.executable, "-m", "megapt.benchmarking.worker", str(spec_path), str(out_path)]
+
+
 def run_point_subprocess(config_files: list[str], overrides: list[str], runners: list[str], *, warmup: int,
                          steps: int, data: str, measured: dict, timeout_s: float, workdir: Path,
-                         name: str) -> dict:
+                         name: str, nproc: int = 1, comm_timers: bool = False) -> dict:
     """Run the worker for one point; always returns a dict (with whatever the worker wrote)."""
     spec = {"config_files": config_files, "overrides": overrides, "runners": runners, "warmup": warmup,
-            "steps": steps, "data": data, "measured": measured}
+            "steps": steps, "data": data, "measured": measured, "comm_timers": comm_timers}
     spec_path, out_path, log_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     t0 = time.perf_counter()
     timed_out = False
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "megapt.benchmarking.worker", str(spec_path), str(out_path)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+        proc = subprocess.Popen(worker_command(spec_path, out_path, nproc), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -182,8 +188,11 @@ def point_status(results: dict, requested: list[str]) -> str:
 
 def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, runners: list[str], *,
               warmup: int, steps: int, data: str, measured: dict, timeout_s: float,
-              log_dir: Optional[Path] = None, progress=print) -> list[dict]:
-    """Every point of the product in its own subprocess; returns the point records."""
+              log_dir: Optional[Path] = None, progress=print, nproc: int = 1, comm_timers: bool = False) -> list[dict]:
+    """Every point of the product in its own subprocess; returns the point records.
+
+    nproc > 1: the engine runs under torchrun on nproc devices; the baselines (single-device loops)
+    run in a separate one-process worker for the same point."""
     from megapt.benchmarking.report import point_ratios
 
     points = expand(axes)
@@ -208,10 +217,21 @@ def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, ru
             label = ", ".join(f"{k}={v}" for k, v in params.items()) or "base config"
             progress(f"[bench] {pid} ({i + 1}/{len(points)}) {label}: running {todo or 'nothing'}"
                      + (f", reusing {sorted(reused)}" if reused else ""))
-            sub = run_point_subprocess(config_files, base_overrides + point_overrides(params), todo, warmup=warmup,
-                                       steps=steps, data=data, measured=measured, timeout_s=timeout_s,
-                                       workdir=log_dir, name=pid) if todo else {"runners": {}, "planner": None,
-                                                                                 "returncode": 0, "wall_s": 0.0}
+            overrides = base_overrides + point_overrides(params)
+            common = dict(warmup=warmup, steps=steps, data=data, measured=measured, timeout_s=timeout_s,
+                          workdir=log_dir, comm_timers=comm_timers)
+            groups = [(todo, 1)] if nproc <= 1 else [(["engine"] if "engine" in todo else [], nproc),
+                                                     ([r for r in todo if r != "engine"], 1)]
+            sub = {"runners": {}, "planner": None, "returncode": 0, "wall_s": 0.0}
+            for j, (group, n) in enumerate(g for g in groups if g[0]):
+                part = run_point_subprocess(config_files, overrides, group, name=f"{pid}-{j}", nproc=n,
+                                            **common)
+                sub["runners"].update(part["runners"])
+                sub["planner"] = sub["planner"] or part.get("planner")
+                sub["returncode"] = sub["returncode"] or part.get("returncode")
+                sub["wall_s"] += part.get("wall_s") or 0.0
+                if "failure" in part and "failure" not in sub:
+                    sub["failure"] = part["failure"]
             results = dict(sub["runners"])
             results.update(reused)
             for r in todo:
@@ -222,7 +242,8 @@ def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, ru
             rec = {
                 "id": pid,
                 "params": params,
-                "overrides": base_overrides + point_overrides(params),
+                "overrides": overrides,
+                "nproc": nproc,
                 "status": point_status(results, runners),
                 "planner": sub.get("planner"),
                 "results": {"engine": engine} if engine is not None else {},

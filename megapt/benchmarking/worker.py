@@ -1,7 +1,8 @@
 """One benchmark point in a fresh process: ``python -m megapt.benchmarking.worker SPEC.json OUT.json``.
 
 SPEC: {"config_files": [...], "overrides": ["--model.preset=tiny", ...], "runners": ["engine", "plain"],
-       "warmup": 2, "steps": 5, "data": "synthetic"|"loader", "measured": {key: {"tflops": ...}}}
+       "warmup": 2, "steps": 5, "data": "synthetic"|"loader", "measured": {key: tflops}, "comm_timers": false}
+Under torchrun (``--nproc N``) every rank runs it; only rank 0 writes OUT.
 OUT is rewritten (atomically) after every runner, so a crash in the next runner keeps what was
 measured before it; the parent sweep reads it whatever the exit code.
 """
@@ -42,7 +43,8 @@ def run_spec(spec: dict, out_path: Path) -> dict:
     for name in spec["runners"]:
         print(f"[bench worker] runner {name}: {spec.get('overrides')}", file=sys.stderr, flush=True)
         out["runners"][name] = run_one(name, cfg, warmup=spec["warmup"], steps=spec["steps"],
-                                       data=spec.get("data", "synthetic"), measured=measured)
+                                       data=spec.get("data", "synthetic"), measured=measured,
+                                       comm_timers=bool(spec.get("comm_timers")))
         write_json_atomic(out_path, out)
     out["finished"] = time.time()
     write_json_atomic(out_path, out)
@@ -59,7 +61,11 @@ def main(argv=None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    run_spec(spec, Path(argv[1]))
+    out = Path(argv[1])
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # under torchrun every rank runs the engine; rank 0's numbers are the record
+        out = out.with_name(f"{out.name}.rank{rank}")
+    run_spec(spec, out)
     return 0
 
 

@@ -57,7 +57,8 @@ def test_two_point_sweep_writes_valid_json(tmp_path):
     for r in doc["ratios"]:
         p = points[r["point"]]
         runs = {**p["baselines"], **p["results"]}
-        path = {"tokens_per_s_total": ("tokens_per_s_total", "median"), "step_time_s": ("step_time_s", "median"),
+        path = {"tokens_per_s_total": ("tokens_per_s_total", "median"),
+                "tokens_per_s_per_device": ("tokens_per_s_per_device", "median"), "step_time_s": ("step_time_s", "median"),
                 "peak_memory_bytes": ("memory", "peak_bytes")}[r["metric"]]
         num, den = (runs[r[side]][path[0]][path[1]] for side in ("numerator", "denominator"))
         assert r["ratio"] == pytest.approx(num / den, rel=1e-12)
