@@ -17,7 +17,6 @@ document and writes ``manifest-part-i-of-K.json``; ``megapt data merge`` joins t
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from pathlib import Path
@@ -33,6 +32,29 @@ from megapt.data.manifest import (
 # --------------------------------------------------------------------------------------------
 # Shard writer: token arrays -> tar shards (reusable by tests and other tools)
 # --------------------------------------------------------------------------------------------
+
+
+_HEADER_TEMPLATE: dict[int, bytes] = {}
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """A ustar header as ``tarfile`` writes it (mode 0644, mtime 0, no owner), built fast.
+
+    Fixed metadata keeps shards byte-reproducible (same input -> same sha256).
+    """
+    tmpl = _HEADER_TEMPLATE.get(size)
+    if tmpl is None:
+        info = tarfile.TarInfo("x")
+        info.size, info.mtime, info.mode = size, 0, 0o644
+        tmpl = _HEADER_TEMPLATE[size] = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    raw = name.encode("ascii")
+    if len(raw) > 100:
+        raise ValueError(f"tar member name too long: {name!r}")
+    h = bytearray(tmpl)
+    h[0:100] = raw.ljust(100, b"\0")
+    h[148:156] = b" " * 8
+    h[148:155] = b"%06o\0" % sum(h)
+    return bytes(h)
 
 
 class ShardWriter:
@@ -52,7 +74,6 @@ class ShardWriter:
         self.shard_samples = int(shard_samples)
         self.entries: list[dict] = []
         self.n_samples = 0  # global (job-wide) sample index of the next sample
-        self._tar: tarfile.TarFile | None = None
         self._file = None
         self._in_shard = 0
 
@@ -61,27 +82,40 @@ class ShardWriter:
         self._final = self.out_dir / name
         self._tmp = self.out_dir / (name + ".tmp")
         self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._in_shard = 0
+        self._bytes = 0
 
     def add(self, sample: np.ndarray) -> None:
         sample = np.asarray(sample)
         if sample.shape != (self.sample_len,):
             raise ValueError(f"sample of shape {sample.shape}, expected ({self.sample_len},)")
-        if self._tar is None:
-            self._open()
-        data = sample.astype(self.dtype, copy=False).tobytes()
-        info = tarfile.TarInfo(sample_key(self.split, self.job, self.n_samples) + ".tokens")
-        info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible sha256
-        self._tar.addfile(info, io.BytesIO(data))
-        self.n_samples += 1
-        self._in_shard += 1
-        if self._in_shard >= self.shard_samples:
-            self._finish()
+        self.add_many(sample[None, :])
+
+    def add_many(self, samples: np.ndarray) -> None:
+        """Append the rows of a (n, sample_len) array, opening/closing shards as they fill."""
+        data = np.ascontiguousarray(samples, dtype=self.dtype)
+        i = 0
+        while i < len(data):
+            if self._file is None:
+                self._open()
+            take = min(len(data) - i, self.shard_samples - self._in_shard)
+            chunks = []
+            for row in data[i:i + take]:
+                chunks.append(_tar_header(sample_key(self.split, self.job, self.n_samples) + ".tokens", row.nbytes))
+                payload = row.tobytes()
+                chunks.append(payload + b"\0" * (-len(payload) % 512))
+                self.n_samples += 1
+            self._file.write(b"".join(chunks))
+            self._in_shard += take
+            i += take
+            if self._in_shard >= self.shard_samples:
+                self._finish()
 
     def _finish(self) -> None:
-        assert self._tar is not None and self._file is not None
-        self._tar.close()
+        assert self._file is not None
+        # end-of-archive: two zero blocks, padded to tar's 10240-byte record size
+        size = self._file.tell() + 1024
+        self._file.write(b"\0" * (1024 + (-size % tarfile.RECORDSIZE)))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -89,21 +123,21 @@ class ShardWriter:
         self.entries.append({"name": self._final.name, "samples": self._in_shard,
                              "tokens": self._in_shard * self.sample_len, "bytes": self._final.stat().st_size,
                              "sha256": sha256_file(self._final)})
-        self._tar = self._file = None
+        self._file = None
 
     def close(self) -> list[dict]:
-        if self._tar is not None:
+        if self._file is not None:
             self._finish()
         return self.entries
 
     def abort(self) -> None:
         """Drop the shard being written (its ``.tmp``); completed shards stay."""
-        if self._tar is not None:
+        if self._file is not None:
             try:
                 self._file.close()
             finally:
                 self._tmp.unlink(missing_ok=True)
-                self._tar = self._file = None
+                self._file = None
 
 
 def write_shards(samples: Iterable[np.ndarray], out_dir: str | os.PathLike, split: str, job: int = 0, *,
@@ -184,7 +218,11 @@ def _pack(docs: list[list[int]], eos: int, sample_len: int, dtype) -> tuple[np.n
     """Join docs (each + EOS), cut into rows of sample_len; returns (samples, dropped tail tokens)."""
     if not docs:
         return np.empty((0, sample_len), dtype=dtype), 0
-    flat = np.fromiter((t for d in docs for t in (*d, eos)), dtype=dtype, count=sum(len(d) + 1 for d in docs))
+    stream: list[int] = []
+    for d in docs:
+        stream += d
+        stream.append(eos)
+    flat = np.array(stream, dtype=dtype)
     n = len(flat) // sample_len
     return flat[: n * sample_len].reshape(n, sample_len), len(flat) - n * sample_len
 
@@ -344,8 +382,7 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
         blocks = iter_blocks(iter_mixed_lines(cfg, clean_dir), block_bytes, k, i)
         for res in _ordered_map(_process_block, blocks, nproc, (tok, sample_len, dtype, d.val_fraction)):
             for split in ("train", "val"):
-                for row in res[split]:
-                    writers[split].add(row)
+                writers[split].add_many(res[split])
                 docs[split] += res[f"{split}_docs"]
                 dropped += res[f"{split}_dropped"]
                 tokens_in += res[f"{split}_tokens_in"]
