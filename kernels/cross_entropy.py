@@ -13,7 +13,9 @@ PyTorch: no triton needed, runs on CPU (the model's ``chunked`` loss backend).
 ``fused_linear_cross_entropy_ref`` materialises the full logits (the reference).
 
 Memory: grad_hidden (N, C) in hidden.dtype and an fp32 (V, C) weight-gradient accumulator live
-from forward to backward; per chunk, one (chunk, V) logits buffer.
+from forward to backward (fp32 so that summing many chunks does not round at bf16 each time;
+Liger accumulates in the weight dtype and needs half of that); per chunk one (chunk, V)
+logits buffer and a bounded GEMM temporary (WGRAD_SLICE_ELEMENTS).
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ if HAS_TRITON:
     import triton.language as tl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Half-precision weight-gradient GEMMs are split over vocab rows so their temporary stays below
+# this many elements (128 MiB in bf16) before being added into the fp32 accumulator.
+WGRAD_SLICE_ELEMENTS = 1 << 26
 
 
 def fused_linear_cross_entropy_ref(hidden, weight, labels, ignore_index: int = -100, chunk_size=None):
@@ -141,8 +146,10 @@ def _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_f
         if grad_weight_needed:
             if grad_logits.dtype == acc:
                 grad_weight.addmm_(grad_logits.t(), h)  # (V, C)
-            else:  # one half-precision GEMM per chunk, summed across chunks in fp32
-                grad_weight.add_(grad_logits.t() @ h)
+            else:  # half-precision GEMMs over vocab slices, summed in fp32 (no (V, C) temporary)
+                rows = max(1, WGRAD_SLICE_ELEMENTS // C)
+                for vs in range(0, V, rows):
+                    grad_weight[vs:vs + rows] += grad_logits[:, vs:vs + rows].t() @ h
     loss = loss_rows.sum() * scale[0]
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
