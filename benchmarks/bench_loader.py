@@ -1,15 +1,15 @@
 """Loader throughput per rank: samples/s and tokens/s of ``build_loader`` at seq_len 1024.
 
 Writes synthetic shards (the DATA writer, 2048 samples a shard), then times rank 0 of a
-simulated job for DataLoader workers in {0, 2} and world sizes in {1, 8}. With world size W the
-rank keeps 1 of every W micro-batches but still reads (and checks) every shard it touches - that
-is the per-rank cost on a real job. The target is what one H100 eats when it trains the 124M
+simulated job for DataLoader workers in {0, 2}, world sizes in {1, 8, 64} and
+verify_checksums true (each process reads and hashes whole shards: with world size W a rank
+uses 1/W of every shard it reads) and false (each process reads only its members). The target is what one H100 eats when it trains the 124M
 model (~500k tokens/s, the reference consumption rate; goal for the loader: > 2M tokens/s per
 rank). The measured baseline in the same run is a bare reader: shard bytes -> numpy view ->
 batches of consecutive samples, no checks, no shuffle, no DataLoader.
 
-    python benchmarks/bench_loader.py                      # ~1 min on 2 cores
-    python benchmarks/bench_loader.py --seconds 2 --workers 0 --world-sizes 1
+    python benchmarks/bench_loader.py                      # ~2 min on 2 cores
+    python benchmarks/bench_loader.py --seconds 2 --workers 0 --world-sizes 1 --verify true
 
 Writes benchmarks/results/bench_loader-<host>-<time>.json (or --out).
 """
@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=16384, help="synthetic samples (8 shards of 2048)")
     ap.add_argument("--shard-samples", type=int, default=2048)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    ap.add_argument("--world-sizes", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--seconds", type=float, default=6.0, help="timed seconds per setting")
-    ap.add_argument("--no-verify", action="store_true", help="also time verify_checksums=false")
+    ap.add_argument("--world-sizes", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per setting")
+    ap.add_argument("--verify", choices=["true", "false", "both"], default="both",
+                    help="data.verify_checksums: true = whole shards hashed, false = single-member reads")
     ap.add_argument("--shard-dir", default="", help="use existing shards instead of synthetic ones")
     ap.add_argument("--out", default="", help="JSON path (default benchmarks/results/bench_loader-<host>-<time>.json)")
     args = ap.parse_args(argv)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         base = time_bare_reader(shard_dir, seq_len=seq_len, micro_batch=args.micro_batch, seconds=args.seconds)
         print(f"baseline bare reader: {base['tokens_per_s'] / 1e6:.2f}M tokens/s")
         runs = []
-        for verify in [True] + ([False] if args.no_verify else []):
+        for verify in {"true": [True], "false": [False], "both": [True, False]}[args.verify]:
             for world in args.world_sizes:
                 for workers in args.workers:
                     r = time_loader(shard_dir, seq_len=seq_len, micro_batch=args.micro_batch, workers=workers,
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_bare_reader": base,
         "runs": runs,
         "hardware": _fingerprint(),
+        "load_average_1_5_15min": list(os.getloadavg()),  # other work on the machine skews the numbers
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /

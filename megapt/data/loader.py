@@ -242,8 +242,9 @@ class _Plan:
 class _Reader:
     """Per-process shard cache and position -> sample mapping for one plan."""
 
-    def __init__(self, plan: _Plan):
+    def __init__(self, plan: _Plan, preload: bool = True):
         self.plan = plan
+        self.preload = preload  # member checks on whole-file reads (see _PartialShard)
         self.sample_len = plan.seq_len + 1
         smallest = min(int(c.min()) for s in plan.sets for c in [s.counts[s.counts > 0]] if c.size) or 1
         window = plan.order.shuffle_buffer if plan.order.shuffle else 1
@@ -311,7 +312,7 @@ class _Reader:
             if self.plan.partial_reads:
                 try:
                     return self.shards.put((si, j), _PartialShard(path, entry, self.sample_len, self.plan.dtype,
-                                                                  self.plan.vocab_size))
+                                                                  self.plan.vocab_size, preload=self.preload))
                 except _NotFixedLayout:
                     pass
             return self.shards.put((si, j), self._read(path, entry))
@@ -535,7 +536,8 @@ def _key_index(name: bytes) -> int | None:
 
 
 class _PartialShard:
-    """A shard read member by member (``os.pread``); used when ``verify_checksums=false``.
+    """A shard read member by member (``os.pread``, or from one whole read with ``preload``);
+    used when ``verify_checksums=false``.
 
     Opening checks the fixed layout (first and last header valid, keys ``n - 1`` apart, the
     end-of-archive blocks right after member ``n - 1``); every member read has its header
@@ -543,17 +545,29 @@ class _PartialShard:
     A process then reads only the members it needs instead of whole shards.
     """
 
-    def __init__(self, path: Path, entry: dict, sample_len: int, dtype: str, vocab_size: int):
+    def __init__(self, path: Path, entry: dict, sample_len: int, dtype: str, vocab_size: int, *,
+                 preload: bool = False):
         self.path, self.n, self.vocab_size = path, int(entry["samples"]), vocab_size
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.payload = sample_len * self.dtype.itemsize
         self.stride = _stride(sample_len, dtype)
         if self.n == 0 or entry["bytes"] < self.n * self.stride + 2 * _BLOCK:
             raise _NotFixedLayout
-        self.fd = os.open(path, os.O_RDONLY)
-        first = os.pread(self.fd, _BLOCK, 0)
-        last = os.pread(self.fd, _BLOCK, (self.n - 1) * self.stride)
-        eof = os.pread(self.fd, 2 * _BLOCK, self.n * self.stride)
+        self.fd = None
+        self.members = None  # preload: the (n, stride) member blocks, read in one go
+        if preload:  # the process uses much of the shard: one read beats a pread per member
+            buf = path.read_bytes()
+            if len(buf) != entry["bytes"]:
+                raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest says "
+                                 f"{entry['bytes']})")
+            self.members = np.frombuffer(buf, dtype=np.uint8)[:self.n * self.stride].reshape(self.n, self.stride)
+            first, last = buf[:_BLOCK], buf[(self.n - 1) * self.stride:(self.n - 1) * self.stride + _BLOCK]
+            eof = buf[self.n * self.stride:(self.n + 2) * self.stride][:2 * _BLOCK]
+        else:
+            self.fd = os.open(path, os.O_RDONLY)
+            first = os.pread(self.fd, _BLOCK, 0)
+            last = os.pread(self.fd, _BLOCK, (self.n - 1) * self.stride)
+            eof = os.pread(self.fd, 2 * _BLOCK, self.n * self.stride)
         h = np.frombuffer(first + last, dtype=np.uint8).reshape(2, _BLOCK) if len(first + last) == 2 * _BLOCK \
             else None
         self.key0 = _key_index(first[:100].split(b"\0", 1)[0])
@@ -573,13 +587,16 @@ class _PartialShard:
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (data (m, sample_len), ok (m,)): ok is False for a member that fails a check."""
         uniq, inverse = np.unique(rows, return_inverse=True)
-        buf = bytearray(len(uniq) * self.stride)
-        view = memoryview(buf)
-        for i, k in enumerate(uniq.tolist()):
-            got = os.preadv(self.fd, [view[i * self.stride:(i + 1) * self.stride]], k * self.stride)
-            if got != self.stride:
-                raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the file")
-        raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride)
+        if self.members is not None:
+            raw = self.members[uniq]  # (m, stride)
+        else:
+            buf = bytearray(len(uniq) * self.stride)
+            view = memoryview(buf)
+            for i, k in enumerate(uniq.tolist()):
+                got = os.preadv(self.fd, [view[i * self.stride:(i + 1) * self.stride]], k * self.stride)
+                if got != self.stride:
+                    raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the file")
+            raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride)
         h = raw[:, :_BLOCK]
         ok = np.array([_headers_ok(h[i:i + 1], self.payload) for i in range(len(uniq))]) \
             if not _headers_ok(h, self.payload) else np.ones(len(uniq), dtype=bool)
@@ -615,7 +632,9 @@ class _BatchStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         plan, B, M = self.plan, self.micro_batch, self.chunk
-        reader = _Reader(plan)
+        # member reads: a process that uses >= 1/4 of each shard reads it in one go instead (the
+        # same checks per member, so the same samples either way)
+        reader = _Reader(plan, preload=self.world_size * nw < 4)
         step = self.world_size * B
         c0 = plan.set_counts(self.g0)
         total = plan.total
