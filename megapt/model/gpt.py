@@ -250,6 +250,24 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+class OutputHead(nn.Linear):
+    """The LM head, (B, T, C) -> logits (B, T, V); with labels, the mean loss instead.
+
+    The loss runs inside this module's forward because ZeRO-3 gathers a module's parameters only
+    around that module's own forward: the head weight (V, C) is never touched from outside.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, backends: Backends | None = None):
+        super().__init__(d_model, vocab_size, bias=False)
+        self.backends = backends or Backends()
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)  # (B, T, V)
+        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1),
+                                        self.backends.loss)  # scalar; (chunk, V) logits at a time
+
+
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
@@ -280,7 +298,7 @@ class GPT(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
         self.layers = nn.ModuleList(Block(args, i, self.backends) for i in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, args.norm_eps, self.backends)
-        self.output = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        self.output = OutputHead(args.d_model, args.vocab_size, self.backends)
         self.tie_weights()
         cos, sin = ops.rope_cache(args.max_seq_len, args.head_dim, args.rope_theta,
                                   device=self.tok_embeddings.weight.device)
@@ -297,7 +315,7 @@ class GPT(nn.Module):
         """Switch every operation's backend (e.g. eager for a reference run)."""
         self.backends = backends
         for m in self.modules():
-            if isinstance(m, (RMSNorm, Attention)):
+            if isinstance(m, (RMSNorm, Attention, OutputHead)):
                 m.backends = backends
 
     # ---- initialisation ----
@@ -408,8 +426,7 @@ class GPT(nn.Module):
 
         logits = loss = None
         if labels is not None:
-            loss = ops.linear_cross_entropy(h.reshape(B * T, -1), self.output.weight, labels.reshape(B * T),
-                                            self.backends.loss)
+            loss = self.output(h, labels)  # fused linear + CE: no (B, T, V) logits
         else:
             logits = self.output(h)  # (B, T, V)
         return ModelOutput(logits=logits, loss=loss, hidden=h if return_hidden else None)
