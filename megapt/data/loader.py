@@ -580,9 +580,12 @@ class _PartialShard:
         return self.n
 
     def __del__(self):
-        fd = getattr(self, "fd", None)
+        fd, self.fd = getattr(self, "fd", None), None
         if fd is not None:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (data (m, sample_len), ok (m,)): ok is False for a member that fails a check."""
