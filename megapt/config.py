@@ -75,8 +75,8 @@ class TokenizerConfig:
     special_tokens: list[str] = _f(["<|endoftext|>", "<|pad|>"], "user-defined special tokens")
     eos_token: str = _f("<|endoftext|>", "document separator; must be a special token")
     pad_token: str = _f("<|pad|>", "padding token; must be a special token")
-    input_sentence_size: int = _f(2_000_000, "max sentences sampled for training (streams input)")
-    max_sentence_length: int = _f(8192, "longer lines are split for training")
+    input_sentence_size: int = _f(500_000, "max text pieces (<= max_sentence_length/4 chars) sampled for training")
+    max_sentence_length: int = _f(8192, "bytes; documents are cut at line ends into pieces of <= this/4 chars")
     character_coverage: float = _f(0.9995, "sentencepiece character coverage")
     num_threads: int = _f(0, "trainer threads; 0 = all cores")
 
