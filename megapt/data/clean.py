@@ -112,7 +112,7 @@ class Cleaner:
         self.docs_in += 1
         self.chars_in += len(text)
         out = normalize(text, self.cc)
-        if out != text:
+        if out != (text.strip("\n") if self.cc.normalize_whitespace else text):  # not counting the final newline
             self.changed += 1
         reason = reject_reason(out, self.cc)
         if reason is None and self.cc.dedup:
@@ -290,10 +290,18 @@ def iter_clean_docs(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None
 
 def add_args(parser) -> None:
     parser.add_argument("--out", default="", help="output folder (default: <work_dir>/clean)")
+    parser.add_argument("--num-shards", type=int, default=None, help="same as --data.num_shards (split job)")
+    parser.add_argument("--shard-index", type=int, default=None, help="same as --data.shard_index")
     parser.add_argument("--force", action="store_true", help="clean again even if the output is up to date")
 
 
 def cli_main(cfg, args) -> int:
+    k = args.num_shards if args.num_shards is not None else cfg.data.num_shards
+    i = args.shard_index if args.shard_index is not None else cfg.data.shard_index
+    if k < 1 or not 0 <= i < k:
+        print(f"megapt: need 0 <= shard index < num shards, got {i}/{k}")
+        return 2
+    cfg.data.num_shards, cfg.data.shard_index = k, i
     out = Path(args.out) if args.out else clean_dir_of(cfg)
     if not args.force and clean_done(out, cfg, [cfg.data.shard_index]):
         print(f"clean: {out} is up to date (same sources and rules); --force to redo")
