@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from megapt.config import ConfigError
+
 log = logging.getLogger("megapt")
 
 IGNORE_INDEX = -100
@@ -115,7 +117,7 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
     """Resolve ``model_cfg.attention/norm/rope/loss`` (``auto`` or a name) for ``device``.
 
     ``model_cfg`` is a :class:`megapt.config.ModelConfig` (anything with those four attributes and
-    optionally ``doc_mask``). Raises ``RuntimeError`` naming every requested backend that cannot
+    optionally ``doc_mask``). Raises ``ConfigError`` naming every requested backend that cannot
     run on this device or whose kernel is missing. Logs the result once per distinct choice.
     """
     device_type = torch.device(device).type
@@ -148,7 +150,8 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
                                 f"{'sdpa or eager' if op == 'attention' else 'eager'}")
         chosen[op] = want
     if problems:
-        raise RuntimeError("requested model backend(s) unavailable:\n  " + "\n  ".join(problems))
+        raise ConfigError(f"model backends: {len(problems)} requested backend(s) unavailable:\n  "
+                          + "\n  ".join(problems))
     backends = Backends(**chosen)
     if (device_type, backends) not in _LOGGED:
         _LOGGED.add((device_type, backends))

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megapt.config import ConfigError
 from megapt.model import ops
 from megapt.model.ops import Backends, select_backends
 
@@ -148,7 +149,7 @@ def test_select_backends_auto_on_cpu_and_logs_once(caplog):
 
 
 def test_select_backends_rejects_gpu_backends_on_cpu_naming_each():
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(ConfigError) as e:
         select_backends(_cfg(attention="triton", norm="cuda"), "cpu")
     assert "model.attention=triton" in str(e.value) and "model.norm=cuda" in str(e.value)
     assert "CUDA" in str(e.value)
