@@ -40,6 +40,17 @@ may get a shorter last batch or none at all - ranks can end with different batch
 (``len(loader)`` gives this rank's count from the start), and globally every sample is seen
 exactly once. A new ``iter()`` on a finished finite loader starts a new pass from the start.
 
+State
+-----
+``state_dict()`` (JSON-able, a few hundred bytes)::
+
+    {"format": "megapt-loader", "version": 1, "split": "train", "infinite": true,
+     "position": 24576,                      # global samples consumed by the yielded batches
+     "epoch": 0,                             # the smallest epoch over the sets
+     "order": {"seed": 1234, "shuffle": true, "shuffle_buffer": 1024},
+     "sets": [{"path": "shards/web", "weight": 3.0, "samples": 100000, "position": 18432, "epoch": 0},
+              {"path": "shards/code", "weight": 1.0, "samples": 20000, "position": 6144, "epoch": 0}]}
+
 Resume semantics
 ----------------
 The state is the global position: how many global samples the micro-steps this loader has
@@ -246,10 +257,11 @@ class _Reader:
         self.plan = plan
         self.preload = preload  # member checks on whole-file reads (see _PartialShard)
         self.sample_len = plan.seq_len + 1
-        smallest = min(int(c.min()) for s in plan.sets for c in [s.counts[s.counts > 0]] if c.size) or 1
+        typical = max(1, int(np.median(np.concatenate([s.counts for s in plan.sets]))))
         window = plan.order.shuffle_buffer if plan.order.shuffle else 1
-        # a window spans at most ceil(window / smallest) + 1 shards; keep one more per set
-        self.shards = _LRU(max(2, math.ceil(max(window, 1) / smallest) + 2) * len(plan.sets))
+        # a shuffle window spans about window / typical + 1 shards; keep one more per set (a smaller
+        # cache only costs re-reads, never correctness)
+        self.shards = _LRU(min(32, math.ceil(max(window, 1) / typical) + 2) * len(plan.sets))
         self.perms = _LRU(256)
         self.bad: dict[tuple[int, int], str] = {}  # shards found bad (reported, counted)
         self.unusable: set[tuple[int, int]] = set()  # bad shards none of whose samples are used
