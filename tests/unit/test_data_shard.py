@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import tarfile
 from collections import Counter
 
@@ -220,3 +221,22 @@ def test_shards_record_the_tokenizer_they_were_made_with(corpus, tmp_path):
     m = run_job(cfg, tok, tmp_path)
     assert m["tokenizer_sha256"] == hashlib.sha256(cfg.tokenizer_path.read_bytes()).hexdigest()
     assert m["vocab_size"] == Tokenizer.load(cfg.tokenizer_path).vocab_size and m["eos_id"] == tok.eos_id
+
+
+def test_shards_are_standard_tars_that_webdataset_reads(tmp_path):
+    import webdataset as wds
+
+    rows = [np.arange(i, i + 9, dtype=np.uint16) for i in range(7)]
+    m = write_token_dataset(tmp_path, {"train": rows}, seq_len=8, vocab_size=500, shard_samples=4)
+    # same bytes as Python's tarfile module would write for these members
+    ref = tmp_path / "ref.tar"
+    with tarfile.open(ref, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, r in enumerate(rows[:4]):
+            info = tarfile.TarInfo(f"train-000-{i:09d}.tokens")
+            info.size, info.mtime, info.mode = r.nbytes, 0, 0o644
+            tf.addfile(info, io.BytesIO(r.tobytes()))
+    assert (tmp_path / "train-000-00000.tar").read_bytes() == ref.read_bytes()
+    urls = [str(tmp_path / e["name"]) for e in m["splits"]["train"]["shards"]]
+    got = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [s["__key__"] for s in got] == [f"train-000-{i:09d}" for i in range(7)]
+    assert all(np.array_equal(np.frombuffer(s["tokens"], "<u2"), r) for s, r in zip(got, rows))
