@@ -360,6 +360,15 @@ class GPT(nn.Module):
     def reset_parameters(self, seed: int = 0) -> None:
         self.init_weights(seed)
 
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
+        """``nn.Module.to_empty`` that keeps the model usable without ``init_weights``: it
+        re-ties the head (to_empty makes a new tensor per module) and recomputes the RoPE tables
+        (buffers that no checkpoint holds), so ``to_empty`` + ``load_state_dict`` is complete."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        self.reset_rope_cache()
+        return self
+
     def reset_rope_cache(self) -> None:
         cos, sin = ops.rope_cache(self.args.max_seq_len, self.args.head_dim, self.args.rope_theta,
                                   device=self.rope_cos.device)

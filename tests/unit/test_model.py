@@ -110,6 +110,18 @@ def test_meta_build_then_init_equals_direct_build(tied):
     assert not torch.equal(other.layers[0].attention.wq.weight, direct.layers[0].attention.wq.weight)
 
 
+def test_meta_build_then_load_state_dict_without_init_is_complete():
+    args = small_args(tie_embeddings=True)
+    direct = GPT(args, SDPA, seed=5)
+    with torch.device("meta"):
+        lazy = GPT(args, SDPA)
+    lazy.to_empty(device="cpu")
+    lazy.load_state_dict(direct.state_dict())  # RoPE tables are not in it: to_empty rebuilt them
+    assert lazy.output.weight is lazy.tok_embeddings.weight
+    x = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(lazy(x).logits, direct(x).logits)
+
+
 def test_init_scales_residual_projections():
     args = small_args(n_layers=8, d_model=128, ffn_hidden=512, init_std=0.05)
     m = GPT(args, seed=0)
