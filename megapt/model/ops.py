@@ -237,9 +237,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
 
 def rope_cache(max_seq_len: int, head_dim: int, theta: float = 10000.0,
                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (max_seq_len, head_dim // 2) in fp32: angle[p, i] = p * theta^(-2i/hs)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    """cos, sin of shape (max_seq_len, head_dim // 2) in fp32: angle[p, i] = p * theta^(-2i/hs).
+
+    The aranges are integer and cast after: ``deepspeed.zero.Init(dtype=bf16)`` turns floating
+    tensors made by ``torch.arange`` into bf16, which rounds positions above 256.
+    """
+    dims = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).to(torch.float32)
+    inv_freq = 1.0 / (theta ** (dims / head_dim))  # (hs/2,)
+    pos = torch.arange(max_seq_len, device=device, dtype=torch.int64).to(torch.float32)
     angles = torch.outer(pos, inv_freq)  # (max_seq_len, hs/2)
     return angles.cos(), angles.sin()
 

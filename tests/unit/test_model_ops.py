@@ -102,6 +102,21 @@ def test_rope_rotate_half_convention_and_relative_positions():
     torch.testing.assert_close(per_sample[1:], shared)
 
 
+def test_rope_tables_survive_zero_init_style_bf16_constructors(monkeypatch):
+    """deepspeed.zero.Init(dtype=bf16) wraps torch.arange so floating results become bf16;
+    positions above 256 would round and every later token would get a wrong rotation."""
+    want = ops.rope_cache(1024, 64, 10000.0)
+    orig = torch.arange
+
+    def arange_like_zero_init(*args, **kwargs):
+        t = orig(*args, **kwargs)
+        return t.to(torch.bfloat16) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "arange", arange_like_zero_init)
+    got = ops.rope_cache(1024, 64, 10000.0)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------- linear + cross-entropy
 
 
