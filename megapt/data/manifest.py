@@ -378,6 +378,9 @@ def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True) -> dict
         docs={s: sum(m.get("docs", {}).get(s, 0) for m in ms) for s in SPLITS},
         dropped_tokens=sum(m.get("dropped_tokens", 0) for m in ms), num_jobs=k, done=list(range(k)),
         params={key: v for key, v in first.get("params", {}).items() if key != "shard_index"} or None)
+    if merged["splits"]["train"]["samples"] == 0:
+        raise ShardError(f"{shard_dir}: the {k} job(s) wrote no training sample (input too small for seq_len="
+                         f"{merged['seq_len']}?); add text or lower data.seq_len, then re-shard with --force")
     if write:
         atomic_write_json(shard_dir / MANIFEST, merged)
     return merged

@@ -20,8 +20,11 @@ from pathlib import Path
 from megapt.data.manifest import MANIFEST, ShardError, check_tokenizer, load_manifest, merge_manifests
 
 
-def prepare_data(cfg, *, log=print, progress: bool | None = None) -> Path:
-    """Make sure ``cfg.shard_dir`` holds shards for ``cfg``; returns the shard directory."""
+def prepare_data(cfg, *, log=print, progress: bool | None = None, force: bool = False) -> Path:
+    """Make sure ``cfg.shard_dir`` holds shards for ``cfg``; returns the shard directory.
+
+    ``force`` cleans and shards again (the tokenizer is kept when it exists: delete it to retrain).
+    """
     from megapt.data.clean import clean_dir_of, clean_done, format_stats, iter_mixed_docs, run_clean
     from megapt.data.shard import shard_corpus, summary
     from megapt.data.tokenizer import Tokenizer, train_tokenizer
@@ -31,19 +34,20 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None) -> Path:
     tok_path = cfg.tokenizer_path
     t_start = time.time()
 
-    if (shard_dir / MANIFEST).is_file():
+    if (shard_dir / MANIFEST).is_file() and not force:
         m = load_manifest(shard_dir)
         if not tok_path.is_file():
             raise ShardError(f"{shard_dir / MANIFEST}: shards exist but their tokenizer {tok_path} does not; "
                              f"set tokenizer.path to the .model the shards were made with")
         check_tokenizer(m, Tokenizer.load(tok_path))
+        _warn_if_stale(m, cfg, log)
         log(f"prepare: shards ready in {shard_dir} ({m['splits']['train']['samples']} train samples); nothing to do")
         return shard_dir
 
     k = cfg.data.num_shards
     clean_dir = clean_dir_of(cfg)
     t0 = time.time()
-    todo = [i for i in range(k) if not clean_done(clean_dir, cfg, [i])]
+    todo = [i for i in range(k) if force or not clean_done(clean_dir, cfg, [i])]
     if todo:
         for i in todo:
             c = copy.deepcopy(cfg)
@@ -66,7 +70,7 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None) -> Path:
     t0 = time.time()
     for i in range(k):
         m = shard_corpus(cfg, clean_dir=clean_dir, out_dir=shard_dir, tokenizer=tok, job=i, num_jobs=k,
-                         progress=progress, log=log)
+                         progress=progress, log=log, force=force)
         log(f"prepare: shard job {i}/{k}: {summary(m)}")
     if k > 1:
         merge_manifests(shard_dir)
@@ -76,8 +80,20 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None) -> Path:
     return shard_dir
 
 
+def _warn_if_stale(m: dict, cfg, log) -> None:
+    """Shards are reused as they are; say so when the configured sources no longer match them."""
+    from megapt.data.sources import describe_sources, sources_of
+
+    key = lambda srcs: [(s.get("path"), s.get("weight"), s.get("fingerprint")) for s in srcs]
+    now = describe_sources(sources_of(cfg.data))
+    if m.get("sources") and key(m["sources"]) != key(now):
+        log(f"prepare: warning: the shards in {cfg.shard_dir} were made from other sources or files "
+            f"({key(m['sources'])} != {key(now)}); using them anyway - `megapt data prepare --force` rebuilds them")
+
+
 def add_args(parser) -> None:
-    pass
+    parser.add_argument("--force", action="store_true",
+                        help="clean and shard again (keeps an existing tokenizer; delete it to retrain)")
 
 
 def cli_main(cfg, args) -> int:
@@ -85,7 +101,7 @@ def cli_main(cfg, args) -> int:
     from megapt.data.tokenizer import TokenizerError
 
     try:
-        prepare_data(cfg)
+        prepare_data(cfg, force=args.force)
     except (DataError, ShardError, TokenizerError) as exc:
         print(f"megapt: {exc}")
         return 1

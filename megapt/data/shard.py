@@ -291,6 +291,14 @@ def _ordered_map(fn, items: Iterator, num_proc: int, initargs: tuple) -> Iterato
 # --------------------------------------------------------------------------------------------
 
 
+def available_cores() -> int:
+    """Cores this process may run on (Slurm/cgroup affinity), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _input_fingerprint(clean_dir: Path) -> str:
     from megapt.data.clean import clean_files
 
@@ -349,7 +357,7 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     clean_dir = Path(clean_dir) if clean_dir else clean_dir_of(cfg)
     out_dir = Path(out_dir) if out_dir else cfg.shard_dir
     tok = tokenizer if tokenizer is not None else Tokenizer.load(cfg.tokenizer_path)
-    nproc = num_proc if num_proc is not None else (d.num_proc or os.cpu_count() or 1)
+    nproc = num_proc if num_proc is not None else (d.num_proc or available_cores())
     params = {"seq_len": d.seq_len, "shard_samples": d.shard_samples, "val_fraction": d.val_fraction,
               "tokenizer_sha256": tok.sha256, "num_shards": k, "shard_index": i, "block_bytes": block_bytes,
               "seed": cfg.run.seed, "weights": [s.weight for s in sources_of(d)],

@@ -255,7 +255,7 @@ def describe_sources(sources: list[SourceConfig]) -> list[dict]:
             h = hashlib.sha256()
             for f in files:
                 st = f.stat()
-                h.update(f"{f}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             d["files"] = len(files)
             d["fingerprint"] = h.hexdigest()[:16]
             if s.path == "stdlib":

@@ -66,3 +66,18 @@ def test_verify_without_shards_is_an_error_naming_the_manifest(tmp_path, capsys)
 
 def test_bad_shard_index_is_refused(tmp_path, capsys):
     assert main(["data", "shard", "--num-shards", "2", "--shard-index", "2", *overrides(tmp_path)]) == 2
+
+
+def test_changed_sources_are_flagged_and_force_rebuilds(tmp_path, capsys):
+    o = overrides(tmp_path)
+    assert main(["data", "prepare", *o]) == 0
+    before = load_manifest(tmp_path / "work" / "shards" / "seq32")["docs"]
+    write_jsonl(tmp_path / "raw" / "docs.jsonl", make_docs(100))  # the source changed
+    capsys.readouterr()
+    assert main(["data", "prepare", *o]) == 0
+    assert "warning: the shards" in capsys.readouterr().out
+    assert main(["data", "prepare", "--force", *o]) == 0
+    after = load_manifest(tmp_path / "work" / "shards" / "seq32")["docs"]
+    assert after["train"] + after["val"] == 100 != before["train"] + before["val"]
+    assert main(["data", "prepare", *o]) == 0
+    assert "warning" not in capsys.readouterr().out
