@@ -22,9 +22,11 @@ NVCC = shutil.which("nvcc") or (os.path.join(cpp_ext.CUDA_HOME, "bin", "nvcc") i
 @pytest.mark.skipif(not NVCC or not os.path.exists(NVCC), reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_rms_norm_kernels_compile_with_nvcc(arch, tmp_path):
-    # Compiles the real kernel translation unit (all dtype instantiations) to an object file.
+    # Compiles the real kernel translation unit (all dtype instantiations) to an object file,
+    # with the flags torch.utils.cpp_extension gives every .cu (no implicit half conversions).
     includes = [f"-I{p}" for p in cpp_ext.include_paths()] + [f"-I{CSRC}"]
-    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++20", "-O3", str(CSRC / "rms_norm_cuda.cu"),
+    flags = list(getattr(cpp_ext, "COMMON_NVCC_FLAGS", []))
+    cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++20", "-O3", *flags, str(CSRC / "rms_norm_cuda.cu"),
            "-o", str(tmp_path / f"rms_norm_{arch}.o"), *includes]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
