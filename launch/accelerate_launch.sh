@@ -31,7 +31,7 @@ done
 (( $# )) || die "no megapt arguments; usage: $0 [--num-machines N --machine-rank K --main-process-ip A] -- -c CONFIG.yaml"
 PER=${PER:-$(local_gpu_count)}
 (( PER > 0 )) || die "no GPUs found: pass --gpus-per-machine N"
-getent hosts "$MAIN_IP" >/dev/null 2>&1 || die "main process host '$MAIN_IP' does not resolve"
+getent ahosts "$MAIN_IP" >/dev/null 2>&1 || die "main process host '$MAIN_IP' does not resolve"
 
 run_preflight_plan "$MACHINES" "$PER" "$@"
 

@@ -55,8 +55,8 @@ check_hostfile() {
             log "hostfile $file: host '$host' has slots=$slots but the first host has $first_slots; use the same GPU count on every node"
             bad=1
         fi
-        if ! getent hosts "$host" >/dev/null 2>&1; then
-            log "hostfile $file: host '$host' does not resolve (getent hosts $host); fix the name or /etc/hosts/DNS"
+        if ! getent ahosts "$host" >/dev/null 2>&1; then
+            log "hostfile $file: host '$host' does not resolve (getent ahosts $host); fix the name or /etc/hosts/DNS"
             bad=1
             continue
         fi

@@ -45,11 +45,11 @@ if [[ -z $ENDPOINT ]]; then
     ENDPOINT=127.0.0.1:29400
 fi
 RDZV_HOST=${ENDPOINT%:*}
-getent hosts "$RDZV_HOST" >/dev/null 2>&1 || die "rendezvous host '$RDZV_HOST' does not resolve"
+getent ahosts "$RDZV_HOST" >/dev/null 2>&1 || die "rendezvous host '$RDZV_HOST' does not resolve"
 
 declare -a RDZV_CONF=()
 if (( NODE_RANK == 0 )); then
-    RDZV_IP=$(getent hosts "$RDZV_HOST" | awk '{print $1; exit}')
+    RDZV_IP=$(getent ahosts "$RDZV_HOST" | awk '{print $1; exit}')
     if ip -o addr show 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | grep -qxF "$RDZV_IP"; then
         RDZV_CONF=(--rdzv_conf is_host=1)
     fi
