@@ -96,6 +96,15 @@ def _kernel(backend: str, name: str) -> Callable[..., Any]:
     return fn
 
 
+def _cuda_extension_problem() -> str:
+    """Why ``megapt.kernels.cuda`` cannot build its C++ extension here ("" when it can)."""
+    check = getattr(importlib.import_module("megapt.kernels.cuda"), "extension_available", None)
+    if check is None:
+        return ""
+    ok, why = check()
+    return "" if ok else f"the CUDA extension cannot be built: {why}"
+
+
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -145,6 +154,8 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
                 problems.append(f"model.{op}=triton: triton is not installed (pip install -e '.[gpu]')")
             elif _find_kernel(want, kernel) is None:
                 problems.append(f"model.{op}={want}: {_missing(want, kernel)}")
+            elif want == "cuda" and (why := _cuda_extension_problem()):
+                problems.append(f"model.{op}=cuda: {why}")
             elif masked_op:
                 problems.append(f"model.{op}={want}: model.doc_mask needs "
                                 f"{'sdpa or eager' if op == 'attention' else 'eager'}")
