@@ -112,17 +112,19 @@ def _peaks(fp: dict, cfg: Config) -> dict:
     measured = {k: (v or {}).get("tflops") for k, v in (fp.get("measured_peak") or {}).items()}
     gpu = fp["gpu"]
     tf32 = bool(gpu.get("tf32_matmul"))
+    on_gpu = fp["device"] == "cuda"
     return {"device": fp["device"], "gpu_name": gpu.get("name"), "spec_model": gpu.get("spec_model"),
             "spec_tflops": fp.get("spec_peak_tflops"), "measured_tflops": measured,
             "measured_detail": fp.get("measured_peak"),
-            "used": select_peak(gpu.get("name"), cfg.train.precision, tf32, measured, is_cuda=gpu["available"]),
+            "used": select_peak(gpu.get("name") if on_gpu else None, cfg.train.precision, tf32, measured,
+                                is_cuda=on_gpu),
             "table": PEAK_TFLOPS}
 
 
 def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> tuple[dict, Path]:
     """Resolve the sweep, run every point in a subprocess, write JSON + plots; returns (doc, path)."""
     from megapt.benchmarking import report
-    from megapt.benchmarking.runners import RUNNERS
+    from megapt.benchmarking.runners import RUNNERS, resolve_device
     from megapt.benchmarking.sweep import load_spec, run_sweep
 
     spec = load_spec(args.spec) if args.spec else {}
@@ -144,7 +146,8 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
     precisions = {cfg.train.precision} | set(axes.get("train.precision", []))
     keys = tuple(dict.fromkeys(["fp32"] + [p for p in ("bf16", "fp16") if p in precisions]))
     print("[bench] fingerprint" + ("" if args.no_peak else " + measured matmul peak") + " ...", flush=True)
-    fp = fingerprint(measure=not args.no_peak, precisions=None if _cuda() else keys)
+    device = resolve_device(cfg.train)
+    fp = fingerprint(measure=not args.no_peak, precisions=None if device == "cuda" else keys, device=device)
     peaks = _peaks(fp, cfg)
     print(f"[bench] device {fp['device']} {fp['gpu'].get('name') or fp['cpu']['model']}; MFU peak "
           f"{peaks['used'].get('tflops')} TFLOP/s ({peaks['used']['note']})", flush=True)
@@ -178,12 +181,6 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
         print(f"[bench] plot {p}")
     print(f"[bench] wrote {out}")
     return doc, out
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run_compare(args) -> int:

@@ -250,18 +250,19 @@ def gpu_info() -> dict:
     }
 
 
-def fingerprint(measure: bool = True, precisions: Optional[tuple[str, ...]] = None) -> dict:
+def fingerprint(measure: bool = True, precisions: Optional[tuple[str, ...]] = None,
+                device: Optional[str] = None) -> dict:
     """Hardware + software identity of this run (JSON-ready).
 
     measure: also time ``torch.mm`` to report the device's measured matmul peak beside the spec
     peak (cached per process). precisions: which of bf16/fp16/tf32/fp32 to measure (default: all
-    four on a GPU, fp32 on CPU).
+    four on a GPU, fp32 on CPU). device: where to measure ("cuda" when available, else "cpu").
     """
     import torch
 
     repo = Path(__file__).resolve().parents[2]
     gpu = gpu_info()
-    device = "cuda" if gpu["available"] else "cpu"
+    device = device or ("cuda" if gpu["available"] else "cpu")
     try:
         import psutil
 

@@ -34,8 +34,9 @@ RATIO_METRICS = ("tokens_per_s_total", "tokens_per_s_per_device", "step_time_s",
 RATIO_PAIRS = (("engine", "plain"), ("engine", "hf"), ("plain", "hf"))
 RATIO_FORMULA = ("ratio = numerator / denominator of the recorded medians (memory: peak bytes); "
                  "tokens_per_s_total > 1 means the numerator is faster")
-MEMORY_FORMULA = ("CUDA: torch.cuda.max_memory_allocated (and _reserved) on device 0 over each runner; "
-                  "CPU: peak process RSS sampled every 5 ms over each runner (marked kind=rss)")
+MEMORY_FORMULA = ("CUDA: peak_bytes = torch.cuda.max_memory_allocated over a runner minus what was allocated "
+                  "when it started (device 0; raw allocated/reserved peaks beside it). CPU (kind=rss): peak "
+                  "process RSS sampled every 5 ms, including what earlier runners of the process hold")
 
 
 def metric(res: Optional[dict], name: str) -> Optional[float]:
@@ -157,11 +158,14 @@ def table(points: list[dict]) -> str:
     for p in points:
         res = runner_results(p)
         params = " ".join(f"{k.split('.')[-1]}={v}" for k, v in p["params"].items()) or "-"
-        planned = (p.get("planner") or {}).get("peak_bytes")
+        planner = p.get("planner") or {}
         for name in ("engine", "plain", "hf"):
             r = res.get(name)
             if r is None:
                 continue
+            # the planner predicts GPU memory: shown beside CUDA measurements only (and OOMs)
+            on_gpu = (r.get("memory") or {}).get("kind") == "cuda" or r.get("status") == "oom"
+            planned = planner.get("peak_bytes") if on_gpu else None
             if r.get("status") != "ok":
                 rows.append([p["id"], params, name, r.get("status", "?"), "-", "-", "-", "-", "-", "-",
                              _fmt_bytes((r.get("memory") or {}).get("peak_bytes")), _fmt_bytes(planned), "-"])
@@ -263,6 +267,9 @@ def compare(a: dict, b: dict, threshold: float = 0.05) -> tuple[list[dict], list
                        ("torch", lambda f: (f.get("software") or {}).get("torch"))):
         if get(fa) != get(fb):
             warnings.append(f"{label} differs: {get(fa)!r} vs {get(fb)!r} - numbers may not be comparable")
+    diff = _dict_diff((a.get("config") or {}).get("base") or {}, (b.get("config") or {}).get("base") or {})
+    if diff:
+        warnings.append(f"base configs differ: {', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}")
     pa = {_point_key(p): p for p in a.get("results", [])}
     pb = {_point_key(p): p for p in b.get("results", [])}
     only = sorted(set(pa) ^ set(pb))
@@ -286,6 +293,17 @@ def compare(a: dict, b: dict, threshold: float = 0.05) -> tuple[list[dict], list
                 rows.append({"point": key, "runner": runner, "metric": m, "a": va, "b": vb, "change": change,
                              "regression": worse > threshold})
     return rows, warnings
+
+
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _dict_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
 
 
 def compare_table(rows: list[dict]) -> str:

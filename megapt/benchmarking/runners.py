@@ -37,10 +37,11 @@ RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
 
 BASELINES = {
-    "plain": ("the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW "
-              "(fused on CUDA), torch.autocast for bf16/fp16 with fp32 weights, same grad clip and accumulation"),
+    "plain": ("the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW (fused on CUDA) "
+              "with the trainer's LR schedule, torch.autocast for bf16/fp16 with fp32 weights, same grad clip "
+              "and accumulation"),
     "hf": ("transformers LlamaForCausalLM with the same shapes (layers, d_model, heads, kv heads, ffn, vocab, "
-           "rope theta, tie), attn_implementation='sdpa', config built locally, torch.optim.AdamW, torch.autocast"),
+           "rope theta, tie), attn_implementation='sdpa', config built locally, the same AdamW loop as plain"),
 }
 
 
@@ -128,18 +129,22 @@ class MemoryMeter:
         self._peak_rss = max(self._peak_rss, self._proc.memory_info().rss)
 
     def result(self) -> dict:
+        """CUDA: ``peak_bytes`` is what the runner added, its allocator peak minus what was allocated when
+        it started (an earlier runner's leftovers), so runners of one process compare. CPU: the peak
+        RSS itself (freed memory is reused, not returned, so an RSS difference would under-count)."""
         import torch
 
         if self.cuda:
-            return {"kind": "cuda", "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            peak = torch.cuda.max_memory_allocated()
+            return {"kind": "cuda", "peak_bytes": peak - self._start_alloc, "peak_allocated_bytes": peak,
                     "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
                     "allocated_at_start_bytes": self._start_alloc, "peak_rss_bytes": self._peak_rss,
-                    "peak_bytes": torch.cuda.max_memory_allocated(),
-                    "note": "torch.cuda.max_memory_allocated / max_memory_reserved on device 0 over the runner"}
-        return {"kind": "rss", "peak_rss_bytes": self._peak_rss, "rss_at_start_bytes": self._start_rss,
-                "peak_bytes": self._peak_rss,
-                "note": ("CPU: process RSS peak (sampled every 5 ms) over the runner; includes the Python "
-                         "interpreter, torch and whatever earlier runners in this process still hold")}
+                    "note": ("peak_bytes = torch.cuda.max_memory_allocated over the runner minus what was "
+                             "allocated when it started (device 0); reserved beside it")}
+        return {"kind": "rss", "peak_bytes": self._peak_rss, "peak_rss_bytes": self._peak_rss,
+                "rss_at_start_bytes": self._start_rss,
+                "note": ("CPU: peak process RSS, sampled every 5 ms over the runner; includes the interpreter, "
+                         "torch and what earlier runners of the process still hold")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +441,9 @@ def _torch_loop(model, cfg, *, device: str, warmup: int, steps: int, data: str, 
     cuda = device == "cuda"
     precision = cfg.train.precision
     opt = _adamw(model, cfg.train, cuda)
+    from megapt.train.engine import lr_schedule  # plain function of the config; no deepspeed import
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))  # the trainer's warmup + decay
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
     ga = cfg.train.grad_accum
     batches = make_batches(cfg, data, device)
@@ -460,6 +468,7 @@ def _torch_loop(model, cfg, *, device: str, warmup: int, steps: int, data: str, 
             scaler.update()
         else:
             opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
 
     return timed_loop(batches, forward, backward, optimizer_step, grad_accum=ga, warmup=warmup, steps=steps, cuda=cuda)

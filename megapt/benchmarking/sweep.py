@@ -224,7 +224,7 @@ def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, ru
                                                      ([r for r in todo if r != "engine"], 1)]
             sub = {"runners": {}, "planner": None, "returncode": 0, "wall_s": 0.0}
             for j, (group, n) in enumerate(g for g in groups if g[0]):
-                part = run_point_subprocess(config_files, overrides, group, name=f"{pid}-{j}", nproc=n,
+                part = run_point_subprocess(config_files, overrides, group, name=pid if j == 0 else f"{pid}-{j}", nproc=n,
                                             **common)
                 sub["runners"].update(part["runners"])
                 sub["planner"] = sub["planner"] or part.get("planner")
