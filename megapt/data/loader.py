@@ -472,6 +472,11 @@ def _stride(sample_len: int, dtype: str) -> int:
 
 def _headers_ok(h: np.ndarray, payload: int) -> bool:
     """Are the (m, 512) headers plain ustar regular files of ``payload`` bytes with valid checksums?"""
+    return bool(_header_mask(h, payload).all())
+
+
+def _header_mask(h: np.ndarray, payload: int) -> np.ndarray:
+    """Per header of (m, 512): a plain ustar regular file of ``payload`` bytes, valid checksum?"""
     size, size_ok = _octal(h[:, 124:136])
     chk, chk_ok = _octal(h[:, 148:156])
     unsigned = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
@@ -483,7 +488,7 @@ def _headers_ok(h: np.ndarray, payload: int) -> bool:
           & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))  # regular file
           & np.all(h[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8), axis=1)
           & ~h[:, 345:500].any(axis=1))  # no ustar name prefix
-    return bool(ok.all())
+    return ok
 
 
 def _check_names(h: np.ndarray, path: Path, *, strict: bool = True) -> np.ndarray:
@@ -587,6 +592,8 @@ class _PartialShard:
         if (h is None or not _headers_ok(h, self.payload) or eof != bytes(2 * _BLOCK) or self.key0 is None
                 or key_last != self.key0 + self.n - 1):
             raise _NotFixedLayout
+        if self.members is not None:  # every member's verdict at once (the same checks as read())
+            self.data, self.ok = self._check(self.members, np.arange(self.n))
 
     def __len__(self) -> int:
         return self.n
@@ -601,27 +608,28 @@ class _PartialShard:
 
     def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (data (m, sample_len), ok (m,)): ok is False for a member that fails a check."""
-        uniq, inverse = np.unique(rows, return_inverse=True)
         if self.members is not None:
-            raw = self.members[uniq]  # (m, stride)
-        else:
-            buf = bytearray(len(uniq) * self.stride)
-            view = memoryview(buf)
-            for i, k in enumerate(uniq.tolist()):
-                got = os.preadv(self.fd, [view[i * self.stride:(i + 1) * self.stride]], k * self.stride)
-                if got != self.stride:
-                    raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the file")
-            raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride)
-        h = raw[:, :_BLOCK]
-        ok = np.array([_headers_ok(h[i:i + 1], self.payload) for i in range(len(uniq))]) \
-            if not _headers_ok(h, self.payload) else np.ones(len(uniq), dtype=bool)
-        ok &= _check_names(h, self.path, strict=False)
+            return self.data[rows], self.ok[rows]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        buf = bytearray(len(uniq) * self.stride)
+        view = memoryview(buf)
         for i, k in enumerate(uniq.tolist()):
+            got = os.preadv(self.fd, [view[i * self.stride:(i + 1) * self.stride]], k * self.stride)
+            if got != self.stride:
+                raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the file")
+        data, ok = self._check(np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride), uniq)
+        return data[inverse], ok[inverse]
+
+    def _check(self, raw: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Member blocks (m, stride) at rows ``index`` -> (payloads (m, sample_len), ok (m,))."""
+        h = raw[:, :_BLOCK]
+        ok = _header_mask(h, self.payload) & _check_names(h, self.path, strict=False)
+        for i, k in enumerate(index.tolist()):
             if ok[i] and _key_index(bytes(h[i, :100]).split(b"\0", 1)[0]) != self.key0 + k:
                 ok[i] = False  # not the member the layout puts here
         data = raw[:, _BLOCK:_BLOCK + self.payload].view(self.dtype)  # (m, sample_len)
         ok &= data.max(axis=1) < self.vocab_size
-        return data[inverse], ok[inverse]
+        return data, ok
 
 
 def _as_is(record: dict) -> dict:
