@@ -1,9 +1,11 @@
 """Fused RMSNorm forward and backward in Triton (Liger layout: jit kernels, launcher, Function).
 
-    y = x / sqrt(mean(x**2, -1) + eps) * w
+    y = (x / sqrt(mean(x**2, -1) + eps)).to(x.dtype) * w          (HF Llama / Liger "llama" casting)
 
-Math is done in fp32 and cast to ``x.dtype`` once at the end; ``rms_norm_ref`` is the same
-formula in plain PyTorch. The backward reduces the weight gradient across rows with one fp32
+The statistics are computed in fp32; the normalised row is rounded to ``x.dtype`` before the
+weight multiplies it, exactly like HF ``LlamaRMSNorm`` and the model's eager path, so the
+backends agree bit-for-bit up to the last multiply. The output is ``x.dtype``.
+``rms_norm_ref`` is the same formula in plain PyTorch. The backward reduces the weight gradient across rows with one fp32
 partial sum per program (deterministic, no atomics) and a final ``sum(0)``.
 """
 from __future__ import annotations
@@ -27,10 +29,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Plain PyTorch RMSNorm: fp32 math, output in ``x.dtype``. x (..., C), weight (C,)."""
-    xf = x.float()
+    """Plain PyTorch RMSNorm (fp32 statistics, Llama casting), output in ``x.dtype``.
+
+    x (..., C), weight (C,). fp64 inputs stay fp64 (gradient checks).
+    """
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * rstd * weight.float()).to(x.dtype)
+    return ((xf * rstd).to(x.dtype) * weight).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- jit kernels
@@ -50,7 +55,8 @@ if HAS_TRITON:
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         tl.store(RSTD + row, rstd)
-        y = x * rstd * w
+        x_hat = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)  # rounded like HF Llama
+        y = x_hat * w
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -78,7 +84,7 @@ if HAS_TRITON:
             # dx = rstd * (dy*w - x_hat * mean(dy*w*x_hat))
             dx = rstd * (dyw - x_hat * (tl.sum(dyw * x_hat, axis=0) / n_cols))
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * x_hat
+            dw_acc += dy * x_hat.to(DX.dtype.element_ty).to(tl.float32)  # the rounded x_hat the forward used
         tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
 

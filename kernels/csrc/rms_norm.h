@@ -12,7 +12,8 @@ namespace megapt {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// y (rows, cols) = x * rsqrt(mean(x^2) + eps) * w, math in fp32; rstd (rows,) fp32.
+// y (rows, cols) = round_xt(x * rsqrt(mean(x^2) + eps)) * w (HF Llama casting), statistics in
+// fp32; rstd (rows,) fp32.
 // x, y are row-major contiguous; x and y share dtype xt, w (cols,) has dtype wt.
 cudaError_t rms_norm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows,
                              int64_t cols, float eps, DType xt, DType wt, cudaStream_t stream);

@@ -60,7 +60,8 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict
   const float r = rsqrtf(ss / static_cast<float>(cols) + eps);
   if (threadIdx.x == 0) rstd[row] = r;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    yr[j] = from_float<T>(to_float(xr[j]) * r * to_float(w[j]));
+    const float x_hat = to_float(from_float<T>(to_float(xr[j]) * r));  // rounded like HF Llama
+    yr[j] = from_float<T>(x_hat * to_float(w[j]));
   }
 }
 
@@ -89,7 +90,7 @@ __global__ void rms_norm_bwd_kernel(const T* __restrict__ dy, const T* __restric
       const float x_hat = to_float(xr[j]) * r;
       const float g = to_float(dyr[j]);
       dxr[j] = from_float<T>(r * (g * to_float(w[j]) - x_hat * dot));
-      part[j] += g * x_hat;
+      part[j] += g * to_float(from_float<T>(x_hat));  // the rounded x_hat the forward used
     }
   }
 }

@@ -52,3 +52,19 @@ def test_rms_norm_bad_input_is_a_clear_error():
         rms_norm(x, torch.ones(15, device=DEVICE))
     with pytest.raises(ValueError, match="dtype"):
         rms_norm(x.double(), torch.ones(16, device=DEVICE, dtype=torch.float64))
+
+
+def test_rms_norm_uses_hf_llama_casting():
+    # HF LlamaRMSNorm (and the model's eager path): normalise in fp32, round to the input dtype,
+    # then multiply by the weight. Same result up to one rounding step of the fp32 statistics.
+    torch.manual_seed(2)
+    x = (3 * torch.randn(6, 40, device=DEVICE)).half()
+    w = (1 + 0.5 * torch.randn(40, device=DEVICE)).half()
+    xf = x.float()
+    hf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).half() * w
+    out = rms_norm(x, w, 1e-5)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, hf, rtol=2 ** -9, atol=1e-4)
+    # single rounding of x*rstd*w would differ from HF in ~1/4 of the elements
+    assert (out != hf).float().mean().item() < 0.05
+    torch.testing.assert_close(rms_norm_ref(x, w, 1e-5), hf, rtol=0, atol=0)
