@@ -820,6 +820,14 @@ class ShardLoader:
                 "epoch": min(x["epoch"] for x in sets), "order": self.plan.order.as_dict(), "sets": sets}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Continue at the saved global position (see "Resume semantics" in the module docstring)."""
+        try:
+            self._load_state(sd)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"loader state is incomplete or malformed ({type(exc).__name__}: {exc}); "
+                             f"expected what ShardLoader.state_dict() returns") from None
+
+    def _load_state(self, sd: dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
             raise ValueError(f"not a megapt loader state (format {sd.get('format') if isinstance(sd, dict) else sd!r})")
         if sd.get("version") != STATE_VERSION:

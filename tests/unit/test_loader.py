@@ -160,6 +160,8 @@ def test_state_is_small_json_and_adopts_the_saved_order(shards):
     assert first + rest == full
     with pytest.raises(ValueError, match="split"):
         loaders(cfg, shards, 1, 4, split="val", state=state)
+    with pytest.raises(ValueError, match="malformed"):
+        loaders(cfg, shards, 1, 4, state={k: v for k, v in state.items() if k != "sets"})
 
 
 # --------------------------------------------------------------------------------------------
