@@ -231,7 +231,12 @@ def plot(points: list[dict], out_stem: Path) -> tuple[list[str], Optional[str]]:
                 pts = [(pos[x], y * scale) for x, y in s[key].items() if y is not None]
                 if pts:
                     ax.plot(*zip(*sorted(pts)), marker="o", label=label)
-        for ax, title in ((ax1, "tokens/s (total)"), (ax2, "peak memory (GiB)")):
+        kinds = {(r.get("memory") or {}).get("kind") for p in points for r in runner_results(p).values()}
+        values = [y for s in series.values() for y in s["tps"].values() if y]
+        if values and max(values) / min(values) > 20:
+            ax1.set_yscale("log")
+        mem_title = "peak memory (GiB, process RSS)" if kinds == {"rss"} else "peak memory (GiB, CUDA allocated)"
+        for ax, title in ((ax1, "tokens/s (total)"), (ax2, mem_title)):
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels([str(x) for x in xs])
             ax.set_xlabel(axis)
