@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    ap.add_argument("--input-sentence-size", type=int, default=None,
+                    help="tokenizer training sample (text pieces of <= 2048 chars); default: the config's")
     ap.add_argument("--baseline-docs", type=int, default=300, help="documents for the plain-encode baseline")
     ap.add_argument("--out", default="", help="output JSON (default: benchmarks/results/bench_data-<host>-<time>.json)")
     args = ap.parse_args(argv)
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     cfg = load_config(None, [f"--run.work_dir={work}", f"--tokenizer.vocab_size={args.vocab}",
                              f"--tokenizer.model_type={args.model_type}", f"--data.seq_len={args.seq_len}",
-                             "--logging.progress=false"])
+                             "--logging.progress=false"]
+                      + ([f"--tokenizer.input_sentence_size={args.input_sentence_size}"]
+                         if args.input_sentence_size else []))
     cold = not cfg.tokenizer_path.is_file()
     t0, c0 = time.time(), _cpu_seconds()
     prepare_data(cfg, log=lambda s: print("  " + s))
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"benchmark": "bench_data", "what": "tokenize + pack + write shards of the cleaned stdlib corpus",
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv[1:],
            "config": {"vocab_size": args.vocab, "model_type": args.model_type, "seq_len": args.seq_len,
+                      "input_sentence_size": cfg.tokenizer.input_sentence_size,
                       "shard_samples": cfg.data.shard_samples, "val_fraction": cfg.data.val_fraction,
                       "clean_mb": round(clean_mb, 2)},
            "goal": {"mb_per_s_per_core": GOAL_MB_S_PER_CORE, "scaling": "near-linear"},
