@@ -55,6 +55,9 @@ PEAK_TFLOPS: dict[str, dict] = {
     # NVIDIA Ada Lovelace architecture whitepaper v1.1, RTX 4090: FP16/BF16 tensor with FP32
     # accumulate 165.2 dense (330.3*), TF32 82.6 dense, FP32 82.6 (non-tensor).
     "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    # NVIDIA Ampere GA102 GPU architecture whitepaper v2, RTX 3090: FP16/BF16 tensor with FP32
+    # accumulate 71 dense (142*), TF32 35.6 dense (71*), FP32 35.6.
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6},
     # NVIDIA V100 datasheet (2020): SXM2 tensor (fp16) 125, FP32 15.7; PCIe 112 / 14;
     # V100S PCIe 130 / 16.4. Volta has no BF16 and no TF32.
     "V100 SXM": {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7},
@@ -79,6 +82,7 @@ _NAME_PATTERNS: list[tuple[str, str]] = [
     (r"\bA10\b", "A10"),
     (r"\bL4\b", "L4"),
     (r"RTX 4090", "RTX 4090"),
+    (r"RTX 3090", "RTX 3090"),
     (r"V100S", "V100S PCIe"),
     (r"V100.*PCI", "V100 PCIe"),
     (r"V100", "V100 SXM"),

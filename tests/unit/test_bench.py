@@ -79,7 +79,8 @@ def test_hf_baseline_has_the_same_shapes_as_megapt_gpt():
     ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
     ("NVIDIA H200", "H200 SXM"), ("NVIDIA A100-SXM4-80GB", "A100 SXM"), ("NVIDIA A100-PCIE-40GB", "A100 PCIe"),
     ("NVIDIA A100 80GB PCIe", "A100 PCIe"), ("NVIDIA A10G", "A10G"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"),
-    ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("Tesla V100-SXM2-16GB", "V100 SXM"), ("Tesla V100-PCIE-32GB", "V100 PCIe"),
+    ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("NVIDIA GeForce RTX 3090", "RTX 3090"),
+    ("Tesla V100-SXM2-16GB", "V100 SXM"), ("Tesla V100-PCIE-32GB", "V100 PCIe"), ("Tesla V100S-PCIE-32GB", "V100S PCIe"),
     ("NVIDIA GeForce GTX 1080", None),
 ])
 def test_gpu_names_map_to_the_right_spec_row(name, key):
@@ -304,3 +305,38 @@ def test_document_ratios_equal_recorded_absolutes():
     assert "6*N + 12*L*H*Q*T" in doc["formulas"]["mfu"] and "8*N + 16*L*H*Q*T" in doc["formulas"]["hfu"]
     plain_row = [line for line in report.table(doc["results"]).splitlines() if " plain " in line][0]
     assert "1.50x" in plain_row  # the terminal table prints the ratio beside the absolutes
+
+
+def test_comm_time_comes_from_deepspeed_allreduce_timers():
+    class Timer:
+        def __init__(self, ms):
+            self.ms = ms
+
+        def elapsed(self, reset=True):
+            ms, self.ms = self.ms, (0.0 if reset else self.ms)
+            return ms
+
+    class Timers:
+        def __init__(self):
+            self.t = {"bwd_allreduce_microstep": Timer(250.0), "fwd_microstep": Timer(999.0),
+                      "bwd_allreduce": Timer(250.0)}  # the global timer is not counted twice
+
+        def get_timers(self):
+            return self.t
+
+        def __call__(self, name):
+            return self.t[name]
+
+    class Engine:
+        timers = Timers()
+
+        def __init__(self, on):
+            self.on = on
+
+        def wall_clock_breakdown(self):
+            return self.on
+
+    assert runners._engine_comm_timer(Engine(False)) is None  # timers off: no comm number, not a zero
+    read = runners._engine_comm_timer(Engine(True))
+    assert read() == pytest.approx(0.25)  # ms -> s
+    assert read() == 0.0  # reset after each read: one step's worth at a time
