@@ -92,3 +92,16 @@ def test_rope_bad_shapes_are_clear_errors():
         apply_rope(q, k, cos[:4], sin[:4])
     with pytest.raises(ValueError, match="share B, T and hs"):
         apply_rope(q, k[:, :4], cos, sin)
+
+
+def test_rope_half_inputs_with_fp32_tables_match_the_model_eager_math():
+    # The model keeps cos/sin in fp32 and rotates fp16/bf16 q, k in fp32, rounding once.
+    torch.manual_seed(0)
+    q = torch.randn(2, 11, 4, 32, device=DEVICE).half()
+    k = torch.randn(2, 11, 2, 32, device=DEVICE).half()
+    cos, sin = (t.float().to(DEVICE) for t in _cos_sin(11, 32))
+    qo, ko = apply_rope(q, k, cos, sin)
+    eq, ek = (t.half() for t in _hf_rope(q.float(), k.float(), cos, sin))
+    assert qo.dtype == torch.float16 and ko.dtype == torch.float16
+    torch.testing.assert_close(qo, eq, rtol=2 ** -10, atol=1e-3)
+    torch.testing.assert_close(ko, ek, rtol=2 ** -10, atol=1e-3)
