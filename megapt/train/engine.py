@@ -310,8 +310,9 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     if isinstance(model, nn.Module):
         module = model
     elif stage == 3:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        # dtype comes from the config's bf16/fp16 sections. Passing dtype= explicitly is a trap in
+        # DeepSpeed 0.19.8: with a config it is ignored for the accelerator default (bf16 on CPU).
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
             module = model()
         if init_weights is not None:
             # one parameter at a time: never more than one full tensor gathered on a rank
