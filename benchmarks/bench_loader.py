@@ -65,10 +65,10 @@ def make_shards(out: Path, samples: int, seq_len: int, vocab: int, shard_samples
 
 
 def time_loader(shard_dir: Path, *, seq_len: int, micro_batch: int, workers: int, world_size: int,
-                seconds: float, verify: bool) -> dict:
+                seconds: float, verify: bool, pin_memory: bool) -> dict:
     cfg = DataConfig(seq_len=seq_len, loader_workers=workers, verify_checksums=verify)
     ld = build_loader(cfg, shard_dir, "train", rank=0, world_size=world_size, micro_batch=micro_batch, seed=0,
-                      pin_memory=False)
+                      pin_memory=pin_memory)
     t0 = time.perf_counter()
     it = iter(ld)
     next(it)
@@ -83,6 +83,7 @@ def time_loader(shard_dir: Path, *, seq_len: int, micro_batch: int, workers: int
     it.close()
     samples = n * micro_batch / dt
     return {"workers": workers, "world_size": world_size, "micro_batch": micro_batch, "verify_checksums": verify,
+            "pin_memory": pin_memory,
             "batches": n, "seconds": round(dt, 3), "first_batch_s": round(first, 3),
             "samples_per_s": round(samples, 1), "tokens_per_s": round(samples * seq_len),
             "global_epochs_covered": round(ld.state_dict()["position"] / ld.samples_per_epoch[0], 3)}
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per setting")
     ap.add_argument("--verify", choices=["true", "false", "both"], default="both",
                     help="data.verify_checksums: true = whole shards hashed, false = single-member reads")
+    ap.add_argument("--pin-memory", choices=["auto", "true", "false"], default="auto",
+                    help="pin batches (auto: when CUDA is available, as the trainer does)")
     ap.add_argument("--shard-dir", default="", help="use existing shards instead of synthetic ones")
     ap.add_argument("--out", default="", help="JSON path (default benchmarks/results/bench_loader-<host>-<time>.json)")
     args = ap.parse_args(argv)
@@ -139,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         base = time_bare_reader(shard_dir, seq_len=seq_len, micro_batch=args.micro_batch, seconds=args.seconds)
         print(f"baseline bare reader: {base['tokens_per_s'] / 1e6:.2f}M tokens/s")
         runs = []
+        pin = torch.cuda.is_available() if args.pin_memory == "auto" else args.pin_memory == "true"
         for verify in {"true": [True], "false": [False], "both": [True, False]}[args.verify]:
             for world in args.world_sizes:
                 for workers in args.workers:
                     r = time_loader(shard_dir, seq_len=seq_len, micro_batch=args.micro_batch, workers=workers,
-                                    world_size=world, seconds=args.seconds, verify=verify)
+                                    world_size=world, seconds=args.seconds, verify=verify, pin_memory=pin)
                     r["vs_124m_h100_consumption"] = round(r["tokens_per_s"] / CONSUMPTION_124M_H100, 2)
                     r["vs_goal"] = round(r["tokens_per_s"] / GOAL, 2)
                     r["vs_bare_reader"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
