@@ -349,7 +349,7 @@ class _Reader:
         if isinstance(arr, np.ndarray):
             return arr[rows], ~none
         data, ok = arr.read(rows)
-        if ok.all():
+        if ok.all() or (si, j) in self.bad:
             return data, ok
         # members that are not what the fixed layout promises: a full read of the shard decides
         s = self.plan.sets[si]
