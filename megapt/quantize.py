@@ -34,15 +34,25 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.compute_dtype = linear.weight.dtype
+        # the LM head (OutputHead) also computes the loss when given labels: keep its backend
+        backends = getattr(linear, "backends", None)
+        self.loss_backend = getattr(backends, "loss", None)
 
     @property
     def weight(self) -> torch.Tensor:
         """Dequantised weight (out, in) in the original dtype (for code that reads ``.weight``)."""
         return (self.qweight.float() * self.scale[:, None]).to(self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), b)
+        if labels is None:
+            return F.linear(x, self.weight.to(x.dtype), b)
+        if self.loss_backend is None or b is not None:
+            raise TypeError("Int8Linear: labels are only accepted for a quantized LM head")
+        from megapt.model import ops
+
+        return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight.to(x.dtype), labels.reshape(-1),
+                                        self.loss_backend)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, int8 per-channel"

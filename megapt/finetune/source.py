@@ -89,13 +89,12 @@ def _load_weights_folder(folder: Path, cfg) -> Source:
 
 
 def _load_checkpoint(path: Path, cfg) -> Source:
-    from megapt.train import checkpoint as ckpt_mod
+    from megapt.train import consolidate
 
-    ckpt = path
-    if not (path / "megapt.json").is_file():  # a checkpoint root: newest valid step
-        ckpt = ckpt_mod.find_latest_valid(path)
-        if ckpt is None:
-            raise ConfigError(f"{path}: no valid checkpoint (step_*/ with MANIFEST.json) found")
+    try:
+        ckpt = consolidate.resolve(path)  # newest valid step of a root; manifest verified
+    except Exception as exc:  # CheckpointError
+        raise ConfigError(str(exc)) from None
     args = _args_from_json(json.loads((ckpt / "model_config.json").read_text()))
     state = consolidated_state_dict(ckpt)
     model = _build(args, cfg, state, str(ckpt))
@@ -103,10 +102,11 @@ def _load_checkpoint(path: Path, cfg) -> Source:
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 model weights of a checkpoint of any ZeRO stage (TRAIN's consolidation)."""
+    """fp32 model weights of a megapt checkpoint of any ZeRO stage (TRAIN's
+    ``megapt.train.consolidate.full_state_dict``: ZeRO partitions merged by DeepSpeed's zero_to_fp32)."""
     from megapt.train import consolidate
 
-    return consolidate.consolidated_state_dict(ckpt)
+    return {k: v.float() for k, v in consolidate.full_state_dict(Path(ckpt)).items()}
 
 
 def load_source(cfg, path: str = "") -> Source:

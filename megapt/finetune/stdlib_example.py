@@ -23,7 +23,7 @@ from pathlib import Path
 
 FAMILIES = ("email", "xml", "asyncio", "unittest", "multiprocessing", "tkinter")
 FAMILY_LINES = 12  # lines per snippet
-CAPS = {"train": 300, "val": 50, "test": 80}  # snippets per class and split
+CAPS = {"train": 120, "val": 40, "test": 60}  # snippets per class and split (CPU-sized)
 
 
 def _split_of(key: str) -> str:

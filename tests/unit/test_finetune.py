@@ -192,3 +192,23 @@ def test_unknown_freeze_pattern_is_an_error(workdir):
     _, _, args = workdir
     with pytest.raises(ValueError, match="matched no parameter"):
         apply_freezing(GPT(args, EAGER), 3, freeze_pattern=r"^nothing\.")
+
+
+def test_megapt_checkpoint_folder_loads_newest_step(workdir, tmp_path):
+    """The trainer's checkpoint layout (ZeRO 0: DeepSpeed keeps the module weights in mp_rank_00)."""
+    import dataclasses
+
+    root, _, args = workdir
+    for step, seed in ((1, 7), (2, 8)):
+        ck = tmp_path / "checkpoints" / f"step_{step:07d}"
+        (ck / "ds").mkdir(parents=True)
+        model = GPT(args, EAGER, seed=seed)
+        torch.save({"module": model.state_dict()}, ck / "ds" / "mp_rank_00_model_states.pt")
+        (ck / "model_config.json").write_text(json.dumps(dataclasses.asdict(args)))
+        (ck / "megapt.json").write_text(json.dumps({"step": step, "zero_stage": 0, "ds_tag": "ds"}))
+        from megapt.train.checkpoint import write_manifest
+
+        write_manifest(ck)
+    src = load_source(_cfg(root), str(tmp_path / "checkpoints"))
+    assert src.path.endswith("step_0000002")
+    assert torch.equal(src.model.layers[0].attention.wq.weight, model.layers[0].attention.wq.weight)
