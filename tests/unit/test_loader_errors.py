@@ -161,8 +161,9 @@ def test_token_id_beyond_vocab_raises(shards, tmp_path):
     rows = [sample(i, 1) for i in range(20)]
     rows[5][3] = 61000  # >= vocab_size 60000
     write_token_dataset(d, {"train": rows}, seq_len=8, vocab_size=60000, shard_samples=16)
-    with pytest.raises(ShardError, match="train-000-00000.tar.*vocab_size"):
-        run_global(loaders(data_cfg(), d, 1, 4), 5)
+    for verify, ranks in [(True, 1), (False, 1), (False, 4)]:  # whole shard, member checks (preload, pread)
+        with pytest.raises(ShardError, match="train-000-00000.tar.*vocab_size"):
+            run_global(loaders(data_cfg(verify_checksums=verify), d, ranks, 4), 5)
 
 
 # ---- policy skip ----
