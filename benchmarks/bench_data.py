@@ -124,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.time() - t0
             cpu = _cpu_seconds() - c0
             r = m["_run"]
-            runs.append({"num_proc": n, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "mb": round(r["bytes"] / 1e6, 2),
+            runs.append({"num_proc": n, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                         "mb": round(r["bytes"] / 1e6, 2),
                          "tokens": r["tokens"], "mb_per_s": round(r["bytes"] / 1e6 / wall, 3),
                          "mb_per_s_per_core": round(r["bytes"] / 1e6 / wall / n, 3),
                          "mb_per_cpu_s": round(r["bytes"] / 1e6 / cpu, 3),
                          "tokens_per_s": round(r["tokens"] / wall), "train_samples": m["splits"]["train"]["samples"],
                          "shards": len(m["splits"]["train"]["shards"]) + len(m["splits"]["val"]["shards"]),
                          "loadavg_1m_before": load0, "loadavg_1m_after": os.getloadavg()[0]})
-            print(f"shard with {n} proc: {runs[-1]['mb_per_s']:.2f} MB/s = {runs[-1]['mb_per_s_per_core']:.2f} MB/s/core "
+            print(f"shard with {n} proc: {runs[-1]['mb_per_s']:.2f} MB/s = "
+                  f"{runs[-1]['mb_per_s_per_core']:.2f} MB/s/core "
                   f"({runs[-1]['mb_per_cpu_s']:.2f} MB/cpu-s), {wall:.1f}s, load {load0:.1f}")
         finally:
             shutil.rmtree(out, ignore_errors=True)

@@ -452,5 +452,6 @@ def cli_main(cfg, args) -> int:
     out = Path(args.out) if args.out else cfg.shard_dir
     print(f"shard: job {i}/{k}: {summary(m)} -> {out}")
     if k > 1:
-        print(f"shard: wrote {part_name(i, k)}; once all {k} jobs are done run `megapt data merge` with the same config")
+        print(f"shard: wrote {part_name(i, k)}; once all {k} jobs are done run `megapt data merge` "
+              f"with the same config")
     return 0

@@ -231,7 +231,8 @@ def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | o
 
 def add_args(parser) -> None:
     parser.add_argument("--input", default="", help="cleaned-text folder (default: <work_dir>/clean)")
-    parser.add_argument("--out", default="", help="model path (default: tokenizer.path or <work_dir>/tokenizer/spm.model)")
+    parser.add_argument("--out", default="",
+                        help="model path (default: tokenizer.path or <work_dir>/tokenizer/spm.model)")
     parser.add_argument("--force", action="store_true", help="train even if the model file exists")
 
 

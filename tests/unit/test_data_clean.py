@@ -79,7 +79,7 @@ def test_exact_duplicates_after_cleaning_are_dropped_and_counted():
 
 
 def test_clean_job_writes_jsonl_and_stats_with_drop_counts(tmp_path):
-    docs = make_docs(30) + ["tiny", make_docs(1)[0], "∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑∑"]
+    docs = make_docs(30) + ["tiny", make_docs(1)[0], "∑" * 33]
     cfg = tiny_cfg(tmp_path, docs=docs)
     st = run_clean(cfg, progress=False)
     out = tmp_path / "work" / "clean"
@@ -102,7 +102,8 @@ def test_clean_with_nothing_left_is_a_clear_error(tmp_path):
 
 def test_cli_clean_reports_counts_and_skips_when_up_to_date(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path, docs=make_docs(10) + ["x"])
-    args = ["data", "clean", f"--run.work_dir={cfg.run.work_dir}", f"--data.sources=[{{path: '{cfg.data.sources[0].path}'}}]",
+    args = ["data", "clean", f"--run.work_dir={cfg.run.work_dir}",
+            f"--data.sources=[{{path: '{cfg.data.sources[0].path}'}}]",
             "--data.clean.min_chars=20", "--logging.progress=false"]
     assert main(args) == 0
     out = capsys.readouterr().out

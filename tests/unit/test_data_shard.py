@@ -14,7 +14,7 @@ from megapt.data.manifest import MANIFEST, ShardError, iter_shard, load_manifest
 from megapt.data.shard import shard_corpus, write_shards, write_token_dataset
 from megapt.data.sources import DataError
 from megapt.data.tokenizer import Tokenizer, train_tokenizer
-from test_data_util import make_docs, tiny_cfg
+from test_data_util import tiny_cfg
 
 
 def read_split(shard_dir, split):
