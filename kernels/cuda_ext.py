@@ -35,10 +35,12 @@ def extension_available() -> tuple[bool, str]:
         return False, "no CUDA device is visible to torch"
     if torch.version.cuda is None:
         return False, "this torch build has no CUDA support"
-    from torch.utils.cpp_extension import CUDA_HOME
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
 
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return False, "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    if not is_ninja_available():
+        return False, "ninja is not installed (torch builds extensions with it): pip install ninja"
     return True, ""
 
 
