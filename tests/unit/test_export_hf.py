@@ -106,3 +106,26 @@ def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path
     assert hf_tok.eos_token_id == tok.eos_id and hf_tok.pad_token_id == tok.pad_id
     cfg_json = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg_json["eos_token_id"] == tok.eos_id and cfg_json["pad_token_id"] == tok.pad_id
+
+
+def test_cli_export_roundtrip_hf_and_back(tmp_path, capsys):
+    from megapt.cli import main
+    from megapt.config import load_config
+    from megapt.data.tokenizer import train_tokenizer
+    from megapt.finetune.source import load_source, save_weights
+
+    cfg = load_config(overrides=["--tokenizer.vocab_size=300"])
+    train_tokenizer(cfg.tokenizer, ["def f(x):\n    return x * 2\n" * 50], tmp_path / "spm.model")
+    args = tiny_args(vocab_size=300, tie_embeddings=True)
+    model = GPT(args, EAGER, seed=9)
+    save_weights(tmp_path / "w", model, args, tmp_path / "spm.model")
+    common = [f"--run.out_dir={tmp_path}", "--logging.tensorboard=false"]
+    assert main(["export", "--format", "hf", "--from", str(tmp_path / "w"), "--out", str(tmp_path / "hf"), *common]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    assert main(["export", "--format", "megapt", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
+                 *common]) == 0
+    back = load_source(load_config(overrides=common), str(tmp_path / "back"))
+    assert back.args == args
+    for (n, p), (_, q) in zip(model.named_parameters(), back.model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert "wrote Hugging Face LlamaForCausalLM folder" in capsys.readouterr().out

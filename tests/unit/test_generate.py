@@ -81,3 +81,25 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
     prompt = torch.tensor([PROMPTS[0]])
     ref = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 5:].tolist()
     assert generate(model, [PROMPTS[0]], 8, 0.0) == [ref]
+
+
+def test_cli_generate_greedy_is_deterministic_and_stops(tmp_path, capsys):
+    from megapt.cli import main
+    from megapt.config import load_config
+    from megapt.data.tokenizer import train_tokenizer
+    from megapt.finetune.source import save_weights
+
+    cfg = load_config(overrides=["--tokenizer.vocab_size=300"])
+    tok = train_tokenizer(cfg.tokenizer, ["import os\nimport sys\n" * 40], tmp_path / "spm.model")
+    args = ModelArgs(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=tok.vocab_size,
+                     max_seq_len=64)
+    save_weights(tmp_path / "w", GPT(args, EAGER, seed=1), args, tmp_path / "spm.model")
+    argv = ["generate", "--from", str(tmp_path / "w"), "--prompt", "import", "--prompt", "import os\n",
+            "--max-tokens", "8", "--temperature", "0", f"--run.out_dir={tmp_path}"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv + ["--no-cache"]) == 0
+    assert capsys.readouterr().out == first
+    assert first.count("=== ") == 2
+    with pytest.raises(ValueError, match="a stop must be one token"):
+        main(argv + ["--stop", "import os sys"])
