@@ -102,6 +102,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,11 +473,6 @@ def _stride(sample_len: int, dtype: str) -> int:
 
 def _headers_ok(h: np.ndarray, payload: int) -> bool:
     """Are the (m, 512) headers plain ustar regular files of ``payload`` bytes with valid checksums?"""
-    return bool(_header_mask(h, payload).all())
-
-
-def _header_mask(h: np.ndarray, payload: int) -> np.ndarray:
-    """Per header of (m, 512): a plain ustar regular file of ``payload`` bytes, valid checksum?"""
     size, size_ok = _octal(h[:, 124:136])
     chk, chk_ok = _octal(h[:, 148:156])
     unsigned = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
@@ -488,31 +484,25 @@ def _header_mask(h: np.ndarray, payload: int) -> np.ndarray:
           & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))  # regular file
           & np.all(h[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8), axis=1)
           & ~h[:, 345:500].any(axis=1))  # no ustar name prefix
-    return ok
+    return bool(ok.all())
 
 
-def _check_names(h: np.ndarray, path: Path, *, strict: bool = True) -> np.ndarray:
-    """Member names of the (m, 512) headers -> ok (m,). Plain ``[A-Za-z0-9_][A-Za-z0-9_.-]*.tokens``
-    names (no '/', so no '..' part) pass here; any other gets DATA's thorough check and must end
-    in .tokens. ``strict``: raise ShardError for the first bad name instead of returning False."""
+def _check_names(h: np.ndarray, path: Path) -> None:
+    """Member names of the (m, 512) headers: plain ``[A-Za-z0-9_][A-Za-z0-9_.-]*.tokens`` names
+    (no '/', so no '..' part) pass here; any other gets DATA's thorough check (unsafe ->
+    ShardError) and must end in .tokens."""
     m = len(h)
     field_ = h[:, :100]
     length = np.where(field_.all(axis=1), 100, np.argmax(field_ == 0, axis=1))
     inside = np.arange(100)[None, :] < length[:, None]
-    ok = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
-          & np.all(field_[np.arange(m)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
-                   == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
-    for k in np.nonzero(~ok)[0]:
+    plain = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
+             & np.all(field_[np.arange(m)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
+                      == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
+    for k in np.nonzero(~plain)[0]:
         text = bytes(field_[k, :length[k]]).decode("utf-8", "replace")
-        try:
-            check_member_name(text, path)
-            if not text.endswith(".tokens"):
-                raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
-            ok[k] = True
-        except ShardError:
-            if strict:
-                raise
-    return ok
+        check_member_name(text, path)
+        if not text.endswith(".tokens"):
+            raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
 
 
 def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: str) -> np.ndarray | None:
@@ -539,6 +529,41 @@ def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: s
                          count=(len(buf) - _BLOCK) // itemsize)
     return np.lib.stride_tricks.as_strided(base, shape=(n, sample_len), strides=(stride, itemsize),
                                            writeable=False)
+
+
+def _octal_field(f: bytes) -> int | None:
+    """A numeric tar header field (leading spaces, octal digits, then NULs/spaces) -> int or None."""
+    f = f.lstrip(b" ")
+    rest = f.lstrip(b"01234567")
+    digits = f[:len(f) - len(rest)]
+    return int(digits, 8) if digits and not rest.strip(b"\0 ") else None
+
+
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tokens")  # no '/', so no '..' part
+
+
+def _member_ok(hdr: bytes, payload: int, key: int, path: Path) -> bool:
+    """One member header, checked in plain Python (cheaper than numpy for a few members): a ustar
+    regular file of ``payload`` bytes, valid checksum, safe ``.tokens`` name with sample ``key``."""
+    if (_octal_field(hdr[124:136]) != payload or hdr[156] not in (0, ord("0")) or hdr[257:262] != b"ustar"
+            or hdr[345:500].strip(b"\0")):
+        return False
+    chk = _octal_field(hdr[148:156])
+    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
+    if chk != unsigned:  # some tars sum signed chars (tarfile accepts both)
+        high = sum(b >= 128 for b in hdr) - sum(b >= 128 for b in hdr[148:156])
+        if chk != unsigned - 256 * high:
+            return False
+    name = hdr[:100].split(b"\0", 1)[0]
+    if not _PLAIN_NAME.fullmatch(name):
+        text = name.decode("utf-8", "replace")
+        try:
+            check_member_name(text, path)  # DATA's check: absolute / '..' names are unsafe
+        except ShardError:
+            return False
+        if not text.endswith(".tokens"):
+            return False
+    return _key_index(name) == key
 
 
 class _NotFixedLayout(Exception):
@@ -585,12 +610,10 @@ class _PartialShard:
             first = os.pread(self.fd, _BLOCK, 0)
             last = os.pread(self.fd, _BLOCK, (self.n - 1) * self.stride)
             eof = os.pread(self.fd, 2 * _BLOCK, self.n * self.stride)
-        h = np.frombuffer(first + last, dtype=np.uint8).reshape(2, _BLOCK) if len(first + last) == 2 * _BLOCK \
-            else None
         self.key0 = _key_index(first[:100].split(b"\0", 1)[0])
-        key_last = _key_index(last[:100].split(b"\0", 1)[0])
-        if (h is None or not _headers_ok(h, self.payload) or eof != bytes(2 * _BLOCK) or self.key0 is None
-                or key_last != self.key0 + self.n - 1):
+        if (self.key0 is None or len(first) != _BLOCK or not _member_ok(first, self.payload, self.key0, path)
+                or len(last) != _BLOCK or not _member_ok(last, self.payload, self.key0 + self.n - 1, path)
+                or eof != bytes(2 * _BLOCK)):
             raise _NotFixedLayout
         if self.members is not None:  # every member's verdict at once (the same checks as read())
             self.data, self.ok = self._check(self.members, np.arange(self.n))
@@ -622,11 +645,8 @@ class _PartialShard:
 
     def _check(self, raw: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Member blocks (m, stride) at rows ``index`` -> (payloads (m, sample_len), ok (m,))."""
-        h = raw[:, :_BLOCK]
-        ok = _header_mask(h, self.payload) & _check_names(h, self.path, strict=False)
-        for i, k in enumerate(index.tolist()):
-            if ok[i] and _key_index(bytes(h[i, :100]).split(b"\0", 1)[0]) != self.key0 + k:
-                ok[i] = False  # not the member the layout puts here
+        ok = np.array([_member_ok(raw[i, :_BLOCK].tobytes(), self.payload, self.key0 + k, self.path)
+                       for i, k in enumerate(index.tolist())], dtype=bool)
         data = raw[:, _BLOCK:_BLOCK + self.payload].view(self.dtype)  # (m, sample_len)
         ok &= data.max(axis=1) < self.vocab_size
         return data, ok
