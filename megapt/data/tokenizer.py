@@ -77,7 +77,20 @@ class Tokenizer:
         return i
 
     def _cache_is_exact(self) -> bool:
-        """Segment caching needs no dummy prefix (megapt-trained models); checked on a probe."""
+        """Segment caching is exact for BPE models without dummy prefix (megapt-trained ones).
+
+        Unigram encoding is already fast, and its Viterbi ties (e.g. 22 spaces as 8+12 or 12+8)
+        may break differently inside a segment than in the whole document, so it is not cached.
+        """
+        try:
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            proto = pb.ModelProto()
+            proto.ParseFromString(self._proto)
+            if proto.trainer_spec.model_type != pb.TrainerSpec.BPE or proto.normalizer_spec.add_dummy_prefix:
+                return False
+        except Exception:  # noqa: BLE001 - no protobuf: fall back to the plain (exact) path
+            return False
         probe = "def f(x):\n    return  x\n"
         return self.sp.encode(probe) == [i for seg in _SEGMENT.findall(probe) for i in self.sp.encode(seg)]
 

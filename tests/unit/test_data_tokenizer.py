@@ -65,10 +65,18 @@ def test_tokenizer_survives_pickling_for_worker_processes(tok):
     assert clone.encode(SAMPLES[2]) == tok.encode(SAMPLES[2]) and clone.eos_id == tok.eos_id
 
 
-def test_unigram_model_type_round_trips(tmp_path):
-    t = train_tokenizer(TokenizerConfig(model_type="unigram", vocab_size=400, num_threads=1), make_docs(150),
-                        tmp_path / "u.model")
+def test_unigram_model_type_round_trips_and_batches_like_single_encodes(tmp_path):
+    import random
+
+    rng = random.Random(0)  # indented code: whitespace pieces of 4, 8, 12, 16 spaces get learnt
+    code = ["\n".join(" " * rng.choice([4, 8, 12, 16, 20, 24]) + rng.choice(["x = 1", "return y", "foo(bar)", "(2),"])
+                      for _ in range(40)) for _ in range(60)]
+    t = train_tokenizer(TokenizerConfig(model_type="unigram", vocab_size=400, num_threads=1),
+                        make_docs(100) + code, tmp_path / "u.model")
     assert t.decode(t.encode(SAMPLES[0])) == SAMPLES[0]
+    # a 22-space run scores the same as 2+8+12 or 2+12+8: batch encoding must break ties like encode()
+    texts = SAMPLES + code[:20] + ["x),\n" + " " * 22 + "(2)", " " * 32 + "y"]
+    assert t.encode_batch(texts) == [t.sp.encode(x) for x in texts]
 
 
 def test_missing_tokenizer_error_names_path_and_command(tmp_path):
