@@ -13,8 +13,8 @@ Model states, the ZeRO paper's accounting (Rajbhandari et al. 2020), as DeepSpee
 
     precision   params  grads  optimizer (master + Adam m, v)
     bf16/fp16     2       2     4 + 8 = 12          -> the "16 bytes/param" rule
-    fp32          4       4     0 + 8 =  8 (stage 0, 3) / 4 + 8 = 12 (stages 1, 2: DeepSpeed's
-                                ZeRO-1/2 optimizer clones an fp32 master partition even in fp32)
+    fp32          4       4     0 + 8 =  8 (stage 0) / 4 + 8 = 12 (stages 1-3: DeepSpeed's ZeRO
+                                optimizers keep a separate fp32 master partition even in fp32; measured)
 
     stage 0: everything replicated; 1: optimizer /W; 2: + grads /W; 3: + params /W.
     offload_optimizer=cpu: optimizer states and the fp32 gradient partition live in host RAM.
@@ -195,7 +195,7 @@ def model_states(n_params: int, *, precision: str, zero_stage: int, world: int,
     if fp32_grad_accum:
         gb = 4 + pb  # BF16_Optimizer: fp32 accumulation buffers beside the bf16 .grad tensors
     mixed = precision != "fp32"
-    master = 4 if (mixed or zero_stage in (1, 2)) else 0
+    master = 4 if (mixed or zero_stage >= 1) else 0
     moments = 8
     shard = n_params / world
     host = 0.0
@@ -390,7 +390,7 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
     if fp32_accum:
         gnote += ", fp32 accumulation (bf16 at ZeRO-0 runs as ZeRO-1)"
     rows.append(("gradients", st.grads, f"{gb} B/param, {gnote}"))
-    master = 4 if (prec != "fp32" or stage in (1, 2)) else 0
+    master = 4 if (prec != "fp32" or stage >= 1) else 0
     onote = (f"{master}+8 B/param" + (f", /{world}" if stage >= 1 else ", replicated")
              + (", on CPU" if s.offload_optimizer else ""))
     rows.append(("optimizer states", st.optimizer, onote))

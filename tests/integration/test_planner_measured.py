@@ -34,8 +34,8 @@ def _rows(rows, precision, stage):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("precision,stage", [("fp32", 0), ("fp32", 1), ("fp32", 2),
-                                             ("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_planner_matches_deepspeed_allocations(measured, precision, stage):
     rows = _rows(measured, precision, stage)
     assert set(rows) == {"parameters", "gradients", "optimizer states"}
@@ -51,15 +51,3 @@ def test_zero_stages_shrink_what_each_rank_holds(measured):
     mean = lambda r: sum(r["measured_bytes_per_rank"]) / 2  # noqa: E731
     assert mean(s2["gradients"]) < 0.6 * mean(s1["gradients"])
     assert mean(s3["parameters"]) < 0.6 * mean(s2["parameters"])
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.xfail(reason="DeepSpeed 0.19 zero.Init(dtype=torch.float32) on the CPU accelerator partitions "
-                          "parameters in bf16 (its _set_dtype ignores dtype when fp16 is unsupported), so "
-                          "fp32 ZeRO-3 runs bf16 weights + a separate fp32 master; fixed by passing dtype=None "
-                          "(the ds_config decides) in megapt.train.engine.create_engine", strict=False)
-def test_fp32_zero3_keeps_fp32_parameters(measured):
-    rows = _rows(measured, "fp32", 3)
-    for comp, r in rows.items():
-        for m in r["measured_bytes_per_rank"]:
-            assert abs(m / r["predicted_bytes"] - 1) <= TOLERANCE, (comp, r)
