@@ -84,7 +84,8 @@ def kernel_specs(arch: int, head_dims=(64, 128), dtype: str = "bf16", all_config
                 causal_flags = (name != "fwd",)
             for causal in causal_flags:
                 for bm, bn, warps, stages, _ in configs:
-                    consts = dict(HEAD_DIM=hs, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn)
+                    consts = dict(HEAD_DIM=hs, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
+                                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32")
                     label = f"attn_{name} hs={hs} causal={causal} {bm}x{bn} w{warps} s{stages}"
                     specs.append((label, fns[name], attn_ptrs[name], consts, warps, stages))
     if not all_configs:
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Compile megapt's Triton kernels for GPUs without a GPU.")
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SMEM_LIMIT))
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--all-configs", action="store_true", help="every autotune config (slow)")
     p.add_argument("--quick", action="store_true", help="fewest compiles covering every code path (CI)")
     args = p.parse_args(argv)

@@ -59,7 +59,7 @@ if HAS_TRITON:
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kt, stride_vt,
                    offs_m, offs_n, offs_d, lo, hi, T, qk_scale,
-                   BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
         # MASK: 0 = none (full blocks), 1 = sequence end, 2 = causal diagonal + sequence end
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
@@ -70,7 +70,7 @@ if HAS_TRITON:
                 col_ok = cols < T
                 kT = tl.load(K_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
                 v = tl.load(V_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            qk = tl.dot(q, kT) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
             if MASK == 1:
                 qk = tl.where(col_ok[None, :], qk, float("-inf"))
             if MASK == 2:
@@ -80,7 +80,7 @@ if HAS_TRITON:
             alpha = tl.math.exp2(m_i - m_ij)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
             m_i = m_ij
         return acc, l_i, m_i
 
@@ -90,7 +90,7 @@ if HAS_TRITON:
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
         NH, T, GROUP, T_BUCKET,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         off_bh = tl.cast(tl.program_id(1), tl.int64)
@@ -112,15 +112,15 @@ if HAS_TRITON:
         if CAUSAL:
             diag = start_m * BLOCK_M
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       0, diag, T, qk_scale, BLOCK_N, 0)
+                                       0, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, 2)
+                                       diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, 2, DOT_PREC)
         else:
             full = (T // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       0, full, T, qk_scale, BLOCK_N, 0)
+                                       0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       full, T, T, qk_scale, BLOCK_N, 1)
+                                       full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
         acc = acc / l_i[:, None]
         tl.store(LSE + off_bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
         tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
@@ -148,7 +148,7 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
                         offs_n, offs_d, lo, hi, T, qk_scale,
-                        BLOCK_M: tl.constexpr, MASK: tl.constexpr):
+                        BLOCK_M: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
         # k, v: (BLOCK_N, HEAD_DIM) of one kv block; walks query blocks [lo, hi).
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -163,16 +163,16 @@ if HAS_TRITON:
                 do = tl.load(DO_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
                 lse = tl.load(LSE_base + offs_m, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
-            qkT = tl.dot(k, qT) * qk_scale  # (BLOCK_N, BLOCK_M)
+            qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
             pT = tl.math.exp2(qkT - lse[None, :])
             if MASK == 1:
                 pT = tl.where(row_ok[None, :], pT, 0.0)
             if MASK == 2:
                 pT = tl.where(row_ok[None, :] & (offs_m[None, :] >= offs_n[:, None]), pT, 0.0)
-            dv += tl.dot(pT.to(do.dtype), do)
-            dpT = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+            dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
         return dk, dv
 
     @triton.jit
@@ -182,7 +182,7 @@ if HAS_TRITON:
         sdo_b, sdo_h, sdo_t, sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
         NH, NKV, T, GROUP, T_BUCKET,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         start_n = tl.program_id(0) * BLOCK_N
         off_bkv = tl.cast(tl.program_id(1), tl.int64)
@@ -208,15 +208,15 @@ if HAS_TRITON:
                 # rows of the diagonal square need the causal mask; rows below it do not
                 below = tl.minimum(start_n + BLOCK_N, T)
                 dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
-                                         offs_n, offs_d, start_n, below, T, qk_scale, BLOCK_M, 2)
+                                         offs_n, offs_d, start_n, below, T, qk_scale, BLOCK_M, 2, DOT_PREC)
                 lo = below
             else:
                 lo = 0
             full = lo + ((T - lo) // BLOCK_M) * BLOCK_M
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
-                                     offs_n, offs_d, lo, full, T, qk_scale, BLOCK_M, 0)
+                                     offs_n, offs_d, lo, full, T, qk_scale, BLOCK_M, 0, DOT_PREC)
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
-                                     offs_n, offs_d, full, T, T, qk_scale, BLOCK_M, 1)
+                                     offs_n, offs_d, full, T, T, qk_scale, BLOCK_M, 1, DOT_PREC)
         dk = dk * sm_scale
         tl.store(DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -226,7 +226,7 @@ if HAS_TRITON:
     @triton.jit
     def _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t,
                       offs_m, offs_d, lo, hi, T, qk_scale,
-                      BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             if MASK == 0:
@@ -236,15 +236,15 @@ if HAS_TRITON:
                 col_ok = cols < T
                 kT = tl.load(K_base + cols[None, :] * sk_t + offs_d[:, None], mask=col_ok[None, :], other=0.0)
                 vT = tl.load(V_base + cols[None, :] * sv_t + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            qk = tl.dot(q, kT) * qk_scale  # (BLOCK_M, BLOCK_N)
+            qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
             p = tl.math.exp2(qk - lse[:, None])
             if MASK == 1:
                 p = tl.where(col_ok[None, :], p, 0.0)
             if MASK == 2:
                 p = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]), p, 0.0)
-            dp = tl.dot(do, vT)
+            dp = tl.dot(do, vT, input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
         return dq
 
     @triton.jit
@@ -254,7 +254,7 @@ if HAS_TRITON:
         sdo_b, sdo_h, sdo_t, sdq_b, sdq_h, sdq_t,
         NH, T, GROUP, T_BUCKET,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         off_bh = tl.cast(tl.program_id(1), tl.int64)
@@ -277,15 +277,15 @@ if HAS_TRITON:
         if CAUSAL:
             diag = start_m * BLOCK_M
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               0, diag, T, qk_scale, BLOCK_N, 0)
+                               0, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, 2)
+                               diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, 2, DOT_PREC)
         else:
             full = (T // BLOCK_N) * BLOCK_N
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               0, full, T, qk_scale, BLOCK_N, 0)
+                               0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               full, T, T, qk_scale, BLOCK_N, 1)
+                               full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
         dq = dq * sm_scale
         tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -353,10 +353,12 @@ def _tuned_kernel(name: str, family: str):
 def _launch(name: str, jit_fn, grid_dim0, grid_dim1, args, head_dim, causal, T, group):
     """Run ``jit_fn`` with autotuning on GPU, or the fixed interpreter blocks on CPU."""
     t_bucket = next_power_of_2(T)
-    if not isinstance(args[0], torch.Tensor) or args[0].device.type != "cuda":
+    # fp32 inputs (tests, debugging) get 3xTF32 dots, accurate to ~fp32; halves use the tensor cores as is
+    dot_prec = "tf32x3" if args[0].dtype == torch.float32 else "tf32"
+    if args[0].device.type != "cuda":
         bm, bn = _INTERPRETER_BLOCKS[name]
         jit_fn[(grid_dim0(bm, bn), grid_dim1)](
-            *args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn)
+            *args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=dot_prec)
         return
     family = gpu_family(args[0].device)
     kernel = _tuned_kernel(name, family)
@@ -364,7 +366,7 @@ def _launch(name: str, jit_fn, grid_dim0, grid_dim1, args, head_dim, causal, T, 
     def grid(meta):
         return (grid_dim0(meta["BLOCK_M"], meta["BLOCK_N"]), grid_dim1)
 
-    kernel[grid](*args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal)
+    kernel[grid](*args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, DOT_PREC=dot_prec)
     log_key = (name, family, t_bucket, head_dim, causal, group, str(args[0].dtype))
     if log_key not in _logged:
         _logged.add(log_key)
@@ -482,7 +484,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     sm_scale: float | None = None) -> torch.Tensor:
     """Flash attention with GQA. q (B, nh, T, hs), k/v (B, nkv, T, hs); hs in 16/32/64/128/256.
 
-    fp16/bf16 (fp32 also accepted) on CUDA, or CPU under TRITON_INTERPRET=1. Any T.
+    fp16/bf16 (fp32 also accepted, with 3xTF32 dots: accurate, slower) on CUDA, or CPU under TRITON_INTERPRET=1. Any T.
     sm_scale defaults to 1/sqrt(hs). Returns o (B, nh, T, hs) in q.dtype.
     """
     check_inputs(q, k, v, causal, sm_scale)
