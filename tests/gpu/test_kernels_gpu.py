@@ -74,8 +74,8 @@ def test_flash_attention_gpu_fp32_inputs():
     ref = _grads(flash_attention_ref, [q, k, v], do)
     out = _grads(flash_attention, [t.float() for t in (q, k, v)], do.float())
     for name, o, r in zip(("o", "dq", "dk", "dv"), out, ref):
-        # tl.dot uses TF32 for fp32 inputs: compare with a TF32-sized tolerance
-        assert (o.double() - r).abs().max().item() < 3e-2 * max(1.0, r.abs().max().item()), name
+        # fp32 inputs run 3xTF32 dots: close to fp32 accuracy (plain TF32 would miss this by ~100x)
+        assert (o.double() - r).abs().max().item() < 1e-4 * max(1.0, r.abs().max().item()), name
 
 
 def test_flash_attention_logs_chosen_config(caplog):
