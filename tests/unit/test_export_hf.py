@@ -129,3 +129,16 @@ def test_cli_export_roundtrip_hf_and_back(tmp_path, capsys):
     for (n, p), (_, q) in zip(model.named_parameters(), back.model.named_parameters()):
         assert torch.equal(p, q), n
     assert "wrote Hugging Face LlamaForCausalLM folder" in capsys.readouterr().out
+
+
+def test_tokenizer_without_pad_token_is_named(tmp_path):
+    import sentencepiece as spm
+
+    from megapt.export import write_hf_tokenizer
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["def f(x): return x\n"] * 200),
+                                   model_prefix=str(tmp_path / "nopad"), vocab_size=300, byte_fallback=True,
+                                   user_defined_symbols=["<|endoftext|>"], hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ExportError, match=r"no pad token '<\|pad\|>'"):
+        write_hf_tokenizer(tmp_path / "nopad.model", tmp_path / "out", "<|endoftext|>", "<|pad|>", 32)

@@ -248,3 +248,14 @@ def test_distillation_pulls_student_toward_teacher(workdir):
     before = kl_to_teacher(root / "base")
     finetune(cfg)
     assert kl_to_teacher(root / "distilled") < 0.5 * before
+
+
+def test_rows_from_csv_and_hf_dataset_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "r.csv").write_text('text,label\n"x, y",1\nz,0\n')
+    rows = D.read_rows(str(tmp_path / "r.csv"), ["text", "label"])
+    assert [r.values for r in rows] == [{"text": "x, y", "label": "1"}, {"text": "z", "label": "0"}]
+    assert rows[1].where.endswith("r.csv:3")  # line 3 in an editor (header is line 1)
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}).save_to_disk(str(tmp_path / "ds"))
+    rows = D.read_rows(str(tmp_path / "ds"), ["text", "label"])
+    assert D.infer_classes(rows, "label") == ["0", "1"] and rows[0].values["text"] == "a"
