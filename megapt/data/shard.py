@@ -313,6 +313,15 @@ def _remove_job_outputs(out_dir: Path, job: int, num_jobs: int) -> None:
     for split in ("train", "val"):
         for p in out_dir.glob(f"{split}-{job:03d}-*.tar*"):  # *.tar and leftover *.tar.tmp
             p.unlink()
+    # an earlier run split into another number of jobs: its partial manifests (and the shards of
+    # jobs that no longer exist) would make `data merge` fail or waste space
+    for p in out_dir.glob("manifest-part-*-of-*.json"):
+        if not p.name.endswith(f"-of-{num_jobs:03d}.json"):
+            p.unlink(missing_ok=True)
+    for p in out_dir.glob("*-*-*.tar*"):
+        parts = p.name.split("-")
+        if parts[0] in ("train", "val") and parts[1].isdigit() and int(parts[1]) >= num_jobs:
+            p.unlink(missing_ok=True)
     (out_dir / part_name(job, num_jobs)).unlink(missing_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # it lists this job's shards: stale from now on
 

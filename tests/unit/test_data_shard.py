@@ -240,3 +240,15 @@ def test_shards_are_standard_tars_that_webdataset_reads(tmp_path):
     got = list(wds.WebDataset(urls, shardshuffle=False))
     assert [s["__key__"] for s in got] == [f"train-000-{i:09d}" for i in range(7)]
     assert all(np.array_equal(np.frombuffer(s["tokens"], "<u2"), r) for s, r in zip(got, rows))
+
+
+def test_resharding_with_another_job_count_replaces_the_old_split(corpus, tmp_path):
+    cfg, tok = corpus
+    for i in range(3):
+        run_job(cfg, tok, tmp_path, job=i, num_jobs=3, block_bytes=4096)
+    merge_manifests(tmp_path)
+    m = run_job(cfg, tok, tmp_path, block_bytes=4096)  # now as one job: writes manifest.json itself
+    assert load_manifest(tmp_path)["jobs"] == {"num_shards": 1, "done": [0]}
+    assert not list(tmp_path.glob("manifest-part-*-of-003.json"))
+    assert not list(tmp_path.glob("*-001-*.tar")) and not list(tmp_path.glob("*-002-*.tar"))
+    assert verify_dir(tmp_path) == (len(m["splits"]["train"]["shards"]) + len(m["splits"]["val"]["shards"]), [])
