@@ -201,6 +201,7 @@ def run_clean(cfg, out_dir: str | os.PathLike | None = None, *, progress: bool =
     for p in out_dir.glob("*-part*-of*"):  # outputs of an earlier run split into another number of jobs
         if not p.name.split("-of")[-1].startswith(f"{k:03d}"):
             p.unlink()
+    (out_dir / stats_name(i, k)).unlink(missing_ok=True)  # this part is not done until its stats are back
     t0 = time.time()
     cleaner = Cleaner(cfg.data.clean)
     srcs = sources_of(cfg.data)
