@@ -133,6 +133,9 @@ class Trainer:
         self.tokenizer = Tokenizer.load(cfg.tokenizer_path)
         self.manifest = load_manifest(self.shard_dir)
         self.val_samples = int(self.manifest["splits"].get("val", {}).get("samples", 0))
+        if self.val_samples == 0:
+            log.warning("%s has no validation samples (data.val_fraction=%s): evaluation is skipped",
+                        self.shard_dir / "manifest.json", cfg.data.val_fraction)
 
         # ---- model and engine ----
         from megapt.model import ops
@@ -241,18 +244,30 @@ class Trainer:
         gn = eng.get_global_grad_norm()
         gn = float(gn) if gn is not None else None
         applied = bool(eng.was_step_applied())
-        nonfinite = (not math.isfinite(float(local))) or (gn is not None and not math.isfinite(gn))
-        # one collective: [sum of finite losses, any non-finite, any not applied]
-        flags = torch.tensor([float(local) if math.isfinite(float(local)) else 0.0,
-                              float(nonfinite), float(not applied)], dtype=torch.float64,
-                             device=eng.device if self.device == "cuda" else "cpu")
+        loss_bad = not math.isfinite(float(local))
+        norm_bad = gn is not None and not math.isfinite(gn)
+        # one collective: [sum of finite losses, any loss non-finite, any grad norm non-finite, any not applied]
+        flags = torch.tensor([0.0 if loss_bad else float(local), float(loss_bad), float(norm_bad), float(not applied)],
+                             dtype=torch.float64, device=eng.device if self.device == "cuda" else "cpu")
         if self.world_size > 1:
             torch.distributed.all_reduce(flags)
-        bad = flags[1].item() > 0 or flags[2].item() > 0
+        any_loss_bad, any_norm_bad, any_not_applied = (flags[i].item() > 0 for i in (1, 2, 3))
+        if self.cfg.train.precision == "fp16":
+            # fp16: an overflowing step with a finite loss is the loss scaler at work (DeepSpeed skips
+            # it and lowers the scale); only a non-finite loss counts as a bad step
+            bad = any_loss_bad
+            scaler_skip = any_not_applied and not bad
+        else:
+            bad = any_loss_bad or any_norm_bad or any_not_applied
+            scaler_skip = False
+        nonfinite = loss_bad or norm_bad
         dt = time.perf_counter() - t0
         out = {"loss": flags[0].item() / self.world_size if not bad else float("nan"), "lr": lr,
-               "grad_norm": gn, "step_time_s": dt, "skipped": bad}
-        if bad:
+               "grad_norm": gn, "step_time_s": dt, "skipped": bad or scaler_skip}
+        if scaler_skip:
+            self.skipped_total += 1
+            log.info("step attempt %d: fp16 gradient overflow, update skipped and loss scale lowered", self.attempt)
+        elif bad:
             self.skipped_total += 1
             self.bad_in_row += 1
             if applied and nonfinite:  # cannot happen with the optimizers we build; say so loudly if it does
@@ -391,7 +406,7 @@ class Trainer:
                 if out["skipped"]:
                     self.metrics.record("event", self.step, {"skipped_attempt": self.attempt,
                                                              "bad_in_row": self.bad_in_row})
-                    if self.bad_in_row >= t.max_bad_steps:
+                    if self.bad_in_row and self.bad_in_row >= t.max_bad_steps:
                         where = self.last_checkpoint or "none saved yet"
                         log.error("stopping: %d steps in a row had a non-finite loss or gradient norm (train.max_bad_steps"
                                   "=%d) after step %d. The last good checkpoint is kept: %s. Lower train.lr, raise "
@@ -453,7 +468,9 @@ class Trainer:
                 preempt.uninstall()
             self.metrics.close()
 
-    def _eval_and_log(self) -> dict:
+    def _eval_and_log(self) -> Optional[dict]:
+        if self.val_samples == 0:
+            return None
         v = self.evaluate()
         log.info("eval step %d: val_loss %.4f | val_ppl %.2f (%d tokens)", self.step, v["val_loss"], v["val_ppl"],
                  v["val_tokens"])
@@ -476,6 +493,7 @@ def cli_main(cfg: Config, args: Any) -> int:
     if getattr(args, "resume", False):
         cfg.checkpoint.resume = True
     from megapt.data.manifest import ShardError
+    from megapt.data.sources import DataError
 
     trainer = None
     try:
@@ -486,7 +504,7 @@ def cli_main(cfg: Config, args: Any) -> int:
     except ckpt_lib.CheckpointError as exc:
         print(f"megapt train: checkpoint error: {exc}", file=sys.stderr)
         return EXIT_CHECKPOINT
-    except (ShardError, FileNotFoundError) as exc:
+    except (ShardError, DataError, FileNotFoundError) as exc:
         print(f"megapt train: data error: {exc}", file=sys.stderr)
         return EXIT_DATA
     except KeyboardInterrupt:
