@@ -201,3 +201,46 @@ def test_planner_runs_the_stage_the_engine_runs():
         for stage in range(4):
             cfg = load_config([], [f"--train.precision={precision}", f"--deepspeed.zero_stage={stage}"])
             assert P.engine_stage(precision, stage)[0] == effective_zero_stage(cfg)
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+def _plan_cli(capsys, *argv):
+    from megapt.cli import main
+
+    rc = main(["plan", *argv])
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_cli_prints_the_table_and_exits_0_when_it_fits(capsys):
+    rc, text = _plan_cli(capsys, "-c", "configs/7b.yaml")
+    assert rc == 0, text
+    for row in ("parameters", "gradients", "optimizer states", "activations", "logits / loss",
+                "ZeRO buffers", "CUDA context", "peak per GPU", "host RAM per node", "largest micro_batch"):
+        assert row in text
+
+
+def test_cli_exits_1_with_a_fitting_suggestion_when_it_does_not_fit(capsys):
+    rc, text = _plan_cli(capsys, "-c", "configs/7b.yaml", "--nodes", "1", "--gpus-per-node", "8",
+                         "--deepspeed.zero_stage=0", "--train.activation_checkpointing=false")
+    assert rc == 1 and "DOES NOT FIT" in text
+    line = next(x for x in text.splitlines() if x.strip().startswith("x1") or x.strip().startswith("x2"))
+    overrides = [w for w in line.split() if w.startswith("--")]
+    assert overrides
+    rc2, text2 = _plan_cli(capsys, "-c", "configs/7b.yaml", "--deepspeed.zero_stage=0",
+                           "--train.activation_checkpointing=false", *overrides)
+    assert rc2 == 0, text2
+
+
+def test_cli_exits_2_naming_the_key_when_the_world_size_does_not_divide_the_batch(capsys):
+    rc, text = _plan_cli(capsys, "-c", "configs/70b.yaml", "--nodes", "6")
+    assert rc == 2
+    assert "plan.global_batch" in text and "48" in text
+
+
+def test_cli_says_nothing_fits_when_nothing_does(capsys):
+    rc, text = _plan_cli(capsys, "-c", "configs/70b.yaml", "--nodes", "1", "--gpus-per-node", "1",
+                         "--plan.global_batch=0", "--gpu", "a10g", "--cpu-mem-gb", "64")
+    assert rc == 1 and "nothing fits" in text
