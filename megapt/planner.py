@@ -407,8 +407,12 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
     buckets = 0.0
     bnote = ""
     bucket_gb = precision_bytes(prec)[1]
-    if stage <= 2:
-        # DeepSpeed allocates the whole bucket (reduce_bucket_size elements) whatever the model size
+    if stage == 0:
+        # plain data parallel: gradients are flattened into all-reduce buffers of at most the model size
+        buckets = min(ds.reduce_bucket_size, n) * bucket_gb
+        bnote = "all-reduce flatten buffer"
+    elif stage <= 2:
+        # ZeRO-1/2 allocate the whole bucket (reduce_bucket_size elements) whatever the model size
         reduce = ds.reduce_bucket_size * bucket_gb * (2 if ds.overlap_comm else 1)
         buckets = reduce
         bnote = f"reduce bucket{' x2 (overlap_comm)' if ds.overlap_comm else ''}"
