@@ -65,7 +65,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, default=1,
                    help="devices per point: the engine runs under torchrun with this many processes")
     p.add_argument("--comm-timers", dest="comm_timers", choices=("auto", "on", "off"), default="auto",
-                   help="DeepSpeed wall_clock_breakdown for the exposed all-reduce time (auto: on when nproc > 1)")
+                   help="time DeepSpeed's gradient reduction (engine.allreduce_gradients) as comm_s (auto: on when nproc > 1)")
     p.add_argument("--no-peak", action="store_true", help="skip the measured torch.mm peak")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.add_argument("--logs", default="", help="keep each point's worker log in this folder")

@@ -153,7 +153,7 @@ def _fmt(x, spec=".0f", scale=1.0) -> str:
 
 def table(points: list[dict]) -> str:
     head = ["point", "params", "runner", "status", "tok/s total", "IQR", "step ms", "data/fwd/bwd/opt ms",
-            "MFU%", "HFU%", "peak mem", "planner", "vs engine"]
+            "comm ms", "MFU%", "HFU%", "peak mem", "planner", "vs engine"]
     rows = []
     for p in points:
         res = runner_results(p)
@@ -167,7 +167,7 @@ def table(points: list[dict]) -> str:
             on_gpu = (r.get("memory") or {}).get("kind") == "cuda" or r.get("status") == "oom"
             planned = planner.get("peak_bytes") if on_gpu else None
             if r.get("status") != "ok":
-                rows.append([p["id"], params, name, r.get("status", "?"), "-", "-", "-", "-", "-", "-",
+                rows.append([p["id"], params, name, r.get("status", "?"), "-", "-", "-", "-", "-", "-", "-",
                              _fmt_bytes((r.get("memory") or {}).get("peak_bytes")), _fmt_bytes(planned), "-"])
                 continue
             ph = r.get("phases_s", {})
@@ -180,6 +180,7 @@ def table(points: list[dict]) -> str:
             rows.append([p["id"], params, name + (" (reused)" if r.get("reused_from") else ""), "ok",
                          _fmt(r["tokens_per_s_total"]["median"]), _fmt(r["tokens_per_s_total"]["iqr"]),
                          _fmt(r["step_time_s"]["median"], ".0f", 1e3), split,
+                         _fmt((r.get("comm_s") or {}).get("median"), ".0f", 1e3),
                          _fmt((r.get("mfu") or {}).get("median"), ".2f", 100),
                          _fmt((r.get("hfu") or {}).get("median"), ".2f", 100),
                          _fmt_bytes(mem.get("peak_bytes")) + (" rss" if mem.get("kind") == "rss" else ""),

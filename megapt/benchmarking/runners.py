@@ -10,8 +10,8 @@ measured step with a wall clock split into phases:
     optimizer  engine.step() / clip + AdamW.step() + zero_grad()
 
 On CUDA each phase ends with ``torch.cuda.synchronize()`` so the split is honest (costs a few
-microseconds per phase). Communication inside backward is reported separately only when
-DeepSpeed's own timers are on (``wall_clock_breakdown``); otherwise it is null and said so.
+microseconds per phase). Communication inside backward is reported separately (``comm_s``) with
+comm timers on: the time inside DeepSpeed's ``engine.allreduce_gradients``; otherwise null, said so.
 
 Runners:
     engine  megapt.train.engine.create_engine around megapt's GPT (ZeRO stage, precision as configured)
@@ -306,10 +306,11 @@ def summarize_records(out: dict, *, world_size: int, flops: dict, peak: dict) ->
         "step_time_s": summarize(r["step_time_s"] for r in recs),
         "phases_s": {name: summarize(r["phases"].get(name, 0.0) for r in recs) for name in phase_names},
         "comm_s": summarize(comm) if comm else None,
-        "comm_note": ("DeepSpeed bwd_allreduce timer: gradient reduction not overlapped with backward (inside the "
-                      "backward phase)" if comm else
+        "comm_note": ("time in DeepSpeed's engine.allreduce_gradients after backward's compute (CUDA synchronised "
+                      "before and after): the gradient reduction not overlapped with backward; it is part of the "
+                      "backward phase" if comm else
                       "communication is inside backward (and step with ZeRO); measured separately only with "
-                      "--comm-timers (DeepSpeed wall_clock_breakdown); single-process runs have none"),
+                      "--comm-timers (on by default with --nproc > 1)"),
         "mfu": summarize(mfu) if peak.get("tflops") else None,
         "hfu": summarize(hfu) if peak.get("tflops") else None,
         "flops": flops,
@@ -348,44 +349,45 @@ def _flops_for(args, seq_len: int, recompute: bool, model=None) -> dict:
     return info
 
 
-def _engine_comm_timer(engine) -> Optional[Callable[[], Optional[float]]]:
-    """Seconds DeepSpeed spent in gradient all-reduce since the last call, when its timers are on."""
-    if not (hasattr(engine, "wall_clock_breakdown") and engine.wall_clock_breakdown()):
-        return None
-    timers = getattr(engine, "timers", None)
-    if timers is None or not hasattr(timers, "get_timers"):
-        return None
+def _engine_comm_timer(engine, cuda: bool) -> Callable[[], Optional[float]]:
+    """Time DeepSpeed's gradient reduction: wraps ``engine.allreduce_gradients`` (what its
+    ``bwd_allreduce`` timer covers; the engine calls it at the end of every backward). CUDA is
+    synchronised before and after, so this is the reduction left after backward's compute (the part
+    not overlapped). Returns a reader: seconds since the last read.
 
-    def read() -> Optional[float]:
-        names = [n for n in timers.get_timers() if "allreduce" in n and n.endswith("microstep")]
-        if not names:
-            return None
-        return sum(timers(n).elapsed(reset=True) for n in names) / 1e3
+    (DeepSpeed's own wall_clock_breakdown timers cannot be used: 0.19.8 starts them in a backward
+    hook registered only on tensor/tuple/list/dict outputs, and GPT returns a ModelOutput
+    dataclass, so the stop asserts "timer is not started".)"""
+    import torch
+
+    orig = engine.allreduce_gradients
+    acc = [0.0]
+
+    def timed(*args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            acc[0] += time.perf_counter() - t0
+
+    engine.allreduce_gradients = timed
+
+    def read() -> float:
+        value, acc[0] = acc[0], 0.0
+        return value
 
     return read
-
-
-def _with_wall_clock_breakdown(cfg, tmp_dir: str):
-    """A copy of cfg whose ds_config turns DeepSpeed's own timers on (through deepspeed.config_file)."""
-    import dataclasses
-    import json
-
-    user = {}
-    if cfg.deepspeed.config_file:
-        user = json.loads(open(cfg.deepspeed.config_file, encoding="utf-8").read())
-    user["wall_clock_breakdown"] = True
-    path = os.path.join(tmp_dir, "ds_wall_clock_breakdown.json")
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(user, f)
-    return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, config_file=path))
 
 
 def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict,
                comm_timers: bool = False) -> dict:
     """The trainer's engine set-up (megapt.train.dist + create_engine), timed by our loop.
 
-    comm_timers: turn on DeepSpeed's wall_clock_breakdown and report its gradient all-reduce timer
-    (the part of the reduction not overlapped with backward) as comm_s."""
+    comm_timers: time DeepSpeed's gradient reduction (``_engine_comm_timer``) and report it as comm_s."""
     from megapt.model import ops
     from megapt.model.gpt import GPT
     from megapt.train import dist as mdist
@@ -400,10 +402,6 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     backends = ops.select_backends(cfg.model, device)
     seed = cfg.run.seed
     flops = _flops_for(args, cfg.data.seq_len, cfg.train.activation_checkpointing)
-    if comm_timers:
-        import tempfile
-
-        cfg = _with_wall_clock_breakdown(cfg, tempfile.mkdtemp(prefix="megapt-bench-ds-"))
     bundle = create_engine(cfg, lambda: GPT(args, backends, seed=seed), world_size=world,
                            init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
     engine = bundle.engine
@@ -415,7 +413,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
         return engine(batch["input_ids"], labels=batch["labels"]).loss
 
     out = timed_loop(batches, forward, engine.backward, lambda boundary: engine.step(), grad_accum=ga,
-                     warmup=warmup, steps=steps, cuda=device == "cuda", comm_timer=_engine_comm_timer(engine))
+                     warmup=warmup, steps=steps, cuda=device == "cuda", comm_timer=_engine_comm_timer(engine, device == "cuda") if comm_timers else None)
     res = summarize_records(out, world_size=world, flops=flops, peak=_peak_for(cfg, device, measured))
     res["zero_stage"] = effective_zero_stage(cfg)
     res["zero_stage_requested"] = cfg.deepspeed.zero_stage
