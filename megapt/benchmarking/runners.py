@@ -169,11 +169,15 @@ def synthetic_batches(vocab: int, micro_batch: int, seq_len: int, device: str, s
 
 
 def loader_batches(cfg, device: str, rank: int, world_size: int) -> Iterator[dict]:
-    """Real shards through megapt.data.loader (prepares data first when missing)."""
+    """Real shards through megapt.data.loader: cfg.shard_dir when it has a manifest, else
+    ``prepare_data`` builds them first (clean + tokenizer + shards; minutes on the stdlib corpus)."""
     from megapt.data.loader import build_loader
-    from megapt.data.prepare import prepare_data
 
-    shard_dir = prepare_data(cfg)
+    shard_dir = cfg.shard_dir
+    if not (shard_dir / "manifest.json").is_file():
+        from megapt.data.prepare import prepare_data
+
+        shard_dir = prepare_data(cfg)
     loader = build_loader(cfg.data, shard_dir, "train", rank=rank, world_size=world_size,
                           micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, infinite=True)
     for batch in loader:
