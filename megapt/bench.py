@@ -209,7 +209,7 @@ def run_script(action: str, args) -> int:
     """Run another workstream's benchmark script (it writes its own JSON with our fingerprint)."""
     script = SCRIPTS[action]
     if not script.is_file():
-        print(f"megapt bench {action}: {script.relative_to(REPO)} not found (it comes with a source checkout "
+        print(f"megapt bench {action}: {script} not found (it comes with a source checkout "
               f"and belongs to the {action} workstream)", file=sys.stderr)
         return 2
     results_dir = REPO / "benchmarks" / "results"

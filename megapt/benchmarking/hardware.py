@@ -131,8 +131,8 @@ def select_peak(device_name: Optional[str], precision: str, tf32_enabled: bool,
             why = f"{table_key} has no {key} in its spec sheet; using the measured torch.mm peak"
         out.update(tflops=meas, source="measured", note=why)
     else:
-        out.update(tflops=None, source="none",
-                   note=f"no spec peak for {device_name!r} and no measured {key} peak: MFU not computed")
+        what = "CPU: no spec table" if not is_cuda else f"no {key} spec peak for {device_name!r}"
+        out.update(tflops=None, source="none", note=f"{what} and no measured {key} peak: MFU not computed")
     return out
 
 

@@ -349,3 +349,19 @@ def test_loader_path_feeds_the_timed_loop(tmp_path):
     assert res["tokens_per_step_per_device"] == 2 * 2 * 16  # micro_batch x grad_accum x seq_len
     assert res["phases_s"]["data_wait"]["median"] > 0
     assert res["steps"] == 3
+
+
+def test_other_workstreams_scripts_run_from_the_same_entry_point(tmp_path, monkeypatch, capsys):
+    import megapt.bench as bench
+    from megapt.cli import main
+
+    script = tmp_path / "bench_fake.py"
+    out = tmp_path / "fake.json"
+    script.write_text("import json, sys\nargs = sys.argv[1:]\n"
+                      "open(args[args.index('--out') + 1], 'w').write(json.dumps({'args': args}))\n")
+    monkeypatch.setitem(bench.SCRIPTS, "loader", script)
+    assert main(["bench", "loader", "--script-args=--seconds 1 --workers 0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["args"] == ["--seconds", "1", "--workers", "0", "--out", str(out)]
+    monkeypatch.setitem(bench.SCRIPTS, "data", tmp_path / "missing.py")
+    assert main(["bench", "data"]) == 2
+    assert "missing.py not found" in capsys.readouterr().err
