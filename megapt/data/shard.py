@@ -198,15 +198,12 @@ def _init_worker(tokenizer, sample_len: int, dtype: str, val_fraction: float) ->
     _WORKER.update(tok=tokenizer, sample_len=sample_len, dtype=np.dtype(dtype), val_fraction=val_fraction)
 
 
-def _pack(docs: list[list[int]], eos: int, sample_len: int, dtype) -> tuple[np.ndarray, int]:
+def _pack(docs: list[np.ndarray], eos: int, sample_len: int, dtype) -> tuple[np.ndarray, int]:
     """Join docs (each + EOS), cut into rows of sample_len; returns (samples, dropped tail tokens)."""
     if not docs:
         return np.empty((0, sample_len), dtype=dtype), 0
-    stream: list[int] = []
-    for d in docs:
-        stream += d
-        stream.append(eos)
-    flat = np.array(stream, dtype=dtype)
+    eos_arr = np.array([eos], dtype=dtype)
+    flat = np.concatenate([a for d in docs for a in (d, eos_arr)])
     n = len(flat) // sample_len
     return flat[: n * sample_len].reshape(n, sample_len), len(flat) - n * sample_len
 
@@ -225,7 +222,7 @@ def _process_block(lines: list[bytes]) -> dict:
         texts["val" if is_val(text, w["val_fraction"]) else "train"].append(text)
     out: dict = {"bytes": nbytes}
     for split, tx in texts.items():
-        ids = tok.encode_batch(tx) if tx else []
+        ids = tok.encode_arrays(tx, w["dtype"]) if tx else []
         samples, dropped = _pack(ids, tok.eos_id, w["sample_len"], w["dtype"])
         out[split] = samples
         out[f"{split}_docs"] = len(tx)

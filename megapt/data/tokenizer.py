@@ -64,6 +64,7 @@ class Tokenizer:
                                  f"delete it and run `megapt tokenizer train`") from None
         self.sha256 = hashlib.sha256(self._proto).hexdigest()
         self._cache: dict[str, list[int]] = {}
+        self._array_cache: dict[str, dict] = {}
         self.segment_cache = self._cache_is_exact()
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self._special_id(eos_token)
@@ -119,6 +120,29 @@ class Tokenizer:
         if not self.segment_cache:
             return self.sp.encode(texts, num_threads=1)
         return [self.encode_cached(t) for t in texts]
+
+    def encode_arrays(self, texts: list[str], dtype="uint32") -> list:
+        """Like ``encode_batch`` but one numpy array per document (what the shard writer packs)."""
+        import numpy as np
+
+        if not self.segment_cache:
+            return [np.array(ids, dtype=dtype) for ids in self.sp.encode(texts, num_threads=1)]
+        cache = self._array_cache.setdefault(np.dtype(dtype).str, {})
+        out = []
+        for text in texts:
+            if "\u2581" in text:
+                out.append(np.array(self.sp.encode(text), dtype=dtype))
+                continue
+            segs = _SEGMENT.findall(text)
+            miss = [s for s in set(segs) if s not in cache]
+            if miss:
+                if len(cache) > _CACHE_MAX // 2:
+                    cache.clear()
+                    miss = list(set(segs))
+                for seg, ids in zip(miss, self.sp.encode(miss, num_threads=1)):
+                    cache[seg] = np.array(ids, dtype=dtype)
+            out.append(np.concatenate(list(map(cache.__getitem__, segs))) if segs else np.empty(0, dtype=dtype))
+        return out
 
     def encode_cached(self, text: str) -> list[int]:
         """Same ids as ``encode``, via a cache of whitespace-delimited segments."""

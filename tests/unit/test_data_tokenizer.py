@@ -97,3 +97,11 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="empty corpus"):
         train_tokenizer(TokenizerConfig(vocab_size=300), [], tmp_path / "spm.model")
     assert not (tmp_path / "spm.model").exists()
+
+
+def test_array_encoding_matches_list_encoding(tok):
+    texts = make_docs(30, seed=11) + SAMPLES + ["a\u2581 b", ""]
+    for dtype in ("uint16", "uint32"):
+        got = tok.encode_arrays(texts, dtype)
+        assert [a.tolist() for a in got] == [tok.sp.encode(t) for t in texts]
+        assert all(a.dtype == dtype for a in got)
