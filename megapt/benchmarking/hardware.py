@@ -229,6 +229,16 @@ def _git(repo: Path) -> dict:
     return {"commit": commit, "dirty": bool(status)}
 
 
+def _nccl_version() -> Optional[str]:
+    import torch
+
+    try:
+        v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+    except Exception:  # noqa: BLE001 - informational only; never let it break a fingerprint
+        return None
+    return ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
 def gpu_info() -> dict:
     import torch
 
@@ -248,7 +258,7 @@ def gpu_info() -> dict:
         "driver": driver.splitlines()[0] if driver else None,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None,
+        "nccl": _nccl_version(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "spec_model": match_gpu(torch.cuda.get_device_name(0)),
     }
