@@ -328,39 +328,44 @@ def gpu_family(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
-def _prune(configs, named_args, **kwargs):
-    head_dim = kwargs.get("HEAD_DIM")
-    kept = [c for c in configs if head_dim in c.kwargs["_head_dims"]] or configs[-1:]
-    return [triton.Config({k: v for k, v in c.kwargs.items() if k != "_head_dims"},
-                          num_warps=c.num_warps, num_stages=c.num_stages) for c in kept]
-
-
 def _tuned_kernel(name: str, family: str):
+    """The autotuned ``name`` kernel for a GPU family; configs are pruned by head dim first."""
     key = (name, family)
     if key not in _tuned:
         jit_fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[name]
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "_head_dims": dims}, num_warps=w, num_stages=s)
-            for bm, bn, w, s, dims in _CONFIGS[name][family]
-        ]
+        head_dims = {}  # config -> head dims it is tried for
+        for bm, bn, w, s, dims in _CONFIGS[name][family]:
+            head_dims[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)] = dims
+
+        def prune(configs, named_args, **kwargs):
+            return [c for c in configs if kwargs["HEAD_DIM"] in head_dims[c]] or configs[-1:]
+
         _tuned[key] = triton.autotune(
-            configs=configs, key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "GROUP"],
-            prune_configs_by={"early_config_prune": _prune},
+            configs=list(head_dims), key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "GROUP"],
+            prune_configs_by={"early_config_prune": prune},
         )(jit_fn)
     return _tuned[key]
 
 
 def _launch(name: str, jit_fn, grid_dim0, grid_dim1, args, head_dim, causal, T, group):
     """Run ``jit_fn`` with autotuning on GPU, or the fixed interpreter blocks on CPU."""
-    t_bucket = next_power_of_2(T)
-    # fp32 inputs (tests, debugging) get 3xTF32 dots, accurate to ~fp32; halves use the tensor cores as is
-    dot_prec = "tf32x3" if args[0].dtype == torch.float32 else "tf32"
-    if args[0].device.type != "cuda":
-        bm, bn = _INTERPRETER_BLOCKS[name]
-        jit_fn[(grid_dim0(bm, bn), grid_dim1)](
-            *args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, DOT_PREC=dot_prec)
+    if args[0].device.type == "cuda":
+        _launch_autotuned(name, gpu_family(args[0].device), grid_dim0, grid_dim1, args, head_dim, causal, T, group)
         return
-    family = gpu_family(args[0].device)
+    bm, bn = _INTERPRETER_BLOCKS[name]
+    jit_fn[(grid_dim0(bm, bn), grid_dim1)](
+        *args, T_BUCKET=next_power_of_2(T), HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PREC=_dot_precision(args[0].dtype))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs (tests, debugging) get 3xTF32 dots, accurate to ~fp32; halves use the tensor cores as is
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _launch_autotuned(name, family, grid_dim0, grid_dim1, args, head_dim, causal, T, group):
+    t_bucket = next_power_of_2(T)
+    dot_prec = _dot_precision(args[0].dtype)
     kernel = _tuned_kernel(name, family)
 
     def grid(meta):

@@ -110,3 +110,37 @@ def test_cpu_tensors_without_interpreter_are_rejected_before_launch():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_autotuned_launch_prunes_by_head_dim_and_logs_the_chosen_config(monkeypatch, caplog):
+    # The GPU launch path (autotuner, config pruning, grid from the chosen blocks, config log)
+    # run through the interpreter: each fake family has one config per head dim, so pruning
+    # leaves one and nothing needs timing on a GPU.
+    import logging
+
+    import megapt.kernels.flash_attn as fa
+
+    fake = {"fwd": [(16, 16, 4, 1, (16,)), (32, 16, 4, 1, (64,))],
+            "dkdv": [(16, 32, 4, 1, (16,)), (16, 16, 4, 1, (64,))],
+            "dq": [(32, 16, 4, 1, (16,)), (16, 16, 4, 1, (64,))]}
+    for name, configs in fake.items():
+        monkeypatch.setitem(fa._CONFIGS[name], "fake", configs)
+    monkeypatch.setattr(fa, "_tuned", {})
+    monkeypatch.setattr(fa, "_logged", set())
+    monkeypatch.setattr(fa, "_launch", lambda name, jit_fn, *rest: fa._launch_autotuned(name, "fake", *rest))
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 21, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 2, 21, 16, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 2, 21, 16, device=DEVICE, requires_grad=True)
+    with caplog.at_level(logging.INFO, logger="megapt.kernels.flash_attn"):
+        o = flash_attention(q, k, v, causal=True)
+        o.sum().backward()
+    torch.testing.assert_close(o, flash_attention_ref(q, k, v, causal=True), rtol=1e-4, atol=1e-5)
+    text = caplog.text
+    assert "flash_attention fwd fake T<=32 hs=16 causal=True group=2" in text and "BLOCK_M=16 BLOCK_N=16" in text
+    assert "flash_attention dkdv fake" in text and "BLOCK_M=16 BLOCK_N=32" in text
+    assert "flash_attention dq fake" in text and "BLOCK_M=32 BLOCK_N=16" in text
+    ins = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    flash_attention_ref(*ins, causal=True).sum().backward()
+    for a, b in zip((q, k, v), ins):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
