@@ -21,7 +21,6 @@ Two modes, both launched with torchrun (one process per rank) and writing one JS
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -241,7 +240,7 @@ def fingerprint() -> dict:
           "cpu": platform.processor() or platform.machine(), "host": platform.node()}
     if torch.cuda.is_available():
         fp.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
-                  driver=getattr(torch.cuda, "driver_version", lambda: None)() if hasattr(torch.cuda, "driver_version") else None)
+                  gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
     try:
         from megapt.benchmarking.hardware import fingerprint as full
 

@@ -18,7 +18,6 @@ import os
 import random
 import signal
 import stat
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from scale_utils import (ADDRS, IFNAME, ROOT, base_env, free_port, kill_all, pre
                          wait_all, write_micro_config)
 
 LAUNCH_TIMEOUT = 200  # seconds per scenario (CPU start-up of torch + DeepSpeed dominates)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 TOLERANCE = 0.15
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scale_utils import ROOT, base_env, free_port, kill_all, prepare_data, start, tail, wait_all, write_micro_config
+from scale_utils import base_env, free_port, kill_all, prepare_data, start, tail, wait_all, write_micro_config
 
 TIMEOUT = 200
+pytestmark = pytest.mark.slow
 
 
 def _train(cfg: Path, name: str, ranks: int, log: Path, *extra: str) -> None:
