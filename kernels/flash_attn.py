@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_LOG2E = 1.4426950408889634
 
 
 def flash_attention_ref(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:

@@ -5,7 +5,6 @@ The numerical check against rms_norm_ref needs a GPU: tests/gpu/test_kernels_gpu
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
