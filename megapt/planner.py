@@ -31,7 +31,9 @@ f = ffn_hidden, a = n_heads and e = bytes per activation element (2 for bf16/fp1
                                                                                = (2h + 4f) s b e
     small:      2 fp32 RMSNorm rstd (8 s b) + flash-attention log-sum-exp (4 a s b)
     per block:  s b [e (7h + 2k + 4f) + 8 + 4a]      (+ 2 s b h bytes of dropout masks if dropout > 0)
-    eager attention adds the s^2 scores and probabilities: 2 e a s^2 b.
+    eager attention adds the s^2 scores and probabilities: 2 e a s^2 b; eager RMSNorm (the CPU
+    default) adds 8 h s b (fp32 input copy + normalised tensor, two norms). ``auto`` on a GPU
+    selects the fused kernels this formula assumes.
 
     no checkpointing:  L * block + 1 block of activation gradients (backward working set)
     checkpointing:     L * s b h e (block inputs) + 1 recomputed block + 1 block of gradients
@@ -232,7 +234,7 @@ def activation_element_bytes(precision: str) -> int:
 
 
 def block_activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, *,
-                           attention: str = "auto", dropout: float = 0.0) -> float:
+                           attention: str = "auto", dropout: float = 0.0, norm: str = "auto") -> float:
     """Bytes one transformer block saves for backward (formula in the module docstring)."""
     e = activation_element_bytes(precision)
     h, a, f = args.d_model, args.n_heads, args.ffn_hidden
@@ -243,13 +245,18 @@ def block_activation_bytes(args: Any, seq: int, micro_batch: int, precision: str
         total += 2 * sb * h
     if attention == "eager":
         total += 2 * e * a * seq * seq * micro_batch
+    if norm == "eager":
+        # eager RMSNorm saves its input upcast to fp32 and the normalised tensor before the weight
+        # multiply (measured): 4h more bytes per token per norm, two norms per block
+        total += 2 * 4 * h * sb
     return float(total)
 
 
 def activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, checkpointing: bool, *,
-                     attention: str = "auto", dropout: float = 0.0) -> float:
+                     attention: str = "auto", dropout: float = 0.0, norm: str = "auto") -> float:
     e = activation_element_bytes(precision)
-    block = block_activation_bytes(args, seq, micro_batch, precision, attention=attention, dropout=dropout)
+    block = block_activation_bytes(args, seq, micro_batch, precision, attention=attention, dropout=dropout,
+                                   norm=norm)
     final_norm = 2 * seq * micro_batch * args.d_model * e
     if checkpointing:
         saved = args.n_layers * seq * micro_batch * args.d_model * e
@@ -398,7 +405,7 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
     # forward/backward transients
     attention = cfg.model.attention
     act = activation_bytes(args, seq, mb, prec, s.activation_checkpointing, attention=attention,
-                           dropout=cfg.model.dropout)
+                           dropout=cfg.model.dropout, norm=cfg.model.norm)
     anote = ("block inputs + 1 recomputed block" if s.activation_checkpointing else f"{args.n_layers} blocks")
     rows.append(("activations", act, f"mb={mb}, seq={seq}, {anote}"))
     loss = loss_bytes(args, seq, mb, prec, cfg.model.loss)

@@ -244,3 +244,34 @@ def test_cli_says_nothing_fits_when_nothing_does(capsys):
     rc, text = _plan_cli(capsys, "-c", "configs/70b.yaml", "--nodes", "1", "--gpus-per-node", "1",
                          "--plan.global_batch=0", "--gpu", "a10g", "--cpu-mem-gb", "64")
     assert rc == 1 and "nothing fits" in text
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_block_activation_formula_matches_the_tensors_a_real_block_saves(precision):
+    """Sum the tensors megapt's Block saves for backward (CPU: sdpa flash attention, eager RMSNorm and
+    RoPE), leaving out parameters and the RoPE tables, and hold the planner's formula to it."""
+    import torch
+
+    from megapt.model.gpt import GPT
+    from megapt.model.ops import select_backends
+
+    cfg = load_config([], ["--model.preset=tiny", "--model.n_layers=1", "--model.d_model=256", "--model.n_heads=4",
+                           "--model.n_kv_heads=2", "--model.ffn_hidden=704", "--tokenizer.vocab_size=512",
+                           "--data.seq_len=128", "--model.norm=eager", "--model.attention=sdpa"])
+    a = P.model_args(cfg)
+    model = GPT(a, select_backends(cfg.model, "cpu")).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    b, s = 2, 128
+    h = model.tok_embeddings(torch.randint(0, 512, (b, s))).detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](h, model.rope_cos[:s], model.rope_sin[:s])
+    predicted = P.block_activation_bytes(a, s, b, precision, attention="sdpa", norm="eager")
+    assert sum(saved.values()) == pytest.approx(predicted, rel=0.10)
