@@ -167,6 +167,16 @@ def test_classification_finetune_learns_and_saves_best(workdir):
     assert src.meta["classes"] == ["a", "b", "c"] and set(src.extra) == {"head.proj.weight", "head.proj.bias"}
     base = load_source(cfg, str(root / "base"))
     assert torch.equal(src.model.tok_embeddings.weight, base.model.tok_embeddings.weight)  # frozen
+    from megapt.cli import main  # `megapt eval` on the saved classifier scores the same rows the same way
+
+    out = root / "clf_eval.json"
+    assert main(["eval", "--from", str(root / "clf"), "--data", str(root / "val.jsonl"), "--out", str(out),
+                 f"--tokenizer.path={root}/spm.model", "--data.seq_len=16", f"--run.out_dir={root}/runs",
+                 "--logging.tensorboard=true"]) == 0
+    scored = json.loads(out.read_text())["classification"]
+    assert scored["accuracy"] == pytest.approx(res["test"]["accuracy"])
+    assert scored["confusion_matrix"] == res["test"]["confusion_matrix"]
+    assert list((root / "runs" / "tiny" / "tb_eval").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("lora", [False, True])
