@@ -60,7 +60,7 @@ def test_train_prepares_data_and_the_loss_falls(tiny_run):
     first10 = sum(train[s] for s in range(1, 11)) / 10
     last10 = sum(train[s] for s in range(STEPS - 9, STEPS + 1)) / 10
     assert last10 < first10 - 1.0, (first10, last10)
-    assert val[60] < val[20] < 0.8 * ln_v, val  # ...and held-out loss falls clearly
+    assert val[60] < val[20] - 0.2 and val[60] < ln_v - 1.0, val  # ...and held-out loss falls clearly
     for name in ("config.yaml", "sample.txt", "tb"):
         assert (tiny_run["run"] / name).exists(), name
     log = tiny_run["log"]
