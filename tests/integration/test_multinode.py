@@ -3,7 +3,7 @@ pair (10.77.0.1, 10.77.0.2), each node's processes run under `ip netns exec`, an
 only over that link (gloo bound to the veth with GLOO_SOCKET_IFNAME).
 
 * torchrun, one agent per node, c10d rendezvous on node 0 (launch/torchrun_launch.sh), ZeRO-2
-* the DeepSpeed launcher per node with --no_ssh --node_rank (launch/deepspeed_launch.sh), ZeRO-3
+* the DeepSpeed launcher per node with --no_ssh --node_rank (launch/deepspeed_launch.sh), ZeRO-2 and -3
 * Slurm: launch/slurm_multi_node.sbatch with srun/scontrol stand-ins that start one process per
   rank with SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_NODEID on its node; USR1 (the
   --signal=USR1@120 warning) -> megapt checkpoints and exits 75 -> the script requeues the job (ZeRO-2)
@@ -87,11 +87,15 @@ def test_torchrun_two_nodes_c10d_rendezvous(hosts, micro, tmp_path):
     assert f"rendezvous {ADDRS[0]}:{port}" in logs[1].read_text()
 
 
+ZERO3_XFAIL = pytest.mark.xfail(
+    reason="megapt.train.engine.create_engine enters deepspeed.zero.Init before DeepSpeed's comm layer is "
+           "initialised, so in a fresh process ZeRO-3 at >1 rank sees world size 1 and fails DeepSpeed's batch "
+           "assertion (fix: deepspeed.init_distributed(dist_backend=...) before zero.Init)", strict=False)
+
+
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
-@pytest.mark.xfail(reason="megapt.train.engine.create_engine enters deepspeed.zero.Init before DeepSpeed's comm "
-                          "layer is initialised, so ZeRO-3 at >1 rank sees world size 1 and fails its batch "
-                          "assertion (fix: deepspeed.init_distributed(dist_backend=...) first)", strict=False)
-def test_deepspeed_launcher_per_node_no_ssh(hosts, micro, tmp_path):
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=ZERO3_XFAIL)])
+def test_deepspeed_launcher_per_node_no_ssh(hosts, micro, tmp_path, stage):
     tmp, cfg = micro
     port = free_port()
     hostfile = tmp_path / "hostfile"
@@ -102,7 +106,7 @@ def test_deepspeed_launcher_per_node_no_ssh(hosts, micro, tmp_path):
         log = tmp_path / f"node{node}.log"
         cmd = ["bash", str(ROOT / "launch/deepspeed_launch.sh"), "-H", str(hostfile), "--node-rank", str(node),
                "--master-addr", ADDRS[0], "--master-port", str(port), "--", "-c", str(cfg),
-               "--run.name=dslaunch", "--deepspeed.zero_stage=3"]
+               f"--run.name=dslaunch{stage}", f"--deepspeed.zero_stage={stage}"]
         procs.append(start(cmd, env, log, hosts.netns[node]))
         logs.append(log)
     try:
@@ -110,7 +114,7 @@ def test_deepspeed_launcher_per_node_no_ssh(hosts, micro, tmp_path):
     finally:
         kill_all(procs)
     assert codes == [0, 0], "\n".join(tail(p) for p in logs)
-    _assert_two_rank_run(tmp / "runs" / "dslaunch", 3, logs)
+    _assert_two_rank_run(tmp / "runs" / f"dslaunch{stage}", 3, logs)
 
 
 FAKE_SRUN = r'''#!{python}
