@@ -273,11 +273,26 @@ class OutputHead(nn.Linear):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(dict):
+    """The forward's result: a dict with attribute access.
+
+    A dict (not a dataclass) because DeepSpeed registers its backward-prologue hooks (ZeRO's
+    backward set-up, timers) only on tensor/tuple/list/dict outputs of the engine's forward.
+    """
+
     logits: torch.Tensor | None  # (B, T, V); None when labels were given (loss via the fused path)
     loss: torch.Tensor | None  # scalar fp32 mean over labels != -100
     hidden: torch.Tensor | None  # (B, T, C) after the final norm, when return_hidden
+
+    def __init__(self, logits: torch.Tensor | None = None, loss: torch.Tensor | None = None,
+                 hidden: torch.Tensor | None = None):
+        super().__init__(logits=logits, loss=loss, hidden=hidden)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class GPT(nn.Module):
