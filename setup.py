@@ -43,7 +43,7 @@ setup(
         "pyarrow>=15",
     ],
     extras_require={
-        "gpu": ["triton>=3.1"],
+        "gpu": ["triton>=3.1", "ninja>=1.11"],  # ninja: the optional CUDA extension builds with it
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.1", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["megapt=megapt.cli:main"]},
