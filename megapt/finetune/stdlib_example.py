@@ -5,12 +5,18 @@ the running interpreter, labelled by their top-level package (email, xml, asynci
 multiprocessing, tkinter; test folders excluded). The split is deterministic: a snippet's
 sha1(path:line) decides train/val/test (80/10/10) and per-class caps keep the classes balanced.
 
-    megapt finetune -c configs/tiny.yaml --example stdlib --finetune.init_from=runs/tiny/checkpoints
+    megapt finetune -c configs/tiny.yaml --example stdlib --finetune.init_from=runs/tiny/checkpoints \
+        --finetune.pooling=mean --finetune.epochs=5 --finetune.lr=5e-4 --finetune.head_lr_mult=10
 
 fine-tunes the pretrained model AND the same architecture from random init with identical
 settings, and writes ``<run_dir>/stdlib_example.json`` with test accuracy of both and of the
 majority class. Caveat: the default pretraining corpus is also the stdlib, so the pretrained
 model has seen this code (never the labels).
+
+Measured on CPU (2-layer d128 model pretrained 500 steps / 1M tokens by `megapt train`; 720 train,
+240 val, 356 test snippets; the command above): test accuracy pretrained 0.708, scratch 0.705,
+majority 0.169. Last-token pooling: pretrained 0.494, scratch 0.733. A model this small and this
+briefly pretrained gives no measurable head start here; see results in the README.
 """
 from __future__ import annotations
 
@@ -89,7 +95,8 @@ def run_example(cfg) -> dict:
     base = copy.deepcopy(cfg)
     base.finetune = dataclasses.replace(
         ft, task="classify", train_file=str(paths["train"]), val_file=str(paths["val"]),
-        test_file=str(paths["test"]), text_field="text", label_field="label")
+        test_file=str(paths["test"]), text_field="text", label_field="label",
+        max_len=ft.max_len or 64)  # ~5 lines of code per snippet: CPU-sized
     pre = load_source(cfg, ft.init_from)
     print(f"stdlib example: data in {data_dir} ({json.loads((data_dir / 'counts.json').read_text())}); "
           f"pretrained model {pre.path}")
