@@ -269,3 +269,20 @@ def test_rows_from_csv_and_hf_dataset_folder(tmp_path):
     datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}).save_to_disk(str(tmp_path / "ds"))
     rows = D.read_rows(str(tmp_path / "ds"), ["text", "label"])
     assert D.infer_classes(rows, "label") == ["0", "1"] and rows[0].values["text"] == "a"
+
+
+def test_stdlib_example_split_is_deterministic_balanced_and_disjoint(tmp_path):
+    from megapt.finetune.stdlib_example import CAPS, FAMILIES, LOW_PER_CLASS, build_dataset
+
+    a, b = build_dataset(tmp_path / "a"), build_dataset(tmp_path / "b")
+    for split in ("train", "val", "test", "train_low"):
+        assert a[split].read_bytes() == b[split].read_bytes(), split
+    rows = {s: [json.loads(x) for x in a[s].read_text().splitlines()] for s in a}
+    keys = {s: {r["key"] for r in rows[s]} for s in ("train", "val", "test")}
+    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"]) and not (keys["val"] & keys["test"])
+    from collections import Counter
+
+    train = Counter(r["label"] for r in rows["train"])
+    assert set(train) == set(FAMILIES) and set(train.values()) == {CAPS["train"]}
+    assert set(Counter(r["label"] for r in rows["train_low"]).values()) == {LOW_PER_CLASS}
+    assert all(r["key"].split("/")[0] == r["label"] for r in rows["test"])  # label = top-level package
