@@ -22,6 +22,7 @@ the trainer's engine.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -311,6 +312,10 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None) -> dict:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # fp32 master weights; on CUDA bf16/fp16 precision runs the forward under autocast
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    autocast = (torch.autocast("cuda", dtype=low) if device.type == "cuda" and low is not None
+                else contextlib.nullcontext())
     best = {"score": -math.inf, "step": 0, "metrics": None}
     best_state: dict[str, torch.Tensor] = {}
     bad_evals, step, t0 = 0, 0, time.time()
@@ -323,7 +328,8 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None) -> dict:
             batch = {k: v.to(device) for k, v in batch.items()}
             for g in opt.param_groups:
                 g["lr"] = ft.lr * g["lr_scale"] * lr_factor(step)
-            loss = task_loss(model, batch, task, teacher, ft.distill_alpha, ft.distill_temperature)
+            with autocast:
+                loss = task_loss(model, batch, task, teacher, ft.distill_alpha, ft.distill_temperature)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"finetune: non-finite loss {float(loss)} at step {step}")
             opt.zero_grad(set_to_none=True)
