@@ -313,6 +313,8 @@ def faults(data, tmp_path_factory):
     (missing / names[n // 2]).unlink()
     corrupt = _copy_shards(data["shards"], tmp / "corrupt")
     _flip_byte(corrupt / names[0], 512 + 8)  # a token of the first sample: same size, sha256 differs
+    truncated = _copy_shards(data["shards"], tmp / "truncated")
+    (truncated / names[0]).write_bytes((truncated / names[0]).read_bytes()[:3000])
     two_bad = _copy_shards(data["shards"], tmp / "two_bad")
     _flip_byte(two_bad / names[0], 512 + 8)
     _flip_byte(two_bad / names[1], 512 + 8)
@@ -323,6 +325,8 @@ def faults(data, tmp_path_factory):
     actions = [
         {"name": "missing", "argv": base + ["--run.name=missing", f"--data.shard_dir={missing}"]},
         {"name": "corrupt_raise", "argv": base + ["--run.name=craise", f"--data.shard_dir={corrupt}"]},
+        {"name": "truncated_raise", "argv": base + ["--run.name=traise", f"--data.shard_dir={truncated}",
+                                                    "--data.verify_checksums=false"]},
         {"name": "corrupt_skip", "argv": base + ["--run.name=cskip", f"--data.shard_dir={corrupt}",
                                                  "--data.bad_shard_policy=skip", "--data.max_bad_fraction=0.1"]},
         {"name": "too_many_bad", "argv": base + ["--run.name=tmb", f"--data.shard_dir={two_bad}",
@@ -356,6 +360,9 @@ def test_corrupt_shard_policy_raise_stops_training_naming_the_shard(faults):
     r = res["corrupt_raise"]
     assert r["rc"] == 5, r["err"][-2000:]
     assert names[0] in r["err"] and "sha256" in r["err"]
+    r = res["truncated_raise"]  # without checksums the size/tar structure checks still catch it
+    assert r["rc"] == 5, r["err"][-2000:]
+    assert names[0] in r["err"] and ("size mismatch" in r["err"] or "truncated" in r["err"])
 
 
 @pytest.mark.timeout(600)
@@ -403,13 +410,20 @@ def test_corrupt_checkpoint_is_rejected_and_resume_falls_back(faults, data):
 # 6: a stalled rank inside training
 # --------------------------------------------------------------------------------------------
 
-STALL_TIMEOUT = 15
+STALL_TIMEOUT = 20  # also bounds the rendezvous and the engine's start-up broadcasts: not too small under load
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "train.collective_timeout_s reaches only the default process group (megapt/train/dist.py init_distributed). "
+    "DeepSpeed all-reduces gradients on a clone of the world group made with dist.new_group() and no timeout "
+    "(deepspeed/utils/groups.py _clone_world_group), which gets torch's default (30 min gloo, 10 min nccl), so a "
+    "stalled rank hangs its peers. Fix in init_distributed, before init_process_group: set "
+    "torch.distributed.distributed_c10d.default_pg_timeout (and default_pg_nccl_timeout) to the same timedelta "
+    "(checked by hand: rank 0 then fails after 15 s in all_reduce, 'Timed out waiting 15000ms for recv')"))
 @pytest.mark.timeout(START_TIMEOUT + 120)
 def test_rank_stalled_before_a_collective_fails_its_peer_after_collective_timeout(data, tmp_path):
     """Rank 1 sleeps at step 3 (before its forward, so before the gradient all-reduce); rank 0 must fail
-    with an error about the collective after ~train.collective_timeout_s, not hang."""
+    with an error naming the collective after ~train.collective_timeout_s, not hang."""
     marker = tmp_path / "stalled"
     args = data["common"] + ["--run.name=stall", "--train.max_steps=50", "--checkpoint.every=0",
                              f"--train.collective_timeout_s={STALL_TIMEOUT}"]
@@ -417,15 +431,16 @@ def test_rank_stalled_before_a_collective_fails_its_peer_after_collective_timeou
                              RELIABILITY_STALL_ATTEMPT="3", RELIABILITY_MARKER=str(marker))
     try:
         _wait_for(marker.exists, START_TIMEOUT, procs, "rank 1 to stall")
-        t0 = time.time()
-        rc0 = _wait(procs[0], STALL_TIMEOUT + 90)
-        waited = time.time() - t0
+        try:
+            rc0 = procs[0].wait(STALL_TIMEOUT + 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still waiting {STALL_TIMEOUT + 30}s after its peer stalled "
+                        f"(train.collective_timeout_s={STALL_TIMEOUT})")
     finally:
         _stop_all(procs)
     log0 = (tmp_path / "s0.log").read_text()
     assert rc0 not in (0, 75), log0[-3000:]
-    assert waited < STALL_TIMEOUT + 60, waited
-    assert "timed out" in log0.lower() or "timeout" in log0.lower(), log0[-3000:]
+    assert "timed out" in log0.lower() and "all_reduce" in log0, log0[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
