@@ -341,6 +341,11 @@ def faults(data, tmp_path_factory):
         {"flip": str(ck / "step_0000002" / "ds" / "mp_rank_00_model_states.pt"), "offset": -100},
         {"name": "ck_load_corrupt", "argv": base + ["--run.name=ckload", f"--checkpoint.load={ck / 'step_0000002'}"]},
         {"name": "ck_resume", "argv": base + ["--run.name=ckfall", "--resume"]},
+        # a checkpoint whose weights file is a pickle that runs code, with a manifest that agrees with it
+        {"evil": str(ck / "step_0000001"), "dst": str(tmp / "evil" / "step_0000001"),
+         "marker": str(tmp / "evil_ran")},
+        {"name": "evil_load", "argv": base + ["--run.name=evil", f"--checkpoint.load={tmp / 'evil' / 'step_0000001'}"],
+         "marker": str(tmp / "evil_ran")},
     ]
     return _driver(actions, tmp), names
 
@@ -404,6 +409,21 @@ def test_corrupt_checkpoint_is_rejected_and_resume_falls_back(faults, data):
     assert "not valid, trying an older one" in r["err"] and "step_0000001" in r["err"]
     rows = _train_rows(data["runs"] / "ckfall")
     assert [x["step"] for x in rows] == [1, 2, 2, 3]  # steps 2-3 redone from the step-1 checkpoint
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "megapt/train/checkpoint.py load_engine_state() calls DeepSpeed's engine.load_checkpoint, whose "
+    "TorchCheckpointEngine.load uses torch.load(weights_only=False): a crafted checkpoint (its sha256 manifest "
+    "rewritten to match) runs code on --resume/checkpoint.load. Fix: before engine.load_checkpoint, replace "
+    "engine.checkpoint_engine.load with torch.load(path, map_location=..., weights_only=True) (ZeRO-0 model "
+    "states load that way as they are; allowlist DeepSpeed's few non-tensor types, e.g. ZeroStageEnum, with "
+    "torch.serialization.add_safe_globals for ZeRO>=1)"))
+@pytest.mark.timeout(600)
+def test_checkpoint_with_a_pickle_payload_is_refused_by_the_trainer_without_running_it(faults):
+    res, _ = faults
+    r = res["evil_load"]
+    assert not r["code_ran"], "loading the checkpoint ran code from it"
+    assert r["rc"] == 4, r["err"][-2000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,6 +497,16 @@ def _install_hooks(mode: str) -> None:
         tr.Trainer.train_step = stalled
 
 
+class _RunsCode:
+    """Pickles to a call of open(marker, "w"): unpickling it creates the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def _run_driver(spec_path: str) -> int:
     import contextlib
 
@@ -493,6 +523,17 @@ def _run_driver(spec_path: str) -> int:
             p = Path(act["flip"])
             _flip_byte(p, p.stat().st_size + act["offset"])
             continue
+        if "evil" in act:
+            import shutil
+
+            import torch
+
+            from megapt.train.checkpoint import write_manifest
+
+            shutil.copytree(act["evil"], act["dst"])
+            torch.save({"module": _RunsCode(act["marker"])}, Path(act["dst"]) / "ds" / "mp_rank_00_model_states.pt")
+            write_manifest(Path(act["dst"]))
+            continue
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             try:
@@ -500,6 +541,8 @@ def _run_driver(spec_path: str) -> int:
             except BaseException as exc:  # noqa: BLE001 - recorded; the test decides
                 rc = f"{type(exc).__name__}: {exc}"
         results[act["name"]] = {"rc": rc, "err": err.getvalue()}
+        if "marker" in act:
+            results[act["name"]]["code_ran"] = Path(act["marker"]).exists()
         print(act["name"], rc, flush=True)
     Path(spec["out"]).write_text(json.dumps(results, indent=1))
     return 0
