@@ -359,9 +359,8 @@ def _engine_comm_timer(engine, cuda: bool) -> Callable[[], Optional[float]]:
     synchronised before and after, so this is the reduction left after backward's compute (the part
     not overlapped). Returns a reader: seconds since the last read.
 
-    (DeepSpeed's own wall_clock_breakdown timers cannot be used: 0.19.8 starts them in a backward
-    hook registered only on tensor/tuple/list/dict outputs, and GPT returns a ModelOutput
-    dataclass, so the stop asserts "timer is not started".)"""
+    (DeepSpeed's own wall_clock_breakdown timers also work now that ModelOutput is a dict, but they
+    print instead of returning values, and cover more than the reduction.)"""
     import torch
 
     orig = engine.allreduce_gradients
