@@ -107,6 +107,9 @@ def two_ranks(mini):
         base = [f"--run.name=z{s}", f"--deepspeed.zero_stage={s}"]
         scenarios.append({"name": f"z{s}", "phases": [base + ["--train.stop_after=3"],
                                                      base + ["--checkpoint.resume=true"]]})
+    # ZeRO-2 + optimizer offload (DeepSpeedCPUAdam; DeepSpeed JIT-compiles it on first use, ~1 min once)
+    off = ["--run.name=z2off", "--deepspeed.zero_stage=2", "--deepspeed.offload_optimizer=cpu"]
+    scenarios.append({"name": "z2off", "phases": [off + ["--train.stop_after=3"], off + ["--checkpoint.resume=true"]]})
     scenarios.append({"name": "nan", "env": {"MEGAPT_FAULT_NAN_STEPS": "2,5,6,7", "MEGAPT_FAULT_NAN_RANK": "1"},
                       "phases": [["--run.name=nan", "--train.max_steps=10", "--checkpoint.every=2",
                                   "--train.max_bad_steps=3"]]})
@@ -234,3 +237,11 @@ def test_two_rank_zero2_checkpoint_resumes_at_one_process_via_universal(mini, on
     rs = rows(mini["runs"] / "rs")
     assert [r["step"] for r in rs] == [4, 5, 6]
     np.testing.assert_allclose([r["loss"] for r in rs], curve(mini["runs"] / "a")[3:], rtol=LOSS_RTOL)
+
+
+@pytest.mark.timeout(900)
+def test_cpu_optimizer_offload_matches_and_resumes(mini, two_ranks):
+    """ZeRO-2 with the optimizer on the CPU (DeepSpeedCPUAdam), 2 ranks, stopped and resumed at step 3:
+    the same losses as the 1-process run with torch AdamW."""
+    assert two_ranks["z2off"] == [{"rc": 0}, {"rc": 0}]
+    np.testing.assert_allclose(curve(mini["runs"] / "z2off"), curve(mini["runs"] / "a"), rtol=LOSS_RTOL)
