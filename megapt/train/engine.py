@@ -59,7 +59,8 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
     if stage == 3:
         zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
                     stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
-                    # consolidated 16-bit weights on save: lets `megapt ckpt consolidate` work without fp32 merge
+                    # no gathered 16-bit copy in each save (it would gather the whole model on rank 0);
+                    # `megapt ckpt consolidate` merges the fp32 partitions offline instead
                     stage3_gather_16bit_weights_on_model_save=False)
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": ds.offload_optimizer == "cpu"
