@@ -535,7 +535,7 @@ def test_rank_stalled_before_a_collective_fails_its_peer_after_collective_timeou
 
 
 # --------------------------------------------------------------------------------------------
-# fault hooks: `python test_reliability.py MODE megapt-train-args...`
+# fault hooks: `python test_reliability_train.py MODE megapt-train-args...`
 # --------------------------------------------------------------------------------------------
 
 
