@@ -306,6 +306,10 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     import deepspeed
 
     _skip_cpu_shm_comm_build()
+    if torch.distributed.is_initialized():
+        # DeepSpeed's comm layer must wrap our process group before zero.Init, or ZeRO-3 in a
+        # fresh process sees a world size of 1 (and fails its batch-size check at >1 rank).
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     ds_config = build_ds_config(cfg, world_size)
     stage = ds_config["zero_optimization"]["stage"]
     if isinstance(model, nn.Module):

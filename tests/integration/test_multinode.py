@@ -87,14 +87,8 @@ def test_torchrun_two_nodes_c10d_rendezvous(hosts, micro, tmp_path):
     assert f"rendezvous {ADDRS[0]}:{port}" in logs[1].read_text()
 
 
-ZERO3_XFAIL = pytest.mark.xfail(
-    reason="megapt.train.engine.create_engine enters deepspeed.zero.Init before DeepSpeed's comm layer is "
-           "initialised, so in a fresh process ZeRO-3 at >1 rank sees world size 1 and fails DeepSpeed's batch "
-           "assertion (fix: deepspeed.init_distributed(dist_backend=...) before zero.Init)", strict=False)
-
-
 @pytest.mark.timeout(LAUNCH_TIMEOUT + 60)
-@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=ZERO3_XFAIL)])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_launcher_per_node_no_ssh(hosts, micro, tmp_path, stage):
     tmp, cfg = micro
     port = free_port()
