@@ -94,7 +94,7 @@ class DataConfig:
     shard_index: int = _f(0, "which input range this job tokenizes")
     loader_workers: int = _f(0, "DataLoader workers per rank")
     shuffle: bool = _f(True, "shuffle shard order and samples (seeded)")
-    shuffle_buffer: int = _f(1024, "in-buffer shuffle size (samples)")
+    shuffle_buffer: int = _f(16384, "window shuffle size (samples); spans many shards, so early batches are not one region of the corpus")
     verify_checksums: bool = _f(True, "sha256 each shard before reading it")
     bad_shard_policy: Literal["raise", "skip"] = _f("raise", "corrupt shard: stop, or skip and count")
     max_bad_fraction: float = _f(0.05, "with policy skip: stop once this fraction of shards is bad")

@@ -29,6 +29,7 @@ SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "email"  # 20 files, ~360 kB of
 OVERRIDES = [
     f"--data.sources=[{{path: '{SOURCE}', format: text}}]", "--tokenizer.vocab_size=1024",
     "--tokenizer.num_threads=1", "--data.num_proc=1", "--data.seq_len=64", "--data.shard_samples=256",
+    "--data.shuffle_buffer=1024",  # pinned: the curve was made with it (the default is now larger)
     "--data.val_fraction=0.15", "--model.preset=tiny", "--train.micro_batch=8", f"--train.max_steps={STEPS}",
     "--train.warmup_steps=10", "--train.lr=3e-3", "--train.eval_every=20", "--train.eval_batches=4",
     "--train.log_every=10", "--checkpoint.every=0", "--train.sample_tokens=16", "--logging.progress=false",
