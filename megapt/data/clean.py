@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from megapt.config import CleanConfig
-from megapt.data.sources import (DataError, ReadStats, describe_sources, iter_source, sources_of)
+from megapt.data.sources import (DataError, ReadStats, apply_split_args, describe_sources, iter_source,
+                                 sources_of)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode category Cc except \t (09) and \n (0a)
 _CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F])  # the ASCII part of _CONTROL
@@ -297,12 +298,10 @@ def add_args(parser) -> None:
 
 
 def cli_main(cfg, args) -> int:
-    k = args.num_shards if args.num_shards is not None else cfg.data.num_shards
-    i = args.shard_index if args.shard_index is not None else cfg.data.shard_index
-    if k < 1 or not 0 <= i < k:
-        print(f"megapt: need 0 <= shard index < num shards, got {i}/{k}")
+    error = apply_split_args(cfg.data, args)
+    if error:
+        print(f"megapt: {error}")
         return 2
-    cfg.data.num_shards, cfg.data.shard_index = k, i
     out = Path(args.out) if args.out else clean_dir_of(cfg)
     if not args.force and clean_done(out, cfg, [cfg.data.shard_index]):
         print(f"clean: {out} is up to date (same sources and rules); --force to redo")

@@ -440,15 +440,13 @@ def add_args(parser) -> None:
 
 
 def cli_main(cfg, args) -> int:
-    from megapt.data.sources import DataError
+    from megapt.data.sources import DataError, apply_split_args
     from megapt.data.tokenizer import TokenizerError
 
-    k = args.num_shards if args.num_shards is not None else cfg.data.num_shards
-    i = args.shard_index if args.shard_index is not None else cfg.data.shard_index
-    if k < 1 or not 0 <= i < k:
-        print(f"megapt: need 0 <= shard index < num shards, got {i}/{k}")
+    error = apply_split_args(cfg.data, args)
+    if error:
+        print(f"megapt: {error}")
         return 2
-    cfg.data.num_shards, cfg.data.shard_index = k, i
     try:
         m = shard_corpus(cfg, clean_dir=args.input or None, out_dir=args.out or None, force=args.force,
                          progress=cfg.logging.progress)
@@ -456,6 +454,7 @@ def cli_main(cfg, args) -> int:
         print(f"megapt: {exc}")
         return 1
     out = Path(args.out) if args.out else cfg.shard_dir
+    k, i = cfg.data.num_shards, cfg.data.shard_index
     print(f"shard: job {i}/{k}: {summary(m)} -> {out}")
     if k > 1:
         print(f"shard: wrote {part_name(i, k)}; once all {k} jobs are done run `megapt data merge` "

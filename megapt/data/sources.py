@@ -236,6 +236,16 @@ def iter_source(src: SourceConfig, stats: ReadStats | None = None, *, num_shards
                 yield text
 
 
+def apply_split_args(data_cfg, args) -> str | None:
+    """``--num-shards K --shard-index i`` flags (a split job) over ``data.*``; an error text or None."""
+    k = args.num_shards if args.num_shards is not None else data_cfg.num_shards
+    i = args.shard_index if args.shard_index is not None else data_cfg.shard_index
+    if k < 1 or not 0 <= i < k:
+        return f"need 0 <= shard index < num shards, got {i}/{k}"
+    data_cfg.num_shards, data_cfg.shard_index = k, i
+    return None
+
+
 def default_sources() -> list[SourceConfig]:
     return [SourceConfig(path="stdlib", format="python")]
 
