@@ -2,7 +2,7 @@
 
 MFU = achieved model FLOPs / peak FLOPs, with model FLOPs per token from
 ``ModelArgs.flops_per_token(seq_len)`` (6N + 12·L·H·Q·T, PaLM appendix B) and the dense peak of
-the device for the training precision from ``PEAK_TFLOPS`` (no sparsity). On CPU there is no
+the device for the training precision from the shared spec table (no sparsity). On CPU there is no
 meaningful peak: MFU is reported as None.
 """
 from __future__ import annotations
@@ -17,32 +17,24 @@ import torch
 
 log = logging.getLogger("megapt.train")
 
-# Dense peak TFLOP/s per GPU: (substring of torch.cuda.get_device_name, {precision: tflops}).
-# fp32 uses the TF32 tensor-core peak where the GPU has one (torch allows TF32 matmuls if set).
-PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}),  # SXM
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
-    ("L40S", {"bf16": 362.0, "fp16": 362.0, "fp32": 183.0}),
-    ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5}),
-    ("V100", {"bf16": 0.0, "fp16": 125.0, "fp32": 15.7}),
-    ("RTX 4090", {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6}),
-    ("RTX 3090", {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6}),
-]
-
-
 def peak_flops(precision: str, device_name: Optional[str] = None) -> Optional[float]:
-    """Peak FLOP/s of one device, or None when unknown (CPU, unlisted GPU)."""
+    """Dense spec peak FLOP/s of one device for the training precision, or None (CPU, unlisted GPU).
+
+    One peak table serves the trainer and the benchmarks (``megapt.benchmarking.hardware``); fp32
+    counts against the TF32 peak only when torch runs fp32 matmuls on TF32.
+    """
+    from megapt.benchmarking.hardware import select_peak
+
     if device_name is None:
         if not torch.cuda.is_available():
             return None
         device_name = torch.cuda.get_device_name()
-    for key, table in PEAK_TFLOPS:
-        if key in device_name:
-            v = table.get(precision, 0.0)
-            return v * 1e12 if v > 0 else None
-    return None
+    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    sel = select_peak(device_name, precision, tf32, measured={}, is_cuda=True)
+    if sel["tflops"] is None:
+        log.info("MFU: %s", sel["note"])
+        return None
+    return sel["tflops"] * 1e12
 
 
 def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: Optional[float]) -> Optional[float]:
