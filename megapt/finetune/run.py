@@ -14,15 +14,17 @@ after ``early_stopping_patience`` evaluations without improvement, and the best 
 written to ``finetune.out_dir`` (a megapt weights folder that ``eval``, ``generate`` and
 ``export`` read).
 
-Optimisation runs in this process with torch AdamW (one device): fine-tuning the sizes this
-toolkit targets on one GPU needs no ZeRO partitioning; multi-GPU fine-tuning would go through
-the trainer's engine.
+Optimisation runs through the same DeepSpeed engine as ``megapt train`` (``create_engine``):
+ZeRO stage, precision, gradient accumulation and clipping come from ``train.*`` / ``deepspeed.*``;
+only trainable parameters get optimizer state (and ZeRO partitions). ``finetune.batch_size`` rows
+per optimizer step are split over ranks x ``train.grad_accum`` micro-batches. Runs under plain
+``python`` (one process) or any launcher ``megapt train`` supports (torchrun, deepspeed, srun);
+every rank evaluates, rank 0 writes.
 
 ``init_from=scratch`` builds a freshly initialised model of ``model.preset`` (baselines).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -234,25 +236,79 @@ def load_examples(cfg, tok, max_len: int, classes: Optional[list[str]] = None):
 # --------------------------------------------------------------------------------------------
 
 
-def _device(cfg) -> torch.device:
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+def _device(cfg) -> str:
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device (set train.device=cpu)")
+    return cfg.train.device
 
 
-def finetune(cfg, *, tb=None, source: Optional[Source] = None) -> dict:
+def _all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over data-parallel ranks (float64; no-op in a single process)."""
+    import torch.distributed as tdist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t)
+    return t.tolist()
+
+
+def micro_batches(batch: dict, rank: int, world: int, grad_accum: int) -> list[tuple[dict, float]]:
+    """This rank's ``grad_accum`` micro-batches of one optimizer batch, each with a loss weight.
+
+    Micro-batch k of rank r holds rows ``idx::world*grad_accum`` (idx = k*world + r). Its weight
+    n_k * world * grad_accum / B makes the engine's gradient (mean over ranks of the sum of the
+    micro-step losses / grad_accum) equal to the mean row loss over the whole batch, for any split
+    of B rows. A rank left without rows runs one row at weight 0 (every rank must step together)."""
+    n = world * grad_accum
+    rows = len(next(iter(batch.values())))
+    out = []
+    for k in range(grad_accum):
+        idx = k * world + rank
+        if n == 1:
+            out.append((batch, 1.0))
+            continue
+        part = {key: v[idx::n] for key, v in batch.items()}
+        n_k = len(part["input_ids"])
+        if n_k == 0:
+            out.append(({key: v[:1] for key, v in batch.items()}, 0.0))
+        else:
+            out.append((part, n_k * n / rows))
+    return out
+
+
+def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool = False) -> dict:
     """Run fine-tuning as configured; returns the results dict (also written as results.json).
 
-    ``source``: start from this already-loaded model instead of ``finetune.init_from``."""
+    ``source``: start from this already-loaded model instead of ``finetune.init_from``.
+    ``keep_engine``: also return the DeepSpeed engine as ``results["engine"]`` (tests, notebooks)."""
+    import copy
+    import os
+
+    from megapt.train import dist
+
     ft = cfg.finetune
     task = ft.task
     if task == "none":
         raise ConfigError("finetune.task: choose classify, regress, sft or lm")
     if ft.distill_from and not 0.0 <= ft.distill_alpha <= 1.0:
         raise ConfigError(f"finetune.distill_alpha: must be in [0, 1], got {ft.distill_alpha}")
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
+    info = dist.detect_launcher_env()
     device = _device(cfg)
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+        if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(1)
+    dist.init_distributed(info, device, cfg.train.collective_timeout_s)
+    rank, world = dist.rank(), dist.world_size()
+    main = rank == 0
+    torch.manual_seed(cfg.run.seed)  # same on every rank: identical heads / LoRA init everywhere
+    random.seed(cfg.run.seed)
+
+    def say(msg: str) -> None:
+        if main:
+            _say(msg)
 
     src = source if source is not None else get_source(cfg, ft.init_from or "")
     tok = src.tokenizer()
@@ -279,10 +335,36 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None) -> dict:
     counts = apply_freezing(model, n_layers, freeze_embeddings=ft.freeze_embeddings,
                             freeze_layers=ft.freeze_layers, freeze_pattern=ft.freeze_pattern,
                             train_head_only=ft.train_head_only, train_top_layers=ft.train_top_layers)
-    model.to(device)
     groups = param_groups(model, n_layers, ft.lr, ft.weight_decay, ft.layer_lr_decay, ft.head_lr_mult)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=ft.lr,
-                            betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps)
+
+    steps_per_epoch = math.ceil(len(train_ex) / ft.batch_size)
+    total = ft.max_steps or steps_per_epoch * ft.epochs
+    warmup = int(total * ft.warmup_frac)
+    eval_every = ft.eval_every or steps_per_epoch
+
+    # ---- the DeepSpeed engine, as `megapt train` builds it: ZeRO stage, precision, grad accumulation
+    # and clipping from cfg.train / cfg.deepspeed. finetune.batch_size rows per optimizer step are
+    # split over world_size x grad_accum micro-batches.
+    from megapt.train.engine import LRSchedule, create_engine, effective_zero_stage, gathered
+
+    ga = cfg.train.grad_accum
+    ecfg = copy.deepcopy(cfg)
+    ecfg.train.micro_batch = max(1, math.ceil(ft.batch_size / (world * ga)))
+    if cfg.train.activation_checkpointing:  # the switch lives on the backbone (also under a head)
+        src.model.gradient_checkpointing = True
+        ecfg.train.activation_checkpointing = False
+    stage = effective_zero_stage(cfg)
+    if stage == 3:
+        say("ZeRO stage 3: evaluation and best-weight snapshots gather parameters on every rank")
+    # warmup then linear decay to 0 at `total`; LambdaLR scales each group's own peak LR by it
+    schedule = LRSchedule(ft.lr, 0.0, warmup, total, "linear")
+    bundle = create_engine(ecfg, model, world_size=world,
+                           param_groups=[{k: v for k, v in g.items() if k != "names"} for g in groups],
+                           schedule=schedule)
+    engine = bundle.engine
+    module = engine.module
+    dev = engine.device
+
     teacher = None
     if ft.distill_from:
         tsrc = get_source(cfg, ft.distill_from)
@@ -294,28 +376,27 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None) -> dict:
             raise ConfigError(f"finetune.distill_from={ft.distill_from}: a {task} teacher must be a "
                               "fine-tuned folder with a head (written by megapt finetune)")
         teacher = build_task_model(tsrc, task, t_classes or len(classes or []), tsrc.meta.get("pooling", ft.pooling),
-                                   0.0).to(device).eval()
+                                   0.0).to(dev).eval()
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        if low is not None:
+            teacher.to(low)  # the engine feeds it the same dtype as the student
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-    steps_per_epoch = math.ceil(len(train_ex) / ft.batch_size)
-    total = ft.max_steps or steps_per_epoch * ft.epochs
-    warmup = int(total * ft.warmup_frac)
-    eval_every = ft.eval_every or steps_per_epoch
-    _say(f"task={task} source={src.path} ({src.kind}) rows train/val/test={len(train_ex)}/{len(val_ex)}/"
-         f"{len(test_ex)} trainable={counts['trainable']:,} frozen={counts['frozen']:,} params "
-         f"in {len(groups)} groups; lora={len(lora_names)} layers; steps={total} device={device}")
+    say(f"task={task} source={src.path} ({src.kind}) rows train/val/test={len(train_ex)}/{len(val_ex)}/"
+        f"{len(test_ex)} trainable={counts['trainable']:,} frozen={counts['frozen']:,} params "
+        f"in {len(groups)} groups; lora={len(lora_names)} layers; steps={total} device={dev} "
+        f"engine=DeepSpeed ZeRO-{stage} {cfg.train.precision} world_size={world} grad_accum={ga}")
 
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    # fp32 master weights; on CUDA bf16/fp16 precision runs the forward under autocast
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-    autocast = (torch.autocast("cuda", dtype=low) if device.type == "cuda" and low is not None
-                else contextlib.nullcontext())
+    def evaluate(examples) -> dict:
+        # every rank runs the same evaluation (ZeRO-3 forwards need all ranks); rank 0's metrics
+        # decide, so early stopping and best-step selection agree everywhere
+        m = evaluate_task(module, examples, task, classes, ft.batch_size, tok.pad_id, dev)
+        engine.train()
+        return dist.broadcast_object(m)
+
     best = {"score": -math.inf, "step": 0, "metrics": None}
     best_state: dict[str, torch.Tensor] = {}
     bad_evals, step, t0 = 0, 0, time.time()
@@ -323,80 +404,86 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None) -> dict:
     stop = False
     epoch = 0
     while not stop:
-        model.train()
+        engine.train()
         for batch in D.batches(train_ex, ft.batch_size, tok.pad_id, True, cfg.run.seed + epoch, task == "regress"):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            for g in opt.param_groups:
-                g["lr"] = ft.lr * g["lr_scale"] * lr_factor(step)
-            with autocast:
-                loss = task_loss(model, batch, task, teacher, ft.distill_alpha, ft.distill_temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"finetune: non-finite loss {float(loss)} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.train.grad_clip)
-            opt.step()
+            rows = len(batch["input_ids"])
+            loss_sum = 0.0
+            for part, weight in micro_batches(batch, rank, world, ga):
+                part = {k: v.to(dev) for k, v in part.items()}
+                loss = task_loss(engine, part, task, teacher, ft.distill_alpha, ft.distill_temperature)
+                n_k = len(part["input_ids"]) if weight else 0
+                lv = float(loss.detach())
+                local, bad = _all_sum([lv * n_k, 0.0 if math.isfinite(lv) else 1.0])
+                if bad:
+                    raise FloatingPointError(f"finetune: non-finite loss at step {step} (on {int(bad)} rank(s))")
+                loss_sum += local
+                engine.backward(loss if weight == 1.0 else loss * weight)
+                engine.step()
             step += 1
-            loss = loss.detach()
-            if tb is not None:
-                tb.add_scalar("finetune/train_loss", float(loss), step)
+            train_loss = loss_sum / rows  # mean row loss of the batch over all ranks
+            if tb is not None and main:
+                tb.add_scalar("finetune/train_loss", train_loss, step)
             if step % eval_every == 0 or step == total:
-                m = evaluate_task(model, val_ex, task, classes, ft.batch_size, tok.pad_id, device)
-                model.train()
-                history.append({"step": step, "train_loss": float(loss), "val_score": m["score"]})
+                m = evaluate(val_ex)
+                history.append({"step": step, "train_loss": train_loss, "val_score": m["score"]})
                 improved = m["score"] > best["score"]
                 if improved:
                     best = {"score": m["score"], "step": step, "metrics": m}
-                    best_state = {n: p.detach().clone() for n, p in trainable}
+                    with gathered([p for _, p in trainable]):
+                        best_state = {n: p.detach().clone() for n, p in trainable}
                     bad_evals = 0
                 else:
                     bad_evals += 1
-                if tb is not None:
+                if tb is not None and main:
                     tb.add_scalar("finetune/val_score", m["score"], step)
-                _say(f"step {step}/{total} train_loss {float(loss):.4f} val_score {m['score']:.4f}"
-                     f"{' (best)' if improved else ''} {time.time() - t0:.0f}s")
+                say(f"step {step}/{total} train_loss {train_loss:.4f} val_score {m['score']:.4f}"
+                    f"{' (best)' if improved else ''} {time.time() - t0:.0f}s")
                 if ft.early_stopping_patience and bad_evals >= ft.early_stopping_patience:
-                    _say(f"early stop: {bad_evals} evaluations without improvement; best at step {best['step']}")
+                    say(f"early stop: {bad_evals} evaluations without improvement; best at step {best['step']}")
                     stop = True
             if step >= total or stop:
                 stop = True
                 break
         epoch += 1
 
-    with torch.no_grad():  # best-checkpoint selection: restore the best validation weights
-        params = dict(model.named_parameters())
+    # best-checkpoint selection: restore the best validation weights into the engine's module
+    params = dict(module.named_parameters())
+    with gathered([params[n] for n in best_state], modifier_rank=0), torch.no_grad():
         for n, v in best_state.items():
             params[n].copy_(v)
     results = {"task": task, "init_from": src.path, "best_step": best["step"], "steps": step,
                "val": best["metrics"], "trainable_params": counts["trainable"], "history": history}
     if test_ex:
-        results["test"] = evaluate_task(model, test_ex, task, classes, ft.batch_size, tok.pad_id, device)
+        results["test"] = evaluate(test_ex)
         if task == "classify":
             from megapt.eval.metrics import majority_baseline
 
             results["majority_baseline"] = majority_baseline([e.label for e in train_ex], [e.label for e in test_ex])
-        _say(f"test: {json.dumps({k: v for k, v in results['test'].items() if not isinstance(v, (dict, list))})}")
+        say(f"test: {json.dumps({k: v for k, v in results['test'].items() if not isinstance(v, (dict, list))})}")
 
     out_dir = Path(ft.out_dir) if ft.out_dir else cfg.run_dir / "finetune"
-    model.cpu()
-    if lora_names and ft.merge_lora:
-        from megapt.model.lora import merge_lora
-
-        merge_lora(src.model)
     meta = {"task": task, "classes": classes, "pooling": ft.pooling, "init_from": src.path,
             "best_step": best["step"], "val_score": best["score"], "max_len": max_len}
-    extra = {}
-    if task in ("classify", "regress"):
-        extra = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-    if lora_names and not ft.merge_lora:
-        from megapt.model.lora import lora_state_dict
+    with gathered(list(module.parameters())):  # ZeRO-3: full weights while saving (rank 0 writes)
+        if lora_names and ft.merge_lora:
+            from megapt.model.lora import merge_lora
 
-        extra.update(lora_state_dict(src.model))
-    save_weights(out_dir, src.model, src.args, src.tokenizer_path, meta, extra)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+            merge_lora(src.model)
+        extra = {}
+        if task in ("classify", "regress"):
+            extra = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+        if lora_names and not ft.merge_lora:
+            from megapt.model.lora import lora_state_dict
+
+            extra.update(lora_state_dict(src.model))
+        if main:  # fp32 on disk whatever the training precision
+            save_weights(out_dir, src.model, src.args, src.tokenizer_path, meta, extra)
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    dist.barrier()
     results["out_dir"] = str(out_dir)
-    _say(f"best step {best['step']} val_score {best['score']:.4f}; wrote {out_dir}")
+    say(f"best step {best['step']} val_score {best['score']:.4f}; wrote {out_dir}")
+    if keep_engine:
+        results["engine"] = engine
     return results
 
 
@@ -411,8 +498,10 @@ def cli_main(cfg, args) -> int:
 
         run_example(cfg)
         return 0
+    from megapt.train.dist import detect_launcher_env
+
     tb = None
-    if cfg.logging.tensorboard:
+    if cfg.logging.tensorboard and detect_launcher_env().rank == 0:  # one event file per run
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(cfg.run_dir / "tb_finetune"))

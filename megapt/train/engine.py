@@ -252,9 +252,33 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+def check_param_groups(groups: list[dict]) -> list[dict]:
+    """Explicit optimizer groups (fine-tuning): each needs ``params``, ``lr`` and ``weight_decay``, and
+    holds only trainable parameters (frozen ones must get no optimizer state nor ZeRO partition)."""
+    problems, seen = [], set()
+    for i, g in enumerate(groups):
+        missing = [k for k in ("params", "lr", "weight_decay") if k not in g]
+        if missing:
+            problems.append(f"group {i}: missing {missing}")
+            continue
+        for p in g["params"]:
+            if not p.requires_grad:
+                problems.append(f"group {i}: holds a parameter with requires_grad=False")
+            if id(p) in seen:
+                problems.append(f"group {i}: a parameter appears in more than one group")
+            seen.add(id(p))
+    if not seen:
+        problems.append("no trainable parameter in any group")
+    if problems:
+        raise ValueError("create_engine(param_groups=...): " + "; ".join(problems))
+    return [dict(g, params=list(g["params"])) for g in groups]
+
+
+def build_optimizer(cfg: Config, model: nn.Module, groups: Optional[list[dict]] = None) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (each with its own lr / weight_decay) or, by default, the weight-decay
+    groups of every trainable parameter at ``train.lr``."""
     t = cfg.train
-    groups = param_groups(model, t.weight_decay)
+    groups = param_groups(model, t.weight_decay) if groups is None else check_param_groups(groups)
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
     if cfg.deepspeed.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds a CPU op on first use (~1 min)
@@ -297,12 +321,21 @@ ModelFactory = Callable[[], nn.Module]
 
 
 def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_size: int,
-                  init_weights: Optional[Callable[[nn.Module, str, torch.Tensor], None]] = None) -> EngineBundle:
+                  init_weights: Optional[Callable[[nn.Module, str, torch.Tensor], None]] = None,
+                  param_groups: Optional[list[dict]] = None,
+                  schedule: Optional[LRSchedule] = None) -> EngineBundle:
     """Build the model (under ``deepspeed.zero.Init`` for ZeRO-3), the optimizer with weight-decay
     groups, our LR schedule, and ``deepspeed.initialize``. ``model`` is a module or a factory; with a
     factory and ZeRO-3 the parameters are partitioned as they are created, then
     ``init_weights(module, name, param)`` runs for one gathered parameter at a time on rank 0 and
-    DeepSpeed scatters the result. Without ZeRO-3 the factory is expected to initialise the weights."""
+    DeepSpeed scatters the result. Without ZeRO-3 the factory is expected to initialise the weights.
+
+    ``param_groups`` (fine-tuning; needs ``model`` as a module): explicit optimizer groups, each a dict
+    with ``params`` (trainable parameters only: nothing else gets optimizer state or a ZeRO
+    partition), ``lr`` (that group's peak LR) and ``weight_decay``. ``schedule`` replaces the one
+    from ``train.*``; its multiplier ``lr(step) / peak`` scales every group's own peak LR."""
+    if param_groups is not None and not isinstance(model, nn.Module):
+        raise ValueError("create_engine(param_groups=...): pass the model as a module (the groups name its parameters)")
     import deepspeed
 
     _skip_cpu_shm_comm_build()
@@ -333,11 +366,23 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
             raise ConfigError("train.activation_checkpointing: this model has no gradient_checkpointing switch")
         module.gradient_checkpointing = True  # GPT recomputes each block in backward
 
-    optimizer = build_optimizer(cfg, module)
-    schedule = lr_schedule(cfg)
+    optimizer = build_optimizer(cfg, module, param_groups)
+    schedule = schedule if schedule is not None else lr_schedule(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
     if cfg.train.compile:
         engine.compile()
     return EngineBundle(engine, optimizer, scheduler, ds_config, schedule)
+
+
+def gathered(params: list, modifier_rank: Optional[int] = None):
+    """Context in which ZeRO-3 partitioned ``params`` hold their full tensors (every rank takes part;
+    changes made on ``modifier_rank`` are scattered back on exit). Stages 0-2: nothing to do."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

@@ -286,3 +286,43 @@ def test_stdlib_example_split_is_deterministic_balanced_and_disjoint(tmp_path):
     assert set(train) == set(FAMILIES) and set(train.values()) == {CAPS["train"]}
     assert set(Counter(r["label"] for r in rows["train_low"]).values()) == {LOW_PER_CLASS}
     assert all(r["key"].split("/")[0] == r["label"] for r in rows["test"])  # label = top-level package
+
+
+def test_finetune_runs_through_deepspeed_engine_zero1_matches_zero0(workdir):
+    """`megapt finetune` trains through the pretraining DeepSpeed engine: at one process ZeRO-1 gives
+    ZeRO-0's losses; frozen weights stay bit-identical and get no optimizer state or ZeRO partition."""
+    from deepspeed import DeepSpeedEngine
+
+    root, _, _ = workdir
+    base = load_source(_cfg(root), str(root / "base")).model.state_dict()
+    runs = {}
+    for stage in (0, 1):
+        cfg = _cfg(root, "--finetune.task=classify", "--finetune.max_steps=4", "--finetune.eval_every=1",
+                   "--finetune.freeze_embeddings=true", "--finetune.freeze_layers=1", "--finetune.head_dropout=0",
+                   "--finetune.head_lr_mult=3", "--finetune.layer_lr_decay=0.5",
+                   f"--deepspeed.zero_stage={stage}", f"--finetune.out_dir={root}/z{stage}")
+        res = finetune(cfg, keep_engine=True)
+        eng = res["engine"]
+        assert isinstance(eng, DeepSpeedEngine) and eng.zero_optimization_stage() == stage
+        frozen = {n: p for n, p in eng.module.named_parameters() if not p.requires_grad}
+        assert "backbone.tok_embeddings.weight" in frozen and "backbone.layers.0.attention.wq.weight" in frozen
+        for n, p in frozen.items():
+            assert torch.equal(p.cpu(), base[n[len("backbone."):]]), n
+        frozen_ids = {id(p) for p in frozen.values()}
+        opt = eng.optimizer
+        # the schedule scales each group's own peak LR (layer-wise decay, head multiplier)
+        peaks = sorted(g["initial_lr"] for g in opt.param_groups)
+        assert peaks == pytest.approx(sorted(1e-2 * g["lr_scale"] for g in opt.param_groups))
+        assert peaks[0] == pytest.approx(1e-2 * 0.5 ** 2) and peaks[-1] == pytest.approx(3e-2)
+        if stage == 0:  # the client AdamW: state only for trainable parameters
+            assert opt.state and not frozen_ids & {id(p) for p in opt.state}
+        else:  # ZeRO-1 flattens and partitions only the parameters it was given
+            held = {id(p) for g in opt.bit16_groups for p in g}
+            assert held and not frozen_ids & held
+            assert sum(p.numel() for g in opt.bit16_groups for p in g) == res["trainable_params"]
+        saved = load_source(cfg, str(root / f"z{stage}")).model
+        assert torch.equal(saved.layers[0].attention.wq.weight, base["layers.0.attention.wq.weight"])
+        assert not torch.equal(saved.layers[2].attention.wq.weight, base["layers.2.attention.wq.weight"])
+        runs[stage] = [h["train_loss"] for h in res["history"]]
+    assert len(runs[0]) == 4 and runs[0][-1] != runs[0][0]
+    assert runs[1] == pytest.approx(runs[0], abs=1e-5)
