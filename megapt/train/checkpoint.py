@@ -20,6 +20,7 @@ Rotation keeps the newest ``keep_last`` valid checkpoints and never deletes the 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -52,6 +53,11 @@ _NON_SHAPE_ARGS = {"dropout", "init_std"}
 
 class CheckpointError(RuntimeError):
     """Missing, corrupt or incompatible checkpoint; the message says which and what to do."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A save failed (disk full, I/O error) before the rename: earlier checkpoints are intact.
+    Also an OSError carrying the original errno (ENOSPC for a full disk)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -207,10 +213,44 @@ def save_checkpoint(root: Path, step: int, engine: Any, meta: dict, *, config_te
     tmp = root / (step_dir_name(step) + ".tmp")
     if dist.rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        # every unfinished save (ours from a failed/killed attempt, any step): never loaded, and on
+        # a full disk it holds the space this save needs
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
+    try:
+        _write_checkpoint(root, tmp, final, step, engine, meta, config_text=config_text,
+                          tokenizer_path=tokenizer_path, keep_last=keep_last)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise _write_error(root, tmp, exc) from exc
+    return final
+
+
+def _write_error(root: Path, tmp: Path, exc: BaseException) -> CheckpointWriteError:
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    code = getattr(exc, "errno", None)
+    why = "no space left on the device" if code == errno.ENOSPC else f"{type(exc).__name__}: {exc}"
+    if code is None and "unexpected pos" in str(exc):  # torch's zip writer on a full disk
+        why = f"write failed ({exc}); the disk is probably full"
+    try:
+        prev = find_latest_valid(root)
+    except Exception:  # noqa: BLE001 - the message must still be produced
+        prev = None
+    keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier valid checkpoint exists"
+    err = CheckpointWriteError(f"saving checkpoint into {tmp} failed: {why} ({free} on {root}); "
+                               f"{keep}. Free space (or point checkpoint.dir elsewhere) and --resume.")
+    err.errno = code
+    return err
+
+
+def _write_checkpoint(root: Path, tmp: Path, final: Path, step: int, engine: Any, meta: dict, *,
+                      config_text: str, tokenizer_path: Optional[Path], keep_last: int) -> None:
     rngs = dist.all_gather_object(rng_state())
     # universal_checkpoint_info (no tensor/pipeline parallelism: nothing to describe but the version)
     # is what `megapt ckpt universal` (ds_to_universal) needs to reshard this checkpoint later
@@ -238,7 +278,6 @@ def save_checkpoint(root: Path, step: int, engine: Any, meta: dict, *, config_te
         if deleted:
             log.info("removed old checkpoints: %s", ", ".join(p.name for p in deleted))
     dist.barrier()
-    return final
 
 
 def _fsync_dir(path: Path) -> None:

@@ -130,8 +130,15 @@ def init_distributed(info: DistInfo, device: str, timeout_s: int) -> None:
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
     backend = "nccl" if device == "cuda" else "gloo"
+    # The timeout must reach every group, not only the default one: DeepSpeed reduces gradients on
+    # groups it makes later with new_group() and no timeout, which take torch's module defaults.
+    from torch.distributed import distributed_c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+                            timeout=timeout)
     log.info("process group: backend=%s %s collective_timeout=%ss", backend, info.describe(), timeout_s)
 
 

@@ -111,6 +111,18 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # Installed first: a pre-emption warning during start-up (data preparation, engine set-up,
+        # checkpoint loading) must still end in a checkpoint and exit 75, not the signal's default.
+        from megapt.train.preempt import PreemptionHandler
+
+        self.preempt = PreemptionHandler().install()
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.preempt.uninstall()
+            raise
+
+    def _start(self, cfg: Config) -> None:
         self.info = dist.detect_launcher_env()
         setup_logging(self.info.rank, cfg.logging.all_ranks)
         self.device = resolve_device(cfg.train.device)
@@ -386,13 +398,7 @@ class Trainer:
             save_config(cfg, run_dir / "config.yaml")
             log.info("run dir: %s | checkpoints: %s | TensorBoard: tensorboard --logdir %s", run_dir,
                      cfg.checkpoint_dir, run_dir / "tb")
-        preempt = None
-        try:
-            from megapt.train.preempt import PreemptionHandler
-
-            preempt = PreemptionHandler().install()
-        except ImportError:  # pragma: no cover
-            pass
+        preempt = self.preempt
         bar = None
         if self.rank == 0 and cfg.logging.progress and sys.stderr.isatty():
             from tqdm import tqdm

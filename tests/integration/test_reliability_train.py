@@ -228,12 +228,6 @@ def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resum
     assert [r["step"] for r in _train_rows(run)[before:]] == [s + 1, s + 2]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the SIGTERM/SIGUSR1 handler is installed only in Trainer.fit() (megapt/train/trainer.py), so a signal during "
-    "start-up (data preparation, engine set-up, checkpoint loading: minutes for a big model) kills the process "
-    "with the signal's default action instead of exit 75, and the Slurm script does not requeue. Fix: install "
-    "PreemptionHandler at the top of Trainer.__init__ (uninstall in fit's finally); fit's check after the first "
-    "step then saves and exits 75"))
 @pytest.mark.timeout(START_TIMEOUT + 60)
 def test_preemption_signal_during_start_up_still_exits_75(data, tmp_path):
     marker = tmp_path / "starting"
@@ -484,12 +478,6 @@ def test_disk_full_during_a_training_save_stops_and_keeps_the_previous_checkpoin
     assert "step_0000004" not in disk_full["names"]  # at most step_0000004.tmp, which is never loaded
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a full disk during engine.save_checkpoint surfaces as DeepSpeed/torch's 'RuntimeError: [enforce fail at "
-    "inline_container.cc:...] unexpected pos N vs M' traceback with exit 1: it names neither the disk nor the "
-    "checkpoint. Fix in megapt/train/checkpoint.py save_checkpoint(): wrap the save in try/except (OSError, "
-    "RuntimeError) and raise CheckpointError naming the .tmp folder, shutil.disk_usage(root).free and the "
-    "previous valid checkpoint (cli_main then exits 4 with that message)"))
 @pytest.mark.timeout(START_TIMEOUT + 60)
 def test_disk_full_during_a_training_save_says_so(disk_full):
     log = disk_full["log"]
@@ -504,13 +492,6 @@ def test_disk_full_during_a_training_save_says_so(disk_full):
 STALL_TIMEOUT = 20  # also bounds the rendezvous and the engine's start-up broadcasts: not too small under load
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.collective_timeout_s reaches only the default process group (megapt/train/dist.py init_distributed). "
-    "DeepSpeed all-reduces gradients on a clone of the world group made with dist.new_group() and no timeout "
-    "(deepspeed/utils/groups.py _clone_world_group), which gets torch's default (30 min gloo, 10 min nccl), so a "
-    "stalled rank hangs its peers. Fix in init_distributed, before init_process_group: set "
-    "torch.distributed.distributed_c10d.default_pg_timeout (and default_pg_nccl_timeout) to the same timedelta "
-    "(checked by hand: rank 0 then fails after 15 s in all_reduce, 'Timed out waiting 15000ms for recv')"))
 @pytest.mark.timeout(START_TIMEOUT + 120)
 def test_rank_stalled_before_a_collective_fails_its_peer_after_collective_timeout(data, tmp_path):
     """Rank 1 sleeps at step 3 (before its forward, so before the gradient all-reduce); rank 0 must fail

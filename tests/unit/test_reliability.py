@@ -115,10 +115,6 @@ def test_disk_full_during_checkpoint_save_keeps_the_previous_checkpoint(tmp_path
         assert not (root / "step_0000002").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="megapt/train/checkpoint.py save_checkpoint() removes only its own step's "
-                   ".tmp before writing; a failed save's step_*.tmp is removed by rotate() only after a later save "
-                   "succeeded, so on a full disk it keeps the space the next save needs and that save fails too. "
-                   "Fix: rank 0 removes every step_*.tmp under root before tmp.mkdir()")
 def test_the_save_after_a_disk_full_failure_reclaims_the_failed_saves_space(tmp_path):
     with tmpfs(tmp_path / "disk", "2m") as root:
         _save(root, 1, 512 * 1024)
