@@ -20,6 +20,7 @@ Rotation keeps the newest ``keep_last`` valid checkpoints and never deletes the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import json
@@ -357,10 +358,44 @@ def check_compatible(meta: dict, *, model_args: dict, world_size: int, zero_stag
             f"megapt ckpt universal {ckpt}, then resume with --checkpoint.universal=true")
 
 
+def _deepspeed_safe_globals() -> list:
+    """The plain DeepSpeed types its checkpoints pickle (besides tensors and builtins)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads(ckpt: Path):
+    """Every ``torch.load`` inside runs torch's weights-only unpickler, DeepSpeed's own included
+    (it passes weights_only=False): a crafted checkpoint cannot run code. Only DeepSpeed's plain
+    state types are allowlisted; anything else is refused as a CheckpointError naming ckpt."""
+    import pickle
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        why = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise CheckpointError(f"{ckpt}: refused to load: it pickles something other than tensors and "
+                              f"DeepSpeed's state types ({why}). Only load checkpoints you trust.") from None
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
 def load_engine_state(engine: Any, ckpt: Path, universal: bool) -> None:
     tag = UNIVERSAL_TAG if universal else DS_TAG
-    path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    with weights_only_loads(ckpt):
+        path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{ckpt}/{tag}: DeepSpeed found no checkpoint to load")
 

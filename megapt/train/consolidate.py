@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from megapt.train.checkpoint import (DS_TAG, MANIFEST, UNIVERSAL_TAG, CheckpointError, STEP_RE, find_latest_valid,
-                                     read_meta, verify_checkpoint, write_manifest)
+                                     read_meta, verify_checkpoint, weights_only_loads, write_manifest)
 
 log = logging.getLogger("megapt.train")
 
@@ -54,7 +54,8 @@ def full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if (meta.get("zero_stage") or 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+        with weights_only_loads(ckpt):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
     else:
         files = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
         if not files:

@@ -426,13 +426,6 @@ def test_corrupt_checkpoint_is_rejected_and_resume_falls_back(faults, data):
     assert [x["step"] for x in rows] == [1, 2, 2, 3]  # steps 2-3 redone from the step-1 checkpoint
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "megapt/train/checkpoint.py load_engine_state() calls DeepSpeed's engine.load_checkpoint, whose "
-    "TorchCheckpointEngine.load uses torch.load(weights_only=False): a crafted checkpoint (its sha256 manifest "
-    "rewritten to match) runs code on --resume/checkpoint.load. Fix: before engine.load_checkpoint, replace "
-    "engine.checkpoint_engine.load with torch.load(path, map_location=..., weights_only=True) (ZeRO-0 model "
-    "states load that way as they are; allowlist DeepSpeed's few non-tensor types, e.g. ZeroStageEnum, with "
-    "torch.serialization.add_safe_globals for ZeRO>=1)"))
 @pytest.mark.timeout(600)
 def test_checkpoint_with_a_pickle_payload_is_refused_by_the_trainer_without_running_it(faults):
     res, _ = faults

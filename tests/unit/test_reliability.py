@@ -287,10 +287,6 @@ def test_zero0_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tm
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="megapt/train/consolidate.py full_state_dict() hands ZeRO>=1 checkpoints to "
-                   "deepspeed.utils.zero_to_fp32, which calls torch.load(weights_only=False): a crafted checkpoint "
-                   "runs code in `megapt ckpt consolidate`/export/finetune/generate. The trainer's resume has the "
-                   "same hole (DeepSpeed's TorchCheckpointEngine.load, weights_only=False)")
 def test_zero_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
     from megapt.train.consolidate import full_state_dict
 
