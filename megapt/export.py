@@ -13,6 +13,7 @@ special_tokens_map.json, so ``AutoModelForCausalLM.from_pretrained(dir)`` and
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -293,32 +294,41 @@ def write_hf_tokenizer(spm_path: str | os.PathLike, out_dir: str | os.PathLike,
     return ids
 
 
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike):
+    """Yield ``<out_dir>.tmp`` to fill; on success it replaces ``out_dir`` in one rename, so a
+    failed or killed write never leaves a half-written folder under the final name."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def export_hf(model: torch.nn.Module, args, out_dir: str | os.PathLike, tokenizer_path=None,
               eos_token: str = "<|endoftext|>", pad_token: str = "<|pad|>",
               dtype: torch.dtype = torch.float32) -> Path:
     """Write a transformers-loadable LlamaForCausalLM folder (atomically: tmp dir + rename)."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    ids: dict = {"eos": None, "pad": None, "bos": None}
-    if tokenizer_path:
-        ids = write_hf_tokenizer(tokenizer_path, tmp, eos_token, pad_token, args.max_seq_len)
-    state = to_hf_state_dict(model, dtype)
-    if args.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    cfg = hf_config_dict(args, eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"], dtype=dtype)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    gen = {"eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "bos_token_id": ids["bos"]}
-    (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with atomic_folder(out_dir) as tmp:
+        ids: dict = {"eos": None, "pad": None, "bos": None}
+        if tokenizer_path:
+            ids = write_hf_tokenizer(tokenizer_path, tmp, eos_token, pad_token, args.max_seq_len)
+        state = to_hf_state_dict(model, dtype)
+        if args.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = hf_config_dict(args, eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"], dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        gen = {"eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "bos_token_id": ids["bos"]}
+        (tmp / "generation_config.json").write_text(
+            json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    return Path(out_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -138,26 +138,21 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, token
     """Write a megapt weights folder atomically (tmp folder + rename)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    from megapt.export import atomic_folder
+
     state = {}
     for n, p in model.named_parameters():  # tied weights once (the first name)
         state[n] = p.detach().to(dtype).contiguous().cpu()
     for k, v in (extra or {}).items():
         state[k] = v.detach().to(dtype).contiguous().cpu()
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "model_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    if meta:
-        (tmp / "finetune.json").write_text(json.dumps(meta, indent=2))
-    if tokenizer_path:
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    with atomic_folder(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "model_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        if meta:
+            (tmp / "finetune.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer_path:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+    return Path(out_dir)
 
 
 def save_megapt(src: Source, out_dir: str, dtype: torch.dtype = torch.float32) -> Path:
