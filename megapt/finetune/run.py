@@ -490,13 +490,17 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
 def add_args(p) -> None:
     p.add_argument("--example", choices=["stdlib"], default=None,
                    help="run the built-in example (stdlib module-family classification; no download)")
+    p.add_argument("--example-lrs", type=float, nargs="+", default=None,
+                   help="example: LR grid per arm, best on validation kept (default 5e-4 1e-3 2e-3 4e-3)")
+    p.add_argument("--example-seeds", type=int, nargs="+", default=None,
+                   help="example: seeds to repeat each run with (default: run.seed)")
 
 
 def cli_main(cfg, args) -> int:
     if getattr(args, "example", None) == "stdlib":
         from megapt.finetune.stdlib_example import run_example
 
-        run_example(cfg)
+        run_example(cfg, lrs=args.example_lrs, seeds=args.example_seeds)
         return 0
     from megapt.train.dist import detect_launcher_env
 

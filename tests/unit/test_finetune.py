@@ -326,3 +326,36 @@ def test_finetune_runs_through_deepspeed_engine_zero1_matches_zero0(workdir):
         runs[stage] = [h["train_loss"] for h in res["history"]]
     assert len(runs[0]) == 4 and runs[0][-1] != runs[0][0]
     assert runs[1] == pytest.approx(runs[0], abs=1e-5)
+
+
+def test_stdlib_example_selects_each_arms_lr_on_validation_never_on_test():
+    from megapt.finetune.stdlib_example import select_by_val
+
+    runs = [{"lr": 1e-3, "val_accuracy": 0.70, "test_accuracy": 0.90},
+            {"lr": 2e-3, "val_accuracy": 0.80, "test_accuracy": 0.60},
+            {"lr": 4e-3, "val_accuracy": 0.80, "test_accuracy": 0.99}]
+    assert select_by_val(runs)["lr"] == 2e-3  # best val; the tie goes to the lower LR; test is ignored
+
+
+def test_stdlib_example_runs_both_arms_over_the_lr_grid(workdir):
+    """The built-in example trains pretrained and scratch at every grid LR, in both label regimes,
+    reports for each arm the test accuracy of the LR its validation accuracy chose, and writes it."""
+    from megapt.finetune.stdlib_example import run_example
+
+    root, _, _ = workdir
+    cfg = _cfg(root, "--finetune.max_steps=2", "--finetune.max_len=16", "--finetune.batch_size=4",
+               "--finetune.pooling=mean")
+    res = run_example(cfg, lrs=[1e-3, 3e-2], seeds=[7])
+    saved = json.loads((cfg.run_dir / "stdlib_example.json").read_text())
+    assert saved["lr_grid"] == [1e-3, 3e-2] and saved["seeds"] == [7]
+    for regime in ("full", "low"):
+        r = res[regime]
+        assert r["train_rows"] == (720 if regime == "full" else 120)
+        for arm in ("pretrained", "scratch"):
+            grid = r[arm]["grid"]
+            assert sorted(g["lr"] for g in grid) == [1e-3, 3e-2]
+            best = max(grid, key=lambda g: (g["val_accuracy"], -g["lr"]))
+            assert r[arm]["selected_lr_per_seed"] == [best["lr"]]
+            assert r[arm]["test_accuracy"] == best["test_accuracy"]
+        assert 0 < r["majority"]["test_accuracy"] < 0.5
+        assert saved[regime]["pretrained"]["test_accuracy"] == r["pretrained"]["test_accuracy"]
