@@ -2,8 +2,12 @@
 
 The top-level ``kernels/`` folder installs as ``megapt.kernels`` (``package_dir``), so its
 import name never clashes with the unrelated ``kernels`` package on PyPI.
+
+``megapt.data._segcache`` is a small optional C extension (plain C, CPython API) that makes BPE
+tokenization several times faster; without a C compiler the install still succeeds and the
+tokenizer uses its pure-Python path (same token ids).
 """
-from setuptools import setup
+from setuptools import Extension, setup
 
 PACKAGES = [
     "megapt",
@@ -26,6 +30,7 @@ setup(
     packages=PACKAGES,
     package_dir={"megapt.kernels": "kernels"},
     package_data={"megapt.kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
+    ext_modules=[Extension("megapt.data._segcache", ["megapt/data/csrc/segcache.c"], optional=True)],
     install_requires=[
         # torch is installed first, by hand (see README): a bare `torch` requirement lets pip
         # pull a multi-GB CUDA build. Any torch >= 2.4 satisfies this bound.
