@@ -7,6 +7,11 @@ them (shuffled). The normaliser is the identity (cleaning already applied NFKC) 
 kept verbatim, so ``decode(encode(text)) == text`` for cleaned text. Special tokens are
 ``user_defined_symbols`` (ids right after ``<unk>``); bos/eos/pad of SentencePiece itself are off.
 
+Batch encoding (``encode_arrays``, what the shard writer uses) gives exactly
+``SentencePieceProcessor.encode``'s ids, faster: a BPE model's documents are cut into segments no
+vocabulary piece crosses, and each distinct segment is encoded once (``tok.encoder_path`` says how:
+the C extension ``megapt.data._segcache``, its pure-Python fallback, or plain sentencepiece).
+
 The ``.model`` file is written atomically, with a JSON sidecar (``spm.json``) recording the
 special tokens, vocab size, sha256 and training statistics.
 
@@ -28,11 +33,33 @@ from typing import Iterable, Iterator, Optional
 from megapt.config import TokenizerConfig
 
 
-# SentencePiece (split_by_whitespace, whitespace as prefix) never lets a piece cross the start of a
-# run of spaces, so a document is the concatenation of these segments' encodings; caching them
-# makes BPE encoding several times faster on real text (pieces are identical, see the tests).
+# Encoding paths, fastest first; ``Tokenizer.encoder_path`` names the one a tokenizer uses. All
+# three give exactly ``SentencePieceProcessor.encode``'s ids (the cached ones are enabled only after
+# the checks in ``Tokenizer._choose_encoder``).
+#   segcache-c        the C extension megapt.data._segcache: fine segments (words, punctuation runs,
+#                     single digits, each with its leading spaces) cached in a C hash table
+#   segment-cache-py  a Python dict of coarse segments (a run of spaces + what follows, up to the
+#                     next space); used when the extension is not built
+#   sentencepiece     plain ``sp.encode`` (unigram models, unusual normalisers, ...)
+SEGCACHE_C, SEGMENT_CACHE_PY, PLAIN = "segcache-c", "segment-cache-py", "sentencepiece"
+
+# SentencePiece BPE only merges adjacent symbols into vocabulary pieces; when no piece contains a
+# segment boundary, a document's ids are the concatenation of its segments' ids.
 _SEGMENT = re.compile(r" +[^ ]*|[^ ]+")
 _CACHE_MAX = 2_000_000
+_SEGCACHE_MAX_ENTRIES = 1_000_000  # per process; cleared when full (the stdlib corpus needs ~130k)
+_SEGCACHE_MAX_BYTES = 256 << 20
+_PROBE = "def f(x_1):\n    return  x_1 + 23.5e-3  # ok\n\tpass\n   "
+
+
+def _segcache_module():
+    """The C extension module, or None when it was not built (no compiler at install time)."""
+    import importlib
+
+    try:
+        return importlib.import_module("megapt.data._segcache")
+    except ImportError:
+        return None
 
 
 class TokenizerError(RuntimeError):
@@ -65,7 +92,10 @@ class Tokenizer:
         self.sha256 = hashlib.sha256(self._proto).hexdigest()
         self._cache: dict[str, list[int]] = {}
         self._array_cache: dict[str, dict] = {}
-        self.segment_cache = self._cache_is_exact()
+        self._segcache = None
+        self._plain_markers: tuple[str, ...] = ("\u2581",)
+        self.encoder_path, self.encoder_note = self._choose_encoder()
+        self.segment_cache = self.encoder_path != PLAIN
         self.vocab_size = self.sp.get_piece_size()
         self.eos_id = self._special_id(eos_token)
         self.pad_id = self._special_id(pad_token)
@@ -77,9 +107,18 @@ class Tokenizer:
                                  f"retrain with it in tokenizer.special_tokens (`megapt tokenizer train`)")
         return i
 
-    def _cache_is_exact(self) -> bool:
-        """Segment caching is exact for BPE models without dummy prefix (megapt-trained ones).
+    def _choose_encoder(self) -> tuple[str, str]:
+        """Pick the fastest exact encoding path; returns (path, why not a faster one).
 
+        Segment caching is exact for a BPE model when (1) the normaliser is the identity and keeps
+        every space (no dummy prefix, no whitespace collapsing, spaces escaped to U+2581 as a
+        prefix), (2) unknown characters fall back to bytes (otherwise sentencepiece merges a run of
+        unknown characters into one id, across segment boundaries), (3) there are no UNUSED pieces
+        (their resegmentation table is shared by the whole text), and (4) no NORMAL piece, with
+        U+2581 read as a space, contains a segment boundary: then no merge crosses a boundary and
+        BPE on the segments alone performs the same merges. User-defined pieces are matched as
+        wholes in the raw text, and a literal U+2581 acts as a space, so documents containing
+        either go through plain ``sp.encode``. A probe string is compared at the end.
         Unigram encoding is already fast, and its Viterbi ties (e.g. 22 spaces as 8+12 or 12+8)
         may break differently inside a segment than in the whole document, so it is not cached.
         """
@@ -88,12 +127,44 @@ class Tokenizer:
 
             proto = pb.ModelProto()
             proto.ParseFromString(self._proto)
-            if proto.trainer_spec.model_type != pb.TrainerSpec.BPE or proto.normalizer_spec.add_dummy_prefix:
-                return False
-        except Exception:  # noqa: BLE001 - no protobuf: fall back to the plain (exact) path
-            return False
-        probe = "def f(x):\n    return  x\n"
-        return self.sp.encode(probe) == [i for seg in _SEGMENT.findall(probe) for i in self.sp.encode(seg)]
+        except Exception as exc:  # noqa: BLE001 - no protobuf: the plain path is exact
+            return PLAIN, f"model proto not readable ({exc.__class__.__name__})"
+        ns, ts, P = proto.normalizer_spec, proto.trainer_spec, pb.ModelProto.SentencePiece
+        self._plain_markers = ("\u2581", *(p.piece for p in proto.pieces if p.type == P.USER_DEFINED))
+        if ts.model_type != pb.TrainerSpec.BPE:
+            return PLAIN, "not a BPE model"
+        if (ns.add_dummy_prefix or ns.remove_extra_whitespaces or not ns.escape_whitespaces
+                or ns.precompiled_charsmap or ts.treat_whitespace_as_suffix):
+            return PLAIN, "normaliser is not the identity with verbatim spaces"
+        if not ts.byte_fallback:
+            return PLAIN, "no byte fallback"
+        if any(p.type == P.UNUSED for p in proto.pieces):
+            return PLAIN, "model has UNUSED pieces"
+        normal = [p.piece.replace("\u2581", " ") for p in proto.pieces if p.type == P.NORMAL]
+        note = ""
+        mod = _segcache_module()
+        if mod is None:
+            note = "C extension megapt.data._segcache not built"
+        else:
+            cache = mod.SegmentCache()
+            crossing = [p for p in normal if len(cache.split(p)) > 1]
+            if crossing:
+                note = f"{len(crossing)} vocabulary pieces cross the fine segment split (e.g. {crossing[:3]})"
+            elif self._probe_matches(cache.split):
+                self._segcache = cache
+                return SEGCACHE_C, ""
+            else:
+                note = "fine segment split disagrees with sentencepiece on the probe"
+        if any(len(_SEGMENT.findall(p)) > 1 for p in normal) or not self._probe_matches(_SEGMENT.findall):
+            return PLAIN, f"{note}; coarse segment split not exact for this model"
+        return SEGMENT_CACHE_PY, note
+
+    def _probe_matches(self, split) -> bool:
+        return self.sp.encode(_PROBE) == [i for seg in split(_PROBE) for i in self.sp.encode(seg)]
+
+    def _needs_plain(self, text: str) -> bool:
+        """A literal U+2581 or a user-defined piece in ``text``: no segment shortcut."""
+        return any(m in text for m in self._plain_markers)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -117,7 +188,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many documents (single thread; run several processes for parallelism)."""
-        if not self.segment_cache:
+        if self.encoder_path == SEGCACHE_C:
+            return [a.tolist() for a in self.encode_arrays(texts, "uint32")]
+        if self.encoder_path == PLAIN:
             return self.sp.encode(texts, num_threads=1)
         return [self.encode_cached(t) for t in texts]
 
@@ -125,12 +198,15 @@ class Tokenizer:
         """Like ``encode_batch`` but one numpy array per document (what the shard writer packs)."""
         import numpy as np
 
-        if not self.segment_cache:
+        dtype = np.dtype(dtype)
+        if self.encoder_path == SEGCACHE_C:
+            return [self._encode_segcache(t, dtype) for t in texts]
+        if self.encoder_path == PLAIN:
             return [np.array(ids, dtype=dtype) for ids in self.sp.encode(texts, num_threads=1)]
-        cache = self._array_cache.setdefault(np.dtype(dtype).str, {})
+        cache = self._array_cache.setdefault(dtype.str, {})
         out = []
         for text in texts:
-            if "\u2581" in text:
+            if self._needs_plain(text):
                 out.append(np.array(self.sp.encode(text), dtype=dtype))
                 continue
             segs = _SEGMENT.findall(text)
@@ -144,9 +220,33 @@ class Tokenizer:
             out.append(np.concatenate(list(map(cache.__getitem__, segs))) if segs else np.empty(0, dtype=dtype))
         return out
 
+    def _encode_segcache(self, text: str, dtype):
+        """One document through the C segment cache; sentencepiece encodes only unseen segments."""
+        import numpy as np
+
+        if self._needs_plain(text):
+            return np.array(self.sp.encode(text), dtype=dtype)
+        cache = self._segcache
+        width = 2 if dtype.itemsize == 2 else 4
+        try:
+            r = cache.encode(text, width)
+            if type(r) is list:  # the distinct segments not cached yet
+                if len(cache) + len(r) > _SEGCACHE_MAX_ENTRIES or cache.nbytes > _SEGCACHE_MAX_BYTES:
+                    cache.clear()
+                    r = cache.encode(text, width)
+                cache.add(r, self.sp.encode(r, num_threads=1))
+                r = cache.encode(text, width)  # every segment is cached now: the ids
+        except UnicodeEncodeError:  # lone surrogates have no UTF-8 form: let sentencepiece decide
+            return np.array(self.sp.encode(text), dtype=dtype)
+        return np.frombuffer(r, dtype="<u2" if width == 2 else "<u4").astype(dtype, copy=False)
+
     def encode_cached(self, text: str) -> list[int]:
-        """Same ids as ``encode``, via a cache of whitespace-delimited segments."""
-        if "\u2581" in text:  # a literal U+2581 acts as whitespace inside sentencepiece: no shortcut
+        """Same ids as ``encode``, via the segment cache of the active encoder path."""
+        if self.encoder_path == SEGCACHE_C:
+            import numpy as np
+
+            return self._encode_segcache(text, np.dtype("uint32")).tolist()
+        if self.encoder_path == PLAIN or self._needs_plain(text):
             return self.sp.encode(text)
         cache = self._cache
         segs = _SEGMENT.findall(text)
@@ -175,7 +275,8 @@ class Tokenizer:
         self.__init__(st["proto"], path=st["path"], eos_token=st["eos"], pad_token=st["pad"])
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path}, vocab={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id})"
+        return (f"Tokenizer({self.path}, vocab={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id}, "
+                f"encoder={self.encoder_path})")
 
 
 def training_sentences(texts: Iterable[str], max_chars: int, counts: dict) -> Iterator[str]:

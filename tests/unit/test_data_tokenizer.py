@@ -105,3 +105,112 @@ def test_array_encoding_matches_list_encoding(tok):
         got = tok.encode_arrays(texts, dtype)
         assert [a.tolist() for a in got] == [tok.sp.encode(t) for t in texts]
         assert all(a.dtype == dtype for a in got)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder paths: the C segment cache (megapt.data._segcache) and its fallbacks give sp's ids
+# --------------------------------------------------------------------------------------------
+
+FUZZ_ATOMS = (list("abcXYZxyz") + ["def", "self", "return", "__init__", "_", "__", "0", "7", "42", "3.14", "1e-5"]
+              + list("()[]{}:;,.=+-*/<>!?'\"#@%&|\\^~`$") + ["):", "->", "==", "...", "'''", "\"\"\""]
+              + [" ", "  ", "    ", "        ", "\t", "\n", "\n\n", "\n    ", "\r\n"]
+              + ["é", "café", "naïve", "Grüße", "—", "“", "”", "«", "東京", "日本語", "🦜", "∮", "\u00a0", "\u3000",
+                 "\u2581", "x\u2581y", "<|endoftext|>", "<|pad|>", "<|", "|>", "\x00"])
+
+
+def fuzz_docs(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [""] + ["".join(rng.choice(FUZZ_ATOMS) for _ in range(rng.randint(1, 120))) for _ in range(n)]
+
+
+def stdlib_docs(step: int = 60) -> list[str]:
+    from megapt.data.sources import stdlib_files
+
+    return [f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files()[::step]]
+
+
+@pytest.fixture(scope="module")
+def code_tok(tmp_path_factory):
+    """A BPE model trained like megapt's default one, on stdlib code plus non-ASCII text."""
+    pytest.importorskip("megapt.data._segcache", reason="C extension not built (no compiler at install)")
+    texts = stdlib_docs(60) + fuzz_docs(300, seed=1)
+    out = tmp_path_factory.mktemp("code_tok") / "spm.model"
+    return train_tokenizer(TokenizerConfig(vocab_size=1200, num_threads=1), texts, out)
+
+
+def test_c_segment_split_follows_the_documented_rule(code_tok):
+    import random
+    import re
+
+    split = code_tok._segcache.split
+    assert split("def f(x_1):\n    return  12") == ["def", " f", "(", "x", "_", "1", "):\n", "    return", "  1", "2"]
+    assert split("ab  ") == ["ab", "  "] and split("   ") == ["   "] and split("") == []
+    assert split("naïve café—ok 東京!") == ["naïve", " café—ok", " 東京", "!"]  # non-ASCII never splits
+    # on ASCII text the C split is this regex: letters | one digit | other non-space (with '_'),
+    # each with its leading spaces; a trailing space run alone
+    fine = re.compile(r" *(?:[^\W\d_]+|\d|(?:[^\w ]|_)+)| +")
+    rng = random.Random(3)
+    for _ in range(300):
+        text = "".join(rng.choice(FUZZ_ATOMS[:60]) for _ in range(rng.randint(0, 60)))
+        assert split(text) == fine.findall(text)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_c_segment_cache_gives_exactly_the_sentencepiece_ids(code_tok, dtype):
+    assert code_tok.encoder_path == "segcache-c", code_tok.encoder_note
+    texts = stdlib_docs(97)[:12] + fuzz_docs(400, seed=2) + SAMPLES
+    for _ in range(2):  # cold, then warm cache
+        got = code_tok.encode_arrays(texts, dtype)
+        assert all(a.dtype == dtype for a in got)
+        assert [a.tolist() for a in got] == [code_tok.sp.encode(t) for t in texts]
+    assert code_tok.encode_batch(texts[:50]) == [code_tok.sp.encode(t) for t in texts[:50]]
+    assert code_tok.encode_cached(texts[20]) == code_tok.sp.encode(texts[20])
+
+
+def test_c_segment_cache_stays_exact_when_it_is_evicted(code_tok, monkeypatch):
+    import megapt.data.tokenizer as tk
+
+    fresh = Tokenizer(code_tok._proto)
+    monkeypatch.setattr(tk, "_SEGCACHE_MAX_ENTRIES", 40)
+    texts = fuzz_docs(120, seed=4)
+    sizes = []
+    for t in texts:
+        assert fresh.encode_arrays([t], "uint16")[0].tolist() == fresh.sp.encode(t)
+        sizes.append(len(fresh._segcache))
+    assert max(sizes) <= 40 + 120  # cleared when full; at most one document's segments beyond
+    assert any(b < a for a, b in zip(sizes, sizes[1:]))  # it was cleared
+
+
+def test_without_the_c_extension_the_python_cache_gives_the_same_ids(code_tok, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "megapt.data._segcache", None)  # `import` now raises ImportError
+    fallback = Tokenizer(code_tok._proto)
+    assert fallback.encoder_path == "segment-cache-py" and "not built" in fallback.encoder_note
+    texts = fuzz_docs(150, seed=5) + SAMPLES
+    want = [code_tok.sp.encode(t) for t in texts]
+    assert [a.tolist() for a in fallback.encode_arrays(texts, "uint32")] == want
+    assert fallback.encode_batch(texts) == want
+
+
+def test_vocabulary_crossing_the_split_disables_the_c_cache(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    pytest.importorskip("megapt.data._segcache", reason="C extension not built (no compiler at install)")
+    # split_by_unicode_script=False lets BPE learn pieces that join letters and punctuation ("x(", "._")
+    texts = stdlib_docs(60)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=1200, byte_fallback=True,
+        user_defined_symbols=["<|endoftext|>", "<|pad|>"], unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        split_digits=True, add_dummy_prefix=False, split_by_whitespace=True, split_by_unicode_script=False,
+        max_sentence_length=8192, num_threads=1, minloglevel=2)
+    t = Tokenizer(model.getvalue())
+    assert t.encoder_path != "segcache-c" and "cross the fine segment split" in t.encoder_note
+    docs = texts[:5] + fuzz_docs(100, seed=6)
+    assert [a.tolist() for a in t.encode_arrays(docs, "uint16")] == [t.sp.encode(d) for d in docs]
