@@ -39,27 +39,43 @@ from megapt.data.manifest import (
 # --------------------------------------------------------------------------------------------
 
 
-_HEADER_TEMPLATE: dict[int, bytes] = {}
+_HEADER_TEMPLATE: dict[int, tuple[np.ndarray, int]] = {}
 
 
-def _tar_header(name: str, size: int) -> bytes:
-    """A ustar header as ``tarfile`` writes it (mode 0644, mtime 0, no owner), built fast.
+def _header_template(size: int) -> tuple[np.ndarray, int]:
+    """A ustar header as ``tarfile`` writes it (mode 0644, mtime 0, no owner) with an empty name
+    and the checksum field blank (8 spaces), and the sum of its bytes.
 
     Fixed metadata keeps shards byte-reproducible (same input -> same sha256).
     """
-    tmpl = _HEADER_TEMPLATE.get(size)
-    if tmpl is None:
+    if size not in _HEADER_TEMPLATE:
         info = tarfile.TarInfo("x")
         info.size, info.mtime, info.mode = size, 0, 0o644
-        tmpl = _HEADER_TEMPLATE[size] = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-    raw = name.encode("ascii")
-    if len(raw) > 100:
-        raise ValueError(f"tar member name too long: {name!r}")
-    h = bytearray(tmpl)
-    h[0:100] = raw.ljust(100, b"\0")
-    h[148:156] = b" " * 8
-    h[148:155] = b"%06o\0" % sum(h)
-    return bytes(h)
+        h = np.frombuffer(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), dtype=np.uint8).copy()
+        h[0:100] = 0
+        h[148:156] = ord(" ")
+        _HEADER_TEMPLATE[size] = (h, int(h.sum()))
+    return _HEADER_TEMPLATE[size]
+
+
+def _tar_headers(names: list[str], size: int) -> np.ndarray:
+    """The (len(names), 512) uint8 headers of members ``names``, each of ``size`` bytes."""
+    tmpl, base = _header_template(size)
+    raw = [n.encode("ascii") for n in names]
+    widths = set(map(len, raw))
+    if max(widths, default=0) > 100:
+        raise ValueError(f"tar member name too long: {max(raw, key=len)!r}")
+    h = np.repeat(tmpl[None, :], len(raw), axis=0)
+    if len(widths) == 1:  # the usual case: fixed-width sample keys
+        h[:, :len(raw[0])] = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), -1)
+    else:
+        for row, r in zip(h, raw):
+            row[:len(r)] = np.frombuffer(r, dtype=np.uint8)
+    # checksum: sum of the header bytes with the field blank, as "%06o\0" then the space left there
+    chk = base + h[:, :100].sum(axis=1, dtype=np.int64)
+    h[:, 148:154] = ord("0") + ((chk[:, None] >> np.arange(15, -1, -3)) & 7)
+    h[:, 154] = 0
+    return h
 
 
 class ShardWriter:
@@ -99,18 +115,20 @@ class ShardWriter:
     def add_many(self, samples: np.ndarray) -> None:
         """Append the rows of a (n, sample_len) array, opening/closing shards as they fill."""
         data = np.ascontiguousarray(samples, dtype=self.dtype)
+        row_bytes = self.sample_len * self.dtype.itemsize
+        member = 512 + row_bytes + (-row_bytes % 512)  # header + payload padded to the block size
         i = 0
         while i < len(data):
             if self._file is None:
                 self._open()
             take = min(len(data) - i, self.shard_samples - self._in_shard)
-            chunks = []
-            for row in data[i:i + take]:
-                chunks.append(_tar_header(sample_key(self.split, self.job, self.n_samples) + ".tokens", row.nbytes))
-                payload = row.tobytes()
-                chunks.append(payload + b"\0" * (-len(payload) % 512))
-                self.n_samples += 1
-            self._file.write(b"".join(chunks))
+            names = [sample_key(self.split, self.job, n) + ".tokens"
+                     for n in range(self.n_samples, self.n_samples + take)]
+            block = np.zeros((take, member), dtype=np.uint8)  # written as one buffer, one member a row
+            block[:, :512] = _tar_headers(names, row_bytes)
+            block[:, 512:512 + row_bytes] = data[i:i + take].view(np.uint8).reshape(take, row_bytes)
+            self._file.write(memoryview(block).cast("B"))
+            self.n_samples += take
             self._in_shard += take
             i += take
             if self._in_shard >= self.shard_samples:
@@ -367,6 +385,8 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     _remove_job_outputs(out_dir, i, k)
 
     total_bytes = sum(f.stat().st_size for files in clean_files(clean_dir) for f in files)
+    log(f"shard: job {i}/{k} of {total_bytes / 1e6:.1f} MB cleaned text -> {out_dir}, {nproc} proc, "
+        f"tokenizer encoder {tok.encoder_path}" + (f" ({tok.encoder_note})" if tok.encoder_note else ""))
     sample_len = d.seq_len + 1
     dtype = dtype_for_vocab(tok.vocab_size)
     writers = {s: ShardWriter(out_dir, s, i, sample_len=sample_len, dtype=dtype, shard_samples=d.shard_samples)

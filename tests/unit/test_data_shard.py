@@ -57,6 +57,26 @@ def test_token_dataset_format_counts_dtype_and_checksums(tmp_path, vocab, dtype)
         assert tf.getnames()[0] == "train-000-000000020.tokens"
 
 
+@pytest.mark.parametrize("dtype,sample_len", [("uint16", 9), ("uint32", 300)])
+def test_shards_are_byte_identical_to_what_tarfile_writes(tmp_path, dtype, sample_len):
+    # reproducible, standard archives: the same members (mode 0644, mtime 0, no owner) written by
+    # Python's tarfile give the same bytes, hence the same sha256
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(0, 500, sample_len).astype(dtype) for _ in range(23)]
+    entries = write_shards(rows, tmp_path, "train", 3, sample_len=sample_len, dtype=dtype, shard_samples=10)
+    assert [e["samples"] for e in entries] == [10, 10, 3]
+    for k, e in enumerate(entries):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for n in range(10 * k, 10 * k + e["samples"]):
+                payload = rows[n].astype(np.dtype(dtype).newbyteorder("<")).tobytes()
+                info = tarfile.TarInfo(f"train-003-{n:09d}.tokens")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tf.addfile(info, io.BytesIO(payload))
+        assert (tmp_path / e["name"]).read_bytes() == buf.getvalue()
+        assert e["sha256"] == hashlib.sha256(buf.getvalue()).hexdigest()
+
+
 def test_interrupted_writer_leaves_no_partial_shard(tmp_path):
     def samples():
         for i in range(25):
@@ -113,6 +133,14 @@ def test_samples_are_the_eos_separated_token_stream(corpus, tmp_path):
     assert np.array_equal(np.concatenate(rows), np.array(stream[: len(rows) * L]))
     assert len(stream) - len(rows) * L == m["dropped_tokens"] < L
     assert m["splits"]["val"]["samples"] == 0 and m["docs"]["val"] == 0
+
+
+def test_shard_job_names_its_tokenizer_encoder_at_start(corpus, tmp_path):
+    cfg, tok = corpus
+    lines = []
+    shard_corpus(cfg, out_dir=tmp_path, tokenizer=tok, progress=False, log=lines.append)
+    assert f"tokenizer encoder {tok.encoder_path}" in lines[0]
+    assert tok.encoder_path in ("segcache-c", "segment-cache-py")  # a megapt BPE model is always cached
 
 
 def test_validation_split_is_by_document_and_independent_of_processes(corpus, tmp_path):
