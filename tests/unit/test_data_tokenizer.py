@@ -7,8 +7,8 @@ import json
 import pytest
 
 from megapt.config import TokenizerConfig
-from megapt.data.tokenizer import (Tokenizer, TokenizerError, TokenizerNotFoundError, sidecar_path,
-                                   train_tokenizer)
+from megapt.data.tokenizer import (Tokenizer, TokenizerError, TokenizerNotFoundError, _segcache_module,
+                                   sidecar_path, train_tokenizer)
 from test_data_util import make_docs
 
 SAMPLES = [
@@ -131,15 +131,18 @@ def stdlib_docs(step: int = 60) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files()[::step]]
 
 
+needs_c = pytest.mark.skipif(_segcache_module() is None, reason="C extension not built (no compiler at install)")
+
+
 @pytest.fixture(scope="module")
 def code_tok(tmp_path_factory):
     """A BPE model trained like megapt's default one, on stdlib code plus non-ASCII text."""
-    pytest.importorskip("megapt.data._segcache", reason="C extension not built (no compiler at install)")
     texts = stdlib_docs(60) + fuzz_docs(300, seed=1)
     out = tmp_path_factory.mktemp("code_tok") / "spm.model"
     return train_tokenizer(TokenizerConfig(vocab_size=1200, num_threads=1), texts, out)
 
 
+@needs_c
 def test_c_segment_split_follows_the_documented_rule(code_tok):
     import random
     import re
@@ -157,6 +160,7 @@ def test_c_segment_split_follows_the_documented_rule(code_tok):
         assert split(text) == fine.findall(text)
 
 
+@needs_c
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
 def test_c_segment_cache_gives_exactly_the_sentencepiece_ids(code_tok, dtype):
     assert code_tok.encoder_path == "segcache-c", code_tok.encoder_note
@@ -169,6 +173,7 @@ def test_c_segment_cache_gives_exactly_the_sentencepiece_ids(code_tok, dtype):
     assert code_tok.encode_cached(texts[20]) == code_tok.sp.encode(texts[20])
 
 
+@needs_c
 def test_c_segment_cache_stays_exact_when_it_is_evicted(code_tok, monkeypatch):
     import megapt.data.tokenizer as tk
 
@@ -195,12 +200,12 @@ def test_without_the_c_extension_the_python_cache_gives_the_same_ids(code_tok, m
     assert fallback.encode_batch(texts) == want
 
 
+@needs_c
 def test_vocabulary_crossing_the_split_disables_the_c_cache(tmp_path):
     import io
 
     import sentencepiece as spm
 
-    pytest.importorskip("megapt.data._segcache", reason="C extension not built (no compiler at install)")
     # split_by_unicode_script=False lets BPE learn pieces that join letters and punctuation ("x(", "._")
     texts = stdlib_docs(60)
     model = io.BytesIO()
