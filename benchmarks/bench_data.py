@@ -7,7 +7,9 @@ per core, the scaling 1 -> N processes, and MB per CPU-second (robust when other
 machine; the load average is recorded too). Goal: >= 5 MB/s per core, near-linear scaling.
 
 The baseline measured in the same run is plain ``SentencePieceProcessor.encode`` (one thread, no
-segment cache, no packing or writing) on the same documents, and the prepare_data time of the
+segment cache, no packing or writing) on the same documents, beside the encoder the shard job
+uses (``Tokenizer.encoder_path``: the C segment cache when built) and the pure-Python segment
+cache it falls back to, each checked to give the baseline's ids; the prepare_data time of the
 whole chain (clean + tokenizer + shards) is recorded when it runs cold.
 
     python benchmarks/bench_data.py                    # ~1-2 min on 2 cores
@@ -18,6 +20,7 @@ Writes benchmarks/results/bench_data-<host>-<time>.json (or --out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -58,6 +61,21 @@ def _fingerprint() -> dict:
     return fp
 
 
+@contextlib.contextmanager
+def _without_c_extension():
+    """Inside, `import megapt.data._segcache` fails: a Tokenizer made here takes its Python fallback."""
+    name = "megapt.data._segcache"
+    saved = sys.modules.get(name)
+    sys.modules[name] = None
+    try:
+        yield
+    finally:
+        if saved is None:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = saved
+
+
 def _cpu_seconds() -> float:
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
@@ -76,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="output JSON (default: benchmarks/results/bench_data-<host>-<time>.json)")
     args = ap.parse_args(argv)
 
+    import numpy as np
+
     from megapt.config import load_config
     from megapt.data.clean import clean_dir_of, iter_mixed_docs
+    from megapt.data.manifest import dtype_for_vocab
     from megapt.data.prepare import prepare_data
     from megapt.data.shard import shard_corpus
     from megapt.data.tokenizer import Tokenizer
@@ -104,13 +125,27 @@ def main(argv: list[str] | None = None) -> int:
     base_ids = tok.sp.encode(docs, num_threads=1)
     base = {"what": "SentencePieceProcessor.encode, 1 thread, no segment cache", "docs": len(docs), "mb": round(mb, 2),
             "mb_per_s": round(mb / (time.time() - t), 3), "mb_per_cpu_s": round(mb / (time.process_time() - c), 3)}
-    fresh = Tokenizer.load(cfg.tokenizer_path)
-    c = time.process_time()
-    cached_ids = fresh.encode_batch(docs)
-    base["segment_cache_mb_per_cpu_s"] = round(mb / (time.process_time() - c), 3)
-    base["segment_cache_identical_ids"] = cached_ids == base_ids
-    print(f"baseline encode: {base['mb_per_cpu_s']:.2f} MB/cpu-s plain, {base['segment_cache_mb_per_cpu_s']:.2f} "
-          f"with the segment cache (identical ids: {base['segment_cache_identical_ids']})")
+    # the encoder the shard job uses (cold cache: every segment is new at first), then the pure-Python
+    # segment cache it falls back to without the C extension; both must give the plain ids
+    dtype = np.dtype(dtype_for_vocab(tok.vocab_size))
+    want = [np.array(ids, dtype=dtype) for ids in base_ids]
+    encoders = {}
+    for name, ctx in (("active", contextlib.nullcontext()), ("python_fallback", _without_c_extension())):
+        with ctx:
+            fresh = Tokenizer.load(cfg.tokenizer_path)
+        if name != "active" and fresh.encoder_path == tok.encoder_path:
+            continue  # no C extension here: the active encoder is the fallback already
+        c = time.process_time()
+        got = fresh.encode_arrays(docs, dtype)
+        cpu = time.process_time() - c
+        encoders[name] = {"encoder_path": fresh.encoder_path, "mb_per_cpu_s": round(mb / cpu, 3),
+                          "identical_ids": len(got) == len(want) and all(map(np.array_equal, got, want))}
+    base["encoder_path"] = tok.encoder_path
+    base["encoder_note"] = tok.encoder_note
+    base["encoders"] = encoders
+    print(f"baseline encode: {base['mb_per_cpu_s']:.2f} MB/cpu-s plain sentencepiece; "
+          + ", ".join(f"{e['encoder_path']} {e['mb_per_cpu_s']:.2f} (identical ids: {e['identical_ids']})"
+                      for e in encoders.values()))
 
     runs = []
     for n in args.procs:
@@ -130,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                          "mb_per_s_per_core": round(r["bytes"] / 1e6 / wall / n, 3),
                          "mb_per_cpu_s": round(r["bytes"] / 1e6 / cpu, 3),
                          "tokens_per_s": round(r["tokens"] / wall), "train_samples": m["splits"]["train"]["samples"],
+                         "encoder_path": tok.encoder_path,
                          "shards": len(m["splits"]["train"]["shards"]) + len(m["splits"]["val"]["shards"]),
                          "loadavg_1m_before": load0, "loadavg_1m_after": os.getloadavg()[0]})
             print(f"shard with {n} proc: {runs[-1]['mb_per_s']:.2f} MB/s = "
