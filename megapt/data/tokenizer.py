@@ -226,8 +226,10 @@ class Tokenizer:
 
         if self._needs_plain(text):
             return np.array(self.sp.encode(text), dtype=dtype)
+        if dtype.kind != "u" or dtype.itemsize not in (2, 4):  # e.g. int64: numpy checks the range
+            return np.array(self._encode_segcache(text, np.dtype("uint32")).tolist(), dtype=dtype)
         cache = self._segcache
-        width = 2 if dtype.itemsize == 2 else 4
+        width = dtype.itemsize
         try:
             r = cache.encode(text, width)
             if type(r) is list:  # the distinct segments not cached yet
