@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-sentence-size", type=int, default=None,
                     help="tokenizer training sample (text pieces of <= 2048 chars); default: the config's")
     ap.add_argument("--baseline-docs", type=int, default=300, help="documents for the plain-encode baseline")
+    ap.add_argument("--source", action="append", default=[],
+                    help="extra/other input (a folder of .py files, text, jsonl...); default: the built-in stdlib "
+                         "corpus only. A bigger input shows the process scaling once fixed start-up costs amortise")
     ap.add_argument("--out", default="", help="output JSON (default: benchmarks/results/bench_data-<host>-<time>.json)")
     args = ap.parse_args(argv)
 
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"--tokenizer.model_type={args.model_type}", f"--data.seq_len={args.seq_len}",
                              "--logging.progress=false"]
                       + ([f"--tokenizer.input_sentence_size={args.input_sentence_size}"]
-                         if args.input_sentence_size else []))
+                         if args.input_sentence_size else [])
+                      + ([f"--data.sources={json.dumps([{'path': 'stdlib'}] + [{'path': x} for x in args.source])}"]
+                         if args.source else []))
     cold = not cfg.tokenizer_path.is_file()
     t0, c0 = time.time(), _cpu_seconds()
     prepare_data(cfg, log=lambda s: print("  " + s))
