@@ -1,4 +1,4 @@
-"""Helpers for the multi-node and reshard tests: a micro corpus + config, process runners, and two
+"""Helpers for the integration tests: a micro corpus + config, process runners, and two
 "hosts" made of Linux network namespaces joined by a veth pair (10.77.0.1 <-> 10.77.0.2).
 
 Addresses live only inside the namespaces the test creates; nothing is configured in the host's
@@ -65,6 +65,29 @@ def prepare_data(config: Path, timeout: int = 240) -> None:
     proc = subprocess.run([sys.executable, "-m", "megapt", "data", "prepare", "-c", str(config)], cwd=ROOT,
                           env=base_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def write_micro_shards(d: Path, shard_samples: int) -> None:
+    """``d/spm.model`` (vocab 512, trained on the stdlib ``json`` package) and ``d/shards``: the
+    package's token stream (EOS between files) cut into rows of 33 tokens (seq_len 32); the first
+    32 rows are ``val``, the rest ``train``, ``shard_samples`` rows per shard."""
+    import json as json_pkg
+
+    import numpy as np
+
+    from megapt.config import load_config
+    from megapt.data.shard import write_token_dataset
+    from megapt.data.tokenizer import train_tokenizer
+
+    cfg = load_config([], ["--tokenizer.vocab_size=512", "--tokenizer.num_threads=1"])
+    texts = [f.read_text(encoding="utf-8") for f in sorted(Path(json_pkg.__file__).parent.glob("*.py"))]
+    tok = train_tokenizer(cfg.tokenizer, texts, d / "spm.model")
+    ids = np.array([i for t in texts for i in tok.encode(t) + [tok.eos_id]])
+    n = len(ids) // 33
+    samples = ids[: n * 33].reshape(n, 33)
+    write_token_dataset(d / "shards", {"train": list(samples[32:]), "val": list(samples[:32])}, seq_len=32,
+                        vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                        tokenizer_sha256=tok.sha256, shard_samples=shard_samples)
 
 
 def free_port() -> int:

@@ -28,7 +28,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 HERE = Path(__file__).resolve()
@@ -109,22 +108,10 @@ def _ckpts(run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    import json as json_pkg
-
-    from megapt.config import load_config
-    from megapt.data.shard import write_token_dataset
-    from megapt.data.tokenizer import train_tokenizer
+    from scale_utils import write_micro_shards
 
     d = tmp_path_factory.mktemp("reliability")
-    cfg = load_config([], ["--tokenizer.vocab_size=512", "--tokenizer.num_threads=1"])
-    texts = [f.read_text(encoding="utf-8") for f in sorted(Path(json_pkg.__file__).parent.glob("*.py"))]
-    tok = train_tokenizer(cfg.tokenizer, texts, d / "spm.model")
-    ids = np.array([i for t in texts for i in tok.encode(t) + [tok.eos_id]])
-    n = len(ids) // 33
-    samples = ids[: n * 33].reshape(n, 33)
-    write_token_dataset(d / "shards", {"train": list(samples[32:]), "val": list(samples[:32])}, seq_len=32,
-                        vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                        tokenizer_sha256=tok.sha256, shard_samples=SHARD_SAMPLES)
+    write_micro_shards(d, SHARD_SAMPLES)
     common = MICRO + [f"--tokenizer.path={d / 'spm.model'}", f"--data.shard_dir={d / 'shards'}",
                       f"--run.out_dir={d / 'runs'}"]
     return {"dir": d, "runs": d / "runs", "shards": d / "shards", "common": common}

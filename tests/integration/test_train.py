@@ -75,23 +75,10 @@ def curve(run_dir, key="loss"):
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     """A tokenizer (vocab 512) and shards (seq 32) made from a few stdlib files: ~650 samples."""
-    import json as json_pkg
-
-    from megapt.config import load_config
-    from megapt.data.shard import write_token_dataset
-    from megapt.data.tokenizer import train_tokenizer
+    from scale_utils import write_micro_shards
 
     d = tmp_path_factory.mktemp("train")
-    cfg = load_config([], ["--tokenizer.vocab_size=512", "--tokenizer.num_threads=1"])
-    files = sorted(Path(json_pkg.__file__).parent.glob("*.py"))
-    texts = [f.read_text(encoding="utf-8") for f in files]
-    tok = train_tokenizer(cfg.tokenizer, texts, d / "spm.model")
-    ids = np.array([i for t in texts for i in tok.encode(t) + [tok.eos_id]])
-    n = len(ids) // 33
-    samples = ids[: n * 33].reshape(n, 33)
-    write_token_dataset(d / "shards", {"train": list(samples[32:]), "val": list(samples[:32])}, seq_len=32,
-                        vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                        tokenizer_sha256=tok.sha256, shard_samples=256)
+    write_micro_shards(d, 256)
     common = MICRO + [f"--tokenizer.path={d / 'spm.model'}", f"--data.shard_dir={d / 'shards'}",
                       f"--run.out_dir={d / 'runs'}"]
     return {"dir": d, "runs": d / "runs", "common": common}
