@@ -3,7 +3,6 @@ follow the 1-process ZeRO-0 run on the same global batch, frozen weights come ba
 and the best model written by rank 0 loads at one process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,18 +14,13 @@ from megapt.data.tokenizer import train_tokenizer
 from megapt.finetune.source import load_source, save_weights
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.ops import Backends
+from scale_utils import free_port
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 WORDS = {"a": "alpha apple avocado anchor arrow", "b": "bravo banana butter bottle button",
          "c": "charlie cherry carrot candle cable"}
 STEPS = 4
 LOSS_RTOL = 1e-4  # fp32, different reduction orders / partitionings (measured ~1e-7)
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +57,7 @@ def _finetune(root, nproc, stage, name):
         cmd = [sys.executable, "-m", "megapt.cli"] + args
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_port()}", "--no-python", "megapt"] + args
+               f"--master_port={free_port()}", "--no-python", "megapt"] + args
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
