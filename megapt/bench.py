@@ -132,6 +132,7 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
         cfg = load_config(list(spec.get("configs") or []) + list(args.config),
                           list(spec.get("overrides") or []) + _cli_overrides(cfg, list(args.config)))
     axes = _axes(args, spec) if args.action == "sweep" else {}
+    points = list(spec.get("points") or []) if args.action == "sweep" else []
     runners = list(spec.get("runners") or [r.strip() for r in args.runners.split(",") if r.strip()])
     bad = [r for r in runners if r not in RUNNERS]
     if bad or not runners:
@@ -143,7 +144,8 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} / {warmup}")
 
-    precisions = {cfg.train.precision} | set(axes.get("train.precision", []))
+    precisions = ({cfg.train.precision} | set(axes.get("train.precision", []))
+                  | {pt.get("precision", pt.get("train.precision")) for pt in points} - {None})
     keys = tuple(dict.fromkeys(["fp32"] + [p for p in ("bf16", "fp16") if p in precisions]))
     print("[bench] fingerprint" + ("" if args.no_peak else " + measured matmul peak") + " ...", flush=True)
     device = resolve_device(cfg.train)
@@ -160,11 +162,11 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
         comm = args.comm_timers == "on" or (args.comm_timers == "auto" and args.nproc > 1)
         points = run_sweep([str(base_yaml)], [], axes, runners, warmup=warmup, steps=steps, data=data,
                            measured=peaks["measured_tflops"], timeout_s=timeout_s, log_dir=log_dir,
-                           nproc=args.nproc, comm_timers=comm)
+                           nproc=args.nproc, comm_timers=comm, points=points)
     config = {"bench": {"action": args.action, "runners": runners, "warmup": warmup, "steps": steps,
                         "timeout_s": timeout_s, "data": data, "spec": args.spec or None, "nproc": args.nproc,
                         "comm_timers": comm},
-              "axes": axes, "base": to_dict(cfg)}
+              "axes": axes, "points": points, "base": to_dict(cfg)}
     doc = report.build_document(args.action, argv=argv if argv is not None else sys.argv, config=config,
                                 fingerprint=fp, peaks=peaks, points=points)
     if args.no_plots:

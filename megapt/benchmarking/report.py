@@ -221,6 +221,8 @@ def plot(points: list[dict], out_stem: Path) -> tuple[list[str], Optional[str]]:
         xs = axes[axis]
         series: dict[str, dict] = {}
         for p in points:
+            if axis not in p["params"]:  # explicit points need not all name the same keys
+                continue
             others = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["params"].items() if k != axis)
             for name, r in runner_results(p).items():
                 s = series.setdefault(f"{name} {others}".strip(), {"tps": {}, "mem": {}})

@@ -16,6 +16,9 @@ Spec YAML (every key optional):
       micro_batch: [4, 8]                 # train.micro_batch
       zero: [0, 1, 2, 3]                  # deepspeed.zero_stage
       attention: [sdpa, triton]           # model.attention
+    points:                               # explicit points (each combined with the axes product);
+      - {size: 124m, seq: 1024}           # for goals that are not a product, e.g. 124m at seq
+      - {size: 1b, seq: 2048, zero: 3}    # 1024 and 1b at ZeRO-3 in one run
     runners: [engine, plain, hf]
     warmup: 2
     steps: 5
@@ -52,7 +55,7 @@ AXIS_ALIASES = {
     "precision": "train.precision",
     "grad_accum": "train.grad_accum",
 }
-SPEC_KEYS = {"configs", "overrides", "axes", "runners", "warmup", "steps", "timeout_s", "data"}
+SPEC_KEYS = {"configs", "overrides", "axes", "points", "runners", "warmup", "steps", "timeout_s", "data"}
 # config keys a baseline ignores: it is reused across points differing only there
 BASELINE_IGNORES = {
     "plain": ("deepspeed.",),
@@ -83,6 +86,22 @@ def load_spec(path: str) -> dict:
     for k, v in axes.items():
         if not isinstance(v, list) or not v:
             problems.append(f"{p}: axes.{k} must be a non-empty list, got {v!r}")
+    points = data.get("points")
+    if points is not None:
+        if not isinstance(points, list) or not points:
+            problems.append(f"{p}: points must be a non-empty list of mappings (axis -> value)")
+        else:
+            for i, pt in enumerate(points):
+                if not isinstance(pt, dict) or not pt:
+                    problems.append(f"{p}: points[{i}] must be a non-empty mapping (axis -> value), got {pt!r}")
+                    continue
+                for k, v in pt.items():
+                    if isinstance(v, (list, dict)):
+                        problems.append(f"{p}: points[{i}].{k} must be one value, got {v!r}")
+                    try:
+                        axis_key(str(k))
+                    except ConfigError as e:
+                        problems.append(f"{p}: points[{i}]: {e}")
     for r in data.get("runners") or []:
         if r not in RUNNERS:
             problems.append(f"{p}: runners: unknown runner {r!r} (choose from {list(RUNNERS)})")
@@ -99,12 +118,23 @@ def parse_axis_arg(text: str) -> tuple[str, list]:
     return axis_key(name.strip()), [yaml.safe_load(v) for v in values.split(",") if v != ""]
 
 
-def expand(axes: dict) -> list[dict]:
-    """Cartesian product in the order given: the last axis varies fastest."""
+def expand(axes: dict, points: Optional[list[dict]] = None) -> list[dict]:
+    """Cartesian product in the order given: the last axis varies fastest.
+
+    ``points`` (explicit axis -> value mappings): each is combined with every product point, the
+    axes winning where both name a key; duplicates are dropped."""
     keys = [axis_key(k) for k in axes]
-    if not keys:
-        return [{}]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())]
+    product = [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())] if keys else [{}]
+    if not points:
+        return product
+    out: list[dict] = []
+    for pt in points:
+        base = {axis_key(str(k)): v for k, v in pt.items()}
+        for combo in product:
+            params = {**base, **combo}
+            if params not in out:
+                out.append(params)
+    return out
 
 
 def point_overrides(params: dict) -> list[str]:
@@ -188,14 +218,15 @@ def point_status(results: dict, requested: list[str]) -> str:
 
 def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, runners: list[str], *,
               warmup: int, steps: int, data: str, measured: dict, timeout_s: float,
-              log_dir: Optional[Path] = None, progress=print, nproc: int = 1, comm_timers: bool = False) -> list[dict]:
+              log_dir: Optional[Path] = None, progress=print, nproc: int = 1, comm_timers: bool = False,
+              points: Optional[list[dict]] = None) -> list[dict]:
     """Every point of the product in its own subprocess; returns the point records.
 
     nproc > 1: the engine runs under torchrun on nproc devices; the baselines (single-device loops)
     run in a separate one-process worker for the same point."""
     from megapt.benchmarking.report import point_ratios
 
-    points = expand(axes)
+    points = expand(axes, points)
     tmp = None
     if log_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="megapt-bench-")

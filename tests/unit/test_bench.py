@@ -224,6 +224,36 @@ def test_sweep_axes_expand_in_order_and_bad_specs_list_every_problem(tmp_path):
         sweep.parse_axis_arg("nodot=1,2")
 
 
+def test_sweep_explicit_points_combine_with_axes_and_are_validated(tmp_path):
+    pts = sweep.expand({"attention": ["sdpa", "triton"]},
+                       [{"size": "124m", "seq": 1024}, {"size": "1b", "seq": 2048, "zero": 3}])
+    assert pts == [
+        {"model.preset": "124m", "data.seq_len": 1024, "model.attention": "sdpa"},
+        {"model.preset": "124m", "data.seq_len": 1024, "model.attention": "triton"},
+        {"model.preset": "1b", "data.seq_len": 2048, "deepspeed.zero_stage": 3, "model.attention": "sdpa"},
+        {"model.preset": "1b", "data.seq_len": 2048, "deepspeed.zero_stage": 3, "model.attention": "triton"},
+    ]
+    assert sweep.expand({}, [{"seq": 64}, {"seq": 64}]) == [{"data.seq_len": 64}]  # duplicates dropped
+    spec = tmp_path / "p.yaml"
+    spec.write_text("points:\n  - {size: tiny, seq: [64, 128]}\n  - {nodot: 1}\n  - 7\n")
+    with pytest.raises(ConfigError) as e:
+        sweep.load_spec(str(spec))
+    for word in ("points[0].seq", "points[1]", "nodot", "points[2]"):
+        assert word in str(e.value)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("points:\n  - {size: tiny, seq: 64}\n")
+    assert sweep.load_spec(str(ok))["points"] == [{"size": "tiny", "seq": 64}]
+
+
+def test_every_committed_spec_loads_and_expands():
+    root = Path(__file__).resolve().parents[2] / "benchmarks" / "specs"
+    specs = sorted(root.glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = sweep.load_spec(str(path))
+        assert sweep.expand(spec.get("axes") or {}, spec.get("points")), path
+
+
 def test_sweep_records_oom_with_planner_and_continues(monkeypatch):
     calls = []
 
