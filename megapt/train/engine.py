@@ -371,9 +371,26 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
+    skip_identity_allreduce(engine, stage)
     if cfg.train.compile:
         engine.compile()
     return EngineBundle(engine, optimizer, scheduler, ds_config, schedule)
+
+
+def skip_identity_allreduce(engine, stage: int) -> bool:
+    """ZeRO-0 on one data-parallel rank: turn DeepSpeed's post-backward gradient allreduce off.
+
+    There it is an identity that still flattens every gradient into a bucket, runs a one-rank
+    all_reduce and copies the bucket back (1.3 s of a 5.6 s backward for 124m on CPU). The
+    gradients are averaged over 1 rank, so nothing changes numerically. ZeRO 1-3 are left alone:
+    their reduction also moves gradients into the optimizer's partitions. Returns True if skipped."""
+    if stage != 0 or int(getattr(engine, "dp_world_size", 0) or 0) != 1:
+        return False
+    if not getattr(engine, "enable_backward_allreduce", False):
+        return False
+    engine.enable_backward_allreduce = False
+    log.info("ZeRO-0 on one data-parallel rank: DeepSpeed's gradient allreduce (an identity here) is skipped")
+    return True
 
 
 def gathered(params: list, modifier_rank: Optional[int] = None):

@@ -120,3 +120,55 @@ def test_guarded_adamw_skips_non_finite_and_clips():
     q.grad = torch.tensor([30.0, 40.0, 0.0]) / 50.0 * 1.0  # what the clip should leave
     ref.step()
     assert torch.allclose(p.data, q.data, rtol=1e-5)
+
+
+_ONE_RANK_SCRIPT = r"""
+import copy, json, sys
+import torch
+from megapt.config import load_config
+from megapt.model import ops
+from megapt.model.gpt import GPT, ModelArgs
+from megapt.train import dist as mdist
+from megapt.train.engine import create_engine
+
+stage = int(sys.argv[1])
+cfg = load_config([], ["--train.device=cpu", "--train.precision=fp32", f"--deepspeed.zero_stage={stage}",
+                       "--train.micro_batch=2", "--train.grad_accum=1", "--train.grad_clip=0"])
+mdist.init_distributed(mdist.detect_launcher_env(), "cpu", 120)
+args = ModelArgs(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=16)
+model = GPT(args, ops.Backends(), seed=3)
+ref = copy.deepcopy(model)
+bundle = create_engine(cfg, model, world_size=1)
+ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+loss = bundle.engine(ids, labels=ids).loss
+bundle.engine.backward(loss)
+ref(ids, labels=ids).loss.backward()
+if stage == 0:
+    diff = max((p.grad - r.grad).abs().max().item() for p, r in zip(model.parameters(), ref.parameters()))
+else:
+    diff = None
+print(json.dumps({"allreduce": bool(bundle.engine.enable_backward_allreduce), "grad_diff": diff}))
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("stage", [0, 1])
+def test_one_rank_zero0_skips_the_identity_allreduce_with_identical_gradients(tmp_path, stage):
+    # ZeRO-0 at one rank: DeepSpeed's post-backward allreduce only flattens and copies every
+    # gradient; megapt turns it off. The gradients must equal plain autograd's; ZeRO-1 keeps it.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "one_rank.py"
+    script.write_text(_ONE_RANK_SCRIPT)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, str(script), str(stage)], capture_output=True, text=True, env=env,
+                         timeout=220)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["allreduce"] is (stage != 0)
+    if stage == 0:
+        assert res["grad_diff"] == 0.0
