@@ -395,3 +395,26 @@ def test_other_workstreams_scripts_run_from_the_same_entry_point(tmp_path, monke
     monkeypatch.setitem(bench.SCRIPTS, "data", tmp_path / "missing.py")
     assert main(["bench", "data"]) == 2
     assert "missing.py not found" in capsys.readouterr().err
+
+
+def test_gpu_session_script_dry_run_lists_every_phase(tmp_path):
+    # the GPU runbook: bash-parses, refuses an unknown phase, and its dry run names each step's
+    # command with the committed specs (a GPU session can't afford to find a typo there)
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bad = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+    env = dict(os.environ, MEGAPT_GPU_SESSION_DRY="1")
+    out = subprocess.run(["bash", str(script), "all", str(tmp_path / "o")], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for step in ("[gpu-tests]", "[kernel-bench]", "[goals]", "[zero]", "[planner-peak]"):
+        assert step in out.stdout
+    for path in ("benchmarks/specs/gpu_goals.yaml", "benchmarks/specs/gpu_zero.yaml", "benchmarks/kernels/run_all.py",
+                 "benchmarks/bench_planner.py", "tests/gpu"):
+        assert path in out.stdout and (root / path).exists()
+    assert (tmp_path / "o" / "all.log").is_file()
