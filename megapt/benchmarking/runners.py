@@ -234,8 +234,10 @@ def _adamw(model, train_cfg, cuda: bool):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from megapt.train.engine import adamw_impl  # the engine's choice: fused where torch has it
+
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
-                             eps=train_cfg.eps, fused=cuda)
+                             eps=train_cfg.eps, **adamw_impl(groups))
 
 
 def _autocast(device: str, precision: str):
