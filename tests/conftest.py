@@ -23,3 +23,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_launcher_env():
+    # megapt.train.dist.init_distributed exports RANK/MASTER_PORT/... into os.environ (DeepSpeed reads
+    # them). A test that sets up a process group in the pytest process would otherwise hand its
+    # MASTER_PORT, still bound by that group, to every later subprocess: EADDRINUSE at their start.
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

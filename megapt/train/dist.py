@@ -113,20 +113,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_EXPORTED: dict[str, str] = {}  # what init_distributed put into os.environ
+
+
 def init_distributed(info: DistInfo, device: str, timeout_s: int) -> None:
     """Export the env DeepSpeed/torch read and create the default process group (idempotent)."""
     import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # the group exists (an earlier call in this process): put back the variables DeepSpeed
+        # reads at every initialize, in case the caller's environment was reset since
+        for k, v in _EXPORTED.items():
+            os.environ.setdefault(k, v)
         return
     if info.launcher == "single" and "MASTER_PORT" not in os.environ:
         # A lone process still needs a (one-member) group for DeepSpeed; pick a free port so two
         # single-process runs on one machine don't collide.
         info = DistInfo(0, 1, 0, "single", "127.0.0.1", free_port())
-    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
-                      LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(info.world_size)),
-                      MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    _EXPORTED.clear()
+    _EXPORTED.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+                     LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(info.world_size)),
+                     MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    os.environ.update(_EXPORTED)
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
     backend = "nccl" if device == "cuda" else "gloo"
