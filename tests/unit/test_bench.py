@@ -121,10 +121,11 @@ def test_every_table_row_has_all_precisions():
 
 
 def test_measured_matmul_peak_on_cpu_is_positive():
-    m = measure_matmul_tflops("cpu", "fp32", n=64, repeats=3, warmup=1)
-    assert m["tflops"] > 0 and m["n"] == 64
-    # 2 n^3 flops per call over the median time
-    assert m["tflops"] == pytest.approx(2 * 64**3 / m["median_s"] / 1e12)
+    m = measure_matmul_tflops("cpu", "fp32", n=64, repeats=3, warmup=1, min_time_s=0.05)
+    assert m["tflops"] > 0 and m["n"] == 64 and m["repeats"] >= 3
+    # 2 n^3 flops per call over the median time; on a (shared) CPU the peak is the best repeat
+    assert m["median_tflops"] == pytest.approx(2 * 64**3 / m["median_s"] / 1e12)
+    assert m["tflops"] == m["max_tflops"] >= m["median_tflops"]
 
 
 def test_fingerprint_identifies_the_machine():
