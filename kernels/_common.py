@@ -29,6 +29,33 @@ def require_triton(op: str) -> None:
         )
 
 
+def _version_tuple(text: str) -> tuple[int, ...]:
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels in this environment, or None.
+
+    Triton < 3.7's interpreter turns 1-element arrays into Python ints with ``int()``, which numpy
+    >= 2.3 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every kernel
+    fails inside triton. Seen with triton 3.6.0 + numpy 2.4.6; 3.7.0 and later work. Only the
+    interpreter is affected: compiled GPU kernels do not go through numpy. Reads package metadata
+    only (importing triton here would fix the interpreter switch too early)."""
+    import importlib.metadata
+
+    try:
+        tv = importlib.metadata.version("triton")
+        nv = importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if _version_tuple(tv) < (3, 7) and _version_tuple(nv) >= (2, 3):
+        return (f"Triton {tv}'s CPU interpreter (TRITON_INTERPRET=1) does not work with numpy {nv} (>= 2.3): "
+                "install triton>=3.7 or numpy<2.3 to run the kernels on CPU")
+    return None
+
+
 def kernel_runs_on_cpu(kernel) -> bool:
     """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (runs on CPU tensors)."""
     fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the jit function in .fn
@@ -49,6 +76,9 @@ def check_device(op: str, kernel, *tensors: torch.Tensor) -> None:
             )
         return
     if device.type == "cpu" and kernel_runs_on_cpu(kernel):
+        problem = interpreter_problem()
+        if problem:
+            raise RuntimeError(f"megapt.kernels.{op}: {problem}")
         return
     raise ValueError(
         f"megapt.kernels.{op}: got {device.type} tensors; the Triton kernels need CUDA tensors "

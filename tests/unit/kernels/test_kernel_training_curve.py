@@ -72,6 +72,10 @@ def check_curves(curves: dict, rtol: float, min_drop: float) -> None:
 @pytest.mark.timeout(300)
 def test_training_on_triton_kernels_follows_the_reference_loss_curve_fp32_interpreter():
     pytest.importorskip("triton")
+    from megapt.kernels._common import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
     # measured: the two curves agree to 2e-7 relative over 8 steps (3.89 -> 3.11)
     curves = run_curves("cpu", "float32", steps=8, T=24, B=2, V=48, shape="32,2,2,1", timeout=280)
     check_curves(curves, rtol=1e-4, min_drop=0.5)
