@@ -54,7 +54,8 @@ def kernel_specs(arch: int, head_dims=(64, 128), dtype: str = "bf16", all_config
 
     quick: one head dim and one causal flag per attention kernel, chosen so that every masking
     variant of the inner loops is compiled at least once (fwd non-causal: none/end; dkdv causal:
-    diagonal/none/end; dq causal: none/diagonal).
+    diagonal/none/end; dq causal: none/diagonal), plus the document-masked (DOC) variant of each
+    attention kernel (document / document+diagonal masks).
     """
     import importlib
 
@@ -66,9 +67,10 @@ def kernel_specs(arch: int, head_dims=(64, 128), dtype: str = "bf16", all_config
     family = FAMILY[arch]
     specs = []
     attn_ptrs = {
-        "fwd": {"Q": t, "K": t, "V": t, "O": t, "LSE": "*fp32"},
-        "dkdv": {"Q": t, "K": t, "V": t, "DO": t, "DK": t, "DV": t, "LSE": "*fp32", "DELTA": "*fp32"},
-        "dq": {"Q": t, "K": t, "V": t, "DO": t, "DQ": t, "LSE": "*fp32", "DELTA": "*fp32"},
+        "fwd": {"Q": t, "K": t, "V": t, "O": t, "LSE": "*fp32", "DOC_START": "*i32"},
+        "dkdv": {"Q": t, "K": t, "V": t, "DO": t, "DK": t, "DV": t, "LSE": "*fp32", "DELTA": "*fp32",
+                 "DOC_START": "*i32", "DOC_END": "*i32"},
+        "dq": {"Q": t, "K": t, "V": t, "DO": t, "DQ": t, "LSE": "*fp32", "DELTA": "*fp32", "DOC_START": "*i32"},
     }
     fns = {"fwd": flash_attn._attn_fwd_kernel, "dkdv": flash_attn._attn_bwd_dkdv_kernel,
            "dq": flash_attn._attn_bwd_dq_kernel}
@@ -77,16 +79,17 @@ def kernel_specs(arch: int, head_dims=(64, 128), dtype: str = "bf16", all_config
             configs = [c for c in flash_attn._CONFIGS[name][family] if hs in c[4]]
             if not all_configs:
                 configs = configs[:1]
-            causal_flags = (True,) if all_configs else (True, False)
+            # (causal, doc) variants; doc needs causal
+            variants = ((True, False), (True, True)) if all_configs else ((True, False), (False, False), (True, True))
             if quick:
                 if hs != head_dims[0]:
                     continue
-                causal_flags = (name != "fwd",)
-            for causal in causal_flags:
+                variants = ((name != "fwd", False), (True, True))
+            for causal, doc in variants:
                 for bm, bn, warps, stages, _ in configs:
-                    consts = dict(HEAD_DIM=hs, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
+                    consts = dict(HEAD_DIM=hs, CAUSAL=causal, DOC=doc, BLOCK_M=bm, BLOCK_N=bn,
                                   DOT_PREC="tf32x3" if dtype == "fp32" else "tf32")
-                    label = f"attn_{name} hs={hs} causal={causal} {bm}x{bn} w{warps} s{stages}"
+                    label = f"attn_{name} hs={hs} causal={causal}{' doc' if doc else ''} {bm}x{bn} w{warps} s{stages}"
                     specs.append((label, fns[name], attn_ptrs[name], consts, warps, stages))
     if not all_configs:
         specs.append(("attn_preprocess hs=128", flash_attn._attn_bwd_preprocess_kernel,

@@ -13,7 +13,15 @@ log-sum-exp (base 2, fp32) for the backward. Backward, atomic-free:
 3. dQ: one program owns a query block and loops over kv blocks    grid (T / BLOCK_M, B * nh)
 
 Causal blocks split into an unmasked part and the diagonal (masked) part; sequence lengths
-that are not a multiple of the block are handled with masks on the last block. Autotune
+that are not a multiple of the block are handled with masks on the last block.
+
+Document masking (packed rows, ``doc_start`` (B, T) int32): query i sees key j iff
+``doc_start[b, i] <= j <= i``. doc_start is non-decreasing in i, so a query block starts its key
+loop at the doc_start of its first row (rounded down to BLOCK_N: whole blocks before it are never
+loaded), masks per element only in the blocks that straddle a document start of one of its rows,
+and runs the blocks between that and the diagonal unmasked. dK/dV of a key block visit query rows
+up to ``doc_end`` of its last key (one past the end of that document; computed from doc_start
+with searchsorted, O(B*T log T)), unmasked up to the end of the document of its first key. Autotune
 configs differ per GPU family (Hopper sm90 vs Ampere sm80/sm86/sm89); the chosen config is
 logged once per shape bucket. Under TRITON_INTERPRET=1 a single 16x16 config is used.
 """
@@ -36,8 +44,28 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def flash_attention_ref(q, k, v, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
-    """Plain attention in fp32 (fp64 for fp64 inputs) with explicit GQA repeat; output in q.dtype."""
+def doc_start_from_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) token ids of packed rows -> doc_start (B, T) int32: index of the first token of the
+    document holding each token. A document ends with (and includes) its EOS token; O(B*T)."""
+    B, T = input_ids.shape
+    idx = torch.arange(T, device=input_ids.device).expand(B, T)
+    starts = torch.zeros(B, T, dtype=torch.long, device=input_ids.device)
+    starts[:, 1:] = (input_ids[:, :-1] == eos_id).long() * idx[:, 1:]  # first token after an EOS
+    return torch.cummax(starts, dim=1).values.to(torch.int32)
+
+
+def doc_mask_ref(doc_start: torch.Tensor) -> torch.Tensor:
+    """doc_start (B, T) -> (B, 1, T, T) bool, True where query i may see key j (doc_start[i] <= j <= i)."""
+    T = doc_start.shape[1]
+    j = torch.arange(T, device=doc_start.device)
+    return ((j[None, None, :] >= doc_start[:, :, None]) & (j[None, None, :] <= j[None, :, None]))[:, None]
+
+
+def flash_attention_ref(q, k, v, causal: bool = True, sm_scale: float | None = None,
+                        doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain attention in fp32 (fp64 for fp64 inputs) with explicit GQA repeat; output in q.dtype.
+
+    ``doc_start`` (B, T): the explicit (B, 1, T, T) document mask of ``doc_mask_ref`` (needs causal)."""
     B, nh, T, hs = q.shape
     group = nh // k.shape[1]
     scale = 1.0 / math.sqrt(hs) if sm_scale is None else sm_scale
@@ -46,20 +74,26 @@ def flash_attention_ref(q, k, v, causal: bool = True, sm_scale: float | None = N
     kf = k.to(acc).repeat_interleave(group, dim=1)  # (B, nh, T, hs)
     vf = v.to(acc).repeat_interleave(group, dim=1)
     att = (qf @ kf.transpose(-2, -1)) * scale  # (B, nh, T, T)
-    if causal:
+    if doc_start is not None:
+        att = att.masked_fill(~doc_mask_ref(doc_start), float("-inf"))
+    elif causal:
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         att = att.masked_fill(~mask, float("-inf"))
     return (att.softmax(-1) @ vf).to(q.dtype)
 
 
 # ----------------------------------------------------------------------------- jit kernels
+# MASK modes of the inner loops (constexpr: each mode compiles to its own loop):
+#   0 none (full blocks)   1 sequence end   2 causal diagonal + sequence end
+#   3 document + sequence end               4 document + causal diagonal + sequence end
+# "document": key j is visible to query i only if j >= doc_start[i] (same document).
 if HAS_TRITON:
 
     @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kt, stride_vt,
-                   offs_m, offs_n, offs_d, lo, hi, T, qk_scale,
+                   offs_m, offs_n, offs_d, ds, lo, hi, T, qk_scale,
                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
-        # MASK: 0 = none (full blocks), 1 = sequence end, 2 = causal diagonal + sequence end
+        # ds: (BLOCK_M,) doc_start of each query row (used by MASK 3/4 only)
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             if MASK == 0:
@@ -74,9 +108,20 @@ if HAS_TRITON:
                 qk = tl.where(col_ok[None, :], qk, float("-inf"))
             if MASK == 2:
                 qk = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]), qk, float("-inf"))
+            if MASK == 3:
+                qk = tl.where(col_ok[None, :] & (cols[None, :] >= ds[:, None]), qk, float("-inf"))
+            if MASK == 4:
+                qk = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]) & (cols[None, :] >= ds[:, None]),
+                              qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_ij[:, None])
-            alpha = tl.math.exp2(m_i - m_ij)
+            if MASK >= 3:
+                # a row whose document starts after every key seen so far has m = -inf: subtract 0
+                # instead (p and alpha become 0, not NaN); m_i stays -inf until a key is visible
+                m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            else:
+                m_sub = m_ij
+            p = tl.math.exp2(qk - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -84,11 +129,24 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.jit
+    def _doc_key_range(DOC_START, row_base, offs_m, row_ok, diag, T, BLOCK_N: tl.constexpr):
+        """Key blocks of a query block under the document mask: [lo, mid) masked, [mid, diag) full.
+
+        Returns (ds, lo, mid) with ds the (BLOCK_M,) doc_start of each row. Bounds are clamped
+        to [0, diag] so a malformed doc_start cannot address memory outside K/V."""
+        ds = tl.load(DOC_START + row_base + offs_m, mask=row_ok, other=0)
+        first = tl.minimum(tl.maximum(tl.min(tl.where(row_ok, ds, T), 0), 0), diag)
+        last = tl.max(ds, 0)
+        lo = (first // BLOCK_N) * BLOCK_N
+        mid = tl.maximum(tl.minimum(((last + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, diag), lo)
+        return ds, lo, mid
+
+    @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE, sm_scale,
+        Q, K, V, O, LSE, DOC_START, sm_scale,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
         NH, T, GROUP, T_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         start_m = tl.program_id(0)
@@ -110,16 +168,25 @@ if HAS_TRITON:
         qk_scale = sm_scale * 1.4426950408889634
         if CAUSAL:
             diag = start_m * BLOCK_M
+            if DOC:  # (the launcher allows DOC only with CAUSAL)
+                ds, lo, mid = _doc_key_range(DOC_START, b * T, offs_m, row_ok, diag, T, BLOCK_N)
+                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
+                                           ds, lo, mid, T, qk_scale, BLOCK_N, 3, DOT_PREC)
+                diag_mask: tl.constexpr = 4
+            else:
+                ds, mid = offs_m, 0
+                diag_mask: tl.constexpr = 2
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       0, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
+                                       ds, mid, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, 2, DOT_PREC)
+                                       ds, diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, diag_mask,
+                                       DOT_PREC)
         else:
             full = (T // BLOCK_N) * BLOCK_N
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
+                                       offs_m, 0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
+                                       offs_m, full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
         acc = acc / l_i[:, None]
         tl.store(LSE + off_bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
         tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
@@ -145,10 +212,11 @@ if HAS_TRITON:
         tl.store(DELTA + off_bh * T + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
+    def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
                         offs_n, offs_d, lo, hi, T, qk_scale,
                         BLOCK_M: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
         # k, v: (BLOCK_N, HEAD_DIM) of one kv block; walks query blocks [lo, hi).
+        # DS_base: doc_start of this batch row (read by MASK 3/4 only)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             if MASK == 0:
@@ -168,6 +236,13 @@ if HAS_TRITON:
                 pT = tl.where(row_ok[None, :], pT, 0.0)
             if MASK == 2:
                 pT = tl.where(row_ok[None, :] & (offs_m[None, :] >= offs_n[:, None]), pT, 0.0)
+            if MASK >= 3:
+                ds = tl.load(DS_base + offs_m, mask=row_ok, other=0)
+                if MASK == 3:
+                    pT = tl.where(row_ok[None, :] & (ds[None, :] <= offs_n[:, None]), pT, 0.0)
+                else:
+                    pT = tl.where(row_ok[None, :] & (offs_m[None, :] >= offs_n[:, None]) & (ds[None, :] <= offs_n[:, None]),
+                                  pT, 0.0)
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             dsT = pT * (dpT - delta[None, :])
@@ -176,11 +251,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale,
+        Q, K, V, DO, DK, DV, LSE, DELTA, DOC_START, DOC_END, sm_scale,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         sdo_b, sdo_h, sdo_t, sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
         NH, NKV, T, GROUP, T_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         start_n = tl.program_id(0) * BLOCK_N
@@ -197,6 +272,21 @@ if HAS_TRITON:
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         qk_scale = sm_scale * 1.4426950408889634
+        DS_base = DOC_START + b * T
+        # query rows [start_n, below) hold the causal diagonal; rows below it need no causal mask
+        below = tl.minimum(start_n + BLOCK_N, T)
+        if DOC:
+            # rows < doc_end[first key] see every key of the block; rows >= doc_end[last key] see none
+            sees_all = tl.minimum(tl.maximum(tl.load(DOC_END + b * T + start_n), below), T)
+            full = below + ((sees_all - below) // BLOCK_M) * BLOCK_M
+            hi = tl.minimum(tl.maximum(tl.load(DOC_END + b * T + below - 1), full), T)
+            diag_mask: tl.constexpr = 4
+            tail_mask: tl.constexpr = 3
+        else:
+            full = below + ((T - below) // BLOCK_M) * BLOCK_M
+            hi = T
+            diag_mask: tl.constexpr = 2
+            tail_mask: tl.constexpr = 1
         for g in range(0, GROUP):
             h = kvh * GROUP + g
             Q_base = Q + b * sq_b + h * sq_h
@@ -204,18 +294,18 @@ if HAS_TRITON:
             LSE_base = LSE + (b * NH + h) * T
             DELTA_base = DELTA + (b * NH + h) * T
             if CAUSAL:
-                # rows of the diagonal square need the causal mask; rows below it do not
-                below = tl.minimum(start_n + BLOCK_N, T)
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
-                                         offs_n, offs_d, start_n, below, T, qk_scale, BLOCK_M, 2, DOT_PREC)
-                lo = below
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
+                                         offs_n, offs_d, start_n, below, T, qk_scale, BLOCK_M, diag_mask, DOT_PREC)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
+                                         offs_n, offs_d, below, full, T, qk_scale, BLOCK_M, 0, DOT_PREC)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
+                                         offs_n, offs_d, full, hi, T, qk_scale, BLOCK_M, tail_mask, DOT_PREC)
             else:
-                lo = 0
-            full = lo + ((T - lo) // BLOCK_M) * BLOCK_M
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
-                                     offs_n, offs_d, lo, full, T, qk_scale, BLOCK_M, 0, DOT_PREC)
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, sq_t, sdo_t,
-                                     offs_n, offs_d, full, T, T, qk_scale, BLOCK_M, 1, DOT_PREC)
+                full_nc = (T // BLOCK_M) * BLOCK_M
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
+                                         offs_n, offs_d, 0, full_nc, T, qk_scale, BLOCK_M, 0, DOT_PREC)
+                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
+                                         offs_n, offs_d, full_nc, T, T, qk_scale, BLOCK_M, 1, DOT_PREC)
         dk = dk * sm_scale
         tl.store(DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :],
                  dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -224,7 +314,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t,
-                      offs_m, offs_d, lo, hi, T, qk_scale,
+                      offs_m, offs_d, ds, lo, hi, T, qk_scale,
                       BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
@@ -241,18 +331,23 @@ if HAS_TRITON:
                 p = tl.where(col_ok[None, :], p, 0.0)
             if MASK == 2:
                 p = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]), p, 0.0)
+            if MASK == 3:
+                p = tl.where(col_ok[None, :] & (cols[None, :] >= ds[:, None]), p, 0.0)
+            if MASK == 4:
+                p = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]) & (cols[None, :] >= ds[:, None]),
+                             p, 0.0)
             dp = tl.dot(do, vT, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+            ds_ = p * (dp - delta[:, None])
+            dq += tl.dot(ds_.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
         return dq
 
     @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, sm_scale,
+        Q, K, V, DO, DQ, LSE, DELTA, DOC_START, sm_scale,
         sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         sdo_b, sdo_h, sdo_t, sdq_b, sdq_h, sdq_t,
         NH, T, GROUP, T_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ):
         start_m = tl.program_id(0)
@@ -275,16 +370,24 @@ if HAS_TRITON:
         qk_scale = sm_scale * 1.4426950408889634
         if CAUSAL:
             diag = start_m * BLOCK_M
+            if DOC:
+                ds, lo, mid = _doc_key_range(DOC_START, b * T, offs_m, row_ok, diag, T, BLOCK_N)
+                dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
+                                   ds, lo, mid, T, qk_scale, BLOCK_N, 3, DOT_PREC)
+                diag_mask: tl.constexpr = 4
+            else:
+                ds, mid = offs_m, 0
+                diag_mask: tl.constexpr = 2
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               0, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
+                               ds, mid, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, 2, DOT_PREC)
+                               ds, diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, diag_mask, DOT_PREC)
         else:
             full = (T // BLOCK_N) * BLOCK_N
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
+                               offs_m, 0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
             dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
+                               offs_m, full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
         dq = dq * sm_scale
         tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -340,20 +443,21 @@ def _tuned_kernel(name: str, family: str):
             return [c for c in configs if kwargs["HEAD_DIM"] in head_dims[c]] or configs[-1:]
 
         _tuned[key] = triton.autotune(
-            configs=list(head_dims), key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "GROUP"],
+            configs=list(head_dims), key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DOC", "GROUP"],
             prune_configs_by={"early_config_prune": prune},
         )(jit_fn)
     return _tuned[key]
 
 
-def _launch(name: str, jit_fn, grid_dim0, grid_dim1, args, head_dim, causal, T, group):
+def _launch(name: str, jit_fn, grid_dim0, grid_dim1, args, head_dim, causal, T, group, doc=False):
     """Run ``jit_fn`` with autotuning on GPU, or the fixed interpreter blocks on CPU."""
     if args[0].device.type == "cuda":
-        _launch_autotuned(name, gpu_family(args[0].device), grid_dim0, grid_dim1, args, head_dim, causal, T, group)
+        _launch_autotuned(name, gpu_family(args[0].device), grid_dim0, grid_dim1, args, head_dim, causal, T, group,
+                          doc)
         return
     bm, bn = _INTERPRETER_BLOCKS[name]
     jit_fn[(grid_dim0(bm, bn), grid_dim1)](
-        *args, T_BUCKET=next_power_of_2(T), HEAD_DIM=head_dim, CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn,
+        *args, T_BUCKET=next_power_of_2(T), HEAD_DIM=head_dim, CAUSAL=causal, DOC=doc, BLOCK_M=bm, BLOCK_N=bn,
         DOT_PREC=_dot_precision(args[0].dtype))
 
 
@@ -362,7 +466,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _launch_autotuned(name, family, grid_dim0, grid_dim1, args, head_dim, causal, T, group):
+def _launch_autotuned(name, family, grid_dim0, grid_dim1, args, head_dim, causal, T, group, doc=False):
     t_bucket = next_power_of_2(T)
     dot_prec = _dot_precision(args[0].dtype)
     kernel = _tuned_kernel(name, family)
@@ -370,13 +474,14 @@ def _launch_autotuned(name, family, grid_dim0, grid_dim1, args, head_dim, causal
     def grid(meta):
         return (grid_dim0(meta["BLOCK_M"], meta["BLOCK_N"]), grid_dim1)
 
-    kernel[grid](*args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, DOT_PREC=dot_prec)
-    log_key = (name, family, t_bucket, head_dim, causal, group, str(args[0].dtype))
+    kernel[grid](*args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, DOC=doc, DOT_PREC=dot_prec)
+    log_key = (name, family, t_bucket, head_dim, causal, doc, group, str(args[0].dtype))
     if log_key not in _logged:
         _logged.add(log_key)
         c = kernel.best_config
-        log.info("flash_attention %s %s T<=%d hs=%d causal=%s group=%d %s: BLOCK_M=%d BLOCK_N=%d warps=%d stages=%d",
-                 name, family, t_bucket, head_dim, causal, group, args[0].dtype,
+        log.info("flash_attention %s %s T<=%d hs=%d causal=%s group=%d doc_mask=%s %s: "
+                 "BLOCK_M=%d BLOCK_N=%d warps=%d stages=%d",
+                 name, family, t_bucket, head_dim, causal, group, doc, args[0].dtype,
                  c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
 
 
@@ -385,8 +490,13 @@ def _strides(x):
 
 
 # ----------------------------------------------------------------------------- launchers
-def check_inputs(q, k, v, causal=True, sm_scale=None) -> None:
-    """Raise ValueError for anything the kernels do not support, before any launch."""
+def check_inputs(q, k, v, causal=True, sm_scale=None, doc_start=None) -> None:
+    """Raise ValueError for anything the kernels do not support, before any launch.
+
+    ``doc_start`` (B, T) int32/int64 on q's device, needs ``causal=True``. Its values (0 <=
+    doc_start[b, i] <= i, non-decreasing in i) are checked for CPU tensors only: on CUDA the check
+    would cost a host sync per call. A malformed doc_start on CUDA gives wrong attention but never
+    reads outside K/V (the kernels clamp their loop bounds)."""
     require_triton("flash_attention")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -421,15 +531,59 @@ def check_inputs(q, k, v, causal=True, sm_scale=None) -> None:
         )
     if sm_scale is not None and not (sm_scale > 0):
         raise ValueError(f"megapt.kernels.flash_attention: sm_scale must be > 0, got {sm_scale}")
-    check_device("flash_attention", _attn_fwd_kernel, q, k, v)
+    if doc_start is not None:
+        _check_doc_start(doc_start, B, T, causal)
+        check_device("flash_attention", _attn_fwd_kernel, q, k, v, doc_start)
+    else:
+        check_device("flash_attention", _attn_fwd_kernel, q, k, v)
+
+
+def _check_doc_start(doc_start, B, T, causal) -> None:
+    where = "megapt.kernels.flash_attention: doc_start"
+    if not isinstance(doc_start, torch.Tensor):
+        raise ValueError(f"{where} must be a (B, T) integer tensor, got {type(doc_start).__name__}")
+    if not causal:
+        raise ValueError(f"{where} needs causal=True (the document mask is causal within each document)")
+    if doc_start.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{where} has dtype {doc_start.dtype}; need int32 or int64 "
+                         "(first token index of each token's document, see doc_start_from_ids)")
+    if tuple(doc_start.shape) != (B, T):
+        raise ValueError(f"{where} must have shape (B, T) = {(B, T)}, got {tuple(doc_start.shape)}")
+    if T >= 2 ** 31:
+        raise ValueError(f"{where}: T={T} does not fit int32 indices")
+    if doc_start.device.type == "cpu" and doc_start.numel():
+        pos = torch.arange(T, device=doc_start.device)
+        bad = (doc_start < 0) | (doc_start > pos)
+        bad[:, 1:] |= doc_start[:, 1:] < doc_start[:, :-1]
+        if bad.any():
+            b, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"{where}[{b}, {i}] = {int(doc_start[b, i])} is invalid: need 0 <= doc_start[b, i] <= i "
+                             "and doc_start non-decreasing along T")
 
 
 def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def flash_attention_forward(q, k, v, causal: bool, sm_scale: float):
-    """-> o (like q), lse (B, nh, T) fp32 in log2 units."""
+_NO_DOC: dict = {}  # device -> 1-element int32 tensor passed as DOC_START/DOC_END when DOC=False
+
+
+def _no_doc(device: torch.device) -> torch.Tensor:
+    if device not in _NO_DOC:
+        _NO_DOC[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _NO_DOC[device]
+
+
+def doc_end_from_start(doc_start: torch.Tensor) -> torch.Tensor:
+    """doc_start (B, T) int32 -> doc_end (B, T) int32: one past the last query that can see key j,
+    i.e. the number of rows i with doc_start[i] <= j (doc_start is sorted: a searchsorted)."""
+    B, T = doc_start.shape
+    keys = torch.arange(T, device=doc_start.device, dtype=doc_start.dtype).expand(B, T).contiguous()
+    return torch.searchsorted(doc_start, keys, right=True, out_int32=True)
+
+
+def flash_attention_forward(q, k, v, causal: bool, sm_scale: float, doc_start=None):
+    """-> o (like q), lse (B, nh, T) fp32 in log2 units. doc_start: None or (B, T) int32 contiguous."""
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
     group = nh // nkv
@@ -437,12 +591,14 @@ def flash_attention_forward(q, k, v, causal: bool, sm_scale: float):
     lse = torch.empty((B, nh, T), dtype=torch.float32, device=q.device)
     if B * nh * T == 0:
         return o, lse
-    args = (q, k, v, o, lse, sm_scale, *_strides(q), *_strides(k), *_strides(v), *_strides(o), nh, T, group)
-    _launch("fwd", _attn_fwd_kernel, lambda bm, bn: triton.cdiv(T, bm), B * nh, args, hs, causal, T, group)
+    doc = doc_start is not None
+    ds = doc_start if doc else _no_doc(q.device)
+    args = (q, k, v, o, lse, ds, sm_scale, *_strides(q), *_strides(k), *_strides(v), *_strides(o), nh, T, group)
+    _launch("fwd", _attn_fwd_kernel, lambda bm, bn: triton.cdiv(T, bm), B * nh, args, hs, causal, T, group, doc)
     return o, lse
 
 
-def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float):
+def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float, doc_start=None):
     """-> dq, dk, dv (dk/dv summed over the query heads of each kv group)."""
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
@@ -454,43 +610,55 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float)
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, _PREPROCESS_BLOCK_M), B * nh)](
         o, do, delta, *_strides(o), *_strides(do), nh, T, HEAD_DIM=hs, BLOCK_M=_PREPROCESS_BLOCK_M,
     )
-    args = (q, k, v, do, dk, dv, lse, delta, sm_scale, *_strides(q), *_strides(k), *_strides(v),
+    doc = doc_start is not None
+    ds = doc_start if doc else _no_doc(q.device)
+    de = doc_end_from_start(doc_start) if doc else ds
+    args = (q, k, v, do, dk, dv, lse, delta, ds, de, sm_scale, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dk), *_strides(dv), nh, nkv, T, group)
-    _launch("dkdv", _attn_bwd_dkdv_kernel, lambda bm, bn: triton.cdiv(T, bn), B * nkv, args, hs, causal, T, group)
-    args = (q, k, v, do, dq, lse, delta, sm_scale, *_strides(q), *_strides(k), *_strides(v),
+    _launch("dkdv", _attn_bwd_dkdv_kernel, lambda bm, bn: triton.cdiv(T, bn), B * nkv, args, hs, causal, T, group,
+            doc)
+    args = (q, k, v, do, dq, lse, delta, ds, sm_scale, *_strides(q), *_strides(k), *_strides(v),
             *_strides(do), *_strides(dq), nh, T, group)
-    _launch("dq", _attn_bwd_dq_kernel, lambda bm, bn: triton.cdiv(T, bm), B * nh, args, hs, causal, T, group)
+    _launch("dq", _attn_bwd_dq_kernel, lambda bm, bn: triton.cdiv(T, bm), B * nh, args, hs, causal, T, group, doc)
     return dq, dk, dv
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     """q (B, nh, T, hs), k/v (B, nkv, T, hs) -> o (B, nh, T, hs).
 
-    Saves q, k, v, o and lse (B, nh, T) fp32; backward returns dq, dk, dv in the input dtype.
+    Saves q, k, v, o, lse (B, nh, T) fp32 and doc_start (B, T) int32 when given; backward
+    returns dq, dk, dv in the input dtype.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
+    def forward(ctx, q, k, v, causal, sm_scale, doc_start=None):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        o, lse = flash_attention_forward(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse)
+        o, lse = flash_attention_forward(q, k, v, causal, sm_scale, doc_start)
+        ctx.save_for_backward(q, k, v, o, lse, doc_start)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, lse, doc_start = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, doc_start)
+        return dq, dk, dv, None, None, None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    sm_scale: float | None = None) -> torch.Tensor:
+                    sm_scale: float | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """Flash attention with GQA. q (B, nh, T, hs), k/v (B, nkv, T, hs); hs in 16/32/64/128/256.
 
     fp16/bf16 (fp32 also accepted, with 3xTF32 dots: accurate, slower) on CUDA, or CPU under TRITON_INTERPRET=1. Any T.
     sm_scale defaults to 1/sqrt(hs). Returns o (B, nh, T, hs) in q.dtype.
+
+    doc_start (B, T) int32/int64, optional, needs causal=True: packed documents. Query i sees key j
+    iff doc_start[b, i] <= j <= i, where doc_start[b, i] is the index of the first token of the
+    document holding token i (``doc_start_from_ids``). No (T, T) mask is built; key blocks
+    before a query block's documents are skipped.
     """
-    check_inputs(q, k, v, causal, sm_scale)
+    check_inputs(q, k, v, causal, sm_scale, doc_start)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale)
+    if doc_start is not None:
+        doc_start = doc_start.to(torch.int32).contiguous()
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), scale, doc_start)

@@ -1,7 +1,8 @@
 """Fused rotary position embedding (RoPE) for q and k in one launch, forward and backward.
 
 Convention: HF Llama ``rotate_half`` (non-interleaved). With ``h = hs // 2``,
-``x1 = x[..., :h]``, ``x2 = x[..., h:]`` and cos/sin of shape (T, h):
+``x1 = x[..., :h]``, ``x2 = x[..., h:]`` and cos/sin of shape (T, h), or (B, T, h) for
+per-sample positions (packed documents whose positions restart at 0, position_ids):
 
     out[..., :h] = x1 * cos - x2 * sin
     out[..., h:] = x2 * cos + x1 * sin
@@ -25,13 +26,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h].float(), x[..., h:].float()
-    c = cos.float()[None, :, None, :]  # (1, T, 1, h)
-    s = sin.float()[None, :, None, :]
+    c = cos.float()[None, :, None, :] if cos.dim() == 2 else cos.float()[:, :, None, :]  # (1 or B, T, 1, h)
+    s = sin.float()[None, :, None, :] if sin.dim() == 2 else sin.float()[:, :, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 def apply_rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Plain PyTorch RoPE. q (B, T, nh, hs), k (B, T, nkv, hs), cos/sin (T, hs // 2)."""
+    """Plain PyTorch RoPE. q (B, T, nh, hs), k (B, T, nkv, hs), cos/sin (T, hs // 2) or (B, T, hs // 2)."""
     return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
 
 
@@ -43,7 +44,7 @@ if HAS_TRITON:
         Q, K, QO, KO, COS, SIN,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
         sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h,
-        scs_t,
+        scs_b, scs_t,
         T, NH, NKV,
         HALF: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -54,8 +55,9 @@ if HAS_TRITON:
         t = tl.cast(pid % T, tl.int64)
         d = tl.arange(0, BLOCK_D)
         d_mask = d < HALF
-        cos = tl.load(COS + t * scs_t + d, mask=d_mask, other=0.0).to(tl.float32)
-        sin = tl.load(SIN + t * scs_t + d, mask=d_mask, other=0.0).to(tl.float32)
+        cs = b * scs_b + t * scs_t  # scs_b = 0: one (T, h) table for the batch
+        cos = tl.load(COS + cs + d, mask=d_mask, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + cs + d, mask=d_mask, other=0.0).to(tl.float32)
         if BACKWARD:
             sin = -sin
         cos2 = cos[None, :]
@@ -96,10 +98,10 @@ def _check(q, k, cos, sin) -> None:
         )
     if hs % 2:
         raise ValueError(f"megapt.kernels.apply_rope: head size {hs} must be even")
-    if cos.shape != (T, hs // 2) or sin.shape != (T, hs // 2):
+    if cos.shape != sin.shape or tuple(cos.shape) not in ((T, hs // 2), (B, T, hs // 2)):
         raise ValueError(
-            f"megapt.kernels.apply_rope: cos/sin must be (T, hs // 2) = {(T, hs // 2)}, "
-            f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
+            f"megapt.kernels.apply_rope: cos/sin must be (T, hs // 2) = {(T, hs // 2)} or per sample "
+            f"(B, T, hs // 2) = {(B, T, hs // 2)}, got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
     check_device("apply_rope", _rope_kernel, q, k, cos, sin)
 
@@ -109,7 +111,9 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_launch(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
-    """Rotate q (B,T,nh,hs) into q_out and k (B,T,nkv,hs) into k_out (may alias the inputs)."""
+    """Rotate q (B,T,nh,hs) into q_out and k (B,T,nkv,hs) into k_out (may alias the inputs).
+
+    cos/sin (T, hs/2) or (B, T, hs/2), unit stride on the last dim."""
     B, T, nh, hs = q.shape
     nkv = k.shape[2]
     if cos.stride() != sin.stride():
@@ -121,7 +125,7 @@ def rope_launch(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
         q, k, q_out, k_out, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0),
+        cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2),
         T, nh, nkv,
         HALF=hs // 2, BLOCK_H=next_power_of_2(nh), BLOCK_KV=next_power_of_2(nkv), BLOCK_D=block_d,
         BACKWARD=backward,
@@ -131,7 +135,7 @@ def rope_launch(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
 
 # ----------------------------------------------------------------------------- autograd
 class RoPEFunction(torch.autograd.Function):
-    """Out of place. q (B, T, nh, hs), k (B, T, nkv, hs), cos/sin (T, hs // 2) -> (q_rot, k_rot).
+    """Out of place. q (B, T, nh, hs), k (B, T, nkv, hs), cos/sin (T or B, T, hs // 2) -> (q_rot, k_rot).
 
     Saves cos/sin only; backward rotates dq_rot/dk_rot back (sin -> -sin).
     """
@@ -177,7 +181,10 @@ class RoPEInplaceFunction(torch.autograd.Function):
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Fused RoPE on q (B, T, nh, hs) and k (B, T, nkv, hs); returns new (q_rot, k_rot)."""
+    """Fused RoPE on q (B, T, nh, hs) and k (B, T, nkv, hs); returns new (q_rot, k_rot).
+
+    cos/sin: (T, hs // 2) shared by the batch, or (B, T, hs // 2) per sample (e.g. positions that
+    restart at 0 in every packed document: ``cos_table[positions]``)."""
     _check(q, k, cos, sin)
     return RoPEFunction.apply(q, k, cos, sin)
 

@@ -1,4 +1,5 @@
-"""Triton flash attention (GQA, causal or not, any T) matches plain attention: output and grads."""
+"""Triton flash attention (GQA, causal or not, any T, packed documents) matches plain attention:
+output and grads."""
 import math
 import os
 import subprocess
@@ -8,15 +9,17 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, assert_close_rel_torch
-from megapt.kernels.flash_attn import flash_attention, flash_attention_ref
+from megapt.kernels.flash_attn import doc_mask_ref, doc_start_from_ids, flash_attention, flash_attention_ref
 
 
-def _attn_lowp(q, k, v, causal, sm_scale=None):
+def _attn_lowp(q, k, v, causal, sm_scale=None, doc_start=None):
     """Naive attention with every op at the input dtype: the error PyTorch itself makes."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     att = (q @ k.transpose(-2, -1)) * (sm_scale or 1.0 / math.sqrt(q.shape[-1]))
-    if causal:
+    if doc_start is not None:
+        att = att.masked_fill(~doc_mask_ref(doc_start), float("-inf"))
+    elif causal:
         T = q.shape[2]
         att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     return att.softmax(-1) @ v
@@ -29,19 +32,22 @@ def _grads(fn, q, k, v, do, **kw):
     return [o.detach()] + [t.grad for t in ins]
 
 
-def _check(B, nh, nkv, T, hs, causal, dtype, sm_scale=None, seed=0):
+def _check(B, nh, nkv, T, hs, causal, dtype, sm_scale=None, seed=0, doc_start=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, nh, T, hs, generator=g, dtype=torch.float64).to(DEVICE)
     k = torch.randn(B, nkv, T, hs, generator=g, dtype=torch.float64).to(DEVICE)
     v = torch.randn(B, nkv, T, hs, generator=g, dtype=torch.float64).to(DEVICE)
     do = torch.randn(B, nh, T, hs, generator=g, dtype=torch.float64).to(DEVICE)
     kw = dict(causal=causal, sm_scale=sm_scale)
+    if doc_start is not None:
+        kw["doc_start"] = doc_start
     ref = _grads(flash_attention_ref, q, k, v, do, **kw)  # fp64 math
     low = _grads(_attn_lowp, q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), **kw)
     out = _grads(flash_attention, q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), **kw)
     for name, o, r, l in zip(("o", "dq", "dk", "dv"), out, ref, low):
         assert o.dtype == dtype
-        assert_close_rel_torch(f"{name} nh={nh} nkv={nkv} T={T} causal={causal} {dtype}", o, r, l)
+        assert_close_rel_torch(f"{name} nh={nh} nkv={nkv} T={T} causal={causal} doc={doc_start is not None} "
+                               f"{dtype}", o, r, l)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -144,3 +150,117 @@ def test_autotuned_launch_prunes_by_head_dim_and_logs_the_chosen_config(monkeypa
     flash_attention_ref(*ins, causal=True).sum().backward()
     for a, b in zip((q, k, v), ins):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    # the document-masked variant is tuned and logged under its own key
+    ds = torch.tensor([[0] * 7 + [7] * 14], dtype=torch.int32, device=DEVICE)
+    with caplog.at_level(logging.INFO, logger="megapt.kernels.flash_attn"):
+        o = flash_attention(q, k, v, causal=True, doc_start=ds)
+    assert "flash_attention fwd fake T<=32 hs=16 causal=True group=2 doc_mask=True" in caplog.text
+    torch.testing.assert_close(o, flash_attention_ref(q, k, v, causal=True, doc_start=ds), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- document mask
+# Interpreter blocks: fwd 16x16, dkdv 16x32, dq 32x16 (_INTERPRETER_BLOCKS), so boundaries at 5,
+# 10, 11, 20, 21, 26, 33 fall inside blocks and the documents of length 1 (token 10, token 20)
+# sit next to other boundaries.
+EOS = 0
+
+
+def _packed_ids(T, eos_positions_per_row):
+    ids = torch.arange(1, T + 1).repeat(len(eos_positions_per_row), 1)
+    for row, positions in enumerate(eos_positions_per_row):
+        ids[row, list(positions)] = EOS
+    return ids
+
+
+def test_doc_start_from_ids_marks_first_token_of_each_document():
+    ids = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8, 9], [EOS, 1, 2, 3, 4, 5, 6, 7]])
+    assert doc_start_from_ids(ids, EOS).tolist() == [[0, 0, 0, 3, 3, 5, 6, 6], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert doc_start_from_ids(ids, EOS).dtype == torch.int32
+
+
+@pytest.mark.parametrize("nkv", [4, 2, 1])  # GQA ratios 1, 2, 4
+def test_flash_attention_doc_mask_fp32_gqa(nkv):
+    # row 0: documents [0..9] [10] [11..25] [26..36]; row 1: [0..4] [5..19] [20] [21..32] [33..36]
+    ids = _packed_ids(37, [(9, 10, 25), (4, 19, 20, 32)])
+    ds = doc_start_from_ids(ids, EOS).to(DEVICE)
+    _check(B=2, nh=4, nkv=nkv, T=37, hs=16, causal=True, dtype=torch.float32, doc_start=ds)
+
+
+def test_flash_attention_doc_mask_fp16_long_documents_int64_doc_start():
+    # documents spanning several blocks: the unmasked middle loops run too. Row 1: one EOS at the
+    # very end (one document = plain causal). int64 doc_start is accepted (converted).
+    ids = _packed_ids(70, [(3, 47, 48), (69,)])
+    ds = doc_start_from_ids(ids, EOS).long().to(DEVICE)
+    _check(B=2, nh=4, nkv=2, T=70, hs=16, causal=True, dtype=torch.float16, doc_start=ds, seed=1)
+
+
+def test_flash_attention_one_document_equals_plain_causal():
+    g = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, n, 45, 16, generator=g).to(DEVICE) for n in (4, 2, 2, 4))
+    ds = torch.zeros(1, 45, dtype=torch.int32, device=DEVICE)
+    a = _grads(flash_attention, q, k, v, do, causal=True, doc_start=ds)
+    b = _grads(flash_attention, q, k, v, do, causal=True)
+    for name, x, y in zip(("o", "dq", "dk", "dv"), a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_flash_attention_documents_of_length_one_attend_to_themselves():
+    # every token is an EOS: o = v of its own kv head; scores do not matter, so dq = dk = 0 and
+    # dv sums do over the query heads of the group
+    B, nh, nkv, T, hs = 1, 4, 2, 21, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(B, n, T, hs, generator=g).to(DEVICE) for n in (nh, nkv, nkv, nh))
+    ds = torch.arange(T, dtype=torch.int32, device=DEVICE)[None]
+    o, dq, dk, dv = _grads(flash_attention, q, k, v, do, causal=True, doc_start=ds)
+    torch.testing.assert_close(o, v.repeat_interleave(2, 1), rtol=1e-6, atol=1e-6)
+    assert dq.abs().max() < 1e-6 and dk.abs().max() < 1e-6
+    torch.testing.assert_close(dv, do.view(B, nkv, 2, T, hs).sum(2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes on the nan rows too
+def test_flash_attention_doc_mask_skips_earlier_documents_key_blocks():
+    # Documents [0, 32) and [32, 64): block-aligned. Non-finite K/V in the first document must
+    # not reach the second one's output or dq (its key blocks are never loaded, not just masked:
+    # 0 * nan would be nan), and non-finite q/dO in the second must not reach the first's dk/dv.
+    T = 64
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(1, 2, T, 16, generator=g).to(DEVICE) for _ in range(4))
+    ds = torch.tensor([[0] * 32 + [32] * 32], dtype=torch.int32, device=DEVICE)
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, :32], v_bad[:, :, :32] = float("inf"), float("nan")
+    o, dq, _, _ = _grads(flash_attention, q, k_bad, v_bad, do, causal=True, doc_start=ds)
+    ref = _grads(flash_attention_ref, q.double(), k.double(), v.double(), do.double(), doc_start=ds)
+    torch.testing.assert_close(o[:, :, 32:], ref[0][:, :, 32:].float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dq[:, :, 32:], ref[1][:, :, 32:].float(), rtol=1e-4, atol=1e-5)
+    q_bad, do_bad = q.clone(), do.clone()
+    q_bad[:, :, 32:], do_bad[:, :, 32:] = float("nan"), float("nan")
+    _, _, dk, dv = _grads(flash_attention, q_bad, k, v, do_bad, causal=True, doc_start=ds)
+    torch.testing.assert_close(dk[:, :, :32], ref[2][:, :, :32].float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dv[:, :, :32], ref[3][:, :, :32].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_flash_attention_bad_doc_start_raises_before_any_launch(monkeypatch):
+    import megapt.kernels.flash_attn as fa
+
+    def no_launch(*a, **kw):
+        raise AssertionError("kernel launched")
+
+    monkeypatch.setattr(fa, "_launch", no_launch)
+    q = torch.randn(2, 4, 8, 16, device=DEVICE)
+    k = torch.randn(2, 2, 8, 16, device=DEVICE)
+    good = torch.zeros(2, 8, dtype=torch.int32, device=DEVICE)
+    cases = [
+        (dict(doc_start=good, causal=False), "needs causal=True"),
+        (dict(doc_start=good.float()), "dtype torch.float32"),
+        (dict(doc_start=good.bool()), "dtype torch.bool"),
+        (dict(doc_start=good[:1]), r"shape \(B, T\) = \(2, 8\)"),
+        (dict(doc_start=good[:, None]), r"shape \(B, T\)"),
+        (dict(doc_start=good.tolist()), "integer tensor"),
+        (dict(doc_start=torch.zeros(2, 8, dtype=torch.int32, device="meta")), "meta"),
+        (dict(doc_start=torch.tensor([[0, 0, 0, 3, 2, 2, 2, 2]] * 2, dtype=torch.int32)), r"doc_start\[0, 4\] = 2"),
+        (dict(doc_start=torch.tensor([[0, 0, 3, 3, 3, 3, 3, 3]] * 2, dtype=torch.int32)), r"doc_start\[0, 2\] = 3"),
+        (dict(doc_start=torch.full((2, 8), -1, dtype=torch.int32)), "0 <= doc_start"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            flash_attention(q, k, k, **kw)

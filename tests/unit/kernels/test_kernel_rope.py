@@ -12,9 +12,12 @@ def _rotate_half(x):
 
 
 def _hf_rope(q, k, cos, sin):
-    """transformers' apply_rotary_pos_emb with cos/sin duplicated to the full head dim."""
-    c = torch.cat([cos, cos], -1)[None, :, None, :]
-    s = torch.cat([sin, sin], -1)[None, :, None, :]
+    """transformers' apply_rotary_pos_emb with cos/sin duplicated to the full head dim;
+    cos/sin (T, hs/2) shared or (B, T, hs/2) per sample (HF's position_ids path)."""
+    c = torch.cat([cos, cos], -1)
+    s = torch.cat([sin, sin], -1)
+    c = c[None, :, None, :] if c.dim() == 2 else c[:, :, None, :]
+    s = s[None, :, None, :] if s.dim() == 2 else s[:, :, None, :]
     return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
 
 
@@ -84,6 +87,32 @@ def test_rope_in_place_gradients_match_out_of_place():
     torch.testing.assert_close(ka.grad, ref[3])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_per_sample_positions_forward_and_grads(dtype):
+    # packed documents: positions restart at 0 in each document, differently in each row
+    torch.manual_seed(0)
+    B, T, nh, nkv, hs = 2, 23, 4, 2, 16
+    pos = torch.stack([torch.cat([torch.arange(9), torch.arange(1), torch.arange(13)]),
+                       torch.cat([torch.arange(4), torch.arange(19)])])  # (B, T)
+    cos_t, sin_t = _cos_sin(T, hs)
+    cos, sin = cos_t[pos].to(DEVICE), sin_t[pos].to(DEVICE)  # (B, T, hs // 2)
+    q = torch.randn(B, T, nh, hs, device=DEVICE)
+    k = torch.randn(B, T, nkv, hs, device=DEVICE)
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    ref = _run(_hf_rope, q.double(), k.double(), cos, sin, dq.double(), dk.double())
+    low_args = [t.to(dtype) for t in (q, k, cos, sin, dq, dk)]
+    low = _run(_hf_rope, *low_args)
+    out = _run(apply_rope, *low_args)
+    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
+        assert o.dtype == dtype
+        assert_close_rel_torch(f"per-sample {name} {dtype}", o, r, l)
+    # row 1 token 4 starts a document: rotated like position 0 (identity)
+    torch.testing.assert_close(out[0][1, 4], low_args[0][1, 4])
+    inplace = _run(lambda a, b, c, s: apply_rope_(a * 1, b * 1, c, s), *low_args)
+    for o, i in zip(out, inplace):
+        torch.testing.assert_close(o, i, rtol=0, atol=0)
+
+
 def test_rope_bad_shapes_are_clear_errors():
     q = torch.randn(1, 8, 2, 16, device=DEVICE)
     k = torch.randn(1, 8, 1, 16, device=DEVICE)
@@ -92,6 +121,10 @@ def test_rope_bad_shapes_are_clear_errors():
         apply_rope(q, k, cos[:4], sin[:4])
     with pytest.raises(ValueError, match="share B, T and hs"):
         apply_rope(q, k[:, :4], cos, sin)
+    with pytest.raises(ValueError, match=r"per sample \(B, T, hs // 2\) = \(1, 8, 8\)"):
+        apply_rope(q, k, cos.expand(2, 8, 8), sin.expand(2, 8, 8))
+    with pytest.raises(ValueError, match="cos/sin"):
+        apply_rope(q, k, cos[None], sin)
 
 
 def test_rope_half_inputs_with_fp32_tables_match_the_model_eager_math():
