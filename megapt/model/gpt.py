@@ -205,7 +205,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=False)
         self.dropout = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, *, causal=True, mask=None, kv_cache=None, start_pos=0):
+    def forward(self, x, cos, sin, *, causal=True, mask=None, doc_start=None, kv_cache=None, start_pos=0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hs)
@@ -217,7 +217,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # (B, n_kv, start_pos + T, hs)
             if attn_backend in ("triton", "cuda"):
                 attn_backend = "sdpa"  # decoding: query offset / T=1 shapes; the flash kernel serves training
-        y = ops.attention(q, k, v, causal, attn_backend, mask=mask)  # (B, nh, T, hs)
+        y = ops.attention(q, k, v, causal, attn_backend, mask=mask, doc_start=doc_start)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.dropout(self.wo(y))
 
@@ -244,8 +244,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, backends)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, *, causal=True, mask=None, kv_cache=None, start_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, causal=causal, mask=mask,
+    def forward(self, x, cos, sin, *, causal=True, mask=None, doc_start=None, kv_cache=None, start_pos=0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, causal=causal, mask=mask, doc_start=doc_start,
                                kv_cache=kv_cache, start_pos=start_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -409,21 +409,27 @@ class GPT(nn.Module):
         labels (B, T) (-100 = ignore): the mean loss goes through the loss backend (fused
         linear+CE) and logits stay None. kv_cache/start_pos: incremental decoding, the tokens sit
         at positions start_pos .. start_pos+T-1. position_ids (T,) or (B, T) override positions.
-        doc_mask (default ``self.doc_mask``): block attention across EOS boundaries.
+        doc_mask (default ``self.doc_mask``): block attention across EOS boundaries. The triton
+        attention backend gets each token's document start (B, T) and skips other documents'
+        key blocks (O(T) memory); sdpa/eager get the explicit (B, 1, T, T) mask.
         """
         B, T = input_ids.shape
         use_doc_mask = self.doc_mask if doc_mask is None else doc_mask
-        causal, mask = True, None
+        causal, mask, doc_start = True, None, None
         if use_doc_mask:
             if kv_cache is not None:
                 raise ValueError("doc_mask is for packed training rows; it cannot be combined with kv_cache")
             if self.eos_id is None:
                 raise ValueError("doc_mask needs the tokenizer's EOS id: GPT(args, eos_id=tok.eos_id) "
                                  "or model.eos_id = tok.eos_id")
-            doc_positions, mask = document_mask(input_ids, self.eos_id)  # (B, T), (B, 1, T, T)
-            causal = False  # the document mask is already causal
+            starts = document_starts(input_ids, self.eos_id)  # (B, T)
             if position_ids is None:
-                position_ids = doc_positions
+                position_ids = torch.arange(T, device=input_ids.device) - starts  # restart at 0 per document
+            if self.backends.attention == "triton":
+                doc_start = starts.to(torch.int32)  # converted once, shared by every layer
+            else:
+                mask = document_mask_from_starts(starts)  # (B, 1, T, T)
+                causal = False  # the document mask is already causal
         if kv_cache is not None and start_pos > 0:
             S = start_pos + T  # keys held after this step
             causal = False
@@ -443,9 +449,10 @@ class GPT(nn.Module):
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpointing:
-                h = checkpoint(layer, h, cos, sin, causal=causal, mask=mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, causal=causal, mask=mask, doc_start=doc_start, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, causal=causal, mask=mask, kv_cache=kv_cache, start_pos=start_pos)
+                h = layer(h, cos, sin, causal=causal, mask=mask, doc_start=doc_start, kv_cache=kv_cache,
+                          start_pos=start_pos)
         h = self.norm(h)  # (B, T, C)
 
         logits = loss = None
@@ -462,22 +469,35 @@ class GPT(nn.Module):
         return KVCache(self.args, batch_size, max_seq_len, device=p.device, dtype=p.dtype)
 
 
+def document_starts(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Index of the first token of the document holding each token of a packed row, (B, T) int64.
+
+    A document ends with (and includes) its EOS token; the next token starts a new document.
+    Non-decreasing along T; O(B*T). (Same as ``megapt.kernels.flash_attn.doc_start_from_ids``.)
+    """
+    B, T = input_ids.shape
+    idx = torch.arange(T, device=input_ids.device).expand(B, T)
+    starts = torch.zeros(B, T, dtype=torch.long, device=input_ids.device)
+    starts[:, 1:] = (input_ids[:, :-1] == eos_id).long() * idx[:, 1:]  # first token after an EOS, else 0
+    return torch.cummax(starts, dim=1).values  # (B, T)
+
+
+def document_mask_from_starts(starts: torch.Tensor) -> torch.Tensor:
+    """(B, T) document starts -> (B, 1, T, T) bool, True where query i may see key j: starts[i] <= j <= i."""
+    T = starts.shape[1]
+    j = torch.arange(T, device=starts.device)
+    return ((j[None, None, :] >= starts[:, :, None]) & (j[None, None, :] <= j[None, :, None]))[:, None]
+
+
 def document_mask(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions within each document and the block-diagonal causal mask of a packed row.
 
     A document ends with (and includes) its EOS token; the next token starts a new document at
     position 0. Returns positions (B, T) and mask (B, 1, T, T), True where query i may see key j.
     """
-    B, T = input_ids.shape
-    is_eos = (input_ids == eos_id).long()  # (B, T)
-    doc_id = torch.cumsum(is_eos, dim=1) - is_eos  # EOS belongs to the document it closes
-    idx = torch.arange(T, device=input_ids.device).expand(B, T)
-    starts = torch.zeros_like(is_eos)
-    starts[:, 1:] = is_eos[:, :-1] * idx[:, 1:]  # index of each document's first token, else 0
-    positions = idx - torch.cummax(starts, dim=1).values  # (B, T)
-    same_doc = doc_id[:, :, None] == doc_id[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-    return positions, (same_doc & causal)[:, None]
+    starts = document_starts(input_ids, eos_id)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device) - starts  # (B, T)
+    return positions, document_mask_from_starts(starts)
 
 
 class KVCache:

@@ -140,14 +140,17 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
     for op in ("attention", "norm", "rope", "loss"):
         want = getattr(model_cfg, op, "auto") or "auto"
         kernel = _KERNEL_FOR[op]
-        # doc_mask needs an explicit (B, 1, T, T) mask and per-sample positions: the flash and
-        # rope kernels take neither, so auto picks sdpa/eager for those two ops.
-        masked_op = doc_mask and op in ("attention", "rope")
+        # doc_mask: the triton flash kernel takes per-row document starts (O(T), no (T, T) mask)
+        # and the triton rope per-sample cos/sin; sdpa/eager get the explicit (B, 1, T, T) mask.
+        # Only a cuda attention kernel (none takes document starts) is refused.
         if want == "auto":
-            use_triton = triton_ok and not masked_op and _find_kernel("triton", kernel) is not None
+            use_triton = triton_ok and _find_kernel("triton", kernel) is not None
             chosen[op] = "triton" if use_triton else cpu_default[op]
             continue
-        if want in ("triton", "cuda"):
+        if doc_mask and op == "attention" and want == "cuda":
+            problems.append("model.attention=cuda: model.doc_mask is not supported by the cuda attention backend; "
+                            "use triton (document starts, O(T) memory) or sdpa/eager (explicit mask)")
+        elif want in ("triton", "cuda"):
             if not on_cuda:
                 problems.append(f"model.{op}={want}: needs a CUDA device, running on {device_type}")
             elif want == "triton" and not _triton_importable():
@@ -156,9 +159,6 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
                 problems.append(f"model.{op}={want}: {_missing(want, kernel)}")
             elif want == "cuda" and (why := _cuda_extension_problem()):
                 problems.append(f"model.{op}=cuda: {why}")
-            elif masked_op:
-                problems.append(f"model.{op}={want}: model.doc_mask needs "
-                                f"{'sdpa or eager' if op == 'attention' else 'eager'}")
         chosen[op] = want
     if problems:
         raise ConfigError(f"model backends: {len(problems)} requested backend(s) unavailable:\n  "
@@ -176,14 +176,21 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              backend: str = "sdpa", *, mask: torch.Tensor | None = None) -> torch.Tensor:
+              backend: str = "sdpa", *, mask: torch.Tensor | None = None,
+              doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads.
 
     q (B, nh, T, hs); k, v (B, n_kv, S, hs) with n_kv dividing nh -> (B, nh, T, hs).
     ``causal`` aligns the causal diagonal top-left (query i sees keys <= i; use it with T == S).
     ``mask``: optional bool, True = may attend, broadcastable to (B, nh, T, S); combined with
     ``causal`` when both are given. Only eager and sdpa take a mask.
+    ``doc_start``: optional (B, T) int, index of the first token of each token's document
+    (packed rows, ``gpt.document_starts``); query i then sees keys doc_start[i] .. i. Only the
+    triton backend takes it (with causal=True); the others need the equivalent ``mask``.
     """
+    if doc_start is not None and backend != "triton":
+        raise ValueError(f"attention backend {backend!r} takes no doc_start; pass the explicit document "
+                         "mask (gpt.document_mask) or use the triton backend")
     if backend == "sdpa":
         if mask is not None and causal:
             mask = mask & _causal_mask(q.shape[-2], k.shape[-2], q.device)
@@ -200,6 +207,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         if mask is not None:
             raise ValueError(f"attention backend {backend!r} takes no explicit mask (doc_mask, cached "
                              "decoding); use sdpa or eager")
+        if doc_start is not None:
+            return _kernel(backend, "flash_attention")(q, k, v, causal=causal, doc_start=doc_start)
         return _kernel(backend, "flash_attention")(q, k, v, causal=causal)
     raise ValueError(f"unknown attention backend {backend!r} (choose from {', '.join(ATTENTION_BACKENDS)})")
 
@@ -270,9 +279,6 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if backend == "eager":
         return _rope_eager(q, cos, sin), _rope_eager(k, cos, sin)
     if backend == "triton":
-        if cos.dim() != 2:
-            raise ValueError("rope backend 'triton' takes cos/sin of shape (T, hs/2); per-sample "
-                             "positions (doc_mask, position_ids) need --model.rope=eager")
         return _kernel("triton", "apply_rope")(q, k, cos, sin)
     raise ValueError(f"unknown rope backend {backend!r} (choose from {', '.join(ROPE_BACKENDS)})")
 
