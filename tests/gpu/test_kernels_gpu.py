@@ -33,11 +33,15 @@ def _grads(fn, inputs, dout, **kw):
 
 
 # ----------------------------------------------------------------------------- flash attention
-def _attn_lowp(q, k, v, causal=True, sm_scale=None):
+def _attn_lowp(q, k, v, causal=True, sm_scale=None, doc_start=None):
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     att = (q @ k.transpose(-2, -1)) * (sm_scale or 1.0 / math.sqrt(q.shape[-1]))
-    if causal:
+    if doc_start is not None:
+        from megapt.kernels.flash_attn import doc_mask_ref
+
+        att = att.masked_fill(~doc_mask_ref(doc_start), float("-inf"))
+    elif causal:
         T = q.shape[2]
         att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     return att.softmax(-1) @ v
@@ -99,6 +103,50 @@ def test_flash_attention_matches_sdpa_bf16():
     assert (o.float() - s.float()).abs().max().item() < 2e-2
 
 
+def _random_doc_start(B, T, mean_len, seed):
+    """doc_start (B, T) of packed rows with documents of random length (mean ``mean_len``, some of
+    length 1), different boundaries per row."""
+    from megapt.kernels.flash_attn import doc_start_from_ids
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.ones(B, T, dtype=torch.long)
+    for b in range(B):
+        ends = torch.randperm(T - 1, generator=g)[: max(1, T // mean_len)]
+        ids[b, ends] = 0
+        ids[b, ends[:2].clamp(max=T - 3) + 1] = 0  # a few documents of length 1
+    return doc_start_from_ids(ids, 0).cuda()
+
+
+@pytest.mark.parametrize("B,nh,nkv,T,hs,mean_len", [
+    (2, 8, 1, 1024, 64, 100), (1, 16, 2, 2048, 128, 512), (1, 8, 1, 4096, 128, 512), (2, 8, 8, 1000, 64, 37),
+    (1, 4, 2, 3000, 256, 700),
+])
+def test_flash_attention_doc_mask_gpu(B, nh, nkv, T, hs, mean_len):
+    from megapt.kernels.flash_attn import flash_attention, flash_attention_ref
+
+    torch.manual_seed(0)
+    ds = _random_doc_start(B, T, mean_len, seed=T)
+    q = torch.randn(B, nh, T, hs, device="cuda")
+    k = torch.randn(B, nkv, T, hs, device="cuda")
+    v = torch.randn(B, nkv, T, hs, device="cuda")
+    do = torch.randn(B, nh, T, hs, device="cuda")
+    dtype = torch.bfloat16
+    ref = _grads(flash_attention_ref, [q, k, v], do, doc_start=ds)  # fp32 math, explicit mask
+    low = _grads(_attn_lowp, [t.to(dtype) for t in (q, k, v)], do.to(dtype), doc_start=ds)
+    out = _grads(flash_attention, [t.to(dtype) for t in (q, k, v)], do.to(dtype), doc_start=ds)
+    for name, o, r, l in zip(("o", "dq", "dk", "dv"), out, ref, low):
+        _close(f"doc {name} {B},{nh},{nkv},{T},{hs} mean_len={mean_len}", o, r, l)
+
+
+def test_flash_attention_doc_mask_one_document_equals_causal_gpu():
+    from megapt.kernels.flash_attn import flash_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ds = torch.zeros(2, 2048, dtype=torch.int32, device="cuda")
+    torch.testing.assert_close(flash_attention(q, k, v, doc_start=ds), flash_attention(q, k, v), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- rms norm
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
 @pytest.mark.parametrize("shape", [(4, 2048, 4096), (3, 1000, 5120), (7, 123, 123), (2, 64, 16384)])
@@ -156,6 +204,35 @@ def test_rope_gpu(dtype):
     out = run(apply_rope, *args)
     for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
         _close(f"rope {name} {dtype}", o, r, l)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_rope_per_sample_positions_gpu(dtype):
+    # packed documents: positions restart per document; (B, T, hs/2) tables gathered by position
+    from megapt.kernels.rope import apply_rope, apply_rope_ref
+
+    torch.manual_seed(0)
+    B, T, nh, nkv, hs = 2, 2048, 32, 8, 128
+    pos = torch.stack([torch.arange(T) % 700, torch.arange(T) % 333]).cuda()  # (B, T)
+    inv = 1.0 / 10000 ** (torch.arange(0, hs, 2, device="cuda", dtype=torch.float64) / hs)
+    f = torch.outer(torch.arange(T, device="cuda", dtype=torch.float64), inv)
+    cos, sin = f.cos()[pos], f.sin()[pos]  # (B, T, hs/2)
+    q = torch.randn(B, T, nh, hs, device="cuda")
+    k = torch.randn(B, T, nkv, hs, device="cuda")
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+
+    def run(fn, q, k, cos, sin):
+        q, k = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        qo, ko = fn(q, k, cos, sin)
+        torch.autograd.backward((qo, ko), (dq.to(q.dtype), dk.to(k.dtype)))
+        return qo.detach(), ko.detach(), q.grad, k.grad
+
+    ref = run(apply_rope_ref, q.double(), k.double(), cos, sin)
+    args = [t.to(dtype) for t in (q, k, cos, sin)]
+    low = run(apply_rope_ref, q.to(dtype), k.to(dtype), cos.to(dtype).float(), sin.to(dtype).float())
+    out = run(apply_rope, *args)
+    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
+        _close(f"rope per-sample {name} {dtype}", o, r, l)
 
 
 # ----------------------------------------------------------------------------- linear + CE

@@ -28,6 +28,9 @@ def test_full_attention_plan_covers_1k_to_16k_both_head_dims_causal_and_not():
     assert {c["causal"] for c in plan} == {True, False}
     assert {c["mode"] for c in plan} == {"fwd", "fwd+bwd"}
     assert {"sdpa-flash", "sdpa-cudnn"} <= set(bench_attention.PROVIDERS)
+    doc = [c for c in plan if c.get("doc_len")]
+    assert {c["seq"] for c in doc} == {4096, 8192} and {c["doc_len"] for c in doc} == {512}
+    assert {c["mode"] for c in doc} == {"fwd", "fwd+bwd"} and all(c["causal"] for c in doc)
 
 
 def test_dry_run_writes_fingerprint_and_plan(tmp_path):
@@ -69,6 +72,20 @@ def test_benchmarks_run_end_to_end_on_toy_cases(cpu_bench):
         assert rows["sdpa-cudnn"]["status"] != "ok"  # no cuDNN on CPU: recorded, not raised
         ok_baselines = {p for p, r in rows.items() if p != "megapt" and r["status"] == "ok"}
         assert set(rows["megapt"]["speedup_vs"]) == ok_baselines
+
+    # document-masked case: ours with doc_start vs SDPA with the explicit mask; the others are n/a
+    doc = bench_attention.run([
+        dict(op="attention", mode=m, causal=True, head_dim=16, seq=40, batch=2, heads=2, kv_heads=1, dtype="fp16",
+             doc_len=8) for m in ("fwd", "fwd+bwd")], quick=True)
+    for mode in ("fwd", "fwd+bwd"):
+        rows = _by_provider([r for r in doc if r["mode"] == mode])
+        assert set(rows) == set(bench_attention.PROVIDERS)
+        assert rows["megapt"]["status"] == "ok" and rows["sdpa-mask"]["status"] == "ok"
+        assert rows["sdpa-mask"]["mask_mb"] > 0
+        assert all(rows[p]["status"].startswith("n/a") for p in bench_attention.NO_DOC)
+        assert set(rows["megapt"]["speedup_vs"]) == {"sdpa-mask"}  # not compared with the plain cases
+    ds = bench_attention.doc_start_for(2, 40, 8)
+    assert ds.shape == (2, 40) and (ds[:, 1:] >= ds[:, :-1]).all() and ds[0].unique().numel() > 2
 
     rms = _by_provider(bench_rms_norm.run([dict(op="rms_norm", mode="fwd+bwd", rows=8, hidden=24, dtype="fp16")]))
     assert rms["megapt"]["status"] == "ok" and rms["torch-eager"]["status"] == "ok"
