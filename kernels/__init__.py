@@ -3,9 +3,12 @@
 Installed as ``megapt.kernels``. Names resolve lazily, so ``import megapt.kernels`` does not
 import triton, and ``chunked_linear_cross_entropy`` (pure PyTorch) works without it.
 
-    flash_attention(q, k, v, causal=True, sm_scale=None)   q (B, nh, T, hs), k/v (B, nkv, T, hs)
+    flash_attention(q, k, v, causal=True, sm_scale=None, doc_start=None)
+                                                           q (B, nh, T, hs), k/v (B, nkv, T, hs),
+                                                           doc_start (B, T): packed documents
+    doc_start_from_ids(input_ids, eos_id)                  (B, T) ids -> doc_start (B, T) int32
     rms_norm(x, weight, eps)                               x (..., C)
-    apply_rope(q, k, cos, sin)                             q (B, T, nh, hs), cos/sin (T, hs // 2)
+    apply_rope(q, k, cos, sin)                             q (B, T, nh, hs), cos/sin (T or B, T, hs // 2)
     fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, chunk_size=None)
     chunked_linear_cross_entropy(...)                      same API, pure PyTorch (any device)
 
@@ -18,6 +21,7 @@ import types
 _EXPORTS = {
     "flash_attention": "flash_attn",
     "flash_attention_ref": "flash_attn",
+    "doc_start_from_ids": "flash_attn",
     "rms_norm": "rms_norm",
     "rms_norm_ref": "rms_norm",
     "apply_rope": "rope",

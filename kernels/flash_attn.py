@@ -21,9 +21,10 @@ loop at the doc_start of its first row (rounded down to BLOCK_N: whole blocks be
 loaded), masks per element only in the blocks that straddle a document start of one of its rows,
 and runs the blocks between that and the diagonal unmasked. dK/dV of a key block visit query rows
 up to ``doc_end`` of its last key (one past the end of that document; computed from doc_start
-with searchsorted, O(B*T log T)), unmasked up to the end of the document of its first key. Autotune
-configs differ per GPU family (Hopper sm90 vs Ampere sm80/sm86/sm89); the chosen config is
-logged once per shape bucket. Under TRITON_INTERPRET=1 a single 16x16 config is used.
+with searchsorted, O(B*T log T)), unmasked up to the end of the document of its first key.
+
+Autotune configs differ per GPU family (Hopper sm90 vs Ampere sm80/sm86/sm89); the chosen config
+is logged once per shape bucket. Under TRITON_INTERPRET=1 fixed small blocks are used.
 """
 from __future__ import annotations
 
