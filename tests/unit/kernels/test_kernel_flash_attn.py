@@ -118,6 +118,7 @@ def test_cpu_tensors_without_interpreter_are_rejected_before_launch():
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
+@pytest.mark.interpreter_autotune
 def test_autotuned_launch_prunes_by_head_dim_and_logs_the_chosen_config(monkeypatch, caplog):
     # The GPU launch path (autotuner, config pruning, grid from the chosen blocks, config log)
     # run through the interpreter: each fake family has one config per head dim, so pruning
