@@ -3,7 +3,10 @@
 MFU = achieved model FLOPs / peak FLOPs, with model FLOPs per token from
 ``ModelArgs.flops_per_token(seq_len)`` (6N + 12·L·H·Q·T, PaLM appendix B) and the dense peak of
 the device for the training precision from the shared spec table (no sparsity). On CPU there is no
-meaningful peak: MFU is reported as None.
+meaningful peak: MFU is reported as None. The attention term counts the full T x T window even
+under ``model.doc_mask``, where the kernel skips blocks across document boundaries: the same
+convention as an unmasked run (comparable across runs), an overstatement of the work done there
+(the trainer logs the attention share of the count at start).
 """
 from __future__ import annotations
 

@@ -181,6 +181,11 @@ class Trainer:
         self.bad_in_row = 0
         self.tokens_per_step = t.micro_batch * t.grad_accum * self.world_size * cfg.data.seq_len
         self.flops_per_token = args.flops_per_token(cfg.data.seq_len)
+        if cfg.model.doc_mask:
+            attn_share = 12.0 * args.n_layers * args.n_heads * args.head_dim * cfg.data.seq_len / self.flops_per_token
+            log.info("MFU counts attention over the full %d-token window (PaLM's convention, %.1f%% of the model "
+                     "FLOPs per token); with model.doc_mask most of those score blocks are skipped, so MFU here "
+                     "overstates the attention work actually done", cfg.data.seq_len, 100 * attn_share)
         self.peak = peak_flops(t.precision) if self.device == "cuda" else None
         self.last_checkpoint: Optional[Path] = None
         self.train_loader = self._build_loader(

@@ -232,3 +232,15 @@ def test_cpu_optimizer_offload_matches_and_resumes(mini, two_ranks):
     the same losses as the 1-process run with torch AdamW."""
     assert two_ranks["z2off"] == [{"rc": 0}, {"rc": 0}]
     np.testing.assert_allclose(curve(mini["runs"] / "z2off"), curve(mini["runs"] / "a"), rtol=LOSS_RTOL)
+
+
+@pytest.mark.timeout(300)
+def test_doc_mask_run_trains_and_says_how_mfu_counts_attention(mini):
+    # model.doc_mask end to end through the CLI (sdpa with the block mask on CPU): finite losses, and
+    # the start-up log says MFU's attention term still counts the full window.
+    p = _train_cli(mini["common"], ["--run.name=dm", "--train.micro_batch=2", "--train.max_steps=2",
+                                    "--checkpoint.every=0", "--model.doc_mask=true"], 1, mini["dir"])
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "PaLM's convention" in p.stderr and "model.doc_mask" in p.stderr
+    losses = curve(mini["runs"] / "dm")
+    assert len(losses) == 2 and np.isfinite(losses).all()
