@@ -57,6 +57,12 @@ def test_flash_attention_fp32_gqa_odd_length(nkv, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_fp32_gqa8_odd_length(causal):
+    # 8 query heads read one K/V head (GQA ratio 8)
+    _check(B=1, nh=8, nkv=1, T=29, hs=16, causal=causal, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_flash_attention_fp16(causal):
     _check(B=2, nh=4, nkv=2, T=64, hs=32, causal=causal, dtype=torch.float16)
 
