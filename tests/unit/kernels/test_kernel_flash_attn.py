@@ -67,6 +67,12 @@ def test_flash_attention_fp16(causal):
     _check(B=2, nh=4, nkv=2, T=64, hs=32, causal=causal, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("hs", [64, 128, 256])
+def test_flash_attention_fp16_model_head_dims(hs):
+    # the head sizes models use (the kernel's blocks and autotune families differ per head size)
+    _check(B=1, nh=2, nkv=1, T=41, hs=hs, causal=True, dtype=torch.float16)
+
+
 def test_flash_attention_fp16_short_odd_sequence_custom_scale():
     # T smaller than one block, GQA 4, explicit sm_scale
     _check(B=1, nh=4, nkv=1, T=13, hs=32, causal=True, dtype=torch.float16, sm_scale=0.3)
