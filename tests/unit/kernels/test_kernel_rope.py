@@ -35,6 +35,18 @@ def _run(fn, q, k, cos, sin, dq, dk):
     return qo.detach(), ko.detach(), q.grad, k.grad
 
 
+def _compare(q, k, cos, sin, dq, dk, dtype, label):
+    """Triton RoPE at ``dtype`` vs the fp64 reference, within 2x PyTorch's own error at ``dtype``."""
+    ref = _run(_hf_rope, q.double(), k.double(), cos, sin, dq.double(), dk.double())
+    low_args = [t.to(dtype) for t in (q, k, cos, sin, dq, dk)]
+    low = _run(_hf_rope, *low_args)
+    out = _run(apply_rope, *low_args)
+    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
+        assert o.dtype == dtype
+        assert_close_rel_torch(f"{label}{name} {dtype}", o, r, l)
+    return low_args, out, ref, low
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,nh,nkv,hs", [(2, 37, 4, 2, 32), (1, 16, 3, 1, 16)])
 def test_rope_forward_and_grads(B, T, nh, nkv, hs, dtype):
@@ -43,13 +55,7 @@ def test_rope_forward_and_grads(B, T, nh, nkv, hs, dtype):
     k = torch.randn(B, T, nkv, hs, device=DEVICE)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     cos, sin = (t.to(DEVICE) for t in _cos_sin(T, hs))
-    ref = _run(_hf_rope, q.double(), k.double(), cos, sin, dq.double(), dk.double())
-    low_args = [t.to(dtype) for t in (q, k, cos, sin, dq, dk)]
-    low = _run(_hf_rope, *low_args)
-    out = _run(apply_rope, *low_args)
-    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
-        assert o.dtype == dtype
-        assert_close_rel_torch(f"{name} {dtype}", o, r, l)
+    low_args, out, ref, low = _compare(q, k, cos, sin, dq, dk, dtype, "")
     ref_fn = _run(apply_rope_ref, *low_args)
     for name, o, r, l in zip(("q", "k", "dq", "dk"), ref_fn, ref, low):
         assert_close_rel_torch(f"ref {name} {dtype}", o, r, l)
@@ -99,13 +105,7 @@ def test_rope_per_sample_positions_forward_and_grads(dtype):
     q = torch.randn(B, T, nh, hs, device=DEVICE)
     k = torch.randn(B, T, nkv, hs, device=DEVICE)
     dq, dk = torch.randn_like(q), torch.randn_like(k)
-    ref = _run(_hf_rope, q.double(), k.double(), cos, sin, dq.double(), dk.double())
-    low_args = [t.to(dtype) for t in (q, k, cos, sin, dq, dk)]
-    low = _run(_hf_rope, *low_args)
-    out = _run(apply_rope, *low_args)
-    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
-        assert o.dtype == dtype
-        assert_close_rel_torch(f"per-sample {name} {dtype}", o, r, l)
+    low_args, out, _, _ = _compare(q, k, cos, sin, dq, dk, dtype, "per-sample ")
     # row 1 token 4 starts a document: rotated like position 0 (identity)
     torch.testing.assert_close(out[0][1, 4], low_args[0][1, 4])
     inplace = _run(lambda a, b, c, s: apply_rope_(a * 1, b * 1, c, s), *low_args)
