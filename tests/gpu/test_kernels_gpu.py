@@ -4,6 +4,7 @@ Tolerances as in tests/unit/kernels: error <= factor x (error of the same math d
 at the kernel's dtype) + atol. Kernel modules are imported inside the tests: importing triton
 while collecting this file on a CPU machine would stop the CPU interpreter tests from working.
 """
+import functools
 import logging
 import math
 
@@ -176,6 +177,14 @@ def test_rms_norm_gpu(impl, shape, dtype):
 
 
 # ----------------------------------------------------------------------------- rope
+def _rope_grads(fn, q, k, cos, sin, *, dq, dk):
+    """RoPE outputs and input gradients for upstream gradients dq, dk (cast to q's dtype)."""
+    q, k = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    qo, ko = fn(q, k, cos, sin)
+    torch.autograd.backward((qo, ko), (dq.to(q.dtype), dk.to(k.dtype)))
+    return qo.detach(), ko.detach(), q.grad, k.grad
+
+
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
 def test_rope_gpu(dtype):
     from megapt.kernels.rope import apply_rope, apply_rope_ref
@@ -189,11 +198,7 @@ def test_rope_gpu(dtype):
     cos, sin = f.cos(), f.sin()
     dq, dk = torch.randn_like(q), torch.randn_like(k)
 
-    def run(fn, q, k, cos, sin):
-        q, k = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
-        qo, ko = fn(q, k, cos, sin)
-        torch.autograd.backward((qo, ko), (dq.to(q.dtype), dk.to(k.dtype)))
-        return qo.detach(), ko.detach(), q.grad, k.grad
+    run = functools.partial(_rope_grads, dq=dq, dk=dk)
 
     ref = run(apply_rope_ref, q.double(), k.double(), cos, sin)
     args = [t.to(dtype) for t in (q, k, cos, sin)]
@@ -221,11 +226,7 @@ def test_rope_per_sample_positions_gpu(dtype):
     k = torch.randn(B, T, nkv, hs, device="cuda")
     dq, dk = torch.randn_like(q), torch.randn_like(k)
 
-    def run(fn, q, k, cos, sin):
-        q, k = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
-        qo, ko = fn(q, k, cos, sin)
-        torch.autograd.backward((qo, ko), (dq.to(q.dtype), dk.to(k.dtype)))
-        return qo.detach(), ko.detach(), q.grad, k.grad
+    run = functools.partial(_rope_grads, dq=dq, dk=dk)
 
     ref = run(apply_rope_ref, q.double(), k.double(), cos, sin)
     args = [t.to(dtype) for t in (q, k, cos, sin)]
