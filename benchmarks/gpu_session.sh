@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement the kernel and benchmark goals need, in three calls of under 10 minutes
-# each on one H100/H200 (a lent machine may be fresh at each call, so each phase installs first).
+# each on one H100/H200 (a lent machine may be fresh at each call, so each phase installs first);
+# `core` is the one call to make when the session's device time is 15 minutes in all.
 #
 #   bash ../shared/gpu/fetch-wheels.sh            # once, on the CPU machine: fills .whl/
+#   bash benchmarks/gpu_session.sh core [DIR]     # kernel GPU tests + quick kernel benchmarks + the 124m goal point, ~8 min
 #   bash benchmarks/gpu_session.sh kernels [DIR]  # GPU tests (bf16, full shapes) + kernel benchmarks, ~8 min
 #   bash benchmarks/gpu_session.sh goals [DIR]    # benchmarks/specs/gpu_goals.yaml: 124m / 1b ZeRO-3 vs plain vs HF, ~9 min
 #   bash benchmarks/gpu_session.sh zero [DIR]     # gpu_zero.yaml (ZeRO 1-3 + an OOM point) + planner peak check, ~8 min
@@ -15,8 +17,8 @@
 set -uo pipefail
 
 phase=${1:-}
-case "$phase" in kernels | goals | zero | all) ;; *)
-  echo "usage: bash benchmarks/gpu_session.sh kernels|goals|zero|all [DIR]" >&2
+case "$phase" in core | kernels | goals | zero | all) ;; *)
+  echo "usage: bash benchmarks/gpu_session.sh core|kernels|goals|zero|all [DIR]" >&2
   exit 2
   ;;
 esac
@@ -65,6 +67,12 @@ print("=== [setup] cuda", torch.cuda.is_available(), torch.cuda.get_device_name(
 EOF
 }
 
+phase_core() {
+  run 120 gpu-tests "$py" -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_kernels_gpu.py --junitxml "$out/gpu-tests.xml"
+  run 150 kernel-bench "$py" benchmarks/kernels/run_all.py --quick --out "$out/kernels-quick.json"
+  run 240 goal-124m "$py" -m megapt bench sweep --spec benchmarks/specs/gpu_124m.yaml --out "$out/goal-124m.json" --logs "$out/goal-124m-logs"
+}
+
 phase_kernels() {
   run 170 gpu-tests "$py" -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$out/gpu-tests.xml"
   run 400 kernel-bench "$py" benchmarks/kernels/run_all.py --out "$out/kernels.json"
@@ -85,6 +93,7 @@ mkdir -p "$out"
   echo "=== megapt gpu_session $phase -> $out ($(git rev-parse --short HEAD 2>/dev/null || echo no-git))"
   setup
   case "$phase" in
+  core) phase_core ;;
   kernels) phase_kernels ;;
   goals) phase_goals ;;
   zero) phase_zero ;;

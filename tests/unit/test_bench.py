@@ -419,3 +419,9 @@ def test_gpu_session_script_dry_run_lists_every_phase(tmp_path):
                  "benchmarks/bench_planner.py", "tests/gpu"):
         assert path in out.stdout and (root / path).exists()
     assert (tmp_path / "o" / "all.log").is_file()
+    core = subprocess.run(["bash", str(script), "core", str(tmp_path / "c")], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert core.returncode == 0, core.stderr
+    for step in ("[gpu-tests]", "[kernel-bench]", "[goal-124m]", "benchmarks/specs/gpu_124m.yaml", "--quick"):
+        assert step in core.stdout
+    assert (root / "benchmarks/specs/gpu_124m.yaml").exists()
