@@ -147,9 +147,13 @@ class ModelArgs:
         T x T score and value matmuls, as PaLM does (no halving for the causal mask); GQA does
         not change it. Activation recomputation is not included (this is the MFU numerator).
         """
-        T = self.max_seq_len if seq_len is None else seq_len
         N = self.num_params(exclude_embeddings=True)
-        return 6.0 * N + 12.0 * self.n_layers * self.n_heads * self.head_dim * T
+        return 6.0 * N + self.attention_flops_per_token(seq_len)
+
+    def attention_flops_per_token(self, seq_len: int | None = None) -> float:
+        """The attention term of ``flops_per_token``: 12 * L * H * Q * T (full T x T window)."""
+        T = self.max_seq_len if seq_len is None else seq_len
+        return 12.0 * self.n_layers * self.n_heads * self.head_dim * T
 
 
 # Named sizes. vocab_size and max_seq_len come from the tokenizer and the data at run time.

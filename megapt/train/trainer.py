@@ -182,7 +182,7 @@ class Trainer:
         self.tokens_per_step = t.micro_batch * t.grad_accum * self.world_size * cfg.data.seq_len
         self.flops_per_token = args.flops_per_token(cfg.data.seq_len)
         if cfg.model.doc_mask:
-            attn_share = 12.0 * args.n_layers * args.n_heads * args.head_dim * cfg.data.seq_len / self.flops_per_token
+            attn_share = args.attention_flops_per_token(cfg.data.seq_len) / self.flops_per_token
             log.info("MFU counts attention over the full %d-token window (PaLM's convention, %.1f%% of the model "
                      "FLOPs per token); with model.doc_mask most of those score blocks are skipped, so MFU here "
                      "overstates the attention work actually done", cfg.data.seq_len, 100 * attn_share)
