@@ -155,6 +155,43 @@ class ModelArgs:
         T = self.max_seq_len if seq_len is None else seq_len
         return 12.0 * self.n_layers * self.n_heads * self.head_dim * T
 
+    def hardware_flops_per_token(self, seq_len: int | None = None,
+                                 recompute: bool = False) -> float:
+        """FLOPs the hardware runs per token (the HFU numerator): ``flops_per_token`` plus, under
+        activation checkpointing, the forward recomputed in backward (2 * N + 4 * L * H * Q * T,
+        a third of it): 8 * N + 16 * L * H * Q * T in all."""
+        model = self.flops_per_token(seq_len)
+        if not recompute:
+            return model
+        forward = 2.0 * self.num_params(exclude_embeddings=True)
+        return model + forward + self.attention_flops_per_token(seq_len) / 3
+
+    def mfu(self, tokens_per_s_per_device: float, peak_flops: float | None,
+            seq_len: int | None = None) -> float | None:
+        """Model FLOPs utilisation (0..1): tokens/s per device x ``flops_per_token`` / peak FLOP/s
+        of one device (``megapt.hardware``); None without a peak (CPU, unknown GPU)."""
+        if not peak_flops:
+            return None
+        return tokens_per_s_per_device * self.flops_per_token(seq_len) / peak_flops
+
+    def hfu(self, tokens_per_s_per_device: float, peak_flops: float | None,
+            seq_len: int | None = None, recompute: bool = False) -> float | None:
+        """Hardware FLOPs utilisation: as ``mfu`` with ``hardware_flops_per_token``."""
+        if not peak_flops:
+            return None
+        flops = self.hardware_flops_per_token(seq_len, recompute)
+        return tokens_per_s_per_device * flops / peak_flops
+
+
+# The accounting above in words, for records that carry numbers made with it (benchmark JSON).
+MFU_FORMULA = ("MFU = tokens_per_s_per_device * (6*N + 12*L*H*Q*T) / peak_flops_per_device; "
+               "N = matmul parameters (all except an untied input embedding), L layers, "
+               "H query heads, Q head dim, T sequence length (PaLM, Chowdhery et al. 2022, "
+               "appendix B; megapt.model.gpt.ModelArgs.flops_per_token)")
+HFU_FORMULA = ("HFU = tokens_per_s_per_device * hardware_flops / peak; hardware_flops = "
+               "6*N + 12*L*H*Q*T without activation checkpointing, 8*N + 16*L*H*Q*T with it "
+               "(the forward is recomputed; ModelArgs.hardware_flops_per_token)")
+
 
 # Named sizes. vocab_size and max_seq_len come from the tokenizer and the data at run time.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -394,15 +431,6 @@ class GPT(nn.Module):
         self.rope_cos = cos.to(self.rope_cos.dtype)
         self.rope_sin = sin.to(self.rope_sin.dtype)
 
-    # ---- accounting ----
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Counted from the parameters (tied ones once); same convention as ModelArgs.num_params."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and not self.args.tie_embeddings:
-            n -= self.tok_embeddings.weight.numel()
-        return n
-
     # ---- forward ----
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -471,6 +499,36 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         p = self.tok_embeddings.weight
         return KVCache(self.args, batch_size, max_seq_len, device=p.device, dtype=p.dtype)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter tensor of the model: what the memory planner sizes its states from."""
+
+    name: str  # as in GPT.named_parameters() (a tied head appears once, as tok_embeddings.weight)
+    shape: tuple[int, ...]
+    kind: str  # "embedding" (a lookup table), "norm" (RMSNorm scale) or "linear" (a matmul weight)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def param_table(args: ModelArgs) -> list[ParamInfo]:
+    """Every parameter of ``GPT(args)``, read off the model built on the meta device (no memory,
+    no init): name, shape and kind. Whatever the model holds, this lists; nothing is re-typed."""
+    with torch.device("meta"):
+        model = GPT(args)
+    kinds: dict[int, str] = {}
+    for module in model.modules():  # registration order: the embedding claims a tied head first
+        kind = ("embedding" if isinstance(module, nn.Embedding)
+                else "norm" if isinstance(module, RMSNorm)
+                else "linear" if isinstance(module, nn.Linear) else None)
+        for p in module.parameters(recurse=False):
+            if kind is None:
+                raise TypeError(f"param_table: no kind for a parameter of {type(module).__name__}")
+            kinds.setdefault(id(p), kind)
+    return [ParamInfo(name, tuple(p.shape), kinds[id(p)]) for name, p in model.named_parameters()]
 
 
 def document_starts(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
