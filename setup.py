@@ -17,7 +17,8 @@ PACKAGES = [
     "megapt.finetune",
     "megapt.eval",
     "megapt.kernels",
-    "megapt.benchmarking",
+    "megapt.bench",
+    "megapt.bench.kernels",
 ]
 
 setup(
@@ -52,6 +53,8 @@ setup(
         # the CPU interpreter the tests use needs >= 3.7 with numpy >= 2.3. ninja: the optional CUDA extension.
         "gpu": ["triton>=3.3", "ninja>=1.11"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.3", "transformers>=4.45"],
+        # `megapt bench` PNG plots (without it the JSON says plots were skipped)
+        "bench": ["matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["megapt=megapt.cli:main"]},
 )

@@ -71,14 +71,14 @@ phase_core() {
   # no CUDA-extension build (about a minute) and no torch.compile'd FlexAttention here: the kernels phase has them
   run 120 gpu-tests "$py" -m pytest -q -p no:cacheprovider -rfE tests/gpu/test_kernels_gpu.py -k "not cuda" \
     --junitxml "$out/gpu-tests.xml"
-  run 130 kernel-bench "$py" benchmarks/kernels/run_all.py --quick --out "$out/kernels-quick.json" \
-    --providers megapt,sdpa-flash,sdpa-cudnn,torch-eager,liger,megapt-inplace,megapt-chunked,torch-full-logits
+  run 130 kernel-bench "$py" -m megapt bench kernels --out "$out/kernels-quick.json" --script-args \
+    "--quick --providers megapt,sdpa-flash,sdpa-cudnn,torch-eager,liger,megapt-inplace,megapt-chunked,torch-full-logits"
   run 220 goal-124m "$py" -m megapt bench sweep --spec benchmarks/specs/gpu_124m.yaml --out "$out/goal-124m.json" --logs "$out/goal-124m-logs"
 }
 
 phase_kernels() {
   run 170 gpu-tests "$py" -m pytest -q -p no:cacheprovider tests/gpu --junitxml "$out/gpu-tests.xml"
-  run 400 kernel-bench "$py" benchmarks/kernels/run_all.py --out "$out/kernels.json"
+  run 400 kernel-bench "$py" -m megapt bench kernels --out "$out/kernels.json"
 }
 
 phase_goals() {
@@ -87,7 +87,7 @@ phase_goals() {
 
 phase_zero() {
   run 330 zero "$py" -m megapt bench sweep --spec benchmarks/specs/gpu_zero.yaml --out "$out/zero.json" --logs "$out/zero-logs"
-  run 220 planner-peak "$py" -m torch.distributed.run --standalone --nproc_per_node 1 benchmarks/bench_planner.py --mode peak \
+  run 220 planner-peak "$py" -m megapt bench planner --nproc 1 --script-args "--mode peak" \
     --out "$out/planner_peak.json"
 }
 

@@ -28,7 +28,7 @@ VERBS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("megapt.generate", "sample text from a checkpoint (KV cache)"),
     ("export",): ("megapt.export", "export to / import from Hugging Face format"),
     ("plan",): ("megapt.planner", "predict per-GPU memory before launch"),
-    ("bench",): ("megapt.bench", "throughput / MFU / memory benchmarks"),
+    ("bench",): ("megapt.bench.cli", "throughput / MFU / memory benchmarks"),
     ("ckpt", "consolidate"): ("megapt.train.consolidate", "write one safetensors file from a ZeRO checkpoint"),
     ("ckpt", "universal"): ("megapt.train.consolidate", "convert a ZeRO checkpoint to a reshardable universal one"),
     ("config",): ("megapt.cli", "print the resolved config (or --describe every key)"),

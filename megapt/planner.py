@@ -58,11 +58,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from megapt.config import Config, ConfigError
+from megapt.hardware import GPUS
+from megapt.model.gpt import ModelArgs, ParamInfo, param_table
 
 GIB = 1024**3
 OVERHEAD_GIB = 1.0  # CUDA context (~0.5 GB on H100) + cuBLAS workspace + NCCL buffers
@@ -70,19 +73,6 @@ FRAGMENTATION = 0.08  # share of the allocator peak lost to fragmentation (measu
 LOSS_CHUNK_TOKENS = 4096  # tokens per chunk of the chunked / fused linear-cross-entropy
 HOST_PER_RANK_GIB = 3.0  # python + torch + DeepSpeed per process in host RAM
 STAGE3_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed default: the fp32 gradients of one sub-group at a time
-
-# GPU model -> (usable GiB as torch.cuda reports it, bf16 support, typical host RAM GiB per node)
-GPUS: dict[str, tuple[float, bool, float]] = {
-    "h100": (79.1, True, 2048.0),
-    "h200": (139.8, True, 2048.0),
-    "a100": (79.2, True, 1024.0),
-    "a100-40": (39.4, True, 1024.0),
-    "l40s": (44.4, True, 512.0),
-    "a10g": (22.0, True, 256.0),
-    "rtx4090": (23.6, True, 128.0),
-    "v100": (31.7, False, 512.0),
-    "t4": (14.6, False, 128.0),
-}
 
 # Relative step-time cost of each way to save memory (1.0 = the configuration as written); used to
 # order suggestions. Stage 1 costs nothing over stage 0 (same all-reduce volume split into
@@ -102,40 +92,21 @@ COST_HALVE_MICRO_BATCH = 0.06  # lower arithmetic intensity per halving of the m
 # --------------------------------------------------------------------------------------------
 
 
-def model_args(cfg: Config) -> Any:
+def model_args(cfg: Config) -> ModelArgs:
     """The run's ModelArgs (megapt.model.gpt), resolved from the preset + overrides."""
-    from megapt.model.gpt import ModelArgs
-
     vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     return ModelArgs.from_config(cfg.model, vocab, cfg.data.seq_len)
 
 
-def _tied(args: Any) -> bool:
-    return bool(getattr(args, "tie_embeddings", False))
+def param_list(args: ModelArgs) -> tuple[ParamInfo, ...]:
+    """Every parameter tensor of the run's model (name, shape, kind), read off the real ``GPT``
+    built on the meta device (``megapt.model.gpt.param_table``); cached per set of model args."""
+    return _param_list(dataclasses.astuple(args))
 
 
-def param_tensors(args: Any) -> list[tuple[str, int]]:
-    """(name, numel) of every parameter tensor of the Llama-style GPT: no biases, RMSNorm weights."""
-    h, a, kv, f, v = args.d_model, args.n_heads, args.n_kv_heads, args.ffn_hidden, args.vocab_size
-    hd = h // a
-    out = [("tok_embeddings.weight", v * h)]
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        out += [
-            (p + "attention.wq.weight", a * hd * h),
-            (p + "attention.wk.weight", kv * hd * h),
-            (p + "attention.wv.weight", kv * hd * h),
-            (p + "attention.wo.weight", h * a * hd),
-            (p + "feed_forward.w1.weight", f * h),
-            (p + "feed_forward.w2.weight", h * f),
-            (p + "feed_forward.w3.weight", f * h),
-            (p + "attention_norm.weight", h),
-            (p + "ffn_norm.weight", h),
-        ]
-    out.append(("norm.weight", h))
-    if not _tied(args):
-        out.append(("output.weight", v * h))
-    return out
+@functools.lru_cache(maxsize=32)
+def _param_list(key: tuple) -> tuple[ParamInfo, ...]:
+    return tuple(param_table(ModelArgs(*key)))
 
 
 def check_shape(args: Any, seq_len: int) -> list[str]:
@@ -282,7 +253,7 @@ class Hardware:
     nodes: int
     gpus_per_node: int
     gpu: str = "h100"
-    gpu_mem_gib: float = 0.0  # 0 = from GPUS
+    gpu_mem_gib: float = 0.0  # 0 = from megapt.hardware.GPUS
     cpu_mem_gib: float = 0.0  # per node; 0 = from GPUS
 
     def __post_init__(self) -> None:
@@ -292,9 +263,14 @@ class Hardware:
                               "(or give --gpu-mem-gb)")
         self.gpu = name
         if not self.gpu_mem_gib:
-            self.gpu_mem_gib = GPUS[name][0]
+            self.gpu_mem_gib = GPUS[name].mem_gib or 0.0
         if not self.cpu_mem_gib:
-            self.cpu_mem_gib = GPUS[name][2]
+            self.cpu_mem_gib = GPUS[name].host_gib or 0.0
+        missing = [flag for flag, v in (("--gpu-mem-gb", self.gpu_mem_gib), ("--cpu-mem-gb", self.cpu_mem_gib))
+                   if not v]
+        if missing:
+            raise ConfigError(f"plan.gpu: megapt.hardware has no memory figure for {name} "
+                              f"({GPUS[name].name}); give {' and '.join(missing)}")
 
     @property
     def world(self) -> int:
@@ -374,18 +350,19 @@ class Plan:
         return self.peak - self.row("fragmentation margin") - self.row("CUDA context + workspaces")
 
 
-def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args: Any = None) -> Plan:
+def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
+                args: ModelArgs | None = None) -> Plan:
     """Predict per-GPU peak memory (and host RAM per node) of ``cfg`` on ``hw``."""
     s = setting or Setting.from_config(cfg)
     args = args if args is not None else model_args(cfg)
     ds, prec = cfg.deepspeed, cfg.train.precision
     world, seq, mb = hw.world, cfg.data.seq_len, s.micro_batch
     stage, fp32_accum = engine_stage(prec, s.zero_stage)
-    tensors = param_tensors(args)
-    n = sum(x for _, x in tensors)
+    numels = [p.numel for p in param_list(args)]
+    n = sum(numels)
     pb, gb = precision_bytes(prec)
     gb = 4 + pb if fp32_accum else gb
-    persistent = sum(x for _, x in tensors if x < ds.stage3_param_persistence_threshold) if stage == 3 else 0
+    persistent = sum(x for x in numels if x < ds.stage3_param_persistence_threshold) if stage == 3 else 0
     st = model_states(n, precision=prec, zero_stage=stage, world=world,
                       offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
                       persistent_params=persistent, fp32_grad_accum=fp32_accum)
@@ -424,7 +401,7 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
         buckets = reduce
         bnote = f"reduce bucket{' x2 (overlap_comm)' if ds.overlap_comm else ''}"
     else:
-        largest = max(x for _, x in tensors)
+        largest = max(numels)
         gathered = pb * (largest + min(ds.stage3_prefetch_bucket_size, n))
         buckets = gathered + bucket_gb * largest + bucket_gb * ds.reduce_bucket_size
         bnote = "gathered largest module + prefetch bucket, its full grad, reduce bucket"
@@ -458,7 +435,7 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None, args:
     return Plan(s, hw, n, rows, peak, host, warnings)
 
 
-def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None, args: Any = None,
+def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None, args: ModelArgs | None = None,
                     limit: int = 4096) -> int:
     """Largest micro-batch that fits (0 when not even 1 does)."""
     s = setting or Setting.from_config(cfg)
@@ -511,7 +488,7 @@ def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
             e.append(f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x world "
                      f"{w} = {t.micro_batch * t.grad_accum * w} != plan.global_batch {gbs}; "
                      f"use --train.grad_accum={need}")
-    if t.precision == "bf16" and not GPUS[hw.gpu][1]:
+    if t.precision == "bf16" and not GPUS[hw.gpu].bf16:
         e.append(f"train.precision: bf16 is not supported on {hw.gpu}; use fp16 or fp32")
     if cfg.deepspeed.offload_params == "cpu" and cfg.deepspeed.zero_stage != 3:
         e.append("deepspeed.offload_params: needs zero_stage 3")
@@ -548,7 +525,7 @@ def candidates(cfg: Config, hw: Hardware) -> Iterable[Setting]:
                     yield Setting(stage, ckpt, m, accum, off_opt, off_par)
 
 
-def suggest(cfg: Config, hw: Hardware, args: Any = None, top: int = 3) -> list[tuple[float, Plan]]:
+def suggest(cfg: Config, hw: Hardware, args: ModelArgs | None = None, top: int = 3) -> list[tuple[float, Plan]]:
     """The cheapest settings (by expected step time) that fit, cheapest first."""
     args = args if args is not None else model_args(cfg)
     base = Setting.from_config(cfg)

@@ -1,12 +1,11 @@
-"""Training metrics: the log line, ``metrics.jsonl``, TensorBoard, MFU.
+"""Training metrics: the log line, ``metrics.jsonl``, TensorBoard, peak memory.
 
-MFU = achieved model FLOPs / peak FLOPs, with model FLOPs per token from
-``ModelArgs.flops_per_token(seq_len)`` (6N + 12·L·H·Q·T, PaLM appendix B) and the dense peak of
-the device for the training precision from the shared spec table (no sparsity). On CPU there is no
-meaningful peak: MFU is reported as None. The attention term counts the full T x T window even
-under ``model.doc_mask``, where the kernel skips blocks across document boundaries: the same
-convention as an unmasked run (comparable across runs), an overstatement of the work done there
-(the trainer logs the attention share of the count at start).
+The MFU the trainer logs is ``ModelArgs.mfu`` (6N + 12·L·H·Q·T per token, PaLM appendix B)
+against the dense peak of the device for the training precision from ``megapt.hardware`` (no
+sparsity). On CPU there is no meaningful peak: MFU is reported as None. The attention term counts
+the full T x T window even under ``model.doc_mask``, where the kernel skips blocks across document
+boundaries: the same convention as an unmasked run (comparable across runs), an overstatement of
+the work done there (the trainer logs the attention share of the count at start).
 """
 from __future__ import annotations
 
@@ -19,31 +18,6 @@ from typing import Optional
 import torch
 
 log = logging.getLogger("megapt.train")
-
-def peak_flops(precision: str, device_name: Optional[str] = None) -> Optional[float]:
-    """Dense spec peak FLOP/s of one device for the training precision, or None (CPU, unlisted GPU).
-
-    One peak table serves the trainer and the benchmarks (``megapt.benchmarking.hardware``); fp32
-    counts against the TF32 peak only when torch runs fp32 matmuls on TF32.
-    """
-    from megapt.benchmarking.hardware import select_peak
-
-    if device_name is None:
-        if not torch.cuda.is_available():
-            return None
-        device_name = torch.cuda.get_device_name()
-    tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
-    sel = select_peak(device_name, precision, tf32, measured={}, is_cuda=True)
-    if sel["tflops"] is None:
-        log.info("MFU: %s", sel["note"])
-        return None
-    return sel["tflops"] * 1e12
-
-
-def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: Optional[float]) -> Optional[float]:
-    if not peak:
-        return None
-    return tokens_per_s_per_device * flops_per_token / peak
 
 
 def peak_memory_gb() -> Optional[float]:

@@ -42,9 +42,10 @@ import torch
 import yaml
 
 from megapt.config import Config, ConfigError, save_config, to_dict
+from megapt.hardware import peak_flops
 from megapt.train import checkpoint as ckpt_lib
 from megapt.train import dist
-from megapt.train.metrics import Metrics, format_train_line, mfu, peak_flops, peak_memory_gb
+from megapt.train.metrics import Metrics, format_train_line, peak_memory_gb
 
 log = logging.getLogger("megapt.train")
 
@@ -434,7 +435,8 @@ class Trainer:
                            "tokens_seen": self.tokens_seen, "step_time_s": round(out["step_time_s"], 4)}
                     if self.step % t.log_every == 0 or self.step == t.max_steps:
                         tps = win_tokens / max(win_time, 1e-9)
-                        row.update(tokens_per_s=tps, mfu=mfu(tps / self.world_size, self.flops_per_token, self.peak),
+                        mfu = self.model_args.mfu(tps / self.world_size, self.peak, self.cfg.data.seq_len)
+                        row.update(tokens_per_s=tps, mfu=mfu,
                                    peak_mem_gb=peak_memory_gb(), skipped_total=self.skipped_total)
                         if t.precision == "fp16":
                             row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0)) or None

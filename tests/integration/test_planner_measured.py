@@ -1,7 +1,8 @@
 """The planner's per-rank parameter / gradient / optimizer-state bytes match what a real DeepSpeed
 engine (megapt.train.engine.create_engine) allocates at 2 ranks, for every ZeRO stage, within 15%.
 
-Runs benchmarks/bench_planner.py --mode states under torchrun (gloo, CPU) once for the module.
+Runs `megapt bench planner --nproc 2 --script-args "--mode states"` (torchrun, gloo, CPU) once for
+the module.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ pytestmark = pytest.mark.slow
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("planner") / "states.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    port = 29500 + os.getpid() % 1000
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "benchmarks" / "bench_planner.py"), "--mode", "states", "--out", str(out)]
+    cmd = [sys.executable, "-m", "megapt", "bench", "planner", "--nproc", "2", "--script-args", "--mode states",
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["rows"]

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from megapt.bench import PEAK_TFLOPS, fingerprint, match_gpu, select_peak
-from megapt.benchmarking import flops, report, runners, sweep
-from megapt.benchmarking.hardware import measure_matmul_tflops
+from megapt.bench import cli as bench_cli
+from megapt.bench import report, runners, sweep
+from megapt.bench.fingerprint import fingerprint, measure_matmul_tflops
 from megapt.config import ConfigError, load_config
+from megapt.hardware import GPUS, match_gpu, select_peak
+from megapt.model.gpt import ModelArgs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,45 +31,55 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_palm_flops_hand_calculation():
-    # N=100, L=2, H=4, Q=8, T=16: 6*100 + 12*2*4*8*16 = 600 + 12288
-    assert flops.model_flops_per_token(100, 2, 4, 8, 16) == 12888
-    # activation checkpointing recomputes the forward: 8*100 + 16*2*4*8*16 = 800 + 16384
-    assert flops.hardware_flops_per_token(100, 2, 4, 8, 16, recompute=True) == 17184
-    assert flops.hardware_flops_per_token(100, 2, 4, 8, 16, recompute=False) == 12888
-    # 1000 tokens/s x 12888 FLOP/token on a 1 GFLOP/s (1e-3 TFLOP/s) device
-    assert flops.utilization(1000.0, 12888, 1e-3) == pytest.approx(0.012888)
-    assert flops.utilization(1000.0, 12888, None) is None
+    # 2 layers of d 32, 4 heads (Q = 8, kv 4), ffn 64, vocab 10, untied, T = 16; N counted by hand
+    a = ModelArgs(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, ffn_hidden=64, vocab_size=10,
+                  max_seq_len=16)
+    per_layer = 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32  # wq wk wv wo, w1 w2 w3, two norms = 10,304
+    n = 2 * per_layer + 32 + 10 * 32  # + final norm + output head (the input table is a lookup)
+    assert a.num_params(exclude_embeddings=True) == n == 20_960
+    # 6N + 12*L*H*Q*T = 125,760 + 12*2*4*8*16 = 125,760 + 12,288
+    assert a.flops_per_token(16) == 138_048
+    # activation checkpointing recomputes the forward: 8N + 16*L*H*Q*T = 167,680 + 16,384
+    assert a.hardware_flops_per_token(16, recompute=True) == 184_064
+    assert a.hardware_flops_per_token(16, recompute=False) == 138_048
+    # 1000 tokens/s x 138,048 FLOP/token on a 1 GFLOP/s device
+    assert a.mfu(1000.0, 1e9, 16) == pytest.approx(0.138048)
+    assert a.hfu(1000.0, 1e9, 16, recompute=True) == pytest.approx(0.184064)
+    assert a.mfu(1000.0, None, 16) is None and a.hfu(1000.0, 0.0) is None
 
 
-def test_tiny_preset_flops_match_hand_count_and_built_model():
-    from megapt.benchmarking.runners import _flops_for
-    from megapt.model.gpt import GPT, ModelArgs
-
+def test_tiny_preset_flops_match_hand_count():
     # tiny: d=256, L=4, H=4, kv=2 (head 64), ffn=704, vocab 4096, untied.
     # per block: wq 256*256 + wk 256*128 + wv 256*128 + wo 256*256 = 196608; ffn 3*256*704 = 540672;
     # 2 norms 512 -> 737792; x4 = 2951168; + final norm 256 + output head 4096*256 = 1048576
     # -> N = 4,000,000 (the 4096*256 input embedding is a lookup: not counted)
     args = ModelArgs.from_preset("tiny", vocab_size=4096, max_seq_len=128)
-    info = _flops_for(args, seq_len=128, recompute=True)
+    info = runners.flops_record(args, seq_len=128, recompute=True)
     assert info["N"] == 4_000_000
     # 6*4e6 + 12*4*4*64*128 = 24,000,000 + 1,572,864
     assert info["model_flops_per_token"] == 25_572_864
     # 8*4e6 + 16*4*4*64*128 = 32,000,000 + 2,097,152
     assert info["hardware_flops_per_token"] == 34_097_152
-    assert info["model_args_flops_per_token"] == 25_572_864  # MODEL's own count agrees
-    model = GPT(args)
-    assert flops.matmul_params(model) == 4_000_000
+
+
+def _hf_matmul_params(model) -> int:
+    """Parameters of a Hugging Face causal LM that take part in matmuls: all but an untied input
+    embedding (counted here from the model, independently of ModelArgs)."""
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    return n if emb.weight is out.weight else n - emb.weight.numel()
 
 
 def test_hf_baseline_has_the_same_shapes_as_megapt_gpt():
-    from megapt.model.gpt import GPT, ModelArgs
+    # the HF runner's MFU uses megapt's ModelArgs count: it must be HF's own count too
+    from megapt.model.gpt import GPT
 
     for tie in (False, True):
         args = ModelArgs.from_preset("tiny", vocab_size=512, max_seq_len=32, tie_embeddings=tie)
         hf = runners.build_hf_llama(args, "cpu")
         assert hf.config._attn_implementation == "sdpa"
+        assert _hf_matmul_params(hf) == args.num_params(exclude_embeddings=True)
         ours = GPT(args)
-        assert flops.matmul_params(hf) == flops.matmul_params(ours)
         assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
 
 
@@ -76,12 +89,13 @@ def test_hf_baseline_has_the_same_shapes_as_megapt_gpt():
 
 
 @pytest.mark.parametrize("name,key", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
-    ("NVIDIA H200", "H200 SXM"), ("NVIDIA A100-SXM4-80GB", "A100 SXM"), ("NVIDIA A100-PCIE-40GB", "A100 PCIe"),
-    ("NVIDIA A100 80GB PCIe", "A100 PCIe"), ("NVIDIA A10G", "A10G"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"),
-    ("NVIDIA GeForce RTX 4090", "RTX 4090"), ("NVIDIA GeForce RTX 3090", "RTX 3090"),
-    ("Tesla V100-SXM2-16GB", "V100 SXM"), ("Tesla V100-PCIE-32GB", "V100 PCIe"), ("Tesla V100S-PCIE-32GB", "V100S PCIe"),
-    ("NVIDIA GeForce GTX 1080", None),
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H100 NVL", "h100-nvl"),
+    ("NVIDIA H200", "h200"), ("NVIDIA H200 NVL", "h200-nvl"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA A100-PCIE-40GB", "a100-40"), ("NVIDIA A100 80GB PCIe", "a100"), ("NVIDIA A10G", "a10g"),
+    ("NVIDIA A10", "a10"), ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 3090", "rtx3090"),
+    ("Tesla V100-SXM2-32GB", "v100"), ("Tesla V100-PCIE-32GB", "v100-pcie"),
+    ("Tesla V100S-PCIE-32GB", "v100s"), ("Tesla T4", "t4"), ("NVIDIA GeForce GTX 1080", None),
 ])
 def test_gpu_names_map_to_the_right_spec_row(name, key):
     assert match_gpu(name) == key
@@ -114,10 +128,23 @@ def test_cpu_uses_measured_peak():
 
 
 def test_every_table_row_has_all_precisions():
-    for name, row in PEAK_TFLOPS.items():
+    for name, gpu in GPUS.items():
+        row = gpu.peak_tflops
         assert set(row) == {"bf16", "fp16", "tf32", "fp32"}, name
         assert row["fp16"] and row["fp32"], name
         assert row["fp16"] >= row["fp32"], name
+        assert gpu.bf16 == (row["bf16"] is not None), name
+        assert match_gpu(f"NVIDIA {gpu.name}") == name, name  # its own spec-sheet name finds it
+
+
+def test_trainer_mfu_peak_is_the_shared_table_row():
+    # the trainer asks megapt.hardware for the peak of its device; bf16 on an H100 is the dense
+    # 989.4 TFLOP/s of the datasheet's 1,979 with sparsity
+    from megapt.hardware import peak_flops
+
+    assert peak_flops("bf16", "NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
+    assert peak_flops("bf16", "Tesla V100-SXM2-32GB") is None  # Volta has no bf16: no MFU
+    assert peak_flops("fp32", "NVIDIA GeForce GTX 1080") is None
 
 
 def test_measured_matmul_peak_on_cpu_is_positive():
@@ -145,9 +172,9 @@ def test_fingerprint_identifies_the_machine():
 
 
 def test_summary_median_and_spread():
-    s = flops.summarize([5, 1, 4, 2, 3])
+    s = runners.summarize([5, 1, 4, 2, 3])
     assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (3, 2, 4, 2, 1, 5, 5)
-    assert flops.summarize([])["median"] is None
+    assert runners.summarize([])["median"] is None
 
 
 def test_timed_loop_counts_real_tokens_over_grad_accum_and_skips_warmup():
@@ -173,15 +200,18 @@ def test_timed_loop_counts_real_tokens_over_grad_accum_and_skips_warmup():
     assert set(recs[0]["phases"]) == {"data_wait", "forward", "backward", "optimizer"}
     assert len(out["losses"]) == 6
     peak = {"tflops": 1e-3}
-    fl = {"model_flops_per_token": 100, "hardware_flops_per_token": 150}
-    res = runners.summarize_records(out, world_size=2, flops=fl, peak=peak)
+    args = ModelArgs.from_preset("tiny", vocab_size=512, max_seq_len=T)
+    res = runners.summarize_records(out, world_size=2, args=args, seq_len=T, recompute=True, peak=peak)
     step = recs[0]
     assert res["tokens_per_s_total"]["n"] == 4
     assert res["real_token_fraction"] == pytest.approx((B * T - 3) / (B * T))
     tps = sorted(r["tokens"] / r["step_time_s"] for r in recs)
     assert res["tokens_per_s_per_device"]["median"] == pytest.approx((tps[1] + tps[2]) / 2)
     assert res["tokens_per_s_total"]["median"] == pytest.approx(2 * res["tokens_per_s_per_device"]["median"])
-    assert res["hfu"]["median"] == pytest.approx(1.5 * res["mfu"]["median"])
+    # MFU = tokens/s per device x (6N + 12LHQT) / peak; with recomputation HFU counts 8N + 16LHQT: 4/3 of it
+    assert res["mfu"]["median"] == pytest.approx(
+        res["tokens_per_s_per_device"]["median"] * args.flops_per_token(T) / 1e9)
+    assert res["hfu"]["median"] == pytest.approx(4 / 3 * res["mfu"]["median"])
     assert step["step_time_s"] >= sum(step["phases"].values()) * 0.999
 
 
@@ -202,9 +232,9 @@ def test_runner_oom_is_recorded_not_raised(monkeypatch):
 
 
 def _ok(tps: float, mem: float) -> dict:
-    s = flops.summarize([tps])
+    s = runners.summarize([tps])
     return {"status": "ok", "tokens_per_s_total": s, "tokens_per_s_per_device": s,
-            "step_time_s": flops.summarize([1000.0 / tps]), "mfu": flops.summarize([tps / 1e4]),
+            "step_time_s": runners.summarize([1000.0 / tps]), "mfu": runners.summarize([tps / 1e4]),
             "memory": {"kind": "rss", "peak_bytes": mem}}
 
 
@@ -338,6 +368,45 @@ def test_document_ratios_equal_recorded_absolutes():
     assert "1.50x" in plain_row  # the terminal table prints the ratio beside the absolutes
 
 
+def _points(axis: str, values: list) -> list[dict]:
+    return [{"id": f"p{i:03d}", "params": {axis: v}, "results": {"engine": _ok(100.0 + i, 2e9)},
+             "baselines": {"plain": _ok(80.0 + i, 1e9)}} for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("axis,values,style", [
+    ("model.preset", ["tiny", "124m", "1b"], "bars"),  # categories: grouped bars
+    ("deepspeed.zero_stage", [0, 1, 2, 3], "bars"),  # numbers, but a choice, not a quantity
+    ("model.attention", ["sdpa", "triton"], "bars"),
+    ("data.seq_len", [128, 512, 2048], "lines"),  # quantities: lines
+    ("train.micro_batch", [1, 2, 4], "lines"),
+])
+def test_categorical_sweeps_draw_grouped_bars_quantities_lines(axis, values, style, tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra (pip install -e '.[bench]'); CI installs it")
+    import matplotlib.pyplot as plt
+
+    points = _points(axis, values)
+    assert report.plot_style(axis, values) == style
+    fig, (tps, mem) = report.figure(points, axis)
+    try:
+        for ax in (tps, mem):
+            if style == "bars":  # one bar per (runner, value), side by side in each value's group
+                assert len(ax.patches) == 2 * len(values) and not ax.lines
+                xs = sorted(round(b.get_x() + b.get_width() / 2, 6) for b in ax.patches)
+                assert len(set(xs)) == 2 * len(values)  # no two bars on top of each other
+            else:  # one line per runner through every value
+                assert len(ax.lines) == 2 and not ax.patches
+                assert all(len(line.get_xdata()) == len(values) for line in ax.lines)
+        assert [t.get_text() for t in tps.get_xticklabels()] == [str(v) for v in values]
+        heights = sorted(b.get_height() for b in tps.patches) if style == "bars" else None
+        if heights:  # the bars are the recorded tokens/s, nothing else
+            assert heights == sorted([100.0 + i for i in range(len(values))] + [80.0 + i for i in range(len(values))])
+    finally:
+        plt.close(fig)
+    paths, note = report.plot(points, tmp_path / "run")
+    assert note is None and [Path(x).name for x in paths] == [f"run-{axis.replace('.', '_')}.png"]
+    assert Path(paths[0]).stat().st_size > 1000
+
+
 def test_comm_time_is_the_time_inside_allreduce_gradients():
     import time
 
@@ -382,20 +451,27 @@ def test_loader_path_feeds_the_timed_loop(tmp_path):
     assert res["steps"] == 3
 
 
-def test_other_workstreams_scripts_run_from_the_same_entry_point(tmp_path, monkeypatch, capsys):
-    import megapt.bench as bench
+def test_other_benchmarks_run_from_the_same_entry_point(tmp_path, monkeypatch, capsys):
+    import megapt.bench.loader
     from megapt.cli import main
 
-    script = tmp_path / "bench_fake.py"
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        return 0
+
     out = tmp_path / "fake.json"
-    script.write_text("import json, sys\nargs = sys.argv[1:]\n"
-                      "open(args[args.index('--out') + 1], 'w').write(json.dumps({'args': args}))\n")
-    monkeypatch.setitem(bench.SCRIPTS, "loader", script)
+    monkeypatch.setattr(megapt.bench.loader, "main", fake_main)
     assert main(["bench", "loader", "--script-args=--seconds 1 --workers 0", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["args"] == ["--seconds", "1", "--workers", "0", "--out", str(out)]
-    monkeypatch.setitem(bench.SCRIPTS, "data", tmp_path / "missing.py")
-    assert main(["bench", "data"]) == 2
-    assert "missing.py not found" in capsys.readouterr().err
+    assert calls == [["--seconds", "1", "--workers", "0", "--out", str(out)]]
+    # a benchmark's own bad argument: its usage error and exit code 2, no traceback
+    assert main(["bench", "data", "--script-args=--no-such-flag"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    # a GPU-only benchmark on a machine without one says so and exits 2
+    if not torch.cuda.is_available():
+        assert main(["bench", "kernels", "--script-args=--only rope", "--out", str(tmp_path / "k.json")]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_gpu_session_script_dry_run_lists_every_phase(tmp_path):
@@ -415,13 +491,16 @@ def test_gpu_session_script_dry_run_lists_every_phase(tmp_path):
     assert out.returncode == 0, out.stderr
     for step in ("[gpu-tests]", "[kernel-bench]", "[goals]", "[zero]", "[planner-peak]"):
         assert step in out.stdout
-    for path in ("benchmarks/specs/gpu_goals.yaml", "benchmarks/specs/gpu_zero.yaml", "benchmarks/kernels/run_all.py",
-                 "benchmarks/bench_planner.py", "tests/gpu"):
+    for path in ("benchmarks/specs/gpu_goals.yaml", "benchmarks/specs/gpu_zero.yaml", "tests/gpu"):
         assert path in out.stdout and (root / path).exists()
+    # every `megapt bench ACTION` it runs is an action the installed package has
+    actions = re.findall(r"-m megapt bench (\S+)", out.stdout)
+    assert {"kernels", "sweep", "planner"} <= set(actions) and set(actions) <= set(bench_cli.ACTIONS)
     assert (tmp_path / "o" / "all.log").is_file()
     core = subprocess.run(["bash", str(script), "core", str(tmp_path / "c")], capture_output=True, text=True,
                           env=env, timeout=60)
     assert core.returncode == 0, core.stderr
-    for step in ("[gpu-tests]", "[kernel-bench]", "[goal-124m]", "benchmarks/specs/gpu_124m.yaml", "--quick"):
+    for step in ("[gpu-tests]", "[kernel-bench]", "[goal-124m]", "benchmarks/specs/gpu_124m.yaml", "--quick",
+                 "-m megapt bench kernels"):
         assert step in core.stdout
     assert (root / "benchmarks/specs/gpu_124m.yaml").exists()

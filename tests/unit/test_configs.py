@@ -43,7 +43,7 @@ def test_config_builds_the_promised_model_and_fits_its_hardware(path, tmp_path):
         model = GPT(args)
     built = sum(p.numel() for p in model.parameters())
     assert built == expected_params(args) == args.num_params()
-    assert sum(n for _, n in P.param_tensors(args)) == built
+    assert sum(p.numel for p in P.param_list(args)) == built
     preset = cfg.model.preset
     if preset in PUBLISHED:
         assert built == PUBLISHED[preset]

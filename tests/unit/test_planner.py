@@ -12,6 +12,7 @@ import pytest
 
 from megapt import planner as P
 from megapt.config import ConfigError, load_config
+from megapt.model.gpt import GPT, ModelArgs
 
 GB = 1e9
 
@@ -20,7 +21,7 @@ def args_7b(**kw):
     d = dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, ffn_hidden=11008, vocab_size=32000,
              max_seq_len=4096, tie_embeddings=False)
     d.update(kw)
-    return SimpleNamespace(**d)
+    return ModelArgs(**d)
 
 
 def cfg_for(*overrides: str):
@@ -67,12 +68,28 @@ def test_offload_reports_host_ram_per_node_and_fails_when_it_does_not_fit():
     cfg = cfg_for("--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=cpu", "--deepspeed.offload_params=cpu",
                   "--train.activation_checkpointing=true", "--train.micro_batch=1")
     a = args_7b()
-    n = sum(x for _, x in P.param_tensors(a))
+    n = sum(p.numel for p in P.param_list(a))
     plan = P.plan_memory(cfg, P.Hardware(1, 8, "h100"), args=a)
     # 8 ranks on the node, each holding 18 bytes/param / 8 of the offloaded states -> 18 bytes/param per node
     assert plan.host_per_node >= 18 * n
     small = P.plan_memory(cfg, P.Hardware(1, 8, "h100", cpu_mem_gib=64), args=a)
     assert not small.fits and small.fits_gpu
+
+
+def test_parameter_list_is_the_models_own():
+    """The planner sizes model states from the parameters GPT really has: a tied head is one
+    tensor, an untied one a second (V, C) matrix; 2L + 1 norm vectors; one embedding table."""
+    for tie in (False, True):
+        a = ModelArgs.from_preset("tiny", vocab_size=1000, max_seq_len=64, tie_embeddings=tie)
+        params = P.param_list(a)
+        by_kind = {k: [p for p in params if p.kind == k] for k in ("embedding", "norm", "linear")}
+        assert [(p.name, p.shape) for p in by_kind["embedding"]] == [("tok_embeddings.weight", (1000, 256))]
+        assert len(by_kind["norm"]) == 2 * a.n_layers + 1 and {p.shape for p in by_kind["norm"]} == {(256,)}
+        # per block wq wk wv wo w1 w2 w3, plus the output head when it is not the embedding
+        assert len(by_kind["linear"]) == 7 * a.n_layers + (0 if tie else 1)
+        assert ("output.weight" in {p.name for p in params}) == (not tie)
+        assert sum(p.numel for p in params) == sum(p.numel() for p in GPT(a).parameters())
+        assert len(params) == len(list(GPT(a).parameters()))
 
 
 # ---- activations ----------------------------------------------------------------------------
@@ -172,7 +189,7 @@ def test_world_size_not_dividing_the_global_batch_is_named():
 
 def test_bad_combinations_are_all_reported():
     cfg = cfg_for("--plan.global_batch=100", "--train.micro_batch=4")
-    a = args_7b(n_kv_heads=5)
+    a = SimpleNamespace(**{**dataclasses.asdict(args_7b()), "n_kv_heads": 5})  # ModelArgs refuses it
     problems = P.check_launch(cfg, P.Hardware(1, 8, "v100"), a)
     text = "\n".join(problems)
     assert "bf16" in text and "v100" in text
@@ -252,7 +269,6 @@ def test_block_activation_formula_matches_the_tensors_a_real_block_saves(precisi
     RoPE), leaving out parameters and the RoPE tables, and hold the planner's formula to it."""
     import torch
 
-    from megapt.model.gpt import GPT
     from megapt.model.ops import select_backends
 
     cfg = load_config([], ["--model.preset=tiny", "--model.n_layers=1", "--model.d_model=256", "--model.n_heads=4",

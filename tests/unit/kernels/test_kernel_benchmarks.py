@@ -1,24 +1,19 @@
-"""benchmarks/kernels: the plan covers what we report, and every code path runs (tiny CPU cases).
+"""megapt.bench.kernels: the plan covers what we report, and every code path runs (tiny CPU cases).
 
 Real numbers need a GPU; here the benchmark modules run on CPU through the Triton interpreter
 at toy sizes so a broken provider, row or speedup computation is caught before a GPU run.
 """
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parents[3] / "benchmarks" / "kernels"
-sys.path.insert(0, str(BENCH_DIR))
-
-import bench_attention  # noqa: E402
-import bench_common  # noqa: E402
-import bench_cross_entropy  # noqa: E402
-import bench_rms_norm  # noqa: E402
-import bench_rope  # noqa: E402
-import run_all  # noqa: E402
+from megapt.bench.kernels import attention as bench_attention
+from megapt.bench.kernels import common as bench_common
+from megapt.bench.kernels import cross_entropy as bench_cross_entropy
+from megapt.bench.kernels import rms_norm as bench_rms_norm
+from megapt.bench.kernels import rope as bench_rope
+from megapt.bench.kernels import run as run_all
 
 
 def test_full_attention_plan_covers_1k_to_16k_both_head_dims_causal_and_not():

@@ -1,6 +1,6 @@
 """Sweeps: model size x seq len x micro-batch x ZeRO stage x attention backend (any config key).
 
-Each point runs in a fresh subprocess (``megapt.benchmarking.worker``) with a timeout, so an OOM,
+Each point runs in a fresh subprocess (``megapt.bench.worker``) with a timeout, so an OOM,
 a crash or a hang costs that point only: it is recorded (OOM with the planner's prediction) and
 the sweep goes on. Baselines that do not depend on an axis (plain PyTorch ignores the ZeRO stage,
 HF also ignores megapt's kernel backends) are measured once and reused by the points that share
@@ -40,7 +40,8 @@ from typing import Optional
 
 import yaml
 
-from megapt.benchmarking.runners import RUNNERS
+from megapt.bench.report import point_ratios
+from megapt.bench.runners import RUNNERS
 from megapt.config import ConfigError
 
 AXIS_ALIASES = {
@@ -167,8 +168,8 @@ def _classify_failure(rc: Optional[int], log_tail: str, timed_out: bool) -> tupl
 def worker_command(spec_path: Path, out_path: Path, nproc: int = 1) -> list[str]:
     if nproc > 1:  # one process per GPU, as the deepspeed/torchrun launchers do
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "megapt.benchmarking.worker", str(spec_path), str(out_path)]
-    return [sys.executable, "-m", "megapt.benchmarking.worker", str(spec_path), str(out_path)]
+                "-m", "megapt.bench.worker", str(spec_path), str(out_path)]
+    return [sys.executable, "-m", "megapt.bench.worker", str(spec_path), str(out_path)]
 
 
 def run_point_subprocess(config_files: list[str], overrides: list[str], runners: list[str], *, warmup: int,
@@ -224,8 +225,6 @@ def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, ru
 
     nproc > 1: the engine runs under torchrun on nproc devices; the baselines (single-device loops)
     run in a separate one-process worker for the same point."""
-    from megapt.benchmarking.report import point_ratios
-
     points = expand(axes, points)
     tmp = None
     if log_dir is None:

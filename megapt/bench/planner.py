@@ -1,22 +1,35 @@
-"""Hold `megapt plan`'s predictions against what DeepSpeed really allocates.
+"""The memory planner held against what DeepSpeed really allocates, and its prediction for a
+benchmark point.
 
-Two modes, both launched with torchrun (one process per rank) and writing one JSON:
+``predict_memory(cfg, world_size)``: megapt.planner.plan_memory's per-GPU prediction for a sweep
+point, next to what was measured. We ask it for the GPU we run on (its ``megapt.hardware`` row;
+the device's real capacity when CUDA is present) at this process's world size. Its
+``allocator_peak_bytes`` (model states + the larger of the forward/backward and optimizer-step
+transients) is what ``torch.cuda.max_memory_allocated`` measures; ``peak_bytes`` adds the
+fragmentation margin and the CUDA context and compares with ``max_memory_reserved`` + context. On
+CPU the prediction is for ``plan.gpu`` and is not comparable with the RSS we measure; the record
+says so.
+
+``megapt bench planner``: two modes, both run under torchrun (one process per rank; ``--nproc``)
+and writing one JSON:
 
 * ``--mode states`` (CPU or GPU): builds a small GPT engine per (precision, ZeRO stage) with
   ``megapt.train.engine.create_engine`` and sums, on each rank, the bytes of the tensors that hold
   parameters, gradients and optimizer states (storages de-duplicated, so flat buffers and the views
   into them count once), then compares each component with ``megapt.planner.model_states``.
 
-      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/bench_planner.py \\
-          --mode states --out benchmarks/results/planner_states_cpu.json
+      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 megapt bench planner --nproc 2 \\
+          --script-args "--mode states --out benchmarks/results/planner_states_cpu.json"
 
 * ``--mode peak`` (GPU): trains a few steps of several configs and compares
   ``torch.cuda.max_memory_allocated`` with the planner's allocator peak (model states + the larger
   of the forward/backward and optimizer-step transients), and ``max_memory_reserved`` + context
   with its full peak. Needs CUDA.
 
-      torchrun --nproc_per_node 1 benchmarks/bench_planner.py --mode peak --out benchmarks/results/planner_peak.json
-      torchrun --nproc_per_node 8 benchmarks/bench_planner.py --mode peak --presets 1b,3b --out ...
+      megapt bench planner --nproc 1 --script-args "--mode peak --out benchmarks/results/planner_peak.json"
+      megapt bench planner --nproc 8 --script-args "--mode peak --cases 1b,3b --out ..."
+
+(``python -m torch.distributed.run --nproc_per_node N -m megapt.bench.planner ARGS`` is the same.)
 """
 from __future__ import annotations
 
@@ -27,13 +40,67 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
 from megapt import planner as P
+from megapt.bench.fingerprint import fingerprint as full_fingerprint
 from megapt.config import load_config
+from megapt.hardware import GPUS, match_gpu
+from megapt.model.gpt import GPT
+from megapt.model.ops import select_backends
+
+
+def predict_memory(cfg, world_size: int = 1) -> dict:
+    """The planner's prediction for this point on this machine; never raises (a planner problem
+    must not stop a benchmark): ``available: False`` and the reason instead."""
+    try:
+        cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+        over = {"nodes": 1, "gpus_per_node": world_size}
+        note = None
+        if cuda:
+            name = torch.cuda.get_device_name(0)
+            key = match_gpu(name)
+            over["gpu"] = key or cfg.plan.gpu
+            over["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+            if key is None:
+                note = (f"GPU {name!r} not in megapt.hardware.GPUS: planned as {cfg.plan.gpu} with this "
+                        "device's memory")
+            if not (GPUS[over["gpu"]].host_gib or cfg.plan.cpu_mem_gb):
+                over["cpu_mem_gib"] = psutil.virtual_memory().total / 2**30  # this node's RAM
+        else:
+            note = (f"no GPU: the prediction is for one {cfg.plan.gpu} (plan.gpu) and is not comparable "
+                    "with the CPU RSS measured here")
+        hw = P.Hardware.from_config(cfg, **over)
+        plan = P.plan_memory(cfg, hw)
+    except Exception as exc:  # noqa: BLE001 - a planner problem must not stop a benchmark
+        return {"available": False,
+                "reason": f"megapt.planner.plan_memory failed: {type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc()[-2000:]}
+    gib = P.GIB
+    context = P.OVERHEAD_GIB * gib
+    frag = plan.row("fragmentation margin")
+    return {
+        "available": True,
+        "function": "megapt.planner.plan_memory",
+        "gpu": hw.gpu,
+        "world_size": hw.world,
+        "peak_bytes": plan.peak,
+        "allocator_peak_bytes": plan.peak - frag - context,
+        "fits_gpu": plan.fits_gpu,
+        "rows": [{"component": n, "bytes": b, "note": t} for n, b, t in plan.rows],
+        "warnings": list(plan.warnings),
+        "note": note,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner against a real DeepSpeed engine
+# ---------------------------------------------------------------------------------------------
 
 # small model for the state accounting: big enough that flat-buffer padding is noise
 STATE_MODEL = ["--model.preset=tiny", "--model.n_layers=2", "--model.d_model=128", "--model.n_heads=4",
@@ -135,9 +202,7 @@ def _batch(cfg, vocab: int, device):
 
 
 def _engine(cfg, device):
-    from megapt.model.gpt import GPT
-    from megapt.model.ops import select_backends
-    from megapt.train.engine import create_engine
+    from megapt.train.engine import create_engine  # imports deepspeed: only when a mode runs
 
     args = P.model_args(cfg)
     backends = select_backends(cfg.model, device)
@@ -166,9 +231,9 @@ def run_states(precisions: list[str], stages: list[int], device: str) -> list[di
                     measured = measure_states(eng)
                 eng.step()
             eng_stage, fp32_accum = P.engine_stage(precision, stage)
-            tensors = P.param_tensors(args)
-            n = sum(k for _, k in tensors)
-            persistent = sum(k for _, k in tensors if k < cfg.deepspeed.stage3_param_persistence_threshold) \
+            numels = [p.numel for p in P.param_list(args)]
+            n = sum(numels)
+            persistent = sum(k for k in numels if k < cfg.deepspeed.stage3_param_persistence_threshold) \
                 if eng_stage == 3 else 0
             pred = P.model_states(n, precision=precision, zero_stage=eng_stage, world=world,
                                   persistent_params=persistent, fp32_grad_accum=fp32_accum)
@@ -191,20 +256,15 @@ def run_peak(names: list[str], steps: int) -> list[dict]:
     world = dist.get_world_size()
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(dev)
-    gpu_key = None
-    try:
-        from megapt.benchmarking.planner import planner_gpu
-
-        gpu_key = planner_gpu(torch.cuda.get_device_name(dev))
-    except ImportError:
-        pass
+    gpu_key = match_gpu(torch.cuda.get_device_name(dev))
     total_gib = torch.cuda.get_device_properties(dev).total_memory / P.GIB
     rows = []
     for name, over in PEAK_CASES:
         if names and not any(name.startswith(n) for n in names):
             continue
         cfg = load_config([], over + ["--train.precision=bf16", "--train.device=cuda", "--train.grad_accum=1"])
-        hw = P.Hardware(1, world, gpu_key or "h100", gpu_mem_gib=total_gib)
+        hw = P.Hardware(1, world, gpu_key or "h100", gpu_mem_gib=total_gib,
+                        cpu_mem_gib=psutil.virtual_memory().total / 2**30)
         plan = P.plan_memory(cfg, hw)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
@@ -241,12 +301,7 @@ def fingerprint() -> dict:
     if torch.cuda.is_available():
         fp.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
                   gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
-    try:
-        from megapt.benchmarking.hardware import fingerprint as full
-
-        fp["full"] = full(measure=False)
-    except Exception:  # noqa: BLE001 - the short fingerprint is enough
-        pass
+    fp["full"] = full_fingerprint(measure=False)
     return fp
 
 
@@ -270,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_states(a.precisions.split(","), [int(s) for s in a.stages.split(",")], device)
     else:
         if not torch.cuda.is_available():
-            print("bench_planner --mode peak needs a CUDA GPU", file=sys.stderr)
+            print("megapt bench planner --mode peak needs a CUDA GPU", file=sys.stderr)
             return 2
         rows = run_peak([c for c in a.cases.split(",") if c], a.steps)
     if dist.get_rank() == 0:

@@ -2,7 +2,7 @@
 (FLASH_ATTENTION and CUDNN_ATTENTION backends, chosen with torch.nn.attention.sdpa_kernel) and
 the flash-attn package when installed, all measured in the same run.
 
-    python benchmarks/kernels/bench_attention.py [--quick] [--gqa 4] [--dtype bf16]
+    python -m megapt.bench.kernels.attention [--quick] [--gqa 4] [--dtype bf16]
 
 FLOPs: forward 4*B*nh*T^2*hs (halved when causal); forward+backward 3.5x the forward (the
 backward's five matmuls vs two). B*T = 16k tokens per case, nh*hs = 2048.
@@ -22,8 +22,8 @@ import sys
 
 import torch
 
-import bench_common as bc
-from bench_common import MEGAPT, add_speedups, line_plot, measure
+from megapt.bench.kernels import common as bc
+from megapt.bench.kernels.common import MEGAPT, add_speedups, line_plot, measure
 
 PROVIDERS = (MEGAPT, "sdpa-flash", "sdpa-cudnn", "flash-attn", "sdpa-mask", "flex-attention")
 DOC_ONLY = ("sdpa-mask", "flex-attention")  # baselines of the document-masked cases only
@@ -206,6 +206,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    from run_all import main
+    from megapt.bench.kernels.run import main
 
     raise SystemExit(main(["--only", "attention", *sys.argv[1:]]))

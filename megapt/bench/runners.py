@@ -24,14 +24,15 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import statistics
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-from megapt.benchmarking.flops import (hardware_flops_per_token, matmul_params, model_flops_per_token, summarize,
-                                       utilization)
-from megapt.benchmarking.hardware import select_peak
+from megapt.hardware import select_peak
+from megapt.model.gpt import ModelArgs
+from megapt.planner import model_args
 
 RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
@@ -53,8 +54,18 @@ def resolve_device(train_cfg) -> str:
     return train_cfg.device
 
 
-def vocab_size(cfg) -> int:
-    return cfg.model.vocab_size or cfg.tokenizer.vocab_size
+def summarize(values: Iterable[float]) -> dict:
+    """median, quartiles (IQR), min, max, mean, n of a sample; empty sample -> n=0 and Nones."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        return {"n": 0, "median": None, "q1": None, "q3": None, "iqr": None, "min": None, "max": None,
+                "mean": None}
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"n": len(xs), "median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1,
+            "min": xs[0], "max": xs[-1], "mean": statistics.fmean(xs)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,18 +198,12 @@ def loader_batches(cfg, device: str, rank: int, world_size: int) -> Iterator[dic
 def make_batches(cfg, data: str, device: str, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     if data == "loader":
         return loader_batches(cfg, device, rank, world_size)
-    return synthetic_batches(vocab_size(cfg), cfg.train.micro_batch, cfg.data.seq_len, device, cfg.run.seed + rank)
+    return synthetic_batches(model_args(cfg).vocab_size, cfg.train.micro_batch, cfg.data.seq_len, device, cfg.run.seed + rank)
 
 
 # ---------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------
-
-
-def model_args(cfg):
-    from megapt.model.gpt import ModelArgs
-
-    return ModelArgs.from_config(cfg.model, vocab_size(cfg), cfg.data.seq_len)
 
 
 def build_gpt(cfg, args, device: str):
@@ -293,13 +298,17 @@ def timed_loop(batches: Iterator[dict], forward: Callable[[dict], Any], backward
     return {"records": records, "losses": losses}
 
 
-def summarize_records(out: dict, *, world_size: int, flops: dict, peak: dict) -> dict:
+def summarize_records(out: dict, *, world_size: int, args: ModelArgs, seq_len: int, recompute: bool,
+                      peak: dict) -> dict:
+    """Statistics of a timed loop; MFU / HFU are ``args.mfu`` / ``args.hfu`` of each step's
+    tokens/s per device against ``peak`` (``megapt.hardware.select_peak``, TFLOP/s)."""
     recs = out["records"]
     tps = [r["tokens"] / r["step_time_s"] for r in recs]
     phase_names = sorted({k for r in recs for k in r["phases"]})
     comm = [r["comm_s"] for r in recs if r["comm_s"] is not None]
-    mfu = [utilization(x, flops["model_flops_per_token"], peak.get("tflops")) for x in tps]
-    hfu = [utilization(x, flops["hardware_flops_per_token"], peak.get("tflops")) for x in tps]
+    peak_flops = peak["tflops"] * 1e12 if peak.get("tflops") else None
+    mfu = [args.mfu(x, peak_flops, seq_len) for x in tps] if peak_flops else []
+    hfu = [args.hfu(x, peak_flops, seq_len, recompute) for x in tps] if peak_flops else []
     real = sum(r["tokens"] for r in recs)
     total = sum(r["all_tokens"] for r in recs)
     return {
@@ -317,9 +326,9 @@ def summarize_records(out: dict, *, world_size: int, flops: dict, peak: dict) ->
                       "backward phase" if comm else
                       "communication is inside backward (and step with ZeRO); measured separately only with "
                       "--comm-timers (on by default with --nproc > 1)"),
-        "mfu": summarize(mfu) if peak.get("tflops") else None,
-        "hfu": summarize(hfu) if peak.get("tflops") else None,
-        "flops": flops,
+        "mfu": summarize(mfu) if peak_flops else None,
+        "hfu": summarize(hfu) if peak_flops else None,
+        "flops": flops_record(args, seq_len, recompute),
         "peak": peak,
         "loss_first": out["losses"][0] if out["losses"] else None,
         "loss_last": out["losses"][-1] if out["losses"] else None,
@@ -341,18 +350,18 @@ def _peak_for(cfg, device: str, measured: dict) -> dict:
     return select_peak(name, cfg.train.precision, tf32, measured, is_cuda=cuda)
 
 
-def _flops_for(args, seq_len: int, recompute: bool, model=None) -> dict:
-    """N from ModelArgs.num_params(exclude_embeddings=True) (valid under ZeRO-3 partitioning too);
-    with ``model`` (the HF baseline) N is counted from its parameters and must agree."""
-    head_dim = args.d_model // args.n_heads
-    n = args.num_params(exclude_embeddings=True) if model is None else matmul_params(model)
-    info = {"N": n, "L": args.n_layers, "H": args.n_heads, "Q": head_dim, "T": seq_len, "recompute": recompute,
-            "model_flops_per_token": model_flops_per_token(n, args.n_layers, args.n_heads, head_dim, seq_len),
-            "hardware_flops_per_token": hardware_flops_per_token(n, args.n_layers, args.n_heads, head_dim, seq_len,
-                                                                 recompute)}
-    if hasattr(args, "flops_per_token"):  # MODEL's own count (metrics.py uses it): kept to cross-check
-        info["model_args_flops_per_token"] = float(args.flops_per_token(seq_len))
-    return info
+def _shape(cfg, args: ModelArgs) -> dict:
+    # HF's Llama has the same shapes (a unit test holds its parameter count to ours): same FLOPs
+    return {"args": args, "seq_len": cfg.data.seq_len, "recompute": cfg.train.activation_checkpointing}
+
+
+def flops_record(args: ModelArgs, seq_len: int, recompute: bool) -> dict:
+    """The FLOPs per token behind a record's MFU / HFU (``ModelArgs.flops_per_token`` and
+    ``hardware_flops_per_token``) and the counts they are made of."""
+    return {"N": args.num_params(exclude_embeddings=True), "L": args.n_layers, "H": args.n_heads,
+            "Q": args.head_dim, "T": seq_len, "recompute": recompute,
+            "model_flops_per_token": args.flops_per_token(seq_len),
+            "hardware_flops_per_token": args.hardware_flops_per_token(seq_len, recompute)}
 
 
 def _engine_comm_timer(engine, cuda: bool) -> Callable[[], Optional[float]]:
@@ -406,7 +415,6 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     args = model_args(cfg)
     backends = ops.select_backends(cfg.model, device)
     seed = cfg.run.seed
-    flops = _flops_for(args, cfg.data.seq_len, cfg.train.activation_checkpointing)
     bundle = create_engine(cfg, lambda: GPT(args, backends, seed=seed), world_size=world,
                            init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
     engine = bundle.engine
@@ -419,7 +427,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
 
     out = timed_loop(batches, forward, engine.backward, lambda boundary: engine.step(), grad_accum=ga,
                      warmup=warmup, steps=steps, cuda=device == "cuda", comm_timer=_engine_comm_timer(engine, device == "cuda") if comm_timers else None)
-    res = summarize_records(out, world_size=world, flops=flops, peak=_peak_for(cfg, device, measured))
+    res = summarize_records(out, world_size=world, peak=_peak_for(cfg, device, measured), **_shape(cfg, args))
     res["zero_stage"] = effective_zero_stage(cfg)
     res["zero_stage_requested"] = cfg.deepspeed.zero_stage
     res["ds_config"] = bundle.ds_config
@@ -482,13 +490,12 @@ def run_plain(cfg, *, device: str, warmup: int, steps: int, data: str, measured:
 
     args = model_args(cfg)
     model, backends = build_gpt(cfg, args, device)
-    flops = _flops_for(args, cfg.data.seq_len, cfg.train.activation_checkpointing)
     model.gradient_checkpointing = cfg.train.activation_checkpointing  # GPT recomputes each block
     model.train()
     call = torch.compile(model) if cfg.train.compile else model
     out = _torch_loop(model, cfg, device=device, warmup=warmup, steps=steps, data=data,
                       forward_fn=lambda b: call(b["input_ids"], labels=b["labels"]).loss)
-    res = summarize_records(out, world_size=1, flops=flops, peak=_peak_for(cfg, device, measured))
+    res = summarize_records(out, world_size=1, peak=_peak_for(cfg, device, measured), **_shape(cfg, args))
     res["backends"] = _describe_backends(backends)
     return res
 
@@ -498,7 +505,6 @@ def run_hf(cfg, *, device: str, warmup: int, steps: int, data: str, measured: di
 
     args = model_args(cfg)
     model = build_hf_llama(args, device)
-    flops = _flops_for(args, cfg.data.seq_len, cfg.train.activation_checkpointing, model=model)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -506,7 +512,7 @@ def run_hf(cfg, *, device: str, warmup: int, steps: int, data: str, measured: di
     # HF shifts labels inside the loss: pass the inputs as labels (same shapes, same work).
     out = _torch_loop(model, cfg, device=device, warmup=warmup, steps=steps, data=data,
                       forward_fn=lambda b: call(input_ids=b["input_ids"], labels=b["input_ids"]).loss)
-    res = summarize_records(out, world_size=1, flops=flops, peak=_peak_for(cfg, device, measured))
+    res = summarize_records(out, world_size=1, peak=_peak_for(cfg, device, measured), **_shape(cfg, args))
     res["attn_implementation"] = model.config._attn_implementation
     res["transformers_params"] = sum(p.numel() for p in model.parameters())
     return res

@@ -12,10 +12,11 @@ uses (``Tokenizer.encoder_path``: the C segment cache when built) and the pure-P
 cache it falls back to, each checked to give the baseline's ids; the prepare_data time of the
 whole chain (clean + tokenizer + shards) is recorded when it runs cold.
 
-    python benchmarks/bench_data.py                    # ~1-2 min on 2 cores
-    python benchmarks/bench_data.py --procs 1 2 4 --vocab 4096 --seq-len 256
+    megapt bench data                                                  # ~1-2 min on 2 cores
+    megapt bench data --script-args "--procs 1 2 4 --vocab 4096 --seq-len 256"
+    python -m megapt.bench.data --procs 1 2                            # the same, directly
 
-Writes benchmarks/results/bench_data-<host>-<time>.json (or --out).
+Writes benchmarks/results/bench_data-<host>-<time>.json under the current folder (or --out).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -31,33 +31,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import sentencepiece
+
+from megapt.bench.fingerprint import fingerprint, hostname_tag
+from megapt.config import load_config
+from megapt.data.clean import clean_dir_of, iter_mixed_docs
+from megapt.data.manifest import dtype_for_vocab
+from megapt.data.prepare import prepare_data
+from megapt.data.shard import shard_corpus
+from megapt.data.tokenizer import Tokenizer
+
 GOAL_MB_S_PER_CORE = 5.0
 
 
 def _fingerprint() -> dict:
-    try:
-        from megapt.benchmarking.hardware import fingerprint
-
-        fp = fingerprint(measure=False)
-    except Exception as exc:  # noqa: BLE001 - keep the essentials when the shared helper is unavailable
-        fp = {"cpu": {"model": platform.processor(), "logical_cores": os.cpu_count()},
-              "software": {"python": platform.python_version()}, "fingerprint_error": repr(exc)}
-        try:
-            import subprocess
-
-            fp["git"] = {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                                  cwd=Path(__file__).parent).stdout.strip()}
-        except OSError:
-            pass
-    import sentencepiece
-
-    fp.setdefault("software", {})["sentencepiece"] = sentencepiece.__version__
-    try:
-        import torch
-
-        fp["software"].setdefault("torch", torch.__version__)
-    except ImportError:
-        pass
+    fp = fingerprint(measure=False)
+    fp["software"]["sentencepiece"] = sentencepiece.__version__
     return fp
 
 
@@ -96,15 +86,6 @@ def main(argv: list[str] | None = None) -> int:
                          "corpus only. A bigger input shows the process scaling once fixed start-up costs amortise")
     ap.add_argument("--out", default="", help="output JSON (default: benchmarks/results/bench_data-<host>-<time>.json)")
     args = ap.parse_args(argv)
-
-    import numpy as np
-
-    from megapt.config import load_config
-    from megapt.data.clean import clean_dir_of, iter_mixed_docs
-    from megapt.data.manifest import dtype_for_vocab
-    from megapt.data.prepare import prepare_data
-    from megapt.data.shard import shard_corpus
-    from megapt.data.tokenizer import Tokenizer
 
     work = Path(args.work_dir)
     cfg = load_config(None, [f"--run.work_dir={work}", f"--tokenizer.vocab_size={args.vocab}",
@@ -194,16 +175,9 @@ def main(argv: list[str] | None = None) -> int:
            "fingerprint": _fingerprint(), "loadavg_at_end": os.getloadavg(),
            "note": "the machine may be shared: compare mb_per_cpu_s when the load average exceeds the core count",
            "prepare_data": prepare, "baseline": base, "runs": runs}
-    if args.out:
-        path = Path(args.out)
-    else:
-        try:
-            from megapt.benchmarking.hardware import hostname_tag
-
-            host = hostname_tag()
-        except Exception:  # noqa: BLE001
-            host = "host"
-        path = Path(__file__).parent / "results" / f"bench_data-{host}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    default = Path("benchmarks") / "results" / f"bench_data-{hostname_tag()}-{stamp}.json"
+    path = Path(args.out) if args.out else default
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}")

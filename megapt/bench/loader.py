@@ -8,18 +8,17 @@ model (~500k tokens/s, the reference consumption rate; goal for the loader: > 2M
 rank). The measured baseline in the same run is a bare reader: shard bytes -> numpy view ->
 batches of consecutive samples, no checks, no shuffle, no DataLoader.
 
-    python benchmarks/bench_loader.py                      # ~2 min on 2 cores
-    python benchmarks/bench_loader.py --seconds 2 --workers 0 --world-sizes 1 --verify true
+    megapt bench loader                                    # ~2 min on 2 cores
+    megapt bench loader --script-args "--seconds 2 --workers 0 --world-sizes 1 --verify true"
+    python -m megapt.bench.loader --seconds 2              # the same, directly
 
-Writes benchmarks/results/bench_loader-<host>-<time>.json (or --out).
+Writes benchmarks/results/bench_loader-<host>-<time>.json under the current folder (or --out).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import socket
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megapt.bench.fingerprint import fingerprint, hostname_tag
 from megapt.config import DataConfig
 from megapt.data.loader import build_loader
 from megapt.data.manifest import load_manifest
@@ -35,27 +35,6 @@ from megapt.data.shard import write_token_dataset
 
 CONSUMPTION_124M_H100 = 500_000  # tokens/s one H100 trains the 124M model at (reference rate)
 GOAL = 2_000_000  # loader tokens/s per rank we aim for
-
-
-def _fingerprint() -> dict:
-    try:
-        from megapt.benchmarking.hardware import fingerprint  # shared helper (bench workstream)
-
-        return fingerprint(measure=False)
-    except Exception:  # noqa: BLE001 - fall back to the essentials
-        cpu = platform.processor() or platform.machine()
-        try:
-            for line in open("/proc/cpuinfo", encoding="utf-8"):
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        return {"host": socket.gethostname(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                "python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                "platform": platform.platform()}
 
 
 def make_shards(out: Path, samples: int, seq_len: int, vocab: int, shard_samples: int) -> None:
@@ -166,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                       "goal_tokens_per_s_per_rank": GOAL},
         "baseline_bare_reader": base,
         "runs": runs,
-        "hardware": _fingerprint(),
+        "hardware": fingerprint(measure=False),
         "load_average_1_5_15min": list(os.getloadavg()),  # other work on the machine skews the numbers
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
-                                           f"bench_loader-{socket.gethostname()}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out = Path(args.out) if args.out else (Path("benchmarks") / "results" /
+                                           f"bench_loader-{hostname_tag()}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")

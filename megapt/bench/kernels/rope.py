@@ -1,7 +1,7 @@
 """RoPE GB/s, forward and forward+backward: megapt fused q+k kernel (out of place and in place)
 vs the PyTorch reference and Liger's liger_rotary_pos_emb when installed, same run.
 
-    python benchmarks/kernels/bench_rope.py [--quick]
+    python -m megapt.bench.kernels.rope [--quick]
 
 Bytes: q and k read and written once per pass. Shapes: (B=2, T, nh=32, hs=128), nkv=8.
 """
@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-import bench_common as bc
-from bench_common import MEGAPT, add_speedups, line_plot, measure
+from megapt.bench.kernels import common as bc
+from megapt.bench.kernels.common import MEGAPT, add_speedups, line_plot, measure
 
 PROVIDERS = (MEGAPT, "megapt-inplace", "torch-eager", "liger")
 
@@ -94,6 +94,6 @@ def plot(rows: list[dict], out_dir) -> list[str]:
 
 
 if __name__ == "__main__":
-    from run_all import main
+    from megapt.bench.kernels.run import main
 
     raise SystemExit(main(["--only", "rope", *sys.argv[1:]]))

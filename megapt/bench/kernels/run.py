@@ -1,12 +1,13 @@
 """Kernel benchmarks, one entry point: attention, RMSNorm, RoPE, linear+CE vs their baselines.
 
-    python benchmarks/kernels/run_all.py                      # everything (~10-20 min on one H100)
-    python benchmarks/kernels/run_all.py --quick              # a few shapes per op (~2 min)
-    python benchmarks/kernels/run_all.py --only attention --gqa 4
-    python benchmarks/kernels/run_all.py --dry-run            # no GPU needed: cases + fingerprint
-    megapt bench kernels --script-args "--quick"              # same, wrapped by megapt bench
+    megapt bench kernels                                      # everything (~10-20 min on one H100)
+    megapt bench kernels --script-args "--quick"              # a few shapes per op (~2 min)
+    megapt bench kernels --script-args "--only attention --gqa 4"
+    megapt bench kernels --script-args "--dry-run"            # no GPU needed: cases + fingerprint
+    python -m megapt.bench.kernels --quick                    # the same, directly
 
-Writes one JSON (default benchmarks/results/kernels-<UTC time>-<host>.json): the hardware
+Writes one JSON (default benchmarks/results/kernels-<UTC time>-<host>.json under the current
+folder): the hardware
 fingerprint, the arguments, every measured row (provider, shape, ms, TFLOP/s or GB/s, status)
 and per case megapt's speedup over each baseline measured in the same run; PNG plots beside it
 when matplotlib is installed. Baselines that are not installed (liger-kernel, flash-attn) are
@@ -19,19 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_attention  # noqa: E402
-import bench_cross_entropy  # noqa: E402
-import bench_rms_norm  # noqa: E402
-import bench_rope  # noqa: E402
-from bench_common import default_out, fingerprint, require_cuda, write_json  # noqa: E402
+from megapt.bench.kernels import attention, cross_entropy, rms_norm, rope
+from megapt.bench.kernels.common import default_out, fingerprint, require_cuda, write_json
 
 BENCHES = {
-    "attention": bench_attention,
-    "rms_norm": bench_rms_norm,
-    "rope": bench_rope,
-    "cross_entropy": bench_cross_entropy,
+    "attention": attention,
+    "rms_norm": rms_norm,
+    "rope": rope,
+    "cross_entropy": cross_entropy,
 }
 
 
@@ -46,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="list the cases and write the fingerprint; run nothing")
     p.add_argument("--providers", default=None,
                    help="comma-separated subset of providers (default: all, e.g. megapt,sdpa-flash)")
-    bench_attention.add_args(p)
+    attention.add_args(p)
     return p.parse_args(argv)
 
 
@@ -75,7 +71,7 @@ def main(argv=None) -> int:
         write_json(out, doc)
         print(f"dry run: {sum(len(v) for v in plan.values())} cases planned; wrote {out}")
         return 0
-    require_cuda("benchmarks/kernels/run_all.py")
+    require_cuda("megapt bench kernels")
     for name in names:
         bench = BENCHES[name]
         providers = bench.PROVIDERS

@@ -1,4 +1,4 @@
-"""One benchmark point in a fresh process: ``python -m megapt.benchmarking.worker SPEC.json OUT.json``.
+"""One benchmark point in a fresh process: ``python -m megapt.bench.worker SPEC.json OUT.json``.
 
 SPEC: {"config_files": [...], "overrides": ["--model.preset=tiny", ...], "runners": ["engine", "plain"],
        "warmup": 2, "steps": 5, "data": "synthetic"|"loader", "measured": {key: tflops}, "comm_timers": false}
@@ -14,6 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
+from megapt.bench.fingerprint import measured_peaks
+from megapt.bench.planner import predict_memory
+from megapt.bench.runners import resolve_device, run_one
+from megapt.config import load_config
+
 
 def write_json_atomic(path: Path, obj) -> None:
     path = Path(path)
@@ -24,17 +31,10 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def run_spec(spec: dict, out_path: Path) -> dict:
-    from megapt.benchmarking.planner import predict_memory
-    from megapt.benchmarking.runners import run_one
-    from megapt.config import load_config
-
     cfg = load_config(spec.get("config_files", []), spec.get("overrides", []))
     # {key: TFLOP/s} (from the parent's fingerprint) or {key: {"tflops": ...}} (measure_matmul_tflops rows)
     measured = {k: (v.get("tflops") if isinstance(v, dict) else v) for k, v in (spec.get("measured") or {}).items()}
     if not measured:
-        from megapt.benchmarking.hardware import measured_peaks
-        from megapt.benchmarking.runners import resolve_device
-
         dev = resolve_device(cfg.train)
         keys = ("bf16", "fp16", "tf32", "fp32") if dev == "cuda" else ("fp32", cfg.train.precision)
         measured = {k: v.get("tflops") for k, v in measured_peaks(dev, tuple(dict.fromkeys(keys))).items()}
@@ -48,8 +48,6 @@ def run_spec(spec: dict, out_path: Path) -> dict:
         write_json_atomic(out_path, out)
     out["finished"] = time.time()
     write_json_atomic(out_path, out)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return out

@@ -1,7 +1,7 @@
 """RMSNorm GB/s, forward and forward+backward: megapt Triton and CUDA-extension kernels vs the
 PyTorch reference (fp32 math, eager) and Liger's LigerRMSNorm when installed, same run.
 
-    python benchmarks/kernels/bench_rms_norm.py [--quick]
+    python -m megapt.bench.kernels.rms_norm [--quick]
 
 Bytes moved (the op is memory bound): forward reads x and writes y; backward reads dy and x
 and writes dx (weight and rstd traffic ignored). 16k rows per case.
@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-import bench_common as bc
-from bench_common import MEGAPT, add_speedups, line_plot, measure
+from megapt.bench.kernels import common as bc
+from megapt.bench.kernels.common import MEGAPT, add_speedups, line_plot, measure
 
 PROVIDERS = (MEGAPT, "megapt-cuda", "torch-eager", "liger")
 TOKENS = 16384
@@ -86,6 +86,6 @@ def plot(rows: list[dict], out_dir) -> list[str]:
 
 
 if __name__ == "__main__":
-    from run_all import main
+    from megapt.bench.kernels.run import main
 
     raise SystemExit(main(["--only", "rms_norm", *sys.argv[1:]]))

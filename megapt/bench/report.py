@@ -16,8 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Optional
+
+from megapt.bench.runners import BASELINES
+from megapt.config import ConfigError
+from megapt.model.gpt import HFU_FORMULA, MFU_FORMULA
 
 SCHEMA = "megapt-bench"
 VERSION = 1
@@ -32,6 +37,8 @@ METRICS = {
 }
 RATIO_METRICS = ("tokens_per_s_total", "tokens_per_s_per_device", "step_time_s", "peak_memory_bytes")
 RATIO_PAIRS = (("engine", "plain"), ("engine", "hf"), ("plain", "hf"))
+TOKENS_FORMULA = ("tokens/s = real tokens (label != -100) in an optimizer step (micro_batch x grad_accum "
+                  "x seq_len per rank when nothing is padded) / step wall time; total = sum over ranks")
 RATIO_FORMULA = ("ratio = numerator / denominator of the recorded medians (memory: peak bytes); "
                  "tokens_per_s_total > 1 means the numerator is faster")
 MEMORY_FORMULA = ("CUDA: peak_bytes = torch.cuda.max_memory_allocated over a runner minus what was allocated "
@@ -88,11 +95,6 @@ def flat_ratios(points: list[dict]) -> list[dict]:
 
 def build_document(kind: str, *, argv: list[str], config: dict, fingerprint: dict, peaks: dict,
                    points: list[dict], extra: Optional[dict] = None) -> dict:
-    import time
-
-    from megapt.benchmarking.flops import HFU_FORMULA, MFU_FORMULA, TOKENS_FORMULA
-    from megapt.benchmarking.runners import BASELINES
-
     doc = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -124,8 +126,6 @@ def write_json(path: Path, doc: dict) -> Path:
 
 
 def load_json(path: str) -> dict:
-    from megapt.config import ConfigError
-
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
@@ -197,56 +197,89 @@ def table(points: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def plot(points: list[dict], out_stem: Path) -> tuple[list[str], Optional[str]]:
-    """tokens/s and peak memory against every axis that varies; returns (png paths, note)."""
-    try:
-        import matplotlib
+# numbers that name a choice rather than measure a quantity: drawn as categories
+CATEGORICAL_AXES = ("deepspeed.zero_stage",)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return [], "matplotlib is not installed: plots skipped (pip install matplotlib)"
-    axes = {}
+
+def plot_style(axis: str, values: list) -> str:
+    """"bars" (grouped, one group per value) for categories: presets, ZeRO stages, backends,
+    precisions; "lines" for quantities: sequence length, micro-batch, grad accumulation."""
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return "lines" if numeric and axis not in CATEGORICAL_AXES else "bars"
+
+
+def axis_values(points: list[dict]) -> dict[str, list]:
+    """Every axis of the points with its values in first-seen order."""
+    axes: dict[str, list] = {}
     for p in points:
         for k, v in p["params"].items():
             axes.setdefault(k, [])
             if v not in axes[k]:
                 axes[k].append(v)
-    varying = [k for k, vs in axes.items() if len(vs) > 1]
+    return axes
+
+
+def figure(points: list[dict], axis: str):
+    """tokens/s and peak memory against ``axis``: one series per runner and setting of the other
+    axes; grouped bars or lines by ``plot_style``. Returns (fig, (tokens_ax, memory_ax))."""
+    import matplotlib.pyplot as plt  # optional (the bench extra): imported when a plot is drawn
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = axis_values(points)[axis]
+    style = plot_style(axis, xs)
+    series: dict[str, dict] = {}
+    for p in points:
+        if axis not in p["params"]:  # explicit points need not all name the same keys
+            continue
+        others = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["params"].items() if k != axis)
+        for name, r in runner_results(p).items():
+            s = series.setdefault(f"{name} {others}".strip(), {"tps": {}, "mem": {}})
+            s["tps"][p["params"][axis]] = metric(r, "tokens_per_s_total")
+            s["mem"][p["params"][axis]] = metric(r, "peak_memory_bytes")
+    pos = {x: i for i, x in enumerate(xs)}
+    width = 0.8 / max(1, len(series))
+    for i, (label, s) in enumerate(series.items()):
+        for ax, key, scale in ((ax1, "tps", 1.0), (ax2, "mem", 1 / 2**30)):
+            pts = sorted((pos[x], y * scale) for x, y in s[key].items() if y is not None)
+            if not pts:
+                continue
+            if style == "bars":
+                offset = (i - (len(series) - 1) / 2) * width
+                ax.bar([x + offset for x, _ in pts], [y for _, y in pts], width, label=label)
+            else:
+                ax.plot(*zip(*pts), marker="o", label=label)
+    kinds = {(r.get("memory") or {}).get("kind") for p in points for r in runner_results(p).values()}
+    values = [y for s in series.values() for y in s["tps"].values() if y]
+    if values and max(values) / min(values) > 20:
+        ax1.set_yscale("log")
+    mem_title = ("peak memory (GiB, process RSS)" if kinds == {"rss"}
+                 else "peak memory (GiB, CUDA allocated)")
+    for ax, title in ((ax1, "tokens/s (total)"), (ax2, mem_title)):
+        ax.set_xticks(range(len(xs)))
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xlabel(axis)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y" if style == "bars" else "both")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    return fig, (ax1, ax2)
+
+
+def plot(points: list[dict], out_stem: Path) -> tuple[list[str], Optional[str]]:
+    """A PNG per axis that varies (``figure``); returns (png paths, note)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], 'matplotlib is not installed: plots skipped (pip install "megapt[bench]")'
+    varying = [k for k, vs in axis_values(points).items() if len(vs) > 1]
     if not varying:
         return [], "no axis varies: nothing to plot"
     paths = []
     for axis in varying:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        xs = axes[axis]
-        series: dict[str, dict] = {}
-        for p in points:
-            if axis not in p["params"]:  # explicit points need not all name the same keys
-                continue
-            others = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["params"].items() if k != axis)
-            for name, r in runner_results(p).items():
-                s = series.setdefault(f"{name} {others}".strip(), {"tps": {}, "mem": {}})
-                s["tps"][p["params"][axis]] = metric(r, "tokens_per_s_total")
-                s["mem"][p["params"][axis]] = metric(r, "peak_memory_bytes")
-        pos = {x: i for i, x in enumerate(xs)}
-        for label, s in series.items():
-            for ax, key, scale in ((ax1, "tps", 1.0), (ax2, "mem", 1 / 2**30)):
-                pts = [(pos[x], y * scale) for x, y in s[key].items() if y is not None]
-                if pts:
-                    ax.plot(*zip(*sorted(pts)), marker="o", label=label)
-        kinds = {(r.get("memory") or {}).get("kind") for p in points for r in runner_results(p).values()}
-        values = [y for s in series.values() for y in s["tps"].values() if y]
-        if values and max(values) / min(values) > 20:
-            ax1.set_yscale("log")
-        mem_title = "peak memory (GiB, process RSS)" if kinds == {"rss"} else "peak memory (GiB, CUDA allocated)"
-        for ax, title in ((ax1, "tokens/s (total)"), (ax2, mem_title)):
-            ax.set_xticks(range(len(xs)))
-            ax.set_xticklabels([str(x) for x in xs])
-            ax.set_xlabel(axis)
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-        ax1.legend(fontsize=7)
-        fig.tight_layout()
+        fig, _ = figure(points, axis)
         path = out_stem.with_name(f"{out_stem.name}-{axis.replace('.', '_')}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,8 +15,10 @@ from typing import Callable, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-RESULTS_DIR = REPO / "benchmarks" / "results"
+from megapt.bench.fingerprint import fingerprint as full_fingerprint
+from megapt.bench.fingerprint import hostname_tag
+
+RESULTS_DIR = Path("benchmarks") / "results"  # under the current folder
 MEGAPT = "megapt"  # provider name of our kernels in every table
 # Where the benchmarks allocate. Always "cuda" for real numbers; the unit tests set "cpu" (with
 # TRITON_INTERPRET=1 and tiny cases) to exercise the code paths without a GPU.
@@ -31,28 +31,8 @@ def sync() -> None:
 
 
 def fingerprint() -> dict:
-    """The shared megapt fingerprint (GPU, driver, versions, CPU); a small fallback without it."""
-    try:
-        from megapt.benchmarking.hardware import fingerprint as fp
-
-        return fp(measure=False)
-    except Exception as exc:  # noqa: BLE001 - the benchmark must still say where it ran
-        def version(mod):
-            try:
-                return __import__(mod).__version__
-            except Exception:  # noqa: BLE001
-                return None
-
-        gpu = None
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            gpu = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sms": p.multi_processor_count,
-                   "memory_gb": round(p.total_memory / 2**30, 1), "cuda": torch.version.cuda}
-        return {"fallback": f"megapt.benchmarking.hardware unavailable: {exc}", "gpu": gpu,
-                "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                "software": {"python": platform.python_version(), "torch": torch.__version__,
-                             "triton": version("triton"), "deepspeed": version("deepspeed")},
-                "os": platform.platform()}
+    """The shared megapt fingerprint (GPU, driver, versions, CPU), no matmul peak measured."""
+    return full_fingerprint(measure=False)
 
 
 def time_ms(fn: Callable[[], object], grad_to_none=None, warmup: int = 25, rep: int = 100) -> float:
@@ -140,8 +120,7 @@ def add_speedups(rows: list[dict], case_keys: tuple[str, ...]) -> None:
 
 def default_out() -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    host = "".join(c for c in socket.gethostname().split(".")[0] if c.isalnum() or c in "-_")[:24] or "host"
-    return RESULTS_DIR / f"kernels-{stamp}-{host}.json"
+    return RESULTS_DIR / f"kernels-{stamp}-{hostname_tag()}.json"
 
 
 def write_json(path: Path, doc: dict) -> Path:

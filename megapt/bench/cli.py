@@ -3,23 +3,24 @@
     megapt bench train   -c configs/tiny.yaml [--runners engine,plain,hf] [--steps 5 --warmup 2]
     megapt bench sweep   -c configs/tiny.yaml --axis size=tiny,124m --axis seq=64,128 [--spec sweep.yaml]
     megapt bench compare OLD.json NEW.json [--threshold 0.05]     # exit 1 on a regression
-    megapt bench data|loader|kernels [--script-args "..."]        # the other workstreams' scripts
+    megapt bench data|loader|kernels [--script-args "..."]        # tokenize+shard, loader, kernels
+    megapt bench planner --nproc 2 [--script-args "--mode states"] # the planner vs a real engine
 
 ``train`` is a one-point sweep of the given config. Every point runs in a fresh subprocess with a
 timeout: the DeepSpeed engine (megapt.train.engine) beside two baselines measured in the same run,
 a plain PyTorch loop of the same model and Hugging Face LlamaForCausalLM with the same shapes.
-One JSON per run goes to --out (default benchmarks/results/<UTC timestamp>-<host>.json), a table
-to the terminal, PNG plots beside the JSON when matplotlib is installed.
-
-Other benchmark scripts get the shared hardware fingerprint from here:
-
-    from megapt.bench import fingerprint
-    record["fingerprint"] = fingerprint()
+One JSON per run goes to --out (default benchmarks/results/<UTC timestamp>-<host>.json under the
+current folder), a table to the terminal, PNG plots beside the JSON with the ``bench`` extra
+(matplotlib). data, loader and kernels run ``megapt.bench.data`` / ``.loader`` / ``.kernels``
+with the ``--script-args``; planner runs ``megapt.bench.planner`` under torchrun on ``--nproc``
+processes. Every benchmark JSON carries ``megapt.bench.fingerprint.fingerprint()``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -28,20 +29,26 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from megapt.benchmarking.hardware import PEAK_TFLOPS, fingerprint, hostname_tag, match_gpu, select_peak  # noqa: F401
+import torch
+
+from megapt import hardware
+from megapt.bench import report
+from megapt.bench.fingerprint import fingerprint, hostname_tag
+from megapt.bench.runners import RUNNERS, resolve_device
+from megapt.bench.sweep import axis_key, load_spec, parse_axis_arg, run_sweep
 from megapt.config import Config, ConfigError, load_config, save_config, to_dict
 
-ACTIONS = ("train", "sweep", "compare", "data", "loader", "kernels")
-REPO = Path(__file__).resolve().parents[1]
-# `megapt bench <action>` -> the script another workstream owns (run as a subprocess)
-SCRIPTS = {
-    "data": REPO / "benchmarks" / "bench_data.py",
-    "loader": REPO / "benchmarks" / "bench_loader.py",
-    "kernels": REPO / "benchmarks" / "kernels" / "run_all.py",
+ACTIONS = ("train", "sweep", "compare", "data", "loader", "kernels", "planner")
+# `megapt bench <action>` -> the module whose main(argv) runs it; imported when the action runs
+# (each pulls its own stack: sentencepiece, the loader, the kernels, DeepSpeed)
+MODULES = {
+    "data": "megapt.bench.data",
+    "loader": "megapt.bench.loader",
+    "kernels": "megapt.bench.kernels.run",
+    "planner": "megapt.bench.planner",
 }
-SHORTCUT_AXES = {"sizes": "size", "seqs": "seq", "micro_batches": "micro_batch", "zero": "zero", "attention": "attention"}
-
-__all__ = ["fingerprint", "PEAK_TFLOPS", "select_peak", "match_gpu", "add_args", "cli_main", "default_out_path"]
+SHORTCUT_AXES = {"sizes": "size", "seqs": "seq", "micro_batches": "micro_batch", "zero": "zero",
+                 "attention": "attention"}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -63,14 +70,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero", default="", help="shortcut for --axis zero=...")
     p.add_argument("--attention", default="", help="shortcut for --axis attention=...")
     p.add_argument("--nproc", type=int, default=1,
-                   help="devices per point: the engine runs under torchrun with this many processes")
+                   help="devices per point: the engine runs under torchrun with this many "
+                        "processes (planner: processes of the torchrun job)")
     p.add_argument("--comm-timers", dest="comm_timers", choices=("auto", "on", "off"), default="auto",
                    help="time DeepSpeed's gradient reduction (engine.allreduce_gradients) as comm_s (auto: on when nproc > 1)")
     p.add_argument("--no-peak", action="store_true", help="skip the measured torch.mm peak")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.add_argument("--logs", default="", help="keep each point's worker log in this folder")
     p.add_argument("--threshold", type=float, default=0.05, help="compare: relative change counted as a regression")
-    p.add_argument("--script-args", default="", help="data/loader/kernels: arguments passed to the script")
+    p.add_argument("--script-args", default="",
+                   help="data/loader/kernels/planner: arguments for that benchmark "
+                        "(see its --help)")
 
 
 def default_out_path(now: Optional[float] = None) -> Path:
@@ -95,8 +105,6 @@ def _cli_overrides(cfg: Config, files: list[str]) -> list[str]:
 
 
 def _axes(args, spec: dict) -> dict:
-    from megapt.benchmarking.sweep import axis_key, parse_axis_arg
-
     axes = {axis_key(k): v for k, v in (spec.get("axes") or {}).items()}
     for attr, name in SHORTCUT_AXES.items():
         if getattr(args, attr):
@@ -116,17 +124,13 @@ def _peaks(fp: dict, cfg: Config) -> dict:
     return {"device": fp["device"], "gpu_name": gpu.get("name"), "spec_model": gpu.get("spec_model"),
             "spec_tflops": fp.get("spec_peak_tflops"), "measured_tflops": measured,
             "measured_detail": fp.get("measured_peak"),
-            "used": select_peak(gpu.get("name") if on_gpu else None, cfg.train.precision, tf32, measured,
-                                is_cuda=on_gpu),
-            "table": PEAK_TFLOPS}
+            "used": hardware.select_peak(gpu.get("name") if on_gpu else None, cfg.train.precision, tf32,
+                                         measured, is_cuda=on_gpu),
+            "table": hardware.table()}
 
 
 def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> tuple[dict, Path]:
     """Resolve the sweep, run every point in a subprocess, write JSON + plots; returns (doc, path)."""
-    from megapt.benchmarking import report
-    from megapt.benchmarking.runners import RUNNERS, resolve_device
-    from megapt.benchmarking.sweep import load_spec, run_sweep
-
     spec = load_spec(args.spec) if args.spec else {}
     if spec.get("configs") or spec.get("overrides"):
         cfg = load_config(list(spec.get("configs") or []) + list(args.config),
@@ -186,8 +190,6 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
 
 
 def run_compare(args) -> int:
-    from megapt.benchmarking import report
-
     if len(args.files) != 2:
         raise ConfigError("bench compare: give exactly two JSON files, the baseline then the new run")
     a, b = report.load_json(args.files[0]), report.load_json(args.files[1])
@@ -207,32 +209,32 @@ def run_compare(args) -> int:
     return 0
 
 
-def run_script(action: str, args) -> int:
-    """Run another workstream's benchmark script (it writes its own JSON with our fingerprint)."""
-    script = SCRIPTS[action]
-    if not script.is_file():
-        print(f"megapt bench {action}: {script} not found (it comes with a source checkout "
-              f"and belongs to the {action} workstream)", file=sys.stderr)
-        return 2
-    results_dir = REPO / "benchmarks" / "results"
-    before = {p: p.stat().st_mtime for p in results_dir.rglob("*.json")} if results_dir.is_dir() else {}
-    cmd = [sys.executable, str(script)] + shlex.split(args.script_args) + (["--out", args.out] if args.out else [])
-    print(f"[bench] {' '.join(cmd)}", flush=True)
-    rc = subprocess.call(cmd, cwd=str(REPO))
-    written = [p for p in ([Path(args.out)] if args.out else results_dir.rglob("*.json"))
-               if p.is_file() and before.get(p) != p.stat().st_mtime]
-    for p in written:
-        print(f"[bench] {action} wrote {p}")
-    if rc == 0 and not written:
-        print(f"[bench] warning: {script.name} exited 0 but wrote no JSON under {results_dir}", file=sys.stderr)
-    return rc
+def run_module(action: str, args) -> int:
+    """data / loader / kernels in this process; planner under torchrun (``--nproc`` processes)."""
+    argv = shlex.split(args.script_args) + (["--out", args.out] if args.out else [])
+    if action == "planner":
+        env = dict(os.environ)
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, gloo
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={args.nproc}", "-m", MODULES[action], *argv]
+        print(f"[bench] {' '.join(cmd)}", flush=True)
+        return subprocess.call(cmd, env=env)
+    module = importlib.import_module(MODULES[action])
+    try:
+        return int(module.main(argv) or 0)
+    except SystemExit as exc:  # argparse errors, a GPU benchmark without a GPU
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
 
 
 def cli_main(cfg: Config, args) -> int:
     if args.action == "compare":
         return run_compare(args)
-    if args.action in SCRIPTS:
-        return run_script(args.action, args)
+    if args.action in MODULES:
+        return run_module(args.action, args)
     if args.files:
         raise ConfigError(f"bench {args.action}: unexpected arguments {args.files}")
     doc, _ = run_train_or_sweep(cfg, args)

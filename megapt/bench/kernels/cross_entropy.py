@@ -2,7 +2,7 @@
 chunk) and chunked (pure PyTorch) vs full-logits PyTorch and Liger's fused linear CE when
 installed, same run.
 
-    python benchmarks/kernels/bench_cross_entropy.py [--quick]
+    python -m megapt.bench.kernels.cross_entropy [--quick]
 
 TFLOP/s counts the three GEMMs (logits, d hidden, d weight): 6*N*C*V. N = 8192 tokens, C = 4096.
 """
@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-import bench_common as bc
-from bench_common import MEGAPT, add_speedups, line_plot, measure
+from megapt.bench.kernels import common as bc
+from megapt.bench.kernels.common import MEGAPT, add_speedups, line_plot, measure
 
 PROVIDERS = (MEGAPT, "megapt-chunked", "torch-full-logits", "liger")
 
@@ -90,6 +90,6 @@ def plot(rows: list[dict], out_dir) -> list[str]:
 
 
 if __name__ == "__main__":
-    from run_all import main
+    from megapt.bench.kernels.run import main
 
     raise SystemExit(main(["--only", "cross_entropy", *sys.argv[1:]]))
