@@ -229,7 +229,7 @@ class FinetuneConfig:
 class PlanConfig:
     nodes: int = _f(1, "intended node count (`megapt plan` and launch pre-flight; CLI --nodes wins)")
     gpus_per_node: int = _f(8, "intended GPUs per node (CLI --gpus-per-node wins)")
-    gpu: str = _f("h100", "GPU model for the memory plan: h100, h200, a100, a100-40, l40s, a10g, v100, rtx4090")
+    gpu: str = _f("h100", "GPU model for the memory plan: a key of megapt.hardware.GPUS (megapt plan --help)")
     gpu_mem_gb: float = _f(0.0, "usable GPU memory in GiB; 0 = the GPU model's capacity")
     cpu_mem_gb: float = _f(0.0, "host RAM per node in GiB (offload check); 0 = typical for the GPU model")
     global_batch: int = _f(0, "sequences per optimizer step; 0 = not fixed. When set, it must equal "
