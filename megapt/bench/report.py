@@ -197,6 +197,7 @@ def table(points: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+RUNNER_ORDER = ("engine", "plain", "hf")
 # numbers that name a choice rather than measure a quantity: drawn as categories
 CATEGORICAL_AXES = ("deepspeed.zero_stage",)
 
@@ -232,7 +233,9 @@ def figure(points: list[dict], axis: str):
         if axis not in p["params"]:  # explicit points need not all name the same keys
             continue
         others = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["params"].items() if k != axis)
-        for name, r in runner_results(p).items():
+        res = runner_results(p)
+        for name in sorted(res, key=lambda n: (RUNNER_ORDER + (n,)).index(n)):  # engine first
+            r = res[name]
             s = series.setdefault(f"{name} {others}".strip(), {"tps": {}, "mem": {}})
             s["tps"][p["params"][axis]] = metric(r, "tokens_per_s_total")
             s["mem"][p["params"][axis]] = metric(r, "peak_memory_bytes")
