@@ -266,8 +266,8 @@ class Hardware:
             self.gpu_mem_gib = GPUS[name].mem_gib or 0.0
         if not self.cpu_mem_gib:
             self.cpu_mem_gib = GPUS[name].host_gib or 0.0
-        missing = [flag for flag, v in (("--gpu-mem-gb", self.gpu_mem_gib), ("--cpu-mem-gb", self.cpu_mem_gib))
-                   if not v]
+        given = (("--gpu-mem-gb", self.gpu_mem_gib), ("--cpu-mem-gb", self.cpu_mem_gib))
+        missing = [flag for flag, v in given if not v]
         if missing:
             raise ConfigError(f"plan.gpu: megapt.hardware has no memory figure for {name} "
                               f"({GPUS[name].name}); give {' and '.join(missing)}")
@@ -362,7 +362,8 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     n = sum(numels)
     pb, gb = precision_bytes(prec)
     gb = 4 + pb if fp32_accum else gb
-    persistent = sum(x for x in numels if x < ds.stage3_param_persistence_threshold) if stage == 3 else 0
+    small = [x for x in numels if x < ds.stage3_param_persistence_threshold]
+    persistent = sum(small) if stage == 3 else 0
     st = model_states(n, precision=prec, zero_stage=stage, world=world,
                       offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
                       persistent_params=persistent, fp32_grad_accum=fp32_accum)
@@ -435,8 +436,8 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     return Plan(s, hw, n, rows, peak, host, warnings)
 
 
-def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None, args: ModelArgs | None = None,
-                    limit: int = 4096) -> int:
+def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None,
+                    args: ModelArgs | None = None, limit: int = 4096) -> int:
     """Largest micro-batch that fits (0 when not even 1 does)."""
     s = setting or Setting.from_config(cfg)
     args = args if args is not None else model_args(cfg)
@@ -525,7 +526,8 @@ def candidates(cfg: Config, hw: Hardware) -> Iterable[Setting]:
                     yield Setting(stage, ckpt, m, accum, off_opt, off_par)
 
 
-def suggest(cfg: Config, hw: Hardware, args: ModelArgs | None = None, top: int = 3) -> list[tuple[float, Plan]]:
+def suggest(cfg: Config, hw: Hardware, args: ModelArgs | None = None,
+            top: int = 3) -> list[tuple[float, Plan]]:
     """The cheapest settings (by expected step time) that fit, cheapest first."""
     args = args if args is not None else model_args(cfg)
     base = Setting.from_config(cfg)

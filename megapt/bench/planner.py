@@ -26,7 +26,7 @@ and writing one JSON:
   of the forward/backward and optimizer-step transients), and ``max_memory_reserved`` + context
   with its full peak. Needs CUDA.
 
-      megapt bench planner --nproc 1 --script-args "--mode peak --out benchmarks/results/planner_peak.json"
+      megapt bench planner --nproc 1 --script-args "--mode peak" --out benchmarks/results/planner_peak.json
       megapt bench planner --nproc 8 --script-args "--mode peak --cases 1b,3b --out ..."
 
 (``python -m torch.distributed.run --nproc_per_node N -m megapt.bench.planner ARGS`` is the same.)
@@ -68,13 +68,13 @@ def predict_memory(cfg, world_size: int = 1) -> dict:
             over["gpu"] = key or cfg.plan.gpu
             over["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
             if key is None:
-                note = (f"GPU {name!r} not in megapt.hardware.GPUS: planned as {cfg.plan.gpu} with this "
-                        "device's memory")
+                note = (f"GPU {name!r} not in megapt.hardware.GPUS: planned as {cfg.plan.gpu} "
+                        "with this device's memory")
             if not (GPUS[over["gpu"]].host_gib or cfg.plan.cpu_mem_gb):
                 over["cpu_mem_gib"] = psutil.virtual_memory().total / 2**30  # this node's RAM
         else:
-            note = (f"no GPU: the prediction is for one {cfg.plan.gpu} (plan.gpu) and is not comparable "
-                    "with the CPU RSS measured here")
+            note = (f"no GPU: the prediction is for one {cfg.plan.gpu} (plan.gpu) and is not "
+                    "comparable with the CPU RSS measured here")
         hw = P.Hardware.from_config(cfg, **over)
         plan = P.plan_memory(cfg, hw)
     except Exception as exc:  # noqa: BLE001 - a planner problem must not stop a benchmark

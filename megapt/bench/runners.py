@@ -198,7 +198,8 @@ def loader_batches(cfg, device: str, rank: int, world_size: int) -> Iterator[dic
 def make_batches(cfg, data: str, device: str, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     if data == "loader":
         return loader_batches(cfg, device, rank, world_size)
-    return synthetic_batches(model_args(cfg).vocab_size, cfg.train.micro_batch, cfg.data.seq_len, device, cfg.run.seed + rank)
+    return synthetic_batches(model_args(cfg).vocab_size, cfg.train.micro_batch, cfg.data.seq_len, device,
+                             cfg.run.seed + rank)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +353,8 @@ def _peak_for(cfg, device: str, measured: dict) -> dict:
 
 def _shape(cfg, args: ModelArgs) -> dict:
     # HF's Llama has the same shapes (a unit test holds its parameter count to ours): same FLOPs
-    return {"args": args, "seq_len": cfg.data.seq_len, "recompute": cfg.train.activation_checkpointing}
+    recompute = cfg.train.activation_checkpointing
+    return {"args": args, "seq_len": cfg.data.seq_len, "recompute": recompute}
 
 
 def flops_record(args: ModelArgs, seq_len: int, recompute: bool) -> dict:
@@ -427,7 +429,8 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
 
     out = timed_loop(batches, forward, engine.backward, lambda boundary: engine.step(), grad_accum=ga,
                      warmup=warmup, steps=steps, cuda=device == "cuda", comm_timer=_engine_comm_timer(engine, device == "cuda") if comm_timers else None)
-    res = summarize_records(out, world_size=world, peak=_peak_for(cfg, device, measured), **_shape(cfg, args))
+    peak = _peak_for(cfg, device, measured)
+    res = summarize_records(out, world_size=world, peak=peak, **_shape(cfg, args))
     res["zero_stage"] = effective_zero_stage(cfg)
     res["zero_stage_requested"] = cfg.deepspeed.zero_stage
     res["ds_config"] = bundle.ds_config
@@ -495,7 +498,8 @@ def run_plain(cfg, *, device: str, warmup: int, steps: int, data: str, measured:
     call = torch.compile(model) if cfg.train.compile else model
     out = _torch_loop(model, cfg, device=device, warmup=warmup, steps=steps, data=data,
                       forward_fn=lambda b: call(b["input_ids"], labels=b["labels"]).loss)
-    res = summarize_records(out, world_size=1, peak=_peak_for(cfg, device, measured), **_shape(cfg, args))
+    peak = _peak_for(cfg, device, measured)
+    res = summarize_records(out, world_size=1, peak=peak, **_shape(cfg, args))
     res["backends"] = _describe_backends(backends)
     return res
 
@@ -512,7 +516,8 @@ def run_hf(cfg, *, device: str, warmup: int, steps: int, data: str, measured: di
     # HF shifts labels inside the loss: pass the inputs as labels (same shapes, same work).
     out = _torch_loop(model, cfg, device=device, warmup=warmup, steps=steps, data=data,
                       forward_fn=lambda b: call(input_ids=b["input_ids"], labels=b["input_ids"]).loss)
-    res = summarize_records(out, world_size=1, peak=_peak_for(cfg, device, measured), **_shape(cfg, args))
+    peak = _peak_for(cfg, device, measured)
+    res = summarize_records(out, world_size=1, peak=peak, **_shape(cfg, args))
     res["attn_implementation"] = model.config._attn_implementation
     res["transformers_params"] = sum(p.numel() for p in model.parameters())
     return res

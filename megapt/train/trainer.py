@@ -435,7 +435,8 @@ class Trainer:
                            "tokens_seen": self.tokens_seen, "step_time_s": round(out["step_time_s"], 4)}
                     if self.step % t.log_every == 0 or self.step == t.max_steps:
                         tps = win_tokens / max(win_time, 1e-9)
-                        mfu = self.model_args.mfu(tps / self.world_size, self.peak, self.cfg.data.seq_len)
+                        seq = self.cfg.data.seq_len
+                        mfu = self.model_args.mfu(tps / self.world_size, self.peak, seq)
                         row.update(tokens_per_s=tps, mfu=mfu,
                                    peak_mem_gb=peak_memory_gb(), skipped_total=self.skipped_total)
                         if t.precision == "fp16":
