@@ -1,5 +1,6 @@
 """DeepSpeed engine set-up: the ds_config, the optimizer, the LR schedule. The only module that
-imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoint tools).
+imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoint tools, and
+reshard, which loads universal checkpoints into the engine's optimizer).
 
     ds_config = build_ds_config(cfg, world_size=2)        # the single place a ds_config is made
     bundle = create_engine(cfg, lambda: GPT(args), world_size=2, seed=cfg.run.seed)
@@ -82,7 +83,7 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
         "wall_clock_breakdown": False,
         "steps_per_print": STEPS_PER_PRINT,
         "zero_allow_untested_optimizer": True,
-        "checkpoint": {"load_universal": cfg.checkpoint.universal},
+        # no "checkpoint.load_universal": megapt loads universal checkpoints (train/reshard.py)
     }
     if t.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
