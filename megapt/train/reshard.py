@@ -123,12 +123,15 @@ def _state_keys(opt: Any, kind: str) -> list[tuple[int, torch.Tensor]]:
 # --------------------------------------------------------------------------------------------
 
 
-def optimizer_meta(engine: Any, scheduler: Any) -> dict:
+def optimizer_meta(engine: Any, scheduler: Any) -> Optional[dict]:
     """JSON for megapt.json: per group its hyperparameters, parameter names and Adam step; the LR
     scheduler's state; DeepSpeed's step counters and loss scaler. Local to this rank (no
-    collective)."""
+    collective). None for an optimizer a universal load cannot take (saving goes on)."""
     opt = engine.optimizer
-    kind = _kind(opt)
+    try:
+        kind = _kind(opt)
+    except CheckpointError:
+        return None
     base = _base(opt, kind)
     steps: dict[int, int] = {}
     for gi, key in _state_keys(opt, kind):
