@@ -173,7 +173,8 @@ class CheckpointConfig:
     keep_last: int = _f(3, "keep this many newest checkpoints")
     resume: bool = _f(False, "continue from the newest valid checkpoint")
     load: str = _f("", "start from this checkpoint (weights + state) instead of the latest")
-    universal: bool = _f(False, "load a universal (reshardable) checkpoint")
+    universal: bool = _f(False, "load at any world size / ZeRO stage 0-3 (ZeRO 1-3: after megapt ckpt "
+                                "universal; ZeRO-0: as is)")
 
 
 @dataclass

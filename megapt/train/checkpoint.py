@@ -3,9 +3,10 @@
 Layout of ``<checkpoint_dir>/step_0000300/``::
 
     ds/                       DeepSpeed's save_checkpoint (model, optimizer partitions, LR scheduler)
-    ds_universal/             optional: `megapt ckpt universal` output (reshardable to any world size)
+    ds_universal/             optional: `megapt ckpt universal` output (ZeRO 1-3; reshardable)
     megapt.json               our client state: step, tokens seen, loader state, world size, ZeRO
-                              stage, precision, model args, tokenizer sha256
+                              stage, precision, model args, tokenizer sha256, optimizer groups
+                              (hyperparameters, Adam step) and LR schedule state
     rng.json                  RNG states of every rank (python, numpy, torch cpu, cuda)
     config.yaml               the resolved config of the run
     tokenizer.model           copy of the tokenizer
@@ -340,22 +341,23 @@ def check_compatible(meta: dict, *, model_args: dict, world_size: int, zero_stag
         raise CheckpointError(f"{ckpt}: the checkpoint was saved for a different model:\n  " + "\n  ".join(problems)
                               + "\nuse the same model settings (see the checkpoint's config.yaml) or start a new run "
                                 "(another run.name or checkpoint.dir)")
-    s_world, s_stage = meta.get("world_size"), meta.get("zero_stage")
+    s_world, s_stage = meta.get("world_size"), int(meta.get("zero_stage") or 0)
     if universal:
-        if not (Path(ckpt) / UNIVERSAL_TAG).is_dir():
-            raise CheckpointError(f"{ckpt}: checkpoint.universal=true but there is no {UNIVERSAL_TAG}/ in it; "
-                                  f"convert it first: megapt ckpt universal {ckpt}")
+        if s_stage and not (Path(ckpt) / UNIVERSAL_TAG).is_dir():
+            raise CheckpointError(
+                f"{ckpt}: checkpoint.universal=true but this ZeRO-{s_stage} checkpoint has no "
+                f"{UNIVERSAL_TAG}/ yet; convert it once (megapt ckpt universal {ckpt}), then "
+                "resume again")
         return
-    if s_stage and (s_world != world_size or s_stage != zero_stage):
-        raise CheckpointError(
-            f"{ckpt}: saved with ZeRO stage {s_stage} at world size {s_world}; this run has stage {zero_stage} at "
-            f"world size {world_size}. ZeRO partitions cannot be loaded at another world size/stage directly.\n"
-            f"Convert it once:  megapt ckpt universal {ckpt}\n"
-            f"then resume with  --checkpoint.universal=true")
-    if (s_stage or 0) == 0 and zero_stage != 0:
-        raise CheckpointError(
-            f"{ckpt}: saved with ZeRO stage 0; this run uses stage {zero_stage}. Convert it once: "
-            f"megapt ckpt universal {ckpt}, then resume with --checkpoint.universal=true")
+    if s_stage == zero_stage and (s_stage == 0 or s_world == world_size):
+        return  # ZeRO-0 holds the whole optimizer state in one file: any world size loads it
+    how = ("it needs no conversion: resume with --checkpoint.universal=true" if s_stage == 0 else
+           f"convert it once (megapt ckpt universal {ckpt}), then resume with "
+           "--checkpoint.universal=true")
+    raise CheckpointError(
+        f"{ckpt}: saved with ZeRO stage {s_stage} at world size {s_world}; this run has stage "
+        f"{zero_stage} at world size {world_size}. A plain resume needs the same stage (and, for "
+        f"ZeRO 1-3, the same world size); {how} to load it at any stage 0-3 and any world size.")
 
 
 def _deepspeed_safe_globals() -> list:
@@ -391,13 +393,14 @@ def weights_only_loads(ckpt: Path):
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
 
 
-def load_engine_state(engine: Any, ckpt: Path, universal: bool) -> None:
-    tag = UNIVERSAL_TAG if universal else DS_TAG
+def load_engine_state(engine: Any, ckpt: Path) -> None:
+    """A plain resume: DeepSpeed loads its own files (same ZeRO stage; for ZeRO 1-3 the same world
+    size). Universal checkpoints go through megapt.train.reshard instead."""
     with weights_only_loads(ckpt):
-        path, _ = engine.load_checkpoint(str(ckpt), tag=tag, load_optimizer_states=True,
+        path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
     if path is None:
-        raise CheckpointError(f"{ckpt}/{tag}: DeepSpeed found no checkpoint to load")
+        raise CheckpointError(f"{ckpt}/{DS_TAG}: DeepSpeed found no checkpoint to load")
 
 
 def load_rng(ckpt: Path, rank: int, world_size: int, seed: int, step: int) -> None:

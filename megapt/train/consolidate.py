@@ -6,8 +6,9 @@
            ZeRO 1/2/3 partitions are merged with DeepSpeed's zero_to_fp32.
 
     megapt ckpt universal runs/tiny/checkpoints/step_0000300
-        -> adds ds_universal/ to that checkpoint (DeepSpeed's ds_to_universal), after which it
-           resumes at any world size / ZeRO stage with --checkpoint.universal=true.
+        -> adds ds_universal/ to a ZeRO 1-3 checkpoint (DeepSpeed's ds_to_universal), after which it
+           resumes at any world size and ZeRO stage 0-3 with --checkpoint.universal=true (loaded by
+           megapt.train.reshard). A ZeRO-0 checkpoint needs no conversion (it says so, exit 0).
 
 Both accept a checkpoint folder (step_XXXXXXX) or a checkpoint root (the newest valid one is used);
 both verify the checkpoint's manifest first and write atomically (tmp folder + rename).
@@ -95,25 +96,39 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "fp32") -> Path:
 
 
 def to_universal(ckpt: Path) -> Path:
-    """Add ds_universal/ to ``ckpt`` (DeepSpeed ds_to_universal) and re-write its manifest."""
-    meta = read_meta(ckpt)
-    if not meta.get("zero_stage"):
-        raise CheckpointError(f"{ckpt}: saved with ZeRO stage 0 (full optimizer state in one file); it already "
-                              "loads at any world size with --deepspeed.zero_stage=0, no conversion needed")
+    """Add ds_universal/ to a ZeRO 1-3 ``ckpt`` (DeepSpeed's ds_to_universal), rewrite the manifest.
+    Nothing is written outside ``ckpt/ds_universal`` but the manifest: ds_to_universal also writes a
+    ``latest_universal`` file beside its output folder, so it writes into a scratch folder that is
+    removed afterwards. A ZeRO-0 checkpoint is returned as is (``is_universal``)."""
+    if is_universal(ckpt):
+        return ckpt
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     final = ckpt / UNIVERSAL_TAG
-    tmp = ckpt / (UNIVERSAL_TAG + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    ds_to_universal(argparse.Namespace(input_folder=str(ckpt / DS_TAG), output_folder=str(tmp),
-                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                       strict=True, inject_missing_state=False))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    scratch = ckpt / (UNIVERSAL_TAG + ".tmp")
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir()
+    out = scratch / UNIVERSAL_TAG
+    try:
+        with weights_only_loads(ckpt):
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(ckpt / DS_TAG), output_folder=str(out), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=False))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     write_manifest(ckpt)  # the new files are covered by the (atomically rewritten) manifest
     return final
+
+
+def is_universal(ckpt: Path) -> bool:
+    """A ZeRO-0 checkpoint holds the whole model and optimizer state in one file: it loads at any
+    world size and ZeRO stage (--checkpoint.universal=true) without conversion."""
+    return not read_meta(ckpt).get("zero_stage")
 
 
 def add_args(parser: argparse.ArgumentParser, verb: tuple = ()) -> None:
@@ -129,9 +144,16 @@ def cli_main(cfg: Any, args: argparse.Namespace) -> int:
     try:
         ckpt = resolve(args.checkpoint)
         if tuple(args.verb) == ("ckpt", "universal"):
+            resume = ("megapt train ... --resume --checkpoint.universal=true "
+                      f"--checkpoint.load={ckpt}")
+            if is_universal(ckpt):
+                print(f"nothing to convert: {ckpt} is a ZeRO-0 checkpoint (the whole model and "
+                      "optimizer state in one file); it loads at any world size and ZeRO stage 0-3 "
+                      f"with: {resume}")
+                return 0
             out = to_universal(ckpt)
-            print(f"universal checkpoint written: {out}\nresume at any world size with: megapt train ... --resume "
-                  f"--checkpoint.universal=true --checkpoint.load={ckpt}")
+            print(f"universal checkpoint written: {out}\nresume at any world size and ZeRO stage "
+                  f"0-3 with: {resume}")
             return 0
         out = Path(args.out) if args.out else ckpt.parent.parent / "consolidated" / ckpt.name
         consolidate(ckpt, out, args.dtype)

@@ -1,5 +1,6 @@
 """DeepSpeed engine set-up: the ds_config, the optimizer, the LR schedule. The only module that
-imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoint tools).
+imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoint tools, and
+reshard, which loads universal checkpoints into the engine's optimizer).
 
     ds_config = build_ds_config(cfg, world_size=2)        # the single place a ds_config is made
     bundle = create_engine(cfg, lambda: GPT(args), world_size=2, seed=cfg.run.seed)
@@ -7,8 +8,9 @@ imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoi
 
 Precision notes (measured with DeepSpeed 0.19.8):
   * fp32: any ZeRO stage. At stage 0 the optimizer is our ``GuardedAdamW``: it clips the global grad
-    norm itself (so the pre-clip norm is reported, as ZeRO stages do) and skips a step whose
-    gradients are not finite (as ZeRO stages 1-3 do), so NaN handling is the same at every stage.
+    norm itself (so the pre-clip norm is reported, as ZeRO stages do), with DeepSpeed's norm and
+    clip formula (``global_grad_norm``, ``clip_grads_``), and skips a step whose gradients are not
+    finite (as ZeRO stages 1-3 do), so clipping and NaN handling are the same at every stage.
   * bf16: at ZeRO-0 DeepSpeed keeps bf16 gradients and no fp32 master weights, so small updates are
     rounded away and training drifts. We therefore run bf16 with fp32 master weights: ZeRO stage >= 1
     (bf16 + ``zero_stage: 0`` is upgraded to stage 1 with fp32 gradient accumulation, with a warning).
@@ -81,7 +83,7 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
         "wall_clock_breakdown": False,
         "steps_per_print": STEPS_PER_PRINT,
         "zero_allow_untested_optimizer": True,
-        "checkpoint": {"load_universal": cfg.checkpoint.universal},
+        # no "checkpoint.load_universal": megapt loads universal checkpoints (train/reshard.py)
     }
     if t.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -204,11 +206,40 @@ def lr_schedule(cfg: Config) -> LRSchedule:
     return LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.schedule)
 
 
+def global_grad_norm(grad_groups: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The global L2 norm of the gradients, ``grad_groups`` holding one list per optimizer group,
+    computed the way DeepSpeed 0.19.8's ZeRO-1/2 optimizer computes it (``get_grad_norm_direct`` and
+    ``combine_grad_norm_groups`` in deepspeed/runtime/zero/stage_1_and_2.py): every tensor's norm in
+    fp64, their squares summed per group and rounded to fp32, the square root taken in fp32, the
+    group norms combined by an fp32 2-norm. fp32 ZeRO-0 (``GuardedAdamW``) reports and clips by this
+    norm, so every stage clips by the same number: ZeRO-0 at one process reproduces ZeRO-1/2 bit for
+    bit. (ZeRO-3 keeps fp64 until the groups are combined, a last-bit difference.) A per-tensor fp32
+    norm, as before, reads ~1e-6 low on tensors of 1e5 elements. Returns an fp32 scalar tensor."""
+    norms = []
+    for grads in grad_groups:
+        if grads:
+            squares = torch.stack([torch.linalg.vector_norm(g.detach().double(), 2) for g in grads])
+            norms.append(squares.pow(2).sum().float().pow(1.0 / 2))
+    if not norms:
+        return torch.zeros((), dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms), ord=2)
+
+
+def clip_grads_(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scale ``grads`` in place to a global norm of at most ``max_norm`` with DeepSpeed 0.19.8's
+    formula (``unscale_and_clip_grads``, loss scale 1): ``clip = max(1, (norm + 1e-6) / max_norm)``
+    in fp32, gradients multiplied by ``1 / clip`` (a no-op when the norm is within the limit)."""
+    clip = torch.clamp(((norm / 1.0) + 1e-6) / max_norm, min=1.0)
+    torch._foreach_mul_(grads, 1.0 / clip)
+
+
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that (1) computes the global grad norm, (2) skips the update when it is not finite and
-    sets ``overflow`` (DeepSpeed then zeroes grads, counts a skipped step and does not advance the LR
-    schedule), (3) clips to ``max_grad_norm``. Used for fp32 ZeRO-0, where DeepSpeed runs the client
-    optimizer as is; gradients are already all-reduced when ``step`` runs, so all ranks agree."""
+    """AdamW that (1) computes the global grad norm (``global_grad_norm``: the same computation as
+    DeepSpeed's ZeRO stages), (2) skips the update when it is not finite and sets ``overflow``
+    (DeepSpeed then zeroes grads, counts a skipped step and does not advance the LR schedule), (3)
+    clips to ``max_grad_norm`` (``clip_grads_``: DeepSpeed's formula). Used for fp32 ZeRO-0, where
+    DeepSpeed runs the client optimizer as is; gradients are already all-reduced when ``step`` runs,
+    so all ranks agree."""
 
     def __init__(self, params, max_grad_norm: float = 0.0, **kw):
         super().__init__(params, **kw)
@@ -218,20 +249,16 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            norm_f = float(norm)
-        else:
-            norm_f = 0.0
+        groups = [[p.grad for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        norm = global_grad_norm(groups)
+        norm_f = float(norm)
         self._global_grad_norm = norm_f
         self.overflow = not math.isfinite(norm_f)
         if self.overflow:
             return None
-        if self.max_grad_norm > 0:
-            coef = self.max_grad_norm / (norm_f + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_(grads, coef)
+        grads = [g for group in groups for g in group]
+        if self.max_grad_norm > 0 and grads:
+            clip_grads_(grads, norm, self.max_grad_norm)
         return super().step(closure)
 
 

@@ -44,7 +44,7 @@ import yaml
 from megapt.config import Config, ConfigError, save_config, to_dict
 from megapt.hardware import peak_flops
 from megapt.train import checkpoint as ckpt_lib
-from megapt.train import dist
+from megapt.train import dist, reshard
 from megapt.train.metrics import Metrics, format_train_line, peak_memory_gb
 
 log = logging.getLogger("megapt.train")
@@ -338,6 +338,8 @@ class Trainer:
             "micro_batch": self.cfg.train.micro_batch, "grad_accum": self.cfg.train.grad_accum,
             "model_args": dataclasses.asdict(self.model_args), "tokenizer_sha256": self.tokenizer.sha256,
             "seed": self.cfg.run.seed,
+            # what a universal load restores besides the tensors (groups, Adam steps, LR schedule)
+            "optimizer": reshard.optimizer_meta(self.engine, self.scheduler),
         }
 
     def save(self) -> Path:
@@ -360,7 +362,10 @@ class Trainer:
             raise ckpt_lib.CheckpointError(
                 f"{path}: saved with tokenizer sha256 {meta['tokenizer_sha256'][:12]}..., this run's tokenizer "
                 f"{cfg.tokenizer_path} is {self.tokenizer.sha256[:12]}...; use the checkpoint's tokenizer.model")
-        ckpt_lib.load_engine_state(self.engine, path, universal=cfg.checkpoint.universal)
+        if cfg.checkpoint.universal:
+            reshard.load_universal(self.engine, self.scheduler, path, meta)
+        else:
+            ckpt_lib.load_engine_state(self.engine, path)
         self._reapply_schedule()
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.attempt, self.skipped_total = int(meta.get("attempt", meta["step"])), int(meta.get("skipped_total", 0))

@@ -122,6 +122,25 @@ def test_guarded_adamw_skips_non_finite_and_clips():
     assert torch.allclose(p.data, q.data, rtol=1e-5)
 
 
+def test_guarded_adamw_reports_and_clips_by_the_exact_grad_norm_of_large_tensors():
+    """ZeRO-0's norm is taken like DeepSpeed's ZeRO stages take it (per-tensor norms in fp64): on a
+    1e6-element gradient it is the fp64 norm to fp32 precision (an fp32 per-tensor norm reads 1e-5
+    low there), and clipping leaves gradients of norm max_grad_norm."""
+    torch.manual_seed(0)
+    big, small = nn.Parameter(torch.zeros(1000, 1000)), nn.Parameter(torch.zeros(300))
+    groups = [{"params": [big], "weight_decay": 0.1}, {"params": [small], "weight_decay": 0.0}]
+    opt = GuardedAdamW(groups, max_grad_norm=1.0, lr=1e-3)
+    big.grad, small.grad = torch.randn(1000, 1000) * 1e-2, torch.randn(300) * 1e-2
+    def fp64_norm():
+        return torch.linalg.vector_norm(torch.cat([big.grad.double().flatten(),
+                                                   small.grad.double()])).item()
+
+    exact = fp64_norm()
+    opt.step()
+    assert abs(opt._global_grad_norm - exact) / exact < 1.2e-7, (opt._global_grad_norm, exact)
+    assert fp64_norm() == pytest.approx(1.0, rel=1e-6)
+
+
 _ONE_RANK_SCRIPT = r"""
 import copy, json, sys
 import torch
