@@ -4,6 +4,10 @@ Every verb takes ``-c/--config FILE`` (repeatable; later files win) and any numb
 ``--section.key=value`` overrides. Each verb lives in its own module, which provides
 ``add_args(parser)`` (optional) and ``cli_main(cfg, args) -> int``; modules are imported only
 when their verb runs, so ``megapt data ...`` never imports DeepSpeed.
+
+Errors: a ``megapt.errors.UserError`` (bad config, argument, file, data, checkpoint) escaping a
+verb becomes one line ``megapt <verb>: <kind>: <message>`` on stderr and the error's exit code
+(the table in megapt/errors.py); Ctrl-C exits 130; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import importlib
 import re
 import sys
 
-from megapt.config import ConfigError, describe, load_config, save_config, to_dict
+from megapt.config import describe, load_config, save_config, to_dict
+from megapt.errors import EXIT_INTERRUPTED, UsageError, UserError
 
 # verb (one or two words) -> (module, one-line help)
 VERBS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -68,7 +73,11 @@ def cli_main(cfg, args) -> int:
         return 0
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     if args.save:
-        save_config(cfg, args.save)
+        try:
+            save_config(cfg, args.save)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise UsageError(f"--save {args.save}: cannot write it ({why})") from None
     return 0
 
 
@@ -93,17 +102,16 @@ def main(argv: list[str] | None = None) -> int:
             module.add_args(parser)
     args = parser.parse_args(rest)
     args.verb = verb
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"megapt: config error in {exc}", file=sys.stderr)
-        return 2
     fn = cli_main if verb == ("config",) else module.cli_main
+    name = "megapt " + " ".join(verb)
     try:
-        return int(fn(cfg, args) or 0)
-    except ConfigError as exc:
-        print(f"megapt: config error in {exc}", file=sys.stderr)
-        return 2
+        return int(fn(load_config(args.config, overrides), args) or 0)
+    except UserError as exc:
+        print(f"{name}: {exc.kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """One dataclass tree for the whole run.
 
 YAML files in configs/ fill it (several files merge left to right, ``base:`` includes another
-file), then ``--section.key=value`` overrides from the command line. Unknown keys and values of
-the wrong type are errors that list every offender at once. Each component receives its own
+file), then ``--section.key=value`` overrides from the command line. Unknown keys, values of the
+wrong type and values out of range (``RANGES``: every numeric key has one) are one error that
+lists every offender at once. Each component receives its own
 section (``cfg.data``, ``cfg.model`` ...), never the whole tree.
 
     cfg = load_config(["configs/tiny.yaml"], ["--train.lr=3e-4", "--deepspeed.zero_stage=2"])
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,14 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from megapt.errors import EXIT_USAGE, UserError
 
-class ConfigError(ValueError):
-    """A config problem; the message lists every offending key/file."""
+
+class ConfigError(UserError, ValueError):
+    """A config problem; the message lists every offending key/file (exit 2)."""
+
+    exit_code = EXIT_USAGE
+    kind = "config error"
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -370,59 +377,171 @@ def _build(cls: type, data: dict, where: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _check_values(cfg: Config) -> list[str]:
-    """Cross-field and range checks; every problem is reported."""
+# The allowed values of every numeric key ("section.key"; list items such as data.sources[i].weight
+# are listed without the index). Optional keys left unset (None) are not checked. A test checks
+# that every int/float key of the tree is listed here.
+RANGES: dict[str, str] = {
+    "run.seed": ">= 0",
+    "data.sources.weight": "> 0",
+    "data.clean.min_chars": ">= 0",
+    "data.clean.max_chars": ">= 1",
+    "data.clean.max_non_alnum_frac": "[0, 1]",
+    "data.clean.min_alpha_frac": "[0, 1]",
+    "data.seq_len": ">= 2",
+    "data.shard_samples": ">= 1",
+    "data.val_fraction": "[0, 1)",
+    "data.num_proc": ">= 0",
+    "data.num_shards": ">= 1",
+    "data.shard_index": ">= 0",
+    "data.loader_workers": ">= 0",
+    "data.shuffle_buffer": ">= 0",
+    "data.max_bad_fraction": "[0, 1]",
+    "tokenizer.vocab_size": ">= 64",
+    "tokenizer.input_sentence_size": ">= 0",
+    "tokenizer.max_sentence_length": ">= 64",
+    "tokenizer.character_coverage": "(0, 1]",
+    "tokenizer.num_threads": ">= 0",
+    "model.n_layers": ">= 1",
+    "model.d_model": ">= 1",
+    "model.n_heads": ">= 1",
+    "model.n_kv_heads": ">= 1",
+    "model.ffn_hidden": ">= 1",
+    "model.vocab_size": ">= 1",
+    "model.max_seq_len": ">= 1",
+    "model.rope_theta": "> 0",
+    "model.norm_eps": "> 0",
+    "model.init_std": "> 0",
+    "model.dropout": "[0, 1)",
+    "train.micro_batch": ">= 1",
+    "train.grad_accum": ">= 1",
+    "train.max_steps": ">= 1",
+    "train.lr": "> 0",
+    "train.min_lr": ">= 0",
+    "train.warmup_steps": ">= 0",
+    "train.weight_decay": ">= 0",
+    "train.beta1": "[0, 1)",
+    "train.beta2": "[0, 1)",
+    "train.eps": "> 0",
+    "train.grad_clip": ">= 0",
+    "train.eval_every": ">= 0",
+    "train.eval_batches": ">= 1",
+    "train.log_every": ">= 1",
+    "train.max_bad_steps": ">= 1",
+    "train.sample_tokens": ">= 0",
+    "train.collective_timeout_s": ">= 1",
+    "train.stop_after": ">= 0",
+    "deepspeed.zero_stage": "[0, 3]",
+    "deepspeed.reduce_bucket_size": ">= 1",
+    "deepspeed.allgather_bucket_size": ">= 1",
+    "deepspeed.stage3_prefetch_bucket_size": ">= 0",
+    "deepspeed.stage3_param_persistence_threshold": ">= 0",
+    "checkpoint.every": ">= 0",
+    "checkpoint.keep_last": ">= 1",
+    "finetune.num_classes": ">= 0",
+    "finetune.head_dropout": "[0, 1)",
+    "finetune.freeze_layers": ">= 0",
+    "finetune.layer_lr_decay": "(0, 1]",
+    "finetune.head_lr_mult": "> 0",
+    "finetune.early_stopping_patience": ">= 0",
+    "finetune.lora_rank": ">= 0",
+    "finetune.lora_alpha": "> 0",
+    "finetune.distill_alpha": "[0, 1]",
+    "finetune.distill_temperature": "> 0",
+    "finetune.train_top_layers": ">= 0",
+    "finetune.lr": "> 0",
+    "finetune.weight_decay": ">= 0",
+    "finetune.warmup_frac": "[0, 1)",
+    "finetune.epochs": ">= 1",
+    "finetune.max_steps": ">= 0",
+    "finetune.batch_size": ">= 1",
+    "finetune.max_len": ">= 0",
+    "finetune.eval_every": ">= 0",
+    "finetune.val_fraction": "[0, 1)",
+    "finetune.lora_dropout": "[0, 1)",
+    "plan.nodes": ">= 1",
+    "plan.gpus_per_node": ">= 1",
+    "plan.gpu_mem_gb": ">= 0",
+    "plan.cpu_mem_gb": ">= 0",
+    "plan.global_batch": ">= 0",
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """``value`` satisfies a RANGES spec: ``>= a``, ``> a`` or an interval ``[a, b)`` etc."""
+    if spec[0] in "<>":
+        op, bound = spec.split()
+        b = float(bound)
+        return {">=": value >= b, ">": value > b, "<=": value <= b, "<": value < b}[op]
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    above = value >= lo if spec[0] == "[" else value > lo
+    return above and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def _range_errors(obj: Any, prefix: str, skip: set[str], e: list[str]) -> None:
+    """Append ``key: must be <range>, got v`` for every numeric field of ``obj`` out of RANGES."""
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _range_errors(value, path + ".", skip, e)
+            continue
+        if isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for i, v in enumerate(value):
+                _range_errors(v, f"{path}[{i}].", skip, e)
+            continue
+        key = re.sub(r"\[\d+\]", "", path)
+        spec = RANGES.get(key)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if spec is None or path in skip or not numeric:
+            continue
+        if not in_range(value, spec):
+            e.append(f"{path}: must be {'in ' if spec[0] in '[(' else ''}{spec}, got {value}")
+
+
+def _check_values(cfg: Config, skip: set[str] = frozenset()) -> list[str]:
+    """Range checks (RANGES) and cross-field checks; every problem is reported. Keys in ``skip``
+    (they already failed the type check) are left out."""
     e: list[str] = []
+    _range_errors(cfg, "", set(skip), e)
+
+    def ok(*keys: str, ranged: bool = True) -> bool:  # these keys hold values of the right type
+        return not any(k in skip or ranged and any(x.startswith(k + ":") for x in e) for k in keys)
+
     d, t, m, ds, tok = cfg.data, cfg.train, cfg.model, cfg.deepspeed, cfg.tokenizer
-    if d.seq_len < 2:
-        e.append(f"data.seq_len: must be >= 2, got {d.seq_len}")
-    if d.shard_samples < 1:
-        e.append(f"data.shard_samples: must be >= 1, got {d.shard_samples}")
-    if not 0.0 <= d.val_fraction < 1.0:
-        e.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
-    if d.num_shards < 1 or not 0 <= d.shard_index < d.num_shards:
-        e.append(f"data.shard_index/num_shards: need 0 <= shard_index < num_shards, got {d.shard_index}/{d.num_shards}")
-    if not 0.0 <= d.max_bad_fraction <= 1.0:
-        e.append(f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
+    if ok("data.num_shards", "data.shard_index") and d.shard_index >= d.num_shards:
+        e.append(f"data.shard_index/num_shards: need 0 <= shard_index < num_shards, got "
+                 f"{d.shard_index}/{d.num_shards}")
+    c = d.clean
+    if ok("data.clean.min_chars", "data.clean.max_chars") and c.max_chars < c.min_chars:
+        e.append(f"data.clean.max_chars: must be >= data.clean.min_chars={c.min_chars}, "
+                 f"got {c.max_chars}")
     for i, s in enumerate(d.sources):
-        if not s.path:
+        if ok(f"data.sources[{i}].path") and not s.path:
             e.append(f"data.sources[{i}].path: empty")
-        if s.weight <= 0:
-            e.append(f"data.sources[{i}].weight: must be > 0, got {s.weight}")
     for i, mx in enumerate(d.mix):
+        if not ok(f"data.mix[{i}]", "data.mix"):
+            continue
         bad = set(mx) - {"path", "weight"}
         if bad or "path" not in mx:
             e.append(f"data.mix[{i}]: needs keys path (and optional weight), got {sorted(mx)}")
         elif not isinstance(mx.get("weight", 1.0), (int, float)) or mx.get("weight", 1.0) <= 0:
             e.append(f"data.mix[{i}].weight: must be a positive number, got {mx.get('weight')!r}")
-    if tok.vocab_size < 64:
-        e.append(f"tokenizer.vocab_size: must be >= 64, got {tok.vocab_size}")
     for name in ("eos_token", "pad_token"):
-        if getattr(tok, name) not in tok.special_tokens:
+        if ok(f"tokenizer.{name}", "tokenizer.special_tokens") \
+                and getattr(tok, name) not in tok.special_tokens:
             e.append(f"tokenizer.{name}: {getattr(tok, name)!r} is not in tokenizer.special_tokens")
-    for name in ("micro_batch", "grad_accum", "max_steps"):
-        if getattr(t, name) < 1:
-            e.append(f"train.{name}: must be >= 1, got {getattr(t, name)}")
-    if t.lr <= 0:
-        e.append(f"train.lr: must be > 0, got {t.lr}")
-    if t.min_lr < 0 or t.min_lr > t.lr:
+    if ok("train.lr", "train.min_lr") and t.min_lr > t.lr:
         e.append(f"train.min_lr: must be in [0, lr={t.lr}], got {t.min_lr}")
-    if t.warmup_steps < 0:
-        e.append(f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
-    if t.grad_clip < 0:
-        e.append(f"train.grad_clip: must be >= 0, got {t.grad_clip}")
-    if ds.zero_stage not in (0, 1, 2, 3):
-        e.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {ds.zero_stage}")
-    if ds.offload_params != "none" and ds.zero_stage != 3:
-        e.append(f"deepspeed.offload_params: parameter offload needs zero_stage 3, got stage {ds.zero_stage}")
-    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+    stage_typed = ok("deepspeed.zero_stage", ranged=False)
+    if stage_typed and ok("deepspeed.offload_params") and ds.offload_params != "none" \
+            and ds.zero_stage != 3:
+        e.append(f"deepspeed.offload_params: parameter offload needs zero_stage 3, "
+                 f"got stage {ds.zero_stage}")
+    if stage_typed and ok("deepspeed.offload_optimizer") and ds.offload_optimizer != "none" \
+            and ds.zero_stage == 0:
         e.append("deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1")
-    if cfg.checkpoint.keep_last < 1:
-        e.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
-    if m.n_heads is not None and m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+    heads = ok("model.n_heads", "model.n_kv_heads") and None not in (m.n_heads, m.n_kv_heads)
+    if heads and m.n_heads % m.n_kv_heads:
         e.append(f"model.n_kv_heads: {m.n_kv_heads} must divide n_heads {m.n_heads}")
-    if not 0.0 <= m.dropout < 1.0:
-        e.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
     return e
 
 
@@ -431,8 +550,9 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
     cfg = _build(Config, data, "", errors)
-    if not errors:
-        errors = _check_values(cfg)
+    # the keys that failed the type checks are left out of the value checks; the rest are checked
+    # too, so one run lists every kind of problem at once
+    errors += _check_values(cfg, {err.split(": ", 1)[0] for err in errors})
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
     return cfg
@@ -540,5 +660,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[str]:
             lines += describe(tp, key + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {key} = {default!r}  ({_type_name(tp)}) {f.metadata.get('help', '')}")
+        spec = RANGES.get(re.sub(r"\[\d+\]", "", key))
+        kind = _type_name(tp) + (f", {spec}" if spec else "")
+        lines.append(f"  {key} = {default!r}  ({kind}) {f.metadata.get('help', '')}")
     return lines

@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from megapt.errors import EXIT_CHECKPOINT, UserError
+
 # (our name, HF name); {i} is the block index.
 _NAME_MAP: list[tuple[str, str]] = [
     ("tok_embeddings.weight", "model.embed_tokens.weight"),
@@ -103,8 +105,11 @@ def hf_config_dict(args, eos_id: Optional[int] = None, pad_id: Optional[int] = N
     }
 
 
-class ExportError(ValueError):
-    """A model or folder that cannot be converted; the message names the key or tensor."""
+class ExportError(UserError, ValueError):
+    """A model or folder that cannot be read or converted; the message names the key or tensor."""
+
+    exit_code = EXIT_CHECKPOINT
+    kind = "model error"
 
 
 def args_from_hf_config(cfg: dict, source: str = "config.json"):
@@ -130,9 +135,11 @@ def args_from_hf_config(cfg: dict, source: str = "config.json"):
         problems.append(f"head_dim={head_dim}: must equal hidden_size/num_attention_heads="
                         f"{cfg['hidden_size']}/{n_heads}")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type not in ("default", None):
-        problems.append(f"rope_scaling/rope_parameters type {rope_type!r}: only plain RoPE is supported")
+    for key in ("rope_parameters", "rope_scaling"):  # transformers >= 5 / < 5; either may scale
+        spec = cfg.get(key)
+        kind = spec.get("rope_type", spec.get("type")) if isinstance(spec, dict) else None
+        if kind not in ("default", None):
+            problems.append(f"{key} type {kind!r}: only plain RoPE is supported (no scaling)")
     if problems:
         raise ExportError(f"{source}: " + "; ".join(problems))
     theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or cfg.get("rope_theta", 10000.0)
@@ -338,17 +345,28 @@ def export_hf(model: torch.nn.Module, args, out_dir: str | os.PathLike, tokenize
 
 def add_args(p) -> None:
     p.add_argument("--format", choices=["hf", "megapt"], default="hf",
-                   help="hf: write a Hugging Face folder; megapt: write our safetensors + model_args.json")
+                   help="hf: write a Hugging Face folder; megapt: write our weights folder "
+                        "(model.safetensors, model_config.json, tokenizer.model) or, with --out "
+                        "NAME.safetensors, that one file (model config in its metadata, no "
+                        "tokenizer)")
     p.add_argument("--from", dest="source", default="",
                    help="megapt checkpoint dir or HF folder (default: finetune.init_from, else the newest checkpoint)")
-    p.add_argument("--out", required=True, help="output folder (hf) or .safetensors file (megapt)")
+    p.add_argument("--out", required=True,
+                   help="output folder (hf, megapt) or NAME.safetensors file (megapt); nothing is "
+                        "written outside it but its .tmp while writing")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
 
 
 def cli_main(cfg, args) -> int:
     from megapt.finetune.source import load_source, save_megapt
 
+    from megapt.errors import UsageError
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.format == "hf" and args.out.endswith(".safetensors"):
+        raise UsageError(f"--out {args.out}: --format hf writes a folder (config.json, "
+                         f"model.safetensors, tokenizer); give a folder name, or --format megapt "
+                         f"for one .safetensors file")
     src = load_source(cfg, args.source)
     if args.format == "hf":
         out = export_hf(src.model, src.args, args.out, src.tokenizer_path,
@@ -357,5 +375,8 @@ def cli_main(cfg, args) -> int:
               f"({src.args.num_params() / 1e6:.2f}M params, {args.dtype}) from {src.path}")
     else:
         out = save_megapt(src, args.out, dtype)
-        print(f"export: wrote megapt weights {out} from {src.path}")
+        what = "weights"
+        if out.is_file():
+            what = "weights file (model config in its metadata; no tokenizer)"
+        print(f"export: wrote megapt {what} {out} from {src.path}")
     return 0

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megapt.errors import UsageError
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """(B, V) logits with everything outside the top-k / nucleus set to -inf."""
@@ -86,24 +88,34 @@ def _generate_group(model, prompts: torch.Tensor, max_new: int, temperature: flo
     return new_tokens
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """UsageError (exit 2 from the CLI) naming the first setting out of range."""
+    if max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens (--max-tokens) must be >= 1, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise UsageError(f"top_p (--top-p) must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise UsageError(f"temperature (--temperature) must be >= 0 (0 = greedy), "
+                         f"got {temperature}")
+    if top_k < 0:
+        raise UsageError(f"top_k (--top-k) must be >= 0 (0 = off), got {top_k}")
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
              use_cache: bool = True, max_seq_len: Optional[int] = None) -> list[list[int]]:
-    """New tokens for each prompt (stop token excluded), in input order."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0 or temperature < 0:
-        raise ValueError(f"top_k and temperature must be >= 0, got {top_k}, {temperature}")
+    """New tokens for each prompt (stop token excluded), in input order. Settings out of range, an
+    empty prompt or one too long for the model raise UsageError (a ValueError)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     limit = max_seq_len or getattr(getattr(model, "args", None), "max_seq_len", None)
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token")
+            raise UsageError(f"prompt {i} is empty: give at least one token")
         if limit is not None and len(p) + max_new_tokens > limit:
-            raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_new_tokens={max_new_tokens} exceed "
-                             f"the model's max_seq_len={limit}; shorten the prompt or max tokens")
+            raise UsageError(f"prompt {i}: {len(p)} prompt tokens + "
+                             f"max_new_tokens={max_new_tokens} exceed the model's "
+                             f"max_seq_len={limit}; shorten the prompt or --max-tokens")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -159,7 +171,8 @@ def _stop_ids(tok, stops: list[str]) -> list[int]:
             continue
         enc = tok.encode(s)
         if len(enc) != 1:
-            raise ValueError(f"--stop {s!r} is {len(enc)} tokens {enc}; a stop must be one token (or give its id)")
+            raise UsageError(f"--stop {s!r} is {len(enc)} tokens {enc}; a stop must be one token "
+                             f"(or give its id)")
         ids.append(enc[0])
     return ids
 
@@ -167,12 +180,20 @@ def _stop_ids(tok, stops: list[str]) -> list[int]:
 def cli_main(cfg, args) -> int:
     from megapt.finetune.source import load_source
 
+    check_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p)  # before loading
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--prompt-file {args.prompt_file}: cannot read it "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
     if not prompts:
         prompts = [cfg.train.sample_prompt]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UsageError(f"prompt {i} is empty: give some text (--prompt 'def ')")
     src = load_source(cfg, args.source)
     model, tok = src.model, src.tokenizer()
     if args.int8:
@@ -183,7 +204,7 @@ def cli_main(cfg, args) -> int:
     for i, p in enumerate(prompts):
         ids = tok.encode(p)
         if not ids:
-            raise ValueError(f"prompt {i} ({p!r}) encodes to zero tokens")
+            raise UsageError(f"prompt {i} ({p!r}) encodes to zero tokens")
         enc.append(ids)
     outs = generate(model, enc, args.max_tokens, args.temperature, args.top_k, args.top_p,
                     _stop_ids(tok, args.stop), args.seed, use_cache=not args.no_cache)

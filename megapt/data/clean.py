@@ -5,12 +5,19 @@ except ``\\n`` and ``\\t`` (``strip_control``); trailing spaces stripped and run
 blank lines collapsed to two, leading/trailing blank lines removed (``normalize_whitespace``).
 Then filters, each counted under its reason: ``too_short`` (< ``min_chars``), ``too_long``
 (> ``max_chars``), ``symbols`` (non-alphanumeric, non-space share > ``max_non_alnum_frac``),
-``few_letters`` (letter share < ``min_alpha_frac``), ``duplicate`` (same cleaned text seen before
-in this job, ``dedup``).
+``few_letters`` (letter share < ``min_alpha_frac``), ``duplicate`` (same cleaned text seen before,
+``dedup``). Rows whose text is missing or null never reach the cleaner; they are counted as
+``no_text`` (see megapt.data.sources).
 
 `megapt data clean` writes ``<work_dir>/clean/src{j:02d}-part{i:03d}-of{K:03d}.jsonl`` (one
 ``{"text": ...}`` per line, source j, job i of K) and ``stats-part{i:03d}-of{K:03d}.json``;
 each file is written to ``.tmp`` and renamed, the stats file last (it marks the job as done).
+
+Exact dedup is global, whatever the number of jobs: a job drops the duplicates it sees, and with
+``dedup`` it also writes ``src{j:02d}-part{i:03d}-of{K:03d}.hashes`` (the 16-byte blake2b of each
+kept text, in line order). Whoever reads the cleaned text (``iter_clean_docs``, the tokenizer, the
+shard jobs) keeps only the first copy of a text across all jobs, in source-then-job order: the
+texts kept per source are those a single job would keep (their order differs).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 _ASCII_LETTERS = string.ascii_letters.encode()
 _ASCII_ALNUM_SPACE = (string.ascii_letters + string.digits + string.whitespace).encode()
 
-REASONS = ("empty", "too_short", "too_long", "symbols", "few_letters", "duplicate")
+REASONS = ("no_text", "empty", "too_short", "too_long", "symbols", "few_letters", "duplicate")
 
 
 def normalize(text: str, cc: CleanConfig) -> str:
@@ -106,6 +113,7 @@ class Cleaner:
     def __init__(self, cc: CleanConfig):
         self.cc = cc
         self.seen: set[bytes] = set()
+        self.last_hash = b""  # blake2b-16 of the last kept text (with dedup)
         self.dropped: Counter = Counter()
         self.docs_in = self.docs_out = self.chars_in = self.chars_out = self.changed = 0
 
@@ -122,6 +130,7 @@ class Cleaner:
                 reason = "duplicate"
             else:
                 self.seen.add(h)
+                self.last_hash = h
         if reason is not None:
             self.dropped[reason] += 1
             return None
@@ -142,6 +151,9 @@ class Cleaner:
 
 def clean_dir_of(cfg) -> Path:
     return Path(cfg.run.work_dir) / "clean"
+
+
+HASH_BYTES = 16  # blake2b digest size of the dedup hashes
 
 
 def stats_name(i: int, k: int) -> str:
@@ -167,7 +179,8 @@ def clean_done(out_dir: Path, cfg, jobs: Optional[list[int]] = None) -> bool:
             st = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        if st.get("signature") != sig or not all((out_dir / f).is_file() for f in st.get("files", [])):
+        outputs = st.get("files", []) + st.get("hash_files", [])
+        if st.get("signature") != sig or not all((out_dir / f).is_file() for f in outputs):
             return False
     return True
 
@@ -206,34 +219,77 @@ def run_clean(cfg, out_dir: str | os.PathLike | None = None, *, progress: bool =
     t0 = time.time()
     cleaner = Cleaner(cfg.data.clean)
     srcs = sources_of(cfg.data)
-    files, per_source = [], []
+    dedup = cfg.data.clean.dedup
+    files, hash_files, per_source = [], [], []
     bar = tqdm(desc="clean", unit="doc", disable=not progress, mininterval=1.0)
-    for j, src in enumerate(srcs):
-        rs = ReadStats()
+    try:
+        for j, src in enumerate(srcs):
+            rs = ReadStats()
+            hashes: list[bytes] = []
 
-        def docs(src=src, rs=rs):
-            for text in iter_source(src, rs, num_shards=k, shard_index=i):
-                bar.update(1)
-                out = cleaner(text)
-                if out is not None:
-                    yield out
+            def docs(src=src, rs=rs, hashes=hashes):
+                for text in iter_source(src, rs, num_shards=k, shard_index=i):
+                    bar.update(1)
+                    out = cleaner(text)
+                    if out is not None:
+                        if dedup:
+                            hashes.append(cleaner.last_hash)
+                        yield out
 
-        name = part_file(j, i, k)
-        n = _atomic_jsonl(out_dir / name, docs())
-        files.append(name)
-        per_source.append({"path": src.path, "docs_read": rs.docs, "files_read": rs.files, "docs_kept": n,
-                           "undecodable_files": len(rs.undecodable), "undecodable": rs.undecodable[:50]})
-    bar.close()
+            name = part_file(j, i, k)
+            n = _atomic_jsonl(out_dir / name, docs())
+            files.append(name)
+            if dedup:
+                hash_files.append(name[: -len(".jsonl")] + ".hashes")
+                _atomic_bytes(out_dir / hash_files[-1], b"".join(hashes))
+            cleaner.dropped["no_text"] += rs.no_text
+            per_source.append({"path": src.path, "docs_read": rs.docs, "files_read": rs.files,
+                               "docs_kept": n, "no_text": rs.no_text,
+                               "undecodable_files": len(rs.undecodable),
+                               "undecodable": rs.undecodable[:50]})
+            if rs.no_text and not rs.docs:
+                raise DataError(f"{src.path}: none of the {rs.no_text} row(s) read has a text in "
+                                f"field {src.text_field!r} (first: {rs.no_text_example}); set the "
+                                f"source's text_field")
+    finally:
+        bar.close()
     stats = cleaner.stats()
-    stats.update(job=i, num_jobs=k, files=files, sources=per_source, seconds=round(time.time() - t0, 2),
-                 signature=clean_signature(cfg))
+    stats["docs_in"] += cleaner.dropped["no_text"]  # read, then dropped: kept + dropped == read
+    stats.update(job=i, num_jobs=k, files=files, hash_files=hash_files, sources=per_source,
+                 seconds=round(time.time() - t0, 2), signature=clean_signature(cfg))
     if stats["docs_out"] == 0:
-        raise DataError(f"clean: no documents left from {[s.path for s in srcs]} (read {stats['docs_in']}, "
-                        f"dropped {dict(cleaner.dropped)}); check data.sources and the data.clean filters")
+        raise DataError(_nothing_left(srcs, per_source, stats))
     from megapt.data.manifest import atomic_write_json
 
     atomic_write_json(out_dir / stats_name(i, k), stats)
     return stats
+
+
+def _nothing_left(srcs, per_source: list[dict], stats: dict) -> str:
+    """Why a clean job kept nothing: files skipped as not UTF-8 first, then the filters' counts."""
+    undecodable = [f for s in per_source for f in s["undecodable"]]
+    n_undec = sum(s["undecodable_files"] for s in per_source)
+    read = stats["docs_in"]
+    dropped = {r: n for r, n in stats["dropped"].items() if n}
+    parts = []
+    if n_undec:
+        parts.append(f"{n_undec} file(s) skipped as not UTF-8 text (binary or another encoding): "
+                     + ", ".join(undecodable[:5]) + (" ..." if n_undec > 5 else ""))
+    if read or not n_undec:
+        parts.append(f"{read} document(s) read, dropped {dropped or 'none'}")
+    hint = ("re-encode the files as UTF-8 or drop them from data.sources" if n_undec and not read
+            else "check data.sources and the data.clean filters")
+    where = [s.path for s in srcs]
+    return f"clean: no documents left from {where}: " + "; ".join(parts) + f"; {hint}"
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def format_stats(st: dict) -> str:
@@ -253,6 +309,11 @@ def clean_files(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) ->
     Uses the parts of the ``num_jobs``-way clean run, or (None) the one complete run in the
     folder, whatever its number of jobs. Raises DataError naming the folder and the missing parts.
     """
+    return [[f for f, _ in parts] for parts in clean_parts(clean_dir, num_jobs)]
+
+
+def clean_parts(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) -> list[list[tuple]]:
+    """Per source, per job: ``(jsonl path, hashes path or None)`` (see ``clean_files``)."""
     clean_dir = Path(clean_dir)
     runs: dict[int, dict[int, Path]] = {}
     for p in clean_dir.glob("stats-part*-of*.json") if clean_dir.is_dir() else []:
@@ -266,23 +327,74 @@ def clean_files(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) ->
         raise DataError(f"{clean_dir}: no complete cleaned text (parts found per job count: {have or 'none'}"
                         f"{'' if num_jobs is None else f', wanted {num_jobs} jobs'}); run `megapt data clean` "
                         f"first (for a split run, every --data.shard_index=<i> of --data.num_shards=K)")
-    per_source: list[list[Path]] = []
+    per_source: list[list[tuple]] = []
     for i in range(k):
         st = json.loads(runs[k][i].read_text())
-        for j, name in enumerate(st["files"]):
+        hashes = st.get("hash_files") or [None] * len(st["files"])
+        for j, (name, hname) in enumerate(zip(st["files"], hashes)):
             while len(per_source) <= j:
                 per_source.append([])
-            per_source[j].append(clean_dir / name)
+            per_source[j].append((clean_dir / name, clean_dir / hname if hname else None))
     return per_source
 
 
+def keep_masks(parts: list[list[tuple]]) -> tuple[list[list], int]:
+    """Global exact dedup over the parts of a split clean run (``clean_parts``): per source and
+    part, a boolean mask over its lines (None: keep all), True on the first copy of each text in
+    source-then-job order; and the number of lines masked out. One job, or a run without hash
+    files (``data.clean.dedup=false``), needs no mask: a job already drops its own duplicates."""
+    flat = [h for src in parts for _, h in src]
+    if len(parts[0] if parts else []) <= 1 or not flat or any(h is None for h in flat):
+        return [[None] * len(src) for src in parts], 0
+    import numpy as np
+
+    arrays = []
+    for h in flat:
+        raw = h.read_bytes()
+        if len(raw) % HASH_BYTES:
+            raise DataError(f"{h}: truncated dedup hash file ({len(raw)} bytes); run "
+                            f"`megapt data clean --force`")
+        arrays.append(np.frombuffer(raw, dtype=f"V{HASH_BYTES}"))
+    every = np.concatenate(arrays)
+    keep = np.zeros(len(every), dtype=bool)
+    keep[np.unique(every, return_index=True)[1]] = True  # index of each text's first copy
+    masks, at, sizes = [], 0, iter(len(a) for a in arrays)
+    for src in parts:
+        row = []
+        for _ in src:
+            n = next(sizes)
+            row.append(keep[at:at + n])
+            at += n
+        masks.append(row)
+    return masks, int(len(every) - keep.sum())
+
+
+def _kept_lines(path: Path, mask) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        if mask is None:
+            yield from fh
+            return
+        n = 0
+        for n, line in enumerate(fh, 1):
+            if n > len(mask):
+                break
+            if mask[n - 1]:
+                yield line
+        if n != len(mask):
+            raise DataError(f"{path}: {n} lines but its .hashes file lists {len(mask)} texts; "
+                            f"the cleaned text changed after cleaning - run `megapt data clean "
+                            f"--force`")
+
+
 def iter_clean_docs(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) -> Iterator[str]:
-    """Texts of all cleaned jsonl files (source by source, parts in job order)."""
-    for files in clean_files(clean_dir, num_jobs):
-        for f in files:
-            with open(f, encoding="utf-8") as fh:
-                for line in fh:
-                    yield json.loads(line)["text"]
+    """Texts of all cleaned jsonl files (source by source, parts in job order), each distinct text
+    once across the jobs of a split run (``keep_masks``)."""
+    parts = clean_parts(clean_dir, num_jobs)
+    masks, _ = keep_masks(parts)
+    for src, src_masks in zip(parts, masks):
+        for (f, _), mask in zip(src, src_masks):
+            for line in _kept_lines(f, mask):
+                yield json.loads(line)["text"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,20 +410,19 @@ def add_args(parser) -> None:
 
 
 def cli_main(cfg, args) -> int:
-    error = apply_split_args(cfg.data, args)
-    if error:
-        print(f"megapt: {error}")
-        return 2
+    """Exit codes: 0 done, 2 bad config / split flags, 5 data error (megapt.errors)."""
+    apply_split_args(cfg.data, args)
     out = Path(args.out) if args.out else clean_dir_of(cfg)
     if not args.force and clean_done(out, cfg, [cfg.data.shard_index]):
         print(f"clean: {out} is up to date (same sources and rules); --force to redo")
         return 0
-    try:
-        st = run_clean(cfg, out, progress=cfg.logging.progress)
-    except DataError as exc:
-        print(f"megapt: {exc}")
-        return 1
+    st = run_clean(cfg, out, progress=cfg.logging.progress)
     print(format_stats(st))
+    k = cfg.data.num_shards
+    if k > 1 and cfg.data.clean.dedup and clean_done(out, cfg):  # the last job of a split run
+        _, dups = keep_masks(clean_parts(out, k))
+        print(f"clean: all {k} jobs done; {dups} document(s) kept by one job are duplicates of "
+              f"another's and are skipped wherever the cleaned text is read (global exact dedup)")
     print(f"clean: wrote {', '.join(st['files'])} and {stats_name(st['job'], st['num_jobs'])} to {out}")
     return 0
 
@@ -324,20 +435,20 @@ def iter_mixed_lines(cfg, clean_dir: str | os.PathLike | None = None) -> Iterato
     from megapt.data.sources import mix_streams, repeat_weighted
 
     clean_dir = Path(clean_dir) if clean_dir else clean_dir_of(cfg)
-    per_source = clean_files(clean_dir)
+    parts = clean_parts(clean_dir)
     srcs = sources_of(cfg.data)
-    if len(per_source) != len(srcs):
-        raise DataError(f"{clean_dir}: cleaned text has {len(per_source)} source(s) but data.sources lists "
-                        f"{len(srcs)}; run `megapt data clean --force`")
+    if len(parts) != len(srcs):
+        raise DataError(f"{clean_dir}: cleaned text has {len(parts)} source(s) but data.sources "
+                        f"lists {len(srcs)}; run `megapt data clean --force`")
+    masks, _ = keep_masks(parts)
 
-    def lines(files: list[Path]) -> Iterator[bytes]:
-        for f in files:
-            with open(f, "rb") as fh:
-                yield from fh
+    def lines(src: list[tuple], src_masks: list) -> Iterator[bytes]:
+        for (f, _), mask in zip(src, src_masks):
+            yield from _kept_lines(f, mask)
 
     seed = cfg.run.seed
-    streams = [repeat_weighted(lambda fs=fs: lines(fs), s.weight, seed, j)
-               for j, (fs, s) in enumerate(zip(per_source, srcs))]
+    streams = [repeat_weighted(lambda src=src, m=m: lines(src, m), s.weight, seed, j)
+               for j, (src, m, s) in enumerate(zip(parts, masks, srcs))]
     return streams[0] if len(streams) == 1 else mix_streams(streams, [s.weight for s in srcs], seed)
 
 

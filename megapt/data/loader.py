@@ -98,6 +98,7 @@ train with ``verify_checksums=false``, which reads only the samples each process
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -115,6 +116,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from megapt.config import ConfigError
 from megapt.data.manifest import (
     ShardError, check_member_name, check_tokenizer, iter_shard, load_manifest, verify_shard)
+from megapt.data.workers import die_with_parent
+from megapt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -652,6 +655,11 @@ class _PartialShard:
         return data, ok
 
 
+def _worker_init(parent_pid: int, worker_id: int) -> None:
+    """DataLoader worker_init_fn: the worker dies with the trainer process (megapt.data.workers)."""
+    die_with_parent(parent_pid)
+
+
 def _as_is(record: dict) -> dict:
     """DataLoader collate_fn: keep the worker's record (numpy rows) as it is."""
     return record
@@ -672,6 +680,15 @@ class _BatchStream(IterableDataset):
         self.rank, self.world_size, self.micro_batch, self.chunk = rank, world_size, micro_batch, chunk
 
     def __iter__(self) -> Iterator[dict]:
+        if get_worker_info() is None:
+            yield from self._records()
+            return
+        try:
+            yield from self._records()
+        except UserError as exc:  # handed over as it is (torch would wrap it in a traceback)
+            yield {"_error": exc}
+
+    def _records(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         plan, B, M = self.plan, self.micro_batch, self.chunk
@@ -762,10 +779,13 @@ class ShardLoader:
             chunk = self._chunk()
             ds = _BatchStream(plan, g0=g0, q0=q0, rank=self.rank, world_size=self.world_size,
                               micro_batch=self.micro_batch, chunk=chunk)
-            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is)
+            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
+                            worker_init_fn=functools.partial(_worker_init, os.getpid()))
             expect = 0
             restarted = False
             for rec in dl:
+                if "_error" in rec:  # a bad shard (policy raise) found by a worker
+                    raise rec["_error"]
                 if rec["_c"] != expect:  # never hand out batches out of order
                     raise RuntimeError(f"loader: got chunk {rec['_c']} from the workers, expected {expect}")
                 expect += 1

@@ -24,6 +24,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from megapt.errors import EXIT_DATA, UserError
+
 FORMAT = "megapt-shards"
 VERSION = 1
 SPLITS = ("train", "val")
@@ -32,8 +34,11 @@ PART_RE = re.compile(r"^manifest-part-(\d{3,})-of-(\d{3,})\.json$")
 SHARD_RE = re.compile(r"^(train|val)-(\d{3,})-(\d{5,})\.tar$")
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard or manifest is missing, corrupt or inconsistent; the message names the file."""
+
+    exit_code = EXIT_DATA
+    kind = "data error"
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,12 +240,14 @@ def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str) -> Itera
 
 
 def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None = None,
-                 dtype: str | None = None, check_sha: bool = True) -> None:
+                 dtype: str | None = None, check_sha: bool = True,
+                 vocab_size: int | None = None) -> None:
     """Check one shard against its manifest entry; raise ShardError naming the file.
 
     Checks, in order: the file exists, its size, its sha256 (``check_sha``), and - when
     ``sample_len`` and ``dtype`` are given - the tar structure: member names, payload sizes and
-    the sample count.
+    the sample count, and (``vocab_size``) that every token id is below the vocabulary size, as
+    training checks it.
     """
     path = Path(path)
     if not path.is_file():
@@ -255,7 +262,12 @@ def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None
             raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
                              f"{entry['sha256'][:16]}... (corrupt shard)")
     if sample_len is not None and dtype is not None:
-        n = sum(1 for _ in iter_shard(path, sample_len=sample_len, dtype=dtype))
+        n = 0
+        for key, tokens in iter_shard(path, sample_len=sample_len, dtype=dtype):
+            n += 1
+            if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+                raise ShardError(f"{path}: sample {key}: token id {int(tokens.max())} >= "
+                                 f"vocab_size {vocab_size} (corrupt shard or wrong manifest)")
         if n != entry["samples"]:
             raise ShardError(f"{path}: truncated tar: {n} samples, manifest says {entry['samples']}")
 
@@ -270,7 +282,8 @@ def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bo
             checked += 1
             try:
                 verify_shard(shard_dir / entry["name"], entry, check_sha=check_sha,
-                             sample_len=m["seq_len"] + 1 if deep else None, dtype=m["dtype"] if deep else None)
+                             sample_len=m["seq_len"] + 1 if deep else None,
+                             dtype=m["dtype"] if deep else None, vocab_size=m["vocab_size"])
             except ShardError as exc:
                 errors.append(str(exc))
     return checked, errors
@@ -398,19 +411,21 @@ def add_args(parser, verb=("data", "verify")) -> None:
 
 
 def cli_main(cfg, args) -> int:
+    """Exit codes: 0 ok, 2 bad config, 5 data error: a missing/invalid manifest, unfinished jobs
+    (merge), one or more bad shards (verify: each printed as ``BAD <shard>: <why>``)."""
     shard_dir = Path(args.dir) if getattr(args, "dir", "") else cfg.shard_dir
-    try:
-        if tuple(args.verb)[-1] == "merge":
-            m = merge_manifests(shard_dir)
-            print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> {shard_dir / MANIFEST}: "
-                  + ", ".join(f"{s} {m['splits'][s]['samples']} samples / {len(m['splits'][s]['shards'])} shards"
-                              for s in SPLITS))
-            return 0
-        checked, errors = verify_dir(shard_dir, check_sha=not getattr(args, "quick", False))
-    except ShardError as exc:
-        print(f"megapt: {exc}")
-        return 1
+    if tuple(args.verb)[-1] == "merge":
+        m = merge_manifests(shard_dir)
+        print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> {shard_dir / MANIFEST}: "
+              + ", ".join(f"{s} {m['splits'][s]['samples']} samples / "
+                          f"{len(m['splits'][s]['shards'])} shards" for s in SPLITS))
+        return 0
+    checked, errors = verify_dir(shard_dir, check_sha=not getattr(args, "quick", False))
     for e in errors:
         print(f"BAD  {e}")
     print(f"verified {checked} shard(s) in {shard_dir}: {checked - len(errors)} ok, {len(errors)} bad")
-    return 1 if errors else 0
+    if errors:
+        raise ShardError(f"{len(errors)} of {checked} shard(s) in {shard_dir} are bad (listed "
+                         f"above); re-run the shard jobs that wrote them "
+                         f"(`megapt data shard --force`)")
+    return 0

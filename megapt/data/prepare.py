@@ -25,7 +25,8 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None, force: bool = 
 
     ``force`` cleans and shards again (the tokenizer is kept when it exists: delete it to retrain).
     """
-    from megapt.data.clean import clean_dir_of, clean_done, format_stats, iter_mixed_docs, run_clean
+    from megapt.data.clean import (clean_dir_of, clean_done, clean_parts, format_stats,
+                                   iter_mixed_docs, keep_masks, run_clean)
     from megapt.data.shard import shard_corpus, summary
     from megapt.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -55,6 +56,10 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None, force: bool = 
             st = run_clean(c, clean_dir, progress=progress)
             log(format_stats(st))
         log(f"prepare: cleaned text -> {clean_dir} ({time.time() - t0:.1f}s)")
+        if k > 1 and cfg.data.clean.dedup:
+            _, dups = keep_masks(clean_parts(clean_dir, k))
+            log(f"prepare: {dups} document(s) kept by one clean job duplicate another's; skipped "
+                f"when read (global exact dedup)")
     else:
         log(f"prepare: cleaned text in {clean_dir} is up to date; skipped")
 
@@ -63,7 +68,8 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None, force: bool = 
         tok = Tokenizer.load(tok_path)
         log(f"prepare: tokenizer {tok_path} exists (vocab {tok.vocab_size}); skipped")
     else:
-        tok = train_tokenizer(cfg.tokenizer, iter_mixed_docs(cfg, clean_dir), tok_path)
+        tok = train_tokenizer(cfg.tokenizer, iter_mixed_docs(cfg, clean_dir), tok_path, log=log,
+                              progress=progress)
         log(f"prepare: trained tokenizer ({cfg.tokenizer.model_type}, vocab {tok.vocab_size}) -> {tok_path} "
             f"({time.time() - t0:.1f}s)")
 
@@ -97,12 +103,6 @@ def add_args(parser) -> None:
 
 
 def cli_main(cfg, args) -> int:
-    from megapt.data.sources import DataError
-    from megapt.data.tokenizer import TokenizerError
-
-    try:
-        prepare_data(cfg, force=args.force)
-    except (DataError, ShardError, TokenizerError) as exc:
-        print(f"megapt: {exc}")
-        return 1
+    """Exit codes: 0 done, 2 bad config, 5 data or tokenizer error (megapt.errors)."""
+    prepare_data(cfg, force=args.force)
     return 0

@@ -32,6 +32,7 @@ import numpy as np
 from megapt.data.manifest import (
     MANIFEST, ShardError, atomic_write_json, build_manifest, dtype_for_vocab, merge_manifests, part_name,
     read_manifest_file, sample_key, sha256_file, shard_name)
+from megapt.data.workers import die_with_parent
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +213,10 @@ def is_val(text: str, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
-def _init_worker(tokenizer, sample_len: int, dtype: str, val_fraction: float) -> None:
+def _init_worker(tokenizer, sample_len: int, dtype: str, val_fraction: float,
+                 parent_pid: int = 0) -> None:
+    if parent_pid:  # a pool worker: die with the shard job (megapt.data.workers)
+        die_with_parent(parent_pid)
     _WORKER.update(tok=tokenizer, sample_len=sample_len, dtype=np.dtype(dtype), val_fraction=val_fraction)
 
 
@@ -275,7 +279,7 @@ def _ordered_map(fn, items: Iterator, num_proc: int, initargs: tuple) -> Iterato
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork of a parent that may hold torch/OpenMP threads
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=initargs) as pool:
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(*initargs, os.getpid())) as pool:
         pending: collections.deque = collections.deque()
         for it in items:
             pending.append(pool.apply_async(fn, (it,)))
@@ -460,19 +464,12 @@ def add_args(parser) -> None:
 
 
 def cli_main(cfg, args) -> int:
-    from megapt.data.sources import DataError, apply_split_args
-    from megapt.data.tokenizer import TokenizerError
+    """Exit codes: 0 done, 2 bad config / split flags, 5 data or tokenizer error (megapt.errors)."""
+    from megapt.data.sources import apply_split_args
 
-    error = apply_split_args(cfg.data, args)
-    if error:
-        print(f"megapt: {error}")
-        return 2
-    try:
-        m = shard_corpus(cfg, clean_dir=args.input or None, out_dir=args.out or None, force=args.force,
-                         progress=cfg.logging.progress)
-    except (DataError, ShardError, TokenizerError) as exc:
-        print(f"megapt: {exc}")
-        return 1
+    apply_split_args(cfg.data, args)
+    m = shard_corpus(cfg, clean_dir=args.input or None, out_dir=args.out or None, force=args.force,
+                     progress=cfg.logging.progress)
     out = Path(args.out) if args.out else cfg.shard_dir
     k, i = cfg.data.num_shards, cfg.data.shard_index
     print(f"shard: job {i}/{k}: {summary(m)} -> {out}")

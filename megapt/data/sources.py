@@ -7,6 +7,13 @@ data_files=...)`` - never the Hub. A path may be a file, a directory (read recur
 or a glob. With no sources the corpus is every ``.py`` file of the running interpreter's standard
 library (sorted; site-packages excluded; files that are not UTF-8 are skipped and counted).
 
+Rows without text: a jsonl line, parquet row or HF row whose ``text_field`` is missing or null is
+dropped and counted (``ReadStats.no_text``; ``dropped.no_text`` in the clean stats), the same in
+every reader; a source none of whose rows has a text is an error naming the field. A text of
+another type (a number, a list) is an error naming the file and row, as is a jsonl line that is
+not a JSON object, a parquet/HF column that does not hold strings, and (``format: hf``) a file
+``datasets`` cannot read (invalid UTF-8, mixed file kinds in one source).
+
 Splitting for Slurm arrays: with ``num_shards=K, shard_index=i`` a reader yields only the
 documents whose index (per source, in the order above) is ``i mod K``; files and rows of other
 jobs are skipped without being decoded where possible.
@@ -27,23 +34,35 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from megapt.config import ConfigError, SourceConfig
+from megapt.errors import EXIT_DATA, UserError
 
 TEXT_EXT = {".txt", ".md", ".rst", ".py", ".text", ".c", ".h", ".cpp", ".js", ".java", ".go", ".rs", ".tex"}
 JSONL_EXT = {".jsonl", ".json", ".ndjson"}
 PARQUET_EXT = {".parquet"}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Bad or empty input data; the message names the file (and line/column) and what to do."""
+
+    exit_code = EXIT_DATA
+    kind = "data error"
 
 
 @dataclass
 class ReadStats:
-    """What a reader saw: documents yielded, files read, files skipped because not UTF-8."""
+    """What a reader saw: documents yielded, files read, files skipped because not UTF-8, rows
+    dropped because their text is missing or null (and where the first of them was)."""
 
     docs: int = 0
     files: int = 0
     undecodable: list[str] = field(default_factory=list)
+    no_text: int = 0
+    no_text_example: str = ""
+
+    def count_no_text(self, where: str) -> None:
+        self.no_text += 1
+        if not self.no_text_example:
+            self.no_text_example = where
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,10 +157,13 @@ def _read_jsonl(f: Path, field_: str, stats: ReadStats, start: int, k: int, i: i
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise DataError(f"{f}:{lineno}: invalid JSON line ({exc})") from None
-            if not isinstance(obj, dict) or field_ not in obj:
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{f}:{lineno}: no field {field_!r} (has {keys}); set the source's text_field")
-            text = obj[field_]
+            if not isinstance(obj, dict):
+                raise DataError(f"{f}:{lineno}: a JSON {type(obj).__name__}, expected an object "
+                                f"with field {field_!r}")
+            text = obj.get(field_)
+            if text is None:  # missing or null: dropped and counted, as in every reader
+                stats.count_no_text(f"{f}:{lineno} (keys {sorted(obj)})")
+                continue
             if not isinstance(text, str):
                 raise DataError(f"{f}:{lineno}: field {field_!r} is {type(text).__name__}, expected a string")
             stats.docs += 1
@@ -157,55 +179,137 @@ def _read_parquet(f: Path, field_: str, stats: ReadStats, start: int, k: int, i:
         pf = pq.ParquetFile(f)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DataError(f"{f}: not a readable parquet file ({exc})") from None
+    import pyarrow as pa
+
     names = pf.schema_arrow.names
     if field_ not in names:
         raise DataError(f"{f}: no column {field_!r} (columns: {names}); set the source's text_field")
+    col_type = pf.schema_arrow.field(field_).type
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
+        raise DataError(f"{f}: column {field_!r} holds {col_type}, expected strings; set the "
+                        f"source's text_field")
     n = start
     for batch in pf.iter_batches(columns=[field_], batch_size=1024):
-        col = batch.column(0)
-        for j in range(len(col)):
+        for j, v in enumerate(batch.column(0).to_pylist()):
             if _take(n, k, i):
-                v = col[j].as_py()
-                if isinstance(v, str):
+                if v is None:  # null: dropped and counted, as in every reader
+                    stats.count_no_text(f"{f}:row {n - start + 1}")
+                else:
                     stats.docs += 1
                     yield n, v
             n += 1
     yield n, None  # type: ignore[misc]
 
 
-def _open_hf(src: SourceConfig):
+def _builder(f: Path) -> str:
+    ext = f.suffix.lower()
+    return "json" if ext in JSONL_EXT else "parquet" if ext in PARQUET_EXT else "text"
+
+
+def _first_undecodable(files: list[Path]) -> tuple[Path, int] | None:
+    """The first file that is not valid UTF-8 and the byte offset of its first bad byte."""
+    import codecs
+
+    for f in files:
+        dec = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                try:
+                    dec.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    return f, offset + exc.start
+                offset += len(chunk)
+        try:
+            dec.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            return f, offset + exc.start
+    return None
+
+
+def _open_hf(src: SourceConfig, stats: ReadStats | None = None):
+    """``(dataset, files)`` of a ``format: hf`` source (files: the data files given to
+    ``load_dataset``, empty for a saved dataset folder); DataError naming the file or folder for
+    anything ``datasets`` cannot read."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only, never the Hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
 
+    datasets.disable_progress_bars()  # our clean bar counts the documents; keep stderr for errors
     p = Path(src.path).expanduser()
+    files: list[Path] = []
     if _is_hf_dir(p):
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as exc:  # datasets raises many types for a damaged folder
+            why = f"{type(exc).__name__}: {exc}"
+            raise DataError(f"{p}: not a readable HF dataset folder ({why})") from None
         if isinstance(ds, datasets.DatasetDict):
             if src.split not in ds:
                 raise DataError(f"{p}: HF dataset has splits {list(ds)}, not {src.split!r}; set the source's split")
             ds = ds[src.split]
+        if stats is not None:
+            stats.files += 1
     else:
-        files = [str(f) for f in resolve_files(src)]
-        ext = Path(files[0]).suffix.lower()
-        builder = "json" if ext in JSONL_EXT else "parquet" if ext in PARQUET_EXT else "text"
-        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        files = resolve_files(src)
+        kinds: dict[str, Path] = {}
+        for f in files:
+            kinds.setdefault(_builder(f), f)
+        if len(kinds) > 1:
+            seen = ", ".join(f"{f.name} ({kind})" for kind, f in kinds.items())
+            raise DataError(f"{src.path}: format hf reads one kind of file per source, found "
+                            f"{seen}; list each kind as its own source (or use format auto)")
+        (builder, _), = kinds.items()
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        except Exception as exc:  # datasets wraps the reader's error in its own (or none)
+            _raise_if_undecodable(files if builder in ("json", "text") else [])
+            cause = exc.__cause__ or exc.__context__ or exc
+            why = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
+            raise DataError(f"{src.path}: datasets.load_dataset({builder!r}) cannot read "
+                            f"{len(files)} file(s) ({why})") from None
+        if stats is not None:
+            stats.files += len(files)
     if src.text_field not in ds.column_names:
         raise DataError(f"{p}: HF dataset has no column {src.text_field!r} (columns: {ds.column_names}); "
                         f"set the source's text_field")
-    return ds
+    feat = ds.features[src.text_field]
+    if getattr(feat, "dtype", None) not in ("string", "large_string"):
+        holds = getattr(feat, "dtype", None) or feat
+        raise DataError(f"{p}: HF column {src.text_field!r} holds {holds}, expected strings; set "
+                        f"the source's text_field")
+    return ds, files
+
+
+def _raise_if_undecodable(files: list[Path]) -> None:
+    bad = _first_undecodable(files)
+    if bad is not None:
+        raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); datasets "
+                        f"cannot read it. Re-encode the file as UTF-8 or drop it from the source")
 
 
 def _read_hf(src: SourceConfig, stats: ReadStats, k: int, i: int) -> Iterator[str]:
-    ds = _open_hf(src)
+    ds, files = _open_hf(src, stats)
     if k > 1:
         ds = ds.select(range(i, len(ds), k))
-    col = ds.select_columns([src.text_field])
-    for batch in col.iter(batch_size=1024):
+    batches = iter(ds.select_columns([src.text_field]).iter(batch_size=1024))
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except UnicodeDecodeError as exc:  # datasets stores invalid UTF-8 unchecked; it fails here
+            _raise_if_undecodable(files)
+            raise DataError(f"{src.path}: rows {row + 1}-{row + 1024} of this job hold text that "
+                            f"is not valid UTF-8 ({exc})") from None
+        if batch is None:
+            return
         for v in batch[src.text_field]:
-            if isinstance(v, str):
-                stats.docs += 1
-                yield v
+            row += 1
+            if v is None:  # null: dropped and counted, as in every reader
+                stats.count_no_text(f"{src.path}:row {i + (row - 1) * k + 1}")
+                continue
+            stats.docs += 1
+            yield v
 
 
 def iter_source(src: SourceConfig, stats: ReadStats | None = None, *, num_shards: int = 1,
@@ -236,14 +340,14 @@ def iter_source(src: SourceConfig, stats: ReadStats | None = None, *, num_shards
                 yield text
 
 
-def apply_split_args(data_cfg, args) -> str | None:
-    """``--num-shards K --shard-index i`` flags (a split job) over ``data.*``; an error text or None."""
+def apply_split_args(data_cfg, args) -> None:
+    """``--num-shards K --shard-index i`` (a split job) over ``data.*``; ConfigError if invalid."""
     k = args.num_shards if args.num_shards is not None else data_cfg.num_shards
     i = args.shard_index if args.shard_index is not None else data_cfg.shard_index
     if k < 1 or not 0 <= i < k:
-        return f"need 0 <= shard index < num shards, got {i}/{k}"
+        raise ConfigError(f"--num-shards/--shard-index: need 0 <= shard index < num shards, "
+                          f"got {i}/{k}")
     data_cfg.num_shards, data_cfg.shard_index = k, i
-    return None
 
 
 def default_sources() -> list[SourceConfig]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from megapt.config import TokenizerConfig
+from megapt.errors import EXIT_DATA, UserError
 
 
 # Encoding paths, fastest first; ``Tokenizer.encoder_path`` names the one a tokenizer uses. All
@@ -62,8 +63,11 @@ def _segcache_module():
         return None
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(UserError, RuntimeError):
     """A tokenizer cannot be trained or loaded; the message names the path and what to do."""
+
+    exit_code = EXIT_DATA
+    kind = "tokenizer error"
 
 
 class TokenizerNotFoundError(TokenizerError, FileNotFoundError):
@@ -282,19 +286,25 @@ class Tokenizer:
 
 
 def training_sentences(texts: Iterable[str], max_chars: int, counts: dict) -> Iterator[str]:
-    """Cut documents at line boundaries into pieces of at most ``max_chars`` characters."""
+    """Cut documents at line boundaries into pieces of at most ``max_chars`` characters.
+
+    A line longer than ``max_chars`` is cut into ``max_chars`` pieces, each sliced once from the
+    line (linear in its length, whatever it is: a 50 MB one-line document takes a fraction of a
+    second); the last piece (1 to ``max_chars`` characters) starts the next buffer."""
     for doc in texts:
         counts["docs"] = counts.get("docs", 0) + 1
         counts["chars"] = counts.get("chars", 0) + len(doc)
         buf: list[str] = []
         size = 0
         for line in doc.splitlines(keepends=True):
-            while len(line) > max_chars:  # a single overlong line: hard split
+            if len(line) > max_chars:  # a single overlong line: hard split
                 if buf:
                     yield "".join(buf)
                     buf, size = [], 0
-                yield line[:max_chars]
-                line = line[max_chars:]
+                cut = (len(line) - 1) // max_chars * max_chars
+                for start in range(0, cut, max_chars):
+                    yield line[start:start + max_chars]
+                line = line[cut:]
             if size + len(line) > max_chars and buf:
                 yield "".join(buf)
                 buf, size = [], 0
@@ -304,9 +314,15 @@ def training_sentences(texts: Iterable[str], max_chars: int, counts: dict) -> It
             yield "".join(buf)
 
 
-def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | os.PathLike) -> Tokenizer:
-    """Train a SentencePiece model on ``texts`` and write it (atomically) to ``out_path``."""
+def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | os.PathLike, *,
+                    log=None, progress: bool = False) -> Tokenizer:
+    """Train a SentencePiece model on ``texts`` and write it (atomically) to ``out_path``.
+
+    SentencePiece first reads every piece, then trains; ``log`` gets a line when the reading is
+    done (documents, characters, pieces, seconds) and when training starts, and ``progress`` shows
+    a tqdm bar of the characters read."""
     import sentencepiece as spm
+    from tqdm import tqdm
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,14 +335,27 @@ def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | o
     if first is None:
         raise TokenizerError(f"{out_path}: no training text (empty corpus); check data.sources / `megapt data clean`")
 
+    bar = tqdm(desc="tokenizer: read", unit="char", unit_scale=True, disable=not progress,
+               mininterval=1.0)
+    t0 = time.time()
+
     def all_sentences() -> Iterator[str]:
         yield first
+        bar.update(len(first))
         for s in sentences:
             counts["sentences"] = counts.get("sentences", 0) + 1
+            bar.update(len(s))
             yield s
+        bar.close()
+        n = counts.get("sentences", 0) + 1
+        used = min(n, tc.input_sentence_size) if tc.input_sentence_size else n
+        if log is not None:
+            mchars = counts.get("chars", 0) / 1e6
+            log(f"tokenizer: read {counts.get('docs', 0)} docs, {mchars:.1f} M chars -> {n} pieces "
+                f"in {time.time() - t0:.1f}s; training {tc.model_type} vocab {tc.vocab_size} on "
+                f"{used} of them")
 
     model = io.BytesIO()
-    t0 = time.time()
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=all_sentences(), model_writer=model, model_type=tc.model_type,
@@ -377,20 +406,17 @@ def add_args(parser) -> None:
 
 
 def cli_main(cfg, args) -> int:
+    """Exit codes: 0 done, 2 bad config, 5 data or tokenizer error (megapt.errors)."""
     from megapt.data.clean import clean_dir_of, iter_mixed_docs
-    from megapt.data.sources import DataError
 
     out = Path(args.out) if args.out else cfg.tokenizer_path
     if out.is_file() and not args.force:
         print(f"tokenizer: {out} exists ({Tokenizer.load(out)}); --force to retrain")
         return 0
     src = Path(args.input) if args.input else clean_dir_of(cfg)
-    try:
-        t0 = time.time()
-        tok = train_tokenizer(cfg.tokenizer, iter_mixed_docs(cfg, src), out)
-    except (TokenizerError, DataError) as exc:
-        print(f"megapt: {exc}")
-        return 1
+    t0 = time.time()
+    tok = train_tokenizer(cfg.tokenizer, iter_mixed_docs(cfg, src), out, log=print,
+                          progress=cfg.logging.progress)
     print(f"tokenizer: trained {cfg.tokenizer.model_type} vocab {tok.vocab_size} in {time.time() - t0:.1f}s "
           f"-> {out} (eos {tok.eos_id}, pad {tok.pad_id}, sha256 {tok.sha256[:12]})")
     return 0

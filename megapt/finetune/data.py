@@ -17,9 +17,14 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from megapt.errors import EXIT_DATA, UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A bad row or file; the message names the file, row and field."""
+
+    exit_code = EXIT_DATA
+    kind = "data error"
 
 
 @dataclass

@@ -292,8 +292,6 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     task = ft.task
     if task == "none":
         raise ConfigError("finetune.task: choose classify, regress, sft or lm")
-    if ft.distill_from and not 0.0 <= ft.distill_alpha <= 1.0:
-        raise ConfigError(f"finetune.distill_alpha: must be in [0, 1], got {ft.distill_alpha}")
     info = dist.detect_launcher_env()
     device = _device(cfg)
     if device == "cpu":

@@ -6,7 +6,11 @@
   ``step_XXXXXXX``), any ZeRO stage: weights are gathered by ``megapt.train.consolidate``;
 * a megapt weights folder (``model.safetensors`` + ``model_config.json`` [+ ``tokenizer.model``,
   ``finetune.json`` and ``head.*`` tensors for a fine-tuned classifier]) as written by
-  ``megapt finetune`` and ``megapt export --format megapt``;
+  ``megapt finetune`` and ``megapt export --format megapt --out DIR``;
+* a megapt weights file ``NAME.safetensors`` as written by ``megapt export --format megapt --out
+  NAME.safetensors``: the same tensors, the model config (and finetune.json) in the file's
+  safetensors metadata (``megapt.model_config``, ``megapt.finetune``); no tokenizer inside, it
+  comes from ``tokenizer.path``;
 * a Hugging Face Llama folder (``config.json`` + safetensors) on local disk.
 
 An empty path means ``finetune.init_from``, else the newest checkpoint of the run.
@@ -23,7 +27,6 @@ from typing import Optional
 
 import torch
 
-from megapt.config import ConfigError
 
 
 @dataclass
@@ -40,8 +43,10 @@ class Source:
         from megapt.data.tokenizer import Tokenizer
 
         if self.tokenizer_path is None:
-            raise ConfigError(f"{self.path}: no tokenizer.model found beside the weights; "
-                              "pass --tokenizer.path=SPM.model")
+            from megapt.data.tokenizer import TokenizerNotFoundError
+
+            raise TokenizerNotFoundError(f"{self.path}: no tokenizer.model found beside the "
+                                         "weights; pass --tokenizer.path=SPM.model")
         return Tokenizer.load(self.tokenizer_path)
 
 
@@ -88,13 +93,36 @@ def _load_weights_folder(folder: Path, cfg) -> Source:
     return Source(model, args, _tokenizer_beside(folder, cfg), str(folder), "weights", meta, extra)
 
 
+def _load_weights_file(path: Path, cfg) -> Source:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from megapt.export import ExportError
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
+    if WEIGHTS_META_ARGS not in meta:
+        raise ExportError(f"{path}: a safetensors file without megapt's model config in its "
+                          f"metadata ({WEIGHTS_META_ARGS}); pass a megapt weights folder or a "
+                          f"Hugging Face folder")
+    args = _args_from_json(json.loads(meta[WEIGHTS_META_ARGS]))
+    state = load_file(str(path))
+    extra = {k: v for k, v in state.items() if k.startswith("head.")}
+    backbone = {k: v.float() for k, v in state.items()
+                if not k.startswith("head.") and ".lora_" not in k}
+    ft_meta = json.loads(meta[WEIGHTS_META_FINETUNE]) if WEIGHTS_META_FINETUNE in meta else {}
+    model = _build(args, cfg, backbone, str(path))
+    tok = cfg.tokenizer_path if cfg.tokenizer_path.is_file() else None
+    return Source(model, args, tok, str(path), "weights", ft_meta, extra)
+
+
 def _load_checkpoint(path: Path, cfg) -> Source:
     from megapt.train import consolidate
 
-    try:
-        ckpt = consolidate.resolve(path)  # newest valid step of a root; manifest verified
-    except Exception as exc:  # CheckpointError
-        raise ConfigError(str(exc)) from None
+    ckpt = consolidate.resolve(path)  # newest valid step of a root, verified; CheckpointError
     args = _args_from_json(json.loads((ckpt / "model_config.json").read_text()))
     state = consolidated_state_dict(ckpt)
     model = _build(args, cfg, state, str(ckpt))
@@ -110,17 +138,21 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def load_source(cfg, path: str = "") -> Source:
-    from megapt.export import is_hf_dir, load_hf
+    """The model at ``path``; a missing or unknown path is an ExportError (exit 4) naming it."""
+    from megapt.export import ExportError, is_hf_dir, load_hf
 
     path = path or cfg.finetune.init_from
     if not path:
         if not cfg.checkpoint_dir.exists():
-            raise ConfigError(f"no model given: pass --from PATH (or --finetune.init_from=PATH); "
+            raise ExportError(f"no model given: pass --from PATH (or --finetune.init_from=PATH); "
                               f"the run has no checkpoints in {cfg.checkpoint_dir}")
         path = str(cfg.checkpoint_dir)
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"{path}: model path not found (megapt checkpoint dir, weights folder or HF folder)")
+        raise ExportError(f"{path}: model path not found (megapt checkpoint dir, weights folder or "
+                          f"HF folder)")
+    if p.is_file() and p.suffix == ".safetensors":
+        return _load_weights_file(p, cfg)
     if (p / "model_config.json").is_file() and (p / "model.safetensors").is_file():
         return _load_weights_folder(p, cfg)
     if is_hf_dir(p):
@@ -128,14 +160,19 @@ def load_source(cfg, path: str = "") -> Source:
         return Source(model.eval(), args, _tokenizer_beside(p, cfg), str(p), "hf")
     if (p / "megapt.json").is_file() or any(p.glob("step_*")):
         return _load_checkpoint(p, cfg)
-    raise ConfigError(f"{path}: not a megapt checkpoint (step_*/), megapt weights folder "
+    raise ExportError(f"{path}: not a megapt checkpoint (step_*/), megapt weights folder "
                       "(model.safetensors + model_config.json) or Hugging Face folder (config.json + *.safetensors)")
+
+
+WEIGHTS_META_ARGS, WEIGHTS_META_FINETUNE = "megapt.model_config", "megapt.finetune"
 
 
 def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, tokenizer_path=None,
                  meta: Optional[dict] = None, extra: Optional[dict] = None,
                  dtype: torch.dtype = torch.float32) -> Path:
-    """Write a megapt weights folder atomically (tmp folder + rename)."""
+    """Write a megapt weights folder atomically (tmp folder + rename), or, when ``out_dir`` ends in
+    ``.safetensors``, that one file (tmp file + rename) with the model config and ``meta`` in its
+    safetensors metadata; the tokenizer is not part of a single file."""
     from safetensors.torch import save_file
 
     from megapt.export import atomic_folder
@@ -145,6 +182,24 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, token
         state[n] = p.detach().to(dtype).contiguous().cpu()
     for k, v in (extra or {}).items():
         state[k] = v.detach().to(dtype).contiguous().cpu()
+    out = Path(out_dir)
+    if out.suffix == ".safetensors":
+        from megapt.errors import UsageError
+
+        if out.is_dir():
+            raise UsageError(f"{out}: is a folder; remove it or choose another name for the "
+                             f"weights file")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        info = {"format": "pt", WEIGHTS_META_ARGS: json.dumps(dataclasses.asdict(args))}
+        if meta:
+            info[WEIGHTS_META_FINETUNE] = json.dumps(meta)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            save_file(state, str(tmp), metadata=info)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
     with atomic_folder(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "model_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))

@@ -37,6 +37,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from megapt.errors import EXIT_CHECKPOINT, UserError
 from megapt.train import dist
 
 log = logging.getLogger("megapt.train")
@@ -53,8 +54,11 @@ VERSION = 1
 _NON_SHAPE_ARGS = {"dropout", "init_std"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """Missing, corrupt or incompatible checkpoint; the message says which and what to do."""
+
+    exit_code = EXIT_CHECKPOINT
+    kind = "checkpoint error"
 
 
 class CheckpointWriteError(CheckpointError, OSError):

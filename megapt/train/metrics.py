@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -31,10 +32,56 @@ def peak_memory_gb() -> Optional[float]:
         return None
 
 
-class Metrics:
-    """Rank-0 sink: text log, one JSON line per optimizer step, TensorBoard scalars."""
+SUPERSEDED = "metrics-superseded.jsonl"
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool):
+
+def superseded(row: dict, start_step: int) -> bool:
+    """Whether a ``metrics.jsonl`` row describes work a run starting after ``start_step`` redoes:
+    a row of a later step, or an ``event`` row (a skipped attempt *after* its step) of that step."""
+    step = row.get("step")
+    if not isinstance(step, int):
+        return True
+    return step > start_step or (row.get("kind") == "event" and step >= start_step)
+
+
+def truncate_rows(path: Path, start_step: int) -> int:
+    """Keep the rows of ``path`` (metrics.jsonl) up to ``start_step`` (see ``superseded``), so a
+    resumed run has one row per step; the others (and a torn last line) are appended to
+    ``metrics-superseded.jsonl`` beside it, never lost. Atomic: tmp file + rename. Returns the
+    number of rows moved."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            drop = not isinstance(row, dict) or superseded(row, start_step)
+        except json.JSONDecodeError:  # a line torn by a kill
+            drop = True
+        (moved if drop else keep).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name(SUPERSEDED), "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in moved))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(moved)
+
+
+class Metrics:
+    """Rank-0 sink: text log, one JSON line per optimizer step, TensorBoard scalars.
+
+    ``start_step``: the step training starts after (the resumed checkpoint's, 0 for a fresh run).
+    Rows a previous run wrote past it are moved out of ``metrics.jsonl`` (``truncate_rows``) and
+    TensorBoard purges its events from ``start_step + 1`` on, so every step has one row."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, start_step: int = 0):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.tb = None
@@ -42,12 +89,17 @@ class Metrics:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        moved = truncate_rows(self.run_dir / "metrics.jsonl", start_step)
+        if moved:
+            log.info("metrics: %d row(s) of steps after %d (a run that went past its last "
+                     "checkpoint) moved to %s; this run writes them again", moved, start_step,
+                     self.run_dir / SUPERSEDED)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.run_dir / "tb"))
+                self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=start_step + 1)
             except ImportError as exc:  # pragma: no cover
                 log.warning("TensorBoard disabled (%s): pip install tensorboard", exc)
 

@@ -14,7 +14,7 @@ Outputs in ``<run.out_dir>/<run.name>/``: ``config.yaml`` (resolved config), ``m
 (one line per step / evaluation), ``tb/`` (TensorBoard), ``checkpoints/step_XXXXXXX/``,
 ``sample.txt`` (text generated at the end).
 
-Exit codes of `megapt train`:
+Exit codes of `megapt train` (the table shared by every verb: megapt/errors.py):
     0   finished (max_steps reached)
     1   unexpected error (traceback printed)
     2   configuration error (message lists every offending key)
@@ -42,15 +42,13 @@ import torch
 import yaml
 
 from megapt.config import Config, ConfigError, save_config, to_dict
+from megapt.errors import EXIT_DATA, EXIT_NONFINITE, EXIT_OK, UserError
 from megapt.hardware import peak_flops
 from megapt.train import checkpoint as ckpt_lib
 from megapt.train import dist, reshard
 from megapt.train.metrics import Metrics, format_train_line, peak_memory_gb
 
 log = logging.getLogger("megapt.train")
-
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_NONFINITE, EXIT_CHECKPOINT, EXIT_DATA = 0, 1, 2, 3, 4, 5
-EXIT_PREEMPTED, EXIT_INTERRUPTED = 75, 130
 
 # Test hook: make the loss NaN on these 1-based step attempts (comma list), on rank
 # MEGAPT_FAULT_NAN_RANK (default: every rank). Used by the NaN-skip tests; never set it otherwise.
@@ -200,7 +198,9 @@ class Trainer:
         elif cfg.checkpoint.resume:
             log.info("checkpoint.resume: no valid checkpoint in %s yet, starting from step 0", cfg.checkpoint_dir)
         self._train_iter = iter(self.train_loader)
-        self.metrics = Metrics(cfg.run_dir, enabled=self.rank == 0, tensorboard=cfg.logging.tensorboard)
+        self.metrics = Metrics(cfg.run_dir, enabled=self.rank == 0,
+                               tensorboard=cfg.logging.tensorboard, start_step=self.step)
+        self._bad_reported: set = set()  # (set, shard) of the loader's bad shards in metrics
 
     # ------------------------------------------------------------------------------------------
 
@@ -219,13 +219,21 @@ class Trainer:
                     shard_dir = Path(prepare_data(cfg))
                 except Exception as exc:  # tell the waiting ranks instead of leaving them at the barrier
                     err = exc
-                dist.broadcast_object(repr(err) if err else None)
+                user = isinstance(err, UserError)
+                dist.broadcast_object(None if err is None else (
+                    str(err) if user else repr(err), err.exit_code if user else None,
+                    err.kind if user else None))
                 if err:
                     raise err
             else:
                 msg = dist.broadcast_object(None)
                 if msg:
-                    raise RuntimeError(f"rank 0 failed to prepare the data: {msg}")
+                    text, code, kind = msg
+                    if code is None:  # a bug on rank 0: its traceback is there
+                        raise RuntimeError(f"rank 0 failed to prepare the data: {text}")
+                    err = UserError(f"rank 0 failed to prepare the data: {text}")
+                    err.exit_code, err.kind = code, kind
+                    raise err
         return Path(shard_dir)
 
     def _fault_injection(self) -> tuple[set, Optional[int]]:
@@ -420,6 +428,7 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 out = self.train_step()
+                self._record_bad_shards(out)
                 if out["skipped"]:
                     self.metrics.record("event", self.step, {"skipped_attempt": self.attempt,
                                                              "bad_in_row": self.bad_in_row})
@@ -443,7 +452,8 @@ class Trainer:
                         seq = self.cfg.data.seq_len
                         mfu = self.model_args.mfu(tps / self.world_size, self.peak, seq)
                         row.update(tokens_per_s=tps, mfu=mfu,
-                                   peak_mem_gb=peak_memory_gb(), skipped_total=self.skipped_total)
+                                   peak_mem_gb=peak_memory_gb(), skipped_total=self.skipped_total,
+                                   bad_shards=len(self.train_loader.bad_shards))
                         if t.precision == "fp16":
                             row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0)) or None
                         log.info(format_train_line(self.step, t.max_steps, row))
@@ -477,8 +487,15 @@ class Trainer:
                     self.metrics.text(text, self.step)
                     log.info("sample (%d tokens, temperature 0.8, top-k 40) -> %s:\n%s", t.sample_tokens,
                              run_dir / "sample.txt", text)
-            log.info("done: %d steps, %d tokens, %d skipped. run dir %s | checkpoint %s | TensorBoard %s",
-                     self.step, self.tokens_seen, self.skipped_total, run_dir, self.last_checkpoint, run_dir / "tb")
+            bad = sorted(self._bad_shards_all_ranks())
+            which = f" ({', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''})" if bad else ""
+            log.info("done: %d steps, %d tokens, %d skipped, %d bad shard(s) skipped%s. run dir "
+                     "%s | checkpoint %s | TensorBoard %s", self.step, self.tokens_seen,
+                     self.skipped_total, len(bad), which, run_dir, self.last_checkpoint,
+                     run_dir / "tb")
+            if bad:
+                self.metrics.record("data", self.step, {"bad_shards_total": len(bad),
+                                                        "bad_shards": bad})
             return EXIT_OK
         finally:
             if bar is not None:
@@ -486,6 +503,25 @@ class Trainer:
             if preempt is not None:
                 preempt.uninstall()
             self.metrics.close()
+
+    def _record_bad_shards(self, out: dict) -> None:
+        """One ``data`` row per shard this rank's loader newly skipped (data.bad_shard_policy=skip),
+        at the step whose batches met it (the loader also logs a warning)."""
+        loader = self.train_loader
+        new = [(k, why) for k, why in loader.bad_shards.items() if k not in self._bad_reported]
+        step = self.step + (1 if out["skipped"] else 0)  # a skipped attempt was towards step + 1
+        for (si, name), reason in new:
+            self._bad_reported.add((si, name))
+            self.metrics.record("data", step, {"bad_shard": name,
+                                               "shard_set": loader.plan.sets[si].path,
+                                               "reason": reason,
+                                               "bad_shards_total": len(self._bad_reported)})
+
+    def _bad_shards_all_ranks(self) -> set[str]:
+        """Paths of the shards any rank skipped as bad (a collective: every rank calls it)."""
+        sets = self.train_loader.plan.sets
+        mine = {str(Path(sets[si].path) / name) for si, name in self.train_loader.bad_shards}
+        return set().union(*dist.all_gather_object(sorted(mine)))
 
     def _eval_and_log(self) -> Optional[dict]:
         if self.val_samples == 0:
@@ -508,26 +544,20 @@ def add_args(parser) -> None:
 
 
 def cli_main(cfg: Config, args: Any) -> int:
-    """`megapt train [-c cfg.yaml] [--section.key=value ...] [--resume]`; exit codes in the module docstring."""
+    """`megapt train [-c cfg.yaml] [--section.key=value ...] [--resume]` (exit codes: docstring).
+
+    User errors (config, checkpoint, data: ``megapt.errors.UserError``) go up to ``megapt.cli``,
+    which prints them as one line with their exit code; so does Ctrl-C (130)."""
     if getattr(args, "resume", False):
         cfg.checkpoint.resume = True
-    from megapt.data.manifest import ShardError
     from megapt.data.sources import DataError
 
-    trainer = None
     try:
         trainer = Trainer(cfg)
         return trainer.fit()
-    except ConfigError:
-        raise  # the CLI prints it and returns 2
-    except ckpt_lib.CheckpointError as exc:
-        print(f"megapt train: checkpoint error: {exc}", file=sys.stderr)
-        return EXIT_CHECKPOINT
-    except (ShardError, DataError, FileNotFoundError) as exc:
-        print(f"megapt train: data error: {exc}", file=sys.stderr)
-        return EXIT_DATA
-    except KeyboardInterrupt:
-        print("megapt train: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except UserError:
+        raise
+    except FileNotFoundError as exc:  # a data, shard or tokenizer path that is not there
+        raise DataError(str(exc)) from None
     finally:
         dist.destroy()

@@ -203,6 +203,11 @@ def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resum
     s = int(saved.split("_")[1])
     assert s >= 5 and verify_checkpoint(ck / saved) == []
     assert max(r["step"] for r in _train_rows(run)) == s  # saved at the boundary of the last step it logged
+    # (a) logged steps 3-4 before it was killed; (b) re-ran them from step 2: one row per step
+    # remains, the replaced rows are kept aside
+    assert [r["step"] for r in _train_rows(run)] == list(range(1, s + 1))
+    aside = [json.loads(x) for x in (run / "metrics-superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in aside if r["kind"] == "train"] == [3, 4]
 
     # (c) --resume continues after the preemption step
     before = len(_train_rows(run))
@@ -213,6 +218,7 @@ def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resum
     assert rc == 0, log_c[-3000:]
     assert f"step_{s:07d}" in log_c and "resumed from" in log_c
     assert [r["step"] for r in _train_rows(run)[before:]] == [s + 1, s + 2]
+    assert [r["step"] for r in _train_rows(run)] == list(range(1, s + 3))
 
 
 @pytest.mark.timeout(START_TIMEOUT + 60)
@@ -228,6 +234,63 @@ def test_preemption_signal_during_start_up_still_exits_75(data, tmp_path):
         if p.poll() is None:
             p.kill()
     assert rc == 75, (rc, (tmp_path / "early.log").read_text()[-2000:])
+
+
+# --------------------------------------------------------------------------------------------
+# SIGKILL of the trainer: its DataLoader workers die with it (issue 15, item 10)
+# --------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its exit status waits for its new parent
+
+
+@pytest.mark.timeout(START_TIMEOUT + 60)
+def test_sigkill_of_the_trainer_takes_its_loader_workers_with_it(data, tmp_path):
+    """`megapt train` with data.loader_workers=2, killed with SIGKILL mid-training: both workers are
+    gone within 5 s (they used to live on as orphans, ~300 MB each, for minutes). micro_batch 64 x
+    seq 32 makes one worker message (16 micro-steps, 67 KB) larger than a pipe's buffer: the case
+    where a worker whose parent died blocked at exit forever."""
+    run = data["runs"] / "orphans"
+    args = ["--run.name=orphans", "--data.loader_workers=2", "--train.micro_batch=64",
+            "--train.max_steps=100000", "--checkpoint.every=0"]
+    p = _start("cli", data["common"] + args, tmp_path / "o.log")
+    workers: list[int] = []
+    survivors: list[int] = []
+    try:
+        _wait_for(lambda: len(_train_rows(run)) >= 2, START_TIMEOUT, [p], "step 2")
+        workers = _children(p.pid)
+        assert len(workers) == 2, (workers, (tmp_path / "o.log").read_text()[-2000:])
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+        t0 = time.time()
+        while any(_alive(w) for w in workers) and time.time() - t0 < 5:
+            time.sleep(0.1)
+        survivors = [w for w in workers if _alive(w)]
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    assert not survivors, f"DataLoader workers {survivors} outlived the killed trainer by > 5 s"
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +442,17 @@ def test_corrupt_shard_policy_skip_trains_on_and_reports_it(faults, data):
     assert r["rc"] == 0, r["err"][-2000:]
     assert "skipping bad shard" in r["err"] and names[0] in r["err"]
     assert [x["step"] for x in _train_rows(data["runs"] / "cskip")] == [1, 2, 3]
+    # the skipped shard is in metrics.jsonl (a data row at the step that met it, a count in the
+    # train rows, the list at the end) and in the final summary line, not only in a warning
+    metrics = (data["runs"] / "cskip" / "metrics.jsonl").read_text().splitlines()
+    data_rows = [x for x in map(json.loads, metrics) if x["kind"] == "data"]
+    assert [x.get("bad_shard") for x in data_rows[:-1]] == [names[0]]
+    assert "sha256" in data_rows[0]["reason"]
+    assert data_rows[-1]["step"] == 3
+    assert [Path(x).name for x in data_rows[-1]["bad_shards"]] == [names[0]]
+    assert _train_rows(data["runs"] / "cskip")[-1]["bad_shards"] == 1
+    summary = r["err"].split("done:")[1]
+    assert "1 bad shard(s) skipped" in summary and f"corrupt/{names[0]}" in summary
 
 
 @pytest.mark.timeout(600)
@@ -410,7 +484,9 @@ def test_corrupt_checkpoint_is_rejected_and_resume_falls_back(faults, data):
     assert r["rc"] == 0, r["err"][-2000:]
     assert "not valid, trying an older one" in r["err"] and "step_0000001" in r["err"]
     rows = _train_rows(data["runs"] / "ckfall")
-    assert [x["step"] for x in rows] == [1, 2, 2, 3]  # steps 2-3 redone from the step-1 checkpoint
+    assert [x["step"] for x in rows] == [1, 2, 3]  # steps 2-3 redone from the step-1 checkpoint ...
+    aside = (data["runs"] / "ckfall" / "metrics-superseded.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in aside if '"train"' in x] == [2]  # ... the first step 2 aside
 
 
 @pytest.mark.timeout(600)

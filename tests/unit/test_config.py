@@ -118,3 +118,59 @@ def test_every_key_has_help():
             if dataclasses.is_dataclass(tp):
                 stack.append((tp, prefix + f.name + "."))
     assert not missing, missing
+
+
+def test_a_yaml_with_problems_of_every_kind_lists_them_all(tmp_path):
+    """Unknown key, wrong type, out-of-range value and an inconsistent pair in one file: one error
+    lists all of them (not only the first kind found)."""
+    p = write(tmp_path, "bad.yaml", "train:\n  lr: fast\n  mirco_batch: 4\n  beta2: 1.5\n"
+                                    "data:\n  num_proc: -3\n  shuffle_buffer: -1\n  seq_len: 1\n"
+                                    "  clean: {min_chars: 50, max_chars: 10}\n"
+                                    "deepspeed:\n  offload_params: cpu\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config([p])
+    msg = str(ei.value)
+    for needle in ["train.lr: expected float", "train.mirco_batch: unknown key",
+                   "train.beta2: must be in [0, 1)", "data.num_proc: must be >= 0, got -3",
+                   "data.shuffle_buffer: must be >= 0, got -1", "data.seq_len: must be >= 2, got 1",
+                   "data.clean.max_chars: must be >= data.clean.min_chars=50",
+                   "deepspeed.offload_params: parameter offload needs zero_stage 3"]:
+        assert needle in msg, (needle, msg)
+    assert "8 problem" in msg
+
+
+def test_negative_counts_and_sizes_are_rejected_with_exit_2():
+    bad = ["--data.num_proc=-3", "--data.shuffle_buffer=-1", "--data.loader_workers=-1",
+           "--train.eval_batches=0", "--train.log_every=0", "--tokenizer.num_threads=-2",
+           "--finetune.batch_size=0", "--plan.nodes=0"]
+    r = subprocess.run([sys.executable, "-m", "megapt", "config", *bad], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "8 problem" in r.stderr, r.stderr
+    assert r.stderr.startswith("megapt config: config error: overrides: 8 problem(s):")
+    for key in ("data.num_proc", "data.shuffle_buffer", "data.loader_workers", "train.eval_batches",
+                "train.log_every", "tokenizer.num_threads", "finetune.batch_size", "plan.nodes"):
+        assert f"{key}: must be" in r.stderr, key
+
+
+def test_every_numeric_key_has_a_range_and_its_default_is_in_it():
+    """A new int/float knob must state its allowed values (RANGES); every default satisfies them."""
+    import dataclasses
+    import typing
+
+    from megapt.config import RANGES, SourceConfig, _hints, in_range
+
+    numeric, stack = {}, [(Config(), "")]
+    stack.append((SourceConfig(), "data.sources."))
+    while stack:
+        obj, prefix = stack.pop()
+        for f in dataclasses.fields(obj):
+            tp, value = _hints(type(obj))[f.name], getattr(obj, f.name)
+            if dataclasses.is_dataclass(tp):
+                stack.append((value, prefix + f.name + "."))
+                continue
+            args = set(typing.get_args(tp)) - {type(None)}
+            if tp in (int, float) or (args and args <= {int, float}):
+                numeric[prefix + f.name] = value
+    assert sorted(numeric) == sorted(RANGES)
+    for key, default in numeric.items():
+        assert default is None or in_range(default, RANGES[key]), (key, default)

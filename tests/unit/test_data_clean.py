@@ -10,7 +10,7 @@ from megapt.cli import main
 from megapt.config import CleanConfig
 from megapt.data.clean import Cleaner, char_fractions, normalize, run_clean
 from megapt.data.sources import DataError
-from test_data_util import make_docs, tiny_cfg
+from test_data_util import make_docs, tiny_cfg, write_jsonl
 
 LONG = "A perfectly ordinary sentence about tokens and shards. " * 3  # passes every default filter
 
@@ -110,3 +110,89 @@ def test_cli_clean_reports_counts_and_skips_when_up_to_date(tmp_path, capsys):
     assert "kept 10/11" in out and "too_short 1" in out
     assert main(args) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+def _clean_cli(tmp_path, source: str, *extra: str) -> list[str]:
+    return ["data", "clean", f"--run.work_dir={tmp_path / 'work'}", f"--data.sources=[{source}]",
+            "--data.clean.min_chars=20", "--logging.progress=false", *extra]
+
+
+def test_rows_without_text_are_counted_in_the_clean_stats(tmp_path, capsys):
+    rows = [{"text": d} for d in make_docs(6)] + [{"id": 1}, {"text": None}]
+    src = write_jsonl(tmp_path / "raw" / "d.jsonl", rows, raw=True)
+    assert main(_clean_cli(tmp_path, f"{{path: '{src}'}}")) == 0
+    out = capsys.readouterr().out
+    assert "kept 6/8 docs" in out and "no_text 2" in out
+    st = json.loads((tmp_path / "work" / "clean" / "stats-part000-of001.json").read_text())
+    assert st["dropped"]["no_text"] == 2 and st["sources"][0]["no_text"] == 2
+    assert st["docs_in"] == st["docs_out"] + sum(st["dropped"].values()) == 8  # kept + dropped
+
+
+def test_a_source_without_any_text_names_the_field(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "raw" / "d.jsonl", [{"body": d} for d in make_docs(3)], raw=True)
+    assert main(_clean_cli(tmp_path, f"{{path: '{src}'}}")) == 5
+    err = capsys.readouterr().err
+    assert err.startswith("megapt data clean: data error: ")
+    assert "field 'text'" in err and "d.jsonl:1" in err
+    assert "'body'" in err and err.count("\n") == 1
+
+
+LATIN1 = "caf\xe9 cr\xe8me br\xfbl\xe9e".encode("latin-1")
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 64, LATIN1], ids=["binary", "latin1"])
+def test_a_wholly_non_utf8_input_says_it_was_skipped_as_non_utf8(tmp_path, capsys, content):
+    (tmp_path / "in.txt").write_bytes(content)
+    assert main(_clean_cli(tmp_path, f"{{path: '{tmp_path / 'in.txt'}', format: text}}")) == 5
+    err = capsys.readouterr().err
+    assert err.startswith("megapt data clean: data error: ") and err.count("\n") == 1, err
+    assert "1 file(s) skipped as not UTF-8" in err and str(tmp_path / "in.txt") in err
+
+
+def test_hf_format_errors_name_the_file_with_the_data_error_code(tmp_path, capsys):
+    """`format: hf` on a jsonl with invalid UTF-8, or on a folder of mixed files: one line naming
+    the file, exit 5 (not a `datasets` traceback)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 latin-1 here"}\n')
+    assert main(_clean_cli(tmp_path, f"{{path: '{bad}', format: hf}}")) == 5
+    err = capsys.readouterr().err
+    head = f"megapt data clean: data error: {bad}: not valid UTF-8 (first bad byte at offset 30)"
+    assert err.startswith(head), err
+    assert err.count("\n") == 1
+    mixed = tmp_path / "mixed"
+    write_jsonl(mixed / "a.jsonl", make_docs(3))
+    pq.write_table(pa.table({"text": make_docs(3)}), mixed / "b.parquet")
+    assert main(_clean_cli(tmp_path, f"{{path: '{mixed}', format: hf}}")) == 5
+    err = capsys.readouterr().err
+    assert err.startswith("megapt data clean: data error: ") and err.count("\n") == 1, err
+    assert "a.jsonl (json)" in err and "b.parquet (parquet)" in err
+
+
+def test_split_clean_jobs_deduplicate_globally(tmp_path, capsys):
+    """With --num-shards K every distinct text is kept once across the jobs, as one job keeps it:
+    the texts the tokenizer and the shard jobs read are those of a 1-job clean (order aside)."""
+    from megapt.config import load_config
+    from megapt.data.clean import iter_clean_docs, iter_mixed_docs
+
+    docs = make_docs(24)
+    raw = docs + docs[::2] + docs[:5]  # 17 copies; job i of 2 takes rows i, i+2, ...
+    src = write_jsonl(tmp_path / "raw" / "d.jsonl", raw)
+    one = _clean_cli(tmp_path, f"{{path: '{src}'}}", "--out", str(tmp_path / "one"))
+    assert main(one) == 0
+    capsys.readouterr()
+    for i in range(2):
+        split = ["--num-shards", "2", "--shard-index", str(i)]
+        assert main(_clean_cli(tmp_path, f"{{path: '{src}'}}", *split)) == 0
+    out = capsys.readouterr().out
+    stats = (tmp_path / "work" / "clean").glob("stats-*")
+    per_job = sum(json.loads(p.read_text())["docs_out"] for p in stats)
+    assert per_job > 24  # each job alone kept copies the other job also kept
+    assert f"{per_job - 24} document(s) kept by one job are duplicates" in out
+    single = list(iter_clean_docs(tmp_path / "one"))
+    split = list(iter_clean_docs(tmp_path / "work" / "clean"))
+    assert len(split) == len(set(split)) == 24 and sorted(split) == sorted(single)
+    cfg = load_config(None, [f"--data.sources=[{{path: '{src}'}}]"])
+    assert sorted(iter_mixed_docs(cfg, tmp_path / "work" / "clean")) == sorted(single)

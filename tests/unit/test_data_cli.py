@@ -33,9 +33,11 @@ def test_prepare_then_verify_then_detect_corruption(tmp_path, capsys):
     raw = bytearray(bad.read_bytes())
     raw[700] ^= 1
     bad.write_bytes(bytes(raw))
-    assert main(["data", "verify", *o]) == 1
-    out = capsys.readouterr().out
+    assert main(["data", "verify", *o]) == 5  # the data-error exit code of every verb
+    out, err = capsys.readouterr()
     assert bad.name in out and "sha256 mismatch" in out
+    assert err.startswith("megapt data verify: data error: 1 of 14 shard(s)")
+    assert "Traceback" not in err
 
 
 def test_split_shard_jobs_then_merge(tmp_path, capsys):
@@ -54,14 +56,14 @@ def test_split_shard_jobs_then_merge(tmp_path, capsys):
 def test_shard_without_tokenizer_says_how_to_make_one(tmp_path, capsys):
     o = overrides(tmp_path)
     assert main(["data", "clean", *o]) == 0
-    assert main(["data", "shard", *o]) == 1
-    out = capsys.readouterr().out
-    assert "spm.model" in out and "megapt tokenizer train" in out
+    assert main(["data", "shard", *o]) == 5
+    err = capsys.readouterr().err
+    assert "spm.model" in err and "megapt tokenizer train" in err
 
 
 def test_verify_without_shards_is_an_error_naming_the_manifest(tmp_path, capsys):
-    assert main(["data", "verify", *overrides(tmp_path)]) == 1
-    assert "manifest.json: not found" in capsys.readouterr().out
+    assert main(["data", "verify", *overrides(tmp_path)]) == 5
+    assert "manifest.json: not found" in capsys.readouterr().err
 
 
 def test_bad_shard_index_is_refused(tmp_path, capsys):

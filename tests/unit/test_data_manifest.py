@@ -151,3 +151,25 @@ def test_tokenizer_mismatch_is_refused(shards):
         check_tokenizer(m, FakeTok("cd" * 32))
     with pytest.raises(ShardError, match="vocab_size 600"):
         check_tokenizer(m, FakeTok("ab" * 32, vocab=600))
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_verify_fails_a_shard_whose_tokens_exceed_the_vocabulary(tmp_path, capsys, quick):
+    """A shard consistent with its manifest (sizes, sha256, tar) but holding a token id >= the
+    vocabulary size fails `megapt data verify` (exit 5), as training would refuse it."""
+    from megapt.cli import main
+
+    rng = np.random.default_rng(2)
+    rows = [rng.integers(0, 300, SEQ + 1) for _ in range(10)]
+    rows[7][3] = 300  # one id past the vocabulary, in the second shard
+    m = write_token_dataset(tmp_path, {"train": rows}, seq_len=SEQ, vocab_size=300, shard_samples=5,
+                            tokenizer_sha256="ab" * 32)
+    bad = m["splits"]["train"]["shards"][1]["name"]
+    rc = main(["data", "verify", "--dir", str(tmp_path), *(["--quick"] if quick else [])])
+    out, err = capsys.readouterr()
+    assert rc == 5
+    want = f"BAD  {tmp_path / bad}: sample train-000-000000007: token id 300 >= vocab_size 300"
+    assert want in out, out
+    assert "2 shard(s)" in out and "1 ok, 1 bad" in out
+    assert err.startswith("megapt data verify: data error: 1 of 2 shard(s)")
+    assert err.count("\n") == 1

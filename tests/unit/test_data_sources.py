@@ -50,12 +50,61 @@ def test_jsonl_reads_the_configured_field(tmp_path):
 
 def test_jsonl_errors_name_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"text": "ok"}\n{"body": "x"}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: no field 'text'.*body"):
+    p.write_text('{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'text' is int, expected a string"):
+        docs_of(path=str(p))
+    p.write_text('{"text": "ok"}\n["x"]\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: a JSON list, expected an object"):
         docs_of(path=str(p))
     p.write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
         docs_of(path=str(p))
+
+
+def _rows_with_gaps(tmp_path, fmt: str) -> SourceConfig:
+    """Five rows: texts a, b, c and two rows without one (a missing field / a null)."""
+    rows = [{"text": "a", "id": 1}, {"id": 2}, {"text": "b", "id": 3}, {"text": None, "id": 4},
+            {"text": "c", "id": 5}]
+    if fmt == "jsonl":
+        return SourceConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows, raw=True)))
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+        return SourceConfig(path=str(tmp_path / "d.parquet"))
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    return SourceConfig(path=str(tmp_path / "ds"), format="hf")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_rows_without_text_are_dropped_and_counted_by_every_reader(tmp_path, fmt):
+    """One policy for jsonl, parquet and HF: a missing or null text is dropped and counted (never
+    an error in one reader and silent in another)."""
+    st = ReadStats()
+    assert list(iter_source(_rows_with_gaps(tmp_path, fmt), st)) == ["a", "b", "c"]
+    assert (st.docs, st.no_text) == (3, 2)
+    assert st.no_text_example.endswith(("d.jsonl:2 (keys ['id'])", "d.parquet:row 2", "ds:row 2"))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf"])
+def test_a_text_column_of_another_type_is_an_error_naming_it(tmp_path, fmt):
+    rows = [{"text": 1}, {"text": 2}]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+        src = SourceConfig(path=str(tmp_path / "d.parquet"))
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+        src = SourceConfig(path=str(tmp_path / "ds"), format="hf")
+    with pytest.raises(DataError, match=r"column 'text' holds int64, expected strings"):
+        list(iter_source(src))
 
 
 def test_missing_path_is_a_clear_error(tmp_path):

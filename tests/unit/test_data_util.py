@@ -28,11 +28,12 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+def write_jsonl(path: Path, docs: list, field: str = "text", raw: bool = False) -> Path:
+    """One ``{field: doc}`` per line (``raw``: the docs are whole JSON objects)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps({field: d}) + "\n")
+            f.write(json.dumps(d if raw else {field: d}) + "\n")
     return path
 
 

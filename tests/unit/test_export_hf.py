@@ -142,3 +142,66 @@ def test_tokenizer_without_pad_token_is_named(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(ExportError, match=r"no pad token '<\|pad\|>'"):
         write_hf_tokenizer(tmp_path / "nopad.model", tmp_path / "out", "<|endoftext|>", "<|pad|>", 32)
+
+
+@pytest.fixture()
+def hf_dir(tmp_path):
+    args = tiny_args()
+    export_hf(GPT(args, EAGER, seed=3), args, tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+# HF configs megapt cannot represent: each is refused by `megapt export --format megapt` with the
+# model-error exit code (4) and one line naming the key, never a traceback
+UNSUPPORTED = [
+    ({"head_dim": 32}, "head_dim=32"),  # 4 heads x 32 != hidden 64
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+     "rope_scaling type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}},
+     "rope_parameters type 'llama3'"),
+    ({"attention_bias": True}, "attention_bias"),
+]
+
+
+@pytest.mark.parametrize("change,needle", UNSUPPORTED,
+                         ids=["head_dim", "llama3_scaling", "llama3_params", "bias"])
+def test_cli_import_of_an_unsupported_hf_config_is_one_line_exit_4(hf_dir, tmp_path, capsys, change,
+                                                                    needle):
+    from megapt.cli import main
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(change)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    rc = main(["export", "--format", "megapt", "--from", str(hf_dir), "--out", str(tmp_path / "w"),
+               f"--run.out_dir={tmp_path}", "--logging.tensorboard=false"])
+    out, err = capsys.readouterr()
+    assert rc == 4, err
+    assert err.startswith("megapt export: model error: "), err
+    assert needle in err and "config.json" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_export_to_a_safetensors_path_writes_that_one_file(hf_dir, tmp_path, capsys):
+    """`--format megapt --out x.safetensors` writes the file x.safetensors (never a folder of that
+    name) and nothing else; the file alone rebuilds the same model (config in its metadata)."""
+    from megapt.cli import main
+    from megapt.config import load_config
+    from megapt.finetune.source import load_source
+
+    out = tmp_path / "out" / "tiny.safetensors"
+    common = [f"--run.out_dir={tmp_path}", "--logging.tensorboard=false"]
+    rc = main(["export", "--format", "megapt", "--from", str(hf_dir), "--out", str(out), *common])
+    assert rc == 0
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["tiny.safetensors"]
+    cfg = load_config(overrides=common)
+    ref, back = load_source(cfg, str(hf_dir)), load_source(cfg, str(out))
+    assert back.args == ref.args and back.kind == "weights"
+    for (n, p), (_, q) in zip(ref.model.named_parameters(), back.model.named_parameters()):
+        assert torch.equal(p, q), n
+    # hf format writes a folder: a .safetensors name there is refused before anything is written
+    hf_out = tmp_path / "h.safetensors"
+    rc = main(["export", "--format", "hf", "--from", str(out), "--out", str(hf_out), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--format hf writes a folder" in err and not hf_out.exists()

@@ -83,23 +83,63 @@ def test_greedy_matches_transformers_generate(model, tmp_path):
     assert generate(model, [PROMPTS[0]], 8, 0.0) == [ref]
 
 
-def test_cli_generate_greedy_is_deterministic_and_stops(tmp_path, capsys):
-    from megapt.cli import main
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A megapt weights folder (1 layer, max_seq_len 64) with its tokenizer."""
     from megapt.config import load_config
     from megapt.data.tokenizer import train_tokenizer
     from megapt.finetune.source import save_weights
 
+    root = tmp_path_factory.mktemp("gen")
     cfg = load_config(overrides=["--tokenizer.vocab_size=300"])
-    tok = train_tokenizer(cfg.tokenizer, ["import os\nimport sys\n" * 40], tmp_path / "spm.model")
+    tok = train_tokenizer(cfg.tokenizer, ["import os\nimport sys\n" * 40], root / "spm.model")
     args = ModelArgs(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=tok.vocab_size,
                      max_seq_len=64)
-    save_weights(tmp_path / "w", GPT(args, EAGER, seed=1), args, tmp_path / "spm.model")
-    argv = ["generate", "--from", str(tmp_path / "w"), "--prompt", "import", "--prompt", "import os\n",
+    save_weights(root / "w", GPT(args, EAGER, seed=1), args, root / "spm.model")
+    return root / "w"
+
+
+def test_cli_generate_greedy_is_deterministic_and_stops(weights, tmp_path, capsys):
+    from megapt.cli import main
+
+    argv = ["generate", "--from", str(weights), "--prompt", "import", "--prompt", "import os\n",
             "--max-tokens", "8", "--temperature", "0", f"--run.out_dir={tmp_path}"]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert main(argv + ["--no-cache"]) == 0
     assert capsys.readouterr().out == first
     assert first.count("=== ") == 2
-    with pytest.raises(ValueError, match="a stop must be one token"):
-        main(argv + ["--stop", "import os sys"])
+
+
+# each bad argument: exit 2 (usage error), one line on stderr naming it, no traceback, no output
+BAD_ARGS = [
+    (["--prompt", ""], "prompt 0 is empty"),
+    (["--prompt", "import os " * 40], "exceed the model's max_seq_len=64"),
+    (["--prompt", "import", "--max-tokens", "0"], "--max-tokens) must be >= 1, got 0"),
+    (["--prompt", "import", "--top-p", "0"], "--top-p) must be in (0, 1], got 0.0"),
+    (["--prompt", "import", "--temperature", "-1"], "must be >= 0 (0 = greedy), got -1.0"),
+    (["--prompt", "import", "--top-k", "-2"], "--top-k) must be >= 0 (0 = off), got -2"),
+    (["--prompt", "import", "--stop", "import os sys"], "a stop must be one token"),
+    (["--prompt-file", "no_such_prompts.txt"], "--prompt-file no_such_prompts.txt: cannot read it"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_ARGS, ids=[str(i) for i in range(len(BAD_ARGS))])
+def test_cli_generate_bad_arguments_are_one_line_exit_2(weights, tmp_path, capsys, extra, needle):
+    from megapt.cli import main
+
+    rc = main(["generate", "--from", str(weights), f"--run.out_dir={tmp_path}", *extra])
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    assert err.startswith("megapt generate: usage error: ") and needle in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and out == ""
+
+
+def test_cli_generate_missing_model_is_a_model_error_exit_4(tmp_path, capsys):
+    from megapt.cli import main
+
+    rc = main(["generate", "--from", str(tmp_path / "nope"), "--prompt", "x",
+               f"--run.out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert rc == 4 and err.startswith("megapt generate: model error: ") and "nope" in err, err
+    assert err.count("\n") == 1
