@@ -40,7 +40,7 @@ from scale_utils import ROOT, base_env, free_port, prepare_data, tail, write_mic
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 
 JOB_TIMEOUT = 300  # seconds for one run of a job to reach its next state (CPU start-up under load)
-PREEMPT_STEPS = 300  # the USR1 job's length (stop_after)
+PREEMPT_STEPS = 400  # the USR1 job's length (stop_after)
 TWO_HOST_STEPS = 100
 SSH_STEPS = 60
 AFTER = 12  # steps compared after the last event of a run (>= 10)
@@ -173,9 +173,10 @@ def _wait_step(slurm, job, run_dir: Path, step: int, timeout: float = JOB_TIMEOU
     )
 
 
-def _requeue_cycle(slurm, job, send) -> int:
+def _requeue_cycle(slurm, job, send, **pending_update: str) -> int:
     """``send()`` a pre-emption signal; the job must save, requeue itself (PENDING with one more
-    restart) and start again. Returns the step the script says was saved."""
+    restart) and start again (after ``scontrol update`` of ``pending_update`` while it waits).
+    Returns the step the script says was saved."""
     before = int(slurm.job(job.id)["Restarts"])
     CYCLES["run"] += 1
     send()
@@ -196,7 +197,7 @@ def _requeue_cycle(slurm, job, send) -> int:
         )
     saved = [int(s) for s in re.findall(r"pre-emption checkpoint \(step=(\d+) ", job.text())]
     assert len(saved) == before + 1, job.text()[-4000:]
-    slurm.update(job.id, StartTime="now")  # skip Slurm's requeue delay (BeginTime ~2 min)
+    slurm.update(job.id, **pending_update, StartTime="now")  # skip the requeue delay (~2 min)
     slurm.wait_job(job.id, lambda j: j["JobState"] != "PENDING", JOB_TIMEOUT, "started again")
     return saved[-1]
 
@@ -253,18 +254,15 @@ def time_limit_run(slurm, micro, clone):
         limit = run_s + 110
         slurm.update(job.id, TimeLimit=f"{limit // 60}:{limit % 60:02d}")
 
-    saved = _requeue_cycle(slurm, job, cut_time_limit)
-    assert re.search(r"received SIGUSR1: saving a checkpoint at step \d+", job.text()), job.text()[
-        -4000:
-    ]
-    slurm.update(job.id, TimeLimit="60")  # the resumed run gets an hour (set while it starts)
+    # the resumed run gets an hour, set before it starts
+    saved = _requeue_cycle(slurm, job, cut_time_limit, TimeLimit="60")
+    # the only USR1 this job gets is Slurm's time-limit warning
+    assert re.search(r"received SIGUSR1: saving a checkpoint", job.text()), tail(job.out, 4000)
     _wait_step(slurm, job, run_dir, saved + AFTER)
     # a user's plain scancel (SIGTERM): megapt saves, the script must not undo the cancel
     slurm.run(["scancel", job.id])
-    info = slurm.wait_job(
-        job.id, lambda j: j["JobState"] in DONE + ("PENDING",), JOB_TIMEOUT, "ended"
-    )
-    time.sleep(3)
+    slurm.wait_job(job.id, lambda j: j["JobState"] in DONE + ("PENDING",), JOB_TIMEOUT, "ended")
+    time.sleep(3)  # a requeue by the script would show as PENDING with Restarts=2 by now
     info = slurm.job(job.id)
     print(f"\ninfra: time-limit cycle saved at step {saved}", file=sys.stderr)
     return {"job": job, "run_dir": run_dir, "saved": saved, "final": info}
