@@ -9,6 +9,8 @@
 #   MEGAPT_SKIP_HOSTCHECK=1  skip the hostfile reachability pre-flight
 
 # Exit code `megapt train` uses after a pre-emption checkpoint (EX_TEMPFAIL, megapt/train/preempt.py).
+# The Slurm scripts do not requeue on it (srun's exit code depends on which rank ends first) but on
+# the marker file megapt writes after a complete pre-emption save: $MEGAPT_PREEMPT_MARKER.
 export MEGAPT_PREEMPT_EXIT=75
 # Exit code of these scripts when a pre-flight check fails (nothing was launched).
 MEGAPT_PREFLIGHT_EXIT=3
@@ -120,5 +122,79 @@ local_gpu_count() {
         nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
     else
         echo 0
+    fi
+}
+
+# gres_gpu_count GRES: GPUs in a Slurm Gres string, e.g. "gpu:8" -> 8,
+# "gpu:h100:4(S:0-1),nic:1" -> 4, "(null)" or "" -> 0
+gres_gpu_count() {
+    local gres item n total=0
+    # shellcheck disable=SC2001  # drop every "(S:0-1)"-style socket list, not one pattern
+    gres=$(sed 's/([^)]*)//g' <<<"${1:-}")
+    local IFS=,
+    for item in $gres; do
+        [[ $item == gpu || $item == gpu:* ]] || continue
+        n=${item##*:}
+        [[ $n =~ ^[0-9]+$ ]] || n=1
+        total=$(( total + n ))
+    done
+    echo "$total"
+}
+
+# slurm_node_gpus: GPUs the cluster configures on this job's node (Gres= of `scontrol show node`);
+# 0 outside a Slurm job
+slurm_node_gpus() {
+    [[ -n ${SLURM_JOB_ID:-} ]] || { echo 0; return; }
+    local node=${SLURMD_NODENAME:-$(hostname -s)}
+    local gres
+    gres=$(timeout 60 scontrol show node -o "$node" 2>/dev/null | grep -o 'Gres=[^ ]*')
+    gres_gpu_count "${gres#Gres=}"
+}
+
+# config_value KEY MEGAPT_ARGS...: one value of the resolved config (`megapt config`), e.g.
+# config_value plan.gpus_per_node -c configs/tiny.yaml --plan.gpus_per_node=2 -> 2
+config_value() {
+    local key=$1 out
+    shift
+    local -a cargs=()
+    while IFS= read -r -d '' a; do cargs+=("$a"); done < <(plan_args "$@")
+    out=$("$PYTHON" -m megapt config "${cargs[@]}") \
+        || die "megapt config ${cargs[*]} failed (see above)"
+    awk -v sec="${key%%.*}" -v k="${key#*.}" '
+        /^[^ ]/ { insec = ($0 == sec ":") ; next }
+        insec && $1 == k ":" { print $2; exit }' <<<"$out"
+}
+
+# ranks_per_node MEGAPT_ARGS...: sets PER_NODE (ranks to start on every node, one per GPU),
+# PER_NODE_FROM (where the number came from) and GPU_ARGS (srun options giving each step its GPUs).
+# First match wins: $MEGAPT_GPUS_PER_NODE; the job's own GPU request (sbatch --gpus-per-node);
+# the GPUs Slurm configures on the node (Gres=gpu:N; the scripts take whole nodes with
+# --exclusive, and a step gets an exclusive job's GPUs only when it asks); on a node without
+# GPUs the config's plan.gpus_per_node (CPU ranks, e.g. a CPU-only test partition).
+ranks_per_node() {
+    local n
+    GPU_ARGS=()
+    if [[ -n ${MEGAPT_GPUS_PER_NODE:-} ]]; then
+        PER_NODE=$MEGAPT_GPUS_PER_NODE PER_NODE_FROM="MEGAPT_GPUS_PER_NODE"
+    elif [[ -n ${SLURM_GPUS_PER_NODE:-} ]]; then
+        PER_NODE=${SLURM_GPUS_PER_NODE##*:} PER_NODE_FROM="sbatch --gpus-per-node"
+        GPU_ARGS=(--gpus-per-node="$PER_NODE")
+    else
+        n=$(slurm_node_gpus)
+        if (( n > 0 )); then
+            PER_NODE=$n PER_NODE_FROM="Gres of node ${SLURMD_NODENAME:-$(hostname -s)}"
+            GPU_ARGS=(--gpus-per-node="$n")
+        else
+            PER_NODE=$(config_value plan.gpus_per_node "$@")
+            PER_NODE_FROM="no GPU on node ${SLURMD_NODENAME:-$(hostname -s)}:"
+            PER_NODE_FROM+=" the config's plan.gpus_per_node"
+        fi
+    fi
+    if ! [[ $PER_NODE =~ ^[0-9]+$ ]] || (( PER_NODE < 1 )); then
+        die "ranks per node '$PER_NODE' (from $PER_NODE_FROM) is not a positive integer"
+    fi
+    if (( ${#GPU_ARGS[@]} == 0 )) && (( PER_NODE > ${SLURM_CPUS_ON_NODE:-PER_NODE} )); then
+        die "$PER_NODE CPU ranks per node (from $PER_NODE_FROM) but the node has" \
+            "$SLURM_CPUS_ON_NODE CPUs; set --plan.gpus_per_node=N or MEGAPT_GPUS_PER_NODE=N"
     fi
 }

@@ -15,7 +15,8 @@
 #   --master-port PORT    rendezvous port (default: $MASTER_PORT or 29500)
 #   --gpus N              GPUs per node without a hostfile (default: all)
 #   --dry-run             run the pre-flight checks, print the command, launch nothing
-# Environment forwarded to the other nodes (ssh mode) through a .deepspeed_env file ($DS_ENV_FILE): see FORWARD.
+# Environment forwarded to the other nodes (ssh mode) through a temporary DeepSpeed env file
+# (removed at exit; your own .deepspeed_env / $DS_ENV_FILE lines are included): see FORWARD.
 # Pre-flight (before anything starts): every hostfile host resolves and answers ssh; `megapt plan`
 # accepts the world size (plan.global_batch divisible, memory fits). Exit 3 when a check fails.
 set -uo pipefail
@@ -35,7 +36,7 @@ while (( $# )); do
         --gpus) GPUS=$2; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) break ;;
     esac
 done
@@ -61,8 +62,17 @@ if [[ -n $HOSTFILE ]]; then
         # forwarded to every node: DeepSpeed reads $DS_ENV_FILE (default ./.deepspeed_env) and
         # exports each VAR=value line on the remote command line
         FORWARD='^(PATH|PYTHONPATH|VIRTUAL_ENV|LD_LIBRARY_PATH|CUDA_HOME|DS_ACCELERATOR|OMP_NUM_THREADS|HF_HOME|NCCL_[A-Z_]*|GLOO_[A-Z_]*|TORCH_[A-Z_]*|MEGAPT_[A-Z_]*)='
-        export DS_ENV_FILE=${DS_ENV_FILE:-${TMPDIR:-/tmp}/megapt-deepspeed_env.$$}
-        env | grep -E "$FORWARD" | grep -v '^MEGAPT_SKIP' > "$DS_ENV_FILE" || true
+        # (a private temporary file, removed when this script ends, --dry-run included; the lines of
+        # the user's own .deepspeed_env, which DeepSpeed would otherwise read, come first)
+        USER_ENV_FILE=${DS_ENV_FILE:-.deepspeed_env}
+        DS_ENV_FILE=$(mktemp "${TMPDIR:-/tmp}/megapt-deepspeed_env.XXXXXX") \
+            || die "cannot create a temporary file in ${TMPDIR:-/tmp}"
+        export DS_ENV_FILE
+        trap 'rm -f "$DS_ENV_FILE"' EXIT
+        for f in "$HOME/$USER_ENV_FILE" "$USER_ENV_FILE"; do
+            [[ -f $f ]] && grep '=' "$f" >> "$DS_ENV_FILE"
+        done
+        env | grep -E "$FORWARD" | grep -v '^MEGAPT_SKIP' >> "$DS_ENV_FILE" || true
         log "forwarding $(wc -l < "$DS_ENV_FILE") variables to the other nodes via $DS_ENV_FILE"
     fi
 else
@@ -79,4 +89,16 @@ CMD=(deepspeed "${DS_ARGS[@]}" --module megapt train "$@")
 log "${NODES} node(s) x ${PER_NODE} rank(s), master ${MASTER_ADDR:-auto}:${MASTER_PORT}"
 log "${CMD[*]}"
 (( DRY_RUN )) && exit 0
-exec "${CMD[@]}"
+[[ -n ${USER_ENV_FILE:-} ]] || exec "${CMD[@]}"
+# ssh mode: stay the parent so the EXIT trap removes the forwarded-environment file; pass on the
+# signals DeepSpeed's runner handles (it then stops the remote ranks through pdsh)
+"${CMD[@]}" &
+DS_PID=$!
+trap 'kill -INT "$DS_PID" 2>/dev/null' INT
+trap 'kill -TERM "$DS_PID" 2>/dev/null' TERM
+while :; do
+    wait "$DS_PID"
+    rc=$?
+    kill -0 "$DS_PID" 2>/dev/null || break
+done
+exit "$rc"

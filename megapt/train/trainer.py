@@ -21,7 +21,8 @@ Exit codes of `megapt train` (the table shared by every verb: megapt/errors.py):
     3   stopped: train.max_bad_steps non-finite steps in a row
     4   checkpoint error: missing, corrupt or incompatible checkpoint
     5   data error: missing/corrupt shards or tokenizer
-    75  pre-empted (SIGTERM/SIGUSR1): checkpoint saved, requeue and resume with --resume
+    75  pre-empted (SIGTERM/SIGUSR1): checkpoint saved (and $MEGAPT_PREEMPT_MARKER written, see
+        megapt/train/preempt.py), requeue and resume with --resume
     130 interrupted (Ctrl-C)
 """
 from __future__ import annotations
@@ -470,12 +471,13 @@ class Trainer:
                     log.info("stopping at step %d (train.stop_after); continue with --resume", self.step)
                     return EXIT_OK
                 if preempt is not None and preempt.should_stop():
-                    from megapt.train.preempt import PREEMPT_EXIT_CODE
+                    from megapt.train.preempt import PREEMPT_EXIT_CODE, mark_saved
 
                     log.warning("received %s: saving a checkpoint at step %d and exiting (%d) for requeue",
                                 preempt.signal_name, self.step, PREEMPT_EXIT_CODE)
                     if saved_at != self.step:
                         self.save()
+                    mark_saved(self.step, self.last_checkpoint)  # the Slurm scripts requeue on it
                     return PREEMPT_EXIT_CODE
             self._eval_and_log()
             if saved_at != self.step:

@@ -1,5 +1,7 @@
 """launch/ scripts: the commands they build, the pre-flight refusals, the Slurm contract (signal,
-requeue on megapt's pre-emption exit code, logs per job id). Multi-node runs: tests/integration/test_multinode.py."""
+requeue on megapt's pre-emption marker, logs per job id, ranks per node from the cluster or the
+config). Multi-node runs: tests/integration/test_multinode.py; real Slurm and ssh hosts:
+tests/integration/test_cluster_launch.py."""
 from __future__ import annotations
 
 import os
@@ -93,16 +95,137 @@ def test_uneven_slots_are_refused(tmp_path):
     assert r.returncode == 3 and "same GPU count" in r.stderr
 
 
-def test_slurm_scripts_signal_requeue_and_log_per_job():
-    from megapt.train.preempt import PREEMPT_EXIT_CODE
+def test_slurm_scripts_signal_requeue_on_the_marker_and_log_per_job():
+    from megapt.train.preempt import MARKER_ENV, PREEMPT_EXIT_CODE
 
     common = (LAUNCH / "common.sh").read_text()
     assert re.search(rf"MEGAPT_PREEMPT_EXIT={PREEMPT_EXIT_CODE}\b", common)
     body = (LAUNCH / "slurm_body.sh").read_text()
-    assert 'scontrol requeue "$SLURM_JOB_ID"' in body and "MEGAPT_PREEMPT_EXIT" in body
-    for name in ("slurm_single_node.sbatch", "slurm_multi_node.sbatch", "slurm_multi_node_deepspeed.sbatch"):
+    # requeue on the marker megapt writes after a complete save, not on srun's exit code
+    assert f"export {MARKER_ENV}=" in body and f'[[ -f ${MARKER_ENV} ]]' in body
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in body
+    for name in (
+        "slurm_single_node.sbatch",
+        "slurm_multi_node.sbatch",
+        "slurm_multi_node_deepspeed.sbatch",
+    ):
         text = (LAUNCH / name).read_text()
-        for line in ("#SBATCH --signal=USR1@120", "#SBATCH --requeue", "#SBATCH --output=logs/%x-%j.out",
-                     "#SBATCH --open-mode=append"):
+        for line in (
+            "#SBATCH --signal=USR1@120",
+            "#SBATCH --requeue",
+            "#SBATCH --output=logs/%x-%j.out",
+            "#SBATCH --open-mode=append",
+            "#SBATCH --exclusive",
+        ):
             assert line in text, (name, line)
+        # GPU count from the cluster (or the config on CPU nodes), never a constant: a partition
+        # without GRES rejects any --gpus-per-node, and CPU counts differ between clusters
+        for opt in (
+            "--gpus-per-node",
+            "--gres",
+            "--gpus",
+            "--cpus-per-task",
+            "--ntasks-per-node=8",
+        ):
+            assert f"#SBATCH {opt}" not in text, (name, opt)
     assert "--no_ssh" in (LAUNCH / "deepspeed_launch.sh").read_text()
+
+
+def test_the_slurm_log_folder_ships_with_the_checkout():
+    # Slurm opens #SBATCH --output=logs/... before the script runs: a missing folder fails the job
+    # (ExitCode 0:53) with nothing written where the user looks
+    assert (ROOT / "logs").is_dir()
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        tracked = subprocess.run(
+            ["git", "ls-files", "logs"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+        assert tracked.split(), "logs/ must be tracked (a fresh clone needs the folder)"
+
+
+def _common(snippet: str, **env: str) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT), **env)
+    for k in ("MEGAPT_GPUS_PER_NODE", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_ON_NODE", "SLURM_JOB_ID"):
+        if k not in env:
+            e.pop(k, None)
+    return subprocess.run(
+        ["bash", "-c", f'source "{LAUNCH}/common.sh"; {snippet}'],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "gres, gpus",
+    [
+        ("gpu:8", "8"),
+        ("gpu:h100:4(S:0-1),nic:1", "4"),
+        ("(null)", "0"),
+        ("", "0"),
+        ("gpu:a100:2,gpu:v100:2", "4"),
+        ("gpu:4(S:0,1)", "4"),
+        ("nic:2", "0"),
+        ("gpu", "1"),
+    ],
+)
+def test_gpus_per_node_are_read_from_the_nodes_gres(gres, gpus):
+    r = subprocess.run(
+        ["bash", "-c", f'source "{LAUNCH}/common.sh"; gres_gpu_count "$1"', "_", gres],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == gpus, (gres, r.stdout, r.stderr)
+
+
+def test_ranks_per_node_come_from_the_job_or_the_config_never_a_constant():
+    show = (
+        'ranks_per_node -c configs/tiny.yaml "$@"; echo "$PER_NODE|$PER_NODE_FROM|${GPU_ARGS[*]}"'
+    )
+    r = _common(show, MEGAPT_GPUS_PER_NODE="3")
+    assert r.stdout.strip().split("|")[:2] == ["3", "MEGAPT_GPUS_PER_NODE"], r.stderr
+    r = _common(show, SLURM_GPUS_PER_NODE="h100:4")
+    assert r.stdout.strip().split("|") == ["4", "sbatch --gpus-per-node", "--gpus-per-node=4"], (
+        r.stderr
+    )
+    # a node without GPUs (no Gres): CPU ranks from the config, no GPU request for the step
+    r = _common(show.replace('"$@"', "--plan.gpus_per_node=2"), SLURM_CPUS_ON_NODE="2")
+    n, src, gpu_args = r.stdout.strip().split("|")
+    assert (n, gpu_args) == ("2", "") and "plan.gpus_per_node" in src, r.stderr
+    # more CPU ranks than the node has CPUs: refused before anything starts, naming the fix
+    r = _common(show.replace('"$@"', "--plan.gpus_per_node=8"), SLURM_CPUS_ON_NODE="2")
+    assert (
+        r.returncode == 3
+        and "8 CPU ranks per node" in r.stderr
+        and "--plan.gpus_per_node" in r.stderr
+    )
+
+
+def test_deepspeed_ssh_launch_leaves_no_environment_file_behind(tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("node-a slots=1\nnode-b slots=1\n")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    user_env = tmp_path / "my_env"
+    user_env.write_text("MY_SETTING=1\nOTHER_SETTING=2\n")
+    counts = []
+    for extra in ({}, {"DS_ENV_FILE": str(user_env)}):
+        r = run(
+            "deepspeed_launch.sh",
+            "-H",
+            str(hf),
+            "--dry-run",
+            "--",
+            "-c",
+            "configs/tiny.yaml",
+            MEGAPT_SKIP_PLAN="1",
+            MEGAPT_SKIP_HOSTCHECK="1",
+            TMPDIR=str(scratch),
+            **extra,
+        )
+        assert r.returncode == 0, r.stderr
+        counts.append(int(re.search(r"forwarding (\d+) variables", r.stderr).group(1)))
+        assert list(scratch.iterdir()) == [], "the forwarded-environment file was left behind"
+    assert counts[1] == counts[0] + 2  # the user's own DeepSpeed env file still reaches the nodes
