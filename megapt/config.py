@@ -150,6 +150,12 @@ class TrainConfig:
     collective_timeout_s: int = _f(600, "fail (naming the op) when a collective stalls this long")
     stop_after: int = _f(0, "end this invocation after this optimizer step (checkpoint saved, schedule "
                             "unchanged) to continue later with --resume; 0 = run to max_steps")
+    sequence_parallel: int = _f(1, "Ulysses sequence parallelism: split every sequence over this "
+                                   "many consecutive ranks (DeepSpeed all-to-all around "
+                                   "attention); 1 = off")
+    tensor_parallel: int = _f(1, "tensor parallelism (DeepSpeed AutoTP training): shard the "
+                                 "attention and MLP weights over this many consecutive ranks; "
+                                 "1 = off")
 
 
 @dataclass
@@ -164,6 +170,10 @@ class DeepSpeedConfig:
     stage3_prefetch_bucket_size: int = _f(50_000_000, "ZeRO-3 prefetch elements")
     stage3_param_persistence_threshold: int = _f(100_000, "ZeRO-3 params smaller than this stay whole")
     config_file: str = _f("", "user ds_config JSON; validated against this config")
+    zero_hpz_partition_size: int = _f(1, "ZeRO++ hpZ (ZeRO-3 only): a secondary copy of the "
+                                         "parameters partitioned within groups of this many "
+                                         "ranks (GPUs per node), so forward/backward "
+                                         "all-gathers stay inside a node; 1 = off")
 
 
 @dataclass
@@ -416,12 +426,52 @@ def _check_values(cfg: Config) -> list[str]:
         e.append(f"deepspeed.offload_params: parameter offload needs zero_stage 3, got stage {ds.zero_stage}")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         e.append("deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1")
+    e += _parallel_problems(cfg)
     if cfg.checkpoint.keep_last < 1:
         e.append(f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
     if m.n_heads is not None and m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
         e.append(f"model.n_kv_heads: {m.n_kv_heads} must divide n_heads {m.n_heads}")
     if not 0.0 <= m.dropout < 1.0:
         e.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    return e
+
+
+def _parallel_problems(cfg: Config) -> list[str]:
+    """Sequence/tensor parallelism and hpZ combinations that cannot run (world size and head
+    counts are checked at start-up and by the planner: megapt.train.parallel)."""
+    e: list[str] = []
+    t, ds = cfg.train, cfg.deepspeed
+    sp, tp, hpz = t.sequence_parallel, t.tensor_parallel, ds.zero_hpz_partition_size
+    for key, v in (("train.sequence_parallel", sp), ("train.tensor_parallel", tp),
+                   ("deepspeed.zero_hpz_partition_size", hpz)):
+        if v < 1:
+            e.append(f"{key}: must be >= 1, got {v}")
+    if e:
+        return e
+    if sp > 1 and tp > 1:
+        e.append(f"train.sequence_parallel={sp} with train.tensor_parallel={tp}: not supported "
+                 "together (DeepSpeed's Ulysses and AutoTP each install their own process-group "
+                 "layout); use one")
+    if sp > 1 and cfg.data.seq_len % sp:
+        e.append(f"train.sequence_parallel: {sp} must divide data.seq_len {cfg.data.seq_len}")
+    if tp > 1 and ds.zero_stage == 0:
+        e.append(f"train.tensor_parallel={tp} with deepspeed.zero_stage=0: not supported (stage 0 "
+                 "clips and reports the grad norm over this rank's shards only); use zero_stage "
+                 "1, 2 or 3 (stage 1 costs no more communication)")
+    if (sp > 1 or tp > 1) and (ds.offload_optimizer != "none" or ds.offload_params != "none"):
+        which = "train.sequence_parallel" if sp > 1 else "train.tensor_parallel"
+        e.append(f"{which} with deepspeed.offload_optimizer/offload_params: not supported "
+                 "(untested combination); offload without sequence/tensor parallelism")
+    if hpz > 1:
+        if ds.zero_stage != 3:
+            e.append(f"deepspeed.zero_hpz_partition_size={hpz}: hpZ partitions ZeRO-3 parameters; "
+                     f"needs zero_stage 3, got {ds.zero_stage}")
+        if sp > 1 or tp > 1:
+            e.append(f"deepspeed.zero_hpz_partition_size={hpz} with sequence/tensor parallelism: "
+                     "not supported (hpZ groups assume plain data parallelism)")
+        if ds.offload_params != "none":
+            e.append(f"deepspeed.zero_hpz_partition_size={hpz} with offload_params: not supported "
+                     "(hpZ keeps its secondary partition on the GPU)")
     return e
 
 
