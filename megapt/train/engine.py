@@ -381,7 +381,8 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     elif stage == 3:
         # dtype comes from the config's bf16/fp16 sections. Passing dtype= explicitly is a trap in
         # DeepSpeed 0.19.8: with a config it is ignored for the accelerator default (bf16 on CPU).
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, **parallel.zero_init_kwargs(mpu)):
+        zero_init = parallel.zero_init_kwargs(layout, mpu)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, **zero_init):
             module = model()
         if init_weights is not None:
             # one parameter at a time: never more than one full tensor gathered on a rank
@@ -409,6 +410,7 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
                                                            lr_scheduler=scheduler, config=ds_config,
                                                            mpu=mpu)
     skip_identity_allreduce(engine, stage)
+    parallel.log_engine_groups(engine, layout)
     if cfg.train.compile:
         engine.compile()
     return EngineBundle(engine, optimizer, scheduler, ds_config, schedule)

@@ -32,7 +32,9 @@ layout, and reading full weights from a universal checkpoint (tensor-parallel co
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +160,7 @@ def init_groups(layout: Layout) -> Any:
 
         if parallel_state_sp._SEQUENCE_PARALLEL_GROUP is None:  # once per process group
             parallel_state_sp.initialize_sequence_parallel(layout.sp)
-        return parallel_state_sp
+        return UlyssesMPU()
     if layout.tp > 1:
         from deepspeed.utils import groups
 
@@ -167,13 +169,36 @@ def init_groups(layout: Layout) -> Any:
     return None
 
 
-def zero_init_kwargs(mpu: Any) -> dict:
+class UlyssesMPU:
+    """DeepSpeed's Ulysses groups (``parallel_state_sp``) as the ``mpu`` of deepspeed.initialize,
+    minus one alias: ``parallel_state_sp`` answers the model-parallel questions with the sequence
+    group, so checkpoints recorded ``tp_degree = sp`` (DeepSpeed 0.19.8) and ds_to_universal then
+    looked for sp model-state files that do not exist. Sequence ranks hold whole weights: the
+    tensor-parallel degree is 1."""
+
+    initialize_sequence_parallel = None  # DeepSpeed's marker for a Ulysses mpu (hasattr checks)
+
+    def __getattr__(self, name: str) -> Any:
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+        return getattr(parallel_state_sp, name)
+
+    @staticmethod
+    def get_tensor_model_parallel_world_size() -> int:
+        return 1
+
+    @staticmethod
+    def get_tensor_model_parallel_rank() -> int:
+        return 0
+
+
+def zero_init_kwargs(layout: Layout | None, mpu: Any) -> dict:
     """``deepspeed.zero.Init`` arguments for the groups of ``init_groups``: the mpu (its data-
     parallel size decides the batch check) and, under tensor parallelism, the data-parallel
     group to partition over (AutoTP then gathers each weight and keeps its own shard)."""
-    if mpu is None:
+    if mpu is None or layout is None:
         return {}
-    if hasattr(mpu, "get_tensor_model_parallel_group"):
+    if layout.tp > 1:
         return {"mpu": mpu, "data_parallel_group": mpu.get_data_parallel_group()}
     return {"mpu": mpu}
 
@@ -206,6 +231,20 @@ def finalize_ds_config(ds_config: dict, module: nn.Module, layout: Layout | None
     zero["reduce_scatter"] = False
     zero["reduce_bucket_size"] = max(int(zero.get("reduce_bucket_size", 0)), largest)
     return ds_config
+
+
+def log_engine_groups(engine: Any, layout: Layout | None) -> None:
+    """Say which groups DeepSpeed actually built (the layout as the engine sees it, hpZ)."""
+    if layout is not None and layout.group > 1:
+        log.info("parallel layout: %s; DeepSpeed data-parallel size %s, sequence-parallel size %s",
+                 layout.describe(), getattr(engine, "dp_world_size", "?"),
+                 getattr(engine, "sequence_parallel_size", "?"))
+    from deepspeed.utils import groups
+
+    hpz = groups._get_zero_param_intra_parallel_group()
+    if hpz is not None:
+        log.info("ZeRO++ hpZ: parameters are all-gathered within groups of %d ranks (secondary "
+                 "partition)", torch.distributed.get_world_size(hpz))
 
 
 class UlyssesAttention(nn.Module):
@@ -255,6 +294,28 @@ def check_resume(meta: dict, layout: Layout, universal: bool, ckpt: Path) -> Non
         f"{ckpt}: saved with sequence_parallel {saved[0]} x tensor_parallel {saved[1]}; this run "
         f"has {layout.sp} x {layout.tp}. Convert it once: megapt ckpt universal {ckpt}\n"
         "then resume with --checkpoint.universal=true")
+
+
+def tensor_parallel_state_dict(ckpt: Path, ds_dir: Path, universal_dir: Path,
+                               tied: bool) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a tensor-parallel checkpoint: DeepSpeed's zero_to_fp32 reads one
+    model-parallel rank only, so the shards are merged by its universal conversion (the
+    checkpoint's own ``universal_dir`` when converted already, else a temporary one beside it:
+    fp32 weights and Adam moments, 12 bytes per parameter, deleted afterwards)."""
+    if universal_dir.is_dir():
+        sd = universal_state_dict(universal_dir)
+    else:
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        with tempfile.TemporaryDirectory(prefix=".megapt-merge-", dir=ckpt.parent) as tmp:
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(ds_dir), output_folder=str(Path(tmp) / "u"),
+                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                inject_missing_state=False))
+            sd = universal_state_dict(Path(tmp) / "u")
+    if tied and "output.weight" not in sd:
+        sd["output.weight"] = sd["tok_embeddings.weight"]  # one tensor, as the model ties them
+    return sd
 
 
 def universal_state_dict(universal_dir: Path) -> dict[str, torch.Tensor]:
