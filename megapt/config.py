@@ -437,11 +437,18 @@ def _check_values(cfg: Config) -> list[str]:
 
 
 def _parallel_problems(cfg: Config) -> list[str]:
-    """Sequence/tensor parallelism and hpZ combinations that cannot run (world size and head
-    counts are checked at start-up and by the planner: megapt.train.parallel)."""
-    e: list[str] = []
     t, ds = cfg.train, cfg.deepspeed
-    sp, tp, hpz = t.sequence_parallel, t.tensor_parallel, ds.zero_hpz_partition_size
+    return parallel_combination_problems(
+        t.sequence_parallel, t.tensor_parallel, ds.zero_stage, ds.offload_optimizer != "none",
+        ds.offload_params != "none", ds.zero_hpz_partition_size, cfg.data.seq_len)
+
+
+def parallel_combination_problems(sp: int, tp: int, zero_stage: int, offload_optimizer: bool,
+                                  offload_params: bool, hpz: int, seq_len: int) -> list[str]:
+    """Sequence/tensor parallelism and hpZ combinations that cannot run, each naming the keys
+    (the config check and the planner's search both use it; world size and head counts are
+    checked at start-up and by the planner: megapt.train.parallel)."""
+    e: list[str] = []
     for key, v in (("train.sequence_parallel", sp), ("train.tensor_parallel", tp),
                    ("deepspeed.zero_hpz_partition_size", hpz)):
         if v < 1:
@@ -452,24 +459,24 @@ def _parallel_problems(cfg: Config) -> list[str]:
         e.append(f"train.sequence_parallel={sp} with train.tensor_parallel={tp}: not supported "
                  "together (DeepSpeed's Ulysses and AutoTP each install their own process-group "
                  "layout); use one")
-    if sp > 1 and cfg.data.seq_len % sp:
-        e.append(f"train.sequence_parallel: {sp} must divide data.seq_len {cfg.data.seq_len}")
-    if tp > 1 and ds.zero_stage == 0:
+    if sp > 1 and seq_len % sp:
+        e.append(f"train.sequence_parallel: {sp} must divide data.seq_len {seq_len}")
+    if tp > 1 and zero_stage == 0:
         e.append(f"train.tensor_parallel={tp} with deepspeed.zero_stage=0: not supported (stage 0 "
                  "clips and reports the grad norm over this rank's shards only); use zero_stage "
                  "1, 2 or 3 (stage 1 costs no more communication)")
-    if (sp > 1 or tp > 1) and (ds.offload_optimizer != "none" or ds.offload_params != "none"):
+    if (sp > 1 or tp > 1) and (offload_optimizer or offload_params):
         which = "train.sequence_parallel" if sp > 1 else "train.tensor_parallel"
         e.append(f"{which} with deepspeed.offload_optimizer/offload_params: not supported "
                  "(untested combination); offload without sequence/tensor parallelism")
     if hpz > 1:
-        if ds.zero_stage != 3:
+        if zero_stage != 3:
             e.append(f"deepspeed.zero_hpz_partition_size={hpz}: hpZ partitions ZeRO-3 parameters; "
-                     f"needs zero_stage 3, got {ds.zero_stage}")
+                     f"needs zero_stage 3, got {zero_stage}")
         if sp > 1 or tp > 1:
             e.append(f"deepspeed.zero_hpz_partition_size={hpz} with sequence/tensor parallelism: "
                      "not supported (hpZ groups assume plain data parallelism)")
-        if ds.offload_params != "none":
+        if offload_params:
             e.append(f"deepspeed.zero_hpz_partition_size={hpz} with offload_params: not supported "
                      "(hpZ keeps its secondary partition on the GPU)")
     return e

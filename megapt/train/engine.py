@@ -410,6 +410,7 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
                                                            lr_scheduler=scheduler, config=ds_config,
                                                            mpu=mpu)
     skip_identity_allreduce(engine, stage)
+    parallel.fix_replicated_shapes(engine.module, layout)
     parallel.log_engine_groups(engine, layout)
     if cfg.train.compile:
         engine.compile()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,19 @@ PARTITION_RULES = (
     {"patterns": [r".*\.attention\.wo\.weight$", r".*\.feed_forward\.w2\.weight$"],
      "partition_type": "row"},
 )
+
+
+_SHARDED = [re.compile(p) for rule in PARTITION_RULES for p in rule["patterns"]]
+
+
+def tp_sharded(name: str) -> bool:
+    """Whether tensor parallelism shards parameter ``name`` (else it stays whole on every rank)."""
+    return any(p.match(name) for p in _SHARDED)
+
+
+def sp_zero3_reduce_bucket(configured: int, largest_param: int) -> int:
+    """The reduce bucket ZeRO-3 gets under sequence parallelism (see ``finalize_ds_config``)."""
+    return max(int(configured), int(largest_param))
 
 
 @dataclass(frozen=True)
@@ -229,8 +243,35 @@ def finalize_ds_config(ds_config: dict, module: nn.Module, layout: Layout | None
         return ds_config
     largest = max(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
     zero["reduce_scatter"] = False
-    zero["reduce_bucket_size"] = max(int(zero.get("reduce_bucket_size", 0)), largest)
+    zero["reduce_bucket_size"] = sp_zero3_reduce_bucket(zero.get("reduce_bucket_size", 0), largest)
     return ds_config
+
+
+def fix_replicated_shapes(module: nn.Module, layout: Layout | None) -> int:
+    """AutoTP + ZeRO-3: DeepSpeed 0.19.8 records the universal-checkpoint map of every parameter
+    AutoTP leaves whole (norms, embedding, head) from ``param.shape``, which ZeRO-3 has already
+    emptied to (0,) (its real shape is ``ds_shape``); ds_to_universal then refuses the checkpoint
+    ("a shard of N elements, but the map describes 0"). Rebuild those maps from ``ds_shape``.
+    Returns how many were fixed."""
+    if layout is None or layout.tp <= 1:
+        return 0
+    from deepspeed.checkpoint.affine import replicated_map
+    from deepspeed.checkpoint.constants import (AFFINE_MAP, AFFINE_MAP_PARAMS,
+                                                TP_REPLICATED_PARAMETER_PATTERNS,
+                                                UNIVERSAL_CHECKPOINT_INFO)
+
+    info = getattr(module, UNIVERSAL_CHECKPOINT_INFO, None) or {}
+    maps = info.get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS, {})
+    replicated = set(info.get(TP_REPLICATED_PARAMETER_PATTERNS, ()))
+    fixed = 0
+    for name, p in module.named_parameters():
+        pattern = rf"^{re.escape(name)}$"
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        entry = maps.get(pattern)
+        if pattern in replicated and entry is not None and tuple(entry["logical_shape"]) != shape:
+            maps[pattern] = replicated_map(shape, layout.tp).to_dict()
+            fixed += 1
+    return fixed
 
 
 def log_engine_groups(engine: Any, layout: Layout | None) -> None:

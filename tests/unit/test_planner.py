@@ -12,7 +12,7 @@ import pytest
 
 from megapt import planner as P
 from megapt.config import ConfigError, load_config
-from megapt.model.gpt import GPT, ModelArgs
+from megapt.model.gpt import GPT, AttentionMask, ModelArgs
 
 GB = 1e9
 
@@ -163,7 +163,8 @@ def test_suggestion_is_the_cheapest_that_fits_and_avoids_offload_when_not_needed
     assert plan.fits
     assert not plan.setting.offload_optimizer and not plan.setting.offload_params
     # global batch (4 x 8 x 8 = 256 sequences) is kept
-    assert plan.setting.micro_batch * plan.setting.grad_accum * hw.world == 256
+    dp = P.data_parallel(cfg, hw, plan.setting)
+    assert plan.setting.micro_batch * plan.setting.grad_accum * dp == 256
     costs = [c for c, _ in found]
     assert costs == sorted(costs)
 
@@ -288,6 +289,6 @@ def test_block_activation_formula_matches_the_tensors_a_real_block_saves(precisi
     b, s = 2, 128
     h = model.tok_embeddings(torch.randint(0, 512, (b, s))).detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers[0](h, model.rope_cos[:s], model.rope_sin[:s])
+        model.layers[0](h, model.rope_cos[:s], model.rope_sin[:s], AttentionMask())
     predicted = P.block_activation_bytes(a, s, b, precision, attention="sdpa", norm="eager")
     assert sum(saved.values()) == pytest.approx(predicted, rel=0.10)
