@@ -129,6 +129,13 @@ def _param_list(key: tuple) -> tuple[ParamInfo, ...]:
     return tuple(param_table(ModelArgs(*key)))
 
 
+def rank_param_numels(args: ModelArgs, tp: int = 1) -> list[int]:
+    """Elements of every parameter one rank holds before ZeRO: tensor parallelism keeps 1/tp of
+    each attention and MLP matrix (megapt.train.parallel.PARTITION_RULES), the rest whole."""
+    return [p.numel // tp if tp > 1 and parallel.tp_sharded(p.name) else p.numel
+            for p in param_list(args)]
+
+
 def check_shape(args: Any, seq_len: int) -> list[str]:
     e = []
     if args.d_model % args.n_heads:
@@ -397,9 +404,8 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     # under tensor parallelism over the data-parallel ranks, each holding its 1/tp shards
     world = hw.world // tp
     stage, fp32_accum = engine_stage(prec, s.zero_stage)
-    params = param_list(args)
-    total = sum(p.numel for p in params)
-    numels = [p.numel // tp if parallel.tp_sharded(p.name) else p.numel for p in params]
+    total = sum(p.numel for p in param_list(args))
+    numels = rank_param_numels(args, tp)
     n = sum(numels)  # parameters this rank holds before ZeRO
     pb, gb = precision_bytes(prec)
     gb = 4 + pb if fp32_accum else gb

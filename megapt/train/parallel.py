@@ -1,7 +1,7 @@
 """Sequence and tensor parallelism on DeepSpeed, composed with ZeRO data parallelism.
 
-    layout = Layout.from_config(cfg, world_size, model_args)     # checks; ConfigError names the knob
-    ds_config = build_ds_config(cfg, layout.dp)                  # + tensor_parallel section (engine)
+    layout = Layout.from_config(cfg, world_size, model_args)  # checks; ConfigError names knobs
+    ds_config = build_ds_config(cfg, layout.dp)               # + tensor_parallel section (engine)
     bundle = create_engine(cfg, factory, world_size=layout.dp, layout=layout)
 
 Ranks: ``world = dp x group`` with ``group = train.sequence_parallel x train.tensor_parallel`` (one

@@ -45,7 +45,8 @@ def main(out: str) -> int:
         ref = GPT(args, backends, seed=0, doc_mask=True, eos_id=EOS)
         loss_ref = ref(x, y).loss
         loss_ref.backward()
-        sp = parallel.prepare_model(GPT(args, backends, seed=0, doc_mask=True, eos_id=EOS), layout, mpu)
+        sp = GPT(args, backends, seed=0, doc_mask=True, eos_id=EOS)
+        sp = parallel.prepare_model(sp, layout, mpu)
         sp.gradient_checkpointing = True
         share = sp(x, y).loss
         share.backward()
