@@ -150,3 +150,26 @@ def test_sequence_shard_is_a_slice_and_its_loss_a_share():
     m.seq_shard = (0, 3)
     with pytest.raises(ValueError, match="not divisible by the 3 sequence-parallel ranks"):
         m(x, y)
+
+
+def test_gpu_parallel_benchmark_points_are_valid_and_fit_one_8_gpu_node():
+    """The throughput points the GPU session would run (benchmarks/specs/gpu_parallel.yaml, 8
+    GPUs): each passes the launch checks and fits an H100 per the planner, so a rare multi-GPU
+    session is not spent on a typo or an OOM the plan predicts."""
+    from pathlib import Path
+
+    from megapt import planner as P
+    from megapt.bench import sweep
+
+    root = Path(__file__).resolve().parents[2]
+    spec = sweep.load_spec(str(root / "benchmarks/specs/gpu_parallel.yaml"))
+    points = sweep.expand(spec.get("axes") or {}, spec.get("points"))
+    assert len(points) == 8
+    for point in points:
+        cfg = load_config([str(root / c) for c in spec["configs"]],
+                          list(spec["overrides"]) + sweep.point_overrides(point))
+        hw = P.Hardware(1, 8, "h100")
+        args = P.model_args(cfg)
+        assert P.check_launch(cfg, hw, args) == [], point
+        plan = P.plan_memory(cfg, hw, args=args)
+        assert plan.fits, (point, P.format_plan(cfg, plan))
