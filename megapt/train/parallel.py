@@ -359,6 +359,22 @@ def tensor_parallel_state_dict(ckpt: Path, ds_dir: Path, universal_dir: Path,
     return sd
 
 
+def local_shard(module: nn.Module, name: str, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of parameter ``name`` given its whole tensor (a universal checkpoint holds
+    whole tensors): under AutoTP, a column-parallel weight keeps its rows of the shard, a row-
+    parallel one its columns (DeepSpeed's ``_partition_sizes`` and ``tp_index``); everything else,
+    and every parameter without tensor parallelism, is the whole tensor. For a loader that writes
+    universal state into a tensor-parallel engine itself."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+    if not isinstance(owner, (LinearLayer, LinearAllreduce)) or owner.tp_world_size <= 1:
+        return full
+    dim = 1 if isinstance(owner, LinearAllreduce) else 0
+    shape = owner._orig_weight_shape
+    return full.view(shape).split(list(owner._partition_sizes), dim=dim)[owner.tp_index]
+
+
 def universal_state_dict(universal_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a universal checkpoint (``ds_to_universal`` output): one
     ``zero/<name>/fp32.pt`` per parameter, already merged over ZeRO partitions and tensor-parallel

@@ -173,3 +173,24 @@ def test_gpu_parallel_benchmark_points_are_valid_and_fit_one_8_gpu_node():
         assert P.check_launch(cfg, hw, args) == [], point
         plan = P.plan_memory(cfg, hw, args=args)
         assert plan.fits, (point, P.format_plan(cfg, plan))
+
+
+def test_local_shard_cuts_a_whole_tensor_as_autotp_shards_the_layer():
+    """A whole weight (as a universal checkpoint holds it) cut to one rank's part: rows of a
+    column-parallel layer, columns of a row-parallel one, untouched elsewhere. The layers are
+    DeepSpeed's own, told they are rank 1 of 2."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    model = GPT(_args(n_layers=1))
+    attn = model.layers[0].attention
+    wq, wo = attn.wq.weight.detach().clone(), attn.wo.weight.detach().clone()
+    attn.wq, attn.wo = LinearLayer(attn.wq, None), LinearAllreduce(attn.wo, None)
+    for layer in (attn.wq, attn.wo):
+        layer.tp_world_size, layer.tp_index = 2, 1
+        layer._partition_sizes = [layer._orig_weight_shape[0 if layer is attn.wq else 1] // 2] * 2
+    got_q = parallel.local_shard(model, "layers.0.attention.wq.weight", wq.flatten())
+    got_o = parallel.local_shard(model, "layers.0.attention.wo.weight", wo.flatten())
+    assert torch.equal(got_q, wq[32:])  # rows 32..63: heads 2 and 3
+    assert torch.equal(got_o, wo[:, 32:])
+    norm = model.layers[0].attention_norm.weight
+    assert parallel.local_shard(model, "layers.0.attention_norm.weight", norm) is norm
