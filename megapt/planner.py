@@ -344,9 +344,11 @@ class Setting:
     def overrides(self, base: "Setting") -> list[str]:
         """--section.key=value overrides turning ``base`` into this setting."""
         out = []
-        pairs = [("deepspeed.zero_stage", "zero_stage"), ("train.activation_checkpointing", "activation_checkpointing"),
+        pairs = [("deepspeed.zero_stage", "zero_stage"),
+                 ("train.activation_checkpointing", "activation_checkpointing"),
                  ("train.micro_batch", "micro_batch"), ("train.grad_accum", "grad_accum"),
-                 ("deepspeed.offload_optimizer", "offload_optimizer"), ("deepspeed.offload_params", "offload_params"),
+                 ("deepspeed.offload_optimizer", "offload_optimizer"),
+                 ("deepspeed.offload_params", "offload_params"),
                  ("train.sequence_parallel", "sequence_parallel"),
                  ("train.tensor_parallel", "tensor_parallel")]
         for key, attr in pairs:
@@ -551,16 +553,17 @@ def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
     gbs = cfg.plan.global_batch
     if gbs and not layout:
         if gbs % w:
-            e.append(f"plan.global_batch: {gbs} sequences are not divisible by the world size {w} "
-                     f"({hw.nodes} node(s) x {hw.gpus_per_node} GPU(s)){dp_note}; pick a world size "
-                     "dividing it")
+            e.append(f"plan.global_batch: {gbs} sequences are not divisible by the world size "
+                     f"{w} ({hw.nodes} node(s) x {hw.gpus_per_node} GPU(s)){dp_note}; pick a "
+                     "world size dividing it")
         elif (gbs // w) % t.micro_batch:
             e.append(f"train.micro_batch: {t.micro_batch} does not divide the per-rank batch "
                      f"{gbs // w} (plan.global_batch {gbs} / world size {w}){dp_note}")
         elif t.micro_batch * t.grad_accum * w != gbs:
             need = gbs // (w * t.micro_batch)
-            e.append(f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x world "
-                     f"{w} = {t.micro_batch * t.grad_accum * w} != plan.global_batch {gbs}{dp_note}; "
+            got = t.micro_batch * t.grad_accum * w
+            e.append(f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} "
+                     f"x world {w} = {got} != plan.global_batch {gbs}{dp_note}; "
                      f"use --train.grad_accum={need}")
     if t.precision == "bf16" and not GPUS[hw.gpu].bf16:
         e.append(f"train.precision: bf16 is not supported on {hw.gpu}; use fp16 or fp32")

@@ -38,8 +38,8 @@ def _train(tmp, name, nproc, extra):
     if not d.exists():
         write_micro_shards(d, 256)
     args = ["-m", "megapt.cli", "train", *COMMON, f"--tokenizer.path={d / 'spm.model'}",
-            f"--data.shard_dir={d / 'shards'}", f"--run.out_dir={tmp / 'runs'}", f"--run.name={name}",
-            *extra]
+            f"--data.shard_dir={d / 'shards'}", f"--run.out_dir={tmp / 'runs'}",
+            f"--run.name={name}", *extra]
     env = base_env()
     env.pop("DS_ACCELERATOR", None)
     cmd = [sys.executable, *args] if nproc == 1 else [
