@@ -1,7 +1,7 @@
 """On 2+ GPUs (NCCL, bf16, Triton kernels): sequence and tensor parallelism follow the 1-GPU run,
 and ZeRO-3 with hpZ trains. Skipped without CUDA or with fewer than 2 GPUs (4 for hpZ). NOT RUN
 YET: no multi-GPU machine was available to this project; the CPU versions of these checks (gloo,
-fp32, exact to 1e-5) are tests/integration/test_parallel.py.
+fp32, exact to 1e-5) are tests/integration/test_train_parallel.py.
 
 bf16 rounds differently when a sum is split over ranks (all-reduces, all-to-alls), so the curves
 agree to a few percent, not bit for bit; the tolerance is a first estimate.

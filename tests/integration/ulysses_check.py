@@ -1,4 +1,4 @@
-"""Ulysses attention on the bare model vs one process; run by test_parallel.py, not a test itself.
+"""Ulysses attention on the bare model vs one process; run by test_train_parallel.py (no test).
 
     torchrun --nproc_per_node 2 tests/integration/ulysses_check.py OUT.json
 

@@ -1,7 +1,7 @@
 """Sequence / tensor parallelism: the rules a user meets before anything runs (config errors that
 name the combination, the rank layout, which weights tensor parallelism shards, the resume check)
 and the ds_config DeepSpeed receives. The distributed behaviour is tested against one process in
-tests/integration/test_parallel.py."""
+tests/integration/test_train_parallel.py."""
 from __future__ import annotations
 
 import re
@@ -131,7 +131,7 @@ def test_sequence_shard_is_a_slice_and_its_loss_a_share():
     the row's mean loss (sum over the slice / valid labels of the whole row). Without the
     all-to-all, slice 0 of a causal model computes exactly what the whole model computes on those
     positions, so its share is checkable here; the other slices need the all-to-all (tested in
-    tests/integration/test_parallel.py)."""
+    tests/integration/test_train_parallel.py)."""
     args = _args(n_layers=1)
     x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, 1)
