@@ -157,6 +157,12 @@ class TrainConfig:
     collective_timeout_s: int = _f(600, "fail (naming the op) when a collective stalls this long")
     stop_after: int = _f(0, "end this invocation after this optimizer step (checkpoint saved, schedule "
                             "unchanged) to continue later with --resume; 0 = run to max_steps")
+    sequence_parallel: int = _f(1, "Ulysses sequence parallelism: split every sequence over this "
+                                   "many consecutive ranks (DeepSpeed all-to-all around "
+                                   "attention); 1 = off")
+    tensor_parallel: int = _f(1, "tensor parallelism (DeepSpeed AutoTP training): shard the "
+                                 "attention and MLP weights over this many consecutive ranks; "
+                                 "1 = off")
 
 
 @dataclass
@@ -171,6 +177,10 @@ class DeepSpeedConfig:
     stage3_prefetch_bucket_size: int = _f(50_000_000, "ZeRO-3 prefetch elements")
     stage3_param_persistence_threshold: int = _f(100_000, "ZeRO-3 params smaller than this stay whole")
     config_file: str = _f("", "user ds_config JSON; validated against this config")
+    zero_hpz_partition_size: int = _f(1, "ZeRO++ hpZ (ZeRO-3 only): a secondary copy of the "
+                                         "parameters partitioned within groups of this many "
+                                         "ranks (GPUs per node), so forward/backward "
+                                         "all-gathers stay inside a node; 1 = off")
 
 
 @dataclass
@@ -430,11 +440,14 @@ RANGES: dict[str, str] = {
     "train.sample_tokens": ">= 0",
     "train.collective_timeout_s": ">= 1",
     "train.stop_after": ">= 0",
+    "train.sequence_parallel": ">= 1",
+    "train.tensor_parallel": ">= 1",
     "deepspeed.zero_stage": "[0, 3]",
     "deepspeed.reduce_bucket_size": ">= 1",
     "deepspeed.allgather_bucket_size": ">= 1",
     "deepspeed.stage3_prefetch_bucket_size": ">= 0",
     "deepspeed.stage3_param_persistence_threshold": ">= 0",
+    "deepspeed.zero_hpz_partition_size": ">= 1",
     "checkpoint.every": ">= 0",
     "checkpoint.keep_last": ">= 1",
     "finetune.num_classes": ">= 0",
@@ -539,9 +552,59 @@ def _check_values(cfg: Config, skip: set[str] = frozenset()) -> list[str]:
     if stage_typed and ok("deepspeed.offload_optimizer") and ds.offload_optimizer != "none" \
             and ds.zero_stage == 0:
         e.append("deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1")
+    if ok("train.sequence_parallel", "train.tensor_parallel", "deepspeed.zero_hpz_partition_size",
+          "deepspeed.zero_stage", "data.seq_len", "deepspeed.offload_optimizer",
+          "deepspeed.offload_params"):
+        e += _parallel_problems(cfg)
     heads = ok("model.n_heads", "model.n_kv_heads") and None not in (m.n_heads, m.n_kv_heads)
     if heads and m.n_heads % m.n_kv_heads:
         e.append(f"model.n_kv_heads: {m.n_kv_heads} must divide n_heads {m.n_heads}")
+    return e
+
+
+def _parallel_problems(cfg: Config) -> list[str]:
+    t, ds = cfg.train, cfg.deepspeed
+    return parallel_combination_problems(
+        t.sequence_parallel, t.tensor_parallel, ds.zero_stage, ds.offload_optimizer != "none",
+        ds.offload_params != "none", ds.zero_hpz_partition_size, cfg.data.seq_len)
+
+
+def parallel_combination_problems(sp: int, tp: int, zero_stage: int, offload_optimizer: bool,
+                                  offload_params: bool, hpz: int, seq_len: int) -> list[str]:
+    """Sequence/tensor parallelism and hpZ combinations that cannot run, each naming the keys
+    (the config check and the planner's search both use it; world size and head counts are
+    checked at start-up and by the planner: megapt.train.parallel)."""
+    e: list[str] = []
+    for key, v in (("train.sequence_parallel", sp), ("train.tensor_parallel", tp),
+                   ("deepspeed.zero_hpz_partition_size", hpz)):
+        if v < 1:
+            e.append(f"{key}: must be >= 1, got {v}")
+    if e:
+        return e
+    if sp > 1 and tp > 1:
+        e.append(f"train.sequence_parallel={sp} with train.tensor_parallel={tp}: not supported "
+                 "together (DeepSpeed's Ulysses and AutoTP each install their own process-group "
+                 "layout); use one")
+    if sp > 1 and seq_len % sp:
+        e.append(f"train.sequence_parallel: {sp} must divide data.seq_len {seq_len}")
+    if tp > 1 and zero_stage == 0:
+        e.append(f"train.tensor_parallel={tp} with deepspeed.zero_stage=0: not supported (stage 0 "
+                 "clips and reports the grad norm over this rank's shards only); use zero_stage "
+                 "1, 2 or 3 (stage 1 costs no more communication)")
+    if (sp > 1 or tp > 1) and (offload_optimizer or offload_params):
+        which = "train.sequence_parallel" if sp > 1 else "train.tensor_parallel"
+        e.append(f"{which} with deepspeed.offload_optimizer/offload_params: not supported "
+                 "(untested combination); offload without sequence/tensor parallelism")
+    if hpz > 1:
+        if zero_stage != 3:
+            e.append(f"deepspeed.zero_hpz_partition_size={hpz}: hpZ partitions ZeRO-3 parameters; "
+                     f"needs zero_stage 3, got {zero_stage}")
+        if sp > 1 or tp > 1:
+            e.append(f"deepspeed.zero_hpz_partition_size={hpz} with sequence/tensor parallelism: "
+                     "not supported (hpZ groups assume plain data parallelism)")
+        if offload_params:
+            e.append(f"deepspeed.zero_hpz_partition_size={hpz} with offload_params: not supported "
+                     "(hpZ keeps its secondary partition on the GPU)")
     return e
 
 

@@ -39,6 +39,18 @@ f = ffn_hidden, a = n_heads and e = bytes per activation element (2 for bf16/fp1
     checkpointing:     L * s b h e (block inputs) + 1 recomputed block + 1 block of gradients
     plus the final norm (2 s b h e).
 
+Sequence and tensor parallelism (megapt.train.parallel), sp x tp ranks sharing one batch, D =
+W / (sp x tp) data-parallel replicas:
+
+    sequence parallel (Ulysses): every per-token activation holds T / sp tokens; the attention
+    core sees the whole T with n_heads / sp heads (same element count; eager scores 2 e a T^2 b /
+    sp); weights whole on every rank; ZeRO partitions over D x sp ranks (DeepSpeed's sequence-
+    data-parallel group).
+    tensor parallel (AutoTP): wq/wk/wv/wo/w1/w2/w3 hold 1/tp of their elements, embeddings, norms
+    and head stay whole (megapt.train.parallel.PARTITION_RULES); ZeRO partitions over D. Per block
+    the norm inputs/outputs (4h per token) stay whole, q/k/v/attention output/SwiGLU tensors are
+    sharded: s b [e (4h + (3h + 2k + 4f) / tp) + 8 + 4a / tp].
+
 Loss: the eager backend materialises logits (s b V e) plus the fp32 copy CE works on and its fp32
 gradient (8 s b V); chunked/triton/auto never materialise them: one chunk of LOSS_CHUNK_TOKENS
 tokens of fp32 logits + gradient (8 c V) plus an fp32 gradient of the hidden states (4 s b h).
@@ -63,9 +75,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from megapt.config import Config, ConfigError
+from megapt.config import Config, ConfigError, parallel_combination_problems
 from megapt.hardware import GPUS
 from megapt.model.gpt import ModelArgs, ParamInfo, param_table
+from megapt.train import parallel
 
 GIB = 1024**3
 OVERHEAD_GIB = 1.0  # CUDA context (~0.5 GB on H100) + cuBLAS workspace + NCCL buffers
@@ -85,6 +98,13 @@ COST_CKPT = 0.33
 COST_OFFLOAD_OPT = 0.4
 COST_OFFLOAD_PARAMS = 1.0
 COST_HALVE_MICRO_BATCH = 0.06  # lower arithmetic intensity per halving of the micro-batch
+# Per doubling of the group (inside a node). Ulysses: all-to-alls of q, k, v and the attention
+# output, ~4 T h / sp elements per rank and layer in forward and again in backward, not
+# overlapped with compute by DeepSpeed's DistributedAttention (comparable to ZeRO-3's parameter
+# traffic for a 7b model). Tensor parallelism: two all-reduces of the full activations per layer
+# in forward and two in backward, smaller matmuls, and the head + loss every rank repeats.
+COST_SP = 0.12
+COST_TP = 0.15
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +127,13 @@ def param_list(args: ModelArgs) -> tuple[ParamInfo, ...]:
 @functools.lru_cache(maxsize=32)
 def _param_list(key: tuple) -> tuple[ParamInfo, ...]:
     return tuple(param_table(ModelArgs(*key)))
+
+
+def rank_param_numels(args: ModelArgs, tp: int = 1) -> list[int]:
+    """Elements of every parameter one rank holds before ZeRO: tensor parallelism keeps 1/tp of
+    each attention and MLP matrix (megapt.train.parallel.PARTITION_RULES), the rest whole."""
+    return [p.numel // tp if tp > 1 and parallel.tp_sharded(p.name) else p.numel
+            for p in param_list(args)]
 
 
 def check_shape(args: Any, seq_len: int) -> list[str]:
@@ -205,17 +232,19 @@ def activation_element_bytes(precision: str) -> int:
 
 
 def block_activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, *,
-                           attention: str = "auto", dropout: float = 0.0, norm: str = "auto") -> float:
-    """Bytes one transformer block saves for backward (formula in the module docstring)."""
+                           attention: str = "auto", dropout: float = 0.0, norm: str = "auto",
+                           sp: int = 1, tp: int = 1) -> float:
+    """Bytes one transformer block saves for backward on one rank (formula in the module
+    docstring); ``seq`` is the whole sequence, ``sp``/``tp`` the sequence/tensor-parallel sizes."""
     e = activation_element_bytes(precision)
     h, a, f = args.d_model, args.n_heads, args.ffn_hidden
     k = args.n_kv_heads * (h // a)
-    sb = seq * micro_batch
-    total = sb * (e * (7 * h + 2 * k + 4 * f) + 8 + 4 * a)
+    sb = seq // sp * micro_batch  # tokens this rank holds
+    total = sb * (e * (4 * h + (3 * h + 2 * k + 4 * f) / tp) + 8 + 4 * a / tp)
     if dropout > 0:
         total += 2 * sb * h
-    if attention == "eager":
-        total += 2 * e * a * seq * seq * micro_batch
+    if attention == "eager":  # whole sequences, this rank's heads
+        total += 2 * e * a / (sp * tp) * seq * seq * micro_batch
     if norm == "eager":
         # eager RMSNorm saves its input upcast to fp32 and the normalised tensor before the weight
         # multiply (measured): 4h more bytes per token per norm, two norms per block
@@ -224,13 +253,15 @@ def block_activation_bytes(args: Any, seq: int, micro_batch: int, precision: str
 
 
 def activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, checkpointing: bool, *,
-                     attention: str = "auto", dropout: float = 0.0, norm: str = "auto") -> float:
+                     attention: str = "auto", dropout: float = 0.0, norm: str = "auto",
+                     sp: int = 1, tp: int = 1) -> float:
     e = activation_element_bytes(precision)
-    block = block_activation_bytes(args, seq, micro_batch, precision, attention=attention, dropout=dropout,
-                                   norm=norm)
-    final_norm = 2 * seq * micro_batch * args.d_model * e
+    block = block_activation_bytes(args, seq, micro_batch, precision, attention=attention,
+                                   dropout=dropout, norm=norm, sp=sp, tp=tp)
+    tokens = seq // sp * micro_batch
+    final_norm = 2 * tokens * args.d_model * e
     if checkpointing:
-        saved = args.n_layers * seq * micro_batch * args.d_model * e
+        saved = args.n_layers * tokens * args.d_model * e
         return saved + 2 * block + final_norm
     return args.n_layers * block + block + final_norm
 
@@ -295,19 +326,31 @@ class Setting:
     grad_accum: int
     offload_optimizer: bool
     offload_params: bool
+    sequence_parallel: int = 1
+    tensor_parallel: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Setting":
-        ds = cfg.deepspeed
-        return cls(ds.zero_stage, cfg.train.activation_checkpointing, cfg.train.micro_batch,
-                   cfg.train.grad_accum, ds.offload_optimizer == "cpu", ds.offload_params == "cpu")
+        ds, t = cfg.deepspeed, cfg.train
+        return cls(ds.zero_stage, t.activation_checkpointing, t.micro_batch, t.grad_accum,
+                   ds.offload_optimizer == "cpu", ds.offload_params == "cpu",
+                   t.sequence_parallel, t.tensor_parallel)
+
+    @property
+    def group(self) -> int:
+        """Ranks sharing one batch (sequence x tensor parallel)."""
+        return self.sequence_parallel * self.tensor_parallel
 
     def overrides(self, base: "Setting") -> list[str]:
         """--section.key=value overrides turning ``base`` into this setting."""
         out = []
-        pairs = [("deepspeed.zero_stage", "zero_stage"), ("train.activation_checkpointing", "activation_checkpointing"),
+        pairs = [("deepspeed.zero_stage", "zero_stage"),
+                 ("train.activation_checkpointing", "activation_checkpointing"),
                  ("train.micro_batch", "micro_batch"), ("train.grad_accum", "grad_accum"),
-                 ("deepspeed.offload_optimizer", "offload_optimizer"), ("deepspeed.offload_params", "offload_params")]
+                 ("deepspeed.offload_optimizer", "offload_optimizer"),
+                 ("deepspeed.offload_params", "offload_params"),
+                 ("train.sequence_parallel", "sequence_parallel"),
+                 ("train.tensor_parallel", "tensor_parallel")]
         for key, attr in pairs:
             v, b = getattr(self, attr), getattr(base, attr)
             if v != b:
@@ -323,11 +366,12 @@ class Setting:
 class Plan:
     setting: Setting
     hardware: Hardware
-    n_params: int
+    n_params: int  # the whole model
     rows: list[tuple[str, float, str]]  # (component, bytes per GPU, note)
     peak: float  # bytes per GPU
     host_per_node: float  # bytes of host RAM per node
     warnings: list[str] = field(default_factory=list)
+    rank_params: int = 0  # parameters one rank holds before ZeRO (fewer under tensor parallelism)
 
     @property
     def fits_gpu(self) -> bool:
@@ -356,10 +400,15 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     s = setting or Setting.from_config(cfg)
     args = args if args is not None else model_args(cfg)
     ds, prec = cfg.deepspeed, cfg.train.precision
-    world, seq, mb = hw.world, cfg.data.seq_len, s.micro_batch
+    seq, mb = cfg.data.seq_len, s.micro_batch
+    sp, tp = s.sequence_parallel, s.tensor_parallel
+    # ZeRO partitions over the data x sequence ranks (DeepSpeed's sequence-data-parallel group);
+    # under tensor parallelism over the data-parallel ranks, each holding its 1/tp shards
+    world = hw.world // tp
     stage, fp32_accum = engine_stage(prec, s.zero_stage)
-    numels = [p.numel for p in param_list(args)]
-    n = sum(numels)
+    total = sum(p.numel for p in param_list(args))
+    numels = rank_param_numels(args, tp)
+    n = sum(numels)  # parameters this rank holds before ZeRO
     pb, gb = precision_bytes(prec)
     gb = 4 + pb if fp32_accum else gb
     small = [x for x in numels if x < ds.stage3_param_persistence_threshold]
@@ -383,10 +432,14 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     # forward/backward transients
     attention = cfg.model.attention
     act = activation_bytes(args, seq, mb, prec, s.activation_checkpointing, attention=attention,
-                           dropout=cfg.model.dropout, norm=cfg.model.norm)
+                           dropout=cfg.model.dropout, norm=cfg.model.norm, sp=sp, tp=tp)
     anote = ("block inputs + 1 recomputed block" if s.activation_checkpointing else f"{args.n_layers} blocks")
+    if sp > 1:
+        anote += f", {seq // sp} tokens/rank (sequence parallel {sp})"
+    if tp > 1:
+        anote += f", attention/MLP tensors /{tp} (tensor parallel)"
     rows.append(("activations", act, f"mb={mb}, seq={seq}, {anote}"))
-    loss = loss_bytes(args, seq, mb, prec, cfg.model.loss)
+    loss = loss_bytes(args, seq // sp, mb, prec, cfg.model.loss)
     rows.append(("logits / loss", loss, "full logits" if cfg.model.loss == "eager"
                  else f"chunked CE ({LOSS_CHUNK_TOKENS} tokens/chunk)"))
     buckets = 0.0
@@ -404,7 +457,10 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     else:
         largest = max(numels)
         gathered = pb * (largest + min(ds.stage3_prefetch_bucket_size, n))
-        buckets = gathered + bucket_gb * largest + bucket_gb * ds.reduce_bucket_size
+        reduce_elems = ds.reduce_bucket_size
+        if sp > 1:  # megapt.train.parallel.finalize_ds_config: the bucket holds the largest param
+            reduce_elems = parallel.sp_zero3_reduce_bucket(reduce_elems, largest)
+        buckets = gathered + bucket_gb * largest + bucket_gb * reduce_elems
         bnote = "gathered largest module + prefetch bucket, its full grad, reduce bucket"
     rows.append(("ZeRO buffers (fwd/bwd)", buckets, bnote))
     fwd_bwd = act + loss + buckets
@@ -433,7 +489,13 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
         warnings.append("bf16 at ZeRO-0 runs as ZeRO-1 with fp32 gradient accumulation (megapt.train.engine)")
     elif stage >= 1 and world == 1:
         warnings.append(f"ZeRO stage {stage} on one GPU shards nothing (world size 1)")
-    return Plan(s, hw, n, rows, peak, host, warnings)
+    if tp > 1:
+        warnings.append(f"tensor parallel {tp}: the embedding, norms and output head stay whole on "
+                        "every rank, and the head + loss run on every rank of a group")
+    if s.group > hw.gpus_per_node:
+        warnings.append(f"sequence/tensor parallel group of {s.group} spans nodes: its all-to-alls "
+                        "/ all-reduces run at inter-node bandwidth")
+    return Plan(s, hw, total, rows, peak, host, warnings, rank_params=n)
 
 
 def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None,
@@ -462,8 +524,15 @@ def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None,
 # --------------------------------------------------------------------------------------------
 
 
+def data_parallel(cfg: Config, hw: Hardware, setting: Setting | None = None) -> int:
+    """Data-parallel replicas: the world over the sequence x tensor-parallel group (at least 1)."""
+    s = setting or Setting.from_config(cfg)
+    return max(1, hw.world // s.group)
+
+
 def global_batch(cfg: Config, hw: Hardware) -> int:
-    return cfg.plan.global_batch or cfg.train.micro_batch * cfg.train.grad_accum * hw.world
+    dp = data_parallel(cfg, hw)
+    return cfg.plan.global_batch or cfg.train.micro_batch * cfg.train.grad_accum * dp
 
 
 def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
@@ -475,19 +544,26 @@ def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
         e.append(f"--gpus-per-node: must be >= 1, got {hw.gpus_per_node}")
     if e:
         return e
-    t, w = cfg.train, hw.world
+    t, w = cfg.train, data_parallel(cfg, hw)
+    layout = parallel.layout_problems(cfg, hw.world)
+    e += layout
+    dp_note = "" if t.sequence_parallel * t.tensor_parallel == 1 else (
+        f" (data-parallel size: world {hw.world} / sequence {t.sequence_parallel} x tensor "
+        f"{t.tensor_parallel})")
     gbs = cfg.plan.global_batch
-    if gbs:
+    if gbs and not layout:
         if gbs % w:
-            e.append(f"plan.global_batch: {gbs} sequences are not divisible by the world size {w} "
-                     f"({hw.nodes} node(s) x {hw.gpus_per_node} GPU(s)); pick a world size dividing it")
+            e.append(f"plan.global_batch: {gbs} sequences are not divisible by the world size "
+                     f"{w} ({hw.nodes} node(s) x {hw.gpus_per_node} GPU(s)){dp_note}; pick a "
+                     "world size dividing it")
         elif (gbs // w) % t.micro_batch:
             e.append(f"train.micro_batch: {t.micro_batch} does not divide the per-rank batch "
-                     f"{gbs // w} (plan.global_batch {gbs} / world size {w})")
+                     f"{gbs // w} (plan.global_batch {gbs} / world size {w}){dp_note}")
         elif t.micro_batch * t.grad_accum * w != gbs:
             need = gbs // (w * t.micro_batch)
-            e.append(f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x world "
-                     f"{w} = {t.micro_batch * t.grad_accum * w} != plan.global_batch {gbs}; "
+            got = t.micro_batch * t.grad_accum * w
+            e.append(f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} "
+                     f"x world {w} = {got} != plan.global_batch {gbs}{dp_note}; "
                      f"use --train.grad_accum={need}")
     if t.precision == "bf16" and not GPUS[hw.gpu].bf16:
         e.append(f"train.precision: bf16 is not supported on {hw.gpu}; use fp16 or fp32")
@@ -495,11 +571,14 @@ def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
         e.append("deepspeed.offload_params: needs zero_stage 3")
     if args is not None:
         e += check_shape(args, cfg.data.seq_len)
+        if not check_shape(args, cfg.data.seq_len):
+            e += parallel.head_problems(args, t.sequence_parallel, t.tensor_parallel)
     return e
 
 
 def speed_cost(s: Setting, base: Setting, nodes: int) -> float:
     c = 1.0 + COST_ZERO[s.zero_stage] + (COST_ZERO3_MULTINODE if s.zero_stage == 3 and nodes > 1 else 0.0)
+    c += COST_SP * math.log2(s.sequence_parallel) + COST_TP * math.log2(s.tensor_parallel)
     c += COST_CKPT * s.activation_checkpointing
     c += COST_OFFLOAD_OPT * s.offload_optimizer + COST_OFFLOAD_PARAMS * s.offload_params
     if s.micro_batch < base.micro_batch:
@@ -509,21 +588,45 @@ def speed_cost(s: Setting, base: Setting, nodes: int) -> float:
     return c + 1e-3 * changed + 1e-4 * s.zero_stage
 
 
-def candidates(cfg: Config, hw: Hardware) -> Iterable[Setting]:
+def parallel_options(cfg: Config, hw: Hardware, args: Any) -> list[tuple[int, int]]:
+    """(sequence_parallel, tensor_parallel) pairs to try: the config's own, and one of the two
+    over a power-of-two group of GPUs inside a node that the model's heads allow."""
+    base = (cfg.train.sequence_parallel, cfg.train.tensor_parallel)
+    out = [base]
+    n = 2
+    while n <= hw.gpus_per_node and hw.world % n == 0:
+        for sp, tp in ((n, 1), (1, n)):
+            if (sp, tp) != base and not parallel.head_problems(args, sp, tp) \
+                    and cfg.data.seq_len % sp == 0:
+                out.append((sp, tp))
+        n *= 2
+    return out
+
+
+def candidates(cfg: Config, hw: Hardware, args: Any = None) -> Iterable[Setting]:
     base = Setting.from_config(cfg)
-    per_rank = global_batch(cfg, hw) // hw.world if global_batch(cfg, hw) % hw.world == 0 else 0
-    if per_rank:
-        micro = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and m <= max(base.micro_batch, 1) * 4]
-    else:
-        micro = [base.micro_batch]
-    for stage in (0, 1, 2, 3):
-        for ckpt in (False, True):
-            for off_opt, off_par in ((False, False), (True, False), (True, True)):
-                if off_par and stage != 3 or off_opt and stage == 0:
-                    continue
-                for m in micro:
-                    accum = per_rank // m if per_rank else base.grad_accum
-                    yield Setting(stage, ckpt, m, accum, off_opt, off_par)
+    args = args if args is not None else model_args(cfg)
+    gbs = global_batch(cfg, hw)
+    ds = cfg.deepspeed
+    for sp, tp in parallel_options(cfg, hw, args):
+        dp = max(1, hw.world // (sp * tp))
+        per_rank = gbs // dp if gbs % dp == 0 else 0
+        if per_rank:
+            micro = [m for m in range(1, per_rank + 1)
+                     if per_rank % m == 0 and m <= max(base.micro_batch, 1) * 4]
+        else:
+            micro = [base.micro_batch]
+        for stage in (0, 1, 2, 3):
+            for ckpt in (False, True):
+                for off_opt, off_par in ((False, False), (True, False), (True, True)):
+                    if off_par and stage != 3 or off_opt and stage == 0:
+                        continue
+                    if parallel_combination_problems(sp, tp, stage, off_opt, off_par,
+                                                     ds.zero_hpz_partition_size, cfg.data.seq_len):
+                        continue
+                    for m in micro:
+                        accum = per_rank // m if per_rank else base.grad_accum
+                        yield Setting(stage, ckpt, m, accum, off_opt, off_par, sp, tp)
 
 
 def suggest(cfg: Config, hw: Hardware, args: ModelArgs | None = None,
@@ -531,7 +634,7 @@ def suggest(cfg: Config, hw: Hardware, args: ModelArgs | None = None,
     """The cheapest settings (by expected step time) that fit, cheapest first."""
     args = args if args is not None else model_args(cfg)
     base = Setting.from_config(cfg)
-    ranked = sorted(candidates(cfg, hw), key=lambda s: speed_cost(s, base, hw.nodes))
+    ranked = sorted(candidates(cfg, hw, args), key=lambda s: speed_cost(s, base, hw.nodes))
     out = []
     for s in ranked:
         p = plan_memory(cfg, hw, s, args)
@@ -553,15 +656,19 @@ def _gib(b: float) -> str:
 
 def format_plan(cfg: Config, p: Plan, max_mb: int | None = None) -> str:
     hw, s = p.hardware, p.setting
+    dp = max(1, hw.world // s.group)
     lines = [
         f"model {cfg.model.preset}: {p.n_params / 1e9:.3f} B parameters; precision {cfg.train.precision}; "
         f"seq {cfg.data.seq_len}",
         f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} {hw.gpu} ({hw.gpu_mem_gib:.1f} GiB) = world {hw.world}; "
         f"host RAM {hw.cpu_mem_gib:.0f} GiB/node",
         f"setting: ZeRO-{s.zero_stage}, activation checkpointing {'on' if s.activation_checkpointing else 'off'}, "
-        f"micro_batch {s.micro_batch} x grad_accum {s.grad_accum} x world {hw.world} = "
-        f"{s.micro_batch * s.grad_accum * hw.world} sequences/step, offload optimizer "
+        f"micro_batch {s.micro_batch} x grad_accum {s.grad_accum} x data-parallel {dp} = "
+        f"{s.micro_batch * s.grad_accum * dp} sequences/step, offload optimizer "
         f"{'cpu' if s.offload_optimizer else 'none'}, params {'cpu' if s.offload_params else 'none'}",
+        f"parallel: data {dp} x sequence {s.sequence_parallel} x tensor {s.tensor_parallel}"
+        + (f"; {p.rank_params / 1e9:.3f} B parameters per rank before ZeRO"
+           if s.tensor_parallel > 1 else ""),
         "",
         f"{'component':<28}{'GiB/GPU':>8}  note",
         "-" * 78,

@@ -196,20 +196,27 @@ def measure_states(engine) -> dict:
 
 
 def _batch(cfg, vocab: int, device):
-    g = torch.Generator().manual_seed(1234 + dist.get_rank())
+    group = cfg.train.sequence_parallel * cfg.train.tensor_parallel  # ranks sharing a batch
+    g = torch.Generator().manual_seed(1234 + dist.get_rank() // group)
     x = torch.randint(0, vocab, (cfg.train.micro_batch, cfg.data.seq_len + 1), generator=g)
     return x[:, :-1].to(device), x[:, 1:].to(device)
 
 
 def _engine(cfg, device):
-    from megapt.train.engine import create_engine  # imports deepspeed: only when a mode runs
+    from megapt.train import parallel  # imports deepspeed: only when a mode runs
+    from megapt.train.engine import create_engine
 
     args = P.model_args(cfg)
     backends = select_backends(cfg.model, device)
-    return args, create_engine(cfg, lambda: GPT(args, backends), world_size=dist.get_world_size())
+    layout = parallel.Layout.from_config(cfg, dist.get_world_size(), args)
+    return args, create_engine(cfg, lambda: GPT(args, backends), world_size=layout.dp,
+                               layout=layout)
 
 
-def run_states(precisions: list[str], stages: list[int], device: str) -> list[dict]:
+def run_states(precisions: list[str], stages: list[int], device: str, sp: int = 1,
+               tp: int = 1) -> list[dict]:
+    """``sp``/``tp``: sequence / tensor parallelism for every engine of this process (DeepSpeed's
+    groups are per process: one layout per run)."""
     world = dist.get_world_size()
     rows = []
     for precision in precisions:
@@ -217,6 +224,8 @@ def run_states(precisions: list[str], stages: list[int], device: str) -> list[di
             cfg = load_config([], STATE_MODEL + [f"--train.precision={precision}", f"--deepspeed.zero_stage={stage}",
                                                  "--train.micro_batch=2", "--train.grad_accum=2",
                                                  f"--train.device={device}",
+                                                 f"--train.sequence_parallel={sp}",
+                                                 f"--train.tensor_parallel={tp}",
                                                  "--deepspeed.stage3_param_persistence_threshold=1000"])
             args, bundle = _engine(cfg, device)
             eng = bundle.engine
@@ -231,11 +240,12 @@ def run_states(precisions: list[str], stages: list[int], device: str) -> list[di
                     measured = measure_states(eng)
                 eng.step()
             eng_stage, fp32_accum = P.engine_stage(precision, stage)
-            numels = [p.numel for p in P.param_list(args)]
+            numels = P.rank_param_numels(args, tp)  # what one rank holds before ZeRO
             n = sum(numels)
             persistent = sum(k for k in numels if k < cfg.deepspeed.stage3_param_persistence_threshold) \
                 if eng_stage == 3 else 0
-            pred = P.model_states(n, precision=precision, zero_stage=eng_stage, world=world,
+            # ZeRO partitions over data x sequence ranks, i.e. the world over the tensor group
+            pred = P.model_states(n, precision=precision, zero_stage=eng_stage, world=world // tp,
                                   persistent_params=persistent, fp32_grad_accum=fp32_accum)
             predicted = {"parameters": pred.params, "gradients": pred.grads, "optimizer states": pred.optimizer}
             gathered = [None] * world
@@ -244,7 +254,8 @@ def run_states(precisions: list[str], stages: list[int], device: str) -> list[di
                 vals = [g[comp] for g in gathered]
                 mean = sum(vals) / len(vals)
                 rows.append({"precision": precision, "zero_stage": stage, "engine_stage": eng_stage,
-                             "world_size": world, "n_params": n, "component": comp,
+                             "world_size": world, "sequence_parallel": sp, "tensor_parallel": tp,
+                             "n_params": n, "component": comp,
                              "predicted_bytes": predicted[comp], "measured_bytes_per_rank": vals,
                              "ratio": (mean / predicted[comp]) if predicted[comp] else None})
             del eng, bundle
@@ -312,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--cases", default="", help="peak mode: comma-separated case-name prefixes (default all)")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--sequence-parallel", type=int, default=1, help="states mode: Ulysses degree")
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="states mode: AutoTP degree")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and a.mode == "peak" else "cpu"
@@ -322,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
 
         deepspeed.init_distributed(dist_backend=backend)
     if a.mode == "states":
-        rows = run_states(a.precisions.split(","), [int(s) for s in a.stages.split(",")], device)
+        rows = run_states(a.precisions.split(","), [int(s) for s in a.stages.split(",")], device,
+                          a.sequence_parallel, a.tensor_parallel)
     else:
         if not torch.cuda.is_available():
             print("megapt bench planner --mode peak needs a CUDA GPU", file=sys.stderr)

@@ -407,6 +407,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     from megapt.model import ops
     from megapt.model.gpt import GPT
     from megapt.train import dist as mdist
+    from megapt.train import parallel
     from megapt.train.engine import create_engine, effective_zero_stage
 
     if device == "cpu":
@@ -417,20 +418,27 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     args = model_args(cfg)
     backends = ops.select_backends(cfg.model, device)
     seed = cfg.run.seed
-    bundle = create_engine(cfg, lambda: GPT(args, backends, seed=seed), world_size=world,
-                           init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
+    # sequence/tensor parallelism: a group of ranks shares each batch (as in the trainer)
+    layout = parallel.Layout.from_config(cfg, world, args)
+    bundle = create_engine(cfg, lambda: GPT(args, backends, seed=seed), world_size=layout.dp,
+                           init_weights=lambda m, name, p: m.init_parameter(name, p, seed),
+                           layout=layout)
     engine = bundle.engine
     ga = int(engine.gradient_accumulation_steps())
     batch_device = str(engine.device) if device == "cuda" else "cpu"
-    batches = make_batches(cfg, data, batch_device, rank, world)
+    batches = make_batches(cfg, data, batch_device, layout.dp_rank(rank), layout.dp)
 
     def forward(batch):
         return engine(batch["input_ids"], labels=batch["labels"]).loss
 
     out = timed_loop(batches, forward, engine.backward, lambda boundary: engine.step(), grad_accum=ga,
                      warmup=warmup, steps=steps, cuda=device == "cuda", comm_timer=_engine_comm_timer(engine, device == "cuda") if comm_timers else None)
+    for r in out["records"]:  # a group's ranks see the same tokens: count each token once
+        r["tokens"] /= layout.group
+        r["all_tokens"] /= layout.group
     peak = _peak_for(cfg, device, measured)
     res = summarize_records(out, world_size=world, peak=peak, **_shape(cfg, args))
+    res["parallel"] = {"data": layout.dp, "sequence": layout.sp, "tensor": layout.tp}
     res["zero_stage"] = effective_zero_stage(cfg)
     res["zero_stage_requested"] = cfg.deepspeed.zero_stage
     res["ds_config"] = bundle.ds_config

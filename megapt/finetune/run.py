@@ -290,6 +290,9 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
 
     ft = cfg.finetune
     task = ft.task
+    if cfg.train.sequence_parallel > 1 or cfg.train.tensor_parallel > 1:
+        raise ConfigError("finetune: train.sequence_parallel / train.tensor_parallel apply to "
+                          "`megapt train` only (fine-tuning runs data-parallel); set them to 1")
     if task == "none":
         raise ConfigError("finetune.task: choose classify, regress, sft or lm")
     info = dist.detect_launcher_env()

@@ -1,9 +1,9 @@
 """A Llama-style decoder-only transformer: one file, read top to bottom.
 
-ModelArgs (+ PRESETS) -> RMSNorm -> Attention (GQA, RoPE) -> FeedForward (SwiGLU) -> Block ->
-GPT -> KVCache. Pre-norm blocks, no biases, rotary positions in the HF Llama "rotate_half"
-layout (so HF export needs no permutation), optional tied embeddings. The four hot operations
-go through ``megapt.model.ops`` and the backend chosen once from config.
+ModelArgs (+ PRESETS) -> RMSNorm -> AttentionMask, AttentionCore, Attention (GQA, RoPE) ->
+FeedForward (SwiGLU) -> Block -> GPT -> KVCache. Pre-norm blocks, no biases, rotary positions in
+the HF Llama "rotate_half" layout (so HF export needs no permutation), optional tied embeddings.
+The four hot operations go through ``megapt.model.ops`` and the backend chosen once from config.
 
     args = ModelArgs.from_config(cfg.model, vocab_size=tok.vocab_size, seq_len=cfg.data.seq_len)
     with torch.device("meta"):
@@ -13,6 +13,11 @@ go through ``megapt.model.ops`` and the backend chosen once from config.
 
 Shapes: B batch, T sequence, C d_model, nh query heads, n_kv key/value heads, hs head_dim,
 V vocab. Model code does no I/O, never imports DeepSpeed and never looks at ranks.
+
+Hooks for model parallelism (the wiring lives in ``megapt.train.parallel``): every attention
+layer calls its ``AttentionCore`` through one seam that sequence parallelism wraps, ``seq_shard``
+selects the slice of the sequence this rank computes, and attention reads its head counts off the
+projection widths, so tensor-parallel shards of the linear layers run the same code.
 """
 from __future__ import annotations
 
@@ -226,41 +231,93 @@ class RMSNorm(nn.Module):
         self.backends = backends or Backends()
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.fill_(1.0)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps, self.backends.norm)
 
 
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see; built once per forward and shared by every layer.
+
+    ``causal``: top-left causal diagonal. ``mask`` (B or 1, 1, T, S) bool, True = may attend
+    (sdpa/eager: document masks, cached decoding). ``doc_start`` (B, T) int32: each token's
+    document start, for the triton kernel (O(T) instead of a (T, T) mask).
+    """
+
+    causal: bool = True
+    mask: torch.Tensor | None = None
+    doc_start: torch.Tensor | None = None
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(hs)) v over sequence-major tensors, its backend resolved once.
+
+    q (B, T, nh, hs), k/v (B, S, n_kv, hs) -> (B, T, nh, hs). The one seam through which
+    attention leaves the block: sequence parallelism (``megapt.train.parallel``) wraps it with
+    an all-to-all that hands it whole sequences and a share of the heads.
+    """
+
+    def __init__(self, backend: str):
+        super().__init__()
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = backend
+        self.fn = ops.attention_impl(backend)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                spec: AttentionMask) -> torch.Tensor:
+        y = self.fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec.causal,
+                    mask=spec.mask, doc_start=spec.doc_start)  # (B, nh, T, hs)
+        return y.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"
+
+
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE. Head counts are read off the projections' widths
+    (``view(B, T, -1, hs)``), so a tensor-parallel shard of wq/wk/wv/wo (whole heads per rank)
+    runs this same code on its local heads."""
+
     def __init__(self, args: ModelArgs, layer_id: int, backends: Backends | None = None):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.backends = backends or Backends()
+        self.head_dim = args.head_dim
         self.wq = nn.Linear(args.d_model, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=False)
         self.dropout = nn.Dropout(args.dropout)
+        self.core = AttentionCore("sdpa")
+        self.set_backends(backends or Backends())
 
-    def forward(self, x, cos, sin, *, causal=True, mask=None, doc_start=None, kv_cache=None, start_pos=0):
+    def set_backends(self, backends: Backends) -> None:
+        """Pick the implementations once: training attention (through ``core``), the rope
+        backend, and for cached decoding (query offsets, T = 1) sdpa in place of the flash
+        kernels, which serve training."""
+        for m in self.modules():
+            if isinstance(m, AttentionCore):
+                m.set_backend(backends.attention)
+        self.rope = backends.rope
+        decode = "sdpa" if backends.attention in ("triton", "cuda") else backends.attention
+        self.decode_fn = ops.attention_impl(decode)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionMask,
+                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hs)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = ops.apply_rope(q, k, cos, sin, self.backends.rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hs)
-        attn_backend = self.backends.attention
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_id, start_pos, k, v)  # (B, n_kv, start_pos + T, hs)
-            if attn_backend in ("triton", "cuda"):
-                attn_backend = "sdpa"  # decoding: query offset / T=1 shapes; the flash kernel serves training
-        y = ops.attention(q, k, v, causal, attn_backend, mask=mask, doc_start=doc_start)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.dropout(self.wo(y))
+        hs = self.head_dim
+        q = self.wq(x).view(B, T, -1, hs)  # (B, T, nh, hs)
+        k = self.wk(x).view(B, T, -1, hs)  # (B, T, n_kv, hs)
+        v = self.wv(x).view(B, T, -1, hs)
+        q, k = ops.apply_rope(q, k, cos, sin, self.rope)
+        if kv_cache is None:
+            y = self.core(q, k, v, spec)  # (B, T, nh, hs)
+        else:
+            k, v = kv_cache.update(self.layer_id, start_pos, k.transpose(1, 2), v.transpose(1, 2))
+            y = self.decode_fn(q.transpose(1, 2), k, v, spec.causal, mask=spec.mask)
+            y = y.transpose(1, 2)  # (B, T, nh, hs)
+        return self.dropout(self.wo(y.reshape(B, T, -1)))
 
 
 class FeedForward(nn.Module):
@@ -285,9 +342,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, backends)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, *, causal=True, mask=None, doc_start=None, kv_cache=None, start_pos=0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, causal=causal, mask=mask, doc_start=doc_start,
-                               kv_cache=kv_cache, start_pos=start_pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionMask,
+                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, spec, kv_cache, start_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -343,7 +400,8 @@ class GPT(nn.Module):
 
         ``doc_mask``: attend only within documents of a packed row (split after each ``eos_id``
         token) with positions restarting at 0 in each document. The trainer sets
-        ``gradient_checkpointing = True`` to recompute each block in backward.
+        ``gradient_checkpointing = True`` to recompute each block in backward, and
+        ``megapt.train.parallel`` sets ``seq_shard`` under sequence parallelism.
         """
         super().__init__()
         self.args = args
@@ -351,6 +409,9 @@ class GPT(nn.Module):
         self.doc_mask = doc_mask
         self.eos_id = eos_id
         self.gradient_checkpointing = False
+        # (index, count): compute only slice ``index`` of ``count`` equal slices of each sequence,
+        # the attention core seeing whole sequences (an all-to-all around it; Ulysses). None: all.
+        self.seq_shard: tuple[int, int] | None = None
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.d_model)
         self.layers = nn.ModuleList(Block(args, i, self.backends) for i in range(args.n_layers))
         self.norm = RMSNorm(args.d_model, args.norm_eps, self.backends)
@@ -371,34 +432,37 @@ class GPT(nn.Module):
         """Switch every operation's backend (e.g. eager for a reference run)."""
         self.backends = backends
         for m in self.modules():
-            if isinstance(m, (RMSNorm, Attention, OutputHead)):
+            if isinstance(m, (RMSNorm, OutputHead)):
                 m.backends = backends
+            elif isinstance(m, Attention):
+                m.set_backends(backends)
 
-    # ---- initialisation ----
+    # ---- initialisation: init_weights -> init_parameter, the one rule for every weight ----
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Deterministic init from ``seed``, valid after ``to_empty`` from the meta device.
 
-        Each parameter draws from its own generator seeded by (seed, parameter name) on the
-        parameter's device, so the result does not depend on construction order and a meta build
-        equals a direct build on the same device type. Linear/embedding weights ~ N(0, init_std);
-        wo and w2 (the projections into the residual stream) ~ N(0, init_std / sqrt(2 L));
-        norm weights = 1. Also recomputes the RoPE tables and re-ties the output head.
+        Each parameter gets ``init_parameter(name, p, seed)``, so the result does not depend on
+        construction order and a meta build equals a direct build on the same device type. Also
+        recomputes the RoPE tables and re-ties the output head.
         """
         self.tie_weights()
         for name, p in self.named_parameters():
             if p.device.type == "meta":
-                raise RuntimeError(f"init_weights: {name} is on the meta device; call model.to_empty(device=...) first")
+                raise RuntimeError(f"init_weights: {name} is on the meta device; call "
+                                   "model.to_empty(device=...) first")
             self.init_parameter(name, p, seed)
         self.reset_rope_cache()
 
     @torch.no_grad()
     def init_parameter(self, name: str, p: torch.Tensor, seed: int = 0) -> None:
-        """Initialise one parameter by its name (the per-parameter step of init_weights).
+        """The init of one parameter, by its name: norm weights = 1; linear/embedding weights
+        ~ N(0, init_std), wo and w2 (projections into the residual stream) ~ N(0, init_std /
+        sqrt(2 L)); drawn from a generator seeded by (seed, name) on the parameter's device.
 
         Under ``deepspeed.zero.Init`` parameters are partitioned as each submodule is built, so
-        the engine code initialises each one inside ``GatheredParameters([p], modifier_rank=0)``.
+        the engine calls this for one gathered parameter at a time (``create_engine``).
         """
         if name.endswith("norm.weight"):
             p.fill_(1.0)
@@ -411,10 +475,8 @@ class GPT(nn.Module):
         if p.dtype in (torch.float32, torch.float64):
             p.normal_(0.0, std, generator=gen)
         else:  # draw in fp32 so bf16/fp16 weights are the rounded fp32 ones
-            p.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).normal_(0.0, std, generator=gen))
-
-    def reset_parameters(self, seed: int = 0) -> None:
-        self.init_weights(seed)
+            draw = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+            p.copy_(draw.normal_(0.0, std, generator=gen))
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
         """``nn.Module.to_empty`` that keeps the model usable without ``init_weights``: it
@@ -435,20 +497,60 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, start_pos: int = 0, return_hidden: bool = False,
-                position_ids: torch.Tensor | None = None, doc_mask: bool | None = None) -> ModelOutput:
+                position_ids: torch.Tensor | None = None,
+                doc_mask: bool | None = None) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput.
 
         labels (B, T) (-100 = ignore): the mean loss goes through the loss backend (fused
         linear+CE) and logits stay None. kv_cache/start_pos: incremental decoding, the tokens sit
         at positions start_pos .. start_pos+T-1. position_ids (T,) or (B, T) override positions.
-        doc_mask (default ``self.doc_mask``): block attention across EOS boundaries. The triton
-        attention backend gets each token's document start (B, T) and skips other documents'
-        key blocks (O(T) memory); sdpa/eager get the explicit (B, 1, T, T) mask.
+        doc_mask (default ``self.doc_mask``): block attention across EOS boundaries (see
+        ``attention_inputs``). Under ``seq_shard`` the blocks run on this rank's slice of the
+        sequence and ``loss`` is this slice's share of the sequence mean (the shares of a
+        sequence-parallel group sum to it).
+        """
+        spec, cos, sin = self.attention_inputs(input_ids, kv_cache, start_pos, position_ids,
+                                               doc_mask)
+        tokens, targets = self.local_slice(input_ids), self.local_slice(labels)
+        h = self.tok_embeddings(tokens)  # (B, T, C); T is this rank's slice under seq_shard
+        for layer in self.layers:
+            h = self.run_layer(layer, h, cos, sin, spec, kv_cache, start_pos)
+        h = self.norm(h)  # (B, T, C)
+        return self.head(h, targets, labels, return_hidden)
+
+    def run_layer(self, layer: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  spec: AttentionMask, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        """One block; recomputed in backward under ``gradient_checkpointing`` while training."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, cos, sin, spec, use_reentrant=False)
+        return layer(h, cos, sin, spec, kv_cache, start_pos)
+
+    def head(self, h: torch.Tensor, targets: torch.Tensor | None, labels: torch.Tensor | None,
+             return_hidden: bool) -> ModelOutput:
+        """Final hidden states -> logits, or (with labels) the fused linear + CE loss (no (B, T, V)
+        logits). ``targets`` are this rank's slice of ``labels``."""
+        if targets is None:
+            return ModelOutput(logits=self.output(h), hidden=h if return_hidden else None)
+        loss = self.output(h, targets)  # mean over this slice's labels != -100
+        if self.seq_shard is not None:
+            n_here = (targets != ops.IGNORE_INDEX).sum()
+            loss = loss * n_here / (labels != ops.IGNORE_INDEX).sum().clamp(min=1)
+        return ModelOutput(loss=loss, hidden=h if return_hidden else None)
+
+    def attention_inputs(self, input_ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int,
+                         position_ids: torch.Tensor | None, doc_mask: bool | None,
+                         ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor]:
+        """Who sees whom, for the whole sequence, and the RoPE cos/sin of this rank's tokens.
+
+        doc_mask: the triton attention gets each token's document start (B, T) and skips other
+        documents' key blocks (O(T) memory); sdpa/eager get the explicit (B, 1, T, T) mask;
+        positions restart at 0 per document. Cached decoding past position 0: query i (at
+        start_pos + i) sees keys 0 .. start_pos + i.
         """
         B, T = input_ids.shape
-        use_doc_mask = self.doc_mask if doc_mask is None else doc_mask
-        causal, mask, doc_start = True, None, None
-        if use_doc_mask:
+        device = input_ids.device
+        spec = AttentionMask()
+        if self.doc_mask if doc_mask is None else doc_mask:
             if kv_cache is not None:
                 raise ValueError("doc_mask is for packed training rows; it cannot be combined with kv_cache")
             if self.eos_id is None:
@@ -456,18 +558,20 @@ class GPT(nn.Module):
                                  "or model.eos_id = tok.eos_id")
             starts = document_starts(input_ids, self.eos_id)  # (B, T)
             if position_ids is None:
-                position_ids = torch.arange(T, device=input_ids.device) - starts  # restart at 0 per document
-            if self.backends.attention == "triton":
-                doc_start = starts.to(torch.int32)  # converted once, shared by every layer
-            else:
-                mask = document_mask_from_starts(starts)  # (B, 1, T, T)
-                causal = False  # the document mask is already causal
-        if kv_cache is not None and start_pos > 0:
+                position_ids = torch.arange(T, device=device) - starts  # restart at 0 per document
+            if self.backends.attention in ops.DOC_START_BACKENDS:
+                spec = AttentionMask(doc_start=starts.to(torch.int32))  # converted once, all layers
+            else:  # the document mask is already causal
+                spec = AttentionMask(causal=False, mask=document_mask_from_starts(starts))
+        elif kv_cache is not None and start_pos > 0:
             S = start_pos + T  # keys held after this step
-            causal = False
+            mask = None
             if T > 1:  # query i (at position start_pos + i) sees keys 0 .. start_pos + i
-                q_pos = torch.arange(start_pos, S, device=input_ids.device)
-                mask = torch.arange(S, device=input_ids.device)[None, :] <= q_pos[:, None]  # (T, S)
+                q_pos = torch.arange(start_pos, S, device=device)
+                mask = torch.arange(S, device=device)[None, :] <= q_pos[:, None]  # (T, S)
+            spec = AttentionMask(causal=False, mask=mask)
+        if kv_cache is not None and self.seq_shard is not None:
+            raise ValueError("cached decoding runs on whole sequences; clear model.seq_shard first")
         if position_ids is None:
             if start_pos + T > self.args.max_seq_len:
                 raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len "
@@ -476,23 +580,21 @@ class GPT(nn.Module):
             sin = self.rope_sin[start_pos:start_pos + T]
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B or T, ..., hs/2)
+        t_dim = cos.dim() - 2
+        return spec, self.local_slice(cos, dim=t_dim), self.local_slice(sin, dim=t_dim)
 
-        h = self.tok_embeddings(input_ids)  # (B, T, C)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if checkpointing:
-                h = checkpoint(layer, h, cos, sin, causal=causal, mask=mask, doc_start=doc_start, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, causal=causal, mask=mask, doc_start=doc_start, kv_cache=kv_cache,
-                          start_pos=start_pos)
-        h = self.norm(h)  # (B, T, C)
-
-        logits = loss = None
-        if labels is not None:
-            loss = self.output(h, labels)  # fused linear + CE: no (B, T, V) logits
-        else:
-            logits = self.output(h)  # (B, T, V)
-        return ModelOutput(logits=logits, loss=loss, hidden=h if return_hidden else None)
+    def local_slice(self, t: torch.Tensor | None, dim: int = 1) -> torch.Tensor | None:
+        """This rank's slice of ``t`` along its sequence dimension ``dim`` (all of it without
+        ``seq_shard``)."""
+        if t is None or self.seq_shard is None:
+            return t
+        index, count = self.seq_shard
+        T = t.shape[dim]
+        if T % count:
+            raise ValueError(f"sequence length {T} is not divisible by the {count} "
+                             "sequence-parallel ranks (data.seq_len must be a multiple of "
+                             "train.sequence_parallel)")
+        return t.narrow(dim, index * (T // count), T // count)
 
     # ---- generation ----
 

@@ -17,6 +17,7 @@ hot path. ``megapt.kernels`` is imported only when a triton/cuda backend is sele
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -36,6 +37,7 @@ ATTENTION_BACKENDS = ("eager", "sdpa", "triton", "cuda")
 NORM_BACKENDS = ("eager", "triton", "cuda")
 ROPE_BACKENDS = ("eager", "triton")
 LOSS_BACKENDS = ("eager", "chunked", "triton")
+DOC_START_BACKENDS = ("triton",)  # attention backends that take document starts instead of a mask
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,27 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
 # --------------------------------------------------------------------------------------------
 
 
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def attention_impl(backend: str) -> AttentionFn:
+    """The attention function of ``backend``, resolved once (kernel lookup included).
+
+    The result is called as ``fn(q, k, v, causal, mask=None, doc_start=None)`` with the shapes of
+    :func:`attention`; ``megapt.model.gpt.Attention`` picks it at construction, so the hot path
+    does no backend dispatch. Raises ``ValueError`` for an unknown backend and ``RuntimeError``
+    when a triton/cuda kernel is missing.
+    """
+    if backend == "sdpa":
+        return _attention_sdpa
+    if backend == "eager":
+        return _attention_eager_checked
+    if backend in ("triton", "cuda"):
+        return functools.partial(_attention_kernel, backend, _kernel(backend, "flash_attention"))
+    raise ValueError(f"unknown attention backend {backend!r} "
+                     f"(choose from {', '.join(ATTENTION_BACKENDS)})")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               backend: str = "sdpa", *, mask: torch.Tensor | None = None,
               doc_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,30 +210,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     ``doc_start``: optional (B, T) int, index of the first token of each token's document
     (packed rows, ``gpt.document_starts``); query i then sees keys doc_start[i] .. i. Only the
     triton backend takes it (with causal=True); the others need the equivalent ``mask``.
+    One-off calls (tests, benchmarks); the model resolves ``attention_impl`` once instead.
     """
-    if doc_start is not None and backend != "triton":
+    return attention_impl(backend)(q, k, v, causal, mask=mask, doc_start=doc_start)
+
+
+def _no_doc_start(backend: str, doc_start: torch.Tensor | None) -> None:
+    if doc_start is not None:
         raise ValueError(f"attention backend {backend!r} takes no doc_start; pass the explicit document "
                          "mask (gpt.document_mask) or use the triton backend")
-    if backend == "sdpa":
-        if mask is not None and causal:
-            mask = mask & _causal_mask(q.shape[-2], k.shape[-2], q.device)
-        gqa = k.shape[1] != q.shape[1]
-        if gqa and q.device.type == "cuda" and (mask is not None or q.dtype == torch.float32):
-            # on CUDA only the flash kernel (fp16/bf16, no mask) takes enable_gqa; otherwise SDPA
-            # would drop to the slow math kernel, so repeat kv heads for the memory-efficient one
-            k, v, gqa = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1]), False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                              enable_gqa=gqa)
-    if backend == "eager":
-        return attention_eager(q, k, v, causal, mask)
-    if backend in ("triton", "cuda"):
-        if mask is not None:
-            raise ValueError(f"attention backend {backend!r} takes no explicit mask (doc_mask, cached "
-                             "decoding); use sdpa or eager")
-        if doc_start is not None:
-            return _kernel(backend, "flash_attention")(q, k, v, causal=causal, doc_start=doc_start)
-        return _kernel(backend, "flash_attention")(q, k, v, causal=causal)
-    raise ValueError(f"unknown attention backend {backend!r} (choose from {', '.join(ATTENTION_BACKENDS)})")
+
+
+def _attention_sdpa(q, k, v, causal=True, *, mask=None, doc_start=None):
+    _no_doc_start("sdpa", doc_start)
+    if mask is not None and causal:
+        mask = mask & _causal_mask(q.shape[-2], k.shape[-2], q.device)
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and q.device.type == "cuda" and (mask is not None or q.dtype == torch.float32):
+        # on CUDA only the flash kernel (fp16/bf16, no mask) takes enable_gqa; otherwise SDPA
+        # would drop to the slow math kernel, so repeat kv heads for the memory-efficient one
+        k, v, gqa = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1]), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          is_causal=causal and mask is None, enable_gqa=gqa)
+
+
+def _attention_eager_checked(q, k, v, causal=True, *, mask=None, doc_start=None):
+    _no_doc_start("eager", doc_start)
+    return attention_eager(q, k, v, causal, mask)
+
+
+def _attention_kernel(backend, flash, q, k, v, causal=True, *, mask=None, doc_start=None):
+    if mask is not None:
+        raise ValueError(f"attention backend {backend!r} takes no explicit mask (doc_mask, cached "
+                         "decoding); use sdpa or eager")
+    if doc_start is not None:
+        if backend != "triton":
+            _no_doc_start(backend, doc_start)
+        return flash(q, k, v, causal=causal, doc_start=doc_start)
+    return flash(q, k, v, causal=causal)
 
 
 def attention_eager(q, k, v, causal=True, mask=None):

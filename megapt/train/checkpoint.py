@@ -264,6 +264,8 @@ def _write_checkpoint(root: Path, tmp: Path, final: Path, step: int, engine: Any
                                                 UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
     client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    if getattr(getattr(engine, "module", None), UNIVERSAL_CHECKPOINT_INFO, None) is not None:
+        client = {}  # tensor parallelism: DeepSpeed's AutoTP writes its own (shard layout included)
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=client, save_latest=False)
     dist.barrier()
     if dist.rank() == 0:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from megapt.train import parallel
 from megapt.train.checkpoint import (DS_TAG, MANIFEST, UNIVERSAL_TAG, CheckpointError, STEP_RE, find_latest_valid,
                                      read_meta, verify_checkpoint, weights_only_loads, write_manifest)
 
@@ -52,7 +53,10 @@ def full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from any ZeRO stage's checkpoint (CPU, no process group)."""
     meta = read_meta(ckpt)
     ds_dir = ckpt / DS_TAG
-    if (meta.get("zero_stage") or 0) > 0:
+    if int(meta.get("tensor_parallel", 1)) > 1:  # shards of every weight: merged by DeepSpeed
+        tied = bool((meta.get("model_args") or {}).get("tie_embeddings"))
+        sd = parallel.tensor_parallel_state_dict(ckpt, ds_dir, ckpt / UNIVERSAL_TAG, tied)
+    elif (meta.get("zero_stage") or 0) > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with weights_only_loads(ckpt):

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from megapt.config import Config, ConfigError
+from megapt.train import parallel
 
 log = logging.getLogger("megapt.train")
 
@@ -49,7 +50,8 @@ def effective_zero_stage(cfg: Config) -> int:
 
 
 def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
-    """The DeepSpeed config for ``cfg`` at ``world_size`` data-parallel ranks (user JSON merged in)."""
+    """The DeepSpeed config for ``cfg`` at ``world_size`` data-parallel ranks (user JSON merged in).
+    Under sequence/tensor parallelism that is the world size / (sp x tp) (``Layout.dp``)."""
     t, ds = cfg.train, cfg.deepspeed
     stage = effective_zero_stage(cfg)
     zero: dict[str, Any] = {"stage": stage}
@@ -64,6 +66,8 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
                     # no gathered 16-bit copy in each save (it would gather the whole model on rank 0);
                     # `megapt ckpt consolidate` merges the fp32 partitions offline instead
                     stage3_gather_16bit_weights_on_model_save=False)
+        if ds.zero_hpz_partition_size > 1:  # ZeRO++ hpZ: secondary partition within a node
+            zero["zero_hpz_partition_size"] = ds.zero_hpz_partition_size
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": ds.offload_optimizer == "cpu"
                                      and torch.cuda.is_available()}
@@ -87,6 +91,7 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
     }
     if t.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    conf.update(parallel.ds_config_sections(cfg))  # tensor_parallel (AutoTP), when set
     if ds.config_file:
         conf = merge_user_ds_config(conf, load_user_ds_config(ds.config_file), ds.config_file, cfg)
     return conf
@@ -369,7 +374,8 @@ ModelFactory = Callable[[], nn.Module]
 def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_size: int,
                   init_weights: Optional[Callable[[nn.Module, str, torch.Tensor], None]] = None,
                   param_groups: Optional[list[dict]] = None,
-                  schedule: Optional[LRSchedule] = None) -> EngineBundle:
+                  schedule: Optional[LRSchedule] = None,
+                  layout: Optional[parallel.Layout] = None) -> EngineBundle:
     """Build the model (under ``deepspeed.zero.Init`` for ZeRO-3), the optimizer with weight-decay
     groups, our LR schedule, and ``deepspeed.initialize``. ``model`` is a module or a factory; with a
     factory and ZeRO-3 the parameters are partitioned as they are created, then
@@ -379,7 +385,11 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     ``param_groups`` (fine-tuning; needs ``model`` as a module): explicit optimizer groups, each a dict
     with ``params`` (trainable parameters only: nothing else gets optimizer state or a ZeRO
     partition), ``lr`` (that group's peak LR) and ``weight_decay``. ``schedule`` replaces the one
-    from ``train.*``; its multiplier ``lr(step) / peak`` scales every group's own peak LR."""
+    from ``train.*``; its multiplier ``lr(step) / peak`` scales every group's own peak LR.
+
+    ``layout`` (sequence/tensor parallelism, ``megapt.train.parallel``): its process groups are
+    made before the model, the model is prepared for it (Ulysses attention) and DeepSpeed gets
+    the matching ``mpu``; ``world_size`` is then the data-parallel size, ``layout.dp``."""
     if param_groups is not None and not isinstance(model, nn.Module):
         raise ValueError("create_engine(param_groups=...): pass the model as a module (the groups name its parameters)")
     import deepspeed
@@ -391,21 +401,29 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     ds_config = build_ds_config(cfg, world_size)
     stage = ds_config["zero_optimization"]["stage"]
+    # ---- sequence / tensor parallelism: process groups before the model (zero.Init uses them)
+    mpu = parallel.init_groups(layout) if layout is not None else None
     if isinstance(model, nn.Module):
         module = model
     elif stage == 3:
         # dtype comes from the config's bf16/fp16 sections. Passing dtype= explicitly is a trap in
         # DeepSpeed 0.19.8: with a config it is ignored for the accelerator default (bf16 on CPU).
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        zero_init = parallel.zero_init_kwargs(layout, mpu)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, **zero_init):
             module = model()
         if init_weights is not None:
             # one parameter at a time: never more than one full tensor gathered on a rank
             for name, p in module.named_parameters():
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if torch.distributed.get_rank() == 0:
+                    # rank 0 of the group the parameter is partitioned over (the data-parallel
+                    # group under tensor parallelism; the world otherwise)
+                    if torch.distributed.get_rank(p.ds_process_group) == 0:
                         init_weights(module, name, p)
     else:
         module = model()
+    if layout is not None:
+        module = parallel.prepare_model(module, layout, mpu)
+        ds_config = parallel.finalize_ds_config(ds_config, module, layout)
 
     if cfg.train.activation_checkpointing:
         if not hasattr(module, "gradient_checkpointing"):
@@ -416,8 +434,11 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     schedule = schedule if schedule is not None else lr_schedule(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config)
+                                                           lr_scheduler=scheduler, config=ds_config,
+                                                           mpu=mpu)
     skip_identity_allreduce(engine, stage)
+    parallel.fix_replicated_shapes(engine.module, layout)
+    parallel.log_engine_groups(engine, layout)
     if cfg.train.compile:
         engine.compile()
     return EngineBundle(engine, optimizer, scheduler, ds_config, schedule)

@@ -46,7 +46,7 @@ from megapt.config import Config, ConfigError, save_config, to_dict
 from megapt.errors import EXIT_DATA, EXIT_NONFINITE, EXIT_OK, UserError
 from megapt.hardware import peak_flops
 from megapt.train import checkpoint as ckpt_lib
-from megapt.train import dist, reshard
+from megapt.train import dist, parallel, reshard
 from megapt.train.metrics import Metrics, format_train_line, peak_memory_gb
 
 log = logging.getLogger("megapt.train")
@@ -155,6 +155,10 @@ class Trainer:
         from megapt.train.engine import create_engine, effective_zero_stage
 
         self.model_args = ModelArgs.from_config(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len)
+        # sequence/tensor parallelism: groups of ranks share a batch; the data-parallel world is
+        # world / (sp x tp), for the loader, the batch size and DeepSpeed
+        self.layout = parallel.Layout.from_config(cfg, self.world_size, self.model_args)
+        self.dp_rank, self.dp_world = self.layout.dp_rank(self.rank), self.layout.dp
         backends = ops.select_backends(cfg.model, self.device)
         args, seed, eos = self.model_args, cfg.run.seed, self.tokenizer.eos_id
         self.zero_stage = effective_zero_stage(cfg)
@@ -163,14 +167,16 @@ class Trainer:
                         "running ZeRO stage 1 with fp32 gradient accumulation instead")
         bundle = create_engine(
             cfg, lambda: GPT(args, backends, seed=seed, doc_mask=cfg.model.doc_mask, eos_id=eos),
-            world_size=self.world_size, init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
+            world_size=self.dp_world, layout=self.layout,
+            init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
         self.engine, self.scheduler, self.schedule = bundle.engine, bundle.scheduler, bundle.schedule
         self._config_schedule = dataclasses.replace(bundle.schedule)  # a copy LambdaLR loading can't touch
         self.ds_config = bundle.ds_config
         n_params = args.num_params()
-        log.info("model: %s preset, %.2fM parameters (%s), backends %s, ZeRO stage %d, %s, world size %d",
-                 cfg.model.preset, n_params / 1e6, json.dumps(dataclasses.asdict(args)),
-                 dataclasses.asdict(backends), self.zero_stage, cfg.train.precision, self.world_size)
+        log.info("model: %s preset, %.2fM parameters (%s), backends %s, ZeRO stage %d, %s, "
+                 "world size %d (%s)", cfg.model.preset, n_params / 1e6,
+                 json.dumps(dataclasses.asdict(args)), dataclasses.asdict(backends),
+                 self.zero_stage, cfg.train.precision, self.world_size, self.layout.describe())
 
         # ---- loop state ----
         t = cfg.train
@@ -179,7 +185,7 @@ class Trainer:
         self.tokens_seen = 0
         self.skipped_total = 0
         self.bad_in_row = 0
-        self.tokens_per_step = t.micro_batch * t.grad_accum * self.world_size * cfg.data.seq_len
+        self.tokens_per_step = t.micro_batch * t.grad_accum * self.dp_world * cfg.data.seq_len
         self.flops_per_token = args.flops_per_token(cfg.data.seq_len)
         if cfg.model.doc_mask:
             attn_share = args.attention_flops_per_token(cfg.data.seq_len) / self.flops_per_token
@@ -189,7 +195,7 @@ class Trainer:
         self.peak = peak_flops(t.precision) if self.device == "cuda" else None
         self.last_checkpoint: Optional[Path] = None
         self.train_loader = self._build_loader(
-            cfg.data, self.shard_dir, "train", rank=self.rank, world_size=self.world_size,
+            cfg.data, self.shard_dir, "train", rank=self.dp_rank, world_size=self.dp_world,
             micro_batch=t.micro_batch, seed=cfg.run.seed, infinite=True, tokenizer_sha256=self.tokenizer.sha256)
         self._nan_steps, self._nan_rank = self._fault_injection()
 
@@ -289,7 +295,8 @@ class Trainer:
             scaler_skip = False
         nonfinite = loss_bad or norm_bad
         dt = time.perf_counter() - t0
-        out = {"loss": flags[0].item() / self.world_size if not bad else float("nan"), "lr": lr,
+        mean_loss = self.layout.mean_loss(flags[0].item())
+        out = {"loss": mean_loss if not bad else float("nan"), "lr": lr,
                "grad_norm": gn, "step_time_s": dt, "skipped": bad or scaler_skip}
         if scaler_skip:
             self.skipped_total += 1
@@ -313,9 +320,10 @@ class Trainer:
         """Mean validation loss and perplexity over min(train.eval_batches, one pass) batches of the
         held-out split; every rank runs the same number of batches (lock-step for ZeRO-3)."""
         cfg, eng = self.cfg, self.engine
-        per_step = self.world_size * cfg.train.micro_batch
+        per_step = self.dp_world * cfg.train.micro_batch
         n = max(1, min(cfg.train.eval_batches, self.val_samples // per_step))
-        loader = self._build_loader(cfg.data, self.shard_dir, "val", rank=self.rank, world_size=self.world_size,
+        loader = self._build_loader(cfg.data, self.shard_dir, "val", rank=self.dp_rank,
+                                    world_size=self.dp_world,
                                     micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, infinite=True,
                                     tokenizer_sha256=self.tokenizer.sha256)
         was_training = eng.training
@@ -326,7 +334,11 @@ class Trainer:
                 break
             x, y = self._to_device(batch)
             loss = eng(x, labels=y).loss
-            total += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64)
+            # a sequence-parallel rank's loss is its share of the row's: weigh it by all the row's
+            # tokens and count them once per group
+            n_tok = y.numel()
+            total += torch.tensor([float(loss) * n_tok, n_tok / self.layout.sp],
+                                  dtype=torch.float64)
         if was_training:
             eng.train()
         if self.world_size > 1:
@@ -346,7 +358,7 @@ class Trainer:
             "world_size": self.world_size, "zero_stage": self.zero_stage, "precision": self.cfg.train.precision,
             "micro_batch": self.cfg.train.micro_batch, "grad_accum": self.cfg.train.grad_accum,
             "model_args": dataclasses.asdict(self.model_args), "tokenizer_sha256": self.tokenizer.sha256,
-            "seed": self.cfg.run.seed,
+            "seed": self.cfg.run.seed, **parallel.layout_meta(self.layout),
             # what a universal load restores besides the tensors (groups, Adam steps, LR schedule)
             "optimizer": reshard.optimizer_meta(self.engine, self.scheduler),
         }
@@ -367,6 +379,7 @@ class Trainer:
         meta = ckpt_lib.read_meta(path)
         ckpt_lib.check_compatible(meta, model_args=dataclasses.asdict(self.model_args), world_size=self.world_size,
                                   zero_stage=self.zero_stage, universal=cfg.checkpoint.universal, ckpt=path)
+        parallel.check_resume(meta, self.layout, cfg.checkpoint.universal, path)
         if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != self.tokenizer.sha256:
             raise ckpt_lib.CheckpointError(
                 f"{path}: saved with tokenizer sha256 {meta['tokenizer_sha256'][:12]}..., this run's tokenizer "
@@ -482,7 +495,11 @@ class Trainer:
             self._eval_and_log()
             if saved_at != self.step:
                 self.save()
-            if t.sample_tokens > 0:
+            if t.sample_tokens > 0 and self.layout.group > 1:
+                log.info("no end-of-training sample under sequence/tensor parallelism "
+                         "(generation runs on whole models): megapt generate --from %s",
+                         cfg.checkpoint_dir)
+            elif t.sample_tokens > 0:
                 text = self.sample(t.sample_tokens)
                 if self.rank == 0:
                     (run_dir / "sample.txt").write_text(text + "\n", encoding="utf-8")

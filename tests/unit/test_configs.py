@@ -51,7 +51,8 @@ def test_config_builds_the_promised_model_and_fits_its_hardware(path, tmp_path):
 
     hw = P.Hardware.from_config(cfg)
     assert P.check_launch(cfg, hw, args) == []
-    assert cfg.train.micro_batch * cfg.train.grad_accum * hw.world == cfg.plan.global_batch
+    dp = P.data_parallel(cfg, hw)  # the world over the sequence x tensor-parallel group
+    assert cfg.train.micro_batch * cfg.train.grad_accum * dp == cfg.plan.global_batch
     plan = P.plan_memory(cfg, hw, args=args)
     assert plan.fits, P.format_plan(cfg, plan)
     # headroom for what the model leaves out: at most 85% of the GPU

@@ -12,7 +12,7 @@ import pytest
 
 from megapt import planner as P
 from megapt.config import ConfigError, load_config
-from megapt.model.gpt import GPT, ModelArgs
+from megapt.model.gpt import GPT, AttentionMask, ModelArgs
 
 GB = 1e9
 
@@ -163,7 +163,8 @@ def test_suggestion_is_the_cheapest_that_fits_and_avoids_offload_when_not_needed
     assert plan.fits
     assert not plan.setting.offload_optimizer and not plan.setting.offload_params
     # global batch (4 x 8 x 8 = 256 sequences) is kept
-    assert plan.setting.micro_batch * plan.setting.grad_accum * hw.world == 256
+    dp = P.data_parallel(cfg, hw, plan.setting)
+    assert plan.setting.micro_batch * plan.setting.grad_accum * dp == 256
     costs = [c for c, _ in found]
     assert costs == sorted(costs)
 
@@ -173,6 +174,88 @@ def test_70b_on_one_node_needs_offload():
     cfg = cfg_for("--train.micro_batch=1", "--train.grad_accum=16")
     found = P.suggest(cfg, P.Hardware(1, 8), a)
     assert found and found[0][1].setting.offload_optimizer
+
+
+# ---- sequence and tensor parallelism ---------------------------------------------------------
+
+
+def test_sequence_parallelism_divides_every_activation_by_the_ranks():
+    a = args_7b()
+    one = P.activation_bytes(a, 32768, 1, "bf16", False)
+    # flash attention saves only per-token tensors: each of 4 ranks holds a quarter of the tokens
+    assert P.activation_bytes(a, 32768, 1, "bf16", False, sp=4) == pytest.approx(one / 4)
+    # eager attention adds the scores and probabilities of the whole sequence for 32 / 4 heads,
+    # in 32 blocks + 1 block of gradients
+    flash = P.activation_bytes(a, 4096, 1, "bf16", False, sp=4)
+    eager = P.activation_bytes(a, 4096, 1, "bf16", False, attention="eager", sp=4)
+    assert eager - flash == pytest.approx(33 * 2 * 2 * (32 / 4) * 4096**2)
+
+
+def test_sequence_parallelism_keeps_weights_whole_and_zero_shards_over_all_ranks():
+    a = args_7b()
+    plain = P.plan_memory(cfg_for("--deepspeed.zero_stage=2", "--train.micro_batch=1"),
+                          P.Hardware(1, 8), args=a)
+    sp = P.plan_memory(cfg_for("--deepspeed.zero_stage=2", "--train.micro_batch=1",
+                               "--train.sequence_parallel=4"), P.Hardware(1, 8), args=a)
+    for row in ("parameters", "gradients", "optimizer states"):
+        assert sp.row(row) == plain.row(row)  # ZeRO partitions over data x sequence ranks = 8
+    assert sp.row("activations") < plain.row("activations") / 3.9
+
+
+def test_tensor_parallelism_keeps_a_tp_th_of_attention_and_mlp_weights_per_rank():
+    a = args_7b()
+    cfg = cfg_for("--train.tensor_parallel=8", "--deepspeed.zero_stage=1", "--train.micro_batch=1")
+    plan = P.plan_memory(cfg, P.Hardware(1, 8), args=a)
+    h, f, n_layers, vocab = 4096, 11008, 32, 32000
+    whole = 2 * vocab * h + (2 * n_layers + 1) * h  # embedding, head, norms
+    sharded = n_layers * (4 * h * h + 3 * h * f)  # wq wk wv wo, w1 w2 w3
+    assert plan.rank_params == whole + sharded // 8
+    assert plan.row("parameters") == 2 * plan.rank_params  # bf16, whole within ZeRO-1
+    # ZeRO-1 partitions the optimizer over the data-parallel ranks only: 8 GPUs / tp 8 = 1
+    assert plan.row("optimizer states") == 12 * plan.rank_params
+
+
+def test_7b_at_128k_on_one_node_fits_only_with_sequence_parallelism_and_the_planner_says_so():
+    a = args_7b(max_seq_len=131072)
+    cfg = cfg_for("--data.seq_len=131072", "--train.micro_batch=1", "--train.grad_accum=1",
+                  "--deepspeed.zero_stage=3", "--train.activation_checkpointing=true",
+                  "--plan.global_batch=8")
+    hw = P.Hardware(1, 8)
+    assert not P.plan_memory(cfg, hw, args=a).fits
+    found = P.suggest(cfg, hw, a, top=5)
+    assert found and all(p.setting.sequence_parallel > 1 for _, p in found)
+    # ZeRO alone does not fit: no stage, checkpointing, offload or micro-batch without sequence
+    # (or tensor) parallelism
+    without = [s for s in P.candidates(cfg, hw, a) if s.group == 1]
+    assert without and not any(P.plan_memory(cfg, hw, s, a).fits for s in without)
+
+
+def test_batch_checks_count_data_parallel_replicas_not_gpus():
+    cfg = cfg_for("--train.tensor_parallel=8", "--deepspeed.zero_stage=1", "--train.micro_batch=1",
+                  "--train.grad_accum=16", "--plan.global_batch=1024")
+    problems = P.check_launch(cfg, P.Hardware(8, 8), args_7b())
+    # 64 GPUs in groups of 8: 8 data-parallel replicas, so 1 x 128 x 8 = 1024
+    assert any("--train.grad_accum=128" in p and "data-parallel size" in p for p in problems)
+    ok = cfg_for("--train.tensor_parallel=8", "--deepspeed.zero_stage=1", "--train.micro_batch=1",
+                 "--train.grad_accum=128", "--plan.global_batch=1024")
+    assert P.check_launch(ok, P.Hardware(8, 8), args_7b()) == []
+
+
+def test_layouts_the_model_or_world_cannot_take_are_launch_errors():
+    cfg = cfg_for("--train.tensor_parallel=8", "--deepspeed.zero_stage=1")
+    problems = P.check_launch(cfg, P.Hardware(1, 8), args_7b(n_kv_heads=4))
+    assert any("train.tensor_parallel: 8 must divide the 4 KV heads" in p for p in problems)
+    problems = P.check_launch(cfg, P.Hardware(1, 6), args_7b())
+    assert any("train.tensor_parallel: 8 does not divide the world size 6" in p for p in problems)
+
+
+def test_overrides_carry_sequence_and_tensor_parallelism():
+    cfg = cfg_for("--train.micro_batch=4")
+    base = P.Setting.from_config(cfg)
+    s = dataclasses.replace(base, sequence_parallel=4, zero_stage=2)
+    again = load_config([], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b",
+                             "--train.micro_batch=4", *s.overrides(base)])
+    assert P.Setting.from_config(again) == s
 
 
 # ---- checks before launch ------------------------------------------------------------------
@@ -288,6 +371,6 @@ def test_block_activation_formula_matches_the_tensors_a_real_block_saves(precisi
     b, s = 2, 128
     h = model.tok_embeddings(torch.randint(0, 512, (b, s))).detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers[0](h, model.rope_cos[:s], model.rope_sin[:s])
+        model.layers[0](h, model.rope_cos[:s], model.rope_sin[:s], AttentionMask())
     predicted = P.block_activation_bytes(a, s, b, precision, attention="sdpa", norm="eager")
     assert sum(saved.values()) == pytest.approx(predicted, rel=0.10)
