@@ -99,11 +99,9 @@ train with ``verify_checksums=false``, which reads only the samples each process
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,8 +112,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megapt.config import ConfigError
-from megapt.data.manifest import (
-    ShardError, check_member_name, check_tokenizer, iter_shard, load_manifest, verify_shard)
+from megapt.data.manifest import check_tokenizer, load_manifest
+from megapt.data.tarformat import NotFixedLayout, PartialShard, ShardError, read_rows, verify_shard
 from megapt.data.workers import die_with_parent
 from megapt.errors import UserError
 
@@ -221,7 +219,7 @@ class _Plan:
     verify_checksums: bool
     policy: str
     max_bad_fraction: float
-    partial_reads: bool = False  # read single members instead of whole shards (see _PartialShard)
+    partial_reads: bool = False  # read single members instead of whole shards (see PartialShard)
     mix_labels: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_counts: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_cum: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
@@ -259,7 +257,7 @@ class _Reader:
 
     def __init__(self, plan: _Plan, preload: bool = True):
         self.plan = plan
-        self.preload = preload  # member checks on whole-file reads (see _PartialShard)
+        self.preload = preload  # member checks on whole-file reads (see PartialShard)
         self.sample_len = plan.seq_len + 1
         typical = max(1, int(np.median(np.concatenate([s.counts for s in plan.sets]))))
         window = plan.order.shuffle_buffer if plan.order.shuffle else 1
@@ -317,8 +315,8 @@ class _Reader:
 
     # ---- shards ----
 
-    def _open(self, si: int, j: int) -> np.ndarray | _PartialShard | None:
-        """Open shard ``j`` of set ``si``: its rows (whole read) or a _PartialShard (member reads);
+    def _open(self, si: int, j: int) -> np.ndarray | PartialShard | None:
+        """Open shard ``j`` of set ``si``: its rows (whole read) or a PartialShard (member reads);
         None when it is unusable as a whole (policy skip)."""
         s = self.plan.sets[si]
         entry = s.entries[j]
@@ -327,9 +325,9 @@ class _Reader:
             verify_shard(path, entry, check_sha=False)  # exists, size
             if self.plan.partial_reads:
                 try:
-                    return self.shards.put((si, j), _PartialShard(path, entry, self.sample_len, self.plan.dtype,
+                    return self.shards.put((si, j), PartialShard(path, entry, self.sample_len, self.plan.dtype,
                                                                   self.plan.vocab_size, preload=self.preload))
-                except _NotFixedLayout:
+                except NotFixedLayout:
                     pass
             return self.shards.put((si, j), self._read(path, entry))
         except ShardError as exc:
@@ -371,30 +369,9 @@ class _Reader:
 
     def _read(self, path: Path, entry: dict) -> np.ndarray:
         verify_shard(path, entry, check_sha=False)  # exists, size
-        buf = path.read_bytes()
-        if len(buf) != entry["bytes"]:
-            raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest says {entry['bytes']})")
-        if self.plan.verify_checksums:  # hash the bytes we use (verify_shard would read the file again)
-            digest = hashlib.sha256(buf).hexdigest()
-            if digest != entry["sha256"]:
-                raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
-                                 f"{entry['sha256'][:16]}... (corrupt shard)")
-        arr = _fixed_stride_rows(buf, path, entry["samples"], self.sample_len, self.plan.dtype)
-        if arr is None:  # not the plain layout megapt writes (pax headers, ...): let tarfile walk it
-            arr = np.empty((entry["samples"], self.sample_len), dtype=np.dtype(self.plan.dtype).newbyteorder("<"))
-            n = 0
-            for _, tokens in iter_shard(path, sample_len=self.sample_len, dtype=self.plan.dtype):
-                if n >= len(arr):
-                    raise ShardError(f"{path}: more samples than the {entry['samples']} the manifest lists")
-                arr[n] = tokens
-                n += 1
-            if n != entry["samples"]:
-                raise ShardError(f"{path}: truncated or corrupt tar: {n} readable samples, manifest says "
-                                 f"{entry['samples']}")
-        if len(arr) and int(arr.max()) >= self.plan.vocab_size:
-            raise ShardError(f"{path}: token id {int(arr.max())} >= vocab_size {self.plan.vocab_size} "
-                             f"(corrupt shard or wrong manifest)")
-        return arr
+        return read_rows(path.read_bytes(), path, entry, sample_len=self.sample_len,
+                         dtype=self.plan.dtype, vocab_size=self.plan.vocab_size,
+                         check_sha=self.plan.verify_checksums)
 
     def _mark_bad(self, si: int, j: int, reason: str) -> None:
         if (si, j) in self.bad:
@@ -443,216 +420,6 @@ def _check_bad_fraction(plan: _Plan, si: int, bad_names: set) -> None:
             f"{s.path}: {len(bad_names)} of {len(s.names)} {plan.split} shards are bad "
             f"(> data.max_bad_fraction={plan.max_bad_fraction}): {sorted(bad_names)[:10]}; "
             f"run `megapt data verify` and re-shard")
-
-
-# --------------------------------------------------------------------------------------------
-# Fast tar parsing for the layout megapt writes (the structure checks of DATA's iter_shard,
-# vectorised: a Python tarfile walk costs ~50 us a member, which caps a rank at a few
-# thousand samples/s when many ranks share each shard)
-# --------------------------------------------------------------------------------------------
-
-_BLOCK = 512
-_NAME_CHARS = np.zeros(256, dtype=bool)  # bytes of a plain member name
-_NAME_CHARS[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-", dtype=np.uint8)] = True
-
-
-def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Numeric tar header fields (n, width) uint8 -> (value, well-formed) per row."""
-    f = fields.astype(np.int64)
-    digit = (f >= 48) & (f <= 55)
-    lead = np.cumprod(f == 32, axis=1).astype(bool)  # leading spaces are allowed
-    run = np.cumprod(digit | lead, axis=1).astype(bool)
-    d = digit & run
-    after = np.cumsum(d[:, ::-1], axis=1)[:, ::-1] - d  # digits to the right of each digit
-    value = np.where(d, (f - 48) << (3 * after), 0).sum(axis=1)
-    ok = d.any(axis=1) & np.all(run | (f == 0) | (f == 32), axis=1)
-    return value, ok
-
-
-def _stride(sample_len: int, dtype: str) -> int:
-    """Bytes from one member's header to the next: 512 header + payload padded to 512."""
-    return _BLOCK + -(-sample_len * np.dtype(dtype).itemsize // _BLOCK) * _BLOCK
-
-
-def _headers_ok(h: np.ndarray, payload: int) -> bool:
-    """Are the (m, 512) headers plain ustar regular files of ``payload`` bytes with valid checksums?"""
-    size, size_ok = _octal(h[:, 124:136])
-    chk, chk_ok = _octal(h[:, 148:156])
-    unsigned = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
-    chk_ok &= chk == unsigned
-    if not chk_ok.all():  # some tars sum signed chars (tarfile accepts both)
-        high = (h >= 128).sum(axis=1) - (h[:, 148:156] >= 128).sum(axis=1)
-        chk_ok |= chk == unsigned - 256 * high
-    ok = (size_ok & chk_ok & (size == payload)
-          & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))  # regular file
-          & np.all(h[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8), axis=1)
-          & ~h[:, 345:500].any(axis=1))  # no ustar name prefix
-    return bool(ok.all())
-
-
-def _check_names(h: np.ndarray, path: Path) -> None:
-    """Member names of the (m, 512) headers: plain ``[A-Za-z0-9_][A-Za-z0-9_.-]*.tokens`` names
-    (no '/', so no '..' part) pass here; any other gets DATA's thorough check (unsafe ->
-    ShardError) and must end in .tokens."""
-    m = len(h)
-    field_ = h[:, :100]
-    length = np.where(field_.all(axis=1), 100, np.argmax(field_ == 0, axis=1))
-    inside = np.arange(100)[None, :] < length[:, None]
-    plain = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
-             & np.all(field_[np.arange(m)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
-                      == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
-    for k in np.nonzero(~plain)[0]:
-        text = bytes(field_[k, :length[k]]).decode("utf-8", "replace")
-        check_member_name(text, path)
-        if not text.endswith(".tokens"):
-            raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
-
-
-def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: str) -> np.ndarray | None:
-    """(n, sample_len) read-only view of the payloads when the tar is n regular members of equal
-    size, back to back (one ustar header each), then zero blocks; None when the layout differs.
-
-    Every header's checksum, type, size and name is checked; an unsafe, unexpected or repeated
-    name raises ShardError.
-    """
-    itemsize = np.dtype(dtype).itemsize
-    stride = _stride(sample_len, dtype)
-    end = n * stride
-    if n == 0 or len(buf) < end + 2 * _BLOCK:
-        return None
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    h = raw[:end].reshape(n, stride)[:, :_BLOCK]  # (n, 512) headers
-    if not _headers_ok(h, sample_len * itemsize) or raw[end:].any():
-        return None
-    _check_names(h, path)
-    unique = len(np.unique(np.ascontiguousarray(h[:, :100]).view(np.dtype((np.void, 100)))))
-    if unique != n:
-        raise ShardError(f"{path}: duplicate member names ({n - unique} repeated keys)")
-    base = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"), offset=_BLOCK,
-                         count=(len(buf) - _BLOCK) // itemsize)
-    return np.lib.stride_tricks.as_strided(base, shape=(n, sample_len), strides=(stride, itemsize),
-                                           writeable=False)
-
-
-def _octal_field(f: bytes) -> int | None:
-    """A numeric tar header field (leading spaces, octal digits, then NULs/spaces) -> int or None."""
-    f = f.lstrip(b" ")
-    rest = f.lstrip(b"01234567")
-    digits = f[:len(f) - len(rest)]
-    return int(digits, 8) if digits and not rest.strip(b"\0 ") else None
-
-
-_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tokens")  # no '/', so no '..' part
-
-
-def _member_ok(hdr: bytes, payload: int, key: int, path: Path) -> bool:
-    """One member header, checked in plain Python (cheaper than numpy for a few members): a ustar
-    regular file of ``payload`` bytes, valid checksum, safe ``.tokens`` name with sample ``key``."""
-    if (_octal_field(hdr[124:136]) != payload or hdr[156] not in (0, ord("0")) or hdr[257:262] != b"ustar"
-            or hdr[345:500].strip(b"\0")):
-        return False
-    chk = _octal_field(hdr[148:156])
-    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
-    if chk != unsigned:  # some tars sum signed chars (tarfile accepts both)
-        high = sum(b >= 128 for b in hdr) - sum(b >= 128 for b in hdr[148:156])
-        if chk != unsigned - 256 * high:
-            return False
-    name = hdr[:100].split(b"\0", 1)[0]
-    if not _PLAIN_NAME.fullmatch(name):
-        text = name.decode("utf-8", "replace")
-        try:
-            check_member_name(text, path)  # DATA's check: absolute / '..' names are unsafe
-        except ShardError:
-            return False
-        if not text.endswith(".tokens"):
-            return False
-    return _key_index(name) == key
-
-
-class _NotFixedLayout(Exception):
-    """The shard is not n equal members back to back: read it whole."""
-
-
-def _key_index(name: bytes) -> int | None:
-    """The sample index at the end of a key ``{split}-{job}-{idx}.tokens``; None for other names."""
-    stem = name[:-7] if name.endswith(b".tokens") else b""
-    tail = stem.rsplit(b"-", 1)[-1]
-    return int(tail) if tail.isdigit() else None
-
-
-class _PartialShard:
-    """A shard read member by member (``os.pread``, or from one whole read with ``preload``);
-    used when ``verify_checksums=false``.
-
-    Opening checks the fixed layout (first and last header valid, keys ``n - 1`` apart, the
-    end-of-archive blocks right after member ``n - 1``); every member read has its header
-    (checksum, type, size), name (safe, ``.tokens``, key = first key + row) and token ids checked.
-    A process then reads only the members it needs instead of whole shards.
-    """
-
-    def __init__(self, path: Path, entry: dict, sample_len: int, dtype: str, vocab_size: int, *,
-                 preload: bool = False):
-        self.path, self.n, self.vocab_size = path, int(entry["samples"]), vocab_size
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.payload = sample_len * self.dtype.itemsize
-        self.stride = _stride(sample_len, dtype)
-        if self.n == 0 or entry["bytes"] < self.n * self.stride + 2 * _BLOCK:
-            raise _NotFixedLayout
-        self.fd = None
-        self.members = None  # preload: the (n, stride) member blocks, read in one go
-        if preload:  # the process uses much of the shard: one read beats a pread per member
-            buf = path.read_bytes()
-            if len(buf) != entry["bytes"]:
-                raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest says "
-                                 f"{entry['bytes']})")
-            self.members = np.frombuffer(buf, dtype=np.uint8)[:self.n * self.stride].reshape(self.n, self.stride)
-            first, last = buf[:_BLOCK], buf[(self.n - 1) * self.stride:(self.n - 1) * self.stride + _BLOCK]
-            eof = buf[self.n * self.stride:(self.n + 2) * self.stride][:2 * _BLOCK]
-        else:
-            self.fd = os.open(path, os.O_RDONLY)
-            first = os.pread(self.fd, _BLOCK, 0)
-            last = os.pread(self.fd, _BLOCK, (self.n - 1) * self.stride)
-            eof = os.pread(self.fd, 2 * _BLOCK, self.n * self.stride)
-        self.key0 = _key_index(first[:100].split(b"\0", 1)[0])
-        if (self.key0 is None or len(first) != _BLOCK or not _member_ok(first, self.payload, self.key0, path)
-                or len(last) != _BLOCK or not _member_ok(last, self.payload, self.key0 + self.n - 1, path)
-                or eof != bytes(2 * _BLOCK)):
-            raise _NotFixedLayout
-        if self.members is not None:  # every member's verdict at once (the same checks as read())
-            self.data, self.ok = self._check(self.members, np.arange(self.n))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __del__(self):
-        fd, self.fd = getattr(self, "fd", None), None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except Exception:  # noqa: BLE001 - interpreter shutdown
-                pass
-
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> (data (m, sample_len), ok (m,)): ok is False for a member that fails a check."""
-        if self.members is not None:
-            return self.data[rows], self.ok[rows]
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        buf = bytearray(len(uniq) * self.stride)
-        view = memoryview(buf)
-        for i, k in enumerate(uniq.tolist()):
-            got = os.preadv(self.fd, [view[i * self.stride:(i + 1) * self.stride]], k * self.stride)
-            if got != self.stride:
-                raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the file")
-        data, ok = self._check(np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride), uniq)
-        return data[inverse], ok[inverse]
-
-    def _check(self, raw: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Member blocks (m, stride) at rows ``index`` -> (payloads (m, sample_len), ok (m,))."""
-        ok = np.array([_member_ok(raw[i, :_BLOCK].tobytes(), self.payload, self.key0 + k, self.path)
-                       for i, k in enumerate(index.tolist())], dtype=bool)
-        data = raw[:, _BLOCK:_BLOCK + self.payload].view(self.dtype)  # (m, sample_len)
-        ok &= data.max(axis=1) < self.vocab_size
-        return data, ok
 
 
 def _worker_init(parent_pid: int, worker_id: int) -> None:

@@ -1,7 +1,7 @@
 """Shard manifests: load, validate, verify shards, merge the partial manifests of split jobs.
 
-A shard directory holds ``manifest.json`` and tar files ``{split}-{job:03d}-{n:05d}.tar``; each
-tar member is ``<key>.tokens`` with ``seq_len + 1`` little-endian tokens (uint16 or uint32).
+A shard directory holds ``manifest.json`` and tar files ``{split}-{job:03d}-{n:05d}.tar`` (the
+format: megapt.data.tarformat).
 A job of a split run (``--data.num_shards=K --data.shard_index=i``) writes
 ``manifest-part-{i:03d}-of-{K:03d}.json``; ``megapt data merge`` joins them, in job order, into
 ``manifest.json``. Every write is atomic (``.tmp`` + ``os.replace``) so a reader never sees a
@@ -14,31 +14,19 @@ half-written shard or manifest.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tarfile
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from megapt.errors import EXIT_DATA, UserError
+from megapt.data.tarformat import ShardError, dtype_for_vocab, verify_shard
 
 FORMAT = "megapt-shards"
 VERSION = 1
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 PART_RE = re.compile(r"^manifest-part-(\d{3,})-of-(\d{3,})\.json$")
-SHARD_RE = re.compile(r"^(train|val)-(\d{3,})-(\d{5,})\.tar$")
-
-
-class ShardError(UserError, RuntimeError):
-    """A shard or manifest is missing, corrupt or inconsistent; the message names the file."""
-
-    exit_code = EXIT_DATA
-    kind = "data error"
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,26 +36,6 @@ class ShardError(UserError, RuntimeError):
 
 def part_name(job: int, num_jobs: int) -> str:
     return f"manifest-part-{job:03d}-of-{num_jobs:03d}.json"
-
-
-def shard_name(split: str, job: int, n: int) -> str:
-    return f"{split}-{job:03d}-{n:05d}.tar"
-
-
-def sample_key(split: str, job: int, idx: int) -> str:
-    return f"{split}-{job:03d}-{idx:09d}"
-
-
-def dtype_for_vocab(vocab_size: int) -> str:
-    return "uint16" if vocab_size < 65536 else "uint32"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -189,87 +157,8 @@ def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
 
 
 # --------------------------------------------------------------------------------------------
-# Shard verification and reading
+# Verify a shard directory
 # --------------------------------------------------------------------------------------------
-
-
-def check_member_name(name: str, shard: str | os.PathLike) -> None:
-    """Refuse tar member names that would escape the shard directory (absolute, ``..``)."""
-    p = PurePosixPath(name)
-    if not name or name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or "\\" in name \
-            or re.match(r"^[A-Za-z]:", name):
-        raise ShardError(f"{shard}: unsafe tar member name {name!r} (absolute path or '..'); "
-                         f"the shard is corrupt or not from megapt - delete it and re-shard")
-
-
-def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` for every sample of one shard tar, checking its structure.
-
-    Raises ShardError naming the shard for a truncated or unreadable tar, unsafe or unexpected
-    member names and payloads of the wrong size.
-    """
-    path = Path(path)
-    itemsize = np.dtype(dtype).itemsize
-    want = sample_len * itemsize
-    try:
-        with tarfile.open(path, mode="r:") as tf:
-            while True:
-                try:
-                    info = tf.next()
-                except tarfile.ReadError as exc:
-                    raise ShardError(f"{path}: truncated or corrupt tar ({exc})") from None
-                if info is None:
-                    break
-                check_member_name(info.name, path)
-                if not info.isfile():
-                    raise ShardError(f"{path}: member {info.name!r} is not a regular file")
-                if not info.name.endswith(".tokens"):
-                    raise ShardError(f"{path}: unexpected member {info.name!r} (expected <key>.tokens)")
-                if info.size != want:
-                    raise ShardError(f"{path}: member {info.name!r} has {info.size} bytes, expected {want} "
-                                     f"({sample_len} x {dtype})")
-                f = tf.extractfile(info)
-                data = f.read() if f is not None else b""
-                if len(data) != want:
-                    raise ShardError(f"{path}: truncated tar: member {info.name!r} has {len(data)} of {want} bytes")
-                yield info.name[: -len(".tokens")], np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
-    except FileNotFoundError:
-        raise ShardError(f"{path}: shard file missing") from None
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardError(f"{path}: truncated or corrupt tar ({type(exc).__name__}: {exc})") from None
-
-
-def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None = None,
-                 dtype: str | None = None, check_sha: bool = True,
-                 vocab_size: int | None = None) -> None:
-    """Check one shard against its manifest entry; raise ShardError naming the file.
-
-    Checks, in order: the file exists, its size, its sha256 (``check_sha``), and - when
-    ``sample_len`` and ``dtype`` are given - the tar structure: member names, payload sizes and
-    the sample count, and (``vocab_size``) that every token id is below the vocabulary size, as
-    training checks it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"{path}: shard file missing (listed in the manifest); re-run the shard job that wrote it")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise ShardError(f"{path}: size mismatch: {size} bytes on disk, manifest says {entry['bytes']} "
-                         f"(truncated or replaced shard)")
-    if check_sha:
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
-                             f"{entry['sha256'][:16]}... (corrupt shard)")
-    if sample_len is not None and dtype is not None:
-        n = 0
-        for key, tokens in iter_shard(path, sample_len=sample_len, dtype=dtype):
-            n += 1
-            if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-                raise ShardError(f"{path}: sample {key}: token id {int(tokens.max())} >= "
-                                 f"vocab_size {vocab_size} (corrupt shard or wrong manifest)")
-        if n != entry["samples"]:
-            raise ShardError(f"{path}: truncated tar: {n} samples, manifest says {entry['samples']}")
 
 
 def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bool = True) -> tuple[int, list[str]]:

@@ -23,158 +23,20 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from megapt.data.manifest import (
-    MANIFEST, ShardError, atomic_write_json, build_manifest, dtype_for_vocab, merge_manifests, part_name,
-    read_manifest_file, sample_key, sha256_file, shard_name)
+    MANIFEST, atomic_write_json, build_manifest, merge_manifests, part_name, read_manifest_file)
+from megapt.data.tarformat import ShardError, ShardWriter, dtype_for_vocab, write_shards
 from megapt.data.workers import die_with_parent
 
 
 # --------------------------------------------------------------------------------------------
-# Shard writer: token arrays -> tar shards (reusable by tests and other tools)
+# Token arrays -> a complete shard set (reusable by tests and other tools)
 # --------------------------------------------------------------------------------------------
-
-
-_HEADER_TEMPLATE: dict[int, tuple[np.ndarray, int]] = {}
-
-
-def _header_template(size: int) -> tuple[np.ndarray, int]:
-    """A ustar header as ``tarfile`` writes it (mode 0644, mtime 0, no owner) with an empty name
-    and the checksum field blank (8 spaces), and the sum of its bytes.
-
-    Fixed metadata keeps shards byte-reproducible (same input -> same sha256).
-    """
-    if size not in _HEADER_TEMPLATE:
-        info = tarfile.TarInfo("x")
-        info.size, info.mtime, info.mode = size, 0, 0o644
-        h = np.frombuffer(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), dtype=np.uint8).copy()
-        h[0:100] = 0
-        h[148:156] = ord(" ")
-        _HEADER_TEMPLATE[size] = (h, int(h.sum()))
-    return _HEADER_TEMPLATE[size]
-
-
-def _tar_headers(names: list[str], size: int) -> np.ndarray:
-    """The (len(names), 512) uint8 headers of members ``names``, each of ``size`` bytes."""
-    tmpl, base = _header_template(size)
-    raw = [n.encode("ascii") for n in names]
-    widths = set(map(len, raw))
-    if max(widths, default=0) > 100:
-        raise ValueError(f"tar member name too long: {max(raw, key=len)!r}")
-    h = np.repeat(tmpl[None, :], len(raw), axis=0)
-    if len(widths) == 1:  # the usual case: fixed-width sample keys
-        h[:, :len(raw[0])] = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), -1)
-    else:
-        for row, r in zip(h, raw):
-            row[:len(r)] = np.frombuffer(r, dtype=np.uint8)
-    # checksum: sum of the header bytes with the field blank, as "%06o\0" then the space left there
-    chk = base + h[:, :100].sum(axis=1, dtype=np.int64)
-    h[:, 148:154] = ord("0") + ((chk[:, None] >> np.arange(15, -1, -3)) & 7)
-    h[:, 154] = 0
-    return h
-
-
-class ShardWriter:
-    """Write fixed-size samples into ``{split}-{job:03d}-{n:05d}.tar`` shards, atomically.
-
-    ``add(sample)`` takes one array of ``sample_len`` tokens; a shard is closed (``.tmp`` renamed
-    to ``.tar``) every ``shard_samples`` samples and by ``close()``, which returns the manifest
-    entries ``{name, samples, tokens, bytes, sha256}`` of the shards written.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, split: str, job: int = 0, *, sample_len: int,
-                 dtype: str = "uint16", shard_samples: int = 2048):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.split, self.job, self.sample_len = split, int(job), int(sample_len)
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.shard_samples = int(shard_samples)
-        self.entries: list[dict] = []
-        self.n_samples = 0  # global (job-wide) sample index of the next sample
-        self._file = None
-        self._in_shard = 0
-
-    def _open(self) -> None:
-        name = shard_name(self.split, self.job, len(self.entries))
-        self._final = self.out_dir / name
-        self._tmp = self.out_dir / (name + ".tmp")
-        self._file = open(self._tmp, "wb")
-        self._in_shard = 0
-        self._bytes = 0
-
-    def add(self, sample: np.ndarray) -> None:
-        sample = np.asarray(sample)
-        if sample.shape != (self.sample_len,):
-            raise ValueError(f"sample of shape {sample.shape}, expected ({self.sample_len},)")
-        self.add_many(sample[None, :])
-
-    def add_many(self, samples: np.ndarray) -> None:
-        """Append the rows of a (n, sample_len) array, opening/closing shards as they fill."""
-        data = np.ascontiguousarray(samples, dtype=self.dtype)
-        row_bytes = self.sample_len * self.dtype.itemsize
-        member = 512 + row_bytes + (-row_bytes % 512)  # header + payload padded to the block size
-        i = 0
-        while i < len(data):
-            if self._file is None:
-                self._open()
-            take = min(len(data) - i, self.shard_samples - self._in_shard)
-            names = [sample_key(self.split, self.job, n) + ".tokens"
-                     for n in range(self.n_samples, self.n_samples + take)]
-            block = np.zeros((take, member), dtype=np.uint8)  # written as one buffer, one member a row
-            block[:, :512] = _tar_headers(names, row_bytes)
-            block[:, 512:512 + row_bytes] = data[i:i + take].view(np.uint8).reshape(take, row_bytes)
-            self._file.write(memoryview(block).cast("B"))
-            self.n_samples += take
-            self._in_shard += take
-            i += take
-            if self._in_shard >= self.shard_samples:
-                self._finish()
-
-    def _finish(self) -> None:
-        assert self._file is not None
-        # end-of-archive: two zero blocks, padded to tar's 10240-byte record size
-        size = self._file.tell() + 1024
-        self._file.write(b"\0" * (1024 + (-size % tarfile.RECORDSIZE)))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self._final)
-        self.entries.append({"name": self._final.name, "samples": self._in_shard,
-                             "tokens": self._in_shard * self.sample_len, "bytes": self._final.stat().st_size,
-                             "sha256": sha256_file(self._final)})
-        self._file = None
-
-    def close(self) -> list[dict]:
-        if self._file is not None:
-            self._finish()
-        return self.entries
-
-    def abort(self) -> None:
-        """Drop the shard being written (its ``.tmp``); completed shards stay."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            finally:
-                self._tmp.unlink(missing_ok=True)
-                self._file = None
-
-
-def write_shards(samples: Iterable[np.ndarray], out_dir: str | os.PathLike, split: str, job: int = 0, *,
-                 sample_len: int, dtype: str = "uint16", shard_samples: int = 2048) -> list[dict]:
-    """Write an iterable of ``sample_len``-token arrays as shards; returns the manifest entries."""
-    w = ShardWriter(out_dir, split, job, sample_len=sample_len, dtype=dtype, shard_samples=shard_samples)
-    try:
-        for s in samples:
-            w.add(s)
-    except BaseException:
-        w.abort()
-        raise
-    return w.close()
 
 
 def write_token_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[np.ndarray]], *, seq_len: int,
