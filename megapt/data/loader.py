@@ -111,9 +111,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megapt.config import ConfigError
+from megapt.config import ConfigError, RemoteConfig
 from megapt.data.manifest import check_tokenizer, load_manifest
-from megapt.data.tarformat import NotFixedLayout, PartialShard, ShardError, read_rows, verify_shard
+from megapt.data.remote import ShardCache, cache_root, open_store
+from megapt.data.tarformat import (
+    MemberSpec, NotFixedLayout, PartialShard, ShardError, read_rows, verify_shard)
+from megapt.urls import is_url, join
 from megapt.data.workers import die_with_parent
 from megapt.errors import UserError
 
@@ -134,11 +137,13 @@ _SHARD_ORDER, _IN_SHARD, _WINDOW = 1, 2, 3
 
 @dataclass
 class _ShardSet:
-    path: str  # shard directory
+    path: str  # shard directory or URL
     weight: float
     names: list[str]
     counts: np.ndarray  # samples per shard (int64), manifest order
     entries: list[dict]  # manifest entries (name, samples, tokens, bytes, sha256)
+    remote: bool = False  # path is a URL: shards come through a ShardCache
+    member: MemberSpec = field(default_factory=MemberSpec)  # where the tokens are in a sample
 
     @property
     def samples(self) -> int:
@@ -220,6 +225,8 @@ class _Plan:
     policy: str
     max_bad_fraction: float
     partial_reads: bool = False  # read single members instead of whole shards (see PartialShard)
+    remote: RemoteConfig | None = None  # cache, prefetch and retry settings of URL sets
+    prefetch: int = 0  # shards fetched ahead per remote set (resolved from remote.prefetch)
     mix_labels: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_counts: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_cum: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
@@ -265,6 +272,7 @@ class _Reader:
         # cache only costs re-reads, never correctness)
         self.shards = _LRU(min(32, math.ceil(max(window, 1) / typical) + 2) * len(plan.sets))
         self.perms = _LRU(256)
+        self.caches: dict[int, ShardCache] = {}  # per remote set, made on first use
         self.bad: dict[tuple[int, int], str] = {}  # shards found bad (reported, counted)
         self.unusable: set[tuple[int, int]] = set()  # bad shards none of whose samples are used
         self.new_bad: list[list] = []
@@ -320,16 +328,17 @@ class _Reader:
         None when it is unusable as a whole (policy skip)."""
         s = self.plan.sets[si]
         entry = s.entries[j]
-        path = Path(s.path) / entry["name"]
         try:
-            verify_shard(path, entry, check_sha=False)  # exists, size
-            if self.plan.partial_reads:
+            if self.plan.partial_reads and not s.remote and s.member.is_native(self.plan.dtype):
+                path = Path(s.path) / entry["name"]
+                verify_shard(path, entry, check_sha=False)  # exists, size
                 try:
-                    return self.shards.put((si, j), PartialShard(path, entry, self.sample_len, self.plan.dtype,
-                                                                  self.plan.vocab_size, preload=self.preload))
+                    return self.shards.put((si, j), PartialShard(
+                        path, entry, self.sample_len, self.plan.dtype, self.plan.vocab_size,
+                        preload=self.preload))
                 except NotFixedLayout:
                     pass
-            return self.shards.put((si, j), self._read(path, entry))
+            return self.shards.put((si, j), self._read(si, j))
         except ShardError as exc:
             if self.plan.policy == "raise":
                 raise
@@ -354,9 +363,8 @@ class _Reader:
         if ok.all() or (si, j) in self.bad:
             return data, ok
         # members that are not what the fixed layout promises: a full read of the shard decides
-        s = self.plan.sets[si]
         try:
-            whole = self._read(Path(s.path) / s.entries[j]["name"], s.entries[j])
+            whole = self._read(si, j)
         except ShardError as exc:
             if self.plan.policy == "raise":
                 raise
@@ -367,11 +375,51 @@ class _Reader:
         self.shards.put((si, j), whole)
         return whole[rows], ~none
 
-    def _read(self, path: Path, entry: dict) -> np.ndarray:
-        verify_shard(path, entry, check_sha=False)  # exists, size
-        return read_rows(path.read_bytes(), path, entry, sample_len=self.sample_len,
-                         dtype=self.plan.dtype, vocab_size=self.plan.vocab_size,
-                         check_sha=self.plan.verify_checksums)
+    def _read(self, si: int, j: int) -> np.ndarray:
+        """Shard ``j`` of set ``si`` read whole and checked (a remote shard through the cache,
+        whose sha256 was checked once, on download)."""
+        s = self.plan.sets[si]
+        entry = s.entries[j]
+        if s.remote:
+            buf, where, check_sha = self.cache(si).read(j), join(s.path, entry["name"]), False
+        else:
+            where = Path(s.path) / entry["name"]
+            verify_shard(where, entry, check_sha=False)  # exists, size
+            buf, check_sha = where.read_bytes(), self.plan.verify_checksums
+        return read_rows(buf, where, entry, sample_len=self.sample_len, dtype=self.plan.dtype,
+                         vocab_size=self.plan.vocab_size, check_sha=check_sha, spec=s.member)
+
+    def cache(self, si: int) -> ShardCache:
+        c = self.caches.get(si)
+        if c is None:
+            s = self.plan.sets[si]
+            c = self.caches[si] = ShardCache(open_store(s.path, self.plan.remote), s.entries,
+                                             self.plan.remote, depth=self.plan.prefetch)
+        return c
+
+    def prefetch(self, si: int, epoch: int, p: np.ndarray) -> None:
+        """Queue the shards behind positions ``p`` (in order of need) of a remote set."""
+        shard, _ = self.locate(si, epoch, p)
+        _, first = np.unique(shard, return_index=True)
+        order = shard[np.sort(first)]
+        self.cache(si).prefetch(int(j) for j in order if (si, int(j)) not in self.shards
+                                and (si, int(j)) not in self.unusable)
+
+    def remote_stats(self) -> dict:
+        """This process's downloads so far (summed over the remote sets)."""
+        out = {"downloads": 0, "bytes": 0, "hits": 0, "wait_s": 0.0, "evicted": 0}
+        for c in self.caches.values():
+            for k in out:
+                out[k] += c.stats[k]
+        return out
+
+    def take_downloaded(self) -> list[list]:
+        """[set, shard name] of the shards downloaded since the last call."""
+        out = []
+        for si, c in self.caches.items():
+            out += [[si, n] for n in c.downloaded]
+            c.downloaded = []
+        return out
 
     def _mark_bad(self, si: int, j: int, reason: str) -> None:
         if (si, j) in self.bad:
@@ -466,26 +514,68 @@ class _BatchStream(IterableDataset):
         c0 = plan.set_counts(self.g0)
         total = plan.total
         set_start = np.cumsum([0] + [s.samples for s in plan.sets])
+        ahead = self._lookahead() if any(s.remote for s in plan.sets) else 0
+        next_prefetch = 0  # micro-step at which the next look ahead is due
         c = wid
         while True:
+            if ahead and c * M >= next_prefetch:
+                self._prefetch(reader, c, nw, ahead, c0, set_start)
+                next_prefetch = c * M + max(M, ahead // (4 * nw))
             rows = []
             for k in range(c * M, c * M + M):
                 if not plan.infinite and self.g0 + k * step >= total:
                     break
-                start = self.g0 + k * step + self.rank * B
-                pos = np.arange(start, start + B, dtype=np.int64)
-                if not plan.infinite:
-                    pos = pos[pos < total]
-                rows.append(self._build(reader, pos, c0, set_start))
+                rows.append(self._build(reader, self._micro_positions(k), c0, set_start))
             if not rows:
                 return
             # numpy, not tensors, and several micro-steps a message: a pipe moves small arrays far
             # faster than torch's shared-memory tensor hand-over; int64 tensors are made by the caller
-            yield {"rows": rows, "_c": c, "_bad": reader.new_bad}
+            rec = {"rows": rows, "_c": c, "_bad": reader.new_bad, "_w": wid}
+            if reader.caches:
+                rec["_remote"] = reader.remote_stats()
+                rec["_downloaded"] = reader.take_downloaded()
+            yield rec
             reader.new_bad = []
             c += nw
 
-    def _build(self, reader: _Reader, pos: np.ndarray, c0: np.ndarray, set_start: np.ndarray) -> np.ndarray:
+    def _lookahead(self) -> int:
+        """Micro-steps of this worker to look ahead so that ``plan.prefetch`` shards are found
+        even when the order is sequential (at most 64k positions per look)."""
+        plan, B = self.plan, self.micro_batch
+        typical = max(int(np.median(np.concatenate([s.counts for s in plan.sets]))), 1)
+        want = -(-plan.prefetch * typical // (self.world_size * B))
+        return int(min(max(want, self.chunk), max(1, (1 << 16) // B)))
+
+    def _micro_positions(self, k: int) -> np.ndarray:
+        start = self.g0 + k * self.world_size * self.micro_batch + self.rank * self.micro_batch
+        pos = np.arange(start, start + self.micro_batch, dtype=np.int64)
+        return pos if self.plan.infinite else pos[pos < self.plan.total]
+
+    def _prefetch(self, reader: _Reader, c: int, nw: int, ahead: int, c0: np.ndarray,
+                  set_start: np.ndarray) -> None:
+        """Queue the remote shards of this worker's next ``ahead`` micro-steps, in order."""
+        plan, M = self.plan, self.chunk
+        ks: list[int] = []
+        cc = c
+        while len(ks) < ahead:
+            ks += range(cc * M, cc * M + M)
+            cc += nw
+        pos = np.concatenate([self._micro_positions(k) for k in ks[:ahead]])
+        if not len(pos):
+            return
+        si, q = self._where(pos, c0, set_start)
+        for s in np.unique(si):
+            if not plan.sets[s].remote:
+                continue
+            qs = q[si == s]
+            n = plan.sets[s].samples
+            epochs = qs // n
+            for e in np.unique(epochs):  # in order: an epoch's positions come before the next's
+                reader.prefetch(int(s), int(e), qs[epochs == e] - e * n)
+
+    def _where(self, pos: np.ndarray, c0: np.ndarray,
+               set_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions -> (set, sample index within the set's own stream)."""
         plan = self.plan
         if plan.infinite:
             slot = pos % MIX_SLOTS
@@ -496,6 +586,12 @@ class _BatchStream(IterableDataset):
         else:
             si = np.searchsorted(set_start, pos, side="right") - 1
             q = pos - set_start[si]
+        return si, q
+
+    def _build(self, reader: _Reader, pos: np.ndarray, c0: np.ndarray,
+               set_start: np.ndarray) -> np.ndarray:
+        plan = self.plan
+        si, q = self._where(pos, c0, set_start)
         out = np.empty((len(pos), plan.seq_len + 1), dtype=np.dtype(plan.dtype).newbyteorder("<"))
         keep = np.ones(len(pos), dtype=bool)
         for s in np.unique(si):
@@ -530,6 +626,12 @@ class ShardLoader:
         self.position = 0  # global samples consumed by the batches yielded so far
         self.set_positions = [0] * len(plan.sets)  # per set: samples consumed (across epochs)
         self.bad_shards: dict[tuple[int, str], str] = {}  # (set, shard name) -> reason, as seen by this rank
+        # remote sets: what this rank's processes fetched (latest totals per worker) and the
+        # shards they downloaded, in order ([set, name]; per process, so a shard two workers
+        # of a node share appears once)
+        self._remote_by_worker: dict[tuple[int, int], dict] = {}
+        self._passes = 0  # DataLoaders started (each starts its workers' totals afresh)
+        self.downloaded: list[tuple[int, str]] = []
         self._generation = 0
 
     # ---- iteration ----
@@ -546,6 +648,7 @@ class ShardLoader:
             chunk = self._chunk()
             ds = _BatchStream(plan, g0=g0, q0=q0, rank=self.rank, world_size=self.world_size,
                               micro_batch=self.micro_batch, chunk=chunk)
+            self._passes += 1
             dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                             worker_init_fn=functools.partial(_worker_init, os.getpid()))
             expect = 0
@@ -557,6 +660,8 @@ class ShardLoader:
                     raise RuntimeError(f"loader: got chunk {rec['_c']} from the workers, expected {expect}")
                 expect += 1
                 self._note_bad(rec["_bad"])
+                if "_remote" in rec:
+                    self._note_remote(rec)
                 for j, rows in enumerate(rec["rows"]):
                     g = g0 + (rec["_c"] * chunk + j + 1) * step
                     if plan.infinite:
@@ -601,6 +706,21 @@ class ShardLoader:
                 log.warning("rank %d: skipping bad shard (%d of %d in %s so far): %s", self.rank, n_bad,
                             len(self.plan.sets[si].names), self.plan.sets[si].path, reason)
                 _check_bad_fraction(self.plan, si, {n for (i, n) in self.bad_shards if i == si})
+
+    def _note_remote(self, rec: dict) -> None:
+        key = (self._passes, rec["_w"])
+        self._remote_by_worker[key] = rec["_remote"]
+        self.downloaded += [(int(si), name) for si, name in rec["_downloaded"]]
+
+    @property
+    def remote_stats(self) -> dict:
+        """Downloads of remote shards by this rank's processes so far: ``downloads``, ``bytes``,
+        cache ``hits``, ``evicted`` and ``wait_s`` (seconds the readers waited for shards)."""
+        out = {"downloads": 0, "bytes": 0, "hits": 0, "wait_s": 0.0, "evicted": 0}
+        for st in self._remote_by_worker.values():
+            for k in out:
+                out[k] += st[k]
+        return out
 
     def __len__(self) -> int:
         """Finite mode: batches this rank yields in a full pass from the start (fewer when bad shards
@@ -680,25 +800,36 @@ class ShardLoader:
 
 def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
               tokenizer_sha256: str | None) -> tuple[_ShardSet, dict]:
-    path = Path(path)
-    m = load_manifest(path)  # ShardError naming the file when missing / invalid
-    where = getattr(m, "path", path / "manifest.json")
+    """One shard set: its manifest (a URL's is fetched first) checked against the config, and
+    every shard it lists present (for a URL: one listing; http(s) cannot list, its shards are
+    checked when fetched)."""
+    remote = isinstance(path, str) and is_url(path)
+    path = path.rstrip("/") if remote else Path(path)
+    m = load_manifest(path, data_cfg.remote)  # ShardError naming the file when missing / invalid
+    where = getattr(m, "path", join(path, "manifest.json"))
     if m["seq_len"] != data_cfg.seq_len:
-        raise ConfigError(f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is {data_cfg.seq_len}; "
-                          f"set --data.seq_len={m['seq_len']} or re-shard")
+        raise ConfigError(f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is "
+                          f"{data_cfg.seq_len}; set --data.seq_len={m['seq_len']} or re-shard")
     if tokenizer_sha256:
         check_tokenizer(m, tokenizer_sha256)
     entries = m["splits"].get(split, {}).get("shards", [])
     entries = [e for e in entries if e["samples"] > 0]
     if not entries:
         raise ShardError(f"{where}: no {split!r} samples listed; re-run `megapt data prepare`")
-    missing = [e["name"] for e in entries if not (path / e["name"]).is_file()]
+    if not remote:
+        missing = [e["name"] for e in entries if not (path / e["name"]).is_file()]
+    elif not path.startswith(("http://", "https://")):
+        listing = open_store(path, data_cfg.remote).list()
+        missing = [e["name"] for e in entries if e["name"] not in listing]
+    else:
+        missing = []
     if missing:
-        raise ShardError(f"{path / missing[0]}: shard listed in {where} is missing"
-                         + (f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else "")
-                         + "; re-run the shard job that wrote it or restore the files")
+        more = f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else ""
+        raise ShardError(f"{join(path, missing[0])}: shard listed in {where} is missing{more}; "
+                         f"re-run the shard job that wrote it or restore the files")
     s = _ShardSet(path=str(path), weight=float(weight), names=[e["name"] for e in entries],
-                  counts=np.array([e["samples"] for e in entries], dtype=np.int64), entries=entries)
+                  counts=np.array([e["samples"] for e in entries], dtype=np.int64),
+                  entries=entries, remote=remote, member=MemberSpec.of(m))
     return s, m
 
 
@@ -738,7 +869,8 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
                  policy=data_cfg.bad_shard_policy, max_bad_fraction=float(data_cfg.max_bad_fraction),
                  # no checksums to compute: read just the members this process needs. Decided by the
                  # config alone, so every world size / worker count sees the same samples
-                 partial_reads=not data_cfg.verify_checksums)
+                 partial_reads=not data_cfg.verify_checksums, remote=data_cfg.remote,
+                 prefetch=_prefetch_depth(data_cfg, sets))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     loader = ShardLoader(plan, rank=rank, world_size=world_size, micro_batch=micro_batch, num_workers=workers,
@@ -749,4 +881,17 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
                  plan.total, plan.seq_len, sum(len(s.names) for s in sets),
                  "infinite" if infinite else "one epoch", workers, seed,
                  f"shuffle buffer {plan.order.shuffle_buffer}" if plan.order.shuffle else "no shuffle")
+        if any(s.remote for s in sets):
+            r = data_cfg.remote
+            log.info("loader %s: remote shards cached in %s (cap %g GB), %d shards prefetched per "
+                     "set, %d retries", split, cache_root(r), r.cache_gb, plan.prefetch, r.retries)
     return loader
+
+
+def _prefetch_depth(data_cfg: Any, sets: list[_ShardSet]) -> int:
+    """``data.remote.prefetch``, or (0) the shards one shuffle window spans + 2."""
+    if data_cfg.remote.prefetch:
+        return int(data_cfg.remote.prefetch)
+    typical = max(1, int(np.median(np.concatenate([s.counts for s in sets]))))
+    window = data_cfg.shuffle_buffer if data_cfg.shuffle else 1
+    return math.ceil(max(window, 1) / typical) + 2
