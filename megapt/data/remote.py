@@ -268,21 +268,21 @@ class RemoteStore:
     def get(self, name: str, dest: Path) -> None:
         self._retry(lambda: self.fs.get_file(self.url(name), str(dest)), name, "download")
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
         if not self.scheme.writable:
             raise UsageError(f"{self.root}: {self.root.split('://')[0]}:// is read-only for "
                              f"megapt; write shards to a folder, s3:// or gs://")
 
     def put(self, src: Path, name: str) -> None:
-        self._check_writable()
+        self.check_writable()
         self._retry(lambda: self.fs.put_file(str(src), self.url(name)), name, "upload")
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self._check_writable()
+        self.check_writable()
         self._retry(lambda: self.fs.pipe_file(self.url(name), data), name, "upload")
 
     def delete(self, name: str) -> None:
-        self._check_writable()
+        self.check_writable()
 
         def rm() -> None:
             try:
@@ -323,7 +323,7 @@ def cache_root(cfg: RemoteConfig) -> Path:
     return Path(tempfile.gettempdir()) / f"megapt-shard-cache-{user}"
 
 
-def _set_dirname(url: str) -> str:
+def set_dirname(url: str) -> str:
     tail = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
     return f"{tail}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"
 
@@ -358,7 +358,7 @@ class ShardCache:
                  depth: int, threads: int = 4):
         self.store, self.entries, self.cfg = store, entries, cfg
         self.root = cache_root(cfg)
-        self.dir = self.root / _set_dirname(store.root)
+        self.dir = self.root / set_dirname(store.root)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cap = int(cfg.cache_gb * 1e9)
         self.depth = max(1, int(depth))
