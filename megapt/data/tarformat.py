@@ -103,14 +103,19 @@ class MemberSpec:
     ext: str = TOKENS_EXT
     encoding: str = "raw"
     dtype: str | None = None  # None: the manifest's dtype (megapt's own shards)
+    strict: bool = True  # every member is <key>.tokens (megapt's shards); False: others skipped
 
     @classmethod
     def of(cls, manifest: dict) -> "MemberSpec":
-        m = manifest.get("member") or {}
-        return cls(m.get("ext", TOKENS_EXT), m.get("encoding", "raw"), m.get("dtype"))
+        """The spec of a manifest: megapt's own without a ``member`` entry, else foreign."""
+        m = manifest.get("member")
+        if not m:
+            return cls()
+        return cls(m["ext"], m["encoding"], m.get("dtype"), strict=False)
 
     def is_native(self, dtype: str) -> bool:
-        """The layout megapt writes (the fast readers apply)."""
+        """Raw ``.tokens`` members of the manifest's dtype: the fixed-stride readers may apply
+        (they check the layout and give way to ``tarfile`` when it differs)."""
         return self.ext == TOKENS_EXT and self.encoding == "raw" and self.dtype in (None, dtype)
 
     def as_dict(self) -> dict:
@@ -300,13 +305,13 @@ def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str,
     """Yield ``(key, tokens)`` for every sample of one shard tar, checking its structure.
 
     ``data``: the shard's bytes when already read (``path`` then only names it in errors).
-    With the native spec every member must be a ``<key>.tokens`` regular file of the right size;
-    a foreign spec takes the ``<key>.<ext>`` member of each sample in tar order and skips the
+    With megapt's own (strict) spec every member must be a ``<key>.tokens`` regular file of the
+    right size; a foreign spec takes the ``<key>.<ext>`` member of each sample in tar order and skips the
     others. Raises ShardError naming the shard for a truncated or unreadable tar, unsafe or
     unexpected member names and payloads of the wrong size.
     """
     spec = spec or MemberSpec()
-    native = spec.is_native(dtype)
+    native = spec.strict
     want = sample_len * np.dtype(dtype).itemsize
     out_dtype = np.dtype(dtype).newbyteorder("<")
     try:
