@@ -58,7 +58,8 @@ def location_problem(text: str) -> str | None:
         if scheme not in SCHEMES:
             return f"{text!r}: unsupported URL scheme {scheme + '://'!r}; use {SUPPORTED}"
         if not rest.split("/", 1)[0]:
-            return f"{text!r}: no {'host' if scheme.startswith('http') else 'bucket'} after {scheme}://"
+            what = "host" if scheme.startswith("http") else "bucket"
+            return f"{text!r}: no {what} after {scheme}://"
         return None
     m = _BARE.match(text)
     if m:

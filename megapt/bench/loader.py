@@ -162,13 +162,14 @@ def upload(shard_dir: Path, url: str, remote_cfg) -> float:
 
 
 def time_stream(source, *, seq_len: int, micro_batch: int, workers: int, world_size: int,
-                batches: int, step_s: float, remote_cfg=None) -> dict:
-    """Rank 0 of ``world_size`` takes ``batches`` batches, spending ``step_s`` on each (a
-    training step); returns tokens/s (over the whole wall time), the time to the first batch and
-    the stall: the share of the wall time spent waiting for batches."""
+                batches: int, step_s: float, shuffle_buffer: int, remote_cfg=None) -> dict:
+    """Rank 0 of ``world_size`` takes a first batch, then ``batches`` more, spending ``step_s``
+    on each (a training step). Returns tokens/s after the first batch and from the start
+    (manifest, first shards), the time to the first batch and the stall: the share of the wall
+    time after the first batch spent waiting for batches."""
     from megapt.config import RemoteConfig
 
-    cfg = DataConfig(seq_len=seq_len, loader_workers=workers,
+    cfg = DataConfig(seq_len=seq_len, loader_workers=workers, shuffle_buffer=shuffle_buffer,
                      remote=remote_cfg if remote_cfg is not None else RemoteConfig())
     t0 = time.perf_counter()
     ld = build_loader(cfg, source, "train", rank=0, world_size=world_size,
@@ -192,7 +193,9 @@ def time_stream(source, *, seq_len: int, micro_batch: int, workers: int, world_s
     out = {"workers": workers, "world_size": world_size, "micro_batch": micro_batch,
            "batches": batches, "step_ms": round(step_s * 1e3, 2),
            "first_batch_s": round(first, 3), "wall_s": round(wall, 3),
-           "tokens_per_s": round(tokens / wall), "wait_s": round(wait, 3),
+           "tokens_per_s": round(tokens / wall),
+           "tokens_per_s_from_start": round((tokens + micro_batch * seq_len) / (first + wall)),
+           "wait_s": round(wait, 3),
            "stall_fraction": round(wait / wall, 4),
            "mean_wait_ms": round(wait / batches * 1e3, 3)}
     if stats["downloads"] or stats["hits"]:
@@ -220,7 +223,8 @@ def run_remote(shard_dir: Path, args, tmp: Path) -> dict:
             for workers in args.workers:
                 for step in (0.0, step_s):
                     common = dict(seq_len=seq_len, micro_batch=args.micro_batch, workers=workers,
-                                  world_size=world, batches=args.batches, step_s=step)
+                                  world_size=world, batches=args.batches, step_s=step,
+                                  shuffle_buffer=args.shuffle_buffer)
                     k += 1
                     cache = RemoteConfig(cache_dir=str(tmp / f"cache{k}"))
                     for source, src, rc in (("disk", shard_dir, None), ("s3-cold", url, cache),
@@ -230,9 +234,10 @@ def run_remote(shard_dir: Path, args, tmp: Path) -> dict:
                         stall = f", stall {100 * r['stall_fraction']:5.1f}%" if step else ""
                         fetched = (f", {r['downloaded_mb']} MB fetched"
                                    if "downloaded_mb" in r else "")
-                        print(f"{source:8s} W={world:<3d} workers={workers} step={r['step_ms']:6.2f}"
-                              f"ms: {r['tokens_per_s'] / 1e6:6.2f}M tokens/s{stall}, first batch "
-                              f"{r['first_batch_s']}s{fetched}")
+                        print(f"{source:8s} W={world:<3d} workers={workers} "
+                              f"step={r['step_ms']:6.2f}ms: {r['tokens_per_s'] / 1e6:6.2f}M "
+                              f"tokens/s ({r['tokens_per_s_from_start'] / 1e6:.2f}M from the "
+                              f"start){stall}, first batch {r['first_batch_s']}s{fetched}")
     finally:
         if server is not None:
             server.stop()
@@ -241,6 +246,7 @@ def run_remote(shard_dir: Path, args, tmp: Path) -> dict:
             "step_ms_for_stall": round(step_s * 1e3, 3),
             "step_note": "stall runs sleep this long per batch: the time one H100 trains the 124M "
                          "model on the batch's tokens at the reference rate",
+            "shuffle_buffer": args.shuffle_buffer,
             "runs": rows}
 
 
@@ -263,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="disk: the loader settings sweep; remote: disk vs S3 cold/warm cache")
     ap.add_argument("--s3-url", default="", help="remote: upload to this s3:// prefix instead of "
                     "a local moto server")
-    ap.add_argument("--batches", type=int, default=400, help="remote: batches timed per run")
+    ap.add_argument("--batches", type=int, default=600, help="remote: batches timed per run")
+    ap.add_argument("--shuffle-buffer", type=int, default=4096, help="remote: data.shuffle_buffer "
+                    "(smaller than the set, so later windows are fetched while the run goes on)")
     ap.add_argument("--step-ms", type=float, default=None, help="remote: simulated training step "
                     "(default: micro_batch x seq_len tokens at the 124M/H100 reference rate)")
     args = ap.parse_args(argv)

@@ -368,7 +368,8 @@ def cli_main(cfg, args) -> int:
     remote = cfg.data.remote
     if tuple(args.verb)[-1] == "merge":
         m = merge_manifests(shard_dir, remote=remote)
-        print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> {join(shard_dir, MANIFEST)}: "
+        print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> "
+              f"{join(shard_dir, MANIFEST)}: "
               + ", ".join(f"{s} {m['splits'][s]['samples']} samples / "
                           f"{len(m['splits'][s]['shards'])} shards" for s in SPLITS))
         return 0

@@ -30,7 +30,8 @@ from megapt.errors import UserError
 from megapt.urls import join
 
 
-def prepare_data(cfg, *, log=print, progress: bool | None = None, force: bool = False) -> Path | str:
+def prepare_data(cfg, *, log=print, progress: bool | None = None,
+                 force: bool = False) -> Path | str:
     """Make sure ``cfg.shard_dir`` holds shards for ``cfg``; returns the shard directory (or URL:
     the shards are uploaded there as they are written, the manifest last).
 

@@ -146,7 +146,8 @@ def with_retries(fn: Callable[[], T], url: str, cfg: RemoteConfig, what: str) ->
             raise
         except PermissionError as exc:
             raise ShardError(f"{url}: {what}: access denied ({_why(exc)}); check the "
-                             f"credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / gcloud auth)") from None
+                             f"credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / gcloud auth)"
+                             ) from None
         except Exception as exc:  # noqa: BLE001 - classified below; bugs are re-raised
             if type(exc).__name__ in _PERMANENT_NAMES:
                 raise ShardError(f"{url}: {what}: {_why(exc)}; check the credentials, region and "
@@ -160,8 +161,9 @@ def with_retries(fn: Callable[[], T], url: str, cfg: RemoteConfig, what: str) ->
                 time.sleep(wait)
                 wait = min(2 * wait, MAX_WAIT_S)
     raise ShardError(f"{url}: {what} failed after {attempts} attempt(s) in "
-                     f"{time.monotonic() - t0:.1f} s: {_why(last)}; check the network, the endpoint "
-                     f"(data.remote.s3_endpoint_url / AWS_ENDPOINT_URL) and data.remote.retries")
+                     f"{time.monotonic() - t0:.1f} s: {_why(last)}; check the network, the "
+                     f"endpoint (data.remote.s3_endpoint_url / AWS_ENDPOINT_URL) and "
+                     f"data.remote.retries")
 
 
 # --------------------------------------------------------------------------------------------

@@ -306,9 +306,9 @@ def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str,
 
     ``data``: the shard's bytes when already read (``path`` then only names it in errors).
     With megapt's own (strict) spec every member must be a ``<key>.tokens`` regular file of the
-    right size; a foreign spec takes the ``<key>.<ext>`` member of each sample in tar order and skips the
-    others. Raises ShardError naming the shard for a truncated or unreadable tar, unsafe or
-    unexpected member names and payloads of the wrong size.
+    right size; a foreign spec takes the ``<key>.<ext>`` member of each sample in tar order and
+    skips the others. Raises ShardError naming the shard for a truncated or unreadable tar,
+    unsafe or unexpected member names and payloads of the wrong size.
     """
     spec = spec or MemberSpec()
     native = spec.strict

@@ -171,7 +171,8 @@ def index_shards(where: str | Path, *, vocab_size: int, eos_id: int, pad_id: int
 
 
 def add_args(parser) -> None:
-    parser.add_argument("where", help="folder or URL (s3://, gs://, https://) holding the .tar shards")
+    parser.add_argument("where", help="folder or URL (s3://, gs://, https://) holding the .tar "
+                        "shards")
     parser.add_argument("--ext", default="", help="member extension holding the tokens "
                         "(default: npy, else tokens)")
     parser.add_argument("--dtype", default="", help=f"raw members: stored dtype, one of "
@@ -180,8 +181,10 @@ def add_args(parser) -> None:
                         "with (default: tokenizer.path when it exists)")
     parser.add_argument("--vocab-size", type=int, default=0, help="without a tokenizer")
     parser.add_argument("--eos-id", type=int, default=None, help="without a tokenizer")
-    parser.add_argument("--pad-id", type=int, default=None, help="without a tokenizer (default: eos)")
-    parser.add_argument("--val-shards", type=int, default=0, help="last N shards form the val split")
+    parser.add_argument("--pad-id", type=int, default=None,
+                        help="without a tokenizer (default: eos)")
+    parser.add_argument("--val-shards", type=int, default=0,
+                        help="last N shards form the val split")
     parser.add_argument("--pattern", default="*.tar", help="shard file names to index")
     parser.add_argument("--force", action="store_true", help="replace an existing manifest.json")
 
