@@ -91,6 +91,17 @@ epoch's shard order (same row, modulo its size: deterministic on every rank, so 
 full and ranks agree; those fills repeat samples), in finite mode they are dropped. Data is
 never silently misread.
 
+Remote sets
+-----------
+A set whose path is a URL (``s3://``, ``gs://``, ``https://``; megapt.urls) has its manifest
+fetched first and its shards read through a megapt.data.remote.ShardCache per process: fetched
+whole into ``data.remote.cache_dir`` (size- and sha256-checked once, on download), the next
+``data.remote.prefetch`` shards of this process's own positions queued ahead in the background,
+so a rank downloads only the shards its positions touch. The order, the state and the resume
+semantics are those of a local set; member reads are not used (a cached shard is read whole,
+without hashing it again). A shard that cannot be fetched after the retries, is missing or fails
+its sha256 is a bad shard.
+
 I/O note: with ``verify_checksums=true`` and ``world_size * micro_batch`` smaller than a shard,
 every rank (and worker) reads and hashes every shard of the epoch though it uses only its part;
 fine on a node (page cache), costly on large jobs: there run ``megapt data verify`` once and
@@ -417,8 +428,9 @@ class _Reader:
         """[set, shard name] of the shards downloaded since the last call."""
         out = []
         for si, c in self.caches.items():
-            out += [[si, n] for n in c.downloaded]
-            c.downloaded = []
+            with c._lock:
+                names, c.downloaded = c.downloaded, []
+            out += [[si, n] for n in names]
         return out
 
     def _mark_bad(self, si: int, j: int, reason: str) -> None:

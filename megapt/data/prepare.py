@@ -9,7 +9,10 @@ prints what it did or why it was skipped:
 - shards: skipped when ``manifest.json`` exists and was made with this tokenizer; otherwise the
   missing jobs of the ``data.num_shards``-way split are run here, then merged.
 
-A ``manifest.json`` written by another tokenizer is an error (never silently overwritten).
+A ``manifest.json`` written by another tokenizer is an error (never silently overwritten). The
+shard folder may be a URL (s3://, gs://): shards are uploaded as they are written, the manifest
+last. ``ensure_data_for_ranks`` is what `megapt train` runs on every rank: rank 0 prepares while
+the others wait on a status file, not in a collective.
 """
 from __future__ import annotations
 
@@ -130,6 +133,8 @@ POLL_S = 1.0  # how often waiting ranks look at rank 0's status file
 REPORT_S = 30.0  # how often they log that they are still waiting
 HEARTBEAT_S = 5.0  # how often rank 0 refreshes its status file while it prepares
 STALE_S = 900.0  # a status file this old: rank 0 died while preparing
+PROBE_WAIT_S = 60.0  # how long ranks look for rank 0's probe file (attribute caches of NFS)
+PROBE_WAIT_ENV = "MEGAPT_PROBE_WAIT_S"  # overrides PROBE_WAIT_S
 
 
 def ensure_data_for_ranks(cfg, *, rank: int, world_size: int, gather: Callable[[Any], list],
@@ -145,9 +150,10 @@ def ensure_data_for_ranks(cfg, *, rank: int, world_size: int, gather: Callable[[
     2. a URL ``shard_dir`` is never prepared here: without its manifest every rank stops with an
        error saying to run ``megapt data prepare`` (which uploads) first.
     3. otherwise rank 0 writes a probe file into the shard and tokenizer folders and every rank
-       looks for it: a rank that does not see it (another node without shared storage) makes
-       every rank stop with an error saying to prepare the data on shared storage or on every
-       node first.
+       looks for it (every second, all together, for up to ``$MEGAPT_PROBE_WAIT_S``, default
+       60 s, as NFS may show a new file late): a rank that does not see it (another node
+       without shared storage) makes every rank stop with an error saying to prepare the data
+       on shared storage or on every node first.
     4. rank 0 prepares the data and writes its progress to a status file in the shard folder
        every few seconds; the other ranks poll that file (logging every 30 s) without a timeout,
        and end with rank 0's error when it fails (or when the file goes stale: rank 0 died).
@@ -177,7 +183,15 @@ def ensure_data_for_ranks(cfg, *, rank: int, world_size: int, gather: Callable[[
             (d / f".megapt-probe-{nonce}").write_text(socket.gethostname())
     nonce = gather(nonce)[0]
     probes = [d / f".megapt-probe-{nonce}" for d in probe_dirs]
-    seen = gather(all(p.is_file() for p in probes))
+    # a shared filesystem may show a new file to other nodes only after its attribute cache
+    # expires (NFS: up to ~30-60 s): look again every second, all ranks together, a while
+    wait_s = float(os.environ.get(PROBE_WAIT_ENV, PROBE_WAIT_S))
+    deadline = time.monotonic() + wait_s
+    while True:
+        seen = gather(all(p.is_file() for p in probes))
+        if all(seen) or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_S)
     if rank == 0:
         for p in probes:
             p.unlink(missing_ok=True)

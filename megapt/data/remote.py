@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_WAIT_S = 60.0
+PART = ".megapt-part-"  # a download in progress: <cached name>.megapt-part-<pid>-<thread>
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def _data_files(root: Path) -> list[tuple[float, int, Path]]:
         if not sub.is_dir():
             continue
         for e in os.scandir(sub.path):
-            if e.name.endswith((".lock", ".tmp")) or ".part" in e.name:
+            if e.name.endswith((".lock", ".tmp")) or PART in e.name:
                 continue
             try:
                 st = e.stat()
@@ -460,13 +461,15 @@ class ShardCache:
         final = self.path(j)
         entry = self.entries[j]
         if self._usable(final, entry):
-            self.stats["hits"] += 1
+            with self._lock:
+                self.stats["hits"] += 1
             return final
         with open(final.with_name(final.name + ".lock"), "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process of the node downloads, the rest wait
             try:
                 if self._usable(final, entry):
-                    self.stats["hits"] += 1
+                    with self._lock:
+                        self.stats["hits"] += 1
                     return final
                 self._download(j, final)
             finally:
@@ -486,7 +489,7 @@ class ShardCache:
 
     def _download(self, j: int, final: Path) -> None:
         entry, url = self.entries[j], self.url(j)
-        tmp = final.with_name(f"{final.name}.part{os.getpid()}-{threading.get_ident()}")
+        tmp = final.with_name(f"{final.name}{PART}{os.getpid()}-{threading.get_ident()}")
 
         def once() -> None:
             try:
@@ -512,9 +515,10 @@ class ShardCache:
             raise ShardError(f"{url}: sha256 mismatch: {h.hexdigest()[:16]}... downloaded, the "
                              f"manifest says {entry['sha256'][:16]}... (corrupt or replaced shard)")
         os.replace(tmp, final)
-        self.stats["downloads"] += 1
-        self.stats["bytes"] += entry["bytes"]
-        self.downloaded.append(entry["name"])
+        with self._lock:  # prefetch threads and the reader count here
+            self.stats["downloads"] += 1
+            self.stats["bytes"] += entry["bytes"]
+            self.downloaded.append(entry["name"])
 
     def _trim(self) -> None:
         """Evict least recently used shards until the cache fits ``cache_gb`` (see the module
@@ -535,7 +539,8 @@ class ShardCache:
             except FileNotFoundError:
                 pass
             total -= size
-            self.stats["evicted"] += 1
+            with self._lock:
+                self.stats["evicted"] += 1
         if total > self.cap and not self._warned_cap:
             self._warned_cap = True
             log.warning("shard cache %s holds %.2f GB, over data.remote.cache_gb=%g: the shards "

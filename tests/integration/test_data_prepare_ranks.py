@@ -60,7 +60,7 @@ def test_a_node_without_shared_storage_gets_a_clear_error(tmp_path):
     procs = []
     for rank in (0, 1):
         env = base_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=str(port))
+                       MASTER_PORT=str(port), MEGAPT_PROBE_WAIT_S="3")  # not 60 s: a tmpfs
         cmd = [sys.executable, *args]
         if rank == 1:
             inner = " ".join(map(_quote, cmd))

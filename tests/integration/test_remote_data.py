@@ -261,6 +261,16 @@ def test_http_set_streams_the_same_order_and_is_read_only(local_set, reference, 
         rc = main(["data", "index", f"{srv.url}/set", "--vocab-size=60000", "--eos-id=1",
                    "--force"])  # reads every shard over HTTP, then may not write
         assert rc == 2 and "is read-only for megapt" in capsys.readouterr().err
+        # train never prepares data into a URL: without a manifest it says what to run
+        from megapt.config import load_config
+        from megapt.data.prepare import ensure_data_for_ranks
+
+        cfg = load_config([], [f"--data.shard_dir={srv.url}/nothing-here",
+                               f"--run.work_dir={tmp_path / 'work'}"])
+        with pytest.raises(ShardError, match="nothing-here/manifest.json not found: train reads "
+                                             "shards from a URL but does not make them"):
+            ensure_data_for_ranks(cfg, rank=0, world_size=1, gather=lambda x: [x])
+        assert not (tmp_path / "work").exists()
     finally:
         srv.kill()
 
