@@ -314,7 +314,7 @@ def _verbs():
 
 # the positional / required arguments a verb needs so that argparse lets it reach the config
 _REQUIRED = {("ckpt", "consolidate"): ["CKPT"], ("ckpt", "universal"): ["CKPT"], ("bench",): ["train"],
-             ("export",): ["--out", "OUT"]}
+             ("export",): ["--out", "OUT"], ("data", "index"): ["CKPT"]}
 BAD = ["--train.bogus_key=1", "--train.lr=fast", "--model.attention=flash9", "--data.seq_len=long"]
 
 
