@@ -127,9 +127,9 @@ from megapt.data.manifest import check_tokenizer, load_manifest
 from megapt.data.remote import ShardCache, cache_root, open_store
 from megapt.data.tarformat import (
     MemberSpec, NotFixedLayout, PartialShard, ShardError, read_rows, verify_shard)
-from megapt.urls import is_url, join
 from megapt.data.workers import die_with_parent
 from megapt.errors import UserError
+from megapt.urls import is_url, join
 
 log = logging.getLogger(__name__)
 

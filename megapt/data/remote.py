@@ -386,7 +386,8 @@ class ShardCache:
         t0 = time.perf_counter()
         try:
             for _ in range(3):
-                fut = self.pending.pop(j, None)
+                with self._lock:
+                    fut = self.pending.pop(j, None)
                 path = None
                 if fut is not None:
                     try:
@@ -429,8 +430,8 @@ class ShardCache:
                 else:
                     continue
             fut: concurrent.futures.Future = concurrent.futures.Future()
-            self.pending[j] = fut
             with self._lock:
+                self.pending[j] = fut
                 self.busy.add(j)
             self._queue.put((j, fut))
             self._start_workers()
