@@ -77,7 +77,7 @@ def is_url(text: str | Path) -> bool:
     if problem:
         raise UsageError(problem)
     m = _URL.match(text)
-    return bool(m) and m.group(1).lower() != "file"
+    return m is not None and m.group(1).lower() != "file"
 
 
 def location(text: str | Path) -> Path | str:
@@ -85,15 +85,21 @@ def location(text: str | Path) -> Path | str:
     Raises UsageError (exit 2) for an unsupported or malformed URL."""
     if isinstance(text, Path):
         return text
-    if is_url(text):
-        scheme, rest = _URL.match(text).groups()
-        return f"{scheme.lower()}://{rest.rstrip('/')}"
+    remote = is_url(text)  # raises for a bad URL
     m = _URL.match(text)
-    return Path(m.group(2)) if m else Path(text)  # file:///abs -> /abs
+    if m is None:
+        return Path(text)
+    scheme, rest = m.groups()
+    if remote:
+        return f"{scheme.lower()}://{rest.rstrip('/')}"
+    return Path(rest)  # file:///abs -> /abs
 
 
 def scheme_of(url: str) -> Scheme:
-    return SCHEMES[_URL.match(url).group(1).lower()]
+    m = _URL.match(url)
+    if m is None or m.group(1).lower() not in SCHEMES:
+        raise UsageError(f"{url!r}: not a URL of {', '.join(SCHEMES)}")
+    return SCHEMES[m.group(1).lower()]
 
 
 def join(base: Path | str, name: str) -> Path | str:

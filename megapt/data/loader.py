@@ -124,7 +124,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megapt.config import ConfigError, RemoteConfig
 from megapt.data.manifest import check_tokenizer, load_manifest
-from megapt.data.remote import ShardCache, cache_root, open_store
+from megapt.data.remote import RemoteStore, ShardCache, cache_root, open_store
 from megapt.data.tarformat import (
     MemberSpec, NotFixedLayout, PartialShard, ShardError, read_rows, verify_shard)
 from megapt.data.workers import die_with_parent
@@ -403,9 +403,10 @@ class _Reader:
     def cache(self, si: int) -> ShardCache:
         c = self.caches.get(si)
         if c is None:
-            s = self.plan.sets[si]
-            c = self.caches[si] = ShardCache(open_store(s.path, self.plan.remote), s.entries,
-                                             self.plan.remote, depth=self.plan.prefetch)
+            s, cfg = self.plan.sets[si], self.plan.remote
+            store = open_store(s.path, cfg)
+            assert isinstance(store, RemoteStore) and cfg is not None
+            c = self.caches[si] = ShardCache(store, s.entries, cfg, depth=self.plan.prefetch)
         return c
 
     def prefetch(self, si: int, epoch: int, p: np.ndarray) -> None:
@@ -815,10 +816,10 @@ def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
     """One shard set: its manifest (a URL's is fetched first) checked against the config, and
     every shard it lists present (for a URL: one listing; http(s) cannot list, its shards are
     checked when fetched)."""
-    remote = isinstance(path, str) and is_url(path)
-    path = path.rstrip("/") if remote else Path(path)
-    m = load_manifest(path, data_cfg.remote)  # ShardError naming the file when missing / invalid
-    where = getattr(m, "path", join(path, "manifest.json"))
+    loc: Path | str = path if isinstance(path, str) and is_url(path) else Path(path)
+    remote = isinstance(loc, str)
+    m = load_manifest(loc, data_cfg.remote)  # ShardError naming the file when missing / invalid
+    where = getattr(m, "path", join(loc, "manifest.json"))
     if m["seq_len"] != data_cfg.seq_len:
         raise ConfigError(f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is "
                           f"{data_cfg.seq_len}; set --data.seq_len={m['seq_len']} or re-shard")
@@ -828,18 +829,18 @@ def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
     entries = [e for e in entries if e["samples"] > 0]
     if not entries:
         raise ShardError(f"{where}: no {split!r} samples listed; re-run `megapt data prepare`")
-    if not remote:
-        missing = [e["name"] for e in entries if not (path / e["name"]).is_file()]
-    elif not path.startswith(("http://", "https://")):
-        listing = open_store(path, data_cfg.remote).list()
+    if isinstance(loc, Path):
+        missing = [e["name"] for e in entries if not (loc / e["name"]).is_file()]
+    elif not loc.startswith(("http://", "https://")):
+        listing = open_store(loc, data_cfg.remote).list()
         missing = [e["name"] for e in entries if e["name"] not in listing]
     else:
         missing = []
     if missing:
         more = f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else ""
-        raise ShardError(f"{join(path, missing[0])}: shard listed in {where} is missing{more}; "
+        raise ShardError(f"{join(loc, missing[0])}: shard listed in {where} is missing{more}; "
                          f"re-run the shard job that wrote it or restore the files")
-    s = _ShardSet(path=str(path), weight=float(weight), names=[e["name"] for e in entries],
+    s = _ShardSet(path=str(loc).rstrip("/"), weight=float(weight), names=[e["name"] for e in entries],
                   counts=np.array([e["samples"] for e in entries], dtype=np.int64),
                   entries=entries, remote=remote, member=MemberSpec.of(m))
     return s, m

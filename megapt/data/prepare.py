@@ -246,10 +246,10 @@ def _prepare_on_rank0(cfg, status: Path, log: Callable[[str], None]) -> None:
     except BaseException as exc:
         stop.set()
         t.join()
-        user = isinstance(exc, UserError)
+        user = exc if isinstance(exc, UserError) else None
         _write_status(status, state="failed", message=str(exc) if user else repr(exc),
-                      exit_code=exc.exit_code if user else None,
-                      kind=exc.kind if user else None)
+                      exit_code=user.exit_code if user else None,
+                      kind=user.kind if user else None)
         raise
     stop.set()
     t.join()

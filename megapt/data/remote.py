@@ -161,6 +161,7 @@ def with_retries(fn: Callable[[], T], url: str, cfg: RemoteConfig, what: str) ->
                             k + 1, attempts - 1, wait)
                 time.sleep(wait)
                 wait = min(2 * wait, MAX_WAIT_S)
+    assert last is not None
     raise ShardError(f"{url}: {what} failed after {attempts} attempt(s) in "
                      f"{time.monotonic() - t0:.1f} s: {_why(last)}; check the network, the "
                      f"endpoint (data.remote.s3_endpoint_url / AWS_ENDPOINT_URL) and "

@@ -231,7 +231,8 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     k = d.num_shards if num_jobs is None else num_jobs
     i = d.shard_index if job is None else job
     clean_dir = Path(clean_dir) if clean_dir else clean_dir_of(cfg)
-    out_dir = location(out_dir) if out_dir else cfg.shard_dir
+    out_dir = (location(out_dir if isinstance(out_dir, Path) else str(out_dir)) if out_dir
+               else cfg.shard_dir)
     store = open_store(out_dir, d.remote)
     tok = tokenizer if tokenizer is not None else Tokenizer.load(cfg.tokenizer_path)
     nproc = num_proc if num_proc is not None else (d.num_proc or available_cores())
@@ -249,6 +250,7 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     for stale in stage.glob(f"*-{i:03d}-*.tar*"):  # a killed run of this job
         if stale.name.endswith(".tmp") or store.is_remote:
             stale.unlink()
+    m: dict
     if not force and _job_is_done(store, part, params):
         m = read_manifest(store, part)
         if k == 1 and not store.exists(MANIFEST):

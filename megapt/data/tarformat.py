@@ -28,7 +28,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -203,15 +203,15 @@ class ShardWriter:
         self.on_shard = on_shard
         self.entries: list[dict] = []
         self.n_samples = 0  # global (job-wide) sample index of the next sample
-        self._file = None
+        self._file: BinaryIO | None = None
         self._in_shard = 0
 
-    def _open(self) -> None:
+    def _open(self) -> BinaryIO:
         name = shard_name(self.split, self.job, len(self.entries))
         self._final = self.out_dir / name
         self._tmp = self.out_dir / (name + ".tmp")
-        self._file = open(self._tmp, "wb")
         self._in_shard = 0
+        return open(self._tmp, "wb")
 
     def add(self, sample: np.ndarray) -> None:
         sample = np.asarray(sample)
@@ -227,14 +227,14 @@ class ShardWriter:
         i = 0
         while i < len(data):
             if self._file is None:
-                self._open()
+                self._file = self._open()
             take = min(len(data) - i, self.shard_samples - self._in_shard)
             names = [sample_key(self.split, self.job, n) + "." + TOKENS_EXT
                      for n in range(self.n_samples, self.n_samples + take)]
             block = np.zeros((take, member), dtype=np.uint8)  # one buffer, one member a row
             block[:, :512] = _tar_headers(names, row_bytes)
             block[:, 512:512 + row_bytes] = data[i:i + take].view(np.uint8).reshape(take, row_bytes)
-            self._file.write(memoryview(block).cast("B"))
+            self._file.write(block.data.cast("B"))
             self.n_samples += take
             self._in_shard += take
             i += take
@@ -609,6 +609,7 @@ class PartialShard:
         """-> (data (m, sample_len), ok (m,)): ok is False for a member that fails a check."""
         if self.members is not None:
             return self.data[rows], self.ok[rows]
+        assert self.fd is not None
         uniq, inverse = np.unique(rows, return_inverse=True)
         buf = bytearray(len(uniq) * self.stride)
         view = memoryview(buf)
