@@ -52,7 +52,13 @@ setup(
         # triton: every kernel compiles for sm_90 with 3.3.1, 3.6.0 and 3.9.0 (python -m megapt.kernels.aot_check);
         # the CPU interpreter the tests use needs >= 3.7 with numpy >= 2.3. ninja: the optional CUDA extension.
         "gpu": ["triton>=3.3", "ninja>=1.11"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.3", "transformers>=4.45"],
+        # shards at a URL (megapt.urls): s3:// (AWS, MinIO, Ceph), gs://, https://
+        "s3": ["s3fs>=2023.6"],
+        "gcs": ["gcsfs>=2023.6"],
+        "http": ["aiohttp>=3.8"],
+        # moto[server]: the S3 server the remote-data tests start on 127.0.0.1
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.3", "transformers>=4.45",
+                "moto[server]>=5.0", "s3fs>=2023.6"],
         # `megapt bench` PNG plots (without it the JSON says plots were skipped)
         "bench": ["matplotlib>=3.7"],
     },

@@ -26,6 +26,7 @@ VERBS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "shard"): ("megapt.data.shard", "tokenize in parallel and write WebDataset shards + manifest"),
     ("data", "merge"): ("megapt.data.manifest", "merge partial manifests of a split shard job"),
     ("data", "verify"): ("megapt.data.manifest", "check every shard against its manifest"),
+    ("data", "index"): ("megapt.data.wds", "write a manifest for existing WebDataset token shards"),
     ("data", "prepare"): ("megapt.data.prepare", "clean + tokenizer + shards, skipping steps already done"),
     ("train",): ("megapt.train.trainer", "pretrain (DeepSpeed engine; prepares data when needed)"),
     ("finetune",): ("megapt.finetune.run", "fine-tune: classification, regression, SFT, LoRA"),

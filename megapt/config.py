@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from megapt.errors import EXIT_USAGE, UserError
+from megapt.urls import location, location_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -89,10 +90,29 @@ class TokenizerConfig:
 
 
 @dataclass
+class RemoteConfig:
+    """Shard sets at a URL (megapt.data.remote): the local cache, prefetch, retries, endpoint."""
+
+    cache_dir: str = _f("", "local folder for downloaded shards (node-local disk is best); empty: "
+                        "<tmp>/megapt-shard-cache-<user>")
+    cache_gb: float = _f(20.0, "size cap of the shard cache in GB; least recently used shards not "
+                         "needed soon are evicted")
+    prefetch: int = _f(0, "shards fetched ahead of the reader in the background; 0 = auto (the "
+                       "shards one shuffle window spans + 2)")
+    retries: int = _f(5, "retries of a failed download/upload (transient errors) before the "
+                      "error naming the URL")
+    retry_wait_s: float = _f(1.0, "wait before the first retry; doubles each retry (max 60 s)")
+    timeout_s: float = _f(60.0, "connect / read timeout of one request")
+    s3_endpoint_url: str = _f("", "S3-compatible endpoint (MinIO, Ceph); empty: "
+                              "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS")
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = _f([], "input sources; empty = the built-in stdlib corpus")
     clean: CleanConfig = _f(default_factory=CleanConfig, help="cleaning rules")
-    shard_dir: str = _f("", "shard output/input folder; empty: <work_dir>/shards/<seq_len>")
+    shard_dir: str = _f("", "shard folder or URL (s3://, gs://, https://); empty: "
+                        "<work_dir>/shards/<seq_len>")
     seq_len: int = _f(256, "tokens per training sample (the sample stores seq_len + 1)")
     shard_samples: int = _f(2048, "samples per shard .tar")
     val_fraction: float = _f(0.02, "fraction of documents (by hash) held out for validation")
@@ -105,7 +125,10 @@ class DataConfig:
     verify_checksums: bool = _f(True, "sha256 each shard before reading it")
     bad_shard_policy: Literal["raise", "skip"] = _f("raise", "corrupt shard: stop, or skip and count")
     max_bad_fraction: float = _f(0.05, "with policy skip: stop once this fraction of shards is bad")
-    mix: list[dict] = _f([], "weighted shard sets: [{path: dir, weight: w}]; empty = shard_dir")
+    mix: list[dict] = _f([], "weighted shard sets: [{path: dir or URL, weight: w}]; "
+                         "empty = shard_dir")
+    remote: RemoteConfig = _f(default_factory=RemoteConfig,
+                              help="shard sets at a URL: cache, prefetch, retries, endpoint")
 
 
 @dataclass
@@ -277,8 +300,11 @@ class Config:
         return Path(self.tokenizer.path) if self.tokenizer.path else Path(self.run.work_dir) / "tokenizer" / "spm.model"
 
     @property
-    def shard_dir(self) -> Path:
-        return Path(self.data.shard_dir) if self.data.shard_dir else Path(self.run.work_dir) / "shards" / f"seq{self.data.seq_len}"
+    def shard_dir(self) -> Path | str:
+        """A local folder (Path) or a URL (str, megapt.urls.location)."""
+        if self.data.shard_dir:
+            return location(self.data.shard_dir)
+        return Path(self.run.work_dir) / "shards" / f"seq{self.data.seq_len}"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -406,6 +432,11 @@ RANGES: dict[str, str] = {
     "data.loader_workers": ">= 0",
     "data.shuffle_buffer": ">= 0",
     "data.max_bad_fraction": "[0, 1]",
+    "data.remote.cache_gb": "> 0",
+    "data.remote.prefetch": ">= 0",
+    "data.remote.retries": ">= 0",
+    "data.remote.retry_wait_s": ">= 0",
+    "data.remote.timeout_s": "> 0",
     "tokenizer.vocab_size": ">= 64",
     "tokenizer.input_sentence_size": ">= 0",
     "tokenizer.max_sentence_length": ">= 64",
@@ -538,6 +569,16 @@ def _check_values(cfg: Config, skip: set[str] = frozenset()) -> list[str]:
             e.append(f"data.mix[{i}]: needs keys path (and optional weight), got {sorted(mx)}")
         elif not isinstance(mx.get("weight", 1.0), (int, float)) or mx.get("weight", 1.0) <= 0:
             e.append(f"data.mix[{i}].weight: must be a positive number, got {mx.get('weight')!r}")
+        elif not isinstance(mx["path"], str):
+            e.append(f"data.mix[{i}].path: expected a folder or URL string, got {mx['path']!r}")
+        elif location_problem(mx["path"]):
+            e.append(f"data.mix[{i}].path: {location_problem(mx['path'])}")
+    if ok("data.shard_dir", ranged=False) and location_problem(d.shard_dir):
+        e.append(f"data.shard_dir: {location_problem(d.shard_dir)}")
+    cache = d.remote.cache_dir
+    if ok("data.remote.cache_dir", ranged=False) and cache \
+            and (location_problem(cache) or isinstance(location(cache), str)):
+        e.append(f"data.remote.cache_dir: must be a local folder, got {cache!r}")
     for name in ("eos_token", "pad_token"):
         if ok(f"tokenizer.{name}", "tokenizer.special_tokens") \
                 and getattr(tok, name) not in tok.special_tokens:

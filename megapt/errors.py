@@ -7,7 +7,7 @@ then exits with the error's ``exit_code``. Anything else that escapes a verb is 
 prints its traceback and the exit code is 1.
 
 Each error family subclasses ``UserError`` where it is defined (``ConfigError`` in config.py,
-``DataError`` in data/sources.py, ``ShardError`` in data/manifest.py, ``CheckpointError`` in
+``DataError`` in data/sources.py, ``ShardError`` in data/tarformat.py, ``CheckpointError`` in
 train/checkpoint.py, ...) and sets ``exit_code`` and ``kind`` from the table below. This module
 imports nothing from megapt, so every module can use it.
 """

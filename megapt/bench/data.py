@@ -37,7 +37,7 @@ import sentencepiece
 from megapt.bench.fingerprint import fingerprint, hostname_tag
 from megapt.config import load_config
 from megapt.data.clean import clean_dir_of, iter_mixed_docs
-from megapt.data.manifest import dtype_for_vocab
+from megapt.data.tarformat import dtype_for_vocab
 from megapt.data.prepare import prepare_data
 from megapt.data.shard import shard_corpus
 from megapt.data.tokenizer import Tokenizer

@@ -183,9 +183,11 @@ def loader_batches(cfg, device: str, rank: int, world_size: int) -> Iterator[dic
     """Real shards through megapt.data.loader: cfg.shard_dir when it has a manifest, else
     ``prepare_data`` builds them first (clean + tokenizer + shards; minutes on the stdlib corpus)."""
     from megapt.data.loader import build_loader
+    from megapt.data.manifest import MANIFEST
+    from megapt.data.remote import open_store
 
-    shard_dir = cfg.shard_dir
-    if not (shard_dir / "manifest.json").is_file():
+    shard_dir = cfg.shard_dir  # a folder or a URL
+    if not open_store(shard_dir, cfg.data.remote).exists(MANIFEST):
         from megapt.data.prepare import prepare_data
 
         shard_dir = prepare_data(cfg)

@@ -91,6 +91,17 @@ epoch's shard order (same row, modulo its size: deterministic on every rank, so 
 full and ranks agree; those fills repeat samples), in finite mode they are dropped. Data is
 never silently misread.
 
+Remote sets
+-----------
+A set whose path is a URL (``s3://``, ``gs://``, ``https://``; megapt.urls) has its manifest
+fetched first and its shards read through a megapt.data.remote.ShardCache per process: fetched
+whole into ``data.remote.cache_dir`` (size- and sha256-checked once, on download), the next
+``data.remote.prefetch`` shards of this process's own positions queued ahead in the background,
+so a rank downloads only the shards its positions touch. The order, the state and the resume
+semantics are those of a local set; member reads are not used (a cached shard is read whole,
+without hashing it again). A shard that cannot be fetched after the retries, is missing or fails
+its sha256 is a bad shard.
+
 I/O note: with ``verify_checksums=true`` and ``world_size * micro_batch`` smaller than a shard,
 every rank (and worker) reads and hashes every shard of the epoch though it uses only its part;
 fine on a node (page cache), costly on large jobs: there run ``megapt data verify`` once and
@@ -99,11 +110,9 @@ train with ``verify_checksums=false``, which reads only the samples each process
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,11 +122,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megapt.config import ConfigError
-from megapt.data.manifest import (
-    ShardError, check_member_name, check_tokenizer, iter_shard, load_manifest, verify_shard)
+from megapt.config import ConfigError, RemoteConfig
+from megapt.data.manifest import check_tokenizer, load_manifest
+from megapt.data.remote import RemoteStore, ShardCache, cache_root, open_store
+from megapt.data.tarformat import (
+    MemberSpec, NotFixedLayout, PartialShard, ShardError, read_rows, verify_shard)
 from megapt.data.workers import die_with_parent
 from megapt.errors import UserError
+from megapt.urls import is_url, join
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +148,13 @@ _SHARD_ORDER, _IN_SHARD, _WINDOW = 1, 2, 3
 
 @dataclass
 class _ShardSet:
-    path: str  # shard directory
+    path: str  # shard directory or URL
     weight: float
     names: list[str]
     counts: np.ndarray  # samples per shard (int64), manifest order
     entries: list[dict]  # manifest entries (name, samples, tokens, bytes, sha256)
+    remote: bool = False  # path is a URL: shards come through a ShardCache
+    member: MemberSpec = field(default_factory=MemberSpec)  # where the tokens are in a sample
 
     @property
     def samples(self) -> int:
@@ -221,7 +235,9 @@ class _Plan:
     verify_checksums: bool
     policy: str
     max_bad_fraction: float
-    partial_reads: bool = False  # read single members instead of whole shards (see _PartialShard)
+    partial_reads: bool = False  # read single members instead of whole shards (see PartialShard)
+    remote: RemoteConfig | None = None  # cache, prefetch and retry settings of URL sets
+    prefetch: int = 0  # shards fetched ahead per remote set (resolved from remote.prefetch)
     mix_labels: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_counts: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     mix_cum: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
@@ -259,7 +275,7 @@ class _Reader:
 
     def __init__(self, plan: _Plan, preload: bool = True):
         self.plan = plan
-        self.preload = preload  # member checks on whole-file reads (see _PartialShard)
+        self.preload = preload  # member checks on whole-file reads (see PartialShard)
         self.sample_len = plan.seq_len + 1
         typical = max(1, int(np.median(np.concatenate([s.counts for s in plan.sets]))))
         window = plan.order.shuffle_buffer if plan.order.shuffle else 1
@@ -267,6 +283,7 @@ class _Reader:
         # cache only costs re-reads, never correctness)
         self.shards = _LRU(min(32, math.ceil(max(window, 1) / typical) + 2) * len(plan.sets))
         self.perms = _LRU(256)
+        self.caches: dict[int, ShardCache] = {}  # per remote set, made on first use
         self.bad: dict[tuple[int, int], str] = {}  # shards found bad (reported, counted)
         self.unusable: set[tuple[int, int]] = set()  # bad shards none of whose samples are used
         self.new_bad: list[list] = []
@@ -317,21 +334,22 @@ class _Reader:
 
     # ---- shards ----
 
-    def _open(self, si: int, j: int) -> np.ndarray | _PartialShard | None:
-        """Open shard ``j`` of set ``si``: its rows (whole read) or a _PartialShard (member reads);
+    def _open(self, si: int, j: int) -> np.ndarray | PartialShard | None:
+        """Open shard ``j`` of set ``si``: its rows (whole read) or a PartialShard (member reads);
         None when it is unusable as a whole (policy skip)."""
         s = self.plan.sets[si]
         entry = s.entries[j]
-        path = Path(s.path) / entry["name"]
         try:
-            verify_shard(path, entry, check_sha=False)  # exists, size
-            if self.plan.partial_reads:
+            if self.plan.partial_reads and not s.remote and s.member.is_native(self.plan.dtype):
+                path = Path(s.path) / entry["name"]
+                verify_shard(path, entry, check_sha=False)  # exists, size
                 try:
-                    return self.shards.put((si, j), _PartialShard(path, entry, self.sample_len, self.plan.dtype,
-                                                                  self.plan.vocab_size, preload=self.preload))
-                except _NotFixedLayout:
+                    return self.shards.put((si, j), PartialShard(
+                        path, entry, self.sample_len, self.plan.dtype, self.plan.vocab_size,
+                        preload=self.preload))
+                except NotFixedLayout:
                     pass
-            return self.shards.put((si, j), self._read(path, entry))
+            return self.shards.put((si, j), self._read(si, j))
         except ShardError as exc:
             if self.plan.policy == "raise":
                 raise
@@ -356,9 +374,8 @@ class _Reader:
         if ok.all() or (si, j) in self.bad:
             return data, ok
         # members that are not what the fixed layout promises: a full read of the shard decides
-        s = self.plan.sets[si]
         try:
-            whole = self._read(Path(s.path) / s.entries[j]["name"], s.entries[j])
+            whole = self._read(si, j)
         except ShardError as exc:
             if self.plan.policy == "raise":
                 raise
@@ -369,32 +386,53 @@ class _Reader:
         self.shards.put((si, j), whole)
         return whole[rows], ~none
 
-    def _read(self, path: Path, entry: dict) -> np.ndarray:
-        verify_shard(path, entry, check_sha=False)  # exists, size
-        buf = path.read_bytes()
-        if len(buf) != entry["bytes"]:
-            raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest says {entry['bytes']})")
-        if self.plan.verify_checksums:  # hash the bytes we use (verify_shard would read the file again)
-            digest = hashlib.sha256(buf).hexdigest()
-            if digest != entry["sha256"]:
-                raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
-                                 f"{entry['sha256'][:16]}... (corrupt shard)")
-        arr = _fixed_stride_rows(buf, path, entry["samples"], self.sample_len, self.plan.dtype)
-        if arr is None:  # not the plain layout megapt writes (pax headers, ...): let tarfile walk it
-            arr = np.empty((entry["samples"], self.sample_len), dtype=np.dtype(self.plan.dtype).newbyteorder("<"))
-            n = 0
-            for _, tokens in iter_shard(path, sample_len=self.sample_len, dtype=self.plan.dtype):
-                if n >= len(arr):
-                    raise ShardError(f"{path}: more samples than the {entry['samples']} the manifest lists")
-                arr[n] = tokens
-                n += 1
-            if n != entry["samples"]:
-                raise ShardError(f"{path}: truncated or corrupt tar: {n} readable samples, manifest says "
-                                 f"{entry['samples']}")
-        if len(arr) and int(arr.max()) >= self.plan.vocab_size:
-            raise ShardError(f"{path}: token id {int(arr.max())} >= vocab_size {self.plan.vocab_size} "
-                             f"(corrupt shard or wrong manifest)")
-        return arr
+    def _read(self, si: int, j: int) -> np.ndarray:
+        """Shard ``j`` of set ``si`` read whole and checked (a remote shard through the cache,
+        whose sha256 was checked once, on download)."""
+        s = self.plan.sets[si]
+        entry = s.entries[j]
+        if s.remote:
+            buf, where, check_sha = self.cache(si).read(j), join(s.path, entry["name"]), False
+        else:
+            where = Path(s.path) / entry["name"]
+            verify_shard(where, entry, check_sha=False)  # exists, size
+            buf, check_sha = where.read_bytes(), self.plan.verify_checksums
+        return read_rows(buf, where, entry, sample_len=self.sample_len, dtype=self.plan.dtype,
+                         vocab_size=self.plan.vocab_size, check_sha=check_sha, spec=s.member)
+
+    def cache(self, si: int) -> ShardCache:
+        c = self.caches.get(si)
+        if c is None:
+            s, cfg = self.plan.sets[si], self.plan.remote
+            store = open_store(s.path, cfg)
+            assert isinstance(store, RemoteStore) and cfg is not None
+            c = self.caches[si] = ShardCache(store, s.entries, cfg, depth=self.plan.prefetch)
+        return c
+
+    def prefetch(self, si: int, epoch: int, p: np.ndarray) -> None:
+        """Queue the shards behind positions ``p`` (in order of need) of a remote set."""
+        shard, _ = self.locate(si, epoch, p)
+        _, first = np.unique(shard, return_index=True)
+        order = shard[np.sort(first)]
+        self.cache(si).prefetch(int(j) for j in order if (si, int(j)) not in self.shards
+                                and (si, int(j)) not in self.unusable)
+
+    def remote_stats(self) -> dict:
+        """This process's downloads so far (summed over the remote sets)."""
+        out = {"downloads": 0, "bytes": 0, "hits": 0, "wait_s": 0.0, "evicted": 0}
+        for c in self.caches.values():
+            for k in out:
+                out[k] += c.stats[k]
+        return out
+
+    def take_downloaded(self) -> list[list]:
+        """[set, shard name] of the shards downloaded since the last call."""
+        out = []
+        for si, c in self.caches.items():
+            with c._lock:
+                names, c.downloaded = c.downloaded, []
+            out += [[si, n] for n in names]
+        return out
 
     def _mark_bad(self, si: int, j: int, reason: str) -> None:
         if (si, j) in self.bad:
@@ -445,216 +483,6 @@ def _check_bad_fraction(plan: _Plan, si: int, bad_names: set) -> None:
             f"run `megapt data verify` and re-shard")
 
 
-# --------------------------------------------------------------------------------------------
-# Fast tar parsing for the layout megapt writes (the structure checks of DATA's iter_shard,
-# vectorised: a Python tarfile walk costs ~50 us a member, which caps a rank at a few
-# thousand samples/s when many ranks share each shard)
-# --------------------------------------------------------------------------------------------
-
-_BLOCK = 512
-_NAME_CHARS = np.zeros(256, dtype=bool)  # bytes of a plain member name
-_NAME_CHARS[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-", dtype=np.uint8)] = True
-
-
-def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Numeric tar header fields (n, width) uint8 -> (value, well-formed) per row."""
-    f = fields.astype(np.int64)
-    digit = (f >= 48) & (f <= 55)
-    lead = np.cumprod(f == 32, axis=1).astype(bool)  # leading spaces are allowed
-    run = np.cumprod(digit | lead, axis=1).astype(bool)
-    d = digit & run
-    after = np.cumsum(d[:, ::-1], axis=1)[:, ::-1] - d  # digits to the right of each digit
-    value = np.where(d, (f - 48) << (3 * after), 0).sum(axis=1)
-    ok = d.any(axis=1) & np.all(run | (f == 0) | (f == 32), axis=1)
-    return value, ok
-
-
-def _stride(sample_len: int, dtype: str) -> int:
-    """Bytes from one member's header to the next: 512 header + payload padded to 512."""
-    return _BLOCK + -(-sample_len * np.dtype(dtype).itemsize // _BLOCK) * _BLOCK
-
-
-def _headers_ok(h: np.ndarray, payload: int) -> bool:
-    """Are the (m, 512) headers plain ustar regular files of ``payload`` bytes with valid checksums?"""
-    size, size_ok = _octal(h[:, 124:136])
-    chk, chk_ok = _octal(h[:, 148:156])
-    unsigned = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
-    chk_ok &= chk == unsigned
-    if not chk_ok.all():  # some tars sum signed chars (tarfile accepts both)
-        high = (h >= 128).sum(axis=1) - (h[:, 148:156] >= 128).sum(axis=1)
-        chk_ok |= chk == unsigned - 256 * high
-    ok = (size_ok & chk_ok & (size == payload)
-          & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))  # regular file
-          & np.all(h[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8), axis=1)
-          & ~h[:, 345:500].any(axis=1))  # no ustar name prefix
-    return bool(ok.all())
-
-
-def _check_names(h: np.ndarray, path: Path) -> None:
-    """Member names of the (m, 512) headers: plain ``[A-Za-z0-9_][A-Za-z0-9_.-]*.tokens`` names
-    (no '/', so no '..' part) pass here; any other gets DATA's thorough check (unsafe ->
-    ShardError) and must end in .tokens."""
-    m = len(h)
-    field_ = h[:, :100]
-    length = np.where(field_.all(axis=1), 100, np.argmax(field_ == 0, axis=1))
-    inside = np.arange(100)[None, :] < length[:, None]
-    plain = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
-             & np.all(field_[np.arange(m)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
-                      == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
-    for k in np.nonzero(~plain)[0]:
-        text = bytes(field_[k, :length[k]]).decode("utf-8", "replace")
-        check_member_name(text, path)
-        if not text.endswith(".tokens"):
-            raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
-
-
-def _fixed_stride_rows(buf: bytes, path: Path, n: int, sample_len: int, dtype: str) -> np.ndarray | None:
-    """(n, sample_len) read-only view of the payloads when the tar is n regular members of equal
-    size, back to back (one ustar header each), then zero blocks; None when the layout differs.
-
-    Every header's checksum, type, size and name is checked; an unsafe, unexpected or repeated
-    name raises ShardError.
-    """
-    itemsize = np.dtype(dtype).itemsize
-    stride = _stride(sample_len, dtype)
-    end = n * stride
-    if n == 0 or len(buf) < end + 2 * _BLOCK:
-        return None
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    h = raw[:end].reshape(n, stride)[:, :_BLOCK]  # (n, 512) headers
-    if not _headers_ok(h, sample_len * itemsize) or raw[end:].any():
-        return None
-    _check_names(h, path)
-    unique = len(np.unique(np.ascontiguousarray(h[:, :100]).view(np.dtype((np.void, 100)))))
-    if unique != n:
-        raise ShardError(f"{path}: duplicate member names ({n - unique} repeated keys)")
-    base = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"), offset=_BLOCK,
-                         count=(len(buf) - _BLOCK) // itemsize)
-    return np.lib.stride_tricks.as_strided(base, shape=(n, sample_len), strides=(stride, itemsize),
-                                           writeable=False)
-
-
-def _octal_field(f: bytes) -> int | None:
-    """A numeric tar header field (leading spaces, octal digits, then NULs/spaces) -> int or None."""
-    f = f.lstrip(b" ")
-    rest = f.lstrip(b"01234567")
-    digits = f[:len(f) - len(rest)]
-    return int(digits, 8) if digits and not rest.strip(b"\0 ") else None
-
-
-_PLAIN_NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tokens")  # no '/', so no '..' part
-
-
-def _member_ok(hdr: bytes, payload: int, key: int, path: Path) -> bool:
-    """One member header, checked in plain Python (cheaper than numpy for a few members): a ustar
-    regular file of ``payload`` bytes, valid checksum, safe ``.tokens`` name with sample ``key``."""
-    if (_octal_field(hdr[124:136]) != payload or hdr[156] not in (0, ord("0")) or hdr[257:262] != b"ustar"
-            or hdr[345:500].strip(b"\0")):
-        return False
-    chk = _octal_field(hdr[148:156])
-    unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
-    if chk != unsigned:  # some tars sum signed chars (tarfile accepts both)
-        high = sum(b >= 128 for b in hdr) - sum(b >= 128 for b in hdr[148:156])
-        if chk != unsigned - 256 * high:
-            return False
-    name = hdr[:100].split(b"\0", 1)[0]
-    if not _PLAIN_NAME.fullmatch(name):
-        text = name.decode("utf-8", "replace")
-        try:
-            check_member_name(text, path)  # DATA's check: absolute / '..' names are unsafe
-        except ShardError:
-            return False
-        if not text.endswith(".tokens"):
-            return False
-    return _key_index(name) == key
-
-
-class _NotFixedLayout(Exception):
-    """The shard is not n equal members back to back: read it whole."""
-
-
-def _key_index(name: bytes) -> int | None:
-    """The sample index at the end of a key ``{split}-{job}-{idx}.tokens``; None for other names."""
-    stem = name[:-7] if name.endswith(b".tokens") else b""
-    tail = stem.rsplit(b"-", 1)[-1]
-    return int(tail) if tail.isdigit() else None
-
-
-class _PartialShard:
-    """A shard read member by member (``os.pread``, or from one whole read with ``preload``);
-    used when ``verify_checksums=false``.
-
-    Opening checks the fixed layout (first and last header valid, keys ``n - 1`` apart, the
-    end-of-archive blocks right after member ``n - 1``); every member read has its header
-    (checksum, type, size), name (safe, ``.tokens``, key = first key + row) and token ids checked.
-    A process then reads only the members it needs instead of whole shards.
-    """
-
-    def __init__(self, path: Path, entry: dict, sample_len: int, dtype: str, vocab_size: int, *,
-                 preload: bool = False):
-        self.path, self.n, self.vocab_size = path, int(entry["samples"]), vocab_size
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.payload = sample_len * self.dtype.itemsize
-        self.stride = _stride(sample_len, dtype)
-        if self.n == 0 or entry["bytes"] < self.n * self.stride + 2 * _BLOCK:
-            raise _NotFixedLayout
-        self.fd = None
-        self.members = None  # preload: the (n, stride) member blocks, read in one go
-        if preload:  # the process uses much of the shard: one read beats a pread per member
-            buf = path.read_bytes()
-            if len(buf) != entry["bytes"]:
-                raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest says "
-                                 f"{entry['bytes']})")
-            self.members = np.frombuffer(buf, dtype=np.uint8)[:self.n * self.stride].reshape(self.n, self.stride)
-            first, last = buf[:_BLOCK], buf[(self.n - 1) * self.stride:(self.n - 1) * self.stride + _BLOCK]
-            eof = buf[self.n * self.stride:(self.n + 2) * self.stride][:2 * _BLOCK]
-        else:
-            self.fd = os.open(path, os.O_RDONLY)
-            first = os.pread(self.fd, _BLOCK, 0)
-            last = os.pread(self.fd, _BLOCK, (self.n - 1) * self.stride)
-            eof = os.pread(self.fd, 2 * _BLOCK, self.n * self.stride)
-        self.key0 = _key_index(first[:100].split(b"\0", 1)[0])
-        if (self.key0 is None or len(first) != _BLOCK or not _member_ok(first, self.payload, self.key0, path)
-                or len(last) != _BLOCK or not _member_ok(last, self.payload, self.key0 + self.n - 1, path)
-                or eof != bytes(2 * _BLOCK)):
-            raise _NotFixedLayout
-        if self.members is not None:  # every member's verdict at once (the same checks as read())
-            self.data, self.ok = self._check(self.members, np.arange(self.n))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __del__(self):
-        fd, self.fd = getattr(self, "fd", None), None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except Exception:  # noqa: BLE001 - interpreter shutdown
-                pass
-
-    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> (data (m, sample_len), ok (m,)): ok is False for a member that fails a check."""
-        if self.members is not None:
-            return self.data[rows], self.ok[rows]
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        buf = bytearray(len(uniq) * self.stride)
-        view = memoryview(buf)
-        for i, k in enumerate(uniq.tolist()):
-            got = os.preadv(self.fd, [view[i * self.stride:(i + 1) * self.stride]], k * self.stride)
-            if got != self.stride:
-                raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the file")
-        data, ok = self._check(np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride), uniq)
-        return data[inverse], ok[inverse]
-
-    def _check(self, raw: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Member blocks (m, stride) at rows ``index`` -> (payloads (m, sample_len), ok (m,))."""
-        ok = np.array([_member_ok(raw[i, :_BLOCK].tobytes(), self.payload, self.key0 + k, self.path)
-                       for i, k in enumerate(index.tolist())], dtype=bool)
-        data = raw[:, _BLOCK:_BLOCK + self.payload].view(self.dtype)  # (m, sample_len)
-        ok &= data.max(axis=1) < self.vocab_size
-        return data, ok
-
-
 def _worker_init(parent_pid: int, worker_id: int) -> None:
     """DataLoader worker_init_fn: the worker dies with the trainer process (megapt.data.workers)."""
     die_with_parent(parent_pid)
@@ -699,26 +527,68 @@ class _BatchStream(IterableDataset):
         c0 = plan.set_counts(self.g0)
         total = plan.total
         set_start = np.cumsum([0] + [s.samples for s in plan.sets])
+        ahead = self._lookahead() if any(s.remote for s in plan.sets) else 0
+        next_prefetch = 0  # micro-step at which the next look ahead is due
         c = wid
         while True:
+            if ahead and c * M >= next_prefetch:
+                self._prefetch(reader, c, nw, ahead, c0, set_start)
+                next_prefetch = c * M + max(M, ahead // (4 * nw))
             rows = []
             for k in range(c * M, c * M + M):
                 if not plan.infinite and self.g0 + k * step >= total:
                     break
-                start = self.g0 + k * step + self.rank * B
-                pos = np.arange(start, start + B, dtype=np.int64)
-                if not plan.infinite:
-                    pos = pos[pos < total]
-                rows.append(self._build(reader, pos, c0, set_start))
+                rows.append(self._build(reader, self._micro_positions(k), c0, set_start))
             if not rows:
                 return
             # numpy, not tensors, and several micro-steps a message: a pipe moves small arrays far
             # faster than torch's shared-memory tensor hand-over; int64 tensors are made by the caller
-            yield {"rows": rows, "_c": c, "_bad": reader.new_bad}
+            rec = {"rows": rows, "_c": c, "_bad": reader.new_bad, "_w": wid}
+            if reader.caches:
+                rec["_remote"] = reader.remote_stats()
+                rec["_downloaded"] = reader.take_downloaded()
+            yield rec
             reader.new_bad = []
             c += nw
 
-    def _build(self, reader: _Reader, pos: np.ndarray, c0: np.ndarray, set_start: np.ndarray) -> np.ndarray:
+    def _lookahead(self) -> int:
+        """Micro-steps of this worker to look ahead so that ``plan.prefetch`` shards are found
+        even when the order is sequential (at most 64k positions per look)."""
+        plan, B = self.plan, self.micro_batch
+        typical = max(int(np.median(np.concatenate([s.counts for s in plan.sets]))), 1)
+        want = -(-plan.prefetch * typical // (self.world_size * B))
+        return int(min(max(want, self.chunk), max(1, (1 << 16) // B)))
+
+    def _micro_positions(self, k: int) -> np.ndarray:
+        start = self.g0 + k * self.world_size * self.micro_batch + self.rank * self.micro_batch
+        pos = np.arange(start, start + self.micro_batch, dtype=np.int64)
+        return pos if self.plan.infinite else pos[pos < self.plan.total]
+
+    def _prefetch(self, reader: _Reader, c: int, nw: int, ahead: int, c0: np.ndarray,
+                  set_start: np.ndarray) -> None:
+        """Queue the remote shards of this worker's next ``ahead`` micro-steps, in order."""
+        plan, M = self.plan, self.chunk
+        ks: list[int] = []
+        cc = c
+        while len(ks) < ahead:
+            ks += range(cc * M, cc * M + M)
+            cc += nw
+        pos = np.concatenate([self._micro_positions(k) for k in ks[:ahead]])
+        if not len(pos):
+            return
+        si, q = self._where(pos, c0, set_start)
+        for s in np.unique(si):
+            if not plan.sets[s].remote:
+                continue
+            qs = q[si == s]
+            n = plan.sets[s].samples
+            epochs = qs // n
+            for e in np.unique(epochs):  # in order: an epoch's positions come before the next's
+                reader.prefetch(int(s), int(e), qs[epochs == e] - e * n)
+
+    def _where(self, pos: np.ndarray, c0: np.ndarray,
+               set_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global positions -> (set, sample index within the set's own stream)."""
         plan = self.plan
         if plan.infinite:
             slot = pos % MIX_SLOTS
@@ -729,6 +599,12 @@ class _BatchStream(IterableDataset):
         else:
             si = np.searchsorted(set_start, pos, side="right") - 1
             q = pos - set_start[si]
+        return si, q
+
+    def _build(self, reader: _Reader, pos: np.ndarray, c0: np.ndarray,
+               set_start: np.ndarray) -> np.ndarray:
+        plan = self.plan
+        si, q = self._where(pos, c0, set_start)
         out = np.empty((len(pos), plan.seq_len + 1), dtype=np.dtype(plan.dtype).newbyteorder("<"))
         keep = np.ones(len(pos), dtype=bool)
         for s in np.unique(si):
@@ -763,6 +639,12 @@ class ShardLoader:
         self.position = 0  # global samples consumed by the batches yielded so far
         self.set_positions = [0] * len(plan.sets)  # per set: samples consumed (across epochs)
         self.bad_shards: dict[tuple[int, str], str] = {}  # (set, shard name) -> reason, as seen by this rank
+        # remote sets: what this rank's processes fetched (latest totals per worker) and the
+        # shards they downloaded, in order ([set, name]; per process, so a shard two workers
+        # of a node share appears once)
+        self._remote_by_worker: dict[tuple[int, int], dict] = {}
+        self._passes = 0  # DataLoaders started (each starts its workers' totals afresh)
+        self.downloaded: list[tuple[int, str]] = []
         self._generation = 0
 
     # ---- iteration ----
@@ -779,6 +661,7 @@ class ShardLoader:
             chunk = self._chunk()
             ds = _BatchStream(plan, g0=g0, q0=q0, rank=self.rank, world_size=self.world_size,
                               micro_batch=self.micro_batch, chunk=chunk)
+            self._passes += 1
             dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                             worker_init_fn=functools.partial(_worker_init, os.getpid()))
             expect = 0
@@ -790,6 +673,8 @@ class ShardLoader:
                     raise RuntimeError(f"loader: got chunk {rec['_c']} from the workers, expected {expect}")
                 expect += 1
                 self._note_bad(rec["_bad"])
+                if "_remote" in rec:
+                    self._note_remote(rec)
                 for j, rows in enumerate(rec["rows"]):
                     g = g0 + (rec["_c"] * chunk + j + 1) * step
                     if plan.infinite:
@@ -834,6 +719,21 @@ class ShardLoader:
                 log.warning("rank %d: skipping bad shard (%d of %d in %s so far): %s", self.rank, n_bad,
                             len(self.plan.sets[si].names), self.plan.sets[si].path, reason)
                 _check_bad_fraction(self.plan, si, {n for (i, n) in self.bad_shards if i == si})
+
+    def _note_remote(self, rec: dict) -> None:
+        key = (self._passes, rec["_w"])
+        self._remote_by_worker[key] = rec["_remote"]
+        self.downloaded += [(int(si), name) for si, name in rec["_downloaded"]]
+
+    @property
+    def remote_stats(self) -> dict:
+        """Downloads of remote shards by this rank's processes so far: ``downloads``, ``bytes``,
+        cache ``hits``, ``evicted`` and ``wait_s`` (seconds the readers waited for shards)."""
+        out = {"downloads": 0, "bytes": 0, "hits": 0, "wait_s": 0.0, "evicted": 0}
+        for st in self._remote_by_worker.values():
+            for k in out:
+                out[k] += st[k]
+        return out
 
     def __len__(self) -> int:
         """Finite mode: batches this rank yields in a full pass from the start (fewer when bad shards
@@ -913,25 +813,36 @@ class ShardLoader:
 
 def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
               tokenizer_sha256: str | None) -> tuple[_ShardSet, dict]:
-    path = Path(path)
-    m = load_manifest(path)  # ShardError naming the file when missing / invalid
-    where = getattr(m, "path", path / "manifest.json")
+    """One shard set: its manifest (a URL's is fetched first) checked against the config, and
+    every shard it lists present (for a URL: one listing; http(s) cannot list, its shards are
+    checked when fetched)."""
+    loc: Path | str = path if isinstance(path, str) and is_url(path) else Path(path)
+    remote = isinstance(loc, str)
+    m = load_manifest(loc, data_cfg.remote)  # ShardError naming the file when missing / invalid
+    where = getattr(m, "path", join(loc, "manifest.json"))
     if m["seq_len"] != data_cfg.seq_len:
-        raise ConfigError(f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is {data_cfg.seq_len}; "
-                          f"set --data.seq_len={m['seq_len']} or re-shard")
+        raise ConfigError(f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is "
+                          f"{data_cfg.seq_len}; set --data.seq_len={m['seq_len']} or re-shard")
     if tokenizer_sha256:
         check_tokenizer(m, tokenizer_sha256)
     entries = m["splits"].get(split, {}).get("shards", [])
     entries = [e for e in entries if e["samples"] > 0]
     if not entries:
         raise ShardError(f"{where}: no {split!r} samples listed; re-run `megapt data prepare`")
-    missing = [e["name"] for e in entries if not (path / e["name"]).is_file()]
+    if isinstance(loc, Path):
+        missing = [e["name"] for e in entries if not (loc / e["name"]).is_file()]
+    elif not loc.startswith(("http://", "https://")):
+        listing = open_store(loc, data_cfg.remote).list()
+        missing = [e["name"] for e in entries if e["name"] not in listing]
+    else:
+        missing = []
     if missing:
-        raise ShardError(f"{path / missing[0]}: shard listed in {where} is missing"
-                         + (f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else "")
-                         + "; re-run the shard job that wrote it or restore the files")
-    s = _ShardSet(path=str(path), weight=float(weight), names=[e["name"] for e in entries],
-                  counts=np.array([e["samples"] for e in entries], dtype=np.int64), entries=entries)
+        more = f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else ""
+        raise ShardError(f"{join(loc, missing[0])}: shard listed in {where} is missing{more}; "
+                         f"re-run the shard job that wrote it or restore the files")
+    s = _ShardSet(path=str(loc).rstrip("/"), weight=float(weight), names=[e["name"] for e in entries],
+                  counts=np.array([e["samples"] for e in entries], dtype=np.int64),
+                  entries=entries, remote=remote, member=MemberSpec.of(m))
     return s, m
 
 
@@ -971,7 +882,8 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
                  policy=data_cfg.bad_shard_policy, max_bad_fraction=float(data_cfg.max_bad_fraction),
                  # no checksums to compute: read just the members this process needs. Decided by the
                  # config alone, so every world size / worker count sees the same samples
-                 partial_reads=not data_cfg.verify_checksums)
+                 partial_reads=not data_cfg.verify_checksums, remote=data_cfg.remote,
+                 prefetch=_prefetch_depth(data_cfg, sets))
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     loader = ShardLoader(plan, rank=rank, world_size=world_size, micro_batch=micro_batch, num_workers=workers,
@@ -982,4 +894,17 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
                  plan.total, plan.seq_len, sum(len(s.names) for s in sets),
                  "infinite" if infinite else "one epoch", workers, seed,
                  f"shuffle buffer {plan.order.shuffle_buffer}" if plan.order.shuffle else "no shuffle")
+        if any(s.remote for s in sets):
+            r = data_cfg.remote
+            log.info("loader %s: remote shards cached in %s (cap %g GB), %d shards prefetched per "
+                     "set, %d retries", split, cache_root(r), r.cache_gb, plan.prefetch, r.retries)
     return loader
+
+
+def _prefetch_depth(data_cfg: Any, sets: list[_ShardSet]) -> int:
+    """``data.remote.prefetch``, or (0) the shards one shuffle window spans + 2."""
+    if data_cfg.remote.prefetch:
+        return int(data_cfg.remote.prefetch)
+    typical = max(1, int(np.median(np.concatenate([s.counts for s in sets]))))
+    window = data_cfg.shuffle_buffer if data_cfg.shuffle else 1
+    return math.ceil(max(window, 1) / typical) + 2

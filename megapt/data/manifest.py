@@ -1,7 +1,7 @@
 """Shard manifests: load, validate, verify shards, merge the partial manifests of split jobs.
 
-A shard directory holds ``manifest.json`` and tar files ``{split}-{job:03d}-{n:05d}.tar``; each
-tar member is ``<key>.tokens`` with ``seq_len + 1`` little-endian tokens (uint16 or uint32).
+A shard directory holds ``manifest.json`` and tar files ``{split}-{job:03d}-{n:05d}.tar`` (the
+format: megapt.data.tarformat).
 A job of a split run (``--data.num_shards=K --data.shard_index=i``) writes
 ``manifest-part-{i:03d}-of-{K:03d}.json``; ``megapt data merge`` joins them, in job order, into
 ``manifest.json``. Every write is atomic (``.tmp`` + ``os.replace``) so a reader never sees a
@@ -14,31 +14,22 @@ half-written shard or manifest.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tarfile
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from megapt.errors import EXIT_DATA, UserError
+from megapt.config import RemoteConfig
+from megapt.data.remote import LocalStore, Store, open_store, write_json
+from megapt.data.tarformat import MEMBER_DTYPES, ShardError, dtype_for_vocab, verify_shard
+from megapt.urls import join, location
 
 FORMAT = "megapt-shards"
 VERSION = 1
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 PART_RE = re.compile(r"^manifest-part-(\d{3,})-of-(\d{3,})\.json$")
-SHARD_RE = re.compile(r"^(train|val)-(\d{3,})-(\d{5,})\.tar$")
-
-
-class ShardError(UserError, RuntimeError):
-    """A shard or manifest is missing, corrupt or inconsistent; the message names the file."""
-
-    exit_code = EXIT_DATA
-    kind = "data error"
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,26 +39,6 @@ class ShardError(UserError, RuntimeError):
 
 def part_name(job: int, num_jobs: int) -> str:
     return f"manifest-part-{job:03d}-of-{num_jobs:03d}.json"
-
-
-def shard_name(split: str, job: int, n: int) -> str:
-    return f"{split}-{job:03d}-{n:05d}.tar"
-
-
-def sample_key(split: str, job: int, idx: int) -> str:
-    return f"{split}-{job:03d}-{idx:09d}"
-
-
-def dtype_for_vocab(vocab_size: int) -> str:
-    return "uint16" if vocab_size < 65536 else "uint32"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -84,9 +55,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 class Manifest(dict):
-    """A manifest dict that remembers the file it came from (``.path``) for error messages."""
+    """A manifest dict that remembers the file or URL it came from (``.path``) for messages."""
 
-    path: Path | None = None
+    path: Path | str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +82,13 @@ def _schema_errors(m: Any) -> list[str]:
         e.append(f"dtype: {m['dtype']} does not match vocab_size {m['vocab_size']}")
     if not isinstance(m.get("tokenizer_sha256"), str):
         e.append("tokenizer_sha256: expected a hex string")
+    if "member" in m:  # foreign WebDataset shards (megapt data index); absent: <key>.tokens, raw
+        mem = m["member"]
+        if not isinstance(mem, dict) or not isinstance(mem.get("ext"), str) or not mem["ext"] \
+                or "/" in mem["ext"] or mem.get("encoding") not in ("raw", "npy") \
+                or mem.get("dtype") not in (None, *MEMBER_DTYPES):
+            e.append(f"member: expected {{ext: str, encoding: raw|npy, dtype: one of "
+                     f"{MEMBER_DTYPES} or null}}, got {mem!r}")
     splits = m.get("splits")
     if not isinstance(splits, dict) or "train" not in splits:
         e.append("splits: expected an object with at least 'train'")
@@ -156,136 +134,101 @@ def validate_manifest(m: Any, where: str = "manifest") -> None:
         raise ShardError(f"{where}: invalid shard manifest, {len(errors)} problem(s):\n  " + "\n  ".join(errors))
 
 
-def read_manifest_file(path: str | os.PathLike) -> Manifest:
-    """Read and validate one manifest (or partial manifest) file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ShardError(f"{path}: manifest not found") from None
+def parse_manifest(text: str | bytes, where: str | Path) -> Manifest:
+    """Parse and validate the text of one manifest (or partial manifest)."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{path}: not valid JSON ({exc}); the file is corrupt - rerun "
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ShardError(f"{where}: not valid JSON ({exc}); the file is corrupt - rerun "
                          f"`megapt data shard` (or `megapt data merge` for a split job)") from None
-    validate_manifest(data, str(path))
+    validate_manifest(data, str(where))
     m = Manifest(data)
-    m.path = path
+    m.path = where
     return m
 
 
-def load_manifest(shard_dir: str | os.PathLike) -> Manifest:
-    """Load ``<shard_dir>/manifest.json``; a clear ShardError when missing, unmerged or invalid."""
-    shard_dir = Path(shard_dir)
-    path = shard_dir / MANIFEST
-    if not path.is_file():
-        parts = sorted(p.name for p in shard_dir.glob("manifest-part-*.json")) if shard_dir.is_dir() else []
-        if parts:
-            raise ShardError(f"{path}: not found, but {len(parts)} partial manifest(s) are there ({parts[0]} ...): "
-                             f"run `megapt data merge --data.shard_dir={shard_dir}` once every job has finished")
-        raise ShardError(f"{path}: not found - no shards prepared in {shard_dir}. Run `megapt data prepare` "
-                         f"(or `megapt data shard`) with the same config first")
-    return read_manifest_file(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Shard verification and reading
-# --------------------------------------------------------------------------------------------
-
-
-def check_member_name(name: str, shard: str | os.PathLike) -> None:
-    """Refuse tar member names that would escape the shard directory (absolute, ``..``)."""
-    p = PurePosixPath(name)
-    if not name or name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or "\\" in name \
-            or re.match(r"^[A-Za-z]:", name):
-        raise ShardError(f"{shard}: unsafe tar member name {name!r} (absolute path or '..'); "
-                         f"the shard is corrupt or not from megapt - delete it and re-shard")
-
-
-def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` for every sample of one shard tar, checking its structure.
-
-    Raises ShardError naming the shard for a truncated or unreadable tar, unsafe or unexpected
-    member names and payloads of the wrong size.
-    """
-    path = Path(path)
-    itemsize = np.dtype(dtype).itemsize
-    want = sample_len * itemsize
+def read_manifest(store: Store, name: str) -> Manifest:
+    """Read and validate manifest ``name`` of a shard folder or URL (ShardError when missing)."""
+    where = store.local_path(name) or store.url(name)
     try:
-        with tarfile.open(path, mode="r:") as tf:
-            while True:
-                try:
-                    info = tf.next()
-                except tarfile.ReadError as exc:
-                    raise ShardError(f"{path}: truncated or corrupt tar ({exc})") from None
-                if info is None:
-                    break
-                check_member_name(info.name, path)
-                if not info.isfile():
-                    raise ShardError(f"{path}: member {info.name!r} is not a regular file")
-                if not info.name.endswith(".tokens"):
-                    raise ShardError(f"{path}: unexpected member {info.name!r} (expected <key>.tokens)")
-                if info.size != want:
-                    raise ShardError(f"{path}: member {info.name!r} has {info.size} bytes, expected {want} "
-                                     f"({sample_len} x {dtype})")
-                f = tf.extractfile(info)
-                data = f.read() if f is not None else b""
-                if len(data) != want:
-                    raise ShardError(f"{path}: truncated tar: member {info.name!r} has {len(data)} of {want} bytes")
-                yield info.name[: -len(".tokens")], np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
+        text = store.read_bytes(name)
     except FileNotFoundError:
-        raise ShardError(f"{path}: shard file missing") from None
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardError(f"{path}: truncated or corrupt tar ({type(exc).__name__}: {exc})") from None
+        raise ShardError(f"{where}: manifest not found") from None
+    return parse_manifest(text, where)
 
 
-def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None = None,
-                 dtype: str | None = None, check_sha: bool = True,
-                 vocab_size: int | None = None) -> None:
-    """Check one shard against its manifest entry; raise ShardError naming the file.
-
-    Checks, in order: the file exists, its size, its sha256 (``check_sha``), and - when
-    ``sample_len`` and ``dtype`` are given - the tar structure: member names, payload sizes and
-    the sample count, and (``vocab_size``) that every token id is below the vocabulary size, as
-    training checks it.
-    """
+def read_manifest_file(path: str | os.PathLike) -> Manifest:
+    """Read and validate one local manifest (or partial manifest) file."""
     path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"{path}: shard file missing (listed in the manifest); re-run the shard job that wrote it")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise ShardError(f"{path}: size mismatch: {size} bytes on disk, manifest says {entry['bytes']} "
-                         f"(truncated or replaced shard)")
-    if check_sha:
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
-                             f"{entry['sha256'][:16]}... (corrupt shard)")
-    if sample_len is not None and dtype is not None:
-        n = 0
-        for key, tokens in iter_shard(path, sample_len=sample_len, dtype=dtype):
-            n += 1
-            if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-                raise ShardError(f"{path}: sample {key}: token id {int(tokens.max())} >= "
-                                 f"vocab_size {vocab_size} (corrupt shard or wrong manifest)")
-        if n != entry["samples"]:
-            raise ShardError(f"{path}: truncated tar: {n} samples, manifest says {entry['samples']}")
+    return read_manifest(LocalStore(path.parent), path.name)
 
 
-def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bool = True) -> tuple[int, list[str]]:
-    """Verify every shard listed in ``<shard_dir>/manifest.json``; returns (checked, errors)."""
-    shard_dir = Path(shard_dir)
-    m = load_manifest(shard_dir)
+def load_manifest(shard_dir: str | os.PathLike, remote: RemoteConfig | None = None) -> Manifest:
+    """Load ``<shard_dir>/manifest.json`` (a folder or URL: fetched first, with retries); a clear
+    ShardError when missing, unmerged or invalid."""
+    store = open_store(shard_dir, remote)
+    where = location(shard_dir if isinstance(shard_dir, Path) else str(shard_dir))
+    path = join(where, MANIFEST)
+    try:
+        text = store.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        try:
+            parts = sorted(n for n in store.list() if PART_RE.match(n))
+        except ShardError:
+            parts = []
+        if parts:
+            raise ShardError(f"{path}: not found, but {len(parts)} partial manifest(s) are there "
+                             f"({parts[0]} ...): run `megapt data merge --data.shard_dir={where}` "
+                             f"once every job has finished") from None
+        raise ShardError(f"{path}: not found - no shards prepared in {where}. Run `megapt data "
+                         f"prepare` (or `megapt data shard`) with the same config first") from None
+    except IsADirectoryError:
+        raise ShardError(f"{path}: is a folder, not a manifest file") from None
+    return parse_manifest(text, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Verify a shard directory
+# --------------------------------------------------------------------------------------------
+
+
+def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bool = True,
+               remote: RemoteConfig | None = None) -> tuple[int, list[str]]:
+    """Verify every shard listed in ``<shard_dir>/manifest.json``; returns (checked, errors).
+    A URL's shards are downloaded one at a time into a temporary folder and checked there."""
+    import tempfile
+
+    from megapt.data.tarformat import MemberSpec
+
+    store = open_store(shard_dir, remote)
+    m = load_manifest(shard_dir, remote)
+    spec = MemberSpec.of(m)
     errors, checked = [], 0
-    for split, s in m["splits"].items():
-        for entry in s["shards"]:
-            checked += 1
-            try:
-                verify_shard(shard_dir / entry["name"], entry, check_sha=check_sha,
-                             sample_len=m["seq_len"] + 1 if deep else None,
-                             dtype=m["dtype"] if deep else None, vocab_size=m["vocab_size"])
-            except ShardError as exc:
-                errors.append(str(exc))
+    with tempfile.TemporaryDirectory(prefix="megapt-verify-") as tmp:
+        for split, s in m["splits"].items():
+            for entry in s["shards"]:
+                checked += 1
+                path = store.local_path(entry["name"])
+                try:
+                    if path is None:
+                        path = Path(tmp) / entry["name"]
+                        try:
+                            store.get(entry["name"], path)
+                        except FileNotFoundError:
+                            raise ShardError(f"{store.url(entry['name'])}: shard file missing "
+                                             f"(listed in the manifest)") from None
+                    verify_shard(path, entry, check_sha=check_sha,
+                                 sample_len=m["seq_len"] + 1 if deep else None,
+                                 dtype=m["dtype"] if deep else None, vocab_size=m["vocab_size"],
+                                 spec=spec)
+                except ShardError as exc:
+                    text = str(exc)
+                    if store.is_remote:  # name the URL, not the temporary copy
+                        text = text.replace(str(path), store.url(entry["name"]))
+                    errors.append(text)
+                finally:
+                    if store.is_remote and path is not None:
+                        Path(path).unlink(missing_ok=True)
     return checked, errors
 
 
@@ -304,7 +247,7 @@ def check_tokenizer(manifest: dict, tokenizer: Any) -> None:
     sha = tokenizer if isinstance(tokenizer, str) else tokenizer.sha256
     tpath = getattr(tokenizer, "path", "the tokenizer")
     problems = []
-    if manifest["tokenizer_sha256"] != sha:
+    if manifest["tokenizer_sha256"] and manifest["tokenizer_sha256"] != sha:
         problems.append(f"tokenizer sha256 {sha[:12]}... != manifest {manifest['tokenizer_sha256'][:12]}...")
     if not isinstance(tokenizer, str):
         if tokenizer.vocab_size != manifest["vocab_size"]:
@@ -346,39 +289,44 @@ def build_manifest(*, seq_len: int, vocab_size: int, eos_id: int, pad_id: int, t
 _SAME_KEYS = ("seq_len", "dtype", "vocab_size", "eos_id", "pad_id", "tokenizer_sha256")
 
 
-def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True) -> dict:
-    """Join ``manifest-part-*-of-K.json`` (all K jobs) into ``manifest.json``, in job order."""
-    shard_dir = Path(shard_dir)
-    found: dict[int, dict[int, Path]] = {}
-    for p in sorted(shard_dir.glob("manifest-part-*.json")):
-        mt = PART_RE.match(p.name)
+def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True,
+                    remote: RemoteConfig | None = None) -> dict:
+    """Join ``manifest-part-*-of-K.json`` (all K jobs) into ``manifest.json``, in job order. The
+    folder may be a URL (Slurm array jobs that uploaded their shards)."""
+    store = open_store(shard_dir, remote)
+    where = store.root
+    listing = store.list()
+    found: dict[int, dict[int, str]] = {}
+    for name in sorted(listing):
+        mt = PART_RE.match(name)
         if mt:
-            found.setdefault(int(mt.group(2)), {})[int(mt.group(1))] = p
+            found.setdefault(int(mt.group(2)), {})[int(mt.group(1))] = name
     if not found:
-        raise ShardError(f"{shard_dir}: no partial manifests (manifest-part-*-of-*.json) to merge; "
-                         f"run `megapt data shard --data.num_shards=K --data.shard_index=i` for each i first")
+        raise ShardError(f"{where}: no partial manifests (manifest-part-*-of-*.json) to merge; "
+                         f"run `megapt data shard --data.num_shards=K --data.shard_index=i` for "
+                         f"each i first")
     if len(found) > 1:
-        raise ShardError(f"{shard_dir}: partial manifests of different splits {sorted(found)} "
+        raise ShardError(f"{where}: partial manifests of different splits {sorted(found)} "
                          f"(jobs counts); delete the stale ones and merge again")
     (k, parts), = found.items()
     missing = [i for i in range(k) if i not in parts]
     if missing:
-        raise ShardError(f"{shard_dir}: {len(missing)} of {k} jobs have not finished (no partial manifest for "
-                         f"shard_index {missing[:20]}{' ...' if len(missing) > 20 else ''}); run "
-                         f"`megapt data shard --data.num_shards={k} --data.shard_index=<i>` for them, then merge")
-    ms = [read_manifest_file(parts[i]) for i in range(k)]
+        raise ShardError(f"{where}: {len(missing)} of {k} jobs have not finished (no partial "
+                         f"manifest for shard_index {missing[:20]}"
+                         f"{' ...' if len(missing) > 20 else ''}); run `megapt data shard "
+                         f"--data.num_shards={k} --data.shard_index=<i>` for them, then merge")
+    ms = [read_manifest(store, parts[i]) for i in range(k)]
     first = ms[0]
     for i, m in enumerate(ms):
         diff = [key for key in _SAME_KEYS if m[key] != first[key]]
         if diff:
-            raise ShardError(f"{parts[i]}: differs from {parts[0].name} in {diff}; all jobs must use the same "
-                             f"config and tokenizer - re-run that job")
+            raise ShardError(f"{m.path}: differs from {parts[0]} in {diff}; all jobs must use "
+                             f"the same config and tokenizer - re-run that job")
         for split, s in m["splits"].items():
             for entry in s["shards"]:
-                p = shard_dir / entry["name"]
-                if not p.is_file() or p.stat().st_size != entry["bytes"]:
-                    raise ShardError(f"{p}: listed in {parts[i].name} but missing or of the wrong size; "
-                                     f"re-run job {i}")
+                if listing.get(entry["name"]) != entry["bytes"]:
+                    raise ShardError(f"{join(where, entry['name'])}: listed in {parts[i]} but "
+                                     f"missing or of the wrong size; re-run job {i}")
     splits = {s: [e for m in ms for e in m["splits"].get(s, {}).get("shards", [])] for s in SPLITS}
     sources: list = []
     for m in ms:
@@ -386,16 +334,19 @@ def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True) -> dict
             if src not in sources:
                 sources.append(src)
     merged = build_manifest(
-        seq_len=first["seq_len"], vocab_size=first["vocab_size"], eos_id=first["eos_id"], pad_id=first["pad_id"],
-        tokenizer_sha256=first["tokenizer_sha256"], splits=splits, sources=sources,
-        docs={s: sum(m.get("docs", {}).get(s, 0) for m in ms) for s in SPLITS},
-        dropped_tokens=sum(m.get("dropped_tokens", 0) for m in ms), num_jobs=k, done=list(range(k)),
-        params={key: v for key, v in first.get("params", {}).items() if key != "shard_index"} or None)
+        seq_len=first["seq_len"], vocab_size=first["vocab_size"], eos_id=first["eos_id"],
+        pad_id=first["pad_id"], tokenizer_sha256=first["tokenizer_sha256"], splits=splits,
+        sources=sources, docs={s: sum(m.get("docs", {}).get(s, 0) for m in ms) for s in SPLITS},
+        dropped_tokens=sum(m.get("dropped_tokens", 0) for m in ms), num_jobs=k,
+        done=list(range(k)),
+        params={key: v for key, v in first.get("params", {}).items() if key != "shard_index"}
+        or None)
     if merged["splits"]["train"]["samples"] == 0:
-        raise ShardError(f"{shard_dir}: the {k} job(s) wrote no training sample (input too small for seq_len="
-                         f"{merged['seq_len']}?); add text or lower data.seq_len, then re-shard with --force")
+        raise ShardError(f"{where}: the {k} job(s) wrote no training sample (input too small for "
+                         f"seq_len={merged['seq_len']}?); add text or lower data.seq_len, then "
+                         f"re-shard with --force")
     if write:
-        atomic_write_json(shard_dir / MANIFEST, merged)
+        write_json(store, MANIFEST, merged)
     return merged
 
 
@@ -413,14 +364,17 @@ def add_args(parser, verb=("data", "verify")) -> None:
 def cli_main(cfg, args) -> int:
     """Exit codes: 0 ok, 2 bad config, 5 data error: a missing/invalid manifest, unfinished jobs
     (merge), one or more bad shards (verify: each printed as ``BAD <shard>: <why>``)."""
-    shard_dir = Path(args.dir) if getattr(args, "dir", "") else cfg.shard_dir
+    shard_dir = location(args.dir) if getattr(args, "dir", "") else cfg.shard_dir
+    remote = cfg.data.remote
     if tuple(args.verb)[-1] == "merge":
-        m = merge_manifests(shard_dir)
-        print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> {shard_dir / MANIFEST}: "
+        m = merge_manifests(shard_dir, remote=remote)
+        print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> "
+              f"{join(shard_dir, MANIFEST)}: "
               + ", ".join(f"{s} {m['splits'][s]['samples']} samples / "
                           f"{len(m['splits'][s]['shards'])} shards" for s in SPLITS))
         return 0
-    checked, errors = verify_dir(shard_dir, check_sha=not getattr(args, "quick", False))
+    checked, errors = verify_dir(shard_dir, check_sha=not getattr(args, "quick", False),
+                                 remote=remote)
     for e in errors:
         print(f"BAD  {e}")
     print(f"verified {checked} shard(s) in {shard_dir}: {checked - len(errors)} ok, {len(errors)} bad")

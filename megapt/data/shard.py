@@ -21,160 +21,25 @@ document and writes ``manifest-part-i-of-K.json``; ``megapt data merge`` joins t
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
-import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
 from megapt.data.manifest import (
-    MANIFEST, ShardError, atomic_write_json, build_manifest, dtype_for_vocab, merge_manifests, part_name,
-    read_manifest_file, sample_key, sha256_file, shard_name)
+    MANIFEST, atomic_write_json, build_manifest, merge_manifests, part_name, read_manifest)
+from megapt.data.remote import RemoteStore, Store, cache_root, open_store, set_dirname, write_json
+from megapt.data.tarformat import ShardError, ShardWriter, dtype_for_vocab, write_shards
+from megapt.urls import join, location
 from megapt.data.workers import die_with_parent
 
 
 # --------------------------------------------------------------------------------------------
-# Shard writer: token arrays -> tar shards (reusable by tests and other tools)
+# Token arrays -> a complete shard set (reusable by tests and other tools)
 # --------------------------------------------------------------------------------------------
-
-
-_HEADER_TEMPLATE: dict[int, tuple[np.ndarray, int]] = {}
-
-
-def _header_template(size: int) -> tuple[np.ndarray, int]:
-    """A ustar header as ``tarfile`` writes it (mode 0644, mtime 0, no owner) with an empty name
-    and the checksum field blank (8 spaces), and the sum of its bytes.
-
-    Fixed metadata keeps shards byte-reproducible (same input -> same sha256).
-    """
-    if size not in _HEADER_TEMPLATE:
-        info = tarfile.TarInfo("x")
-        info.size, info.mtime, info.mode = size, 0, 0o644
-        h = np.frombuffer(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), dtype=np.uint8).copy()
-        h[0:100] = 0
-        h[148:156] = ord(" ")
-        _HEADER_TEMPLATE[size] = (h, int(h.sum()))
-    return _HEADER_TEMPLATE[size]
-
-
-def _tar_headers(names: list[str], size: int) -> np.ndarray:
-    """The (len(names), 512) uint8 headers of members ``names``, each of ``size`` bytes."""
-    tmpl, base = _header_template(size)
-    raw = [n.encode("ascii") for n in names]
-    widths = set(map(len, raw))
-    if max(widths, default=0) > 100:
-        raise ValueError(f"tar member name too long: {max(raw, key=len)!r}")
-    h = np.repeat(tmpl[None, :], len(raw), axis=0)
-    if len(widths) == 1:  # the usual case: fixed-width sample keys
-        h[:, :len(raw[0])] = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), -1)
-    else:
-        for row, r in zip(h, raw):
-            row[:len(r)] = np.frombuffer(r, dtype=np.uint8)
-    # checksum: sum of the header bytes with the field blank, as "%06o\0" then the space left there
-    chk = base + h[:, :100].sum(axis=1, dtype=np.int64)
-    h[:, 148:154] = ord("0") + ((chk[:, None] >> np.arange(15, -1, -3)) & 7)
-    h[:, 154] = 0
-    return h
-
-
-class ShardWriter:
-    """Write fixed-size samples into ``{split}-{job:03d}-{n:05d}.tar`` shards, atomically.
-
-    ``add(sample)`` takes one array of ``sample_len`` tokens; a shard is closed (``.tmp`` renamed
-    to ``.tar``) every ``shard_samples`` samples and by ``close()``, which returns the manifest
-    entries ``{name, samples, tokens, bytes, sha256}`` of the shards written.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, split: str, job: int = 0, *, sample_len: int,
-                 dtype: str = "uint16", shard_samples: int = 2048):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.split, self.job, self.sample_len = split, int(job), int(sample_len)
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.shard_samples = int(shard_samples)
-        self.entries: list[dict] = []
-        self.n_samples = 0  # global (job-wide) sample index of the next sample
-        self._file = None
-        self._in_shard = 0
-
-    def _open(self) -> None:
-        name = shard_name(self.split, self.job, len(self.entries))
-        self._final = self.out_dir / name
-        self._tmp = self.out_dir / (name + ".tmp")
-        self._file = open(self._tmp, "wb")
-        self._in_shard = 0
-        self._bytes = 0
-
-    def add(self, sample: np.ndarray) -> None:
-        sample = np.asarray(sample)
-        if sample.shape != (self.sample_len,):
-            raise ValueError(f"sample of shape {sample.shape}, expected ({self.sample_len},)")
-        self.add_many(sample[None, :])
-
-    def add_many(self, samples: np.ndarray) -> None:
-        """Append the rows of a (n, sample_len) array, opening/closing shards as they fill."""
-        data = np.ascontiguousarray(samples, dtype=self.dtype)
-        row_bytes = self.sample_len * self.dtype.itemsize
-        member = 512 + row_bytes + (-row_bytes % 512)  # header + payload padded to the block size
-        i = 0
-        while i < len(data):
-            if self._file is None:
-                self._open()
-            take = min(len(data) - i, self.shard_samples - self._in_shard)
-            names = [sample_key(self.split, self.job, n) + ".tokens"
-                     for n in range(self.n_samples, self.n_samples + take)]
-            block = np.zeros((take, member), dtype=np.uint8)  # written as one buffer, one member a row
-            block[:, :512] = _tar_headers(names, row_bytes)
-            block[:, 512:512 + row_bytes] = data[i:i + take].view(np.uint8).reshape(take, row_bytes)
-            self._file.write(memoryview(block).cast("B"))
-            self.n_samples += take
-            self._in_shard += take
-            i += take
-            if self._in_shard >= self.shard_samples:
-                self._finish()
-
-    def _finish(self) -> None:
-        assert self._file is not None
-        # end-of-archive: two zero blocks, padded to tar's 10240-byte record size
-        size = self._file.tell() + 1024
-        self._file.write(b"\0" * (1024 + (-size % tarfile.RECORDSIZE)))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self._final)
-        self.entries.append({"name": self._final.name, "samples": self._in_shard,
-                             "tokens": self._in_shard * self.sample_len, "bytes": self._final.stat().st_size,
-                             "sha256": sha256_file(self._final)})
-        self._file = None
-
-    def close(self) -> list[dict]:
-        if self._file is not None:
-            self._finish()
-        return self.entries
-
-    def abort(self) -> None:
-        """Drop the shard being written (its ``.tmp``); completed shards stay."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            finally:
-                self._tmp.unlink(missing_ok=True)
-                self._file = None
-
-
-def write_shards(samples: Iterable[np.ndarray], out_dir: str | os.PathLike, split: str, job: int = 0, *,
-                 sample_len: int, dtype: str = "uint16", shard_samples: int = 2048) -> list[dict]:
-    """Write an iterable of ``sample_len``-token arrays as shards; returns the manifest entries."""
-    w = ShardWriter(out_dir, split, job, sample_len=sample_len, dtype=dtype, shard_samples=shard_samples)
-    try:
-        for s in samples:
-            w.add(s)
-    except BaseException:
-        w.abort()
-        raise
-    return w.close()
 
 
 def write_token_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[np.ndarray]], *, seq_len: int,
@@ -313,36 +178,35 @@ def _input_fingerprint(clean_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _job_is_done(out_dir: Path, part: Path, params: dict) -> bool:
+def _job_is_done(store: Store, part: str, params: dict) -> bool:
     try:
-        m = read_manifest_file(part)
+        m = read_manifest(store, part)
     except ShardError:
         return False
     if m.get("params") != params:
         return False
-    for s in m["splits"].values():
-        for e in s["shards"]:
-            p = out_dir / e["name"]
-            if not p.is_file() or p.stat().st_size != e["bytes"]:
-                return False
-    return True
+    listing = store.list()
+    return all(listing.get(e["name"]) == e["bytes"]
+               for s in m["splits"].values() for e in s["shards"])
 
 
-def _remove_job_outputs(out_dir: Path, job: int, num_jobs: int) -> None:
-    for split in ("train", "val"):
-        for p in out_dir.glob(f"{split}-{job:03d}-*.tar*"):  # *.tar and leftover *.tar.tmp
-            p.unlink()
+def _remove_job_outputs(store: Store, job: int, num_jobs: int) -> None:
+    names = list(store.list())
+    stale = {n for n in names if fnmatch.fnmatch(n, f"*-{job:03d}-*.tar*")
+             and n.split("-")[0] in ("train", "val")}  # *.tar and leftover *.tar.tmp
     # an earlier run split into another number of jobs: its partial manifests (and the shards of
     # jobs that no longer exist) would make `data merge` fail or waste space
-    for p in out_dir.glob("manifest-part-*-of-*.json"):
-        if not p.name.endswith(f"-of-{num_jobs:03d}.json"):
-            p.unlink(missing_ok=True)
-    for p in out_dir.glob("*-*-*.tar*"):
-        parts = p.name.split("-")
-        if parts[0] in ("train", "val") and parts[1].isdigit() and int(parts[1]) >= num_jobs:
-            p.unlink(missing_ok=True)
-    (out_dir / part_name(job, num_jobs)).unlink(missing_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # it lists this job's shards: stale from now on
+    stale |= {n for n in names if fnmatch.fnmatch(n, "manifest-part-*-of-*.json")
+              and not n.endswith(f"-of-{num_jobs:03d}.json")}
+    for n in names:
+        parts = n.split("-")
+        if (len(parts) == 3 and parts[0] in ("train", "val") and parts[1].isdigit()
+                and int(parts[1]) >= num_jobs and ".tar" in parts[2]):
+            stale.add(n)
+    # first the manifests that list this job's shards (stale from now on), then the files
+    for n in [MANIFEST, part_name(job, num_jobs)] + sorted(stale):
+        if n in names:
+            store.delete(n)
 
 
 def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
@@ -367,33 +231,49 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     k = d.num_shards if num_jobs is None else num_jobs
     i = d.shard_index if job is None else job
     clean_dir = Path(clean_dir) if clean_dir else clean_dir_of(cfg)
-    out_dir = Path(out_dir) if out_dir else cfg.shard_dir
+    out_dir = (location(out_dir if isinstance(out_dir, Path) else str(out_dir)) if out_dir
+               else cfg.shard_dir)
+    store = open_store(out_dir, d.remote)
     tok = tokenizer if tokenizer is not None else Tokenizer.load(cfg.tokenizer_path)
     nproc = num_proc if num_proc is not None else (d.num_proc or available_cores())
     params = {"seq_len": d.seq_len, "shard_samples": d.shard_samples, "val_fraction": d.val_fraction,
               "tokenizer_sha256": tok.sha256, "num_shards": k, "shard_index": i, "block_bytes": block_bytes,
               "seed": cfg.run.seed, "weights": [s.weight for s in sources_of(d)],
               "input": _input_fingerprint(clean_dir)}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    part = out_dir / part_name(i, k)
-    for stale in out_dir.glob(f"*-{i:03d}-*.tar.tmp"):  # a killed run of this job
-        stale.unlink()
-    if not force and _job_is_done(out_dir, part, params):
-        m = read_manifest_file(part)
-        if k == 1 and not (out_dir / MANIFEST).is_file():
-            merge_manifests(out_dir)
+    if isinstance(store, RemoteStore):  # shards are written here, each uploaded once finished
+        store.check_writable()
+        stage = cache_root(d.remote) / "upload" / set_dirname(store.root)
+    else:
+        stage = store.root
+    stage.mkdir(parents=True, exist_ok=True)
+    part = part_name(i, k)
+    for stale in stage.glob(f"*-{i:03d}-*.tar*"):  # a killed run of this job
+        if stale.name.endswith(".tmp") or store.is_remote:
+            stale.unlink()
+    m: dict
+    if not force and _job_is_done(store, part, params):
+        m = read_manifest(store, part)
+        if k == 1 and not store.exists(MANIFEST):
+            merge_manifests(out_dir, remote=d.remote)
         log(f"shard: job {i}/{k} already complete in {out_dir} ({m['splits']['train']['samples']} train samples); "
             f"--force to redo")
         m["_run"] = {"skipped": True}
         return m
-    _remove_job_outputs(out_dir, i, k)
+    _remove_job_outputs(store, i, k)
 
     total_bytes = sum(f.stat().st_size for files in clean_files(clean_dir) for f in files)
     log(f"shard: job {i}/{k} of {total_bytes / 1e6:.1f} MB cleaned text -> {out_dir}, {nproc} proc, "
         f"tokenizer encoder {tok.encoder_path}" + (f" ({tok.encoder_note})" if tok.encoder_note else ""))
     sample_len = d.seq_len + 1
     dtype = dtype_for_vocab(tok.vocab_size)
-    writers = {s: ShardWriter(out_dir, s, i, sample_len=sample_len, dtype=dtype, shard_samples=d.shard_samples)
+
+    def upload(path: Path, entry: dict) -> None:  # atomic: the object appears once complete
+        store.put(path, entry["name"])
+        path.unlink()
+
+    writers = {s: ShardWriter(stage, s, i, sample_len=sample_len, dtype=dtype,
+                              shard_samples=d.shard_samples,
+                              on_shard=upload if store.is_remote else None)
                for s in ("train", "val")}
     docs = {"train": 0, "val": 0}
     dropped = nbytes = tokens_in = 0
@@ -427,9 +307,9 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     m = build_manifest(seq_len=d.seq_len, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
                        tokenizer_sha256=tok.sha256, splits=entries, sources=describe_sources(sources_of(d)),
                        docs=docs, dropped_tokens=dropped, num_jobs=k, done=[i], params=params)
-    atomic_write_json(part, m)
+    write_json(store, part, m)  # after every shard of the job is in place
     if k == 1:
-        merge_manifests(out_dir)
+        merge_manifests(out_dir, remote=d.remote)  # manifest.json last
     if d.val_fraction > 0 and not entries["val"] and k == 1:
         log(f"shard: warning: no validation sample (val_fraction={d.val_fraction}, {docs['val']} val docs); "
             f"raise data.val_fraction or add text")
@@ -457,7 +337,8 @@ def summary(m: dict) -> str:
 
 def add_args(parser) -> None:
     parser.add_argument("--input", default="", help="cleaned-text folder (default: <work_dir>/clean)")
-    parser.add_argument("--out", default="", help="shard folder (default: data.shard_dir or derived)")
+    parser.add_argument("--out", default="", help="shard folder or s3:// / gs:// URL (shards are "
+                        "uploaded as they finish, the manifest last; default: data.shard_dir)")
     parser.add_argument("--num-shards", type=int, default=None, help="same as --data.num_shards")
     parser.add_argument("--shard-index", type=int, default=None, help="same as --data.shard_index")
     parser.add_argument("--force", action="store_true", help="rewrite this job's shards even if complete")
@@ -468,9 +349,9 @@ def cli_main(cfg, args) -> int:
     from megapt.data.sources import apply_split_args
 
     apply_split_args(cfg.data, args)
-    m = shard_corpus(cfg, clean_dir=args.input or None, out_dir=args.out or None, force=args.force,
+    out = location(args.out) if args.out else cfg.shard_dir
+    m = shard_corpus(cfg, clean_dir=args.input or None, out_dir=out, force=args.force,
                      progress=cfg.logging.progress)
-    out = Path(args.out) if args.out else cfg.shard_dir
     k, i = cfg.data.num_shards, cfg.data.shard_index
     print(f"shard: job {i}/{k}: {summary(m)} -> {out}")
     if k > 1:

@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 import torch
 
 from megapt.config import ConfigError
+from megapt.urls import location
 
 
 @torch.no_grad()
@@ -73,7 +74,7 @@ def evaluate_lm(cfg, model, tok, *, texts: list[str], shard_dir: str, split: str
     def batches():
         if texts:
             return text_windows(tok, texts, seq_len, batch_size)
-        sd = Path(shard_dir) if shard_dir else cfg.shard_dir
+        sd = location(shard_dir) if shard_dir else cfg.shard_dir  # a folder or a URL
         return shard_batches(cfg, sd, split, batch_size, tok.sha256)
 
     where = ", ".join(texts) if texts else f"{shard_dir or cfg.shard_dir} [{split}]"
@@ -132,7 +133,8 @@ def add_args(p) -> None:
     p.add_argument("--from", dest="source", default="",
                    help="checkpoint dir, finetune output or HF folder (default: finetune.init_from, else newest checkpoint)")
     p.add_argument("--text", action="append", default=[], help="text file for perplexity (repeatable)")
-    p.add_argument("--shards", default="", help="shard folder (default: the config's shard_dir)")
+    p.add_argument("--shards", default="",
+                   help="shard folder or URL (default: the config's shard_dir)")
     p.add_argument("--split", default="val", choices=["val", "train"])
     p.add_argument("--data", default="", help="jsonl/csv rows (text, label) to score a fine-tuned classifier")
     p.add_argument("--batch-size", type=int, default=8)

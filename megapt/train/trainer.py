@@ -138,16 +138,17 @@ class Trainer:
         # ---- data and tokenizer ----
         self.shard_dir = self._prepare_data()
         from megapt.data.loader import build_loader
-        from megapt.data.manifest import load_manifest
+        from megapt.data.manifest import check_tokenizer, load_manifest
         from megapt.data.tokenizer import Tokenizer
 
         self._build_loader = build_loader
         self.tokenizer = Tokenizer.load(cfg.tokenizer_path)
-        self.manifest = load_manifest(self.shard_dir)
+        self.manifest = load_manifest(self.shard_dir, cfg.data.remote)
+        check_tokenizer(self.manifest, self.tokenizer)  # sha (when recorded), vocab, eos
         self.val_samples = int(self.manifest["splits"].get("val", {}).get("samples", 0))
         if self.val_samples == 0:
             log.warning("%s has no validation samples (data.val_fraction=%s): evaluation is skipped",
-                        self.shard_dir / "manifest.json", cfg.data.val_fraction)
+                        self.manifest.path, cfg.data.val_fraction)
 
         # ---- model and engine ----
         from megapt.model import ops
@@ -211,37 +212,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def _prepare_data(self) -> Path:
-        cfg = self.cfg
-        shard_dir = cfg.shard_dir
-        ready = (shard_dir / "manifest.json").is_file() and cfg.tokenizer_path.is_file()
-        if not ready:
-            if self.rank == 0:
-                log.info("shards or tokenizer missing (%s, %s): preparing data (rank 0; other ranks wait)",
-                         shard_dir / "manifest.json", cfg.tokenizer_path)
-                from megapt.data.prepare import prepare_data
+    def _prepare_data(self) -> Path | str:
+        """Shards and tokenizer on every rank; rank 0 prepares them when missing while the others
+        wait on a status file, not in a collective (megapt.data.prepare.ensure_data_for_ranks)."""
+        from megapt.data.prepare import ensure_data_for_ranks
 
-                err = None
-                try:
-                    shard_dir = Path(prepare_data(cfg))
-                except Exception as exc:  # tell the waiting ranks instead of leaving them at the barrier
-                    err = exc
-                user = isinstance(err, UserError)
-                dist.broadcast_object(None if err is None else (
-                    str(err) if user else repr(err), err.exit_code if user else None,
-                    err.kind if user else None))
-                if err:
-                    raise err
-            else:
-                msg = dist.broadcast_object(None)
-                if msg:
-                    text, code, kind = msg
-                    if code is None:  # a bug on rank 0: its traceback is there
-                        raise RuntimeError(f"rank 0 failed to prepare the data: {text}")
-                    err = UserError(f"rank 0 failed to prepare the data: {text}")
-                    err.exit_code, err.kind = code, kind
-                    raise err
-        return Path(shard_dir)
+        return ensure_data_for_ranks(self.cfg, rank=self.rank, world_size=self.world_size,
+                                     gather=dist.all_gather_object, log=log.info)
 
     def _fault_injection(self) -> tuple[set, Optional[int]]:
         steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}

@@ -68,3 +68,32 @@ def test_two_point_sweep_writes_valid_json(tmp_path):
     same = subprocess.run([sys.executable, "-m", "megapt", "bench", "compare", str(out), str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=60)
     assert same.returncode == 0, same.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_loader_bench_remote_reads_every_shard_cold_and_none_warm(tmp_path, monkeypatch):
+    """`megapt bench loader --source remote`: disk vs a local S3 server (moto on 127.0.0.1); a
+    cold cache fetches the whole set, a warm one fetches nothing, and the stall is measured."""
+    from megapt.bench import loader
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+              "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.setenv(k, "")  # restored afterwards; the benchmark sets them for its server
+    out = tmp_path / "loader.json"
+    assert loader.main(["--source", "remote", "--samples", "1024", "--shard-samples", "256",
+                        "--seq-len", "64", "--world-sizes", "1", "2", "--workers", "0",
+                        "--batches", "20", "--step-ms", "2", "--seconds", "0.2",
+                        "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rem = doc["remote"]
+    assert rem["server"].startswith("moto") and rem["url"].startswith("s3://")
+    runs = rem["runs"]
+    assert {r["source"] for r in runs} == {"disk", "s3-cold", "s3-warm"} and len(runs) == 12
+    for r in runs:
+        assert r["tokens_per_s"] > 0 and 0 <= r["stall_fraction"] <= 1
+        if r["source"] == "s3-cold":  # the shuffle window spans the set: all of it comes over
+            assert r["downloaded_mb"] == pytest.approx(rem["set_mb"], abs=0.01)
+        if r["source"] == "s3-warm":
+            assert r["downloads"] == 0
+    assert doc["runs"] == []  # --source remote skips the disk settings sweep

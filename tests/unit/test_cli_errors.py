@@ -23,6 +23,8 @@ CASES: dict[tuple, tuple[list[str], int, str]] = {
     ("data", "shard"): (["--input", "EMPTY"], EXIT_DATA, "spm.model: tokenizer not found"),
     ("data", "merge"): (["--dir", "EMPTY"], EXIT_DATA, "EMPTY: no partial manifests"),
     ("data", "verify"): (["--dir", "EMPTY"], EXIT_DATA, "manifest.json: not found"),
+    ("data", "index"): (["EMPTY", "--vocab-size=512", "--eos-id=1"], EXIT_DATA,
+                        "EMPTY: no *.tar files to index"),
     ("data", "prepare"): (["--data.sources=[{path: MISSING}]"], EXIT_DATA, NO_SOURCE),
     ("finetune",): (["--finetune.task=classify", "--finetune.init_from=MISSING",
                      "--finetune.train_file=x.jsonl"], EXIT_CHECKPOINT, NO_MODEL),

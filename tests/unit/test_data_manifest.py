@@ -9,8 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from megapt.data.manifest import (ShardError, check_tokenizer, iter_shard, load_manifest, verify_dir,
-                                  verify_shard)
+from megapt.data.manifest import check_tokenizer, load_manifest, verify_dir
+from megapt.data.tarformat import ShardError, iter_shard, verify_shard
 from megapt.data.shard import write_token_dataset
 
 SEQ = 8

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from megapt.data.clean import run_clean
-from megapt.data.manifest import MANIFEST, ShardError, iter_shard, load_manifest, merge_manifests, verify_dir
-from megapt.data.shard import shard_corpus, write_shards, write_token_dataset
+from megapt.data.manifest import MANIFEST, load_manifest, merge_manifests, verify_dir
+from megapt.data.shard import shard_corpus, write_token_dataset
+from megapt.data.tarformat import ShardError, iter_shard, write_shards
 from megapt.data.sources import DataError
 from megapt.data.tokenizer import Tokenizer, train_tokenizer
 from test_data_util import tiny_cfg

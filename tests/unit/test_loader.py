@@ -62,16 +62,15 @@ def test_shards_from_the_data_writer_take_the_fast_paths(shards):
 
     import numpy as np
 
-    from megapt.data.loader import _fixed_stride_rows, _PartialShard
-    from megapt.data.manifest import iter_shard
+    from megapt.data.tarformat import PartialShard, fixed_stride_rows, iter_shard
 
     entry = json.loads((shards / "manifest.json").read_text())["splits"]["train"]["shards"][-1]
     path = shards / entry["name"]
     ref = np.stack([t for _, t in iter_shard(path, sample_len=9, dtype="uint16")])
-    rows = _fixed_stride_rows(path.read_bytes(), path, entry["samples"], 9, "uint16")
+    rows = fixed_stride_rows(path.read_bytes(), path, entry["samples"], 9, "uint16")
     assert rows is not None and (rows == ref).all()
     for preload in (False, True):
-        data, ok = _PartialShard(path, entry, 9, "uint16", 60000, preload=preload).read(np.array([3, 0, 3]))
+        data, ok = PartialShard(path, entry, 9, "uint16", 60000, preload=preload).read(np.array([3, 0, 3]))
         assert ok.all() and (data == ref[[3, 0, 3]]).all()
 
 

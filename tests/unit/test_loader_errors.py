@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from megapt.config import ConfigError
-from megapt.data.manifest import ShardError
+from megapt.data.tarformat import ShardError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared fixtures beside this file
 from test_loader_util import data_cfg, ids_of, loaders, make_set, run_global, sample

@@ -140,7 +140,8 @@ def test_disk_full_while_megapt_writes_its_own_checkpoint_files(tmp_path):
 
 
 def test_disk_full_during_a_shard_write_leaves_earlier_shards_intact(tmp_path):
-    from megapt.data.manifest import load_manifest, verify_shard
+    from megapt.data.manifest import load_manifest
+    from megapt.data.tarformat import verify_shard
     from megapt.data.shard import write_token_dataset
 
     def rows(n, seed):
@@ -313,7 +314,7 @@ def _verbs():
 
 # the positional / required arguments a verb needs so that argparse lets it reach the config
 _REQUIRED = {("ckpt", "consolidate"): ["CKPT"], ("ckpt", "universal"): ["CKPT"], ("bench",): ["train"],
-             ("export",): ["--out", "OUT"]}
+             ("export",): ["--out", "OUT"], ("data", "index"): ["CKPT"]}
 BAD = ["--train.bogus_key=1", "--train.lr=fast", "--model.attention=flash9", "--data.seq_len=long"]
 
 
