@@ -359,6 +359,17 @@ def tensor_parallel_state_dict(ckpt: Path, ds_dir: Path, universal_dir: Path,
     return sd
 
 
+def whole_numel(module: nn.Module, name: str) -> int | None:
+    """The element count of parameter ``name`` before AutoTP cut it into shards, or None when
+    this rank holds it whole (no tensor parallelism, or a parameter AutoTP does not shard)."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+    if not isinstance(owner, (LinearLayer, LinearAllreduce)) or owner.tp_world_size <= 1:
+        return None
+    return int(torch.Size(owner._orig_weight_shape).numel())
+
+
 def local_shard(module: nn.Module, name: str, full: torch.Tensor) -> torch.Tensor:
     """This rank's part of parameter ``name`` given its whole tensor (a universal checkpoint holds
     whole tensors): under AutoTP, a column-parallel weight keeps its rows of the shard, a row-

@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from megapt.train import parallel
 from megapt.train.checkpoint import DS_TAG, UNIVERSAL_TAG, CheckpointError, weights_only_loads
 
 log = logging.getLogger("megapt.train")
@@ -233,6 +234,21 @@ def _zero0_reader(
     return read
 
 
+def _tp_local(read: Reader, module: torch.nn.Module) -> Reader:
+    """Under tensor parallelism a rank holds its AutoTP shard of wq/wk/wv/w1/w3 (rows) and wo/w2
+    (columns) while a checkpoint holds them whole: read the whole tensor and keep this rank's
+    part (``parallel.local_shard``); other parameters are read as they are."""
+
+    def read_local(name: str, numel: int) -> dict:
+        whole = parallel.whole_numel(module, name)
+        if whole is None:
+            return read(name, numel)
+        return {k: parallel.local_shard(module, name, v).reshape(-1)
+                for k, v in read(name, whole).items()}
+
+    return read_local
+
+
 def _flat(t: Any, numel: int, where: Path) -> torch.Tensor:
     t = torch.as_tensor(t)
     if t.numel() != numel:
@@ -291,6 +307,7 @@ def load_universal(engine: Any, scheduler: Any, ckpt: Path, meta: dict) -> None:
             if source_stage == 0
             else _universal_reader(ckpt)
         )
+        read = _tp_local(read, engine.module)
         if kind == "plain":
             _load_plain(base, read, names, steps)
         elif kind == "mapped":

@@ -6,7 +6,8 @@ Jobs (each one torchrun job running several Trainer scenarios through test_train
 start-up is paid once per job; a job holds one layout, as DeepSpeed's process groups are global):
   * 2 ranks, sequence_parallel 2: ZeRO-2 stopped at step 5 and resumed, the same run straight,
     ZeRO-3 straight.
-  * 2 ranks, tensor_parallel 2: ZeRO-1 stopped at 5 and resumed, straight, ZeRO-3 straight.
+  * 2 ranks, tensor_parallel 2: ZeRO-1 stopped at 5 and resumed, straight, ZeRO-3 straight, and
+    the universal SP checkpoint of step 5 (whole weights) resumed at TP 2, ZeRO-1 and ZeRO-3.
   * 4 ranks: ZeRO-3 + hpZ 2 (plain data parallel), SP 2 x DP 2 at ZeRO-1, and the 2-rank SP
     checkpoint of step 5 resumed at SP 2 x DP 2 through a universal checkpoint.
   * 1 process: the reference run, and the TP 2 checkpoint of step 5 resumed at TP 1 (universal).
@@ -130,20 +131,32 @@ def sp_job(par):
 
 
 @pytest.fixture(scope="module")
-def tp_job(par):
+def sp_universal(par, sp_job):
+    """The SP 2 ZeRO-2 checkpoint of step 5 (whole weights on every rank), converted once."""
+    sp_ckpt = par["runs"] / "sp_z2" / "checkpoints" / "step_0000005"
+    _universal(sp_ckpt, par["dir"])
+    return sp_ckpt
+
+
+@pytest.fixture(scope="module")
+def tp_job(par, sp_universal):
     common = par["common"] + ["--train.micro_batch=4"] + TP2
     z1 = ["--deepspeed.zero_stage=1"]
+    load = [f"--checkpoint.load={sp_universal}", "--checkpoint.universal=true"]
     scenarios = [_stop_resume("tp_z1", z1),
                  {"name": "tp_z1s", "phases": [["--run.name=tp_z1s"] + z1]},
-                 {"name": "tp_z3", "phases": [["--run.name=tp_z3", "--deepspeed.zero_stage=3"]]}]
+                 {"name": "tp_z3", "phases": [["--run.name=tp_z3", "--deepspeed.zero_stage=3"]]},
+                 # whole tensors into TP shards (megapt.train.reshard cuts this rank's part)
+                 {"name": "to_tp_z1", "phases": [["--run.name=to_tp_z1"] + z1 + load]},
+                 {"name": "to_tp_z3", "phases": [["--run.name=to_tp_z3",
+                                                  "--deepspeed.zero_stage=3"] + load]}]
     return _driver(common, scenarios, 2, par["dir"], "tp_job.json")
 
 
 @pytest.fixture(scope="module")
-def four_ranks(par, sp_job):
+def four_ranks(par, sp_universal):
     """hpZ first: DeepSpeed keeps the sequence-parallel mpu once an engine set it."""
-    sp_ckpt = par["runs"] / "sp_z2" / "checkpoints" / "step_0000005"
-    _universal(sp_ckpt, par["dir"])
+    sp_ckpt = sp_universal
     scenarios = [
         {"name": "hpz", "phases": [["--run.name=hpz", "--train.micro_batch=1",
                                     "--deepspeed.zero_stage=3",
@@ -195,6 +208,16 @@ def test_tensor_parallel_two_ranks_matches_one_process(par, tp_job, one_proc):
         _close_to_reference(par, name)
     _final_weights_close(par, "tp_z1")
     _final_weights_close(par, "tp_z3")
+
+
+@pytest.mark.timeout(1200)
+def test_a_checkpoint_of_whole_weights_resumes_at_tensor_parallel_2_via_universal(par, tp_job,
+                                                                                  one_proc):
+    """TP 1 -> TP 2: the universal checkpoint of SP 2's step 5 (whole weights) loaded into TP 2
+    at ZeRO-1 and ZeRO-3, each rank keeping its shard: steps 6-10 continue the 1-process run."""
+    assert tp_job["to_tp_z1"] == [{"rc": 0}] and tp_job["to_tp_z3"] == [{"rc": 0}]
+    for name in ("to_tp_z1", "to_tp_z3"):
+        _close_to_reference(par, name, first_step=6)
 
 
 @pytest.mark.timeout(1200)
