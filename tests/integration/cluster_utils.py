@@ -49,6 +49,11 @@ SEARCH_PATH = os.pathsep.join(
     [os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 )
 CTLD_PORT, SLURMD_PORT = 46817, 46818  # only ever bound inside the test's namespaces
+# Job credentials live 10 s instead of Slurm's 120 s. A requeued job keeps its credential revoked
+# until that credential expires; a job started again before then is killed by slurmd
+# ("Job credential revoked", "Killing non-startable batch JobId") and ends FAILED. The requeue
+# cycles wait this long before releasing the job.
+CRED_EXPIRE_S = 10
 NAMES = ("mgi-node1", "mgi-node2")
 SUBNET = "10.78.{}.{}"
 
@@ -341,7 +346,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={self.base}/munge/munge.socket
+AuthInfo=socket={self.base}/munge/munge.socket,cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={s}/state
 SlurmdSpoolDir={s}/spool/%n
 SlurmctldPidFile={s}/run/slurmctld.pid

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_utils import InfraUnavailable, cluster, tool_versions
+from cluster_utils import CRED_EXPIRE_S, InfraUnavailable, cluster, tool_versions
 from scale_utils import ROOT, base_env, free_port, prepare_data, tail, write_micro_config
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
@@ -197,7 +197,10 @@ def _requeue_cycle(slurm, job, send, **pending_update: str) -> int:
         )
     saved = [int(s) for s in re.findall(r"pre-emption checkpoint \(step=(\d+) ", job.text())]
     assert len(saved) == before + 1, job.text()[-4000:]
-    slurm.update(job.id, **pending_update, StartTime="now")  # skip the requeue delay (~2 min)
+    # A real cluster waits out the requeue delay (~2 min); the test skips it, but only after the
+    # revoked credential of the previous start has expired (see CRED_EXPIRE_S).
+    time.sleep(CRED_EXPIRE_S + 2)
+    slurm.update(job.id, **pending_update, StartTime="now")
     slurm.wait_job(job.id, lambda j: j["JobState"] != "PENDING", JOB_TIMEOUT, "started again")
     return saved[-1]
 
