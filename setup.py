@@ -62,5 +62,5 @@ setup(
         # `megapt bench` PNG plots (without it the JSON says plots were skipped)
         "bench": ["matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["megapt=megapt.cli:main"]},
+    entry_points={"console_scripts": ["megapt=megapt.cli:run"]},
 )

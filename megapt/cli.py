@@ -12,9 +12,12 @@ verb becomes one line ``megapt <verb>: <kind>: <message>`` on stderr and the err
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import re
 import sys
+import traceback
+from typing import NoReturn
 
 from megapt.config import describe, load_config, save_config, to_dict
 from megapt.errors import EXIT_INTERRUPTED, UsageError, UserError
@@ -115,5 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def run() -> NoReturn:
+    """The `megapt` command (console script and ``python -m megapt``): ``main`` in a process that
+    prints every thread's Python stack on a crash (faulthandler: SIGSEGV, SIGABRT, ...) and ends
+    through ``megapt.train.dist.exit_process``."""
+    from megapt.train.dist import exit_process
+
+    faulthandler.enable()
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's usage errors and --help
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # a bug: its traceback, then the same exit as any other process
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -357,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(json.dumps({k: v for k, v in r.items() if k != "predicted_rows"}))
     dist.barrier()
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megapt.train.dist import exit_process
+
+    exit_process(main())

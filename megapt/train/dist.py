@@ -21,12 +21,14 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, NoReturn, Optional
 
 log = logging.getLogger("megapt.train")
 
 DEFAULT_PORT = 29500
+_GROUP_MADE = False  # init_distributed created a process group in this process
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ def init_distributed(info: DistInfo, device: str, timeout_s: int) -> None:
     distributed_c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
                             timeout=timeout)
+    global _GROUP_MADE
+    _GROUP_MADE = True
     log.info("process group: backend=%s %s collective_timeout=%ss", backend, info.describe(), timeout_s)
 
 
@@ -206,3 +210,30 @@ def destroy() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process with ``code``; the last thing a command-line entry point does.
+
+    A process that made a process group destroys it, flushes its logs and output, and leaves with
+    ``os._exit``, skipping the interpreter's tear-down. Objects that outlive
+    ``destroy_process_group`` (DeepSpeed and the engines keep references to groups) are otherwise
+    freed during that tear-down, and gloo's worker threads, still holding finished work with
+    tensors in it, then take the GIL of a half-destroyed interpreter: the process aborts
+    ("terminate called without an active exception", SIGABRT) after the run succeeded, and the
+    launcher reports the job failed. Everything megapt writes is closed before this point
+    (checkpoints, metrics, TensorBoard); loader workers die with their parent
+    (megapt.data.workers). Processes without a group exit normally."""
+    import torch.distributed as dist
+
+    made = _GROUP_MADE or (dist.is_available() and dist.is_initialized())
+    destroy()
+    if not made:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing left to save
+            pass
+    os._exit(code)

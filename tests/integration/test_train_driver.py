@@ -78,9 +78,10 @@ def main(spec_path: str) -> int:
     if dist.rank() == 0:
         with open(spec["out"], "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
-    dist.destroy()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from megapt.train.dist import exit_process
+
+    exit_process(main(sys.argv[1]))  # destroys the group; no SIGABRT in interpreter tear-down
