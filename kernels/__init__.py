@@ -15,8 +15,30 @@ import triton, and ``chunked_linear_cross_entropy`` (pure PyTorch) works without
 The CUDA-extension RMSNorm lives in ``megapt.kernels.cuda`` (built on first use).
 """
 import importlib
+import importlib.machinery
+import importlib.util
+import os
 import sys
 import types
+
+
+def _step_aside() -> None:
+    """Imported as top-level ``kernels`` (the repository root is on sys.path, e.g. ``python -m``
+    or pytest run from a checkout), this folder would shadow the PyPI package ``kernels`` that
+    transformers >= 5.25 requires and imports (``from kernels import CUDAProperties``). Put that
+    package in our place when it is installed; without it, stay (nothing imports the name)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec(__name__, rest)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[__name__] = module  # what `import kernels` returns once this file has run
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _step_aside()  # if it did, the rest of this file defines names nobody will look up
 
 _EXPORTS = {
     "flash_attention": "flash_attn",
@@ -54,4 +76,6 @@ class _KernelsPackage(types.ModuleType):
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _KernelsPackage
+_module = sys.modules.get(__name__)
+if _module is not None and _module.__dict__ is globals():  # not when the PyPI package took over
+    _module.__class__ = _KernelsPackage

@@ -24,6 +24,22 @@ def test_installed_package_imports_kernels_under_megapt(tmp_path):
     assert Path(r.stdout.strip()).resolve().parent == (ROOT / "kernels").resolve()
 
 
+def test_a_checkout_on_sys_path_leaves_the_name_kernels_to_the_pypi_package(tmp_path):
+    # transformers >= 5.25 requires PyPI's `kernels` and runs `from kernels import CUDAProperties`
+    # on import; from the repository root (python -m, pytest) kernels/ would be found first.
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
+    pypi = _run([sys.executable, "-c", probe], cwd=tmp_path).stdout.strip()
+    if not pypi:
+        pytest.skip("PyPI's kernels package is not installed here (transformers < 5.25)")
+    code = ("import kernels, megapt.kernels as k; print(kernels.__file__); print(k.__file__); "
+            "print(callable(k.rms_norm))")
+    r = _run([sys.executable, "-c", code], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    top, ours, ok = r.stdout.split()
+    assert Path(top) == Path(pypi) and ok == "True"
+    assert Path(ours).resolve().parent == (ROOT / "kernels").resolve()
+
+
 def _have_compiler() -> bool:
     import sysconfig
 
