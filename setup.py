@@ -57,8 +57,10 @@ setup(
         "gcs": ["gcsfs>=2023.6"],
         "http": ["aiohttp>=3.8"],
         # moto[server]: the S3 server the remote-data tests start on 127.0.0.1
+        # ruff/mypy/stubs pinned: a new release may add findings, and CI fails on them (.ci/run)
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.3", "transformers>=4.45",
-                "moto[server]>=5.0", "s3fs>=2023.6"],
+                "moto[server]>=5.0", "s3fs>=2023.6",
+                "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML==6.0.12.20261122", "types-tqdm==4.70.0.20261122"],
         # `megapt bench` PNG plots (without it the JSON says plots were skipped)
         "bench": ["matplotlib>=3.7"],
     },
