@@ -514,7 +514,8 @@ def check_inputs(q, k, v, causal=True, sm_scale=None, doc_start=None) -> None:
         raise ValueError(f"megapt.kernels.flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     if k.shape[0] != B or k.shape[3] != hs:
         raise ValueError(
-            f"megapt.kernels.flash_attention: k/v {tuple(k.shape)} must share batch and head size with q {tuple(q.shape)}"
+            f"megapt.kernels.flash_attention: k/v {tuple(k.shape)} must share batch and head size "
+            f"with q {tuple(q.shape)}"
         )
     if k.shape[2] != T:
         raise ValueError(

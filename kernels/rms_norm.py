@@ -5,8 +5,9 @@
 The statistics are computed in fp32; the normalised row is rounded to ``x.dtype`` before the
 weight multiplies it, exactly like HF ``LlamaRMSNorm`` and the model's eager path, so the
 backends agree bit-for-bit up to the last multiply. The output is ``x.dtype``.
-``rms_norm_ref`` is the same formula in plain PyTorch. The backward reduces the weight gradient across rows with one fp32
-partial sum per program (deterministic, no atomics) and a final ``sum(0)``.
+``rms_norm_ref`` is the same formula in plain PyTorch. The backward reduces the weight gradient
+across rows with one fp32 partial sum per program (deterministic, no atomics) and a final
+``sum(0)``.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,8 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 _HINTS: dict[type, dict[str, Any]] = {}
+# Optional[X] / Union[X, Y] and X | None / X | Y: typing.Union and types.UnionType until Python 3.14
+_UNIONS = (Union, types.UnionType)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -328,7 +331,7 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is Union:
+    if origin in _UNIONS:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
@@ -345,7 +348,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}")
             return tp()
         return _build(tp, value, where, errors)
-    if origin is Union:
+    if origin in _UNIONS:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None

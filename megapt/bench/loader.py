@@ -3,8 +3,8 @@
 Writes synthetic shards (the DATA writer, 2048 samples a shard), then times rank 0 of a
 simulated job for DataLoader workers in {0, 2}, world sizes in {1, 8, 64} and
 verify_checksums true (each process reads and hashes whole shards: with world size W a rank
-uses 1/W of every shard it reads) and false (each process reads only its members). The target is what one H100 eats when it trains the 124M
-model (~500k tokens/s, the reference consumption rate; goal for the loader: > 2M tokens/s per
+uses 1/W of every shard it reads) and false (each process reads only its members). The target
+is what one H100 eats when it trains the 124M model (~500k tokens/s, the reference consumption rate; goal for the loader: > 2M tokens/s per
 rank). The measured baseline in the same run is a bare reader: shard bytes -> numpy view ->
 batches of consecutive samples, no checks, no shuffle, no DataLoader.
 
@@ -133,7 +133,7 @@ class LocalS3:
             except OSError:
                 if time.time() > deadline:
                     self.stop()
-                    raise SystemExit("moto.server did not start within 60 s")
+                    raise SystemExit("moto.server did not start within 60 s") from None
                 time.sleep(0.1)
         # fake credentials, this endpoint only; never the instance metadata service
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",

@@ -130,7 +130,7 @@ class MemoryMeter:
         while not self._stop.wait(self.interval_s):
             try:
                 self._peak_rss = max(self._peak_rss, self._proc.memory_info().rss)
-            except Exception:  # pragma: no cover - process going away
+            except Exception:  # noqa: BLE001  # pragma: no cover - process going away
                 return
 
     def __exit__(self, *exc):
@@ -445,7 +445,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     res["zero_stage_requested"] = cfg.deepspeed.zero_stage
     res["ds_config"] = bundle.ds_config
     res["backends"] = _describe_backends(backends)
-    del bundle, engine
+    del bundle  # the engine goes with this frame (the closures above hold it until then)
     return res
 
 
@@ -559,7 +559,7 @@ def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dic
                                    comm_timers=comm_timers)
     except ImportError as exc:
         res = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"}
-    except BaseException as exc:  # noqa: BLE001 - a sweep must survive any failure of one runner
+    except BaseException as exc:  # a sweep must survive any failure of one runner
         if isinstance(exc, KeyboardInterrupt):
             raise
         res = {"status": "oom" if is_oom(exc) else "error", "error": f"{type(exc).__name__}: {exc}"[:2000],

@@ -205,7 +205,7 @@ def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bo
     spec = MemberSpec.of(m)
     errors, checked = [], 0
     with tempfile.TemporaryDirectory(prefix="megapt-verify-") as tmp:
-        for split, s in m["splits"].items():
+        for s in m["splits"].values():
             for entry in s["shards"]:
                 checked += 1
                 path = store.local_path(entry["name"])
@@ -322,7 +322,7 @@ def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True,
         if diff:
             raise ShardError(f"{m.path}: differs from {parts[0]} in {diff}; all jobs must use "
                              f"the same config and tokenizer - re-run that job")
-        for split, s in m["splits"].items():
+        for s in m["splits"].values():
             for entry in s["shards"]:
                 if listing.get(entry["name"]) != entry["bytes"]:
                     raise ShardError(f"{join(where, entry['name'])}: listed in {parts[i]} but "

@@ -107,7 +107,9 @@ def _warn_if_stale(m: dict, cfg, log) -> None:
     """Shards are reused as they are; say so when the configured sources no longer match them."""
     from megapt.data.sources import describe_sources, sources_of
 
-    key = lambda srcs: [(s.get("path"), s.get("weight"), s.get("fingerprint")) for s in srcs]
+    def key(srcs):
+        return [(s.get("path"), s.get("weight"), s.get("fingerprint")) for s in srcs]
+
     now = describe_sources(sources_of(cfg.data))
     if m.get("sources") and key(m["sources"]) != key(now):
         log(f"prepare: warning: the shards in {cfg.shard_dir} were made from other sources or files "

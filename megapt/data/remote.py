@@ -149,7 +149,7 @@ def with_retries(fn: Callable[[], T], url: str, cfg: RemoteConfig, what: str) ->
             raise ShardError(f"{url}: {what}: access denied ({_why(exc)}); check the "
                              f"credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / gcloud auth)"
                              ) from None
-        except Exception as exc:  # noqa: BLE001 - classified below; bugs are re-raised
+        except Exception as exc:  # classified below; bugs are re-raised
             if type(exc).__name__ in _PERMANENT_NAMES:
                 raise ShardError(f"{url}: {what}: {_why(exc)}; check the credentials, region and "
                                  f"endpoint (data.remote.s3_endpoint_url)") from None

@@ -177,7 +177,7 @@ def _read_parquet(f: Path, field_: str, stats: ReadStats, start: int, k: int, i:
     stats.files += 1
     try:
         pf = pq.ParquetFile(f)
-    except Exception as exc:  # pyarrow raises several types for a bad file
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise DataError(f"{f}: not a readable parquet file ({exc})") from None
     import pyarrow as pa
 
@@ -190,7 +190,7 @@ def _read_parquet(f: Path, field_: str, stats: ReadStats, start: int, k: int, i:
                         f"source's text_field")
     n = start
     for batch in pf.iter_batches(columns=[field_], batch_size=1024):
-        for j, v in enumerate(batch.column(0).to_pylist()):
+        for v in batch.column(0).to_pylist():
             if _take(n, k, i):
                 if v is None:  # null: dropped and counted, as in every reader
                     stats.count_no_text(f"{f}:row {n - start + 1}")
@@ -241,7 +241,7 @@ def _open_hf(src: SourceConfig, stats: ReadStats | None = None):
     if _is_hf_dir(p):
         try:
             ds = datasets.load_from_disk(str(p))
-        except Exception as exc:  # datasets raises many types for a damaged folder
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types for a damaged folder
             why = f"{type(exc).__name__}: {exc}"
             raise DataError(f"{p}: not a readable HF dataset folder ({why})") from None
         if isinstance(ds, datasets.DatasetDict):
@@ -262,7 +262,7 @@ def _open_hf(src: SourceConfig, stats: ReadStats | None = None):
         (builder, _), = kinds.items()
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-        except Exception as exc:  # datasets wraps the reader's error in its own (or none)
+        except Exception as exc:  # noqa: BLE001 - datasets wraps the reader's error in its own (or none)
             _raise_if_undecodable(files if builder in ("json", "text") else [])
             cause = exc.__cause__ or exc.__context__ or exc
             why = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
@@ -335,7 +335,8 @@ def iter_source(src: SourceConfig, stats: ReadStats | None = None, *, num_shards
         reader = _read_jsonl if fmt == "jsonl" else _read_parquet if fmt == "parquet" else None
         if reader is None:
             raise DataError(f"{f}: format {fmt!r} cannot be read file by file")
-        for n, text in reader(f, src.text_field, stats, n, k, i):
+        # the reader yields (row number, text) and last (rows read, None): n carries on to the next file
+        for n, text in reader(f, src.text_field, stats, n, k, i):  # noqa: B007, B020
             if text is not None:
                 yield text
 

@@ -90,7 +90,7 @@ class Tokenizer:
         self.eos_token, self.pad_token = eos_token, pad_token
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        except Exception as exc:  # sentencepiece raises RuntimeError/OSError for bad protos
+        except Exception as exc:  # noqa: BLE001 - sentencepiece: RuntimeError/OSError for bad protos
             raise TokenizerError(f"{path or 'tokenizer'}: not a valid sentencepiece model ({exc}); "
                                  f"delete it and run `megapt tokenizer train`") from None
         self.sha256 = hashlib.sha256(self._proto).hexdigest()

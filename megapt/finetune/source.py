@@ -102,7 +102,7 @@ def _load_weights_file(path: Path, cfg) -> Source:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for a damaged header
+    except Exception as exc:  # noqa: BLE001 - safetensors: its own error types for a bad header
         raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
     if WEIGHTS_META_ARGS not in meta:
         raise ExportError(f"{path}: a safetensors file without megapt's model config in its "

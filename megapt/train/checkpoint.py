@@ -143,7 +143,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 
 def find_latest_valid(root: Path, hashes: bool = True) -> Optional[Path]:
-    for step, p in reversed(list_checkpoints(root)):
+    for _step, p in reversed(list_checkpoints(root)):
         problems = verify_checkpoint(p, hashes=hashes)
         if not problems:
             return p

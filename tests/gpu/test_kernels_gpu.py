@@ -65,9 +65,9 @@ def test_flash_attention_gpu(B, nh, nkv, T, hs, causal, dtype):
     ref = _grads(flash_attention_ref, [q, k, v], do, causal=causal)  # fp32 math
     low = _grads(_attn_lowp, [t.to(dtype) for t in (q, k, v)], do.to(dtype), causal=causal)
     out = _grads(flash_attention, [t.to(dtype) for t in (q, k, v)], do.to(dtype), causal=causal)
-    for name, o, r, l in zip(("o", "dq", "dk", "dv"), out, ref, low):
+    for name, o, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
         assert o.dtype == dtype
-        _close(f"{name} {B},{nh},{nkv},{T},{hs} causal={causal} {dtype}", o, r, l)
+        _close(f"{name} {B},{nh},{nkv},{T},{hs} causal={causal} {dtype}", o, r, lo)
 
 
 def test_flash_attention_gpu_fp32_inputs():
@@ -135,8 +135,8 @@ def test_flash_attention_doc_mask_gpu(B, nh, nkv, T, hs, mean_len):
     ref = _grads(flash_attention_ref, [q, k, v], do, doc_start=ds)  # fp32 math, explicit mask
     low = _grads(_attn_lowp, [t.to(dtype) for t in (q, k, v)], do.to(dtype), doc_start=ds)
     out = _grads(flash_attention, [t.to(dtype) for t in (q, k, v)], do.to(dtype), doc_start=ds)
-    for name, o, r, l in zip(("o", "dq", "dk", "dv"), out, ref, low):
-        _close(f"doc {name} {B},{nh},{nkv},{T},{hs} mean_len={mean_len}", o, r, l)
+    for name, o, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
+        _close(f"doc {name} {B},{nh},{nkv},{T},{hs} mean_len={mean_len}", o, r, lo)
 
 
 def test_flash_attention_doc_mask_one_document_equals_causal_gpu():
@@ -171,9 +171,9 @@ def test_rms_norm_gpu(impl, shape, dtype):
     ref = _grads(rms_norm_ref, [x.double(), w.double()], dy.double(), eps=1e-5)
     low = _grads(lowp, [x.to(dtype), w.to(dtype)], dy.to(dtype), eps=1e-5)
     out = _grads(rms_norm, [x.to(dtype), w.to(dtype)], dy.to(dtype), eps=1e-5)
-    for name, o, r, l in zip(("y", "dx", "dw"), out, ref, low):
+    for name, o, r, lo in zip(("y", "dx", "dw"), out, ref, low):
         # dw sums over up to 8k rows: allow the fp32-accumulation difference to scale with them
-        _close(f"{impl} {name} {shape} {dtype}", o, r, l, atol=ATOL[dtype] * (4 if name == "dw" else 1))
+        _close(f"{impl} {name} {shape} {dtype}", o, r, lo, atol=ATOL[dtype] * (4 if name == "dw" else 1))
 
 
 # ----------------------------------------------------------------------------- rope
@@ -207,8 +207,8 @@ def test_rope_gpu(dtype):
                    x[..., hs // 2:] * c[None, :, None] + x[..., :hs // 2] * s[None, :, None]], -1)
         for x in (q, k)), *args)
     out = run(apply_rope, *args)
-    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
-        _close(f"rope {name} {dtype}", o, r, l)
+    for name, o, r, lo in zip(("q", "k", "dq", "dk"), out, ref, low):
+        _close(f"rope {name} {dtype}", o, r, lo)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -232,8 +232,8 @@ def test_rope_per_sample_positions_gpu(dtype):
     args = [t.to(dtype) for t in (q, k, cos, sin)]
     low = run(apply_rope_ref, q.to(dtype), k.to(dtype), cos.to(dtype).float(), sin.to(dtype).float())
     out = run(apply_rope, *args)
-    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
-        _close(f"rope per-sample {name} {dtype}", o, r, l)
+    for name, o, r, lo in zip(("q", "k", "dq", "dk"), out, ref, low):
+        _close(f"rope per-sample {name} {dtype}", o, r, lo)
 
 
 # ----------------------------------------------------------------------------- linear + CE
@@ -265,7 +265,7 @@ def test_fused_linear_cross_entropy_gpu(dtype):
     ref = run(fused_linear_cross_entropy_ref, h.double(), w.double())
     low, peak_full = peak_of(fused_linear_cross_entropy_ref)
     out, peak_fused = peak_of(fused_linear_cross_entropy)
-    for name, o, r, l in zip(("loss", "dh", "dw"), out, ref, low):
-        _close(f"ce {name} {dtype}", o, r, l)
+    for name, o, r, lo in zip(("loss", "dh", "dw"), out, ref, low):
+        _close(f"ce {name} {dtype}", o, r, lo)
     # the full-logits path holds (N, V) logits, their fp32 copy and gradient; fused never does
     assert peak_fused < 0.5 * peak_full, f"fused peak {peak_fused / 2**20:.0f} MiB vs full {peak_full / 2**20:.0f} MiB"

@@ -41,7 +41,7 @@ class _Server:
             except OSError:
                 if time.time() > deadline:
                     self.kill()
-                    raise RuntimeError(f"{cmd[:4]} did not listen on {port} within 60 s")
+                    raise RuntimeError(f"{cmd[:4]} did not listen on {port} within 60 s") from None
                 time.sleep(0.1)
 
     @property

@@ -316,7 +316,7 @@ def test_universal_resume_matches_the_uninterrupted_run_for_every_stage(runs, so
     ref = torch.load(d / f"{ref_name}.pt", weights_only=True)
     ref_meta = json.loads((_ckpt(r, ref_name, STEPS) / "megapt.json").read_text())
     problems, measured = [], {}
-    for src, target in [c for c in _cases(world) if c[0] == source]:
+    for _src, target in [c for c in _cases(world) if c[0] == source]:
         name = f"w{world}s{source}{target}"
         result = runs[f"resume{world}"][f"s{source}{target}"]
         if result != [{"rc": 0}]:

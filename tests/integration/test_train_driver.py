@@ -67,7 +67,7 @@ def main(spec_path: str) -> int:
                     results.setdefault(sc["name"], []).append({"rc": rc})
                     if sc.get("dump") and phase is sc["phases"][-1]:
                         dump_optimizer(trainer.engine, sc["dump"])
-                except Exception as exc:  # recorded; the test decides whether it was expected
+                except Exception as exc:  # noqa: BLE001 - recorded; the test decides whether it was expected
                     results.setdefault(sc["name"], []).append({"error": type(exc).__name__, "msg": str(exc)})
         finally:
             for k, v in saved.items():

@@ -53,7 +53,7 @@ def main(out: str) -> int:
         total = share.detach().clone()
         dist.all_reduce(total)
         worst = 0.0
-        for (n, p), q in zip(sp.named_parameters(), ref.parameters()):
+        for p, q in zip(sp.parameters(), ref.parameters()):
             grad = p.grad.clone()
             dist.all_reduce(grad)
             worst = max(worst, float((grad - q.grad).norm() / q.grad.norm()))

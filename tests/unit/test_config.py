@@ -174,3 +174,27 @@ def test_every_numeric_key_has_a_range_and_its_default_is_in_it():
     assert sorted(numeric) == sorted(RANGES)
     for key, default in numeric.items():
         assert default is None or in_range(default, RANGES[key]), (key, default)
+
+
+def test_pep604_optionals_check_like_typing_optional():
+    # `X | None` (what ruff's pyupgrade writes for Optional[X]) must convert and be reported
+    # exactly as Optional[X]: a wrong value is an error naming the key, None is allowed.
+    import dataclasses
+    from typing import Optional
+
+    from megapt.config import _build
+
+    @dataclasses.dataclass
+    class Old:
+        n: Optional[int] = None
+
+    @dataclasses.dataclass
+    class New:
+        n: int | None = None
+
+    for cls in (Old, New):
+        errors: list[str] = []
+        assert _build(cls, {"n": 3}, "s", errors).n == 3 and not errors
+        assert _build(cls, {"n": None}, "s", errors).n is None and not errors
+        _build(cls, {"n": "x"}, "s", errors)
+        assert errors == ["s.n: expected int or NoneType, got str 'x'"], cls

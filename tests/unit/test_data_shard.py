@@ -148,7 +148,9 @@ def test_validation_split_is_by_document_and_independent_of_processes(corpus, tm
     cfg, tok = corpus
     m1 = run_job(cfg, tok, tmp_path / "a", num_proc=1)
     m2 = run_job(cfg, tok, tmp_path / "b", num_proc=2)
-    sha = lambda m: [(e["name"], e["sha256"]) for s in ("train", "val") for e in m["splits"][s]["shards"]]
+    def sha(m):
+        return [(e["name"], e["sha256"]) for s in ("train", "val") for e in m["splits"][s]["shards"]]
+
     assert sha(m1) == sha(m2)  # byte-identical shards with 1 and 2 worker processes
     assert m1["docs"]["val"] > 0 and m1["splits"]["val"]["samples"] > 0
     # no document is in both splits: decode the val stream, split at EOS, compare with train

@@ -23,7 +23,7 @@ WORDS = {"a": "alpha apple avocado anchor arrow", "b": "bravo banana butter bott
 
 def _texts():
     out = []
-    for k, w in WORDS.items():
+    for w in WORDS.values():
         ws = w.split()
         for i in range(12):
             out.append(" ".join(ws[(i + j) % 5] for j in range(3 + i % 3)))

@@ -98,7 +98,6 @@ class Tiny(nn.Module):
 
 def test_weight_decay_only_on_matrices():
     groups = {g["name"]: g for g in param_groups(Tiny(), 0.1)}
-    m = Tiny()
     assert len(groups["decay"]["params"]) == 1 and groups["decay"]["params"][0].shape == (4, 4)
     assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
     shapes = sorted(tuple(p.shape) for p in groups["no_decay"]["params"])

@@ -176,11 +176,11 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
             if c["mode"] == "fwd":
                 def fn(attn=attn):
                     with torch.no_grad():
-                        return attn(q, k, v)
+                        return attn(q, k, v)  # noqa: B023, F821 - called by measure() in this iteration
                 rows.append(measure(row, fn, work=flops / 1e12, unit="tflops", quick=quick, memory=bool(doc_len)))
             else:
                 def fn(attn=attn):
-                    attn(q, k, v).backward(do)
+                    attn(q, k, v).backward(do)  # noqa: B023, F821 - called by measure() in this iteration
                 rows.append(measure(row, fn, work=flops / 1e12, unit="tflops", grad_to_none=[q, k, v],
                                     quick=quick, memory=bool(doc_len)))
             del attn

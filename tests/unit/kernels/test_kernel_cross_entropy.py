@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
-from megapt.kernels import cross_entropy  # noqa: E402  (module: its WGRAD_SLICE_ELEMENTS is patched)
+from megapt.kernels import cross_entropy  # the module: its WGRAD_SLICE_ELEMENTS is patched
 from megapt.kernels.cross_entropy import (
     chunked_linear_cross_entropy,
     fused_linear_cross_entropy,
@@ -41,8 +41,8 @@ def test_linear_ce_matches_full_logits(impl, dtype, monkeypatch):
     low = _run(fused_linear_cross_entropy_ref, hidden.to(dtype), weight.to(dtype), labels)
     for chunk_size in (8, None):
         out = _run(FNS[impl], hidden.to(dtype), weight.to(dtype), labels, chunk_size=chunk_size)
-        for name, o, r, l in zip(("loss", "dhidden", "dweight"), out, ref, low):
-            assert_close_rel_torch(f"{impl} {name} {dtype} chunk={chunk_size}", o, r, l)
+        for name, o, r, lo in zip(("loss", "dhidden", "dweight"), out, ref, low):
+            assert_close_rel_torch(f"{impl} {name} {dtype} chunk={chunk_size}", o, r, lo)
         assert out[1].dtype == dtype and out[2].dtype == dtype
 
 

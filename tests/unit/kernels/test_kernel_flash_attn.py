@@ -44,10 +44,10 @@ def _check(B, nh, nkv, T, hs, causal, dtype, sm_scale=None, seed=0, doc_start=No
     ref = _grads(flash_attention_ref, q, k, v, do, **kw)  # fp64 math
     low = _grads(_attn_lowp, q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), **kw)
     out = _grads(flash_attention, q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), **kw)
-    for name, o, r, l in zip(("o", "dq", "dk", "dv"), out, ref, low):
+    for name, o, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
         assert o.dtype == dtype
         assert_close_rel_torch(f"{name} nh={nh} nkv={nkv} T={T} causal={causal} doc={doc_start is not None} "
-                               f"{dtype}", o, r, l)
+                               f"{dtype}", o, r, lo)
 
 
 @pytest.mark.parametrize("causal", [True, False])

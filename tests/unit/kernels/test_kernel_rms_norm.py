@@ -31,9 +31,9 @@ def test_rms_norm_forward_and_grads(shape, dtype):
     ref = run(rms_norm_ref, x32.double(), w32.double(), dy32.double())
     low = run(_torch_lowp, x32.to(dtype), w32.to(dtype), dy32.to(dtype))
     out = run(rms_norm, x32.to(dtype), w32.to(dtype), dy32.to(dtype))
-    for name, o, r, l in zip(("y", "dx", "dw"), out, ref, low):
+    for name, o, r, lo in zip(("y", "dx", "dw"), out, ref, low):
         assert o.dtype == dtype
-        assert_close_rel_torch(f"{name} {shape} {dtype}", o, r, l)
+        assert_close_rel_torch(f"{name} {shape} {dtype}", o, r, lo)
 
 
 def test_rms_norm_weight_grad_sums_over_all_rows():

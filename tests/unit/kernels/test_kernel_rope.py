@@ -41,9 +41,9 @@ def _compare(q, k, cos, sin, dq, dk, dtype, label):
     low_args = [t.to(dtype) for t in (q, k, cos, sin, dq, dk)]
     low = _run(_hf_rope, *low_args)
     out = _run(apply_rope, *low_args)
-    for name, o, r, l in zip(("q", "k", "dq", "dk"), out, ref, low):
+    for name, o, r, lo in zip(("q", "k", "dq", "dk"), out, ref, low):
         assert o.dtype == dtype
-        assert_close_rel_torch(f"{label}{name} {dtype}", o, r, l)
+        assert_close_rel_torch(f"{label}{name} {dtype}", o, r, lo)
     return low_args, out, ref, low
 
 
@@ -57,8 +57,8 @@ def test_rope_forward_and_grads(B, T, nh, nkv, hs, dtype):
     cos, sin = (t.to(DEVICE) for t in _cos_sin(T, hs))
     low_args, out, ref, low = _compare(q, k, cos, sin, dq, dk, dtype, "")
     ref_fn = _run(apply_rope_ref, *low_args)
-    for name, o, r, l in zip(("q", "k", "dq", "dk"), ref_fn, ref, low):
-        assert_close_rel_torch(f"ref {name} {dtype}", o, r, l)
+    for name, o, r, lo in zip(("q", "k", "dq", "dk"), ref_fn, ref, low):
+        assert_close_rel_torch(f"ref {name} {dtype}", o, r, lo)
 
 
 def test_rope_on_strided_views_and_in_place():
