@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
-    failures, fitting = [], {}
+    failures: list = []
+    fitting: dict = {}
     for arch in args.arch:
         for label, fn, ptrs, consts, warps, stages in kernel_specs(arch, tuple(args.head_dims), args.dtype,
                                                                   args.all_configs, args.quick):

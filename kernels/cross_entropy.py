@@ -141,9 +141,9 @@ def _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_f
         logits = h @ weight.t()  # (n, V), hidden.dtype
         loss_c, grad_logits = chunk_fn(logits, labels[s:e], scale, ignore_index, compute_grad)
         loss_rows[s:e] = loss_c
-        if grad_hidden_needed:
+        if grad_hidden is not None:  # grad_hidden_needed
             torch.mm(grad_logits, weight, out=grad_hidden[s:e])  # (n, C)
-        if grad_weight_needed:
+        if grad_weight is not None:  # grad_weight_needed
             if grad_logits.dtype == acc:
                 grad_weight.addmm_(grad_logits.t(), h)  # (V, C)
             else:  # half-precision GEMMs over vocab slices, summed in fp32 (no (V, C) temporary)

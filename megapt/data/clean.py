@@ -21,6 +21,7 @@ texts kept per source are those a single job would keep (their order differs).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -447,7 +448,7 @@ def iter_mixed_lines(cfg, clean_dir: str | os.PathLike | None = None) -> Iterato
             yield from _kept_lines(f, mask)
 
     seed = cfg.run.seed
-    streams = [repeat_weighted(lambda src=src, m=m: lines(src, m), s.weight, seed, j)
+    streams = [repeat_weighted(functools.partial(lines, src, m), s.weight, seed, j)
                for j, (src, m, s) in enumerate(zip(parts, masks, srcs))]
     return streams[0] if len(streams) == 1 else mix_streams(streams, [s.weight for s in srcs], seed)
 

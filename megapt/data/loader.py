@@ -238,9 +238,9 @@ class _Plan:
     partial_reads: bool = False  # read single members instead of whole shards (see PartialShard)
     remote: RemoteConfig | None = None  # cache, prefetch and retry settings of URL sets
     prefetch: int = 0  # shards fetched ahead per remote set (resolved from remote.prefetch)
-    mix_labels: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    mix_counts: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
-    mix_cum: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    mix_labels: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
+    mix_counts: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
+    mix_cum: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
 
     def __post_init__(self):
         if self.mix_labels is None:
@@ -488,7 +488,7 @@ def _worker_init(parent_pid: int, worker_id: int) -> None:
     die_with_parent(parent_pid)
 
 
-def _as_is(record: dict) -> dict:
+def _as_is(record: Any) -> Any:
     """DataLoader collate_fn: keep the worker's record (numpy rows) as it is."""
     return record
 
@@ -751,7 +751,7 @@ class ShardLoader:
     # ---- state ----
 
     def state_dict(self) -> dict[str, Any]:
-        sets = []
+        sets: list[dict[str, Any]] = []
         for s, q in zip(self.plan.sets, self.set_positions):
             sets.append({"path": s.path, "weight": s.weight, "samples": s.samples, "position": q,
                          "epoch": q // s.samples})

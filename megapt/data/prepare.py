@@ -52,7 +52,7 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None,
 
     store = open_store(shard_dir, cfg.data.remote)
     if not force and store.exists(MANIFEST):
-        m = load_manifest(shard_dir, cfg.data.remote)
+        m: dict = load_manifest(shard_dir, cfg.data.remote)
         if not tok_path.is_file():
             raise ShardError(f"{join(shard_dir, MANIFEST)}: shards exist but their tokenizer "
                              f"{tok_path} does not; set tokenizer.path to the .model the shards "

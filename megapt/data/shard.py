@@ -101,7 +101,7 @@ def _process_block(lines: list[bytes]) -> dict:
 
     w = _WORKER
     tok = w["tok"]
-    texts = {"train": [], "val": []}
+    texts: dict[str, list[str]] = {"train": [], "val": []}
     nbytes = 0
     for line in lines:
         text = json.loads(line)["text"]

@@ -23,6 +23,7 @@ source of weight ``w`` contributes ``floor(w)`` full passes plus a hash-chosen f
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -31,7 +32,7 @@ import random
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from megapt.config import ConfigError, SourceConfig
 from megapt.errors import EXIT_DATA, UserError
@@ -403,7 +404,7 @@ def repeat_weighted(make_stream: Callable[[], Iterable], weight: float, seed: in
                 yield item
 
 
-def mix_streams(streams: list[Iterable], weights: list[float], seed: int) -> Iterator:
+def mix_streams(streams: Sequence[Iterable], weights: list[float], seed: int) -> Iterator:
     """Interleave streams: each next item comes from a source picked with probability ~ weight.
 
     Deterministic for a given seed; every item of every stream is yielded exactly once.
@@ -429,7 +430,7 @@ def iter_documents(data_cfg, stats: list[ReadStats] | None = None, *, seed: int 
     st = [ReadStats() for _ in srcs]
     if stats is not None:
         stats[:] = st
-    streams = [repeat_weighted(lambda s=s, r=r: iter_source(s, r, num_shards=k, shard_index=i), s.weight, seed, j)
+    streams = [repeat_weighted(functools.partial(iter_source, s, r, num_shards=k, shard_index=i), s.weight, seed, j)
                for j, (s, r) in enumerate(zip(srcs, st))]
     if len(streams) == 1:
         return streams[0]

@@ -28,7 +28,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from megapt.config import TokenizerConfig
 from megapt.errors import EXIT_DATA, UserError
@@ -96,7 +96,7 @@ class Tokenizer:
         self.sha256 = hashlib.sha256(self._proto).hexdigest()
         self._cache: dict[str, list[int]] = {}
         self._array_cache: dict[str, dict] = {}
-        self._segcache = None
+        self._segcache: Any = None  # a SegmentCache (C extension or its Python fallback) once chosen
         self._plain_markers: tuple[str, ...] = ("\u2581",)
         self.encoder_path, self.encoder_note = self._choose_encoder()
         self.segment_cache = self.encoder_path != PLAIN
@@ -278,7 +278,7 @@ class Tokenizer:
         return {"proto": self._proto, "path": self.path, "eos": self.eos_token, "pad": self.pad_token}
 
     def __setstate__(self, st: dict) -> None:
-        self.__init__(st["proto"], path=st["path"], eos_token=st["eos"], pad_token=st["pad"])
+        type(self).__init__(self, st["proto"], path=st["path"], eos_token=st["eos"], pad_token=st["pad"])
 
     def __repr__(self) -> str:
         return (f"Tokenizer({self.path}, vocab={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id}, "

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn as nn
@@ -394,6 +394,9 @@ class ModelOutput(dict):
 
 
 class GPT(nn.Module):
+    rope_cos: torch.Tensor  # buffers (max_seq_len, hs/2), registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, args: ModelArgs, backends: Backends | None = None, *, seed: int = 0,
                  doc_mask: bool = False, eos_id: int | None = None):
         """Build the model; unless built on the meta device, weights come from ``init_weights(seed)``.
@@ -478,7 +481,7 @@ class GPT(nn.Module):
             draw = torch.empty(p.shape, dtype=torch.float32, device=p.device)
             p.copy_(draw.normal_(0.0, std, generator=gen))
 
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GPT:
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> GPT:
         """``nn.Module.to_empty`` that keeps the model usable without ``init_weights``: it
         re-ties the head (to_empty makes a new tensor per module) and recomputes the RoPE tables
         (buffers that no checkpoint holds), so ``to_empty`` + ``load_state_dict`` is complete."""
@@ -518,7 +521,7 @@ class GPT(nn.Module):
         h = self.norm(h)  # (B, T, C)
         return self.head(h, targets, labels, return_hidden)
 
-    def run_layer(self, layer: Block, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def run_layer(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   spec: AttentionMask, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
         """One block; recomputed in backward under ``gradient_checkpointing`` while training."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -533,6 +536,7 @@ class GPT(nn.Module):
             return ModelOutput(logits=self.output(h), hidden=h if return_hidden else None)
         loss = self.output(h, targets)  # mean over this slice's labels != -100
         if self.seq_shard is not None:
+            assert labels is not None  # targets is this rank's slice of labels
             n_here = (targets != ops.IGNORE_INDEX).sum()
             loss = loss * n_here / (labels != ops.IGNORE_INDEX).sum().clamp(min=1)
         return ModelOutput(loss=loss, hidden=h if return_hidden else None)
@@ -582,6 +586,12 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B or T, ..., hs/2)
         t_dim = cos.dim() - 2
         return spec, self.local_slice(cos, dim=t_dim), self.local_slice(sin, dim=t_dim)
+
+    @overload
+    def local_slice(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor: ...
+
+    @overload
+    def local_slice(self, t: None, dim: int = 1) -> None: ...
 
     def local_slice(self, t: torch.Tensor | None, dim: int = 1) -> torch.Tensor | None:
         """This rank's slice of ``t`` along its sequence dimension ``dim`` (all of it without

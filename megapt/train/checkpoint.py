@@ -186,7 +186,7 @@ def _unb64(s: str) -> torch.Tensor:
 
 def rng_state() -> dict:
     py = random.getstate()
-    npst = np.random.get_state()
+    npst: Any = np.random.get_state()  # legacy form: (name, keys, pos, has_gauss, gauss)
     state = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
@@ -311,6 +311,7 @@ def resolve_checkpoint(cfg_ckpt: Any, root: Path) -> Optional[Path]:
     one under ``root`` when ``checkpoint.resume`` (None if there is none yet), else None.
     Rank 0 decides (hashing every file) and broadcasts the choice."""
     choice: Any = None
+    path: Optional[Path]
     if dist.rank() == 0:
         try:
             if cfg_ckpt.load:

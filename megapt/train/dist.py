@@ -49,7 +49,7 @@ class DistInfo:
                 f"master={self.master_addr}:{self.master_port}")
 
 
-def _int(env: Mapping[str, str], *names: str, default: Optional[int] = None) -> Optional[int]:
+def _int(env: Mapping[str, str], *names: str, default: int) -> int:
     for n in names:
         if env.get(n, "") != "":
             return int(env[n])

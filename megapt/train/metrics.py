@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -51,7 +51,8 @@ def truncate_rows(path: Path, start_step: int) -> int:
     number of rows moved."""
     if not path.is_file():
         return 0
-    keep, moved = [], []
+    keep: list[str] = []
+    moved: list[str] = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
@@ -85,7 +86,7 @@ class Metrics:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.tb = None
-        self._jsonl = None
+        self._jsonl: Any = None  # metrics.jsonl, open while enabled
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -38,13 +38,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
 
 from megapt.config import Config, ConfigError
-from megapt.model.gpt import GPT, AttentionCore, AttentionMask, ModelArgs
+from megapt.model.gpt import GPT, AttentionCore, AttentionMask, Block, ModelArgs
 
 log = logging.getLogger("megapt.train")
 
@@ -227,8 +227,9 @@ def prepare_model(model: nn.Module, layout: Layout, mpu: Any) -> nn.Module:
         raise ConfigError("train.sequence_parallel: needs megapt's GPT (seq_shard, attention core)")
     group = mpu.get_sequence_parallel_group()
     model.seq_shard = (mpu.get_sequence_parallel_rank(), layout.sp)
-    for layer in model.layers:
-        layer.attention.core = UlyssesAttention(layer.attention.core, group, layout.sp)
+    for layer in cast("list[Block]", model.layers):
+        # a drop-in for the core (same call); typed as the AttentionCore it wraps
+        layer.attention.core = UlyssesAttention(layer.attention.core, group, layout.sp)  # type: ignore[assignment]
     return model
 
 

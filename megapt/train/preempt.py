@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,7 +75,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def mark_saved(step: int, checkpoint: Optional[Path], env: Optional[dict] = None) -> Optional[Path]:
+def mark_saved(step: int, checkpoint: Optional[Path], env: Optional[Mapping[str, str]] = None) -> Optional[Path]:
     """Collective, after the pre-emption save returned on every rank: rank 0 writes the marker
     named by ``$MEGAPT_PREEMPT_MARKER`` (nothing when unset). A second barrier keeps every rank
     alive until the marker exists, so a launcher that kills the step when the first rank exits can

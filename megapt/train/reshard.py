@@ -213,7 +213,7 @@ def _zero0_reader(
             "inside DeepSpeed's FP16_Optimizer, which a universal load does not read)"
         )
     names = [g["params"] for g in saved_groups] if saved_groups else target_names
-    index = {}
+    index: dict[str, Any] = {}
     for gi, group in enumerate(osd["param_groups"]):
         if gi < len(names):
             index.update(zip(names[gi], group["params"]))
