@@ -31,8 +31,7 @@ def _gpus() -> int:
 
 
 def _train(tmp, name, nproc, extra):
-    sys.path.insert(0, str(ROOT / "tests" / "integration"))
-    from scale_utils import base_env, free_port, write_micro_shards
+    from tests.integration.scale_utils import base_env, free_port, write_micro_shards
 
     d = tmp / "data"
     if not d.exists():

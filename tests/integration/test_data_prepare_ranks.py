@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from scale_utils import ROOT, base_env, free_port
+from tests.integration.scale_utils import ROOT, base_env, free_port
 
 TIMEOUT_S = 5  # train.collective_timeout_s: far shorter than preparing the built-in corpus
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from megapt.data.tokenizer import train_tokenizer
 from megapt.finetune.source import load_source, save_weights
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.ops import Backends
-from scale_utils import free_port
+from tests.integration.scale_utils import free_port
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 WORDS = {"a": "alpha apple avocado anchor arrow", "b": "bravo banana butter bottle button",

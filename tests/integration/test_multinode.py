@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from scale_utils import (ADDRS, IFNAME, ROOT, base_env, free_port, kill_all, prepare_data, start, tail, two_hosts,
+from tests.integration.scale_utils import (ADDRS, IFNAME, ROOT, base_env, free_port, kill_all, prepare_data, start, tail, two_hosts,
                          wait_all, write_micro_config)
 
 LAUNCH_TIMEOUT = 200  # seconds per scenario (CPU start-up of torch + DeepSpeed dominates)
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.infra, pytest.mark.slow]  # network namespaces (root)
 
 
 @pytest.fixture(scope="module")

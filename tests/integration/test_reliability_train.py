@@ -108,7 +108,7 @@ def _ckpts(run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from scale_utils import write_micro_shards
+    from tests.integration.scale_utils import write_micro_shards
 
     d = tmp_path_factory.mktemp("reliability")
     write_micro_shards(d, SHARD_SAMPLES)

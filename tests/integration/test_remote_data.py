@@ -26,16 +26,15 @@ from megapt.config import RemoteConfig
 from megapt.data.loader import build_loader
 from megapt.data.manifest import load_manifest
 from megapt.data.tarformat import ShardError
-from scale_utils import ROOT, base_env, prepare_data, write_micro_config
-from servers import HttpServer, S3Server
+from tests.integration.scale_utils import ROOT, base_env, prepare_data, write_micro_config
+from tests.integration.servers import HttpServer, S3Server
 
-sys.path.insert(0, str(ROOT / "tests" / "unit"))  # the loader test fixtures
-from test_loader_util import data_cfg, ids_of, loaders, make_set, run_global
+from tests.unit.loader_util import data_cfg, ids_of, loaders, make_set, run_global
 
 N = 100  # samples: 7 shards of 16 (ids 0-15 in train-000-00000.tar, ...), the last one of 4
 B = 4
 URL = "s3://bkt/set"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.infra, pytest.mark.slow]  # real S3 (moto) and HTTP servers
 
 
 @pytest.fixture(scope="module")

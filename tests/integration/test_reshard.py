@@ -29,13 +29,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from scale_utils import base_env, free_port, kill_all, start, tail, wait_all, write_micro_shards
+from tests.integration.scale_utils import base_env, free_port, kill_all, start, tail, wait_all, write_micro_shards
 
 from megapt.train import checkpoint as ck
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 600
-DRIVER = Path(__file__).with_name("test_train_driver.py")
+DRIVER = Path(__file__).with_name("train_driver.py")
 STEPS, LOAD, CLIP = 20, 4, 1.0
 STAGES = (0, 1, 2, 3)
 MICRO = [

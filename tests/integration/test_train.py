@@ -3,7 +3,7 @@
 Exact resume, ZeRO 0-3 at 2 ranks vs 1 process on the same global batch, gradient accumulation,
 NaN steps skipped on every rank, incompatible checkpoints, resharding through a universal
 checkpoint. Scenarios run inside one driver process per world size (tests/integration/
-test_train_driver.py) to pay start-up once; the exact-resume checks use fresh processes via the CLI.
+train_driver.py) to pay start-up once; the exact-resume checks use fresh processes via the CLI.
 """
 import json
 import os
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DRIVER = Path(__file__).with_name("test_train_driver.py")
+DRIVER = Path(__file__).with_name("train_driver.py")
 STEPS = 6
 # micro model: 2 layers, d 64, vocab 512, seq 32; global batch 4 sequences per step
 MICRO = ["--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2",
@@ -75,7 +75,7 @@ def curve(run_dir, key="loss"):
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     """A tokenizer (vocab 512) and shards (seq 32) made from a few stdlib files: ~650 samples."""
-    from scale_utils import write_micro_shards
+    from tests.integration.scale_utils import write_micro_shards
 
     d = tmp_path_factory.mktemp("train")
     write_micro_shards(d, 256)

@@ -2,7 +2,7 @@
 against one process: CPU, gloo, fp32, the micro model (2 layers, d 64, 4 heads on 2 KV heads,
 seq 32), the same global batch of 4 rows and seed everywhere, 10 optimizer steps.
 
-Jobs (each one torchrun job running several Trainer scenarios through test_train_driver.py, so
+Jobs (each one torchrun job running several Trainer scenarios through train_driver.py, so
 start-up is paid once per job; a job holds one layout, as DeepSpeed's process groups are global):
   * 2 ranks, sequence_parallel 2: ZeRO-2 stopped at step 5 and resumed, the same run straight,
     ZeRO-3 straight.
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scale_utils import base_env, free_port, write_micro_shards
+from tests.integration.scale_utils import base_env, free_port, write_micro_shards
 
 ROOT = Path(__file__).resolve().parents[2]
-DRIVER = Path(__file__).with_name("test_train_driver.py")
+DRIVER = Path(__file__).with_name("train_driver.py")
 ULYSSES_CHECK = Path(__file__).with_name("ulysses_check.py")
 STEPS = 10
 LOSS_RTOL, GN_RTOL, WEIGHT_RTOL = 1e-5, 1e-4, 1e-4

@@ -10,7 +10,7 @@ from megapt.cli import main
 from megapt.config import CleanConfig
 from megapt.data.clean import Cleaner, char_fractions, normalize, run_clean
 from megapt.data.sources import DataError
-from test_data_util import make_docs, tiny_cfg, write_jsonl
+from tests.unit.data_util import make_docs, tiny_cfg, write_jsonl
 
 LONG = "A perfectly ordinary sentence about tokens and shards. " * 3  # passes every default filter
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from megapt.cli import main
 from megapt.data.manifest import load_manifest
-from test_data_util import make_docs, write_jsonl
+from tests.unit.data_util import make_docs, write_jsonl
 
 
 def overrides(tmp_path, *extra):

@@ -15,7 +15,7 @@ from megapt.data.shard import shard_corpus, write_token_dataset
 from megapt.data.tarformat import ShardError, iter_shard, write_shards
 from megapt.data.sources import DataError
 from megapt.data.tokenizer import Tokenizer, train_tokenizer
-from test_data_util import tiny_cfg
+from tests.unit.data_util import tiny_cfg
 
 
 def read_split(shard_dir, split):

@@ -10,7 +10,7 @@ import pytest
 from megapt.config import DataConfig, SourceConfig
 from megapt.data.sources import (DataError, ReadStats, iter_documents, iter_source, mix_streams, repeat_weighted,
                                  stdlib_files)
-from test_data_util import make_docs, write_jsonl
+from tests.unit.data_util import make_docs, write_jsonl
 
 DOCS = make_docs(12, seed=3)
 

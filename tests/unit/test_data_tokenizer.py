@@ -10,7 +10,7 @@ import pytest
 from megapt.config import TokenizerConfig
 from megapt.data.tokenizer import (Tokenizer, TokenizerError, TokenizerNotFoundError, _segcache_module,
                                    sidecar_path, train_tokenizer, training_sentences)
-from test_data_util import make_docs
+from tests.unit.data_util import make_docs
 
 SAMPLES = [
     "def f(x):\n    return x  # two  spaces\n\n\nclass A:\n\tpass\n",

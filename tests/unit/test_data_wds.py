@@ -4,7 +4,6 @@ megapt's loader streams with its global order and exact resume."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,7 @@ import webdataset as wds
 from megapt.cli import main
 from megapt.data.manifest import load_manifest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared fixtures beside this file
-from test_loader_util import VOCAB, data_cfg, loaders, make_set, run_global, sample
+from tests.unit.loader_util import VOCAB, data_cfg, loaders, make_set, run_global, sample
 
 SEQ = 8
 COUNTS = (20, 17, 13, 9)  # samples per foreign shard; the last one becomes the val split

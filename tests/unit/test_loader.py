@@ -5,16 +5,13 @@ lock-step; the global order is rank 0's batch, then rank 1's, ... for each micro
 """
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from megapt.data.loader import build_loader
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared fixtures beside this file
-from test_loader_util import data_cfg, ids_of, loaders, make_set, run_global
+from tests.unit.loader_util import data_cfg, ids_of, loaders, make_set, run_global
 
 N = 100  # samples in the main set: 6 shards of 16 + one of 4
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -14,8 +13,7 @@ import pytest
 from megapt.config import ConfigError
 from megapt.data.tarformat import ShardError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared fixtures beside this file
-from test_loader_util import data_cfg, ids_of, loaders, make_set, run_global, sample
+from tests.unit.loader_util import data_cfg, ids_of, loaders, make_set, run_global, sample
 
 N = 100  # 7 shards: train-000-00000.tar (ids 0-15) ... train-000-00006.tar (ids 96-99)
 SHARD = "train-000-00002.tar"  # ids 32..47

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
+from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 from megapt.kernels import cross_entropy  # the module: its WGRAD_SLICE_ELEMENTS is patched
 from megapt.kernels.cross_entropy import (
     chunked_linear_cross_entropy,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from kernel_testing import DEVICE, assert_close_rel_torch
+from tests.unit.kernels.kernel_testing import DEVICE, assert_close_rel_torch
 from megapt.kernels.flash_attn import doc_mask_ref, doc_start_from_ids, flash_attention, flash_attention_ref
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
+from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 from megapt.kernels.rms_norm import rms_norm, rms_norm_ref
 
 

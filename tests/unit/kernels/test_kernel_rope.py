@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
+from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 from megapt.kernels.rope import apply_rope, apply_rope_, apply_rope_ref
 
 

@@ -1,8 +1,8 @@
 """Runs several Trainer scenarios in one process (or one torchrun job) to pay the import and
 process-group start-up once; used by test_train.py, not a test module itself.
 
-    python tests/integration/test_train_driver.py spec.json
-    torchrun --nproc_per_node 2 tests/integration/test_train_driver.py spec.json
+    python tests/integration/train_driver.py spec.json
+    torchrun --nproc_per_node 2 tests/integration/train_driver.py spec.json
 
 spec = {"common": ["--section.key=value", ...], "out": "results.json",
         "scenarios": [{"name": str, "env": {VAR: value}, "phases": [[overrides...], ...],

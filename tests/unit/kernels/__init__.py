@@ -1,0 +1,1 @@
+"""Kernel tests: Triton kernels against their PyTorch references (CPU: TRITON_INTERPRET=1)."""
