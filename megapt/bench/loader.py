@@ -4,9 +4,10 @@ Writes synthetic shards (the DATA writer, 2048 samples a shard), then times rank
 simulated job for DataLoader workers in {0, 2}, world sizes in {1, 8, 64} and
 verify_checksums true (each process reads and hashes whole shards: with world size W a rank
 uses 1/W of every shard it reads) and false (each process reads only its members). The target
-is what one H100 eats when it trains the 124M model (~500k tokens/s, the reference consumption rate; goal for the loader: > 2M tokens/s per
-rank). The measured baseline in the same run is a bare reader: shard bytes -> numpy view ->
-batches of consecutive samples, no checks, no shuffle, no DataLoader.
+is what one H100 eats when it trains the 124M model (~500k tokens/s, the reference consumption
+rate; goal for the loader: > 2M tokens/s per rank). The measured baseline in the same run is a
+bare reader: shard bytes -> numpy view -> batches of consecutive samples, no checks, no shuffle,
+no DataLoader.
 
     megapt bench loader                                    # ~2 min on 2 cores
     megapt bench loader --script-args "--seconds 2 --workers 0 --world-sizes 1 --verify true"
