@@ -131,7 +131,7 @@ def run() -> NoReturn:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # a bug: its traceback, then the same exit as any other process
+    except BaseException:  # noqa: BLE001 - a bug: its traceback, then the same exit as any other process
         traceback.print_exc()
         code = 1
     exit_process(code)
