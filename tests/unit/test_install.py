@@ -27,8 +27,10 @@ def test_installed_package_imports_kernels_under_megapt(tmp_path):
 def test_a_checkout_on_sys_path_leaves_the_name_kernels_to_the_pypi_package(tmp_path):
     # transformers >= 5.25 requires PyPI's `kernels` and runs `from kernels import CUDAProperties`
     # on import; from the repository root (python -m, pytest) kernels/ would be found first.
-    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')"
-    pypi = _run([sys.executable, "-c", probe], cwd=tmp_path).stdout.strip()
+    probe = ("import importlib.machinery as m, os, sys; "
+             "path = [p for p in sys.path if os.path.abspath(p or '.') != sys.argv[1]]; "
+             "s = m.PathFinder.find_spec('kernels', path); print(s.origin if s else '')")
+    pypi = _run([sys.executable, "-c", probe, str(ROOT)], cwd=tmp_path).stdout.strip()
     if not pypi:
         pytest.skip("PyPI's kernels package is not installed here (transformers < 5.25)")
     code = ("import kernels, megapt.kernels as k; print(kernels.__file__); print(k.__file__); "
