@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from megapt.hardware import select_peak
 from megapt.model.gpt import ModelArgs
 from megapt.planner import model_args
+from megapt.train.optim import adamw_impl, param_groups
 
 RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
@@ -237,13 +238,11 @@ def build_hf_llama(args, device: str):
 
 
 def _adamw(model, train_cfg, cuda: bool):
+    """AdamW over the engine's parameter groups (``megapt.train.optim.param_groups``: no decay on
+    norms, biases and embeddings) with the engine's fused/foreach choice."""
     import torch
 
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    from megapt.train.engine import adamw_impl  # the engine's choice: fused where torch has it
-
+    groups = param_groups(model, train_cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
                              eps=train_cfg.eps, **adamw_impl(groups))
 

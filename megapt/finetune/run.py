@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from megapt.config import ConfigError
 from megapt.finetune import data as D
-from megapt.finetune.freeze import apply_freezing, param_groups
+from megapt.finetune.freeze import apply_freezing
 from megapt.finetune.source import Source, load_source, save_weights
+from megapt.train.optim import param_groups
 
 log = logging.getLogger("megapt.finetune")
 
@@ -336,7 +337,8 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     counts = apply_freezing(model, n_layers, freeze_embeddings=ft.freeze_embeddings,
                             freeze_layers=ft.freeze_layers, freeze_pattern=ft.freeze_pattern,
                             train_head_only=ft.train_head_only, train_top_layers=ft.train_top_layers)
-    groups = param_groups(model, n_layers, ft.lr, ft.weight_decay, ft.layer_lr_decay, ft.head_lr_mult)
+    groups = param_groups(model, ft.weight_decay, lr=ft.lr, n_layers=n_layers,
+                          layer_lr_decay=ft.layer_lr_decay, head_lr_mult=ft.head_lr_mult)
 
     steps_per_epoch = math.ceil(len(train_ex) / ft.batch_size)
     total = ft.max_steps or steps_per_epoch * ft.epochs

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from megapt.config import ConfigError, load_config
-from megapt.train.engine import GuardedAdamW, LRSchedule, build_ds_config, param_groups
+from megapt.train.engine import GuardedAdamW, LRSchedule, build_ds_config
+from megapt.train.optim import param_groups
 
 
 def cfg_with(*overrides):
@@ -195,7 +196,8 @@ def test_one_rank_zero0_skips_the_identity_allreduce_with_identical_gradients(tm
 
 def test_adamw_is_fused_where_torch_has_the_kernel():
     # CPU (torch >= 2.4) and CUDA have a fused AdamW: 5.6x faster than foreach on CPU at 124m
-    from megapt.train.engine import adamw_impl, build_optimizer
+    from megapt.train.engine import build_optimizer
+    from megapt.train.optim import adamw_impl
 
     m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     for over in ([], ["--train.precision=bf16", "--deepspeed.zero_stage=1"]):
