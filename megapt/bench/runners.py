@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from megapt.hardware import select_peak
 from megapt.model.gpt import ModelArgs
 from megapt.planner import model_args
-from megapt.train.optim import adamw_impl, param_groups
+from megapt.train.optim import ScheduledLR, adamw_impl, lr_schedule, param_groups
 
 RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
@@ -464,9 +464,7 @@ def _torch_loop(model, cfg, *, device: str, warmup: int, steps: int, data: str, 
     cuda = device == "cuda"
     precision = cfg.train.precision
     opt = _adamw(model, cfg.train, cuda)
-    from megapt.train.engine import lr_schedule  # plain function of the config; no deepspeed import
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))  # the trainer's warmup + decay
+    sched = ScheduledLR(opt, lr_schedule(cfg))  # the trainer's warmup + decay
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
     ga = cfg.train.grad_accum
     batches = make_batches(cfg, data, device)

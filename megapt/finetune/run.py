@@ -40,7 +40,7 @@ from megapt.config import ConfigError
 from megapt.finetune import data as D
 from megapt.finetune.freeze import apply_freezing
 from megapt.finetune.source import Source, load_source, save_weights
-from megapt.train.optim import param_groups
+from megapt.train.optim import LRSchedule, param_groups
 
 log = logging.getLogger("megapt.finetune")
 
@@ -348,7 +348,7 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     # ---- the DeepSpeed engine, as `megapt train` builds it: ZeRO stage, precision, grad accumulation
     # and clipping from cfg.train / cfg.deepspeed. finetune.batch_size rows per optimizer step are
     # split over world_size x grad_accum micro-batches.
-    from megapt.train.engine import LRSchedule, create_engine, effective_zero_stage, gathered
+    from megapt.train.engine import create_engine, effective_zero_stage, gathered
 
     ga = cfg.train.grad_accum
     ecfg = copy.deepcopy(cfg)
@@ -359,7 +359,7 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     stage = effective_zero_stage(cfg)
     if stage == 3:
         say("ZeRO stage 3: evaluation and best-weight snapshots gather parameters on every rank")
-    # warmup then linear decay to 0 at `total`; LambdaLR scales each group's own peak LR by it
+    # warmup then linear decay to 0 at `total`, scaling each group's own peak LR
     schedule = LRSchedule(ft.lr, 0.0, warmup, total, "linear")
     bundle = create_engine(ecfg, model, world_size=world,
                            param_groups=[{k: v for k, v in g.items() if k != "names"} for g in groups],

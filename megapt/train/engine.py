@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from megapt.config import Config, ConfigError
 from megapt.train import parallel
-from megapt.train.optim import adamw_impl, param_groups
+from megapt.train.optim import LRSchedule, ScheduledLR, adamw_impl, lr_schedule, param_groups
 
 log = logging.getLogger("megapt.train")
 
@@ -181,37 +181,6 @@ def merge_user_ds_config(ours: dict, user: dict, path: str, cfg: Config) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LRSchedule:
-    """Linear warmup from peak/warmup to peak, then cosine/linear decay to ``min_lr`` at ``max_steps``
-    (constant: stays at peak). ``lr(step)`` is the rate used for optimizer step ``step`` (0-based)."""
-
-    peak: float
-    min_lr: float
-    warmup: int
-    max_steps: int
-    kind: str = "cosine"
-
-    def lr(self, step: int) -> float:
-        if self.warmup > 0 and step < self.warmup:
-            return self.peak * (step + 1) / self.warmup
-        if self.kind == "constant":
-            return self.peak
-        span = max(1, self.max_steps - self.warmup)
-        frac = min(1.0, max(0.0, (step - self.warmup) / span))
-        if self.kind == "linear":
-            return self.peak + (self.min_lr - self.peak) * frac
-        return self.min_lr + 0.5 * (self.peak - self.min_lr) * (1.0 + math.cos(math.pi * frac))
-
-    def __call__(self, step: int) -> float:  # LambdaLR multiplier
-        return self.lr(step) / self.peak
-
-
-def lr_schedule(cfg: Config) -> LRSchedule:
-    t = cfg.train
-    return LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.schedule)
-
-
 def global_grad_norm(grad_groups: list[list[torch.Tensor]]) -> torch.Tensor:
     """The global L2 norm of the gradients, ``grad_groups`` holding one list per optimizer group,
     computed the way DeepSpeed 0.19.8's ZeRO-1/2 optimizer computes it (``get_grad_norm_direct`` and
@@ -329,7 +298,7 @@ def _skip_cpu_shm_comm_build() -> None:
 class EngineBundle:
     engine: Any  # deepspeed.DeepSpeedEngine
     optimizer: Any
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: ScheduledLR
     ds_config: dict
     schedule: LRSchedule
 
@@ -351,7 +320,8 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     ``param_groups`` (fine-tuning; needs ``model`` as a module): explicit optimizer groups, each a dict
     with ``params`` (trainable parameters only: nothing else gets optimizer state or a ZeRO
     partition), ``lr`` (that group's peak LR) and ``weight_decay``. ``schedule`` replaces the one
-    from ``train.*``; its multiplier ``lr(step) / peak`` scales every group's own peak LR.
+    from ``train.*``; its multiplier ``lr(step) / peak`` scales every group's own peak LR
+    (``megapt.train.optim.set_lr``).
 
     ``layout`` (sequence/tensor parallelism, ``megapt.train.parallel``): its process groups are
     made before the model, the model is prepared for it (Ulysses attention) and DeepSpeed gets
@@ -398,7 +368,7 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
 
     optimizer = build_optimizer(cfg, module, param_groups)
     schedule = schedule if schedule is not None else lr_schedule(cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = ScheduledLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config,
                                                            mpu=mpu)

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups: which parameters train, which get weight decay, at which LR.
+"""Optimizer parameter groups (which parameters train, which get weight decay, at which LR) and
+the LR schedule.
 
 One rule for pretraining (the engine), fine-tuning and the plain-PyTorch benchmark baseline:
 
@@ -12,15 +13,24 @@ One rule for pretraining (the engine), fine-tuning and the plain-PyTorch benchma
 
     groups = param_groups(model, weight_decay=0.1)                    # "decay" / "no_decay"
     groups = param_groups(model, 0.1, lr=1e-4, n_layers=12, layer_lr_decay=0.8, head_lr_mult=10)
+
+The LR schedule is a plain function of the optimizer step: ``set_lr(optimizer, schedule, step)``
+gives every group its own peak LR (``initial_lr``) times ``schedule.multiplier(step)``.
+``ScheduledLR`` is the object DeepSpeed advances after each applied step; its only state is that
+step, so a resumed run takes its LRs from the current config's schedule.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
+
+from megapt.config import Config
 
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -123,3 +133,80 @@ def adamw_impl(params) -> dict:
     if tensors and all(p.device.type in supported and torch.is_floating_point(p) for p in tensors):
         return {"fused": True}
     return {"foreach": True}
+
+
+# --------------------------------------------------------------------------------------------
+# LR schedule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LRSchedule:
+    """Linear warmup from peak/warmup to peak, then cosine/linear decay to ``min_lr`` at ``max_steps``
+    (constant: stays at peak). ``lr(step)`` is the rate used for optimizer step ``step`` (0-based)."""
+
+    peak: float
+    min_lr: float
+    warmup: int
+    max_steps: int
+    kind: str = "cosine"
+
+    def lr(self, step: int) -> float:
+        if self.warmup > 0 and step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        if self.kind == "constant":
+            return self.peak
+        span = max(1, self.max_steps - self.warmup)
+        frac = min(1.0, max(0.0, (step - self.warmup) / span))
+        if self.kind == "linear":
+            return self.peak + (self.min_lr - self.peak) * frac
+        return self.min_lr + 0.5 * (self.peak - self.min_lr) * (1.0 + math.cos(math.pi * frac))
+
+    def multiplier(self, step: int) -> float:
+        """``lr(step) / peak``: what each group's own peak LR is scaled by at ``step``."""
+        return self.lr(step) / self.peak
+
+
+def lr_schedule(cfg: Config) -> LRSchedule:
+    t = cfg.train
+    return LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.schedule)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, schedule: LRSchedule, step: int) -> None:
+    """Set every group's LR for optimizer step ``step`` (0-based): the group's own peak LR
+    (``initial_lr``, its ``lr`` when first scheduled) times ``schedule.multiplier(step)``."""
+    mult = schedule.multiplier(step)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * mult
+
+
+class ScheduledLR:
+    """Applies ``schedule`` to ``optimizer`` by ``set_lr``: at step 0 when made, then at each
+    ``step()`` (DeepSpeed calls it after every applied optimizer step, not after a skipped one).
+    ``state_dict`` holds the step count only (``last_epoch``, the name torch's schedulers use, so
+    checkpoints written with ``torch.optim.lr_scheduler.LambdaLR`` load too); the LRs always follow
+    from the schedule it was made with."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: LRSchedule):
+        self.optimizer, self.schedule, self.last_epoch = optimizer, schedule, 0
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        set_lr(optimizer, schedule, 0)
+
+    def step(self, *_: Any, **__: Any) -> None:
+        self.last_epoch += 1
+        set_lr(self.optimizer, self.schedule, self.last_epoch)
+
+    def apply(self) -> None:
+        """Set the LRs of the current step again (after a checkpoint load restored saved ones)."""
+        set_lr(self.optimizer, self.schedule, self.last_epoch)
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.apply()

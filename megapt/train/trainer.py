@@ -171,7 +171,6 @@ class Trainer:
             world_size=self.dp_world, layout=self.layout,
             init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
         self.engine, self.scheduler, self.schedule = bundle.engine, bundle.scheduler, bundle.schedule
-        self._config_schedule = dataclasses.replace(bundle.schedule)  # a copy LambdaLR loading can't touch
         self.ds_config = bundle.ds_config
         n_params = args.num_params()
         log.info("model: %s preset, %.2fM parameters (%s), backends %s, ZeRO stage %d, %s, "
@@ -365,7 +364,9 @@ class Trainer:
             reshard.load_universal(self.engine, self.scheduler, path, meta)
         else:
             ckpt_lib.load_engine_state(self.engine, path)
-        self._reapply_schedule()
+        # the saved optimizer groups carry the LR of the saved schedule (e.g. an older max_steps);
+        # this run's schedule decides the LR of the next step
+        self.scheduler.apply()
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.attempt, self.skipped_total = int(meta.get("attempt", meta["step"])), int(meta.get("skipped_total", 0))
         self.train_loader.load_state_dict(meta["loader"])
@@ -373,18 +374,6 @@ class Trainer:
         self.last_checkpoint = Path(path)
         log.info("resumed from %s: step %d, %d tokens seen%s", path, self.step, self.tokens_seen,
                  " (universal checkpoint)" if cfg.checkpoint.universal else "")
-
-    def _reapply_schedule(self) -> None:
-        """LambdaLR.load_state_dict restores the saved LRSchedule fields (e.g. an older max_steps);
-        the current config's schedule wins, and the LR of the next step is recomputed from it."""
-        fresh = dataclasses.asdict(self._config_schedule)
-        for fn in self.scheduler.lr_lambdas:
-            fn.__dict__.update(fresh)
-        step = self.scheduler.last_epoch
-        for group, base, fn in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
-                                   self.scheduler.lr_lambdas):
-            group["lr"] = base * fn(step)
-        self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
 
     # ------------------------------------------------------------------------------------------
 
