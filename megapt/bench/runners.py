@@ -409,7 +409,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     from megapt.model.gpt import GPT
     from megapt.train import dist as mdist
     from megapt.train import parallel
-    from megapt.train.engine import create_engine, effective_zero_stage
+    from megapt.train.engine import create_engine, engine_stage
 
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
@@ -440,7 +440,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     peak = _peak_for(cfg, device, measured)
     res = summarize_records(out, world_size=world, peak=peak, **_shape(cfg, args))
     res["parallel"] = {"data": layout.dp, "sequence": layout.sp, "tensor": layout.tp}
-    res["zero_stage"] = effective_zero_stage(cfg)
+    res["zero_stage"] = engine_stage(cfg.train.precision, cfg.deepspeed.zero_stage)[0]
     res["zero_stage_requested"] = cfg.deepspeed.zero_stage
     res["ds_config"] = bundle.ds_config
     res["backends"] = _describe_backends(backends)

@@ -348,7 +348,7 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     # ---- the DeepSpeed engine, as `megapt train` builds it: ZeRO stage, precision, grad accumulation
     # and clipping from cfg.train / cfg.deepspeed. finetune.batch_size rows per optimizer step are
     # split over world_size x grad_accum micro-batches.
-    from megapt.train.engine import create_engine, effective_zero_stage, gathered
+    from megapt.train.engine import create_engine, engine_stage, gathered
 
     ga = cfg.train.grad_accum
     ecfg = copy.deepcopy(cfg)
@@ -356,7 +356,7 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     if cfg.train.activation_checkpointing:  # the switch lives on the backbone (also under a head)
         src.model.gradient_checkpointing = True
         ecfg.train.activation_checkpointing = False
-    stage = effective_zero_stage(cfg)
+    stage = engine_stage(cfg.train.precision, cfg.deepspeed.zero_stage)[0]
     if stage == 3:
         say("ZeRO stage 3: evaluation and best-weight snapshots gather parameters on every rank")
     # warmup then linear decay to 0 at `total`, scaling each group's own peak LR

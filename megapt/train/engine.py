@@ -43,18 +43,22 @@ STEPS_PER_PRINT = 10**9  # DeepSpeed's own progress print: off (we log ourselves
 # --------------------------------------------------------------------------------------------
 
 
-def effective_zero_stage(cfg: Config) -> int:
-    """bf16 at stage 0 runs as stage 1 (fp32 master weights); see module docstring."""
-    if cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
-        return 1
-    return cfg.deepspeed.zero_stage
+def engine_stage(precision: str, zero_stage: int) -> tuple[int, bool]:
+    """(the ZeRO stage DeepSpeed runs for ``deepspeed.zero_stage`` at ``train.precision``, whether
+    it was raised). The one place of the rule "bf16 at ZeRO-0 runs as stage 1": DeepSpeed 0.19 keeps
+    no fp32 master weights for bf16 at stage 0, so that runs as stage 1 with fp32 gradient
+    accumulation (see the module docstring). The trainer, fine-tuning, the benchmark and the memory
+    planner all ask this function."""
+    if precision == "bf16" and zero_stage == 0:
+        return 1, True
+    return zero_stage, False
 
 
 def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
     """The DeepSpeed config for ``cfg`` at ``world_size`` data-parallel ranks (user JSON merged in).
     Under sequence/tensor parallelism that is the world size / (sp x tp) (``Layout.dp``)."""
     t, ds = cfg.train, cfg.deepspeed
-    stage = effective_zero_stage(cfg)
+    stage, raised = engine_stage(t.precision, ds.zero_stage)
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update(reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm,
@@ -90,7 +94,7 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
         "zero_allow_untested_optimizer": True,
         # no "checkpoint.load_universal": megapt loads universal checkpoints (train/reshard.py)
     }
-    if t.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+    if raised:  # bf16 at ZeRO-0 run as stage 1: fp32 gradient accumulation
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
     conf.update(parallel.ds_config_sections(cfg))  # tensor_parallel (AutoTP), when set
     if ds.config_file:
@@ -270,7 +274,7 @@ def build_optimizer(cfg: Config, model: nn.Module, groups: Optional[list[dict]] 
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     kw.update(adamw_impl(groups))
-    if effective_zero_stage(cfg) == 0 and t.precision == "fp32":
+    if engine_stage(t.precision, cfg.deepspeed.zero_stage)[0] == 0 and t.precision == "fp32":
         return GuardedAdamW(groups, max_grad_norm=t.grad_clip, **kw)
     return torch.optim.AdamW(groups, **kw)
 

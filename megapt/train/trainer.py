@@ -153,7 +153,7 @@ class Trainer:
         # ---- model and engine ----
         from megapt.model import ops
         from megapt.model.gpt import GPT, ModelArgs
-        from megapt.train.engine import create_engine, effective_zero_stage
+        from megapt.train.engine import create_engine, engine_stage
 
         self.model_args = ModelArgs.from_config(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len)
         # sequence/tensor parallelism: groups of ranks share a batch; the data-parallel world is
@@ -162,8 +162,8 @@ class Trainer:
         self.dp_rank, self.dp_world = self.layout.dp_rank(self.rank), self.layout.dp
         backends = ops.select_backends(cfg.model, self.device)
         args, seed, eos = self.model_args, cfg.run.seed, self.tokenizer.eos_id
-        self.zero_stage = effective_zero_stage(cfg)
-        if cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+        self.zero_stage, raised = engine_stage(cfg.train.precision, cfg.deepspeed.zero_stage)
+        if raised:
             log.warning("bf16 at ZeRO stage 0 keeps no fp32 master weights in DeepSpeed (training drifts): "
                         "running ZeRO stage 1 with fp32 gradient accumulation instead")
         bundle = create_engine(
