@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import statistics
 import threading
 import time
@@ -34,6 +33,7 @@ from megapt.hardware import select_peak
 from megapt.model.gpt import ModelArgs
 from megapt.planner import model_args
 from megapt.train.optim import ScheduledLR, adamw_impl, lr_schedule, param_groups
+from megapt.train.process import resolve_device, start_process
 
 RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
@@ -45,14 +45,6 @@ BASELINES = {
     "hf": ("transformers LlamaForCausalLM with the same shapes (layers, d_model, heads, kv heads, ffn, vocab, "
            "rope theta, tie), attn_implementation='sdpa', config built locally, the same AdamW loop as plain"),
 }
-
-
-def resolve_device(train_cfg) -> str:
-    import torch
-
-    if train_cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return train_cfg.device
 
 
 def summarize(values: Iterable[float]) -> dict:
@@ -402,20 +394,16 @@ def _engine_comm_timer(engine, cuda: bool) -> Callable[[], Optional[float]]:
 
 def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict,
                comm_timers: bool = False) -> dict:
-    """The trainer's engine set-up (megapt.train.dist + create_engine), timed by our loop.
+    """The trainer's engine set-up (megapt.train.process.start_process + create_engine), timed by our loop.
 
     comm_timers: time DeepSpeed's gradient reduction (``_engine_comm_timer``) and report it as comm_s."""
     from megapt.model import ops
     from megapt.model.gpt import GPT
-    from megapt.train import dist as mdist
     from megapt.train import parallel
     from megapt.train.engine import create_engine, engine_stage
 
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    info = mdist.detect_launcher_env()
-    mdist.init_distributed(info, device, cfg.train.collective_timeout_s)
-    rank, world = mdist.rank(), mdist.world_size()
+    proc = start_process(cfg)  # as the trainer: logging, device, process group, seeds
+    rank, world = proc.rank, proc.world_size
     args = model_args(cfg)
     backends = ops.select_backends(cfg.model, device)
     seed = cfg.run.seed
@@ -546,7 +534,7 @@ def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dic
     """One runner, its memory window and its failure (OOM or error) caught and recorded."""
     import torch
 
-    device = resolve_device(cfg.train)
+    device = resolve_device(cfg.train.device)
     cuda = device == "cuda"
     t0 = time.perf_counter()
     meter = MemoryMeter(cuda)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,6 +40,7 @@ from megapt.finetune import data as D
 from megapt.finetune.freeze import apply_freezing
 from megapt.finetune.source import Source, load_source, save_weights
 from megapt.train.optim import LRSchedule, param_groups
+from megapt.train.process import start_process
 
 log = logging.getLogger("megapt.finetune")
 
@@ -237,14 +237,6 @@ def load_examples(cfg, tok, max_len: int, classes: Optional[list[str]] = None):
 # --------------------------------------------------------------------------------------------
 
 
-def _device(cfg) -> str:
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device (set train.device=cpu)")
-    return cfg.train.device
-
-
 def _all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over data-parallel ranks (float64; no-op in a single process)."""
     import torch.distributed as tdist
@@ -285,7 +277,6 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     ``source``: start from this already-loaded model instead of ``finetune.init_from``.
     ``keep_engine``: also return the DeepSpeed engine as ``results["engine"]`` (tests, notebooks)."""
     import copy
-    import os
 
     from megapt.train import dist
 
@@ -296,17 +287,10 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
                           "`megapt train` only (fine-tuning runs data-parallel); set them to 1")
     if task == "none":
         raise ConfigError("finetune.task: choose classify, regress, sft or lm")
-    info = dist.detect_launcher_env()
-    device = _device(cfg)
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-        if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(1)
-    dist.init_distributed(info, device, cfg.train.collective_timeout_s)
-    rank, world = dist.rank(), dist.world_size()
+    # every rank gets run.seed: new heads and LoRA adapters start identical everywhere
+    proc = start_process(cfg, same_seed=True)
+    rank, world = proc.rank, proc.world_size
     main = rank == 0
-    torch.manual_seed(cfg.run.seed)  # same on every rank: identical heads / LoRA init everywhere
-    random.seed(cfg.run.seed)
 
     def say(msg: str) -> None:
         if main:

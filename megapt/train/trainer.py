@@ -32,22 +32,21 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import yaml
 
-from megapt.config import Config, ConfigError, save_config, to_dict
+from megapt.config import Config, save_config, to_dict
 from megapt.errors import EXIT_DATA, EXIT_NONFINITE, EXIT_OK, UserError
 from megapt.hardware import peak_flops
 from megapt.train import checkpoint as ckpt_lib
 from megapt.train import dist, parallel, reshard
 from megapt.train.metrics import Metrics, format_train_line, peak_memory_gb
+from megapt.train.process import start_process
 
 log = logging.getLogger("megapt.train")
 
@@ -59,51 +58,6 @@ FAULT_NAN_RANK = "MEGAPT_FAULT_NAN_RANK"
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def setup_logging(rank: int, all_ranks: bool) -> None:
-    """INFO on rank 0 (every rank with logging.all_ranks), WARNING elsewhere; DeepSpeed's chatter
-    stays at WARNING. Messages go through tqdm.write so a progress bar is not broken."""
-    class _Handler(logging.StreamHandler):
-        def emit(self, record):
-            try:
-                from tqdm import tqdm
-
-                tqdm.write(self.format(record), file=sys.stderr)
-            except Exception:  # pragma: no cover
-                super().emit(record)
-
-    root = logging.getLogger("megapt")
-    for h in list(root.handlers):
-        if getattr(h, "_megapt", False):
-            root.removeHandler(h)
-    h = _Handler()
-    h._megapt = True  # type: ignore[attr-defined]
-    h.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
-    root.addHandler(h)
-    root.setLevel(logging.INFO if (rank == 0 or all_ranks) else logging.WARNING)
-    root.propagate = False
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except Exception:
-        pass
-
-
-def resolve_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device (set train.device=cpu)")
-    return choice
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -123,17 +77,9 @@ class Trainer:
             raise
 
     def _start(self, cfg: Config) -> None:
-        self.info = dist.detect_launcher_env()
-        setup_logging(self.info.rank, cfg.logging.all_ranks)
-        self.device = resolve_device(cfg.train.device)
-        if self.device == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-            if self.info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-                torch.set_num_threads(1)  # the deepspeed launcher does not set it; N ranks x all cores thrash
-        log.info("distributed: %s (device %s)", self.info.describe(), self.device)
-        dist.init_distributed(self.info, self.device, cfg.train.collective_timeout_s)
-        self.rank, self.world_size = dist.rank(), dist.world_size()
-        _seed_everything(cfg.run.seed + self.rank)
+        proc = start_process(cfg)  # logging, device, process group, seeds (run.seed + rank)
+        self.info, self.device = proc.info, proc.device
+        self.rank, self.world_size = proc.rank, proc.world_size
 
         # ---- data and tokenizer ----
         self.shard_dir = self._prepare_data()
