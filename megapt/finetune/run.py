@@ -287,8 +287,9 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
                           "`megapt train` only (fine-tuning runs data-parallel); set them to 1")
     if task == "none":
         raise ConfigError("finetune.task: choose classify, regress, sft or lm")
-    # every rank gets run.seed: new heads and LoRA adapters start identical everywhere
-    proc = start_process(cfg, same_seed=True)
+    # every rank gets run.seed: new heads and LoRA adapters start identical everywhere; progress
+    # is reported by `say`, the log shows warnings only
+    proc = start_process(cfg, same_seed=True, log_level=logging.WARNING)
     rank, world = proc.rank, proc.world_size
     main = rank == 0
 

@@ -2,8 +2,8 @@
 launcher environment -> logging -> device -> process group -> seeds.
 
     proc = start_process(cfg)                   # every rank seeded with run.seed + rank
-    proc = start_process(cfg, same_seed=True)   # every rank seeded with run.seed (fine-tuning:
-                                                # new heads / LoRA start identical everywhere)
+    proc = start_process(cfg, same_seed=True, log_level=logging.WARNING)  # fine-tuning: every
+                                        # rank seeded with run.seed (heads / LoRA start identical)
     proc.device, proc.rank, proc.world_size
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ class Process:
     world_size: int
 
 
-def setup_logging(rank: int, all_ranks: bool) -> None:
-    """INFO on rank 0 (every rank with logging.all_ranks), WARNING elsewhere; DeepSpeed's chatter
-    stays at WARNING. Messages go through tqdm.write so a progress bar is not broken."""
+def setup_logging(rank: int, all_ranks: bool, level: int = logging.INFO) -> None:
+    """``level`` (INFO) on rank 0 (every rank with logging.all_ranks), WARNING elsewhere; DeepSpeed's
+    chatter stays at WARNING. Messages go through tqdm.write so a progress bar is not broken."""
     class _Handler(logging.StreamHandler):
         def emit(self, record):
             try:
@@ -51,7 +51,7 @@ def setup_logging(rank: int, all_ranks: bool) -> None:
     h._megapt = True  # type: ignore[attr-defined]
     h.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
     root.addHandler(h)
-    root.setLevel(logging.INFO if (rank == 0 or all_ranks) else logging.WARNING)
+    root.setLevel(level if (rank == 0 or all_ranks) else max(level, logging.WARNING))
     root.propagate = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
@@ -78,12 +78,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_process(cfg: Config, *, same_seed: bool = False) -> Process:
-    """Read the launcher's environment, set up logging, choose the device, create the default
+def start_process(cfg: Config, *, same_seed: bool = False, log_level: int = logging.INFO) -> Process:
+    """Read the launcher's environment, set up logging (``log_level`` on rank 0: fine-tuning
+    reports its own progress lines and logs warnings only), choose the device, create the default
     process group (gloo on CPU, nccl on CUDA, ``train.collective_timeout_s``) and seed the global
     generators with ``run.seed + rank`` (``run.seed`` on every rank with ``same_seed``)."""
     info = dist.detect_launcher_env()
-    setup_logging(info.rank, cfg.logging.all_ranks)
+    setup_logging(info.rank, cfg.logging.all_ranks, log_level)
     device = resolve_device(cfg.train.device)
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
