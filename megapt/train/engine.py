@@ -1,6 +1,7 @@
-"""DeepSpeed engine set-up: the ds_config, the optimizer, the LR schedule. The only module that
-imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoint tools, and
-reshard, which loads universal checkpoints into the engine's optimizer).
+"""DeepSpeed engine set-up: the ds_config, the optimizer (groups and LR schedule from
+``megapt.train.optim``). The only module that imports deepspeed (besides train/checkpoint and
+weights/consolidate, which only touch its checkpoint tools, and reshard, which loads universal
+checkpoints into the engine's optimizer).
 
     ds_config = build_ds_config(cfg, world_size=2)        # the single place a ds_config is made
     bundle = create_engine(cfg, lambda: GPT(args), world_size=2, seed=cfg.run.seed)

@@ -43,6 +43,7 @@ import yaml
 from megapt.config import Config, save_config, to_dict
 from megapt.errors import EXIT_DATA, EXIT_NONFINITE, EXIT_OK, UserError
 from megapt.hardware import peak_flops
+from megapt.model.sampling import generate
 from megapt.train import checkpoint as ckpt_lib
 from megapt.train import dist, parallel, reshard
 from megapt.train.metrics import Metrics, format_train_line, peak_memory_gb
@@ -327,8 +328,6 @@ class Trainer:
     def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40) -> str:
         """Text from the trained model (all ranks run it in lock-step; rank 0's text is returned)."""
         cfg = self.cfg
-        from megapt.generate import generate
-
         prompt = self.tokenizer.encode(cfg.train.sample_prompt) or [self.tokenizer.eos_id]
         prompt = prompt[-(self.model_args.max_seq_len - 1):]
         new = max(1, min(max_new_tokens, self.model_args.max_seq_len - len(prompt)))

@@ -8,13 +8,13 @@ import torch
 
 from megapt.config import ConfigError, load_config
 from megapt.data.tokenizer import train_tokenizer
-from megapt.finetune import data as D
 from megapt.finetune.freeze import apply_freezing
 from megapt.finetune.run import finetune
-from megapt.finetune.source import load_source, save_weights
+from megapt.weights.source import load_source, save_weights
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.heads import GPTForSequenceClassification, pool_hidden
 from megapt.model.ops import Backends
+from megapt.tasks import data as D
 from megapt.train.optim import param_groups
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
@@ -195,7 +195,7 @@ def test_sft_learns_response_and_saves_plain_weights(workdir, lora):
     assert res["val"]["score"] > first + (0.1 if lora else 1.0)
     src = load_source(cfg, str(root / "sft"))  # LoRA merged: plain weights, no adapters left
     assert not any("lora" in n for n, _ in src.model.named_parameters())
-    from megapt.finetune.run import lm_loss
+    from megapt.tasks.model import lm_loss
 
     ex = D.build_sft(D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response")
     assert lm_loss(src.model, ex, 3, tok.pad_id, "cpu")["loss"] == pytest.approx(res["val"]["loss"], abs=1e-4)
@@ -228,7 +228,7 @@ def test_megapt_checkpoint_folder_loads_newest_step(workdir, tmp_path):
 
 
 def test_distill_kl_matches_torch_kl_div():
-    from megapt.finetune.run import distill_kl
+    from megapt.tasks.model import distill_kl
 
     torch.manual_seed(0)
     s, t = torch.randn(5, 11), torch.randn(5, 11)
@@ -240,7 +240,7 @@ def test_distill_kl_matches_torch_kl_div():
 
 
 def test_distillation_pulls_student_toward_teacher(workdir):
-    from megapt.finetune.run import distill_kl
+    from megapt.tasks.model import distill_kl
 
     root, tok, args = workdir
     save_weights(root / "teacher", GPT(args, EAGER, seed=11), args, root / "spm.model")
