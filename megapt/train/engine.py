@@ -4,7 +4,7 @@ weights/consolidate, which only touch its checkpoint tools, and reshard, which l
 checkpoints into the engine's optimizer).
 
     ds_config = build_ds_config(cfg, world_size=2)        # the single place a ds_config is made
-    bundle = create_engine(cfg, lambda: GPT(args), world_size=2, seed=cfg.run.seed)
+    bundle = create_engine(cfg, lambda: GPT(args, seed=cfg.run.seed), world_size=2)
     bundle.engine(input_ids, labels=labels).loss -> bundle.engine.backward(loss) -> bundle.engine.step()
 
 Precision notes (measured with DeepSpeed 0.19.8):

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from megapt.config import Config, save_config, to_dict
-from megapt.errors import EXIT_DATA, EXIT_NONFINITE, EXIT_OK, UserError
+from megapt.errors import EXIT_NONFINITE, EXIT_OK, UserError
 from megapt.hardware import peak_flops
 from megapt.model.sampling import generate
 from megapt.train import checkpoint as ckpt_lib
@@ -55,10 +55,6 @@ log = logging.getLogger("megapt.train")
 # MEGAPT_FAULT_NAN_RANK (default: every rank). Used by the NaN-skip tests; never set it otherwise.
 FAULT_NAN_STEPS = "MEGAPT_FAULT_NAN_STEPS"
 FAULT_NAN_RANK = "MEGAPT_FAULT_NAN_RANK"
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 class Trainer:
