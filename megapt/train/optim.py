@@ -71,7 +71,8 @@ def decays(model: nn.Module) -> dict[int, bool]:
     """``id(parameter) -> whether it gets weight decay``: matrices yes; 1-D tensors (norm gains,
     biases) and embeddings (``nn.Embedding`` modules, or a name with "embed") no. A ZeRO-3
     partition is judged by its real shape (``ds_shape``), not its flat local piece."""
-    embed_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    embed_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+                 for p in m.parameters()}
     out = {}
     for name, p in model.named_parameters():
         shape = getattr(p, "ds_shape", p.shape)

@@ -32,8 +32,9 @@ class Process:
 
 
 def setup_logging(rank: int, all_ranks: bool, level: int = logging.INFO) -> None:
-    """``level`` (INFO) on rank 0 (every rank with logging.all_ranks), WARNING elsewhere; DeepSpeed's
-    chatter stays at WARNING. Messages go through tqdm.write so a progress bar is not broken."""
+    """``level`` (INFO) on rank 0 (every rank with logging.all_ranks), WARNING elsewhere;
+    DeepSpeed's chatter stays at WARNING. Messages go through tqdm.write so a progress bar is
+    not broken."""
     class _Handler(logging.StreamHandler):
         def emit(self, record):
             try:
@@ -78,7 +79,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_process(cfg: Config, *, same_seed: bool = False, log_level: int = logging.INFO) -> Process:
+def start_process(cfg: Config, *, same_seed: bool = False,
+                  log_level: int = logging.INFO) -> Process:
     """Read the launcher's environment, set up logging (``log_level`` on rank 0: fine-tuning
     reports its own progress lines and logs warnings only), choose the device, create the default
     process group (gloo on CPU, nccl on CUDA, ``train.collective_timeout_s``) and seed the global
@@ -89,7 +91,8 @@ def start_process(cfg: Config, *, same_seed: bool = False, log_level: int = logg
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
         if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(1)  # the deepspeed launcher does not set it; N ranks x all cores thrash
+            # the deepspeed launcher does not set it; N ranks x all cores thrash
+            torch.set_num_threads(1)
     log.info("distributed: %s (device %s)", info.describe(), device)
     dist.init_distributed(info, device, cfg.train.collective_timeout_s)
     rank, world = dist.rank(), dist.world_size()

@@ -110,8 +110,8 @@ def test_imports_go_only_to_lower_layers():
             if dst == src or target == "megapt" or src == "megapt":
                 continue
             if LAYERS[dst] >= LAYERS[src]:
-                wrong.append(f"{mods[mod].relative_to(ROOT)}:{line}: {src} (layer {LAYERS[src]}) imports "
-                             f"{target} (layer {LAYERS[dst]})")
+                wrong.append(f"{mods[mod].relative_to(ROOT)}:{line}: {src} (layer {LAYERS[src]}) "
+                             f"imports {target} (layer {LAYERS[dst]})")
     assert wrong == [], "\n".join(wrong)
 
 
