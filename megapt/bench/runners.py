@@ -39,7 +39,8 @@ RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
 
 BASELINES = {
-    "plain": ("the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW (fused on CUDA) "
+    "plain": ("the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW (fused where "
+              "torch has it) over the engine's parameter groups (no decay on norms, biases, embeddings) "
               "with the trainer's LR schedule, torch.autocast for bf16/fp16 with fp32 weights, same grad clip "
               "and accumulation"),
     "hf": ("transformers LlamaForCausalLM with the same shapes (layers, d_model, heads, kv heads, ffn, vocab, "
