@@ -269,7 +269,7 @@ def build_optimizer(cfg: Config, model: nn.Module, groups: Optional[list[dict]] 
     groups of every trainable parameter at ``train.lr`` (``megapt.train.optim.param_groups``)."""
     t = cfg.train
     groups = param_groups(model, t.weight_decay) if groups is None else check_param_groups(groups)
-    kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+    kw: dict[str, Any] = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
     if cfg.deepspeed.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds a CPU op on first use (~1 min)
 
@@ -296,7 +296,7 @@ def _skip_cpu_shm_comm_build() -> None:
 
     if get_accelerator().device_name() == "cpu" and os.environ.get("MEGAPT_DS_SHM_COMM", "0") != "1":
         # (`import deepspeed.comm.torch as m` would give the torch package: deepspeed.comm re-exports it)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -312,7 +312,7 @@ ModelFactory = Callable[[], nn.Module]
 
 
 def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_size: int,
-                  init_weights: Optional[Callable[[nn.Module, str, torch.Tensor], None]] = None,
+                  init_weights: Optional[Callable[[Any, str, torch.Tensor], None]] = None,
                   param_groups: Optional[list[dict]] = None,
                   schedule: Optional[LRSchedule] = None,
                   layout: Optional[parallel.Layout] = None) -> EngineBundle:
@@ -358,7 +358,7 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     # rank 0 of the group the parameter is partitioned over (the data-parallel
                     # group under tensor parallelism; the world otherwise)
-                    if torch.distributed.get_rank(p.ds_process_group) == 0:
+                    if torch.distributed.get_rank(p.ds_process_group) == 0:  # type: ignore[attr-defined]
                         init_weights(module, name, p)
     else:
         module = model()
@@ -369,7 +369,7 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     if cfg.train.activation_checkpointing:
         if not hasattr(module, "gradient_checkpointing"):
             raise ConfigError("train.activation_checkpointing: this model has no gradient_checkpointing switch")
-        module.gradient_checkpointing = True  # GPT recomputes each block in backward
+        module.gradient_checkpointing = True  # type: ignore[assignment]  # GPT recomputes each block in backward
 
     optimizer = build_optimizer(cfg, module, param_groups)
     schedule = schedule if schedule is not None else lr_schedule(cfg)

@@ -129,7 +129,7 @@ def adamw_impl(params) -> dict:
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     try:
         supported = set(_get_fused_kernels_supported_devices())
-    except Exception:  # private helper: if torch moves it, keep the always-available path
+    except Exception:  # noqa: BLE001 - private torch helper: if it moves, take the foreach path
         supported = set()
     if tensors and all(p.device.type in supported and torch.is_floating_point(p) for p in tensors):
         return {"fused": True}
