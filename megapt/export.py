@@ -15,7 +15,6 @@ from megapt.errors import UsageError
 from megapt.weights.hf import export_hf
 from megapt.weights.source import load_source, save_megapt
 
-
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from megapt.model.sampling import check_sampling, generate
 from megapt.quantize import quantize_int8
 from megapt.weights.source import load_source
 
-
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------

@@ -92,7 +92,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, lr: Optional[float] =
     optimizer), ``lr`` (its peak LR) and ``lr_scale`` (its LR / ``lr``)."""
     wd = decays(model)
     if lr is None:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for _, p in trainable_parameters(model):
             (decay if wd[id(p)] else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
@@ -112,9 +113,9 @@ def param_groups(model: nn.Module, weight_decay: float, *, lr: Optional[float] =
         names[key].append(name)
     out = []
     for key in sorted(params):
-        scale, no_decay, _ = key
+        scale, undecayed, _ = key
         out.append({"params": params[key], "names": names[key], "lr": lr * scale, "lr_scale": scale,
-                    "weight_decay": 0.0 if no_decay else weight_decay})
+                    "weight_decay": 0.0 if undecayed else weight_decay})
     return out
 
 
