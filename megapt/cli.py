@@ -32,14 +32,14 @@ VERBS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "index"): ("megapt.data.wds", "write a manifest for existing WebDataset token shards"),
     ("data", "prepare"): ("megapt.data.prepare", "clean + tokenizer + shards, skipping steps already done"),
     ("train",): ("megapt.train.trainer", "pretrain (DeepSpeed engine; prepares data when needed)"),
-    ("finetune",): ("megapt.finetune.run", "fine-tune: classification, regression, SFT, LoRA"),
+    ("finetune",): ("megapt.finetune.cli", "fine-tune: classification, regression, SFT, LoRA"),
     ("eval",): ("megapt.eval.evaluate", "perplexity / accuracy on held-out data"),
     ("generate",): ("megapt.generate", "sample text from a checkpoint (KV cache)"),
     ("export",): ("megapt.export", "export to / import from Hugging Face format"),
     ("plan",): ("megapt.planner", "predict per-GPU memory before launch"),
     ("bench",): ("megapt.bench.cli", "throughput / MFU / memory benchmarks"),
-    ("ckpt", "consolidate"): ("megapt.train.consolidate", "write one safetensors file from a ZeRO checkpoint"),
-    ("ckpt", "universal"): ("megapt.train.consolidate", "convert a ZeRO checkpoint to a reshardable universal one"),
+    ("ckpt", "consolidate"): ("megapt.weights.consolidate", "write one safetensors file from a ZeRO checkpoint"),
+    ("ckpt", "universal"): ("megapt.weights.consolidate", "convert a ZeRO checkpoint to a reshardable universal one"),
     ("config",): ("megapt.cli", "print the resolved config (or --describe every key)"),
 }
 

@@ -3,8 +3,11 @@
 YAML files in configs/ fill it (several files merge left to right, ``base:`` includes another
 file), then ``--section.key=value`` overrides from the command line. Unknown keys, values of the
 wrong type and values out of range (``RANGES``: every numeric key has one) are one error that
-lists every offender at once. Each component receives its own
-section (``cfg.data``, ``cfg.model`` ...), never the whole tree.
+lists every offender at once. Components that need one section get only that one (the
+tokenizer trainer ``cfg.tokenizer``, ``ModelArgs.from_config(cfg.model, ...)``, the cleaner
+``cfg.data.clean``); the run-level entry points (trainer, engine, fine-tuning, evaluation, the
+benchmark) take the whole tree, since their settings span sections (``train.*`` with
+``deepspeed.*``, ``finetune.*`` with ``train.*``...).
 
     cfg = load_config(["configs/tiny.yaml"], ["--train.lr=3e-4", "--deepspeed.zero_stage=2"])
     save_config(cfg, run_dir / "config.yaml")

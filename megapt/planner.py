@@ -79,6 +79,7 @@ from megapt.config import Config, ConfigError, parallel_combination_problems
 from megapt.hardware import GPUS
 from megapt.model.gpt import ModelArgs, ParamInfo, param_table
 from megapt.train import parallel
+from megapt.train.engine import engine_stage
 
 GIB = 1024**3
 OVERHEAD_GIB = 1.0  # CUDA context (~0.5 GB on H100) + cuBLAS workspace + NCCL buffers
@@ -158,16 +159,6 @@ def precision_bytes(precision: str) -> tuple[int, int]:
     return (4, 4) if precision == "fp32" else (2, 2)
 
 
-def engine_stage(precision: str, zero_stage: int) -> tuple[int, bool]:
-    """(ZeRO stage the engine runs, fp32 gradient accumulation?) — mirrors
-    megapt.train.engine.effective_zero_stage: bf16 at stage 0 would keep no fp32 master weights in
-    DeepSpeed 0.19, so the engine runs it as stage 1 with fp32 gradient accumulation buffers
-    (DeepSpeed's BF16_Optimizer: 2 B params + 4 B grads + 12 B / W optimizer states)."""
-    if precision == "bf16" and zero_stage == 0:
-        return 1, True
-    return zero_stage, False
-
-
 @dataclass
 class ModelStates:
     """Bytes of persistent model state on one rank's GPU and in host RAM (per rank)."""
@@ -187,7 +178,7 @@ def model_states(n_params: int, *, precision: str, zero_stage: int, world: int,
                  persistent_params: int = 0, fp32_grad_accum: bool = False) -> ModelStates:
     """Per-rank model-state bytes for ``n_params`` parameters (see the module docstring table).
 
-    ``zero_stage`` is the stage the engine runs (see :func:`engine_stage`); ``persistent_params``:
+    ``zero_stage`` is the stage the engine runs (``megapt.train.engine.engine_stage``); ``persistent_params``:
     ZeRO-3 parameters below the persistence threshold, kept whole on every rank (on top of their
     partition, as DeepSpeed keeps both); ``fp32_grad_accum``: full fp32 gradient buffers.
     """
@@ -405,6 +396,8 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     # ZeRO partitions over the data x sequence ranks (DeepSpeed's sequence-data-parallel group);
     # under tensor parallelism over the data-parallel ranks, each holding its 1/tp shards
     world = hw.world // tp
+    # bf16 at ZeRO-0 runs as stage 1 with fp32 gradient accumulation buffers (DeepSpeed's
+    # BF16_Optimizer: 2 B params + 4 B grads + 12 B / W optimizer states)
     stage, fp32_accum = engine_stage(prec, s.zero_stage)
     total = sum(p.numel for p in param_list(args))
     numels = rank_param_numels(args, tp)

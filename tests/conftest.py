@@ -40,3 +40,18 @@ def _restore_launcher_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def _restore_megapt_logger():
+    # megapt.train.process.setup_logging (train / finetune / bench run in the pytest process) gives
+    # the "megapt" logger its own stderr handler and stops propagation; a later test's caplog
+    # listens at the root logger, so each test gets the logger back as it found it.
+    import logging
+
+    log = logging.getLogger("megapt")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    yield
+    log.handlers[:] = handlers
+    log.setLevel(level)
+    log.propagate = propagate

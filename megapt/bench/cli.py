@@ -34,9 +34,10 @@ import torch
 from megapt import hardware
 from megapt.bench import report
 from megapt.bench.fingerprint import fingerprint, hostname_tag
-from megapt.bench.runners import RUNNERS, resolve_device
+from megapt.bench.runners import RUNNERS
 from megapt.bench.sweep import axis_key, load_spec, parse_axis_arg, run_sweep
 from megapt.config import Config, ConfigError, load_config, save_config, to_dict
+from megapt.train.process import resolve_device
 
 ACTIONS = ("train", "sweep", "compare", "data", "loader", "kernels", "planner")
 # `megapt bench <action>` -> the module whose main(argv) runs it; imported when the action runs
@@ -152,7 +153,7 @@ def run_train_or_sweep(cfg: Config, args, argv: Optional[list[str]] = None) -> t
                   | {pt.get("precision", pt.get("train.precision")) for pt in points} - {None})
     keys = tuple(dict.fromkeys(["fp32"] + [p for p in ("bf16", "fp16") if p in precisions]))
     print("[bench] fingerprint" + ("" if args.no_peak else " + measured matmul peak") + " ...", flush=True)
-    device = resolve_device(cfg.train)
+    device = resolve_device(cfg.train.device)
     fp = fingerprint(measure=not args.no_peak, precisions=None if device == "cuda" else keys, device=device)
     peaks = _peaks(fp, cfg)
     print(f"[bench] device {fp['device']} {fp['gpu'].get('name') or fp['cpu']['model']}; MFU peak "

@@ -1,7 +1,7 @@
 """Loader throughput per rank: samples/s and tokens/s of ``build_loader`` at seq_len 1024.
 
-Writes synthetic shards (the DATA writer, 2048 samples a shard), then times rank 0 of a
-simulated job for DataLoader workers in {0, 2}, world sizes in {1, 8, 64} and
+Writes synthetic shards (megapt's writer, data.shard.write_token_dataset; 2048 samples a shard),
+then times rank 0 of a simulated job for DataLoader workers in {0, 2}, world sizes in {1, 8, 64} and
 verify_checksums true (each process reads and hashes whole shards: with world size W a rank
 uses 1/W of every shard it reads) and false (each process reads only its members). The target
 is what one H100 eats when it trains the 124M model (~500k tokens/s, the reference consumption

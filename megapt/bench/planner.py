@@ -53,6 +53,7 @@ from megapt.config import load_config
 from megapt.hardware import GPUS, match_gpu
 from megapt.model.gpt import GPT
 from megapt.model.ops import select_backends
+from megapt.train.engine import engine_stage
 
 
 def predict_memory(cfg, world_size: int = 1) -> dict:
@@ -239,7 +240,7 @@ def run_states(precisions: list[str], stages: list[int], device: str, sp: int = 
                 if micro == 2:
                     measured = measure_states(eng)
                 eng.step()
-            eng_stage, fp32_accum = P.engine_stage(precision, stage)
+            eng_stage, fp32_accum = engine_stage(precision, stage)
             numels = P.rank_param_numels(args, tp)  # what one rank holds before ZeRO
             n = sum(numels)
             persistent = sum(k for k in numels if k < cfg.deepspeed.stage3_param_persistence_threshold) \

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import statistics
 import threading
 import time
@@ -33,25 +32,20 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from megapt.hardware import select_peak
 from megapt.model.gpt import ModelArgs
 from megapt.planner import model_args
+from megapt.train.optim import ScheduledLR, adamw_impl, lr_schedule, param_groups
+from megapt.train.process import resolve_device, start_process
 
 RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
 
 BASELINES = {
-    "plain": ("the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW (fused on CUDA) "
+    "plain": ("the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW (fused where "
+              "torch has it) over the engine's parameter groups (no decay on norms, biases, embeddings) "
               "with the trainer's LR schedule, torch.autocast for bf16/fp16 with fp32 weights, same grad clip "
               "and accumulation"),
     "hf": ("transformers LlamaForCausalLM with the same shapes (layers, d_model, heads, kv heads, ffn, vocab, "
            "rope theta, tie), attn_implementation='sdpa', config built locally, the same AdamW loop as plain"),
 }
-
-
-def resolve_device(train_cfg) -> str:
-    import torch
-
-    if train_cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return train_cfg.device
 
 
 def summarize(values: Iterable[float]) -> dict:
@@ -237,13 +231,11 @@ def build_hf_llama(args, device: str):
 
 
 def _adamw(model, train_cfg, cuda: bool):
+    """AdamW over the engine's parameter groups (``megapt.train.optim.param_groups``: no decay on
+    norms, biases and embeddings) with the engine's fused/foreach choice."""
     import torch
 
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    from megapt.train.engine import adamw_impl  # the engine's choice: fused where torch has it
-
+    groups = param_groups(model, train_cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
                              eps=train_cfg.eps, **adamw_impl(groups))
 
@@ -403,20 +395,16 @@ def _engine_comm_timer(engine, cuda: bool) -> Callable[[], Optional[float]]:
 
 def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict,
                comm_timers: bool = False) -> dict:
-    """The trainer's engine set-up (megapt.train.dist + create_engine), timed by our loop.
+    """The trainer's engine set-up (megapt.train.process.start_process + create_engine), timed by our loop.
 
     comm_timers: time DeepSpeed's gradient reduction (``_engine_comm_timer``) and report it as comm_s."""
     from megapt.model import ops
     from megapt.model.gpt import GPT
-    from megapt.train import dist as mdist
     from megapt.train import parallel
-    from megapt.train.engine import create_engine, effective_zero_stage
+    from megapt.train.engine import create_engine, engine_stage
 
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-    info = mdist.detect_launcher_env()
-    mdist.init_distributed(info, device, cfg.train.collective_timeout_s)
-    rank, world = mdist.rank(), mdist.world_size()
+    proc = start_process(cfg)  # as the trainer: logging, device, process group, seeds
+    rank, world = proc.rank, proc.world_size
     args = model_args(cfg)
     backends = ops.select_backends(cfg.model, device)
     seed = cfg.run.seed
@@ -441,7 +429,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     peak = _peak_for(cfg, device, measured)
     res = summarize_records(out, world_size=world, peak=peak, **_shape(cfg, args))
     res["parallel"] = {"data": layout.dp, "sequence": layout.sp, "tensor": layout.tp}
-    res["zero_stage"] = effective_zero_stage(cfg)
+    res["zero_stage"] = engine_stage(cfg.train.precision, cfg.deepspeed.zero_stage)[0]
     res["zero_stage_requested"] = cfg.deepspeed.zero_stage
     res["ds_config"] = bundle.ds_config
     res["backends"] = _describe_backends(backends)
@@ -465,9 +453,7 @@ def _torch_loop(model, cfg, *, device: str, warmup: int, steps: int, data: str, 
     cuda = device == "cuda"
     precision = cfg.train.precision
     opt = _adamw(model, cfg.train, cuda)
-    from megapt.train.engine import lr_schedule  # plain function of the config; no deepspeed import
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg))  # the trainer's warmup + decay
+    sched = ScheduledLR(opt, lr_schedule(cfg))  # the trainer's warmup + decay
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
     ga = cfg.train.grad_accum
     batches = make_batches(cfg, data, device)
@@ -549,7 +535,7 @@ def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dic
     """One runner, its memory window and its failure (OOM or error) caught and recorded."""
     import torch
 
-    device = resolve_device(cfg.train)
+    device = resolve_device(cfg.train.device)
     cuda = device == "cuda"
     t0 = time.perf_counter()
     meter = MemoryMeter(cuda)

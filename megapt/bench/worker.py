@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from megapt.bench.fingerprint import measured_peaks
 from megapt.bench.planner import predict_memory
-from megapt.bench.runners import resolve_device, run_one
+from megapt.bench.runners import run_one
 from megapt.config import load_config
+from megapt.train.process import resolve_device
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -35,7 +36,7 @@ def run_spec(spec: dict, out_path: Path) -> dict:
     # {key: TFLOP/s} (from the parent's fingerprint) or {key: {"tflops": ...}} (measure_matmul_tflops rows)
     measured = {k: (v.get("tflops") if isinstance(v, dict) else v) for k, v in (spec.get("measured") or {}).items()}
     if not measured:
-        dev = resolve_device(cfg.train)
+        dev = resolve_device(cfg.train.device)
         keys = ("bf16", "fp16", "tf32", "fp32") if dev == "cuda" else ("fp32", cfg.train.precision)
         measured = {k: v.get("tflops") for k, v in measured_peaks(dev, tuple(dict.fromkeys(keys))).items()}
     out = {"pid": os.getpid(), "started": time.time(), "planner": predict_memory(cfg, int(os.environ.get("WORLD_SIZE", "1"))), "runners": {}}

@@ -15,9 +15,10 @@ each file is written to ``.tmp`` and renamed, the stats file last (it marks the 
 
 Exact dedup is global, whatever the number of jobs: a job drops the duplicates it sees, and with
 ``dedup`` it also writes ``src{j:02d}-part{i:03d}-of{K:03d}.hashes`` (the 16-byte blake2b of each
-kept text, in line order). Whoever reads the cleaned text (``iter_clean_docs``, the tokenizer, the
-shard jobs) keeps only the first copy of a text across all jobs, in source-then-job order: the
-texts kept per source are those a single job would keep (their order differs).
+kept text, in line order). Whoever reads the cleaned text (``iter_mixed_docs`` for the
+tokenizer, ``iter_mixed_lines`` for the shard jobs) keeps only the first copy of a text across
+all jobs, in source-then-job order: the texts kept per source are those a single job would keep
+(their order differs).
 """
 from __future__ import annotations
 
@@ -385,17 +386,6 @@ def _kept_lines(path: Path, mask) -> Iterator[bytes]:
             raise DataError(f"{path}: {n} lines but its .hashes file lists {len(mask)} texts; "
                             f"the cleaned text changed after cleaning - run `megapt data clean "
                             f"--force`")
-
-
-def iter_clean_docs(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) -> Iterator[str]:
-    """Texts of all cleaned jsonl files (source by source, parts in job order), each distinct text
-    once across the jobs of a split run (``keep_masks``)."""
-    parts = clean_parts(clean_dir, num_jobs)
-    masks, _ = keep_masks(parts)
-    for src, src_masks in zip(parts, masks):
-        for (f, _), mask in zip(src, src_masks):
-            for line in _kept_lines(f, mask):
-                yield json.loads(line)["text"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,13 @@ from typing import Iterable, Optional
 import torch
 
 from megapt.config import ConfigError
+from megapt.data.loader import build_loader
+from megapt.quantize import quantize_int8, weight_bytes
+from megapt.tasks import data as D
+from megapt.tasks.metrics import classification_metrics, regression_metrics
+from megapt.tasks.model import build_task_model, predict
 from megapt.urls import location
+from megapt.weights.source import load_source
 
 
 @torch.no_grad()
@@ -63,8 +69,6 @@ def text_windows(tok, paths: list[str], seq_len: int, batch_size: int) -> list[d
 
 
 def shard_batches(cfg, shard_dir: Path, split: str, batch_size: int, tokenizer_sha256: Optional[str]):
-    from megapt.data.loader import build_loader
-
     return build_loader(cfg.data, shard_dir, split, rank=0, world_size=1, micro_batch=batch_size,
                         seed=cfg.run.seed, infinite=False, tokenizer_sha256=tokenizer_sha256)
 
@@ -82,8 +86,6 @@ def evaluate_lm(cfg, model, tok, *, texts: list[str], shard_dir: str, split: str
     res = {"data": where, "fp32": perplexity(model, batches(), max_batches)}
     res["fp32"]["seconds"] = round(time.time() - t0, 2)
     if int8:
-        from megapt.quantize import quantize_int8, weight_bytes
-
         before = weight_bytes(model)
         names = quantize_int8(model)
         t0 = time.time()
@@ -99,10 +101,6 @@ def evaluate_lm(cfg, model, tok, *, texts: list[str], shard_dir: str, split: str
 
 
 def evaluate_classifier(cfg, src, tok, data_file: str, batch_size: int) -> dict:
-    from megapt.eval.metrics import classification_metrics, regression_metrics
-    from megapt.finetune import data as D
-    from megapt.finetune.run import build_task_model, predict
-
     meta = src.meta
     task = meta.get("task")
     if task not in ("classify", "regress"):
@@ -145,8 +143,6 @@ def add_args(p) -> None:
 
 
 def cli_main(cfg, args) -> int:
-    from megapt.finetune.source import load_source
-
     src = load_source(cfg, args.source)
     tok = src.tokenizer()
     result: dict = {"model": src.path, "kind": src.kind}

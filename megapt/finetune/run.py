@@ -25,21 +25,31 @@ every rank evaluates, rank 0 writes.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
-import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from megapt.config import ConfigError
-from megapt.finetune import data as D
-from megapt.finetune.freeze import apply_freezing, param_groups
-from megapt.finetune.source import Source, load_source, save_weights
+from megapt.data.tokenizer import Tokenizer
+from megapt.finetune.freeze import apply_freezing
+from megapt.model.gpt import GPT, ModelArgs
+from megapt.model.lora import apply_lora, lora_state_dict, merge_lora
+from megapt.model.ops import select_backends
+from megapt.tasks import data as D
+from megapt.tasks.metrics import majority_baseline
+from megapt.tasks.model import build_task_model, check_tokenizer, evaluate_task, task_loss
+from megapt.train import dist
+from megapt.train.engine import create_engine, engine_stage, gathered
+from megapt.train.optim import LRSchedule, param_groups
+from megapt.train.process import start_process
+from megapt.weights.source import Source, load_source, save_weights
 
 log = logging.getLogger("megapt.finetune")
 
@@ -55,10 +65,6 @@ def _say(msg: str) -> None:
 
 def scratch_source(cfg) -> Source:
     """A randomly initialised model of ``cfg.model`` (for from-scratch baselines)."""
-    from megapt.data.tokenizer import Tokenizer
-    from megapt.model.gpt import GPT, ModelArgs
-    from megapt.model.ops import select_backends
-
     tok = Tokenizer.load(cfg.tokenizer_path)
     max_len = cfg.finetune.max_len or cfg.data.seq_len
     args = ModelArgs.from_config(cfg.model, vocab_size=tok.vocab_size, seq_len=max(max_len + 1, cfg.data.seq_len))
@@ -68,125 +74,6 @@ def scratch_source(cfg) -> Source:
 
 def get_source(cfg, path: str) -> Source:
     return scratch_source(cfg) if path == "scratch" else load_source(cfg, path)
-
-
-def build_task_model(src: Source, task: str, num_classes: int, pooling: str, dropout: float):
-    """classify/regress: backbone + pooled head (head weights from ``src.extra`` when present);
-    lm/sft: the backbone itself."""
-    if task in ("lm", "sft"):
-        return src.model
-    from megapt.model.heads import GPTForSequenceClassification
-
-    regression = task == "regress"
-    model = GPTForSequenceClassification(src.model, src.args.d_model, 1 if regression else num_classes,
-                                         pooling, dropout, regression)
-    if src.extra:
-        from megapt.export import load_weights
-
-        head_state = {k[len("head."):]: v.float() for k, v in src.extra.items()}
-        load_weights(model.head, head_state, f"{src.path} (head)")
-    return model
-
-
-def check_tokenizer(tok, task: str, where: str) -> None:
-    missing = []
-    for name in ("pad_id", "eos_id"):
-        v = getattr(tok, name, None)
-        if v is None or v < 0:
-            missing.append(name.replace("_id", ""))
-    if missing:
-        raise ConfigError(f"{where}: tokenizer has no {' / '.join(missing)} token, needed for {task} "
-                          "(batches are padded; SFT responses end with EOS); retrain it with "
-                          "tokenizer.pad_token / tokenizer.eos_token in tokenizer.special_tokens")
-
-
-# --------------------------------------------------------------------------------------------
-# loss / evaluation
-# --------------------------------------------------------------------------------------------
-
-
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor],
-               temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over masked positions.
-
-    logits (..., V); mask (...) bool of the positions that count (None = all)."""
-    t = temperature
-    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (...)
-    if mask is not None:
-        kl = kl[mask]
-    return kl.mean() * t * t
-
-
-def task_loss(model, batch: dict, task: str, teacher=None, alpha: float = 0.0, temperature: float = 1.0):
-    """Training loss for one batch (with optional distillation toward ``teacher``)."""
-    if task in ("lm", "sft"):
-        if teacher is None:
-            return model(batch["input_ids"], labels=batch["labels"]).loss
-        logits = model(batch["input_ids"]).logits  # (B, T, V): needed for the KL term
-        labels = batch["labels"]
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        with torch.no_grad():
-            t_logits = teacher(batch["input_ids"]).logits
-        kl = distill_kl(logits, t_logits, labels != -100, temperature)
-        return (1 - alpha) * ce + alpha * kl
-    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    if teacher is None:
-        return out.loss
-    with torch.no_grad():
-        t_logits = teacher(batch["input_ids"], batch["attention_mask"]).logits
-    if task == "regress":
-        return (1 - alpha) * out.loss + alpha * F.mse_loss(out.logits.float(), t_logits.float())
-    return (1 - alpha) * out.loss + alpha * distill_kl(out.logits, t_logits, None, temperature)
-
-
-@torch.no_grad()
-def predict(model, examples, task: str, batch_size: int, pad_id: int, device) -> tuple[list, list]:
-    """(true labels, predictions) for classify/regress."""
-    model.eval()
-    y_true, y_pred = [], []
-    for batch in D.batches(examples, batch_size, pad_id, False, 0, task == "regress"):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], batch["attention_mask"]).logits
-        if task == "regress":
-            y_pred += logits.squeeze(-1).float().tolist()
-        else:
-            y_pred += logits.argmax(-1).tolist()
-        y_true += batch["labels"].tolist()
-    return y_true, y_pred
-
-
-@torch.no_grad()
-def lm_loss(model, examples, batch_size: int, pad_id: int, device) -> dict:
-    """Token-weighted mean loss over labelled positions and its perplexity."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in D.batches(examples, batch_size, pad_id, False, 0):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"] != -100).sum())
-        total += float(model(batch["input_ids"], labels=batch["labels"]).loss) * n
-        count += n
-    loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
-
-
-def evaluate_task(model, examples, task: str, classes, batch_size: int, pad_id: int, device) -> dict:
-    """Metrics dict with a ``score`` (higher is better) used for model selection."""
-    from megapt.eval.metrics import classification_metrics, regression_metrics
-
-    if task == "classify":
-        y, p = predict(model, examples, task, batch_size, pad_id, device)
-        m = classification_metrics(y, p, classes)
-        m["score"] = m["accuracy"]
-    elif task == "regress":
-        y, p = predict(model, examples, task, batch_size, pad_id, device)
-        m = regression_metrics(y, p)
-        m["score"] = -m["mse"]
-    else:
-        m = lm_loss(model, examples, batch_size, pad_id, device)
-        m["score"] = -m["loss"]
-    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,14 +123,6 @@ def load_examples(cfg, tok, max_len: int, classes: Optional[list[str]] = None):
 # --------------------------------------------------------------------------------------------
 
 
-def _device(cfg) -> str:
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device (set train.device=cpu)")
-    return cfg.train.device
-
-
 def _all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over data-parallel ranks (float64; no-op in a single process)."""
     import torch.distributed as tdist
@@ -278,16 +157,42 @@ def micro_batches(batch: dict, rank: int, world: int, grad_accum: int) -> list[t
     return out
 
 
-def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool = False) -> dict:
-    """Run fine-tuning as configured; returns the results dict (also written as results.json).
+@dataclass
+class Setup:
+    """What ``setup`` builds for ``fit`` and ``save``: the data, the task model and its engine."""
 
-    ``source``: start from this already-loaded model instead of ``finetune.init_from``.
-    ``keep_engine``: also return the DeepSpeed engine as ``results["engine"]`` (tests, notebooks)."""
-    import copy
-    import os
+    cfg: Any
+    task: str
+    rank: int
+    world: int
+    src: Source
+    tok: Any  # megapt.data.tokenizer.Tokenizer
+    max_len: int
+    classes: Optional[list[str]]
+    train_ex: list
+    val_ex: list
+    test_ex: list
+    model: torch.nn.Module  # the task model (backbone + head) the engine wraps
+    counts: dict[str, int]  # trainable / frozen elements
+    lora_names: list[str]
+    total: int  # optimizer steps
+    eval_every: int
+    engine: Any  # deepspeed.DeepSpeedEngine
+    teacher: Optional[torch.nn.Module]
+    tb: Any = None  # TensorBoard SummaryWriter on rank 0
 
-    from megapt.train import dist
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
+    def say(self, msg: str) -> None:
+        if self.main:
+            _say(msg)
+
+
+def setup(cfg, *, tb=None, source: Optional[Source] = None) -> Setup:
+    """Process, source model, data, task model, freezing, optimizer groups, DeepSpeed engine and
+    (with ``finetune.distill_from``) the teacher."""
     ft = cfg.finetune
     task = ft.task
     if cfg.train.sequence_parallel > 1 or cfg.train.tensor_parallel > 1:
@@ -295,20 +200,13 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
                           "`megapt train` only (fine-tuning runs data-parallel); set them to 1")
     if task == "none":
         raise ConfigError("finetune.task: choose classify, regress, sft or lm")
-    info = dist.detect_launcher_env()
-    device = _device(cfg)
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-        if info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(1)
-    dist.init_distributed(info, device, cfg.train.collective_timeout_s)
-    rank, world = dist.rank(), dist.world_size()
-    main = rank == 0
-    torch.manual_seed(cfg.run.seed)  # same on every rank: identical heads / LoRA init everywhere
-    random.seed(cfg.run.seed)
+    # every rank gets run.seed: new heads and LoRA adapters start identical everywhere; progress
+    # is reported by `say`, the log shows warnings only
+    proc = start_process(cfg, same_seed=True, log_level=logging.WARNING)
+    rank, world = proc.rank, proc.world_size
 
     def say(msg: str) -> None:
-        if main:
+        if rank == 0:
             _say(msg)
 
     src = source if source is not None else get_source(cfg, ft.init_from or "")
@@ -327,8 +225,6 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
 
     lora_names: list[str] = []
     if ft.lora_rank > 0:
-        from megapt.model.lora import apply_lora
-
         lora_names = apply_lora(src.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets, ft.lora_dropout)
         if task in ("classify", "regress"):
             for p in model.head.parameters():
@@ -336,7 +232,8 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     counts = apply_freezing(model, n_layers, freeze_embeddings=ft.freeze_embeddings,
                             freeze_layers=ft.freeze_layers, freeze_pattern=ft.freeze_pattern,
                             train_head_only=ft.train_head_only, train_top_layers=ft.train_top_layers)
-    groups = param_groups(model, n_layers, ft.lr, ft.weight_decay, ft.layer_lr_decay, ft.head_lr_mult)
+    groups = param_groups(model, ft.weight_decay, lr=ft.lr, n_layers=n_layers,
+                          layer_lr_decay=ft.layer_lr_decay, head_lr_mult=ft.head_lr_mult)
 
     steps_per_epoch = math.ceil(len(train_ex) / ft.batch_size)
     total = ft.max_steps or steps_per_epoch * ft.epochs
@@ -346,24 +243,21 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     # ---- the DeepSpeed engine, as `megapt train` builds it: ZeRO stage, precision, grad accumulation
     # and clipping from cfg.train / cfg.deepspeed. finetune.batch_size rows per optimizer step are
     # split over world_size x grad_accum micro-batches.
-    from megapt.train.engine import LRSchedule, create_engine, effective_zero_stage, gathered
-
     ga = cfg.train.grad_accum
     ecfg = copy.deepcopy(cfg)
     ecfg.train.micro_batch = max(1, math.ceil(ft.batch_size / (world * ga)))
     if cfg.train.activation_checkpointing:  # the switch lives on the backbone (also under a head)
         src.model.gradient_checkpointing = True
         ecfg.train.activation_checkpointing = False
-    stage = effective_zero_stage(cfg)
+    stage = engine_stage(cfg.train.precision, cfg.deepspeed.zero_stage)[0]
     if stage == 3:
         say("ZeRO stage 3: evaluation and best-weight snapshots gather parameters on every rank")
-    # warmup then linear decay to 0 at `total`; LambdaLR scales each group's own peak LR by it
+    # warmup then linear decay to 0 at `total`, scaling each group's own peak LR
     schedule = LRSchedule(ft.lr, 0.0, warmup, total, "linear")
     bundle = create_engine(ecfg, model, world_size=world,
                            param_groups=[{k: v for k, v in g.items() if k != "names"} for g in groups],
                            schedule=schedule)
     engine = bundle.engine
-    module = engine.module
     dev = engine.device
 
     teacher = None
@@ -388,13 +282,22 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
         f"{len(test_ex)} trainable={counts['trainable']:,} frozen={counts['frozen']:,} params "
         f"in {len(groups)} groups; lora={len(lora_names)} layers; steps={total} device={dev} "
         f"engine=DeepSpeed ZeRO-{stage} {cfg.train.precision} world_size={world} grad_accum={ga}")
+    return Setup(cfg, task, rank, world, src, tok, max_len, classes, train_ex, val_ex, test_ex, model,
+                 counts, lora_names, total, eval_every, engine, teacher, tb)
 
+
+def fit(s: Setup) -> dict:
+    """The training loop with evaluation every ``eval_every`` steps and early stopping; the best
+    validation weights end up in the engine's module, and the test split is evaluated with them.
+    Returns the results (``best_step``, ``steps``, ``val``, ``history``, ``test``...)."""
+    cfg, ft, task, engine = s.cfg, s.cfg.finetune, s.task, s.engine
+    module, dev, ga = engine.module, engine.device, cfg.train.grad_accum
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
     def evaluate(examples) -> dict:
         # every rank runs the same evaluation (ZeRO-3 forwards need all ranks); rank 0's metrics
         # decide, so early stopping and best-step selection agree everywhere
-        m = evaluate_task(module, examples, task, classes, ft.batch_size, tok.pad_id, dev)
+        m = evaluate_task(module, examples, task, s.classes, ft.batch_size, s.tok.pad_id, dev)
         engine.train()
         return dist.broadcast_object(m)
 
@@ -406,12 +309,13 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     epoch = 0
     while not stop:
         engine.train()
-        for batch in D.batches(train_ex, ft.batch_size, tok.pad_id, True, cfg.run.seed + epoch, task == "regress"):
+        for batch in D.batches(s.train_ex, ft.batch_size, s.tok.pad_id, True, cfg.run.seed + epoch,
+                               task == "regress"):
             rows = len(batch["input_ids"])
             loss_sum = 0.0
-            for part, weight in micro_batches(batch, rank, world, ga):
+            for part, weight in micro_batches(batch, s.rank, s.world, ga):
                 part = {k: v.to(dev) for k, v in part.items()}
-                loss = task_loss(engine, part, task, teacher, ft.distill_alpha, ft.distill_temperature)
+                loss = task_loss(engine, part, task, s.teacher, ft.distill_alpha, ft.distill_temperature)
                 n_k = len(part["input_ids"]) if weight else 0
                 lv = float(loss.detach())
                 local, bad = _all_sum([lv * n_k, 0.0 if math.isfinite(lv) else 1.0])
@@ -422,10 +326,10 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
                 engine.step()
             step += 1
             train_loss = loss_sum / rows  # mean row loss of the batch over all ranks
-            if tb is not None and main:
-                tb.add_scalar("finetune/train_loss", train_loss, step)
-            if step % eval_every == 0 or step == total:
-                m = evaluate(val_ex)
+            if s.tb is not None and s.main:
+                s.tb.add_scalar("finetune/train_loss", train_loss, step)
+            if step % s.eval_every == 0 or step == s.total:
+                m = evaluate(s.val_ex)
                 history.append({"step": step, "train_loss": train_loss, "val_score": m["score"]})
                 improved = m["score"] > best["score"]
                 if improved:
@@ -435,14 +339,14 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
                     bad_evals = 0
                 else:
                     bad_evals += 1
-                if tb is not None and main:
-                    tb.add_scalar("finetune/val_score", m["score"], step)
-                say(f"step {step}/{total} train_loss {train_loss:.4f} val_score {m['score']:.4f}"
-                    f"{' (best)' if improved else ''} {time.time() - t0:.0f}s")
+                if s.tb is not None and s.main:
+                    s.tb.add_scalar("finetune/val_score", m["score"], step)
+                s.say(f"step {step}/{s.total} train_loss {train_loss:.4f} val_score {m['score']:.4f}"
+                      f"{' (best)' if improved else ''} {time.time() - t0:.0f}s")
                 if ft.early_stopping_patience and bad_evals >= ft.early_stopping_patience:
-                    say(f"early stop: {bad_evals} evaluations without improvement; best at step {best['step']}")
+                    s.say(f"early stop: {bad_evals} evaluations without improvement; best at step {best['step']}")
                     stop = True
-            if step >= total or stop:
+            if step >= s.total or stop:
                 stop = True
                 break
         epoch += 1
@@ -452,67 +356,56 @@ def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool
     with gathered([params[n] for n in best_state], modifier_rank=0), torch.no_grad():
         for n, v in best_state.items():
             params[n].copy_(v)
-    results = {"task": task, "init_from": src.path, "best_step": best["step"], "steps": step,
-               "val": best["metrics"], "trainable_params": counts["trainable"], "history": history}
-    if test_ex:
-        results["test"] = evaluate(test_ex)
+    results = {"task": task, "init_from": s.src.path, "best_step": best["step"], "steps": step,
+               "val": best["metrics"], "trainable_params": s.counts["trainable"], "history": history}
+    if s.test_ex:
+        results["test"] = evaluate(s.test_ex)
         if task == "classify":
-            from megapt.eval.metrics import majority_baseline
-
-            results["majority_baseline"] = majority_baseline([e.label for e in train_ex], [e.label for e in test_ex])
-        say(f"test: {json.dumps({k: v for k, v in results['test'].items() if not isinstance(v, (dict, list))})}")
-
-    out_dir = Path(ft.out_dir) if ft.out_dir else cfg.run_dir / "finetune"
-    meta = {"task": task, "classes": classes, "pooling": ft.pooling, "init_from": src.path,
-            "best_step": best["step"], "val_score": best["score"], "max_len": max_len}
-    with gathered(list(module.parameters())):  # ZeRO-3: full weights while saving (rank 0 writes)
-        if lora_names and ft.merge_lora:
-            from megapt.model.lora import merge_lora
-
-            merge_lora(src.model)
-        extra = {}
-        if task in ("classify", "regress"):
-            extra = {f"head.{k}": v for k, v in model.head.state_dict().items()}
-        if lora_names and not ft.merge_lora:
-            from megapt.model.lora import lora_state_dict
-
-            extra.update(lora_state_dict(src.model))
-        if main:  # fp32 on disk whatever the training precision
-            save_weights(out_dir, src.model, src.args, src.tokenizer_path, meta, extra)
-            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    dist.barrier()
-    results["out_dir"] = str(out_dir)
-    say(f"best step {best['step']} val_score {best['score']:.4f}; wrote {out_dir}")
-    if keep_engine:
-        results["engine"] = engine
+            results["majority_baseline"] = majority_baseline([e.label for e in s.train_ex],
+                                                             [e.label for e in s.test_ex])
+        s.say(f"test: {json.dumps({k: v for k, v in results['test'].items() if not isinstance(v, (dict, list))})}")
     return results
 
 
-def add_args(p) -> None:
-    p.add_argument("--example", choices=["stdlib"], default=None,
-                   help="run the built-in example (stdlib module-family classification; no download)")
-    p.add_argument("--example-lrs", type=float, nargs="+", default=None,
-                   help="example: LR grid per arm, best on validation kept (default 5e-4 1e-3 2e-3 4e-3)")
-    p.add_argument("--example-seeds", type=int, nargs="+", default=None,
-                   help="example: seeds to repeat each run with (default: run.seed)")
+def best_score(results: dict) -> float:
+    """The best validation score of ``fit``'s results (-inf when nothing was evaluated)."""
+    return results["val"]["score"] if results["val"] else -math.inf
 
 
-def cli_main(cfg, args) -> int:
-    if getattr(args, "example", None) == "stdlib":
-        from megapt.finetune.stdlib_example import run_example
+def save(s: Setup, results: dict) -> Path:
+    """Write the fine-tuned weights (fp32; LoRA merged or kept as tensors, the head as ``head.*``),
+    ``finetune.json`` and ``results.json`` to ``finetune.out_dir`` (rank 0 writes; at ZeRO-3 every
+    rank gathers). Returns the folder."""
+    ft, task, module = s.cfg.finetune, s.task, s.engine.module
+    out_dir = Path(ft.out_dir) if ft.out_dir else s.cfg.run_dir / "finetune"
+    meta = {"task": task, "classes": s.classes, "pooling": ft.pooling, "init_from": s.src.path,
+            "best_step": results["best_step"], "val_score": best_score(results), "max_len": s.max_len}
+    with gathered(list(module.parameters())):  # ZeRO-3: full weights while saving (rank 0 writes)
+        if s.lora_names and ft.merge_lora:
+            merge_lora(s.src.model)
+        extra = {}
+        if task in ("classify", "regress"):
+            extra = {f"head.{k}": v for k, v in s.model.head.state_dict().items()}
+        if s.lora_names and not ft.merge_lora:
+            extra.update(lora_state_dict(s.src.model))
+        if s.main:  # fp32 on disk whatever the training precision
+            save_weights(out_dir, s.src.model, s.src.args, s.src.tokenizer_path, meta, extra)
+            (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    dist.barrier()
+    return out_dir
 
-        run_example(cfg, lrs=args.example_lrs, seeds=args.example_seeds)
-        return 0
-    from megapt.train.dist import detect_launcher_env
 
-    tb = None
-    if cfg.logging.tensorboard and detect_launcher_env().rank == 0:  # one event file per run
-        from torch.utils.tensorboard import SummaryWriter
+def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool = False) -> dict:
+    """Run fine-tuning as configured (``setup``, ``fit``, ``save``); returns the results dict (also
+    written as results.json).
 
-        tb = SummaryWriter(str(cfg.run_dir / "tb_finetune"))
-    try:
-        finetune(cfg, tb=tb)
-    finally:
-        if tb is not None:
-            tb.close()
-    return 0
+    ``source``: start from this already-loaded model instead of ``finetune.init_from``.
+    ``keep_engine``: also return the DeepSpeed engine as ``results["engine"]`` (tests, notebooks)."""
+    s = setup(cfg, tb=tb, source=source)
+    results = fit(s)
+    out_dir = save(s, results)
+    results["out_dir"] = str(out_dir)
+    s.say(f"best step {results['best_step']} val_score {best_score(results):.4f}; wrote {out_dir}")
+    if keep_engine:
+        results["engine"] = s.engine
+    return results

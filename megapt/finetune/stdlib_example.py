@@ -30,6 +30,10 @@ import json
 import sysconfig
 from pathlib import Path
 
+from megapt.finetune.run import finetune
+from megapt.model.gpt import GPT
+from megapt.weights.source import Source, load_source
+
 FAMILIES = ("email", "xml", "asyncio", "unittest", "multiprocessing", "tkinter")
 FAMILY_LINES = 12  # lines per snippet
 CAPS = {"train": 120, "val": 40, "test": 60}  # snippets per class and split (CPU-sized)
@@ -113,10 +117,6 @@ def run_example(cfg, lrs=None, seeds=None) -> dict:
     ``DEFAULT_LRS``) and seed; per seed, the LR with the best validation accuracy is selected and
     its test accuracy reported, so neither arm is handicapped by an LR that suits the other.
     Returns and writes the summary (``<run_dir>/stdlib_example.json``)."""
-    from megapt.finetune.run import finetune
-    from megapt.finetune.source import Source, load_source
-    from megapt.model.gpt import GPT
-
     lrs = list(lrs or DEFAULT_LRS)
     seeds = list(seeds or [cfg.run.seed])
     data_dir = cfg.run_dir / "stdlib_cls"

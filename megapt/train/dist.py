@@ -40,10 +40,6 @@ class DistInfo:
     master_addr: str
     master_port: int
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     def describe(self) -> str:
         return (f"launcher={self.launcher} rank={self.rank}/{self.world_size} local_rank={self.local_rank} "
                 f"master={self.master_addr}:{self.master_port}")
@@ -172,17 +168,6 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def all_reduce_max(values: list[float]) -> list[float]:
-    """Element-wise max over ranks (cheap flags/stats); NaN-safe because callers pass 0/1 flags."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def all_gather_object(obj):

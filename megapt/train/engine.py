@@ -1,9 +1,10 @@
-"""DeepSpeed engine set-up: the ds_config, the optimizer, the LR schedule. The only module that
-imports deepspeed (besides checkpoint/consolidate, which only touch its checkpoint tools, and
-reshard, which loads universal checkpoints into the engine's optimizer).
+"""DeepSpeed engine set-up: the ds_config, the optimizer (groups and LR schedule from
+``megapt.train.optim``). The only module that imports deepspeed (besides train/checkpoint and
+weights/consolidate, which only touch its checkpoint tools, and reshard, which loads universal
+checkpoints into the engine's optimizer).
 
     ds_config = build_ds_config(cfg, world_size=2)        # the single place a ds_config is made
-    bundle = create_engine(cfg, lambda: GPT(args), world_size=2, seed=cfg.run.seed)
+    bundle = create_engine(cfg, lambda: GPT(args, seed=cfg.run.seed), world_size=2)
     bundle.engine(input_ids, labels=labels).loss -> bundle.engine.backward(loss) -> bundle.engine.step()
 
 Precision notes (measured with DeepSpeed 0.19.8):
@@ -31,6 +32,7 @@ import torch.nn as nn
 
 from megapt.config import Config, ConfigError
 from megapt.train import parallel
+from megapt.train.optim import LRSchedule, ScheduledLR, adamw_impl, lr_schedule, param_groups
 
 log = logging.getLogger("megapt.train")
 
@@ -42,18 +44,22 @@ STEPS_PER_PRINT = 10**9  # DeepSpeed's own progress print: off (we log ourselves
 # --------------------------------------------------------------------------------------------
 
 
-def effective_zero_stage(cfg: Config) -> int:
-    """bf16 at stage 0 runs as stage 1 (fp32 master weights); see module docstring."""
-    if cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
-        return 1
-    return cfg.deepspeed.zero_stage
+def engine_stage(precision: str, zero_stage: int) -> tuple[int, bool]:
+    """(the ZeRO stage DeepSpeed runs for ``deepspeed.zero_stage`` at ``train.precision``, whether
+    it was raised). The one place of the rule "bf16 at ZeRO-0 runs as stage 1": DeepSpeed 0.19 keeps
+    no fp32 master weights for bf16 at stage 0, so that runs as stage 1 with fp32 gradient
+    accumulation (see the module docstring). The trainer, fine-tuning, the benchmark and the memory
+    planner all ask this function."""
+    if precision == "bf16" and zero_stage == 0:
+        return 1, True
+    return zero_stage, False
 
 
 def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
     """The DeepSpeed config for ``cfg`` at ``world_size`` data-parallel ranks (user JSON merged in).
     Under sequence/tensor parallelism that is the world size / (sp x tp) (``Layout.dp``)."""
     t, ds = cfg.train, cfg.deepspeed
-    stage = effective_zero_stage(cfg)
+    stage, raised = engine_stage(t.precision, ds.zero_stage)
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update(reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm,
@@ -89,7 +95,7 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
         "zero_allow_untested_optimizer": True,
         # no "checkpoint.load_universal": megapt loads universal checkpoints (train/reshard.py)
     }
-    if t.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+    if raised:  # bf16 at ZeRO-0 run as stage 1: fp32 gradient accumulation
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
     conf.update(parallel.ds_config_sections(cfg))  # tensor_parallel (AutoTP), when set
     if ds.config_file:
@@ -180,37 +186,6 @@ def merge_user_ds_config(ours: dict, user: dict, path: str, cfg: Config) -> dict
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LRSchedule:
-    """Linear warmup from peak/warmup to peak, then cosine/linear decay to ``min_lr`` at ``max_steps``
-    (constant: stays at peak). ``lr(step)`` is the rate used for optimizer step ``step`` (0-based)."""
-
-    peak: float
-    min_lr: float
-    warmup: int
-    max_steps: int
-    kind: str = "cosine"
-
-    def lr(self, step: int) -> float:
-        if self.warmup > 0 and step < self.warmup:
-            return self.peak * (step + 1) / self.warmup
-        if self.kind == "constant":
-            return self.peak
-        span = max(1, self.max_steps - self.warmup)
-        frac = min(1.0, max(0.0, (step - self.warmup) / span))
-        if self.kind == "linear":
-            return self.peak + (self.min_lr - self.peak) * frac
-        return self.min_lr + 0.5 * (self.peak - self.min_lr) * (1.0 + math.cos(math.pi * frac))
-
-    def __call__(self, step: int) -> float:  # LambdaLR multiplier
-        return self.lr(step) / self.peak
-
-
-def lr_schedule(cfg: Config) -> LRSchedule:
-    t = cfg.train
-    return LRSchedule(t.lr, t.min_lr, t.warmup_steps, t.max_steps, t.schedule)
-
-
 def global_grad_norm(grad_groups: list[list[torch.Tensor]]) -> torch.Tensor:
     """The global L2 norm of the gradients, ``grad_groups`` holding one list per optimizer group,
     computed the way DeepSpeed 0.19.8's ZeRO-1/2 optimizer computes it (``get_grad_norm_direct`` and
@@ -267,23 +242,6 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases (1-D) or embeddings."""
-    embed_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitions keep their real shape here
-        if len(shape) < 2 or id(p) in embed_ids or "embed" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
-
-
 def check_param_groups(groups: list[dict]) -> list[dict]:
     """Explicit optimizer groups (fine-tuning): each needs ``params``, ``lr`` and ``weight_decay``, and
     holds only trainable parameters (frozen ones must get no optimizer state nor ZeRO partition)."""
@@ -308,7 +266,7 @@ def check_param_groups(groups: list[dict]) -> list[dict]:
 
 def build_optimizer(cfg: Config, model: nn.Module, groups: Optional[list[dict]] = None) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (each with its own lr / weight_decay) or, by default, the weight-decay
-    groups of every trainable parameter at ``train.lr``."""
+    groups of every trainable parameter at ``train.lr`` (``megapt.train.optim.param_groups``)."""
     t = cfg.train
     groups = param_groups(model, t.weight_decay) if groups is None else check_param_groups(groups)
     kw: dict[str, Any] = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
@@ -317,27 +275,9 @@ def build_optimizer(cfg: Config, model: nn.Module, groups: Optional[list[dict]] 
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
     kw.update(adamw_impl(groups))
-    if effective_zero_stage(cfg) == 0 and t.precision == "fp32":
+    if engine_stage(t.precision, cfg.deepspeed.zero_stage)[0] == 0 and t.precision == "fp32":
         return GuardedAdamW(groups, max_grad_norm=t.grad_clip, **kw)
     return torch.optim.AdamW(groups, **kw)
-
-
-def adamw_impl(params) -> dict:
-    """``{"fused": True}`` where torch has a fused AdamW kernel for the parameters' device (CUDA, and
-    CPU since torch 2.4), else ``{"foreach": True}``. On CPU the fused step is 5.6x faster than
-    foreach (124m: 97 vs 541 ms; foreach allocates a temporary per op and list); DeepSpeed's ZeRO
-    1-3 wrappers step the client optimizer on their fp32 partitions, which live on the same device.
-    The benchmark's plain-PyTorch baseline uses the same choice, so the two differ only by DeepSpeed."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    try:
-        supported = set(_get_fused_kernels_supported_devices())
-    except Exception:  # noqa: BLE001 - private torch helper: if it moves, take the foreach path
-        supported = set()
-    if tensors and all(p.device.type in supported and torch.is_floating_point(p) for p in tensors):
-        return {"fused": True}
-    return {"foreach": True}
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +303,7 @@ def _skip_cpu_shm_comm_build() -> None:
 class EngineBundle:
     engine: Any  # deepspeed.DeepSpeedEngine
     optimizer: Any
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: ScheduledLR
     ds_config: dict
     schedule: LRSchedule
 
@@ -385,7 +325,8 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     ``param_groups`` (fine-tuning; needs ``model`` as a module): explicit optimizer groups, each a dict
     with ``params`` (trainable parameters only: nothing else gets optimizer state or a ZeRO
     partition), ``lr`` (that group's peak LR) and ``weight_decay``. ``schedule`` replaces the one
-    from ``train.*``; its multiplier ``lr(step) / peak`` scales every group's own peak LR.
+    from ``train.*``; its multiplier ``lr(step) / peak`` scales every group's own peak LR
+    (``megapt.train.optim.set_lr``).
 
     ``layout`` (sequence/tensor parallelism, ``megapt.train.parallel``): its process groups are
     made before the model, the model is prepared for it (Ulysses attention) and DeepSpeed gets
@@ -432,7 +373,7 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
 
     optimizer = build_optimizer(cfg, module, param_groups)
     schedule = schedule if schedule is not None else lr_schedule(cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = ScheduledLR(optimizer, schedule)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config,
                                                            mpu=mpu)

@@ -104,10 +104,6 @@ class Metrics:
             except ImportError as exc:  # pragma: no cover
                 log.warning("TensorBoard disabled (%s): pip install tensorboard", exc)
 
-    @property
-    def tb_dir(self) -> Path:
-        return self.run_dir / "tb"
-
     def record(self, kind: str, step: int, values: dict) -> None:
         """kind: train | val | event. Non-None numbers go to TensorBoard under ``kind/``."""
         if not self.enabled:

@@ -411,7 +411,7 @@ def _load_counters(engine, opt, scheduler, saved: Optional[dict], meta: dict) ->
             if scaler is not None and hasattr(scaler, k):
                 setattr(scaler, k, v)
     else:  # the schedule advances once per applied step
-        scheduler.last_epoch, scheduler._step_count = step, step + 1
+        scheduler.load_state_dict({"last_epoch": step})
         engine.global_steps = attempts
         engine.global_samples = attempts * engine.train_batch_size()
         engine.skipped_steps = int(meta.get("skipped_total", 0))

@@ -32,22 +32,22 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import yaml
 
-from megapt.config import Config, ConfigError, save_config, to_dict
-from megapt.errors import EXIT_DATA, EXIT_NONFINITE, EXIT_OK, UserError
+from megapt.config import Config, save_config, to_dict
+from megapt.errors import EXIT_NONFINITE, EXIT_OK, UserError
 from megapt.hardware import peak_flops
+from megapt.model.sampling import generate
 from megapt.train import checkpoint as ckpt_lib
 from megapt.train import dist, parallel, reshard
 from megapt.train.metrics import Metrics, format_train_line, peak_memory_gb
+from megapt.train.process import start_process
 
 log = logging.getLogger("megapt.train")
 
@@ -55,55 +55,6 @@ log = logging.getLogger("megapt.train")
 # MEGAPT_FAULT_NAN_RANK (default: every rank). Used by the NaN-skip tests; never set it otherwise.
 FAULT_NAN_STEPS = "MEGAPT_FAULT_NAN_STEPS"
 FAULT_NAN_RANK = "MEGAPT_FAULT_NAN_RANK"
-
-
-class NonFiniteError(RuntimeError):
-    pass
-
-
-def setup_logging(rank: int, all_ranks: bool) -> None:
-    """INFO on rank 0 (every rank with logging.all_ranks), WARNING elsewhere; DeepSpeed's chatter
-    stays at WARNING. Messages go through tqdm.write so a progress bar is not broken."""
-    class _Handler(logging.StreamHandler):
-        def emit(self, record):
-            try:
-                from tqdm import tqdm
-
-                tqdm.write(self.format(record), file=sys.stderr)
-            except Exception:  # noqa: BLE001 - a log line must never raise  # pragma: no cover
-                super().emit(record)
-
-    root = logging.getLogger("megapt")
-    for h in list(root.handlers):
-        if getattr(h, "_megapt", False):
-            root.removeHandler(h)
-    h = _Handler()
-    h._megapt = True  # type: ignore[attr-defined]
-    h.setFormatter(logging.Formatter(f"[%(asctime)s rank{rank}] %(message)s", "%H:%M:%S"))
-    root.addHandler(h)
-    root.setLevel(logging.INFO if (rank == 0 or all_ranks) else logging.WARNING)
-    root.propagate = False
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        from deepspeed.utils import logger as ds_logger
-
-        ds_logger.setLevel(logging.WARNING)
-    except Exception:  # noqa: BLE001 - deepspeed's import fails in many ways; its log level is cosmetic
-        pass
-
-
-def resolve_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device (set train.device=cpu)")
-    return choice
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -123,17 +74,9 @@ class Trainer:
             raise
 
     def _start(self, cfg: Config) -> None:
-        self.info = dist.detect_launcher_env()
-        setup_logging(self.info.rank, cfg.logging.all_ranks)
-        self.device = resolve_device(cfg.train.device)
-        if self.device == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
-            if self.info.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-                torch.set_num_threads(1)  # the deepspeed launcher does not set it; N ranks x all cores thrash
-        log.info("distributed: %s (device %s)", self.info.describe(), self.device)
-        dist.init_distributed(self.info, self.device, cfg.train.collective_timeout_s)
-        self.rank, self.world_size = dist.rank(), dist.world_size()
-        _seed_everything(cfg.run.seed + self.rank)
+        proc = start_process(cfg)  # logging, device, process group, seeds (run.seed + rank)
+        self.info, self.device = proc.info, proc.device
+        self.rank, self.world_size = proc.rank, proc.world_size
 
         # ---- data and tokenizer ----
         self.shard_dir = self._prepare_data()
@@ -153,7 +96,7 @@ class Trainer:
         # ---- model and engine ----
         from megapt.model import ops
         from megapt.model.gpt import GPT, ModelArgs
-        from megapt.train.engine import create_engine, effective_zero_stage
+        from megapt.train.engine import create_engine, engine_stage
 
         self.model_args = ModelArgs.from_config(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len)
         # sequence/tensor parallelism: groups of ranks share a batch; the data-parallel world is
@@ -162,8 +105,8 @@ class Trainer:
         self.dp_rank, self.dp_world = self.layout.dp_rank(self.rank), self.layout.dp
         backends = ops.select_backends(cfg.model, self.device)
         args, seed, eos = self.model_args, cfg.run.seed, self.tokenizer.eos_id
-        self.zero_stage = effective_zero_stage(cfg)
-        if cfg.train.precision == "bf16" and cfg.deepspeed.zero_stage == 0:
+        self.zero_stage, raised = engine_stage(cfg.train.precision, cfg.deepspeed.zero_stage)
+        if raised:
             log.warning("bf16 at ZeRO stage 0 keeps no fp32 master weights in DeepSpeed (training drifts): "
                         "running ZeRO stage 1 with fp32 gradient accumulation instead")
         bundle = create_engine(
@@ -171,7 +114,6 @@ class Trainer:
             world_size=self.dp_world, layout=self.layout,
             init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
         self.engine, self.scheduler, self.schedule = bundle.engine, bundle.scheduler, bundle.schedule
-        self._config_schedule = dataclasses.replace(bundle.schedule)  # a copy LambdaLR loading can't touch
         self.ds_config = bundle.ds_config
         n_params = args.num_params()
         log.info("model: %s preset, %.2fM parameters (%s), backends %s, ZeRO stage %d, %s, "
@@ -365,7 +307,9 @@ class Trainer:
             reshard.load_universal(self.engine, self.scheduler, path, meta)
         else:
             ckpt_lib.load_engine_state(self.engine, path)
-        self._reapply_schedule()
+        # the saved optimizer groups carry the LR of the saved schedule (e.g. an older max_steps);
+        # this run's schedule decides the LR of the next step
+        self.scheduler.apply()
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.attempt, self.skipped_total = int(meta.get("attempt", meta["step"])), int(meta.get("skipped_total", 0))
         self.train_loader.load_state_dict(meta["loader"])
@@ -374,26 +318,12 @@ class Trainer:
         log.info("resumed from %s: step %d, %d tokens seen%s", path, self.step, self.tokens_seen,
                  " (universal checkpoint)" if cfg.checkpoint.universal else "")
 
-    def _reapply_schedule(self) -> None:
-        """LambdaLR.load_state_dict restores the saved LRSchedule fields (e.g. an older max_steps);
-        the current config's schedule wins, and the LR of the next step is recomputed from it."""
-        fresh = dataclasses.asdict(self._config_schedule)
-        for fn in self.scheduler.lr_lambdas:
-            fn.__dict__.update(fresh)
-        step = self.scheduler.last_epoch
-        for group, base, fn in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
-                                   self.scheduler.lr_lambdas):
-            group["lr"] = base * fn(step)
-        self.scheduler._last_lr = [g["lr"] for g in self.scheduler.optimizer.param_groups]
-
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def sample(self, max_new_tokens: int, temperature: float = 0.8, top_k: int = 40) -> str:
         """Text from the trained model (all ranks run it in lock-step; rank 0's text is returned)."""
         cfg = self.cfg
-        from megapt.generate import generate
-
         prompt = self.tokenizer.encode(cfg.train.sample_prompt) or [self.tokenizer.eos_id]
         prompt = prompt[-(self.model_args.max_seq_len - 1):]
         new = max(1, min(max_new_tokens, self.model_args.max_seq_len - len(prompt)))

@@ -11,7 +11,7 @@ import torch
 
 from megapt.config import load_config
 from megapt.data.tokenizer import train_tokenizer
-from megapt.finetune.source import load_source, save_weights
+from megapt.weights.source import load_source, save_weights
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.ops import Backends
 from tests.integration.scale_utils import free_port

@@ -162,7 +162,7 @@ def test_resume_is_bit_exact_two_ranks(mini, two_ranks):
 def test_zero_stage_at_two_ranks_matches_one_process(mini, two_ranks, one_proc, stage):
     """Same global batch (2 ranks x 2 vs 1 x 4): same losses, grad norms and final weights; stages
     1-3 were stopped after step 3 and resumed from their own checkpoint in between."""
-    from megapt.train.consolidate import full_state_dict
+    from megapt.weights.consolidate import full_state_dict
 
     runs = mini["runs"]
     if stage:

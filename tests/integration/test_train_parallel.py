@@ -90,7 +90,7 @@ def _close_to_reference(par, name, first_step=1):
 
 
 def _final_weights_close(par, name):
-    from megapt.train.consolidate import full_state_dict
+    from megapt.weights.consolidate import full_state_dict
 
     last = f"step_{STEPS:07d}"
     ref = full_state_dict(par["runs"] / "a" / "checkpoints" / last)
@@ -278,7 +278,7 @@ def test_consolidate_and_hf_export_work_from_a_tensor_parallel_checkpoint(par, t
     from transformers import LlamaForCausalLM
 
     from megapt.model.gpt import GPT, ModelArgs
-    from megapt.train.consolidate import full_state_dict
+    from megapt.weights.consolidate import full_state_dict
 
     ckpt = par["runs"] / "tp_z1s" / "checkpoints" / f"step_{STEPS:07d}"
     out = par["dir"] / "tp_consolidated"

@@ -83,6 +83,27 @@ def test_hf_baseline_has_the_same_shapes_as_megapt_gpt():
         assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
 
 
+def test_plain_baseline_optimizer_groups_match_the_engine():
+    # engine vs plain compares DeepSpeed with no DeepSpeed, not two optimisers: the baseline once
+    # decayed the embedding table (grouped by ndim only) while the engine did not
+    from megapt.config import Config
+    from megapt.model.gpt import GPT
+    from megapt.train.engine import build_optimizer
+
+    cfg = Config()
+    cfg.train.weight_decay = 0.1
+    for tie in (False, True):
+        model = GPT(ModelArgs.from_preset("tiny", vocab_size=512, max_seq_len=32, tie_embeddings=tie))
+        plain, engine = runners._adamw(model, cfg.train, cuda=False), build_optimizer(cfg, model)
+        keys = ("lr", "betas", "eps", "weight_decay", "fused", "foreach")
+        assert [{k: g.get(k) for k in keys} for g in plain.param_groups] == \
+            [{k: g.get(k) for k in keys} for g in engine.param_groups]
+        assert [[id(p) for p in g["params"]] for g in plain.param_groups] == \
+            [[id(p) for p in g["params"]] for g in engine.param_groups]
+        emb = model.tok_embeddings.weight
+        assert [g["weight_decay"] for g in plain.param_groups if any(p is emb for p in g["params"])] == [0.0]
+
+
 # --------------------------------------------------------------------------------------------
 # Peaks and fingerprint
 # --------------------------------------------------------------------------------------------

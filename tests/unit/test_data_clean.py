@@ -175,7 +175,7 @@ def test_split_clean_jobs_deduplicate_globally(tmp_path, capsys):
     """With --num-shards K every distinct text is kept once across the jobs, as one job keeps it:
     the texts the tokenizer and the shard jobs read are those of a 1-job clean (order aside)."""
     from megapt.config import load_config
-    from megapt.data.clean import iter_clean_docs, iter_mixed_docs
+    from megapt.data.clean import iter_mixed_docs
 
     docs = make_docs(24)
     raw = docs + docs[::2] + docs[:5]  # 17 copies; job i of 2 takes rows i, i+2, ...
@@ -191,8 +191,8 @@ def test_split_clean_jobs_deduplicate_globally(tmp_path, capsys):
     per_job = sum(json.loads(p.read_text())["docs_out"] for p in stats)
     assert per_job > 24  # each job alone kept copies the other job also kept
     assert f"{per_job - 24} document(s) kept by one job are duplicates" in out
-    single = list(iter_clean_docs(tmp_path / "one"))
-    split = list(iter_clean_docs(tmp_path / "work" / "clean"))
-    assert len(split) == len(set(split)) == 24 and sorted(split) == sorted(single)
     cfg = load_config(None, [f"--data.sources=[{{path: '{src}'}}]"])
-    assert sorted(iter_mixed_docs(cfg, tmp_path / "work" / "clean")) == sorted(single)
+    single = list(iter_mixed_docs(cfg, tmp_path / "one"))
+    split = list(iter_mixed_docs(cfg, tmp_path / "work" / "clean"))
+    assert len(single) == len(set(single)) == 24
+    assert len(split) == len(set(split)) == 24 and sorted(split) == sorted(single)

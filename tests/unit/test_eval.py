@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megapt.eval.evaluate import perplexity, text_windows
-from megapt.eval.metrics import classification_metrics, majority_baseline
+from megapt.tasks.metrics import classification_metrics, majority_baseline
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.ops import Backends
 from megapt.quantize import Int8Linear, quantize_int8, quantize_per_channel
@@ -88,7 +88,7 @@ def test_eval_cli_text_int8_writes_json(tmp_path):
     from megapt.cli import main
     from megapt.config import load_config
     from megapt.data.tokenizer import train_tokenizer
-    from megapt.finetune.source import save_weights
+    from megapt.weights.source import save_weights
 
     text = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1\n    y = 2\n" * 20
     cfg = load_config(overrides=["--tokenizer.vocab_size=300"])

@@ -7,9 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megapt.export import ExportError, export_hf, load_hf  # noqa: E402
 from megapt.model.gpt import GPT, ModelArgs  # noqa: E402
 from megapt.model.ops import Backends  # noqa: E402
+from megapt.weights.hf import ExportError, export_hf, load_hf  # noqa: E402
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 
@@ -112,7 +112,7 @@ def test_cli_export_roundtrip_hf_and_back(tmp_path, capsys):
     from megapt.cli import main
     from megapt.config import load_config
     from megapt.data.tokenizer import train_tokenizer
-    from megapt.finetune.source import load_source, save_weights
+    from megapt.weights.source import load_source, save_weights
 
     cfg = load_config(overrides=["--tokenizer.vocab_size=300"])
     train_tokenizer(cfg.tokenizer, ["def f(x):\n    return x * 2\n" * 50], tmp_path / "spm.model")
@@ -134,7 +134,7 @@ def test_cli_export_roundtrip_hf_and_back(tmp_path, capsys):
 def test_tokenizer_without_pad_token_is_named(tmp_path):
     import sentencepiece as spm
 
-    from megapt.export import write_hf_tokenizer
+    from megapt.weights.hf import write_hf_tokenizer
 
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["def f(x): return x\n"] * 200),
                                    model_prefix=str(tmp_path / "nopad"), vocab_size=300, byte_fallback=True,
@@ -188,7 +188,7 @@ def test_cli_export_to_a_safetensors_path_writes_that_one_file(hf_dir, tmp_path,
     name) and nothing else; the file alone rebuilds the same model (config in its metadata)."""
     from megapt.cli import main
     from megapt.config import load_config
-    from megapt.finetune.source import load_source
+    from megapt.weights.source import load_source
 
     out = tmp_path / "out" / "tiny.safetensors"
     common = [f"--run.out_dir={tmp_path}", "--logging.tensorboard=false"]

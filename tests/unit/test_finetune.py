@@ -8,13 +8,14 @@ import torch
 
 from megapt.config import ConfigError, load_config
 from megapt.data.tokenizer import train_tokenizer
-from megapt.finetune import data as D
-from megapt.finetune.freeze import apply_freezing, param_groups
+from megapt.finetune.freeze import apply_freezing
 from megapt.finetune.run import finetune
-from megapt.finetune.source import load_source, save_weights
+from megapt.weights.source import load_source, save_weights
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.heads import GPTForSequenceClassification, pool_hidden
 from megapt.model.ops import Backends
+from megapt.tasks import data as D
+from megapt.train.optim import param_groups
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 WORDS = {"a": "alpha apple avocado anchor arrow", "b": "bravo banana butter bottle button",
@@ -68,7 +69,8 @@ def test_frozen_params_bit_identical_and_not_in_optimizer(workdir):
     model = GPTForSequenceClassification(GPT(args, EAGER, seed=2), args.d_model, 3, "last", 0.0)
     apply_freezing(model, args.n_layers, freeze_embeddings=True, freeze_layers=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    groups = param_groups(model, args.n_layers, 1e-2, 0.1, layer_lr_decay=0.5, head_lr_mult=10.0)
+    groups = param_groups(model, 0.1, lr=1e-2, n_layers=args.n_layers, layer_lr_decay=0.5,
+                          head_lr_mult=10.0)
     in_opt = {n for g in groups for n in g["names"]}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and not (in_opt & frozen)
@@ -92,7 +94,8 @@ def test_frozen_params_bit_identical_and_not_in_optimizer(workdir):
 def test_layerwise_lr_decay_and_head_multiplier(workdir):
     _, _, args = workdir  # 3 blocks: depth 0 emb, 1..3 blocks, 4 final norm/head
     model = GPTForSequenceClassification(GPT(args, EAGER), args.d_model, 3, "mean", 0.0)
-    lr = {n: g["lr"] for g in param_groups(model, 3, 1.0, 0.0, 0.5, 4.0) for n in g["names"]}
+    lr = {n: g["lr"] for g in param_groups(model, 0.0, lr=1.0, n_layers=3, layer_lr_decay=0.5,
+                                                 head_lr_mult=4.0) for n in g["names"]}
     assert lr["backbone.tok_embeddings.weight"] == pytest.approx(0.5 ** 4)
     assert lr["backbone.layers.0.attention.wq.weight"] == pytest.approx(0.5 ** 3)
     assert lr["backbone.layers.2.feed_forward.w2.weight"] == pytest.approx(0.5)
@@ -192,7 +195,7 @@ def test_sft_learns_response_and_saves_plain_weights(workdir, lora):
     assert res["val"]["score"] > first + (0.1 if lora else 1.0)
     src = load_source(cfg, str(root / "sft"))  # LoRA merged: plain weights, no adapters left
     assert not any("lora" in n for n, _ in src.model.named_parameters())
-    from megapt.finetune.run import lm_loss
+    from megapt.tasks.model import lm_loss
 
     ex = D.build_sft(D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response")
     assert lm_loss(src.model, ex, 3, tok.pad_id, "cpu")["loss"] == pytest.approx(res["val"]["loss"], abs=1e-4)
@@ -225,7 +228,7 @@ def test_megapt_checkpoint_folder_loads_newest_step(workdir, tmp_path):
 
 
 def test_distill_kl_matches_torch_kl_div():
-    from megapt.finetune.run import distill_kl
+    from megapt.tasks.model import distill_kl
 
     torch.manual_seed(0)
     s, t = torch.randn(5, 11), torch.randn(5, 11)
@@ -237,7 +240,7 @@ def test_distill_kl_matches_torch_kl_div():
 
 
 def test_distillation_pulls_student_toward_teacher(workdir):
-    from megapt.finetune.run import distill_kl
+    from megapt.tasks.model import distill_kl
 
     root, tok, args = workdir
     save_weights(root / "teacher", GPT(args, EAGER, seed=11), args, root / "spm.model")

@@ -3,9 +3,9 @@ mixed-length prompts give the same tokens as one prompt at a time, sampling filt
 import pytest
 import torch
 
-from megapt.generate import filter_logits, generate, sample_next
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.ops import Backends
+from megapt.model.sampling import filter_logits, generate, sample_next
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 
@@ -74,7 +74,7 @@ def test_too_long_and_empty_prompts_are_rejected(model):
 
 def test_greedy_matches_transformers_generate(model, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from megapt.export import export_hf
+    from megapt.weights.hf import export_hf
 
     export_hf(model, model.args, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
@@ -88,7 +88,7 @@ def weights(tmp_path_factory):
     """A megapt weights folder (1 layer, max_seq_len 64) with its tokenizer."""
     from megapt.config import load_config
     from megapt.data.tokenizer import train_tokenizer
-    from megapt.finetune.source import save_weights
+    from megapt.weights.source import save_weights
 
     root = tmp_path_factory.mktemp("gen")
     cfg = load_config(overrides=["--tokenizer.vocab_size=300"])

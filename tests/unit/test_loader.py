@@ -54,7 +54,8 @@ def test_member_reads_without_checksums_give_the_same_stream(shards, reference):
 
 
 def test_shards_from_the_data_writer_take_the_fast_paths(shards):
-    """DATA's writer output is read without a per-member tarfile walk (whole and member reads)."""
+    """Shards written by megapt's shard writer are read without a per-member tarfile walk (whole
+    and member reads)."""
     import json
 
     import numpy as np

@@ -294,13 +294,28 @@ def test_overrides_turn_the_config_into_the_suggested_setting():
     assert P.Setting.from_config(again) == s
 
 
-def test_planner_runs_the_stage_the_engine_runs():
-    from megapt.train.engine import effective_zero_stage
+def test_bf16_at_zero0_runs_as_stage_1_in_the_engine_and_the_planner():
+    # one rule (engine.engine_stage), asked by the ds_config, the trainer, fine-tuning, the
+    # benchmark and the planner: bf16 at ZeRO-0 runs as stage 1 with fp32 gradient accumulation
+    from megapt.train.engine import build_ds_config, engine_stage
 
     for precision in ("fp32", "bf16", "fp16"):
         for stage in range(4):
+            raised = precision == "bf16" and stage == 0
             cfg = load_config([], [f"--train.precision={precision}", f"--deepspeed.zero_stage={stage}"])
-            assert P.engine_stage(precision, stage)[0] == effective_zero_stage(cfg)
+            ds = build_ds_config(cfg)
+            assert ds["zero_optimization"]["stage"] == (1 if raised else stage)
+            assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if raised else None)
+            assert engine_stage(precision, stage) == (1 if raised else stage, raised)
+    hw = P.Hardware(1, 2, "h100")  # 2 ranks: stage 1 partitions the optimizer states, stage 0 does not
+    states = {}
+    for precision in ("fp32", "bf16"):
+        cfg = load_config([], [f"--train.precision={precision}", "--model.preset=124m"])
+        for stage in (0, 1):
+            plan = P.plan_memory(cfg, hw, dataclasses.replace(P.Setting.from_config(cfg), zero_stage=stage))
+            states[precision, stage] = plan.row("optimizer states")
+    assert states["fp32", 0] > states["fp32", 1]
+    assert states["bf16", 0] == states["bf16", 1]  # planned as the stage 1 the engine runs
 
 
 # ---- the command line ------------------------------------------------------------------------

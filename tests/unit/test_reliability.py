@@ -259,7 +259,7 @@ def test_exported_and_consolidated_weights_are_safetensors_only():
                 if name.endswith(("torch.save", "pickle.dump", "pickle.dumps")) or name.endswith(".save_pretrained"):
                     writers.append(f"{f.relative_to(ROOT)}:{node.lineno}: {name}")
     assert writers == []
-    for mod in ("megapt/export.py", "megapt/train/consolidate.py", "megapt/finetune/source.py"):
+    for mod in ("megapt/weights/hf.py", "megapt/weights/consolidate.py", "megapt/weights/source.py"):
         assert "save_file(" in (ROOT / mod).read_text(), mod
 
 
@@ -277,7 +277,7 @@ def _meta(ckpt: Path, stage: int) -> None:
 
 
 def test_zero0_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
-    from megapt.train.consolidate import full_state_dict
+    from megapt.weights.consolidate import full_state_dict
 
     c = tmp_path / "step_0000001"
     marker = tmp_path / f"ran-{uuid.uuid4().hex}"
@@ -289,7 +289,7 @@ def test_zero0_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tm
 
 
 def test_zero_checkpoint_with_a_pickle_payload_is_refused_without_running_it(tmp_path):
-    from megapt.train.consolidate import full_state_dict
+    from megapt.weights.consolidate import full_state_dict
 
     c = tmp_path / "step_0000001"
     marker = tmp_path / f"ran-{uuid.uuid4().hex}"

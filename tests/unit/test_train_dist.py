@@ -46,3 +46,37 @@ def test_torchrun_env_wins_over_slurm_when_both_are_set():
     # torchrun inside an sbatch allocation: the per-process RANK is the truth
     info = detect_launcher_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     assert (info.rank, info.world_size, info.launcher) == (1, 2, "torchrun/deepspeed")
+
+
+def test_start_process_seeds_each_rank_and_checks_the_device(monkeypatch):
+    # rank 1 of 2 under torchrun (the process group itself is left out: one process here)
+    import random
+
+    import numpy as np
+    import torch
+
+    from megapt.config import ConfigError, load_config
+    from megapt.train import dist, process
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_distributed", lambda info, device, timeout_s: None)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    cfg = load_config([], ["--train.device=cpu", "--run.seed=7"])
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    proc = process.start_process(cfg)
+    assert (proc.rank, proc.world_size, proc.device, proc.info.launcher) == (1, 2, "cpu", "torchrun/deepspeed")
+    per_rank = draws()
+    process.start_process(cfg, same_seed=True)  # fine-tuning: the same seed on every rank
+    same = draws()
+    random.seed(8), np.random.seed(8), torch.manual_seed(8)
+    assert per_rank == draws()  # run.seed + rank
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    assert same == draws()
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.device"):
+            process.start_process(load_config([], ["--train.device=cuda"]))

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from megapt.config import ConfigError, load_config
-from megapt.train.engine import GuardedAdamW, LRSchedule, build_ds_config, param_groups
+from megapt.train.engine import GuardedAdamW, build_ds_config
+from megapt.train.optim import LRSchedule, param_groups
 
 
 def cfg_with(*overrides):
@@ -87,6 +88,27 @@ def test_lr_schedule_shapes():
     assert LRSchedule(2.0, 0.0, 5, 100, "constant").lr(99) == 2.0
     assert all(s.lr(i) >= s.lr(i + 1) for i in range(10, 200))  # monotone after warmup
 
+
+
+def test_scheduled_lr_sets_each_groups_own_peak_from_the_step():
+    from megapt.train.optim import ScheduledLR
+
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 4e-3}])
+    sched = ScheduledLR(opt, LRSchedule(peak=1e-3, min_lr=1e-4, warmup=4, max_steps=20))
+    mult = LRSchedule(1e-3, 1e-4, 4, 20).multiplier
+    for step in range(12):
+        # each group: its own peak x the schedule's multiplier for this step (bit-exact)
+        assert [g["lr"] for g in opt.param_groups] == [1e-3 * mult(step), 4e-3 * mult(step)]
+        sched.step()
+    assert sched.state_dict() == {"last_epoch": 12}  # the step is the only state
+    # a resumed run with a longer schedule: saved LRs are replaced by the current schedule's
+    longer = LRSchedule(peak=1e-3, min_lr=1e-4, warmup=4, max_steps=100)
+    opt2 = torch.optim.AdamW([{"params": [a], "lr": 1e-3}, {"params": [b], "lr": 4e-3}])
+    resumed = ScheduledLR(opt2, longer)
+    opt2.load_state_dict(opt.state_dict())  # saved LRs (and initial_lr) come back with the groups
+    resumed.load_state_dict({"last_epoch": 12, "base_lrs": [1e-3, 4e-3]})  # a LambdaLR state loads
+    assert resumed.get_last_lr() == [1e-3 * longer.multiplier(12), 4e-3 * longer.multiplier(12)]
 
 class Tiny(nn.Module):
     def __init__(self):
@@ -194,7 +216,8 @@ def test_one_rank_zero0_skips_the_identity_allreduce_with_identical_gradients(tm
 
 def test_adamw_is_fused_where_torch_has_the_kernel():
     # CPU (torch >= 2.4) and CUDA have a fused AdamW: 5.6x faster than foreach on CPU at 124m
-    from megapt.train.engine import adamw_impl, build_optimizer
+    from megapt.train.engine import build_optimizer
+    from megapt.train.optim import adamw_impl
 
     m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     for over in ([], ["--train.precision=bf16", "--deepspeed.zero_stage=1"]):

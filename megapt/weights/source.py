@@ -3,7 +3,7 @@
 ``load_source(cfg, path)`` accepts
 
 * a megapt checkpoint folder (``<run>/checkpoints`` -> its newest valid step, or one
-  ``step_XXXXXXX``), any ZeRO stage: weights are gathered by ``megapt.train.consolidate``;
+  ``step_XXXXXXX``), any ZeRO stage: weights are gathered by ``megapt.weights.consolidate``;
 * a megapt weights folder (``model.safetensors`` + ``model_config.json`` [+ ``tokenizer.model``,
   ``finetune.json`` and ``head.*`` tensors for a fine-tuned classifier]) as written by
   ``megapt finetune`` and ``megapt export --format megapt --out DIR``;
@@ -27,6 +27,12 @@ from typing import Optional
 
 import torch
 
+from megapt.data.tokenizer import Tokenizer, TokenizerNotFoundError
+from megapt.errors import UsageError
+from megapt.model.gpt import GPT, ModelArgs
+from megapt.model.ops import select_backends
+from megapt.weights import consolidate
+from megapt.weights.hf import ExportError, atomic_folder, is_hf_dir, load_hf, load_weights
 
 
 @dataclass
@@ -40,19 +46,13 @@ class Source:
     extra: dict = field(default_factory=dict)  # tensors that are not backbone weights (head.*)
 
     def tokenizer(self):
-        from megapt.data.tokenizer import Tokenizer
-
         if self.tokenizer_path is None:
-            from megapt.data.tokenizer import TokenizerNotFoundError
-
             raise TokenizerNotFoundError(f"{self.path}: no tokenizer.model found beside the "
                                          "weights; pass --tokenizer.path=SPM.model")
         return Tokenizer.load(self.tokenizer_path)
 
 
 def _backends(cfg):
-    from megapt.model.ops import select_backends
-
     return select_backends(cfg.model, "cpu")
 
 
@@ -64,16 +64,11 @@ def _tokenizer_beside(folder: Path, cfg) -> Optional[Path]:
 
 
 def _args_from_json(d: dict):
-    from megapt.model.gpt import ModelArgs
-
     names = {f.name for f in dataclasses.fields(ModelArgs)}
     return ModelArgs(**{k: v for k, v in d.items() if k in names})
 
 
 def _build(args, cfg, state: dict, where: str):
-    from megapt.export import load_weights
-    from megapt.model.gpt import GPT
-
     model = GPT(args, _backends(cfg))
     if args.tie_embeddings:
         state = {k: v for k, v in state.items() if k != "output.weight"}
@@ -97,8 +92,6 @@ def _load_weights_file(path: Path, cfg) -> Source:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from megapt.export import ExportError
-
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -120,8 +113,6 @@ def _load_weights_file(path: Path, cfg) -> Source:
 
 
 def _load_checkpoint(path: Path, cfg) -> Source:
-    from megapt.train import consolidate
-
     ckpt = consolidate.resolve(path)  # newest valid step of a root, verified; CheckpointError
     args = _args_from_json(json.loads((ckpt / "model_config.json").read_text()))
     state = consolidated_state_dict(ckpt)
@@ -130,17 +121,13 @@ def _load_checkpoint(path: Path, cfg) -> Source:
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 model weights of a megapt checkpoint of any ZeRO stage (TRAIN's
-    ``megapt.train.consolidate.full_state_dict``: ZeRO partitions merged by DeepSpeed's zero_to_fp32)."""
-    from megapt.train import consolidate
-
+    """fp32 model weights of a megapt checkpoint of any ZeRO stage (``consolidate.full_state_dict``:
+    ZeRO partitions merged by DeepSpeed's zero_to_fp32)."""
     return {k: v.float() for k, v in consolidate.full_state_dict(Path(ckpt)).items()}
 
 
 def load_source(cfg, path: str = "") -> Source:
     """The model at ``path``; a missing or unknown path is an ExportError (exit 4) naming it."""
-    from megapt.export import ExportError, is_hf_dir, load_hf
-
     path = path or cfg.finetune.init_from
     if not path:
         if not cfg.checkpoint_dir.exists():
@@ -175,7 +162,6 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, token
     safetensors metadata; the tokenizer is not part of a single file."""
     from safetensors.torch import save_file
 
-    from megapt.export import atomic_folder
 
     state = {}
     for n, p in model.named_parameters():  # tied weights once (the first name)
@@ -184,8 +170,6 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, token
         state[k] = v.detach().to(dtype).contiguous().cpu()
     out = Path(out_dir)
     if out.suffix == ".safetensors":
-        from megapt.errors import UsageError
-
         if out.is_dir():
             raise UsageError(f"{out}: is a folder; remove it or choose another name for the "
                              f"weights file")

@@ -1,0 +1,1 @@
+"""megapt.tasks: task models, data and metrics shared by fine-tuning and evaluation."""
