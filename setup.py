@@ -7,6 +7,7 @@ import name never clashes with the unrelated ``kernels`` package on PyPI.
 tokenization several times faster; without a C compiler the install still succeeds and the
 tokenizer uses its pure-Python path (same token ids).
 """
+
 from setuptools import Extension, setup
 
 PACKAGES = [
@@ -31,7 +32,9 @@ setup(
     packages=PACKAGES,
     package_dir={"megapt.kernels": "kernels"},
     package_data={"megapt.kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"]},
-    ext_modules=[Extension("megapt.data._segcache", ["megapt/data/csrc/segcache.c"], optional=True)],
+    ext_modules=[
+        Extension("megapt.data._segcache", ["megapt/data/csrc/segcache.c"], optional=True)
+    ],
     install_requires=[
         # torch is installed first, by hand (see README): a bare `torch` requirement lets pip
         # pull a multi-GB CUDA build. Any torch >= 2.4 satisfies this bound.
@@ -58,9 +61,18 @@ setup(
         "http": ["aiohttp>=3.8"],
         # moto[server]: the S3 server the remote-data tests start on 127.0.0.1
         # ruff/mypy/stubs pinned: a new release may add findings, and CI fails on them (.ci/run)
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.3", "transformers>=4.45",
-                "moto[server]>=5.0", "s3fs>=2023.6",
-                "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML==6.0.12.20261122", "types-tqdm==4.70.0.20261122"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "triton>=3.3",
+            "transformers>=4.45",
+            "moto[server]>=5.0",
+            "s3fs>=2023.6",
+            "ruff==0.17.6",
+            "mypy==2.4.1",
+            "types-PyYAML==6.0.12.20261122",
+            "types-tqdm==4.70.0.20261122",
+        ],
         # `megapt bench` PNG plots (without it the JSON says plots were skipped)
         "bench": ["matplotlib>=3.7"],
     },

@@ -14,6 +14,7 @@ import triton, and ``chunked_linear_cross_entropy`` (pure PyTorch) works without
 
 The CUDA-extension RMSNorm lives in ``megapt.kernels.cuda`` (built on first use).
 """
+
 import importlib
 import importlib.machinery
 import importlib.util

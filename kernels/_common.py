@@ -5,6 +5,7 @@ interpreter (CPU, numpy) is used only if the variable was ``1`` before the kerne
 imported. ``kernel_runs_on_cpu`` asks the decorated kernel itself, so a CPU tensor is accepted
 exactly when the launch would really run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,22 +52,28 @@ def interpreter_problem() -> str | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     if _version_tuple(tv) < (3, 7) and _version_tuple(nv) >= (2, 3):
-        return (f"Triton {tv}'s CPU interpreter (TRITON_INTERPRET=1) does not work with numpy {nv} (>= 2.3): "
-                "install triton>=3.7 or numpy<2.3 to run the kernels on CPU")
+        return (
+            f"Triton {tv}'s CPU interpreter (TRITON_INTERPRET=1) does not work with numpy {nv} (>= 2.3): "
+            "install triton>=3.7 or numpy<2.3 to run the kernels on CPU"
+        )
     return None
 
 
 def kernel_runs_on_cpu(kernel) -> bool:
     """True when ``kernel`` was decorated under TRITON_INTERPRET=1 (runs on CPU tensors)."""
     fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps the jit function in .fn
-    return type(kernel).__name__ == "InterpretedFunction" or type(fn).__name__ == "InterpretedFunction"
+    return (
+        type(kernel).__name__ == "InterpretedFunction" or type(fn).__name__ == "InterpretedFunction"
+    )
 
 
 def check_device(op: str, kernel, *tensors: torch.Tensor) -> None:
     """Raise a ValueError before launch when the tensors cannot run through ``kernel``."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
-        raise ValueError(f"megapt.kernels.{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"megapt.kernels.{op}: all inputs must be on one device, got {sorted(map(str, devices))}"
+        )
     (device,) = devices
     if device.type == "cuda":
         if kernel_runs_on_cpu(kernel):

@@ -17,9 +17,10 @@ from forward to backward (fp32 so that summing many chunks does not round at bf1
 Liger accumulates in the weight dtype and needs half of that); per chunk one (chunk, V)
 logits buffer and a bounded GEMM temporary (WGRAD_SLICE_ELEMENTS).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 WGRAD_SLICE_ELEMENTS = 1 << 26
 
 
-def fused_linear_cross_entropy_ref(hidden, weight, labels, ignore_index: int = -100, chunk_size=None):
+def fused_linear_cross_entropy_ref(
+    hidden, weight, labels, ignore_index: int = -100, chunk_size=None
+):
     """Full-logits PyTorch reference (fp32 softmax). hidden (N, C), weight (V, C), labels (N,)."""
     logits = (hidden @ weight.t()).float()  # (N, V)
     n_valid = (labels != ignore_index).sum().clamp(min=1)
@@ -54,8 +57,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_loss_grad_kernel(
-        LOGITS, stride_l, LABELS, LOSS, SCALE,
-        n_cols, ignore_index,
+        LOGITS,
+        stride_l,
+        LABELS,
+        LOSS,
+        SCALE,
+        n_cols,
+        ignore_index,
         BLOCK_SIZE: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr,
     ):
@@ -69,7 +77,9 @@ if HAS_TRITON:
         m = tl.full((), float("-inf"), tl.float32)
         d = tl.full((), 0.0, tl.float32)
         for off in range(0, n_cols, BLOCK_SIZE):
-            x = tl.load(ptr + off + cols, mask=off + cols < n_cols, other=float("-inf")).to(tl.float32)
+            x = tl.load(ptr + off + cols, mask=off + cols < n_cols, other=float("-inf")).to(
+                tl.float32
+            )
             m_new = tl.maximum(m, tl.max(x, axis=0))
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
@@ -92,12 +102,22 @@ def _ce_chunk_triton(logits, labels, scale, ignore_index, compute_grad):
     """logits (n, V) -> loss (n,) fp32; with compute_grad, logits become d(loss)/d(logits) in place."""
     n, V = logits.shape
     on_gpu = logits.device.type == "cuda"
-    block = min(next_power_of_2(V), 32768 if on_gpu else 64)  # small blocks exercise the loop on CPU
+    block = min(
+        next_power_of_2(V), 32768 if on_gpu else 64
+    )  # small blocks exercise the loop on CPU
     num_warps = 32 if block >= 32768 else (16 if block >= 8192 else 8)
     loss = torch.empty(n, dtype=torch.float32, device=logits.device)
     _ce_loss_grad_kernel[(n,)](
-        logits, logits.stride(0), labels, loss, scale, V, ignore_index,
-        BLOCK_SIZE=block, COMPUTE_GRAD=compute_grad, num_warps=num_warps,
+        logits,
+        logits.stride(0),
+        labels,
+        loss,
+        scale,
+        V,
+        ignore_index,
+        BLOCK_SIZE=block,
+        COMPUTE_GRAD=compute_grad,
+        num_warps=num_warps,
     )
     return loss, logits
 
@@ -122,8 +142,16 @@ def _ce_chunk_torch(logits, labels, scale, ignore_index, compute_grad):
 ChunkFn = Callable[..., tuple]
 
 
-def _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_fn: ChunkFn,
-                       grad_hidden_needed: bool, grad_weight_needed: bool):
+def _linear_ce_forward(
+    hidden,
+    weight,
+    labels,
+    ignore_index,
+    chunk_size,
+    chunk_fn: ChunkFn,
+    grad_hidden_needed: bool,
+    grad_weight_needed: bool,
+):
     """Returns loss (scalar fp32), grad_hidden (N, C) | None, grad_weight (V, C) | None."""
     N, C = hidden.shape
     V = weight.shape[0]
@@ -149,7 +177,7 @@ def _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_f
             else:  # half-precision GEMMs over vocab slices, summed in fp32 (no (V, C) temporary)
                 rows = max(1, WGRAD_SLICE_ELEMENTS // C)
                 for vs in range(0, V, rows):
-                    grad_weight[vs:vs + rows] += grad_logits[:, vs:vs + rows].t() @ h
+                    grad_weight[vs : vs + rows] += grad_logits[:, vs : vs + rows].t() @ h
     loss = loss_rows.sum() * scale[0]
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
@@ -166,8 +194,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_size, chunk_fn):
         loss, gh, gw = _linear_ce_forward(
-            hidden, weight, labels, ignore_index, chunk_size, chunk_fn,
-            grad_hidden_needed=ctx.needs_input_grad[0], grad_weight_needed=ctx.needs_input_grad[1],
+            hidden,
+            weight,
+            labels,
+            ignore_index,
+            chunk_size,
+            chunk_fn,
+            grad_hidden_needed=ctx.needs_input_grad[0],
+            grad_weight_needed=ctx.needs_input_grad[1],
         )
         ctx.save_for_backward(gh, gw)
         return loss
@@ -189,7 +223,9 @@ def _check(op, hidden, weight, labels, ignore_index, chunk_size, dtypes=_DTYPES)
             f"{tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"megapt.kernels.{op}: hidden is {hidden.dtype} but weight is {weight.dtype}")
+        raise ValueError(
+            f"megapt.kernels.{op}: hidden is {hidden.dtype} but weight is {weight.dtype}"
+        )
     if labels.shape != (hidden.shape[0],) or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(
             f"megapt.kernels.{op}: labels must be int64/int32 of shape ({hidden.shape[0]},), got "
@@ -208,13 +244,22 @@ def _check(op, hidden, weight, labels, ignore_index, chunk_size, dtypes=_DTYPES)
 
 def _apply(hidden, weight, labels, ignore_index, chunk_size, chunk_fn):
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropyFunction.apply(hidden, weight, labels, ignore_index, chunk_size, chunk_fn)
-    loss, _, _ = _linear_ce_forward(hidden, weight, labels, ignore_index, chunk_size, chunk_fn, False, False)
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight, labels, ignore_index, chunk_size, chunk_fn
+        )
+    loss, _, _ = _linear_ce_forward(
+        hidden, weight, labels, ignore_index, chunk_size, chunk_fn, False, False
+    )
     return loss
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Mean CE of ``hidden @ weight.T`` vs labels, with a Triton softmax/CE kernel per chunk.
 
     hidden (N, C), weight (V, C) same dtype (fp32/fp16/bf16), labels (N,) int. chunk_size rows
@@ -226,12 +271,24 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return _apply(hidden, weight, labels, ignore_index, chunk_size, _ce_chunk_triton)
 
 
-def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 ignore_index: int = -100, chunk_size: int | None = None) -> torch.Tensor:
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Same API and algorithm as fused_linear_cross_entropy in plain PyTorch (any device).
 
     Also takes fp64 (loss in fp64) for gradient checks.
     """
-    _check("chunked_linear_cross_entropy", hidden, weight, labels, ignore_index, chunk_size,
-           dtypes=_DTYPES + (torch.float64,))
+    _check(
+        "chunked_linear_cross_entropy",
+        hidden,
+        weight,
+        labels,
+        ignore_index,
+        chunk_size,
+        dtypes=_DTYPES + (torch.float64,),
+    )
     return _apply(hidden, weight, labels, ignore_index, chunk_size, _ce_chunk_torch)

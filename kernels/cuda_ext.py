@@ -6,6 +6,7 @@ torch's extension cache (``TORCH_EXTENSIONS_DIR``) and is reused by later proces
 
     rms_norm(x (..., C), weight (C,), eps) -> y (..., C)     same contract as the Triton kernel
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,15 +52,19 @@ def load_extension(verbose: bool = False):
         return _ext
     ok, why = extension_available()
     if not ok:
-        raise RuntimeError(f"megapt.kernels.cuda_ext: cannot build the CUDA RMSNorm extension: {why}; "
-                           "use the `triton` or `eager` norm backend")
+        raise RuntimeError(
+            f"megapt.kernels.cuda_ext: cannot build the CUDA RMSNorm extension: {why}; "
+            "use the `triton` or `eager` norm backend"
+        )
     with _lock:
         if _ext is None:
             from torch.utils.cpp_extension import load
 
             major, minor = torch.cuda.get_device_capability()
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
-            log.info("building %s for sm_%d%d (cached after the first build)", EXT_NAME, major, minor)
+            log.info(
+                "building %s for sm_%d%d (cached after the first build)", EXT_NAME, major, minor
+            )
             _ext = load(
                 name=EXT_NAME,
                 sources=[str(s) for s in SOURCES],
@@ -73,15 +78,23 @@ def load_extension(verbose: bool = False):
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
-        raise ValueError(f"megapt.kernels.cuda.rms_norm: dtypes {x.dtype}/{weight.dtype}; supported: fp32, fp16, bf16")
+        raise ValueError(
+            f"megapt.kernels.cuda.rms_norm: dtypes {x.dtype}/{weight.dtype}; supported: fp32, fp16, bf16"
+        )
     if weight.dtype != x.dtype and weight.dtype != torch.float32:
-        raise ValueError(f"megapt.kernels.cuda.rms_norm: weight dtype {weight.dtype} must equal x dtype {x.dtype} or be fp32")
+        raise ValueError(
+            f"megapt.kernels.cuda.rms_norm: weight dtype {weight.dtype} must equal x dtype {x.dtype} or be fp32"
+        )
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"megapt.kernels.cuda.rms_norm: weight shape {tuple(weight.shape)} does not match the "
-                         f"last dim of x {tuple(x.shape)}")
+        raise ValueError(
+            f"megapt.kernels.cuda.rms_norm: weight shape {tuple(weight.shape)} does not match the "
+            f"last dim of x {tuple(x.shape)}"
+        )
     if x.device.type != "cuda" or weight.device != x.device:
-        raise ValueError(f"megapt.kernels.cuda.rms_norm: needs x and weight on one CUDA device, got {x.device} "
-                         f"and {weight.device}")
+        raise ValueError(
+            f"megapt.kernels.cuda.rms_norm: needs x and weight on one CUDA device, got {x.device} "
+            f"and {weight.device}"
+        )
 
 
 def _stream(device: torch.device) -> int:

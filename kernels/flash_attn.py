@@ -26,6 +26,7 @@ with searchsorted, O(B*T log T)), unmasked up to the end of the document of its 
 Autotune configs differ per GPU family (Hopper sm90 vs Ampere sm80/sm86/sm89); the chosen config
 is logged once per shape bucket. Under TRITON_INTERPRET=1 fixed small blocks are used.
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,11 +60,19 @@ def doc_mask_ref(doc_start: torch.Tensor) -> torch.Tensor:
     """doc_start (B, T) -> (B, 1, T, T) bool, True where query i may see key j (doc_start[i] <= j <= i)."""
     T = doc_start.shape[1]
     j = torch.arange(T, device=doc_start.device)
-    return ((j[None, None, :] >= doc_start[:, :, None]) & (j[None, None, :] <= j[None, :, None]))[:, None]
+    return ((j[None, None, :] >= doc_start[:, :, None]) & (j[None, None, :] <= j[None, :, None]))[
+        :, None
+    ]
 
 
-def flash_attention_ref(q, k, v, causal: bool = True, sm_scale: float | None = None,
-                        doc_start: torch.Tensor | None = None) -> torch.Tensor:
+def flash_attention_ref(
+    q,
+    k,
+    v,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Plain attention in fp32 (fp64 for fp64 inputs) with explicit GQA repeat; output in q.dtype.
 
     ``doc_start`` (B, T): the explicit (B, 1, T, T) document mask of ``doc_mask_ref`` (needs causal)."""
@@ -91,29 +100,68 @@ def flash_attention_ref(q, k, v, causal: bool = True, sm_scale: float | None = N
 if HAS_TRITON:
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, K_base, V_base, stride_kt, stride_vt,
-                   offs_m, offs_n, offs_d, ds, lo, hi, T, qk_scale,
-                   BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        K_base,
+        V_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_n,
+        offs_d,
+        ds,
+        lo,
+        hi,
+        T,
+        qk_scale,
+        BLOCK_N: tl.constexpr,
+        MASK: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+    ):
         # ds: (BLOCK_M,) doc_start of each query row (used by MASK 3/4 only)
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             if MASK == 0:
-                kT = tl.load(K_base + cols[None, :] * stride_kt + offs_d[:, None])  # (HEAD_DIM, BLOCK_N)
-                v = tl.load(V_base + cols[:, None] * stride_vt + offs_d[None, :])  # (BLOCK_N, HEAD_DIM)
+                kT = tl.load(
+                    K_base + cols[None, :] * stride_kt + offs_d[:, None]
+                )  # (HEAD_DIM, BLOCK_N)
+                v = tl.load(
+                    V_base + cols[:, None] * stride_vt + offs_d[None, :]
+                )  # (BLOCK_N, HEAD_DIM)
             else:
                 col_ok = cols < T
-                kT = tl.load(K_base + cols[None, :] * stride_kt + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-                v = tl.load(V_base + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+                kT = tl.load(
+                    K_base + cols[None, :] * stride_kt + offs_d[:, None],
+                    mask=col_ok[None, :],
+                    other=0.0,
+                )
+                v = tl.load(
+                    V_base + cols[:, None] * stride_vt + offs_d[None, :],
+                    mask=col_ok[:, None],
+                    other=0.0,
+                )
+            qk = (
+                tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+            )  # (BLOCK_M, BLOCK_N), log2 units
             if MASK == 1:
                 qk = tl.where(col_ok[None, :], qk, float("-inf"))
             if MASK == 2:
-                qk = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]), qk, float("-inf"))
+                qk = tl.where(
+                    col_ok[None, :] & (offs_m[:, None] >= cols[None, :]), qk, float("-inf")
+                )
             if MASK == 3:
                 qk = tl.where(col_ok[None, :] & (cols[None, :] >= ds[:, None]), qk, float("-inf"))
             if MASK == 4:
-                qk = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]) & (cols[None, :] >= ds[:, None]),
-                              qk, float("-inf"))
+                qk = tl.where(
+                    col_ok[None, :]
+                    & (offs_m[:, None] >= cols[None, :])
+                    & (cols[None, :] >= ds[:, None]),
+                    qk,
+                    float("-inf"),
+                )
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             if MASK >= 3:
                 # a row whose document starts after every key seen so far has m = -inf: subtract 0
@@ -144,11 +192,35 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, O, LSE, DOC_START, sm_scale,
-        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
-        NH, T, GROUP, T_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        Q,
+        K,
+        V,
+        O,
+        LSE,
+        DOC_START,
+        sm_scale,
+        sq_b,
+        sq_h,
+        sq_t,
+        sk_b,
+        sk_h,
+        sk_t,
+        sv_b,
+        sv_h,
+        sv_t,
+        so_b,
+        so_h,
+        so_t,
+        NH,
+        T,
+        GROUP,
+        T_BUCKET,
+        HEAD_DIM: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        DOC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PREC: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         off_bh = tl.cast(tl.program_id(1), tl.int64)
@@ -159,8 +231,11 @@ if HAS_TRITON:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < T
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         K_base = K + b * sk_b + kvh * sk_h
         V_base = V + b * sv_b + kvh * sv_h
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -171,34 +246,140 @@ if HAS_TRITON:
             diag = start_m * BLOCK_M
             if DOC:  # (the launcher allows DOC only with CAUSAL)
                 ds, lo, mid = _doc_key_range(DOC_START, b * T, offs_m, row_ok, diag, T, BLOCK_N)
-                acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                           ds, lo, mid, T, qk_scale, BLOCK_N, 3, DOT_PREC)
+                acc, l_i, m_i = _fwd_inner(
+                    acc,
+                    l_i,
+                    m_i,
+                    q,
+                    K_base,
+                    V_base,
+                    sk_t,
+                    sv_t,
+                    offs_m,
+                    offs_n,
+                    offs_d,
+                    ds,
+                    lo,
+                    mid,
+                    T,
+                    qk_scale,
+                    BLOCK_N,
+                    3,
+                    DOT_PREC,
+                )
                 diag_mask: tl.constexpr = 4
             else:
                 ds, mid = offs_m, 0
                 diag_mask: tl.constexpr = 2
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       ds, mid, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       ds, diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, diag_mask,
-                                       DOT_PREC)
+            acc, l_i, m_i = _fwd_inner(
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_n,
+                offs_d,
+                ds,
+                mid,
+                diag,
+                T,
+                qk_scale,
+                BLOCK_N,
+                0,
+                DOT_PREC,
+            )
+            acc, l_i, m_i = _fwd_inner(
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_n,
+                offs_d,
+                ds,
+                diag,
+                tl.minimum(diag + BLOCK_M, T),
+                T,
+                qk_scale,
+                BLOCK_N,
+                diag_mask,
+                DOT_PREC,
+            )
         else:
             full = (T // BLOCK_N) * BLOCK_N
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       offs_m, 0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
-            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K_base, V_base, sk_t, sv_t, offs_m, offs_n, offs_d,
-                                       offs_m, full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
+            acc, l_i, m_i = _fwd_inner(
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_n,
+                offs_d,
+                offs_m,
+                0,
+                full,
+                T,
+                qk_scale,
+                BLOCK_N,
+                0,
+                DOT_PREC,
+            )
+            acc, l_i, m_i = _fwd_inner(
+                acc,
+                l_i,
+                m_i,
+                q,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_n,
+                offs_d,
+                offs_m,
+                full,
+                T,
+                T,
+                qk_scale,
+                BLOCK_N,
+                1,
+                DOT_PREC,
+            )
         acc = acc / l_i[:, None]
         tl.store(LSE + off_bh * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-        tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
-                 acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+            acc.to(O.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(
-        O, DO, DELTA,
-        so_b, so_h, so_t, sdo_b, sdo_h, sdo_t,
-        NH, T,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+        O,
+        DO,
+        DELTA,
+        so_b,
+        so_h,
+        so_t,
+        sdo_b,
+        sdo_h,
+        sdo_t,
+        NH,
+        T,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         off_bh = tl.cast(tl.program_id(1), tl.int64)
         b = off_bh // NH
@@ -206,29 +387,66 @@ if HAS_TRITON:
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < T
-        o = tl.load(O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0).to(tl.float32)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0).to(tl.float32)
+        o = tl.load(
+            O + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        do = tl.load(
+            DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(tl.float32)
         tl.store(DELTA + off_bh * T + offs_m, tl.sum(o * do, axis=1), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
-                        offs_n, offs_d, lo, hi, T, qk_scale,
-                        BLOCK_M: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _bwd_dkdv_inner(
+        dk,
+        dv,
+        k,
+        v,
+        Q_base,
+        DO_base,
+        LSE_base,
+        DELTA_base,
+        DS_base,
+        sq_t,
+        sdo_t,
+        offs_n,
+        offs_d,
+        lo,
+        hi,
+        T,
+        qk_scale,
+        BLOCK_M: tl.constexpr,
+        MASK: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+    ):
         # k, v: (BLOCK_N, HEAD_DIM) of one kv block; walks query blocks [lo, hi).
         # DS_base: doc_start of this batch row (read by MASK 3/4 only)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             if MASK == 0:
-                qT = tl.load(Q_base + offs_m[None, :] * sq_t + offs_d[:, None])  # (HEAD_DIM, BLOCK_M)
-                do = tl.load(DO_base + offs_m[:, None] * sdo_t + offs_d[None, :])  # (BLOCK_M, HEAD_DIM)
+                qT = tl.load(
+                    Q_base + offs_m[None, :] * sq_t + offs_d[:, None]
+                )  # (HEAD_DIM, BLOCK_M)
+                do = tl.load(
+                    DO_base + offs_m[:, None] * sdo_t + offs_d[None, :]
+                )  # (BLOCK_M, HEAD_DIM)
                 lse = tl.load(LSE_base + offs_m)
                 delta = tl.load(DELTA_base + offs_m)
             else:
                 row_ok = offs_m < T
-                qT = tl.load(Q_base + offs_m[None, :] * sq_t + offs_d[:, None], mask=row_ok[None, :], other=0.0)
-                do = tl.load(DO_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                qT = tl.load(
+                    Q_base + offs_m[None, :] * sq_t + offs_d[:, None],
+                    mask=row_ok[None, :],
+                    other=0.0,
+                )
+                do = tl.load(
+                    DO_base + offs_m[:, None] * sdo_t + offs_d[None, :],
+                    mask=row_ok[:, None],
+                    other=0.0,
+                )
                 lse = tl.load(LSE_base + offs_m, mask=row_ok, other=0.0)
                 delta = tl.load(DELTA_base + offs_m, mask=row_ok, other=0.0)
             qkT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
@@ -242,8 +460,13 @@ if HAS_TRITON:
                 if MASK == 3:
                     pT = tl.where(row_ok[None, :] & (ds[None, :] <= offs_n[:, None]), pT, 0.0)
                 else:
-                    pT = tl.where(row_ok[None, :] & (offs_m[None, :] >= offs_n[:, None]) & (ds[None, :] <= offs_n[:, None]),
-                                  pT, 0.0)
+                    pT = tl.where(
+                        row_ok[None, :]
+                        & (offs_m[None, :] >= offs_n[:, None])
+                        & (ds[None, :] <= offs_n[:, None]),
+                        pT,
+                        0.0,
+                    )
             dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             dsT = pT * (dpT - delta[None, :])
@@ -252,12 +475,46 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, DK, DV, LSE, DELTA, DOC_START, DOC_END, sm_scale,
-        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-        sdo_b, sdo_h, sdo_t, sdk_b, sdk_h, sdk_t, sdv_b, sdv_h, sdv_t,
-        NH, NKV, T, GROUP, T_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        DK,
+        DV,
+        LSE,
+        DELTA,
+        DOC_START,
+        DOC_END,
+        sm_scale,
+        sq_b,
+        sq_h,
+        sq_t,
+        sk_b,
+        sk_h,
+        sk_t,
+        sv_b,
+        sv_h,
+        sv_t,
+        sdo_b,
+        sdo_h,
+        sdo_t,
+        sdk_b,
+        sdk_h,
+        sdk_t,
+        sdv_b,
+        sdv_h,
+        sdv_t,
+        NH,
+        NKV,
+        T,
+        GROUP,
+        T_BUCKET,
+        HEAD_DIM: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        DOC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PREC: tl.constexpr,
     ):
         start_n = tl.program_id(0) * BLOCK_N
         off_bkv = tl.cast(tl.program_id(1), tl.int64)
@@ -266,10 +523,16 @@ if HAS_TRITON:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         col_ok = offs_n < T
-        k = tl.load(K + b * sk_b + kvh * sk_h + offs_n[:, None] * sk_t + offs_d[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + kvh * sv_h + offs_n[:, None] * sv_t + offs_d[None, :],
-                    mask=col_ok[:, None], other=0.0)
+        k = tl.load(
+            K + b * sk_b + kvh * sk_h + offs_n[:, None] * sk_t + offs_d[None, :],
+            mask=col_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * sv_b + kvh * sv_h + offs_n[:, None] * sv_t + offs_d[None, :],
+            mask=col_ok[:, None],
+            other=0.0,
+        )
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         qk_scale = sm_scale * 1.4426950408889634
@@ -295,28 +558,152 @@ if HAS_TRITON:
             LSE_base = LSE + (b * NH + h) * T
             DELTA_base = DELTA + (b * NH + h) * T
             if CAUSAL:
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
-                                         offs_n, offs_d, start_n, below, T, qk_scale, BLOCK_M, diag_mask, DOT_PREC)
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
-                                         offs_n, offs_d, below, full, T, qk_scale, BLOCK_M, 0, DOT_PREC)
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
-                                         offs_n, offs_d, full, hi, T, qk_scale, BLOCK_M, tail_mask, DOT_PREC)
+                dk, dv = _bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q_base,
+                    DO_base,
+                    LSE_base,
+                    DELTA_base,
+                    DS_base,
+                    sq_t,
+                    sdo_t,
+                    offs_n,
+                    offs_d,
+                    start_n,
+                    below,
+                    T,
+                    qk_scale,
+                    BLOCK_M,
+                    diag_mask,
+                    DOT_PREC,
+                )
+                dk, dv = _bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q_base,
+                    DO_base,
+                    LSE_base,
+                    DELTA_base,
+                    DS_base,
+                    sq_t,
+                    sdo_t,
+                    offs_n,
+                    offs_d,
+                    below,
+                    full,
+                    T,
+                    qk_scale,
+                    BLOCK_M,
+                    0,
+                    DOT_PREC,
+                )
+                dk, dv = _bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q_base,
+                    DO_base,
+                    LSE_base,
+                    DELTA_base,
+                    DS_base,
+                    sq_t,
+                    sdo_t,
+                    offs_n,
+                    offs_d,
+                    full,
+                    hi,
+                    T,
+                    qk_scale,
+                    BLOCK_M,
+                    tail_mask,
+                    DOT_PREC,
+                )
             else:
                 full_nc = (T // BLOCK_M) * BLOCK_M
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
-                                         offs_n, offs_d, 0, full_nc, T, qk_scale, BLOCK_M, 0, DOT_PREC)
-                dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q_base, DO_base, LSE_base, DELTA_base, DS_base, sq_t, sdo_t,
-                                         offs_n, offs_d, full_nc, T, T, qk_scale, BLOCK_M, 1, DOT_PREC)
+                dk, dv = _bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q_base,
+                    DO_base,
+                    LSE_base,
+                    DELTA_base,
+                    DS_base,
+                    sq_t,
+                    sdo_t,
+                    offs_n,
+                    offs_d,
+                    0,
+                    full_nc,
+                    T,
+                    qk_scale,
+                    BLOCK_M,
+                    0,
+                    DOT_PREC,
+                )
+                dk, dv = _bwd_dkdv_inner(
+                    dk,
+                    dv,
+                    k,
+                    v,
+                    Q_base,
+                    DO_base,
+                    LSE_base,
+                    DELTA_base,
+                    DS_base,
+                    sq_t,
+                    sdo_t,
+                    offs_n,
+                    offs_d,
+                    full_nc,
+                    T,
+                    T,
+                    qk_scale,
+                    BLOCK_M,
+                    1,
+                    DOT_PREC,
+                )
         dk = dk * sm_scale
-        tl.store(DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-        tl.store(DV + b * sdv_b + kvh * sdv_h + offs_n[:, None] * sdv_t + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(
+            DK + b * sdk_b + kvh * sdk_h + offs_n[:, None] * sdk_t + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=col_ok[:, None],
+        )
+        tl.store(
+            DV + b * sdv_b + kvh * sdv_h + offs_n[:, None] * sdv_t + offs_d[None, :],
+            dv.to(DV.dtype.element_ty),
+            mask=col_ok[:, None],
+        )
 
     @triton.jit
-    def _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t,
-                      offs_m, offs_d, ds, lo, hi, T, qk_scale,
-                      BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        K_base,
+        V_base,
+        sk_t,
+        sv_t,
+        offs_m,
+        offs_d,
+        ds,
+        lo,
+        hi,
+        T,
+        qk_scale,
+        BLOCK_N: tl.constexpr,
+        MASK: tl.constexpr,
+        DOT_PREC: tl.constexpr,
+    ):
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + tl.arange(0, BLOCK_N)
             if MASK == 0:
@@ -324,8 +711,12 @@ if HAS_TRITON:
                 vT = tl.load(V_base + cols[None, :] * sv_t + offs_d[:, None])
             else:
                 col_ok = cols < T
-                kT = tl.load(K_base + cols[None, :] * sk_t + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-                vT = tl.load(V_base + cols[None, :] * sv_t + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+                kT = tl.load(
+                    K_base + cols[None, :] * sk_t + offs_d[:, None], mask=col_ok[None, :], other=0.0
+                )
+                vT = tl.load(
+                    V_base + cols[None, :] * sv_t + offs_d[:, None], mask=col_ok[None, :], other=0.0
+                )
             qk = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
             p = tl.math.exp2(qk - lse[:, None])
             if MASK == 1:
@@ -335,8 +726,13 @@ if HAS_TRITON:
             if MASK == 3:
                 p = tl.where(col_ok[None, :] & (cols[None, :] >= ds[:, None]), p, 0.0)
             if MASK == 4:
-                p = tl.where(col_ok[None, :] & (offs_m[:, None] >= cols[None, :]) & (cols[None, :] >= ds[:, None]),
-                             p, 0.0)
+                p = tl.where(
+                    col_ok[None, :]
+                    & (offs_m[:, None] >= cols[None, :])
+                    & (cols[None, :] >= ds[:, None]),
+                    p,
+                    0.0,
+                )
             dp = tl.dot(do, vT, input_precision=DOT_PREC)
             ds_ = p * (dp - delta[:, None])
             dq += tl.dot(ds_.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
@@ -344,12 +740,40 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dq_kernel(
-        Q, K, V, DO, DQ, LSE, DELTA, DOC_START, sm_scale,
-        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-        sdo_b, sdo_h, sdo_t, sdq_b, sdq_h, sdq_t,
-        NH, T, GROUP, T_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        DQ,
+        LSE,
+        DELTA,
+        DOC_START,
+        sm_scale,
+        sq_b,
+        sq_h,
+        sq_t,
+        sk_b,
+        sk_h,
+        sk_t,
+        sv_b,
+        sv_h,
+        sv_t,
+        sdo_b,
+        sdo_h,
+        sdo_t,
+        sdq_b,
+        sdq_h,
+        sdq_t,
+        NH,
+        T,
+        GROUP,
+        T_BUCKET,
+        HEAD_DIM: tl.constexpr,
+        CAUSAL: tl.constexpr,
+        DOC: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_PREC: tl.constexpr,
     ):
         start_m = tl.program_id(0)
         off_bh = tl.cast(tl.program_id(1), tl.int64)
@@ -359,10 +783,16 @@ if HAS_TRITON:
         offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < T
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
-                     mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * sdo_b + h * sdo_h + offs_m[:, None] * sdo_t + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         lse = tl.load(LSE + off_bh * T + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + off_bh * T + offs_m, mask=row_ok, other=0.0)
         K_base = K + b * sk_b + kvh * sk_h
@@ -373,25 +803,123 @@ if HAS_TRITON:
             diag = start_m * BLOCK_M
             if DOC:
                 ds, lo, mid = _doc_key_range(DOC_START, b * T, offs_m, row_ok, diag, T, BLOCK_N)
-                dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                                   ds, lo, mid, T, qk_scale, BLOCK_N, 3, DOT_PREC)
+                dq = _bwd_dq_inner(
+                    dq,
+                    q,
+                    do,
+                    lse,
+                    delta,
+                    K_base,
+                    V_base,
+                    sk_t,
+                    sv_t,
+                    offs_m,
+                    offs_d,
+                    ds,
+                    lo,
+                    mid,
+                    T,
+                    qk_scale,
+                    BLOCK_N,
+                    3,
+                    DOT_PREC,
+                )
                 diag_mask: tl.constexpr = 4
             else:
                 ds, mid = offs_m, 0
                 diag_mask: tl.constexpr = 2
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               ds, mid, diag, T, qk_scale, BLOCK_N, 0, DOT_PREC)
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               ds, diag, tl.minimum(diag + BLOCK_M, T), T, qk_scale, BLOCK_N, diag_mask, DOT_PREC)
+            dq = _bwd_dq_inner(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_d,
+                ds,
+                mid,
+                diag,
+                T,
+                qk_scale,
+                BLOCK_N,
+                0,
+                DOT_PREC,
+            )
+            dq = _bwd_dq_inner(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_d,
+                ds,
+                diag,
+                tl.minimum(diag + BLOCK_M, T),
+                T,
+                qk_scale,
+                BLOCK_N,
+                diag_mask,
+                DOT_PREC,
+            )
         else:
             full = (T // BLOCK_N) * BLOCK_N
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               offs_m, 0, full, T, qk_scale, BLOCK_N, 0, DOT_PREC)
-            dq = _bwd_dq_inner(dq, q, do, lse, delta, K_base, V_base, sk_t, sv_t, offs_m, offs_d,
-                               offs_m, full, T, T, qk_scale, BLOCK_N, 1, DOT_PREC)
+            dq = _bwd_dq_inner(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_d,
+                offs_m,
+                0,
+                full,
+                T,
+                qk_scale,
+                BLOCK_N,
+                0,
+                DOT_PREC,
+            )
+            dq = _bwd_dq_inner(
+                dq,
+                q,
+                do,
+                lse,
+                delta,
+                K_base,
+                V_base,
+                sk_t,
+                sv_t,
+                offs_m,
+                offs_d,
+                offs_m,
+                full,
+                T,
+                T,
+                qk_scale,
+                BLOCK_N,
+                1,
+                DOT_PREC,
+            )
         dq = dq * sm_scale
-        tl.store(DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            DQ + b * sdq_b + h * sdq_h + offs_m[:, None] * sdq_t + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
 
 
 # ----------------------------------------------------------------------------- autotune configs
@@ -402,22 +930,58 @@ _MID = (16, 32, 64, 128)
 _ALL = SUPPORTED_HEAD_DIMS
 _CONFIGS = {
     "fwd": {
-        "sm90": [(128, 128, 8, 3, _MID), (128, 64, 8, 3, _MID), (128, 64, 4, 4, _MID), (64, 64, 4, 4, _ALL),
-                 (128, 32, 4, 3, _ALL), (64, 32, 4, 3, _ALL)],
-        "sm80": [(128, 64, 4, 3, _MID), (128, 64, 8, 3, _MID), (128, 32, 4, 4, _MID), (64, 64, 4, 3, _ALL),
-                 (64, 32, 4, 3, _ALL), (64, 32, 4, 2, _ALL)],
+        "sm90": [
+            (128, 128, 8, 3, _MID),
+            (128, 64, 8, 3, _MID),
+            (128, 64, 4, 4, _MID),
+            (64, 64, 4, 4, _ALL),
+            (128, 32, 4, 3, _ALL),
+            (64, 32, 4, 3, _ALL),
+        ],
+        "sm80": [
+            (128, 64, 4, 3, _MID),
+            (128, 64, 8, 3, _MID),
+            (128, 32, 4, 4, _MID),
+            (64, 64, 4, 3, _ALL),
+            (64, 32, 4, 3, _ALL),
+            (64, 32, 4, 2, _ALL),
+        ],
     },
     "dkdv": {
-        "sm90": [(32, 128, 8, 3, _MID), (64, 128, 8, 2, _MID), (32, 64, 4, 3, _ALL), (64, 64, 8, 2, _ALL),
-                 (16, 64, 4, 2, _ALL), (16, 32, 4, 1, _ALL)],
-        "sm80": [(32, 128, 8, 2, _MID), (32, 64, 4, 3, _MID), (64, 64, 8, 2, _SMALL), (32, 64, 4, 2, _ALL),
-                 (16, 64, 4, 2, _ALL), (16, 32, 4, 1, _ALL)],
+        "sm90": [
+            (32, 128, 8, 3, _MID),
+            (64, 128, 8, 2, _MID),
+            (32, 64, 4, 3, _ALL),
+            (64, 64, 8, 2, _ALL),
+            (16, 64, 4, 2, _ALL),
+            (16, 32, 4, 1, _ALL),
+        ],
+        "sm80": [
+            (32, 128, 8, 2, _MID),
+            (32, 64, 4, 3, _MID),
+            (64, 64, 8, 2, _SMALL),
+            (32, 64, 4, 2, _ALL),
+            (16, 64, 4, 2, _ALL),
+            (16, 32, 4, 1, _ALL),
+        ],
     },
     "dq": {
-        "sm90": [(128, 32, 8, 3, _MID), (128, 64, 8, 2, _MID), (64, 32, 4, 3, _ALL), (64, 64, 8, 2, _ALL),
-                 (64, 16, 4, 2, _ALL), (32, 16, 4, 1, _ALL)],
-        "sm80": [(128, 32, 8, 2, _MID), (64, 32, 4, 3, _MID), (64, 64, 8, 2, _SMALL), (64, 32, 4, 2, _ALL),
-                 (64, 16, 4, 2, _ALL), (32, 16, 4, 1, _ALL)],
+        "sm90": [
+            (128, 32, 8, 3, _MID),
+            (128, 64, 8, 2, _MID),
+            (64, 32, 4, 3, _ALL),
+            (64, 64, 8, 2, _ALL),
+            (64, 16, 4, 2, _ALL),
+            (32, 16, 4, 1, _ALL),
+        ],
+        "sm80": [
+            (128, 32, 8, 2, _MID),
+            (64, 32, 4, 3, _MID),
+            (64, 64, 8, 2, _SMALL),
+            (64, 32, 4, 2, _ALL),
+            (64, 16, 4, 2, _ALL),
+            (32, 16, 4, 1, _ALL),
+        ],
     },
 }
 _INTERPRETER_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
@@ -435,16 +999,23 @@ def _tuned_kernel(name: str, family: str):
     """The autotuned ``name`` kernel for a GPU family; configs are pruned by head dim first."""
     key = (name, family)
     if key not in _tuned:
-        jit_fn = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[name]
+        jit_fn = {
+            "fwd": _attn_fwd_kernel,
+            "dkdv": _attn_bwd_dkdv_kernel,
+            "dq": _attn_bwd_dq_kernel,
+        }[name]
         head_dims = {}  # config -> head dims it is tried for
         for bm, bn, w, s, dims in _CONFIGS[name][family]:
-            head_dims[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)] = dims
+            head_dims[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)] = (
+                dims
+            )
 
         def prune(configs, named_args, **kwargs):
             return [c for c in configs if kwargs["HEAD_DIM"] in head_dims[c]] or configs[-1:]
 
         _tuned[key] = triton.autotune(
-            configs=list(head_dims), key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DOC", "GROUP"],
+            configs=list(head_dims),
+            key=["T_BUCKET", "HEAD_DIM", "CAUSAL", "DOC", "GROUP"],
             prune_configs_by={"early_config_prune": prune},
         )(jit_fn)
     return _tuned[key]
@@ -453,13 +1024,30 @@ def _tuned_kernel(name: str, family: str):
 def _launch(name: str, jit_fn, grid_dim0, grid_dim1, args, head_dim, causal, T, group, doc=False):
     """Run ``jit_fn`` with autotuning on GPU, or the fixed interpreter blocks on CPU."""
     if args[0].device.type == "cuda":
-        _launch_autotuned(name, gpu_family(args[0].device), grid_dim0, grid_dim1, args, head_dim, causal, T, group,
-                          doc)
+        _launch_autotuned(
+            name,
+            gpu_family(args[0].device),
+            grid_dim0,
+            grid_dim1,
+            args,
+            head_dim,
+            causal,
+            T,
+            group,
+            doc,
+        )
         return
     bm, bn = _INTERPRETER_BLOCKS[name]
     jit_fn[(grid_dim0(bm, bn), grid_dim1)](
-        *args, T_BUCKET=next_power_of_2(T), HEAD_DIM=head_dim, CAUSAL=causal, DOC=doc, BLOCK_M=bm, BLOCK_N=bn,
-        DOT_PREC=_dot_precision(args[0].dtype))
+        *args,
+        T_BUCKET=next_power_of_2(T),
+        HEAD_DIM=head_dim,
+        CAUSAL=causal,
+        DOC=doc,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        DOT_PREC=_dot_precision(args[0].dtype),
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -467,7 +1055,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _launch_autotuned(name, family, grid_dim0, grid_dim1, args, head_dim, causal, T, group, doc=False):
+def _launch_autotuned(
+    name, family, grid_dim0, grid_dim1, args, head_dim, causal, T, group, doc=False
+):
     t_bucket = next_power_of_2(T)
     dot_prec = _dot_precision(args[0].dtype)
     kernel = _tuned_kernel(name, family)
@@ -475,15 +1065,29 @@ def _launch_autotuned(name, family, grid_dim0, grid_dim1, args, head_dim, causal
     def grid(meta):
         return (grid_dim0(meta["BLOCK_M"], meta["BLOCK_N"]), grid_dim1)
 
-    kernel[grid](*args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, DOC=doc, DOT_PREC=dot_prec)
+    kernel[grid](
+        *args, T_BUCKET=t_bucket, HEAD_DIM=head_dim, CAUSAL=causal, DOC=doc, DOT_PREC=dot_prec
+    )
     log_key = (name, family, t_bucket, head_dim, causal, doc, group, str(args[0].dtype))
     if log_key not in _logged:
         _logged.add(log_key)
         c = kernel.best_config
-        log.info("flash_attention %s %s T<=%d hs=%d causal=%s group=%d doc_mask=%s %s: "
-                 "BLOCK_M=%d BLOCK_N=%d warps=%d stages=%d",
-                 name, family, t_bucket, head_dim, causal, group, doc, args[0].dtype,
-                 c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        log.info(
+            "flash_attention %s %s T<=%d hs=%d causal=%s group=%d doc_mask=%s %s: "
+            "BLOCK_M=%d BLOCK_N=%d warps=%d stages=%d",
+            name,
+            family,
+            t_bucket,
+            head_dim,
+            causal,
+            group,
+            doc,
+            args[0].dtype,
+            c.kwargs["BLOCK_M"],
+            c.kwargs["BLOCK_N"],
+            c.num_warps,
+            c.num_stages,
+        )
 
 
 def _strides(x):
@@ -511,7 +1115,9 @@ def check_inputs(q, k, v, causal=True, sm_scale=None, doc_start=None) -> None:
         )
     B, nh, T, hs = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"megapt.kernels.flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        raise ValueError(
+            f"megapt.kernels.flash_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ"
+        )
     if k.shape[0] != B or k.shape[3] != hs:
         raise ValueError(
             f"megapt.kernels.flash_attention: k/v {tuple(k.shape)} must share batch and head size "
@@ -545,13 +1151,17 @@ def _check_doc_start(doc_start, B, T, causal) -> None:
     if not isinstance(doc_start, torch.Tensor):
         raise ValueError(f"{where} must be a (B, T) integer tensor, got {type(doc_start).__name__}")
     if not causal:
-        raise ValueError(f"{where} needs causal=True (the document mask is causal within each document)")
+        raise ValueError(
+            f"{where} needs causal=True (the document mask is causal within each document)"
+        )
     if doc_start.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{where} has dtype {doc_start.dtype}; need int32 or int64 "
-                         "(first token index of each token's document, see doc_start_from_ids)")
+        raise ValueError(
+            f"{where} has dtype {doc_start.dtype}; need int32 or int64 "
+            "(first token index of each token's document, see doc_start_from_ids)"
+        )
     if tuple(doc_start.shape) != (B, T):
         raise ValueError(f"{where} must have shape (B, T) = {(B, T)}, got {tuple(doc_start.shape)}")
-    if T >= 2 ** 31:
+    if T >= 2**31:
         raise ValueError(f"{where}: T={T} does not fit int32 indices")
     if doc_start.device.type == "cpu" and doc_start.numel():
         pos = torch.arange(T, device=doc_start.device)
@@ -559,8 +1169,10 @@ def _check_doc_start(doc_start, B, T, causal) -> None:
         bad[:, 1:] |= doc_start[:, 1:] < doc_start[:, :-1]
         if bad.any():
             b, i = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"{where}[{b}, {i}] = {int(doc_start[b, i])} is invalid: need 0 <= doc_start[b, i] <= i "
-                             "and doc_start non-decreasing along T")
+            raise ValueError(
+                f"{where}[{b}, {i}] = {int(doc_start[b, i])} is invalid: need 0 <= doc_start[b, i] <= i "
+                "and doc_start non-decreasing along T"
+            )
 
 
 def _unit_last(x):
@@ -595,8 +1207,34 @@ def flash_attention_forward(q, k, v, causal: bool, sm_scale: float, doc_start=No
         return o, lse
     doc = doc_start is not None
     ds = doc_start if doc else _no_doc(q.device)
-    args = (q, k, v, o, lse, ds, sm_scale, *_strides(q), *_strides(k), *_strides(v), *_strides(o), nh, T, group)
-    _launch("fwd", _attn_fwd_kernel, lambda bm, bn: triton.cdiv(T, bm), B * nh, args, hs, causal, T, group, doc)
+    args = (
+        q,
+        k,
+        v,
+        o,
+        lse,
+        ds,
+        sm_scale,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(o),
+        nh,
+        T,
+        group,
+    )
+    _launch(
+        "fwd",
+        _attn_fwd_kernel,
+        lambda bm, bn: triton.cdiv(T, bm),
+        B * nh,
+        args,
+        hs,
+        causal,
+        T,
+        group,
+        doc,
+    )
     return o, lse
 
 
@@ -610,18 +1248,85 @@ def flash_attention_backward(do, q, k, v, o, lse, causal: bool, sm_scale: float,
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty_like(lse)
     _attn_bwd_preprocess_kernel[(triton.cdiv(T, _PREPROCESS_BLOCK_M), B * nh)](
-        o, do, delta, *_strides(o), *_strides(do), nh, T, HEAD_DIM=hs, BLOCK_M=_PREPROCESS_BLOCK_M,
+        o,
+        do,
+        delta,
+        *_strides(o),
+        *_strides(do),
+        nh,
+        T,
+        HEAD_DIM=hs,
+        BLOCK_M=_PREPROCESS_BLOCK_M,
     )
     doc = doc_start is not None
     ds = doc_start if doc else _no_doc(q.device)
     de = doc_end_from_start(doc_start) if doc else ds
-    args = (q, k, v, do, dk, dv, lse, delta, ds, de, sm_scale, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(do), *_strides(dk), *_strides(dv), nh, nkv, T, group)
-    _launch("dkdv", _attn_bwd_dkdv_kernel, lambda bm, bn: triton.cdiv(T, bn), B * nkv, args, hs, causal, T, group,
-            doc)
-    args = (q, k, v, do, dq, lse, delta, ds, sm_scale, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(do), *_strides(dq), nh, T, group)
-    _launch("dq", _attn_bwd_dq_kernel, lambda bm, bn: triton.cdiv(T, bm), B * nh, args, hs, causal, T, group, doc)
+    args = (
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        ds,
+        de,
+        sm_scale,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dk),
+        *_strides(dv),
+        nh,
+        nkv,
+        T,
+        group,
+    )
+    _launch(
+        "dkdv",
+        _attn_bwd_dkdv_kernel,
+        lambda bm, bn: triton.cdiv(T, bn),
+        B * nkv,
+        args,
+        hs,
+        causal,
+        T,
+        group,
+        doc,
+    )
+    args = (
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        ds,
+        sm_scale,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(do),
+        *_strides(dq),
+        nh,
+        T,
+        group,
+    )
+    _launch(
+        "dq",
+        _attn_bwd_dq_kernel,
+        lambda bm, bn: triton.cdiv(T, bm),
+        B * nh,
+        args,
+        hs,
+        causal,
+        T,
+        group,
+        doc,
+    )
     return dq, dk, dv
 
 
@@ -643,12 +1348,20 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, doc_start = ctx.saved_tensors
-        dq, dk, dv = flash_attention_backward(_unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, doc_start)
+        dq, dk, dv = flash_attention_backward(
+            _unit_last(do), q, k, v, o, lse, ctx.causal, ctx.sm_scale, doc_start
+        )
         return dq, dk, dv, None, None, None
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    sm_scale: float | None = None, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Flash attention with GQA. q (B, nh, T, hs), k/v (B, nkv, T, hs); hs in 16/32/64/128/256.
 
     fp16/bf16 (fp32 also accepted, with 3xTF32 dots: accurate, slower) on CUDA, or CPU under TRITON_INTERPRET=1. Any T.

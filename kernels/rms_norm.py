@@ -9,6 +9,7 @@ backends agree bit-for-bit up to the last multiply. The output is ``x.dtype``.
 across rows with one fp32 partial sum per program (deterministic, no atomics) and a final
 ``sum(0)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,9 +45,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_fwd_kernel(
-        X, W, Y, RSTD,
-        stride_x, stride_y,
-        n_cols, eps,
+        X,
+        W,
+        Y,
+        RSTD,
+        stride_x,
+        stride_y,
+        n_cols,
+        eps,
         BLOCK_SIZE: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -62,9 +68,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_bwd_kernel(
-        DY, X, W, RSTD, DX, DW_PARTIAL,
-        stride_dy, stride_x, stride_dx,
-        n_rows, n_cols, rows_per_program,
+        DY,
+        X,
+        W,
+        RSTD,
+        DX,
+        DW_PARTIAL,
+        stride_dy,
+        stride_x,
+        stride_dx,
+        n_rows,
+        n_cols,
+        rows_per_program,
         BLOCK_SIZE: tl.constexpr,
     ):
         # Each program walks a contiguous range of rows and keeps its share of dW in fp32.
@@ -85,7 +100,9 @@ if HAS_TRITON:
             # dx = rstd * (dy*w - x_hat * mean(dy*w*x_hat))
             dx = rstd * (dyw - x_hat * (tl.sum(dyw * x_hat, axis=0) / n_cols))
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            dw_acc += dy * x_hat.to(DX.dtype.element_ty).to(tl.float32)  # the rounded x_hat the forward used
+            dw_acc += dy * x_hat.to(DX.dtype.element_ty).to(
+                tl.float32
+            )  # the rounded x_hat the forward used
         tl.store(DW_PARTIAL + tl.cast(pid, tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
 
@@ -109,13 +126,23 @@ def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float):
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
     if n_rows:
         _rms_norm_fwd_kernel[(n_rows,)](
-            x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n_cols, eps,
-            BLOCK_SIZE=block, num_warps=num_warps,
+            x2d,
+            weight,
+            y,
+            rstd,
+            x2d.stride(0),
+            y.stride(0),
+            n_cols,
+            eps,
+            BLOCK_SIZE=block,
+            num_warps=num_warps,
         )
     return y, rstd
 
 
-def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+def rms_norm_backward(
+    dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+):
     """dy2d, x2d (N, C), weight (C,), rstd (N,) -> dx (N, C) in x.dtype, dw (C,) in weight.dtype."""
     n_rows, n_cols = x2d.shape
     block, num_warps = row_block_settings(n_cols, "rms_norm")
@@ -125,10 +152,20 @@ def rms_norm_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tenso
     dw_partial = torch.zeros((n_prog, n_cols), dtype=torch.float32, device=x2d.device)
     if n_rows:
         _rms_norm_bwd_kernel[(n_prog,)](
-            dy2d, x2d, weight, rstd, dx, dw_partial,
-            dy2d.stride(0), x2d.stride(0), dx.stride(0),
-            n_rows, n_cols, rows_per_program,
-            BLOCK_SIZE=block, num_warps=num_warps,
+            dy2d,
+            x2d,
+            weight,
+            rstd,
+            dx,
+            dw_partial,
+            dy2d.stride(0),
+            x2d.stride(0),
+            dx.stride(0),
+            n_rows,
+            n_cols,
+            rows_per_program,
+            BLOCK_SIZE=block,
+            num_warps=num_warps,
         )
     return dx, dw_partial.sum(0).to(weight.dtype)
 

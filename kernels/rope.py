@@ -10,6 +10,7 @@ per-sample positions (packed documents whose positions restart at 0, position_id
 The backward is the inverse rotation (same kernel with sin -> -sin). One program handles one
 token (b, t): all q heads and all k heads. Math in fp32, stored in the input dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h].float(), x[..., h:].float()
-    c = cos.float()[None, :, None, :] if cos.dim() == 2 else cos.float()[:, :, None, :]  # (1 or B, T, 1, h)
+    c = (
+        cos.float()[None, :, None, :] if cos.dim() == 2 else cos.float()[:, :, None, :]
+    )  # (1 or B, T, 1, h)
     s = sin.float()[None, :, None, :] if sin.dim() == 2 else sin.float()[:, :, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
@@ -41,13 +44,33 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_kernel(
-        Q, K, QO, KO, COS, SIN,
-        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h,
-        sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h,
-        scs_b, scs_t,
-        T, NH, NKV,
+        Q,
+        K,
+        QO,
+        KO,
+        COS,
+        SIN,
+        sq_b,
+        sq_t,
+        sq_h,
+        sk_b,
+        sk_t,
+        sk_h,
+        sqo_b,
+        sqo_t,
+        sqo_h,
+        sko_b,
+        sko_t,
+        sko_h,
+        scs_b,
+        scs_t,
+        T,
+        NH,
+        NKV,
         HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_KV: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         BACKWARD: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -122,12 +145,33 @@ def rope_launch(q, k, cos, sin, q_out, k_out, backward: bool = False) -> None:
         return
     block_d = next_power_of_2(hs // 2)
     _rope_kernel[(B * T,)](
-        q, k, q_out, k_out, cos, sin,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2),
-        T, nh, nkv,
-        HALF=hs // 2, BLOCK_H=next_power_of_2(nh), BLOCK_KV=next_power_of_2(nkv), BLOCK_D=block_d,
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        q_out.stride(0),
+        q_out.stride(1),
+        q_out.stride(2),
+        k_out.stride(0),
+        k_out.stride(1),
+        k_out.stride(2),
+        cos.stride(0) if cos.dim() == 3 else 0,
+        cos.stride(-2),
+        T,
+        nh,
+        nkv,
+        HALF=hs // 2,
+        BLOCK_H=next_power_of_2(nh),
+        BLOCK_KV=next_power_of_2(nkv),
+        BLOCK_D=block_d,
         BACKWARD=backward,
         num_warps=4 if nh * hs <= 4096 else 8,
     )
@@ -193,5 +237,7 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     """In-place fused RoPE; q and k are overwritten and returned. Same shapes as apply_rope."""
     _check(q, k, cos, sin)
     if q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise ValueError("megapt.kernels.apply_rope_: q and k need unit stride on the last dim for in-place use")
+        raise ValueError(
+            "megapt.kernels.apply_rope_: q and k need unit stride on the last dim for in-place use"
+        )
     return RoPEInplaceFunction.apply(q, k, cos, sin)

@@ -1,4 +1,5 @@
 """`python -m megapt ...` == `megapt ...` (launchers that need a Python module use this)."""
+
 from megapt.cli import run
 
 run()

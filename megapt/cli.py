@@ -9,6 +9,7 @@ Errors: a ``megapt.errors.UserError`` (bad config, argument, file, data, checkpo
 verb becomes one line ``megapt <verb>: <kind>: <message>`` on stderr and the error's exit code
 (the table in megapt/errors.py); Ctrl-C exits 130; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,21 @@ from megapt.errors import EXIT_INTERRUPTED, UsageError, UserError
 # verb (one or two words) -> (module, one-line help)
 VERBS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "clean"): ("megapt.data.clean", "normalise, filter and deduplicate raw text"),
-    ("tokenizer", "train"): ("megapt.data.tokenizer", "train a sentencepiece tokenizer on the corpus"),
-    ("data", "shard"): ("megapt.data.shard", "tokenize in parallel and write WebDataset shards + manifest"),
+    ("tokenizer", "train"): (
+        "megapt.data.tokenizer",
+        "train a sentencepiece tokenizer on the corpus",
+    ),
+    ("data", "shard"): (
+        "megapt.data.shard",
+        "tokenize in parallel and write WebDataset shards + manifest",
+    ),
     ("data", "merge"): ("megapt.data.manifest", "merge partial manifests of a split shard job"),
     ("data", "verify"): ("megapt.data.manifest", "check every shard against its manifest"),
     ("data", "index"): ("megapt.data.wds", "write a manifest for existing WebDataset token shards"),
-    ("data", "prepare"): ("megapt.data.prepare", "clean + tokenizer + shards, skipping steps already done"),
+    ("data", "prepare"): (
+        "megapt.data.prepare",
+        "clean + tokenizer + shards, skipping steps already done",
+    ),
     ("train",): ("megapt.train.trainer", "pretrain (DeepSpeed engine; prepares data when needed)"),
     ("finetune",): ("megapt.finetune.cli", "fine-tune: classification, regression, SFT, LoRA"),
     ("eval",): ("megapt.eval.evaluate", "perplexity / accuracy on held-out data"),
@@ -38,8 +48,14 @@ VERBS: dict[tuple[str, ...], tuple[str, str]] = {
     ("export",): ("megapt.export", "export to / import from Hugging Face format"),
     ("plan",): ("megapt.planner", "predict per-GPU memory before launch"),
     ("bench",): ("megapt.bench.cli", "throughput / MFU / memory benchmarks"),
-    ("ckpt", "consolidate"): ("megapt.weights.consolidate", "write one safetensors file from a ZeRO checkpoint"),
-    ("ckpt", "universal"): ("megapt.weights.consolidate", "convert a ZeRO checkpoint to a reshardable universal one"),
+    ("ckpt", "consolidate"): (
+        "megapt.weights.consolidate",
+        "write one safetensors file from a ZeRO checkpoint",
+    ),
+    ("ckpt", "universal"): (
+        "megapt.weights.consolidate",
+        "convert a ZeRO checkpoint to a reshardable universal one",
+    ),
     ("config",): ("megapt.cli", "print the resolved config (or --describe every key)"),
 }
 
@@ -47,7 +63,11 @@ _OVERRIDE = re.compile(r"^--?[A-Za-z_][\w]*\.[\w.]+=")
 
 
 def _usage() -> str:
-    lines = ["usage: megapt <verb> [-c CONFIG.yaml ...] [--section.key=value ...] [options]", "", "verbs:"]
+    lines = [
+        "usage: megapt <verb> [-c CONFIG.yaml ...] [--section.key=value ...] [options]",
+        "",
+        "verbs:",
+    ]
     for verb, (_, text) in VERBS.items():
         lines.append(f"  {' '.join(verb):<22} {text}")
     return "\n".join(lines)
@@ -58,7 +78,9 @@ def _find_verb(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
         return tuple(argv[:2]), argv[2:]
     if argv and (argv[0],) in VERBS:
         return (argv[0],), argv[1:]
-    raise SystemExit(_usage() + (f"\n\nmegapt: unknown verb {' '.join(argv[:2])!r}" if argv else ""))
+    raise SystemExit(
+        _usage() + (f"\n\nmegapt: unknown verb {' '.join(argv[:2])!r}" if argv else "")
+    )
 
 
 # `megapt config`: the verb implemented here
@@ -96,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in rest if _OVERRIDE.match(a)]
     rest = [a for a in rest if not _OVERRIDE.match(a)]
     parser = argparse.ArgumentParser(prog="megapt " + " ".join(verb), description=text)
-    parser.add_argument("-c", "--config", action="append", default=[], help="YAML config file (repeatable)")
+    parser.add_argument(
+        "-c", "--config", action="append", default=[], help="YAML config file (repeatable)"
+    )
     if verb == ("config",):
         add_args(parser)
     elif hasattr(module, "add_args"):

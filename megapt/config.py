@@ -12,6 +12,7 @@ benchmark) take the whole tree, since their settings span sections (``train.*`` 
     cfg = load_config(["configs/tiny.yaml"], ["--train.lr=3e-4", "--deepspeed.zero_stage=2"])
     save_config(cfg, run_dir / "config.yaml")
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -38,7 +39,7 @@ class ConfigError(UserError, ValueError):
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
-        kw["default_factory"] = (lambda d=default: type(d)(d))
+        kw["default_factory"] = lambda d=default: type(d)(d)
         return field(metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
@@ -60,7 +61,8 @@ class RunConfig:
 class SourceConfig:
     path: str = _f("", "file, directory, glob, or 'stdlib' for the built-in corpus")
     format: Literal["auto", "text", "jsonl", "parquet", "hf", "python"] = _f(
-        "auto", "input format; auto guesses from the extension")
+        "auto", "input format; auto guesses from the extension"
+    )
     text_field: str = _f("text", "field holding the text in jsonl/parquet/HF datasets")
     weight: float = _f(1.0, "mixing weight of this source")
     split: str = _f("train", "split name for HF datasets saved to disk")
@@ -73,7 +75,9 @@ class CleanConfig:
     normalize_whitespace: bool = _f(True, "strip trailing spaces, collapse >2 blank lines")
     min_chars: int = _f(64, "drop documents shorter than this (after cleaning)")
     max_chars: int = _f(1_000_000, "drop documents longer than this")
-    max_non_alnum_frac: float = _f(0.6, "drop docs whose non-alphanumeric, non-space share exceeds this")
+    max_non_alnum_frac: float = _f(
+        0.6, "drop docs whose non-alphanumeric, non-space share exceeds this"
+    )
     min_alpha_frac: float = _f(0.2, "drop docs with fewer letters than this fraction")
     dedup: bool = _f(True, "drop exact duplicates (hash of the cleaned text)")
 
@@ -87,8 +91,12 @@ class TokenizerConfig:
     special_tokens: list[str] = _f(["<|endoftext|>", "<|pad|>"], "user-defined special tokens")
     eos_token: str = _f("<|endoftext|>", "document separator; must be a special token")
     pad_token: str = _f("<|pad|>", "padding token; must be a special token")
-    input_sentence_size: int = _f(500_000, "max text pieces (<= max_sentence_length/4 chars) sampled for training")
-    max_sentence_length: int = _f(8192, "bytes; documents are cut at line ends into pieces of <= this/4 chars")
+    input_sentence_size: int = _f(
+        500_000, "max text pieces (<= max_sentence_length/4 chars) sampled for training"
+    )
+    max_sentence_length: int = _f(
+        8192, "bytes; documents are cut at line ends into pieces of <= this/4 chars"
+    )
     character_coverage: float = _f(0.9995, "sentencepiece character coverage")
     num_threads: int = _f(0, "trainer threads; 0 = all cores")
 
@@ -97,26 +105,39 @@ class TokenizerConfig:
 class RemoteConfig:
     """Shard sets at a URL (megapt.data.remote): the local cache, prefetch, retries, endpoint."""
 
-    cache_dir: str = _f("", "local folder for downloaded shards (node-local disk is best); empty: "
-                        "<tmp>/megapt-shard-cache-<user>")
-    cache_gb: float = _f(20.0, "size cap of the shard cache in GB; least recently used shards not "
-                         "needed soon are evicted")
-    prefetch: int = _f(0, "shards fetched ahead of the reader in the background; 0 = auto (the "
-                       "shards one shuffle window spans + 2)")
-    retries: int = _f(5, "retries of a failed download/upload (transient errors) before the "
-                      "error naming the URL")
+    cache_dir: str = _f(
+        "",
+        "local folder for downloaded shards (node-local disk is best); empty: "
+        "<tmp>/megapt-shard-cache-<user>",
+    )
+    cache_gb: float = _f(
+        20.0,
+        "size cap of the shard cache in GB; least recently used shards not needed soon are evicted",
+    )
+    prefetch: int = _f(
+        0,
+        "shards fetched ahead of the reader in the background; 0 = auto (the "
+        "shards one shuffle window spans + 2)",
+    )
+    retries: int = _f(
+        5, "retries of a failed download/upload (transient errors) before the error naming the URL"
+    )
     retry_wait_s: float = _f(1.0, "wait before the first retry; doubles each retry (max 60 s)")
     timeout_s: float = _f(60.0, "connect / read timeout of one request")
-    s3_endpoint_url: str = _f("", "S3-compatible endpoint (MinIO, Ceph); empty: "
-                              "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS")
+    s3_endpoint_url: str = _f(
+        "",
+        "S3-compatible endpoint (MinIO, Ceph); empty: "
+        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS",
+    )
 
 
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = _f([], "input sources; empty = the built-in stdlib corpus")
     clean: CleanConfig = _f(default_factory=CleanConfig, help="cleaning rules")
-    shard_dir: str = _f("", "shard folder or URL (s3://, gs://, https://); empty: "
-                        "<work_dir>/shards/<seq_len>")
+    shard_dir: str = _f(
+        "", "shard folder or URL (s3://, gs://, https://); empty: <work_dir>/shards/<seq_len>"
+    )
     seq_len: int = _f(256, "tokens per training sample (the sample stores seq_len + 1)")
     shard_samples: int = _f(2048, "samples per shard .tar")
     val_fraction: float = _f(0.02, "fraction of documents (by hash) held out for validation")
@@ -125,30 +146,39 @@ class DataConfig:
     shard_index: int = _f(0, "which input range this job tokenizes")
     loader_workers: int = _f(0, "DataLoader workers per rank")
     shuffle: bool = _f(True, "shuffle shard order and samples (seeded)")
-    shuffle_buffer: int = _f(16384, "window shuffle size (samples); spans many shards, so early batches are not one region of the corpus")
+    shuffle_buffer: int = _f(
+        16384,
+        "window shuffle size (samples); spans many shards, so early batches are not one region of the corpus",
+    )
     verify_checksums: bool = _f(True, "sha256 each shard before reading it")
-    bad_shard_policy: Literal["raise", "skip"] = _f("raise", "corrupt shard: stop, or skip and count")
+    bad_shard_policy: Literal["raise", "skip"] = _f(
+        "raise", "corrupt shard: stop, or skip and count"
+    )
     max_bad_fraction: float = _f(0.05, "with policy skip: stop once this fraction of shards is bad")
-    mix: list[dict] = _f([], "weighted shard sets: [{path: dir or URL, weight: w}]; "
-                         "empty = shard_dir")
-    remote: RemoteConfig = _f(default_factory=RemoteConfig,
-                              help="shard sets at a URL: cache, prefetch, retries, endpoint")
+    mix: list[dict] = _f(
+        [], "weighted shard sets: [{path: dir or URL, weight: w}]; empty = shard_dir"
+    )
+    remote: RemoteConfig = _f(
+        default_factory=RemoteConfig, help="shard sets at a URL: cache, prefetch, retries, endpoint"
+    )
 
 
 @dataclass
 class ModelConfig:
     preset: str = _f("tiny", "named size: tiny, 124m, 350m, 1b, 3b, 7b, 13b, 70b")
-    n_layers: Optional[int] = _f(None, "override the preset's layer count")
-    d_model: Optional[int] = _f(None, "override hidden size")
-    n_heads: Optional[int] = _f(None, "override attention heads")
-    n_kv_heads: Optional[int] = _f(None, "override key/value heads (GQA)")
-    ffn_hidden: Optional[int] = _f(None, "override SwiGLU hidden size")
-    vocab_size: Optional[int] = _f(None, "override vocab size (default: the tokenizer's)")
-    max_seq_len: Optional[int] = _f(None, "override max sequence length (default: data.seq_len)")
-    rope_theta: Optional[float] = _f(None, "override RoPE base")
-    norm_eps: Optional[float] = _f(None, "override RMSNorm epsilon")
-    tie_embeddings: Optional[bool] = _f(None, "share input embedding and output head")
-    init_std: Optional[float] = _f(None, "override init std (residual projections scaled by 1/sqrt(2L))")
+    n_layers: int | None = _f(None, "override the preset's layer count")
+    d_model: int | None = _f(None, "override hidden size")
+    n_heads: int | None = _f(None, "override attention heads")
+    n_kv_heads: int | None = _f(None, "override key/value heads (GQA)")
+    ffn_hidden: int | None = _f(None, "override SwiGLU hidden size")
+    vocab_size: int | None = _f(None, "override vocab size (default: the tokenizer's)")
+    max_seq_len: int | None = _f(None, "override max sequence length (default: data.seq_len)")
+    rope_theta: float | None = _f(None, "override RoPE base")
+    norm_eps: float | None = _f(None, "override RMSNorm epsilon")
+    tie_embeddings: bool | None = _f(None, "share input embedding and output head")
+    init_std: float | None = _f(
+        None, "override init std (residual projections scaled by 1/sqrt(2L))"
+    )
     dropout: float = _f(0.0, "dropout on attention output and MLP output")
     attention: Literal["auto", "triton", "cuda", "sdpa", "eager"] = _f("auto", "attention backend")
     norm: Literal["auto", "triton", "cuda", "eager"] = _f("auto", "RMSNorm backend")
@@ -182,14 +212,23 @@ class TrainConfig:
     sample_tokens: int = _f(64, "tokens of text generated at the end of training; 0 = none")
     sample_prompt: str = _f("def ", "prompt for the end-of-training sample")
     collective_timeout_s: int = _f(600, "fail (naming the op) when a collective stalls this long")
-    stop_after: int = _f(0, "end this invocation after this optimizer step (checkpoint saved, schedule "
-                            "unchanged) to continue later with --resume; 0 = run to max_steps")
-    sequence_parallel: int = _f(1, "Ulysses sequence parallelism: split every sequence over this "
-                                   "many consecutive ranks (DeepSpeed all-to-all around "
-                                   "attention); 1 = off")
-    tensor_parallel: int = _f(1, "tensor parallelism (DeepSpeed AutoTP training): shard the "
-                                 "attention and MLP weights over this many consecutive ranks; "
-                                 "1 = off")
+    stop_after: int = _f(
+        0,
+        "end this invocation after this optimizer step (checkpoint saved, schedule "
+        "unchanged) to continue later with --resume; 0 = run to max_steps",
+    )
+    sequence_parallel: int = _f(
+        1,
+        "Ulysses sequence parallelism: split every sequence over this "
+        "many consecutive ranks (DeepSpeed all-to-all around "
+        "attention); 1 = off",
+    )
+    tensor_parallel: int = _f(
+        1,
+        "tensor parallelism (DeepSpeed AutoTP training): shard the "
+        "attention and MLP weights over this many consecutive ranks; "
+        "1 = off",
+    )
 
 
 @dataclass
@@ -202,12 +241,17 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = _f(50_000_000, "elements per reduce bucket")
     allgather_bucket_size: int = _f(50_000_000, "elements per allgather bucket (ZeRO 1/2)")
     stage3_prefetch_bucket_size: int = _f(50_000_000, "ZeRO-3 prefetch elements")
-    stage3_param_persistence_threshold: int = _f(100_000, "ZeRO-3 params smaller than this stay whole")
+    stage3_param_persistence_threshold: int = _f(
+        100_000, "ZeRO-3 params smaller than this stay whole"
+    )
     config_file: str = _f("", "user ds_config JSON; validated against this config")
-    zero_hpz_partition_size: int = _f(1, "ZeRO++ hpZ (ZeRO-3 only): a secondary copy of the "
-                                         "parameters partitioned within groups of this many "
-                                         "ranks (GPUs per node), so forward/backward "
-                                         "all-gathers stay inside a node; 1 = off")
+    zero_hpz_partition_size: int = _f(
+        1,
+        "ZeRO++ hpZ (ZeRO-3 only): a secondary copy of the "
+        "parameters partitioned within groups of this many "
+        "ranks (GPUs per node), so forward/backward "
+        "all-gathers stay inside a node; 1 = off",
+    )
 
 
 @dataclass
@@ -217,8 +261,11 @@ class CheckpointConfig:
     keep_last: int = _f(3, "keep this many newest checkpoints")
     resume: bool = _f(False, "continue from the newest valid checkpoint")
     load: str = _f("", "start from this checkpoint (weights + state) instead of the latest")
-    universal: bool = _f(False, "load at any world size / ZeRO stage 0-3 (ZeRO 1-3: after megapt ckpt "
-                                "universal; ZeRO-0: as is)")
+    universal: bool = _f(
+        False,
+        "load at any world size / ZeRO stage 0-3 (ZeRO 1-3: after megapt ckpt "
+        "universal; ZeRO-0: as is)",
+    )
 
 
 @dataclass
@@ -272,13 +319,22 @@ class FinetuneConfig:
 
 @dataclass
 class PlanConfig:
-    nodes: int = _f(1, "intended node count (`megapt plan` and launch pre-flight; CLI --nodes wins)")
+    nodes: int = _f(
+        1, "intended node count (`megapt plan` and launch pre-flight; CLI --nodes wins)"
+    )
     gpus_per_node: int = _f(8, "intended GPUs per node (CLI --gpus-per-node wins)")
-    gpu: str = _f("h100", "GPU model for the memory plan: a key of megapt.hardware.GPUS (megapt plan --help)")
+    gpu: str = _f(
+        "h100", "GPU model for the memory plan: a key of megapt.hardware.GPUS (megapt plan --help)"
+    )
     gpu_mem_gb: float = _f(0.0, "usable GPU memory in GiB; 0 = the GPU model's capacity")
-    cpu_mem_gb: float = _f(0.0, "host RAM per node in GiB (offload check); 0 = typical for the GPU model")
-    global_batch: int = _f(0, "sequences per optimizer step; 0 = not fixed. When set, it must equal "
-                           "micro_batch * grad_accum * world_size (checked before launch)")
+    cpu_mem_gb: float = _f(
+        0.0, "host RAM per node in GiB (offload check); 0 = typical for the GPU model"
+    )
+    global_batch: int = _f(
+        0,
+        "sequences per optimizer step; 0 = not fixed. When set, it must equal "
+        "micro_batch * grad_accum * world_size (checked before launch)",
+    )
 
 
 @dataclass
@@ -301,7 +357,11 @@ class Config:
 
     @property
     def tokenizer_path(self) -> Path:
-        return Path(self.tokenizer.path) if self.tokenizer.path else Path(self.run.work_dir) / "tokenizer" / "spm.model"
+        return (
+            Path(self.tokenizer.path)
+            if self.tokenizer.path
+            else Path(self.run.work_dir) / "tokenizer" / "spm.model"
+        )
 
     @property
     def shard_dir(self) -> Path | str:
@@ -348,7 +408,9 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            errors.append(f"{where}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}")
+            errors.append(
+                f"{where}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}"
+            )
             return tp()
         return _build(tp, value, where, errors)
     if origin in _UNIONS:
@@ -359,7 +421,9 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         sub: list[str] = []
         out = _convert(value, inner[0], where, sub)
         if sub:
-            errors.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+            errors.append(
+                f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+            )
         return out
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -379,7 +443,9 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append(f"{where}: expected bool (true/false), got {type(value).__name__} {value!r}")
+            errors.append(
+                f"{where}: expected bool (true/false), got {type(value).__name__} {value!r}"
+            )
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -558,12 +624,16 @@ def _check_values(cfg: Config, skip: set[str] = frozenset()) -> list[str]:
 
     d, t, m, ds, tok = cfg.data, cfg.train, cfg.model, cfg.deepspeed, cfg.tokenizer
     if ok("data.num_shards", "data.shard_index") and d.shard_index >= d.num_shards:
-        e.append(f"data.shard_index/num_shards: need 0 <= shard_index < num_shards, got "
-                 f"{d.shard_index}/{d.num_shards}")
+        e.append(
+            f"data.shard_index/num_shards: need 0 <= shard_index < num_shards, got "
+            f"{d.shard_index}/{d.num_shards}"
+        )
     c = d.clean
     if ok("data.clean.min_chars", "data.clean.max_chars") and c.max_chars < c.min_chars:
-        e.append(f"data.clean.max_chars: must be >= data.clean.min_chars={c.min_chars}, "
-                 f"got {c.max_chars}")
+        e.append(
+            f"data.clean.max_chars: must be >= data.clean.min_chars={c.min_chars}, "
+            f"got {c.max_chars}"
+        )
     for i, s in enumerate(d.sources):
         if ok(f"data.sources[{i}].path") and not s.path:
             e.append(f"data.sources[{i}].path: empty")
@@ -582,26 +652,47 @@ def _check_values(cfg: Config, skip: set[str] = frozenset()) -> list[str]:
     if ok("data.shard_dir", ranged=False) and location_problem(d.shard_dir):
         e.append(f"data.shard_dir: {location_problem(d.shard_dir)}")
     cache = d.remote.cache_dir
-    if ok("data.remote.cache_dir", ranged=False) and cache \
-            and (location_problem(cache) or isinstance(location(cache), str)):
+    if (
+        ok("data.remote.cache_dir", ranged=False)
+        and cache
+        and (location_problem(cache) or isinstance(location(cache), str))
+    ):
         e.append(f"data.remote.cache_dir: must be a local folder, got {cache!r}")
     for name in ("eos_token", "pad_token"):
-        if ok(f"tokenizer.{name}", "tokenizer.special_tokens") \
-                and getattr(tok, name) not in tok.special_tokens:
+        if (
+            ok(f"tokenizer.{name}", "tokenizer.special_tokens")
+            and getattr(tok, name) not in tok.special_tokens
+        ):
             e.append(f"tokenizer.{name}: {getattr(tok, name)!r} is not in tokenizer.special_tokens")
     if ok("train.lr", "train.min_lr") and t.min_lr > t.lr:
         e.append(f"train.min_lr: must be in [0, lr={t.lr}], got {t.min_lr}")
     stage_typed = ok("deepspeed.zero_stage", ranged=False)
-    if stage_typed and ok("deepspeed.offload_params") and ds.offload_params != "none" \
-            and ds.zero_stage != 3:
-        e.append(f"deepspeed.offload_params: parameter offload needs zero_stage 3, "
-                 f"got stage {ds.zero_stage}")
-    if stage_typed and ok("deepspeed.offload_optimizer") and ds.offload_optimizer != "none" \
-            and ds.zero_stage == 0:
+    if (
+        stage_typed
+        and ok("deepspeed.offload_params")
+        and ds.offload_params != "none"
+        and ds.zero_stage != 3
+    ):
+        e.append(
+            f"deepspeed.offload_params: parameter offload needs zero_stage 3, "
+            f"got stage {ds.zero_stage}"
+        )
+    if (
+        stage_typed
+        and ok("deepspeed.offload_optimizer")
+        and ds.offload_optimizer != "none"
+        and ds.zero_stage == 0
+    ):
         e.append("deepspeed.offload_optimizer: optimizer offload needs zero_stage >= 1")
-    if ok("train.sequence_parallel", "train.tensor_parallel", "deepspeed.zero_hpz_partition_size",
-          "deepspeed.zero_stage", "data.seq_len", "deepspeed.offload_optimizer",
-          "deepspeed.offload_params"):
+    if ok(
+        "train.sequence_parallel",
+        "train.tensor_parallel",
+        "deepspeed.zero_hpz_partition_size",
+        "deepspeed.zero_stage",
+        "data.seq_len",
+        "deepspeed.offload_optimizer",
+        "deepspeed.offload_params",
+    ):
         e += _parallel_problems(cfg)
     heads = ok("model.n_heads", "model.n_kv_heads") and None not in (m.n_heads, m.n_kv_heads)
     if heads and m.n_heads % m.n_kv_heads:
@@ -612,53 +703,83 @@ def _check_values(cfg: Config, skip: set[str] = frozenset()) -> list[str]:
 def _parallel_problems(cfg: Config) -> list[str]:
     t, ds = cfg.train, cfg.deepspeed
     return parallel_combination_problems(
-        t.sequence_parallel, t.tensor_parallel, ds.zero_stage, ds.offload_optimizer != "none",
-        ds.offload_params != "none", ds.zero_hpz_partition_size, cfg.data.seq_len)
+        t.sequence_parallel,
+        t.tensor_parallel,
+        ds.zero_stage,
+        ds.offload_optimizer != "none",
+        ds.offload_params != "none",
+        ds.zero_hpz_partition_size,
+        cfg.data.seq_len,
+    )
 
 
-def parallel_combination_problems(sp: int, tp: int, zero_stage: int, offload_optimizer: bool,
-                                  offload_params: bool, hpz: int, seq_len: int) -> list[str]:
+def parallel_combination_problems(
+    sp: int,
+    tp: int,
+    zero_stage: int,
+    offload_optimizer: bool,
+    offload_params: bool,
+    hpz: int,
+    seq_len: int,
+) -> list[str]:
     """Sequence/tensor parallelism and hpZ combinations that cannot run, each naming the keys
     (the config check and the planner's search both use it; world size and head counts are
     checked at start-up and by the planner: megapt.train.parallel)."""
     e: list[str] = []
-    for key, v in (("train.sequence_parallel", sp), ("train.tensor_parallel", tp),
-                   ("deepspeed.zero_hpz_partition_size", hpz)):
+    for key, v in (
+        ("train.sequence_parallel", sp),
+        ("train.tensor_parallel", tp),
+        ("deepspeed.zero_hpz_partition_size", hpz),
+    ):
         if v < 1:
             e.append(f"{key}: must be >= 1, got {v}")
     if e:
         return e
     if sp > 1 and tp > 1:
-        e.append(f"train.sequence_parallel={sp} with train.tensor_parallel={tp}: not supported "
-                 "together (DeepSpeed's Ulysses and AutoTP each install their own process-group "
-                 "layout); use one")
+        e.append(
+            f"train.sequence_parallel={sp} with train.tensor_parallel={tp}: not supported "
+            "together (DeepSpeed's Ulysses and AutoTP each install their own process-group "
+            "layout); use one"
+        )
     if sp > 1 and seq_len % sp:
         e.append(f"train.sequence_parallel: {sp} must divide data.seq_len {seq_len}")
     if tp > 1 and zero_stage == 0:
-        e.append(f"train.tensor_parallel={tp} with deepspeed.zero_stage=0: not supported (stage 0 "
-                 "clips and reports the grad norm over this rank's shards only); use zero_stage "
-                 "1, 2 or 3 (stage 1 costs no more communication)")
+        e.append(
+            f"train.tensor_parallel={tp} with deepspeed.zero_stage=0: not supported (stage 0 "
+            "clips and reports the grad norm over this rank's shards only); use zero_stage "
+            "1, 2 or 3 (stage 1 costs no more communication)"
+        )
     if (sp > 1 or tp > 1) and (offload_optimizer or offload_params):
         which = "train.sequence_parallel" if sp > 1 else "train.tensor_parallel"
-        e.append(f"{which} with deepspeed.offload_optimizer/offload_params: not supported "
-                 "(untested combination); offload without sequence/tensor parallelism")
+        e.append(
+            f"{which} with deepspeed.offload_optimizer/offload_params: not supported "
+            "(untested combination); offload without sequence/tensor parallelism"
+        )
     if hpz > 1:
         if zero_stage != 3:
-            e.append(f"deepspeed.zero_hpz_partition_size={hpz}: hpZ partitions ZeRO-3 parameters; "
-                     f"needs zero_stage 3, got {zero_stage}")
+            e.append(
+                f"deepspeed.zero_hpz_partition_size={hpz}: hpZ partitions ZeRO-3 parameters; "
+                f"needs zero_stage 3, got {zero_stage}"
+            )
         if sp > 1 or tp > 1:
-            e.append(f"deepspeed.zero_hpz_partition_size={hpz} with sequence/tensor parallelism: "
-                     "not supported (hpZ groups assume plain data parallelism)")
+            e.append(
+                f"deepspeed.zero_hpz_partition_size={hpz} with sequence/tensor parallelism: "
+                "not supported (hpZ groups assume plain data parallelism)"
+            )
         if offload_params:
-            e.append(f"deepspeed.zero_hpz_partition_size={hpz} with offload_params: not supported "
-                     "(hpZ keeps its secondary partition on the GPU)")
+            e.append(
+                f"deepspeed.zero_hpz_partition_size={hpz} with offload_params: not supported "
+                "(hpZ keeps its secondary partition on the GPU)"
+            )
     return e
 
 
 def config_from_dict(data: dict, source: str = "config") -> Config:
     errors: list[str] = []
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: top level must be a mapping of sections, got {type(data).__name__}"
+        )
     cfg = _build(Config, data, "", errors)
     # the keys that failed the type checks are left out of the value checks; the rest are checked
     # too, so one run lists every kind of problem at once
@@ -695,7 +816,9 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections, got {type(data).__name__}"
+        )
     base = data.pop("base", None)
     if base:
         parent = read_yaml(path.parent / base, _seen + (path.resolve(),))

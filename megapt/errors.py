@@ -11,6 +11,7 @@ Each error family subclasses ``UserError`` where it is defined (``ConfigError`` 
 train/checkpoint.py, ...) and sets ``exit_code`` and ``kind`` from the table below. This module
 imports nothing from megapt, so every module can use it.
 """
+
 from __future__ import annotations
 
 EXIT_OK = 0  # finished
@@ -26,7 +27,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "finished",
     EXIT_ERROR: "unexpected error (a bug: traceback printed); also a negative verdict of `plan` "
-                "(does not fit) and `bench` (regression / failed point), which print why",
+    "(does not fit) and `bench` (regression / failed point), which print why",
     EXIT_USAGE: "config or usage error: bad key, type or value, bad command-line argument",
     EXIT_NONFINITE: "`train`: too many non-finite steps in a row (train.max_bad_steps)",
     EXIT_CHECKPOINT: "checkpoint or model error: missing, corrupt, incompatible or unsupported",
@@ -48,4 +49,3 @@ class UsageError(UserError, ValueError):
 
     exit_code = EXIT_USAGE
     kind = "usage error"
-

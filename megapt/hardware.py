@@ -15,12 +15,13 @@ sheets quote "with sparsity" numbers for Ampere and later; we halve those. Memor
 ``torch.cuda.get_device_properties().total_memory`` reports; host RAM is a typical node's. Rows
 without a memory figure need ``--gpu-mem-gb`` / ``--cpu-mem-gb`` in ``megapt plan``.
 """
+
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 import torch
 
@@ -33,17 +34,16 @@ PRECISION_KEYS = ("bf16", "fp16", "tf32", "fp32")
 class GPU:
     name: str  # the spec sheet's name
     pattern: str  # regex on torch.cuda.get_device_name(); GPUS order decides (first match wins)
-    peak_tflops: Mapping[str, Optional[float]]  # dense TFLOP/s per PRECISION_KEYS entry
-    mem_gib: Optional[float] = None  # usable GiB per GPU as torch.cuda reports it
-    host_gib: Optional[float] = None  # typical host RAM GiB per node
+    peak_tflops: Mapping[str, float | None]  # dense TFLOP/s per PRECISION_KEYS entry
+    mem_gib: float | None = None  # usable GiB per GPU as torch.cuda reports it
+    host_gib: float | None = None  # typical host RAM GiB per node
 
     @property
     def bf16(self) -> bool:
         return self.peak_tflops.get("bf16") is not None
 
 
-def _peaks(bf16: Optional[float], fp16: Optional[float], tf32: Optional[float],
-           fp32: float) -> dict:
+def _peaks(bf16: float | None, fp16: float | None, tf32: float | None, fp32: float) -> dict:
     return {"bf16": bf16, "fp16": fp16, "tf32": tf32, "fp32": fp32}
 
 
@@ -91,7 +91,7 @@ GPUS: dict[str, GPU] = {
 }
 
 
-def match_gpu(device_name: Optional[str]) -> Optional[str]:
+def match_gpu(device_name: str | None) -> str | None:
     """The GPUS key for a ``torch.cuda.get_device_name()`` string, or None when not in the table."""
     if not device_name:
         return None
@@ -108,8 +108,13 @@ def precision_key(precision: str, tf32_enabled: bool) -> str:
     return "tf32" if tf32_enabled else "fp32"
 
 
-def select_peak(device_name: Optional[str], precision: str, tf32_enabled: bool,
-                measured: Mapping[str, Optional[float]], is_cuda: bool = True) -> dict:
+def select_peak(
+    device_name: str | None,
+    precision: str,
+    tf32_enabled: bool,
+    measured: Mapping[str, float | None],
+    is_cuda: bool = True,
+) -> dict:
     """The peak MFU is measured against, with where it came from.
 
     The spec peak when the GPU is in the table and supports the precision; otherwise the
@@ -119,28 +124,36 @@ def select_peak(device_name: Optional[str], precision: str, tf32_enabled: bool,
     table_key = match_gpu(device_name) if is_cuda else None
     spec = GPUS[table_key].peak_tflops[key] if table_key else None
     meas = measured.get(key)
-    out = {"precision_key": key, "gpu_model": table_key, "spec_tflops": spec,
-           "measured_tflops": meas}
+    out = {
+        "precision_key": key,
+        "gpu_model": table_key,
+        "spec_tflops": spec,
+        "measured_tflops": meas,
+    }
     if spec is not None:
-        out.update(tflops=spec, source="spec",
-                   note=f"{GPUS[table_key].name} spec sheet, dense {key}")
+        out.update(
+            tflops=spec, source="spec", note=f"{GPUS[table_key].name} spec sheet, dense {key}"
+        )
     elif meas is not None:
         if not is_cuda:
             why = "CPU: no spec table; using the measured torch.mm peak"
         elif table_key is None:
-            why = (f"unknown GPU model {device_name!r}: not in the spec table; "
-                   "using the measured torch.mm peak")
+            why = (
+                f"unknown GPU model {device_name!r}: not in the spec table; "
+                "using the measured torch.mm peak"
+            )
         else:
             why = f"{table_key} has no {key} in its spec sheet; using the measured torch.mm peak"
         out.update(tflops=meas, source="measured", note=why)
     else:
         what = "CPU: no spec table" if not is_cuda else f"no {key} spec peak for {device_name!r}"
-        out.update(tflops=None, source="none",
-                   note=f"{what} and no measured {key} peak: MFU not computed")
+        out.update(
+            tflops=None, source="none", note=f"{what} and no measured {key} peak: MFU not computed"
+        )
     return out
 
 
-def peak_flops(precision: str, device_name: Optional[str] = None) -> Optional[float]:
+def peak_flops(precision: str, device_name: str | None = None) -> float | None:
     """Dense spec peak FLOP/s of this process's CUDA device for the training precision, or None
     (CPU, or a GPU not in the table: logged). fp32 counts against the TF32 peak only when torch
     runs fp32 matmuls on TF32. The trainer's MFU uses it; the benchmarks add a measured fallback."""
@@ -158,5 +171,13 @@ def peak_flops(precision: str, device_name: Optional[str] = None) -> Optional[fl
 
 def table() -> dict:
     """The table as JSON (benchmark records carry it beside the peak they used)."""
-    return {k: {"name": g.name, "pattern": g.pattern, "peak_tflops": dict(g.peak_tflops),
-                "mem_gib": g.mem_gib, "host_gib": g.host_gib} for k, g in GPUS.items()}
+    return {
+        k: {
+            "name": g.name,
+            "pattern": g.pattern,
+            "peak_tflops": dict(g.peak_tflops),
+            "mem_gib": g.mem_gib,
+            "host_gib": g.host_gib,
+        }
+        for k, g in GPUS.items()
+    }

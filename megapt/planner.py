@@ -66,14 +66,16 @@ Framework: CUDA context + cuBLAS/NCCL workspaces (OVERHEAD_GIB, outside the cach
 fragmentation margin (FRAGMENTATION of the allocator peak). Peak = model states + max(forward/backward
 transients, optimizer-step transients) + margin + overhead.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from megapt.config import Config, ConfigError, parallel_combination_problems
 from megapt.hardware import GPUS
@@ -83,10 +85,14 @@ from megapt.train.engine import engine_stage
 
 GIB = 1024**3
 OVERHEAD_GIB = 1.0  # CUDA context (~0.5 GB on H100) + cuBLAS workspace + NCCL buffers
-FRAGMENTATION = 0.08  # share of the allocator peak lost to fragmentation (measured 5-10% on LLM runs)
+FRAGMENTATION = (
+    0.08  # share of the allocator peak lost to fragmentation (measured 5-10% on LLM runs)
+)
 LOSS_CHUNK_TOKENS = 4096  # tokens per chunk of the chunked / fused linear-cross-entropy
 HOST_PER_RANK_GIB = 3.0  # python + torch + DeepSpeed per process in host RAM
-STAGE3_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed default: the fp32 gradients of one sub-group at a time
+STAGE3_SUB_GROUP_SIZE = (
+    1_000_000_000  # DeepSpeed default: the fp32 gradients of one sub-group at a time
+)
 
 # Relative step-time cost of each way to save memory (1.0 = the configuration as written); used to
 # order suggestions. Stage 1 costs nothing over stage 0 (same all-reduce volume split into
@@ -133,8 +139,10 @@ def _param_list(key: tuple) -> tuple[ParamInfo, ...]:
 def rank_param_numels(args: ModelArgs, tp: int = 1) -> list[int]:
     """Elements of every parameter one rank holds before ZeRO: tensor parallelism keeps 1/tp of
     each attention and MLP matrix (megapt.train.parallel.PARTITION_RULES), the rest whole."""
-    return [p.numel // tp if tp > 1 and parallel.tp_sharded(p.name) else p.numel
-            for p in param_list(args)]
+    return [
+        p.numel // tp if tp > 1 and parallel.tp_sharded(p.name) else p.numel
+        for p in param_list(args)
+    ]
 
 
 def check_shape(args: Any, seq_len: int) -> list[str]:
@@ -173,9 +181,17 @@ class ModelStates:
         return self.params + self.grads + self.optimizer
 
 
-def model_states(n_params: int, *, precision: str, zero_stage: int, world: int,
-                 offload_optimizer: bool = False, offload_params: bool = False,
-                 persistent_params: int = 0, fp32_grad_accum: bool = False) -> ModelStates:
+def model_states(
+    n_params: int,
+    *,
+    precision: str,
+    zero_stage: int,
+    world: int,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    persistent_params: int = 0,
+    fp32_grad_accum: bool = False,
+) -> ModelStates:
     """Per-rank model-state bytes for ``n_params`` parameters (see the module docstring table).
 
     ``zero_stage`` is the stage the engine runs (``megapt.train.engine.engine_stage``); ``persistent_params``:
@@ -207,7 +223,9 @@ def model_states(n_params: int, *, precision: str, zero_stage: int, world: int,
     per = (master + moments) * (shard if zero_stage >= 1 else n_params)
     if offload_optimizer:
         optimizer = 0.0
-        host += per + 4 * shard + (pb * shard if zero_stage in (1, 2) else 0.0)  # + pinned bit16 buffer
+        host += (
+            per + 4 * shard + (pb * shard if zero_stage in (1, 2) else 0.0)
+        )  # + pinned bit16 buffer
     else:
         optimizer = per
     return ModelStates(params=params, grads=grads, optimizer=optimizer, host=host)
@@ -222,9 +240,18 @@ def activation_element_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def block_activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, *,
-                           attention: str = "auto", dropout: float = 0.0, norm: str = "auto",
-                           sp: int = 1, tp: int = 1) -> float:
+def block_activation_bytes(
+    args: Any,
+    seq: int,
+    micro_batch: int,
+    precision: str,
+    *,
+    attention: str = "auto",
+    dropout: float = 0.0,
+    norm: str = "auto",
+    sp: int = 1,
+    tp: int = 1,
+) -> float:
     """Bytes one transformer block saves for backward on one rank (formula in the module
     docstring); ``seq`` is the whole sequence, ``sp``/``tp`` the sequence/tensor-parallel sizes."""
     e = activation_element_bytes(precision)
@@ -243,12 +270,31 @@ def block_activation_bytes(args: Any, seq: int, micro_batch: int, precision: str
     return float(total)
 
 
-def activation_bytes(args: Any, seq: int, micro_batch: int, precision: str, checkpointing: bool, *,
-                     attention: str = "auto", dropout: float = 0.0, norm: str = "auto",
-                     sp: int = 1, tp: int = 1) -> float:
+def activation_bytes(
+    args: Any,
+    seq: int,
+    micro_batch: int,
+    precision: str,
+    checkpointing: bool,
+    *,
+    attention: str = "auto",
+    dropout: float = 0.0,
+    norm: str = "auto",
+    sp: int = 1,
+    tp: int = 1,
+) -> float:
     e = activation_element_bytes(precision)
-    block = block_activation_bytes(args, seq, micro_batch, precision, attention=attention,
-                                   dropout=dropout, norm=norm, sp=sp, tp=tp)
+    block = block_activation_bytes(
+        args,
+        seq,
+        micro_batch,
+        precision,
+        attention=attention,
+        dropout=dropout,
+        norm=norm,
+        sp=sp,
+        tp=tp,
+    )
     tokens = seq // sp * micro_batch
     final_norm = 2 * tokens * args.d_model * e
     if checkpointing:
@@ -281,8 +327,10 @@ class Hardware:
     def __post_init__(self) -> None:
         name = self.gpu.lower()
         if name not in GPUS:
-            raise ConfigError(f"plan.gpu: unknown GPU {self.gpu!r}; known: {', '.join(GPUS)} "
-                              "(or give --gpu-mem-gb)")
+            raise ConfigError(
+                f"plan.gpu: unknown GPU {self.gpu!r}; known: {', '.join(GPUS)} "
+                "(or give --gpu-mem-gb)"
+            )
         self.gpu = name
         if not self.gpu_mem_gib:
             self.gpu_mem_gib = GPUS[name].mem_gib or 0.0
@@ -291,18 +339,25 @@ class Hardware:
         given = (("--gpu-mem-gb", self.gpu_mem_gib), ("--cpu-mem-gb", self.cpu_mem_gib))
         missing = [flag for flag, v in given if not v]
         if missing:
-            raise ConfigError(f"plan.gpu: megapt.hardware has no memory figure for {name} "
-                              f"({GPUS[name].name}); give {' and '.join(missing)}")
+            raise ConfigError(
+                f"plan.gpu: megapt.hardware has no memory figure for {name} "
+                f"({GPUS[name].name}); give {' and '.join(missing)}"
+            )
 
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
 
     @classmethod
-    def from_config(cls, cfg: Config, **over: Any) -> "Hardware":
+    def from_config(cls, cfg: Config, **over: Any) -> Hardware:
         p = cfg.plan
-        kw = dict(nodes=p.nodes, gpus_per_node=p.gpus_per_node, gpu=p.gpu, gpu_mem_gib=p.gpu_mem_gb,
-                  cpu_mem_gib=p.cpu_mem_gb)
+        kw = dict(
+            nodes=p.nodes,
+            gpus_per_node=p.gpus_per_node,
+            gpu=p.gpu,
+            gpu_mem_gib=p.gpu_mem_gb,
+            cpu_mem_gib=p.cpu_mem_gb,
+        )
         kw.update({k: v for k, v in over.items() if v is not None})
         return cls(**kw)
 
@@ -321,27 +376,37 @@ class Setting:
     tensor_parallel: int = 1
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "Setting":
+    def from_config(cls, cfg: Config) -> Setting:
         ds, t = cfg.deepspeed, cfg.train
-        return cls(ds.zero_stage, t.activation_checkpointing, t.micro_batch, t.grad_accum,
-                   ds.offload_optimizer == "cpu", ds.offload_params == "cpu",
-                   t.sequence_parallel, t.tensor_parallel)
+        return cls(
+            ds.zero_stage,
+            t.activation_checkpointing,
+            t.micro_batch,
+            t.grad_accum,
+            ds.offload_optimizer == "cpu",
+            ds.offload_params == "cpu",
+            t.sequence_parallel,
+            t.tensor_parallel,
+        )
 
     @property
     def group(self) -> int:
         """Ranks sharing one batch (sequence x tensor parallel)."""
         return self.sequence_parallel * self.tensor_parallel
 
-    def overrides(self, base: "Setting") -> list[str]:
+    def overrides(self, base: Setting) -> list[str]:
         """--section.key=value overrides turning ``base`` into this setting."""
         out = []
-        pairs = [("deepspeed.zero_stage", "zero_stage"),
-                 ("train.activation_checkpointing", "activation_checkpointing"),
-                 ("train.micro_batch", "micro_batch"), ("train.grad_accum", "grad_accum"),
-                 ("deepspeed.offload_optimizer", "offload_optimizer"),
-                 ("deepspeed.offload_params", "offload_params"),
-                 ("train.sequence_parallel", "sequence_parallel"),
-                 ("train.tensor_parallel", "tensor_parallel")]
+        pairs = [
+            ("deepspeed.zero_stage", "zero_stage"),
+            ("train.activation_checkpointing", "activation_checkpointing"),
+            ("train.micro_batch", "micro_batch"),
+            ("train.grad_accum", "grad_accum"),
+            ("deepspeed.offload_optimizer", "offload_optimizer"),
+            ("deepspeed.offload_params", "offload_params"),
+            ("train.sequence_parallel", "sequence_parallel"),
+            ("train.tensor_parallel", "tensor_parallel"),
+        ]
         for key, attr in pairs:
             v, b = getattr(self, attr), getattr(base, attr)
             if v != b:
@@ -385,8 +450,9 @@ class Plan:
         return self.peak - self.row("fragmentation margin") - self.row("CUDA context + workspaces")
 
 
-def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
-                args: ModelArgs | None = None) -> Plan:
+def plan_memory(
+    cfg: Config, hw: Hardware, setting: Setting | None = None, args: ModelArgs | None = None
+) -> Plan:
     """Predict per-GPU peak memory (and host RAM per node) of ``cfg`` on ``hw``."""
     s = setting or Setting.from_config(cfg)
     args = args if args is not None else model_args(cfg)
@@ -406,35 +472,72 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     gb = 4 + pb if fp32_accum else gb
     small = [x for x in numels if x < ds.stage3_param_persistence_threshold]
     persistent = sum(small) if stage == 3 else 0
-    st = model_states(n, precision=prec, zero_stage=stage, world=world,
-                      offload_optimizer=s.offload_optimizer, offload_params=s.offload_params,
-                      persistent_params=persistent, fp32_grad_accum=fp32_accum)
+    st = model_states(
+        n,
+        precision=prec,
+        zero_stage=stage,
+        world=world,
+        offload_optimizer=s.offload_optimizer,
+        offload_params=s.offload_params,
+        persistent_params=persistent,
+        fp32_grad_accum=fp32_accum,
+    )
     shard = n / world
     rows: list[tuple[str, float, str]] = []
-    pnote = {3: f"/{world} (ZeRO-3)" + (", partition on CPU" if s.offload_params else "")}.get(stage, "replicated")
+    pnote = {3: f"/{world} (ZeRO-3)" + (", partition on CPU" if s.offload_params else "")}.get(
+        stage, "replicated"
+    )
     rows.append(("parameters", st.params, f"{prec} {pb} B/param, {pnote}"))
-    gnote = "replicated" if stage <= 1 else (f"/{world}" if not s.offload_optimizer else "partition on CPU")
+    gnote = (
+        "replicated"
+        if stage <= 1
+        else (f"/{world}" if not s.offload_optimizer else "partition on CPU")
+    )
     if fp32_accum:
         gnote += ", fp32 accumulation (bf16 at ZeRO-0 runs as ZeRO-1)"
     rows.append(("gradients", st.grads, f"{gb} B/param, {gnote}"))
     master = 4 if (prec != "fp32" or stage >= 1) else 0
-    onote = (f"{master}+8 B/param" + (f", /{world}" if stage >= 1 else ", replicated")
-             + (", on CPU" if s.offload_optimizer else ""))
+    onote = (
+        f"{master}+8 B/param"
+        + (f", /{world}" if stage >= 1 else ", replicated")
+        + (", on CPU" if s.offload_optimizer else "")
+    )
     rows.append(("optimizer states", st.optimizer, onote))
 
     # forward/backward transients
     attention = cfg.model.attention
-    act = activation_bytes(args, seq, mb, prec, s.activation_checkpointing, attention=attention,
-                           dropout=cfg.model.dropout, norm=cfg.model.norm, sp=sp, tp=tp)
-    anote = ("block inputs + 1 recomputed block" if s.activation_checkpointing else f"{args.n_layers} blocks")
+    act = activation_bytes(
+        args,
+        seq,
+        mb,
+        prec,
+        s.activation_checkpointing,
+        attention=attention,
+        dropout=cfg.model.dropout,
+        norm=cfg.model.norm,
+        sp=sp,
+        tp=tp,
+    )
+    anote = (
+        "block inputs + 1 recomputed block"
+        if s.activation_checkpointing
+        else f"{args.n_layers} blocks"
+    )
     if sp > 1:
         anote += f", {seq // sp} tokens/rank (sequence parallel {sp})"
     if tp > 1:
         anote += f", attention/MLP tensors /{tp} (tensor parallel)"
     rows.append(("activations", act, f"mb={mb}, seq={seq}, {anote}"))
     loss = loss_bytes(args, seq // sp, mb, prec, cfg.model.loss)
-    rows.append(("logits / loss", loss, "full logits" if cfg.model.loss == "eager"
-                 else f"chunked CE ({LOSS_CHUNK_TOKENS} tokens/chunk)"))
+    rows.append(
+        (
+            "logits / loss",
+            loss,
+            "full logits"
+            if cfg.model.loss == "eager"
+            else f"chunked CE ({LOSS_CHUNK_TOKENS} tokens/chunk)",
+        )
+    )
     buckets = 0.0
     bnote = ""
     bucket_gb = precision_bytes(prec)[1]
@@ -468,8 +571,15 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
             step = (0.0 if fp32_accum else 4 * shard) + pb * min(ds.allgather_bucket_size, n)
         else:
             step = 4 * min(STAGE3_SUB_GROUP_SIZE, shard)
-    rows.append(("optimizer step (transient)", step, "fp32 grad partition + allgather bucket"
-                 if stage in (1, 2) else "fp32 gradients for the update"))
+    rows.append(
+        (
+            "optimizer step (transient)",
+            step,
+            "fp32 grad partition + allgather bucket"
+            if stage in (1, 2)
+            else "fp32 gradients for the update",
+        )
+    )
 
     alloc = st.total + max(fwd_bwd, step)
     frag = FRAGMENTATION * alloc
@@ -479,20 +589,31 @@ def plan_memory(cfg: Config, hw: Hardware, setting: Setting | None = None,
     host = hw.gpus_per_node * (st.host + HOST_PER_RANK_GIB * GIB)
     warnings = []
     if fp32_accum:
-        warnings.append("bf16 at ZeRO-0 runs as ZeRO-1 with fp32 gradient accumulation (megapt.train.engine)")
+        warnings.append(
+            "bf16 at ZeRO-0 runs as ZeRO-1 with fp32 gradient accumulation (megapt.train.engine)"
+        )
     elif stage >= 1 and world == 1:
         warnings.append(f"ZeRO stage {stage} on one GPU shards nothing (world size 1)")
     if tp > 1:
-        warnings.append(f"tensor parallel {tp}: the embedding, norms and output head stay whole on "
-                        "every rank, and the head + loss run on every rank of a group")
+        warnings.append(
+            f"tensor parallel {tp}: the embedding, norms and output head stay whole on "
+            "every rank, and the head + loss run on every rank of a group"
+        )
     if s.group > hw.gpus_per_node:
-        warnings.append(f"sequence/tensor parallel group of {s.group} spans nodes: its all-to-alls "
-                        "/ all-reduces run at inter-node bandwidth")
+        warnings.append(
+            f"sequence/tensor parallel group of {s.group} spans nodes: its all-to-alls "
+            "/ all-reduces run at inter-node bandwidth"
+        )
     return Plan(s, hw, total, rows, peak, host, warnings, rank_params=n)
 
 
-def max_micro_batch(cfg: Config, hw: Hardware, setting: Setting | None = None,
-                    args: ModelArgs | None = None, limit: int = 4096) -> int:
+def max_micro_batch(
+    cfg: Config,
+    hw: Hardware,
+    setting: Setting | None = None,
+    args: ModelArgs | None = None,
+    limit: int = 4096,
+) -> int:
     """Largest micro-batch that fits (0 when not even 1 does)."""
     s = setting or Setting.from_config(cfg)
     args = args if args is not None else model_args(cfg)
@@ -540,24 +661,35 @@ def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
     t, w = cfg.train, data_parallel(cfg, hw)
     layout = parallel.layout_problems(cfg, hw.world)
     e += layout
-    dp_note = "" if t.sequence_parallel * t.tensor_parallel == 1 else (
-        f" (data-parallel size: world {hw.world} / sequence {t.sequence_parallel} x tensor "
-        f"{t.tensor_parallel})")
+    dp_note = (
+        ""
+        if t.sequence_parallel * t.tensor_parallel == 1
+        else (
+            f" (data-parallel size: world {hw.world} / sequence {t.sequence_parallel} x tensor "
+            f"{t.tensor_parallel})"
+        )
+    )
     gbs = cfg.plan.global_batch
     if gbs and not layout:
         if gbs % w:
-            e.append(f"plan.global_batch: {gbs} sequences are not divisible by the world size "
-                     f"{w} ({hw.nodes} node(s) x {hw.gpus_per_node} GPU(s)){dp_note}; pick a "
-                     "world size dividing it")
+            e.append(
+                f"plan.global_batch: {gbs} sequences are not divisible by the world size "
+                f"{w} ({hw.nodes} node(s) x {hw.gpus_per_node} GPU(s)){dp_note}; pick a "
+                "world size dividing it"
+            )
         elif (gbs // w) % t.micro_batch:
-            e.append(f"train.micro_batch: {t.micro_batch} does not divide the per-rank batch "
-                     f"{gbs // w} (plan.global_batch {gbs} / world size {w}){dp_note}")
+            e.append(
+                f"train.micro_batch: {t.micro_batch} does not divide the per-rank batch "
+                f"{gbs // w} (plan.global_batch {gbs} / world size {w}){dp_note}"
+            )
         elif t.micro_batch * t.grad_accum * w != gbs:
             need = gbs // (w * t.micro_batch)
             got = t.micro_batch * t.grad_accum * w
-            e.append(f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} "
-                     f"x world {w} = {got} != plan.global_batch {gbs}{dp_note}; "
-                     f"use --train.grad_accum={need}")
+            e.append(
+                f"train.grad_accum: micro_batch {t.micro_batch} x grad_accum {t.grad_accum} "
+                f"x world {w} = {got} != plan.global_batch {gbs}{dp_note}; "
+                f"use --train.grad_accum={need}"
+            )
     if t.precision == "bf16" and not GPUS[hw.gpu].bf16:
         e.append(f"train.precision: bf16 is not supported on {hw.gpu}; use fp16 or fp32")
     if cfg.deepspeed.offload_params == "cpu" and cfg.deepspeed.zero_stage != 3:
@@ -570,7 +702,11 @@ def check_launch(cfg: Config, hw: Hardware, args: Any = None) -> list[str]:
 
 
 def speed_cost(s: Setting, base: Setting, nodes: int) -> float:
-    c = 1.0 + COST_ZERO[s.zero_stage] + (COST_ZERO3_MULTINODE if s.zero_stage == 3 and nodes > 1 else 0.0)
+    c = (
+        1.0
+        + COST_ZERO[s.zero_stage]
+        + (COST_ZERO3_MULTINODE if s.zero_stage == 3 and nodes > 1 else 0.0)
+    )
     c += COST_SP * math.log2(s.sequence_parallel) + COST_TP * math.log2(s.tensor_parallel)
     c += COST_CKPT * s.activation_checkpointing
     c += COST_OFFLOAD_OPT * s.offload_optimizer + COST_OFFLOAD_PARAMS * s.offload_params
@@ -589,8 +725,11 @@ def parallel_options(cfg: Config, hw: Hardware, args: Any) -> list[tuple[int, in
     n = 2
     while n <= hw.gpus_per_node and hw.world % n == 0:
         for sp, tp in ((n, 1), (1, n)):
-            if (sp, tp) != base and not parallel.head_problems(args, sp, tp) \
-                    and cfg.data.seq_len % sp == 0:
+            if (
+                (sp, tp) != base
+                and not parallel.head_problems(args, sp, tp)
+                and cfg.data.seq_len % sp == 0
+            ):
                 out.append((sp, tp))
         n *= 2
     return out
@@ -605,8 +744,11 @@ def candidates(cfg: Config, hw: Hardware, args: Any = None) -> Iterable[Setting]
         dp = max(1, hw.world // (sp * tp))
         per_rank = gbs // dp if gbs % dp == 0 else 0
         if per_rank:
-            micro = [m for m in range(1, per_rank + 1)
-                     if per_rank % m == 0 and m <= max(base.micro_batch, 1) * 4]
+            micro = [
+                m
+                for m in range(1, per_rank + 1)
+                if per_rank % m == 0 and m <= max(base.micro_batch, 1) * 4
+            ]
         else:
             micro = [base.micro_batch]
         for stage in (0, 1, 2, 3):
@@ -614,16 +756,24 @@ def candidates(cfg: Config, hw: Hardware, args: Any = None) -> Iterable[Setting]
                 for off_opt, off_par in ((False, False), (True, False), (True, True)):
                     if off_par and stage != 3 or off_opt and stage == 0:
                         continue
-                    if parallel_combination_problems(sp, tp, stage, off_opt, off_par,
-                                                     ds.zero_hpz_partition_size, cfg.data.seq_len):
+                    if parallel_combination_problems(
+                        sp,
+                        tp,
+                        stage,
+                        off_opt,
+                        off_par,
+                        ds.zero_hpz_partition_size,
+                        cfg.data.seq_len,
+                    ):
                         continue
                     for m in micro:
                         accum = per_rank // m if per_rank else base.grad_accum
                         yield Setting(stage, ckpt, m, accum, off_opt, off_par, sp, tp)
 
 
-def suggest(cfg: Config, hw: Hardware, args: ModelArgs | None = None,
-            top: int = 3) -> list[tuple[float, Plan]]:
+def suggest(
+    cfg: Config, hw: Hardware, args: ModelArgs | None = None, top: int = 3
+) -> list[tuple[float, Plan]]:
     """The cheapest settings (by expected step time) that fit, cheapest first."""
     args = args if args is not None else model_args(cfg)
     base = Setting.from_config(cfg)
@@ -660,8 +810,11 @@ def format_plan(cfg: Config, p: Plan, max_mb: int | None = None) -> str:
         f"{s.micro_batch * s.grad_accum * dp} sequences/step, offload optimizer "
         f"{'cpu' if s.offload_optimizer else 'none'}, params {'cpu' if s.offload_params else 'none'}",
         f"parallel: data {dp} x sequence {s.sequence_parallel} x tensor {s.tensor_parallel}"
-        + (f"; {p.rank_params / 1e9:.3f} B parameters per rank before ZeRO"
-           if s.tensor_parallel > 1 else ""),
+        + (
+            f"; {p.rank_params / 1e9:.3f} B parameters per rank before ZeRO"
+            if s.tensor_parallel > 1
+            else ""
+        ),
         "",
         f"{'component':<28}{'GiB/GPU':>8}  note",
         "-" * 78,
@@ -672,8 +825,10 @@ def format_plan(cfg: Config, p: Plan, max_mb: int | None = None) -> str:
     verdict = "fits" if p.fits_gpu else "DOES NOT FIT"
     lines.append(f"{'peak per GPU':<28}{_gib(p.peak)}  of {hw.gpu_mem_gib:.1f} GiB: {verdict}")
     hv = "fits" if p.fits_host else "DOES NOT FIT"
-    lines.append(f"{'host RAM per node':<28}{_gib(p.host_per_node)}  of {hw.cpu_mem_gib:.0f} GiB: {hv} "
-                 f"(offloaded states + {HOST_PER_RANK_GIB:.0f} GiB/process)")
+    lines.append(
+        f"{'host RAM per node':<28}{_gib(p.host_per_node)}  of {hw.cpu_mem_gib:.0f} GiB: {hv} "
+        f"(offloaded states + {HOST_PER_RANK_GIB:.0f} GiB/process)"
+    )
     if max_mb is not None:
         lines.append(f"largest micro_batch that fits with this setting: {max_mb}")
     for w in p.warnings:
@@ -683,21 +838,39 @@ def format_plan(cfg: Config, p: Plan, max_mb: int | None = None) -> str:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: plan.nodes)")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: plan.gpus_per_node)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node (default: plan.gpus_per_node)",
+    )
     p.add_argument("--gpu", default=None, help=f"GPU model: {', '.join(GPUS)} (default: plan.gpu)")
-    p.add_argument("--gpu-mem-gb", type=float, default=None, help="usable GiB per GPU (default: the GPU's)")
+    p.add_argument(
+        "--gpu-mem-gb", type=float, default=None, help="usable GiB per GPU (default: the GPU's)"
+    )
     p.add_argument("--cpu-mem-gb", type=float, default=None, help="host RAM GiB per node")
-    p.add_argument("--check-only", action="store_true",
-                   help="only the launch checks (world size vs batch, combos); no memory verdict")
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="only the launch checks (world size vs batch, combos); no memory verdict",
+    )
 
 
 def cli_main(cfg: Config, args: argparse.Namespace) -> int:
-    hw = Hardware.from_config(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
-                              gpu_mem_gib=args.gpu_mem_gb, cpu_mem_gib=args.cpu_mem_gb)
+    hw = Hardware.from_config(
+        cfg,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu=args.gpu,
+        gpu_mem_gib=args.gpu_mem_gb,
+        cpu_mem_gib=args.cpu_mem_gb,
+    )
     margs = model_args(cfg)
     problems = check_launch(cfg, hw, margs)
     if problems:
-        raise ConfigError(f"plan for {hw.world} rank(s): {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+        raise ConfigError(
+            f"plan for {hw.world} rank(s): {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+        )
     if args.check_only:
         print(f"megapt plan: launch checks passed for world size {hw.world}")
         return 0
@@ -708,8 +881,10 @@ def cli_main(cfg: Config, args: argparse.Namespace) -> int:
     print()
     found = suggest(cfg, hw, margs)
     if not found:
-        print(f"nothing fits on {hw.world} x {hw.gpu}: no ZeRO stage / checkpointing / micro-batch / offload "
-              "combination brings the peak under the GPU memory; add nodes or use bigger GPUs")
+        print(
+            f"nothing fits on {hw.world} x {hw.gpu}: no ZeRO stage / checkpointing / micro-batch / offload "
+            "combination brings the peak under the GPU memory; add nodes or use bigger GPUs"
+        )
         return 1
     print("cheapest settings that fit (expected step time relative to the config as written):")
     for cost, p in found:

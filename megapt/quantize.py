@@ -7,6 +7,7 @@ Weights take 1 byte + 4 bytes per output channel instead of 4 (fp32) or 2 (bf16)
 Embeddings and norms stay in float (an embedding lookup is not a matmul). ``megapt eval
 --int8`` reports the perplexity of both models side by side.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,9 @@ class Int8Linear(nn.Module):
         q, scale = quantize_per_channel(linear.weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.register_buffer(
+            "bias", None if linear.bias is None else linear.bias.detach().float().clone()
+        )
         self.compute_dtype = linear.weight.dtype
         # the LM head (OutputHead) also computes the loss when given labels: keep its backend
         backends = getattr(linear, "backends", None)
@@ -51,8 +54,12 @@ class Int8Linear(nn.Module):
             raise TypeError("Int8Linear: labels are only accepted for a quantized LM head")
         from megapt.model import ops
 
-        return ops.linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight.to(x.dtype), labels.reshape(-1),
-                                        self.loss_backend)
+        return ops.linear_cross_entropy(
+            x.reshape(-1, x.shape[-1]),
+            self.weight.to(x.dtype),
+            labels.reshape(-1),
+            self.loss_backend,
+        )
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, int8 per-channel"

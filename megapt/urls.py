@@ -17,6 +17,7 @@ locations when it loads.
     location("runs/shards")        -> Path("runs/shards")
     location_problem("s3:b/x")     -> "... did you mean 's3://b/x'? ..."
 """
+
 from __future__ import annotations
 
 import re
@@ -53,8 +54,11 @@ def location_problem(text: str) -> str | None:
     if m:
         scheme, rest = m.group(1).lower(), m.group(2)
         if scheme == "file":
-            return None if rest.startswith("/") else (
-                f"{text!r}: a file:// URL needs an absolute path (file:///abs/path)")
+            return (
+                None
+                if rest.startswith("/")
+                else (f"{text!r}: a file:// URL needs an absolute path (file:///abs/path)")
+            )
         if scheme not in SCHEMES:
             return f"{text!r}: unsupported URL scheme {scheme + '://'!r}; use {SUPPORTED}"
         if not rest.split("/", 1)[0]:
@@ -63,9 +67,11 @@ def location_problem(text: str) -> str | None:
         return None
     m = _BARE.match(text)
     if m:
-        return (f"{text!r} looks like a URL without '//': did you mean "
-                f"'{m.group(1).lower()}://{m.group(2)}'? (a local folder with that name would need "
-                f"'./{text}')")
+        return (
+            f"{text!r} looks like a URL without '//': did you mean "
+            f"'{m.group(1).lower()}://{m.group(2)}'? (a local folder with that name would need "
+            f"'./{text}')"
+        )
     return None
 
 

@@ -1,4 +1,5 @@
 """Shared test fixtures. Every test runs on CPU unless marked `gpu`."""
+
 import os
 
 import pytest

@@ -11,6 +11,7 @@ shared CPU) and says so in the JSON.
     fp = fingerprint()            # measures the matmul peak once per process (seconds on a GPU)
     fp = fingerprint(measure=False)
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 from megapt.hardware import GPUS, PRECISION_KEYS, match_gpu
 
@@ -34,8 +34,14 @@ from megapt.hardware import GPUS, PRECISION_KEYS, match_gpu
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_matmul_tflops(device: str = "cpu", key: str = "fp32", n: Optional[int] = None,
-                          repeats: Optional[int] = None, warmup: int = 2, min_time_s: Optional[float] = None) -> dict:
+def measure_matmul_tflops(
+    device: str = "cpu",
+    key: str = "fp32",
+    n: int | None = None,
+    repeats: int | None = None,
+    warmup: int = 2,
+    min_time_s: float | None = None,
+) -> dict:
     """TFLOP/s of ``torch.mm`` on (n, n) x (n, n) matrices: 2 n^3 flops per call.
 
     ``tflops`` (the peak MFU is measured against) is the median over the repeats on a GPU (the
@@ -47,7 +53,12 @@ def measure_matmul_tflops(device: str = "cpu", key: str = "fp32", n: Optional[in
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}[key]
+    dtype = {
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "tf32": torch.float32,
+        "fp32": torch.float32,
+    }[key]
     if n is None:
         n = (8192 if key in ("bf16", "fp16", "tf32") else 4096) if cuda else 1024
     repeats = repeats or (20 if cuda else 5)
@@ -62,7 +73,10 @@ def measure_matmul_tflops(device: str = "cpu", key: str = "fp32", n: Optional[in
         i = 0
         while i < warmup + repeats or sum(times) < min_time_s:
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 torch.mm(a, b)
                 end.record()
@@ -84,9 +98,16 @@ def measure_matmul_tflops(device: str = "cpu", key: str = "fp32", n: Optional[in
             torch.cuda.empty_cache()
     med = statistics.median(times)
     median_tflops, max_tflops = 2 * n**3 / med / 1e12, 2 * n**3 / min(times) / 1e12
-    return {"key": key, "n": n, "repeats": len(times), "median_s": med, "median_tflops": median_tflops,
-            "tflops": median_tflops if cuda else max_tflops, "max_tflops": max_tflops,
-            "statistic": "median" if cuda else "best repeat (shared CPU)"}
+    return {
+        "key": key,
+        "n": n,
+        "repeats": len(times),
+        "median_s": med,
+        "median_tflops": median_tflops,
+        "tflops": median_tflops if cuda else max_tflops,
+        "max_tflops": max_tflops,
+        "statistic": "median" if cuda else "best repeat (shared CPU)",
+    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,7 +120,7 @@ def measured_peaks(device: str, keys: tuple[str, ...]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _version(pkg: str) -> Optional[str]:
+def _version(pkg: str) -> str | None:
     # importlib.metadata: no import of the package itself (only megapt/train/ imports deepspeed)
     try:
         return importlib.metadata.version(pkg)
@@ -107,7 +128,7 @@ def _version(pkg: str) -> Optional[str]:
         return None
 
 
-def _run(cmd: list[str], cwd: Optional[str] = None) -> Optional[str]:
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
     try:
         r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -133,7 +154,7 @@ def _git(repo: Path) -> dict:
     return {"commit": commit, "dirty": bool(status)}
 
 
-def _nccl_version() -> Optional[str]:
+def _nccl_version() -> str | None:
     import torch
 
     try:
@@ -168,8 +189,9 @@ def gpu_info() -> dict:
     }
 
 
-def fingerprint(measure: bool = True, precisions: Optional[tuple[str, ...]] = None,
-                device: Optional[str] = None) -> dict:
+def fingerprint(
+    measure: bool = True, precisions: tuple[str, ...] | None = None, device: str | None = None
+) -> dict:
     """Hardware + software identity of this run (JSON-ready).
 
     measure: also time ``torch.mm`` to report the device's measured matmul peak beside the spec
@@ -191,25 +213,47 @@ def fingerprint(measure: bool = True, precisions: Optional[tuple[str, ...]] = No
     fp = {
         "device": device,
         "gpu": gpu,
-        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": physical,
-                "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                "torch_threads": torch.get_num_threads(), "memory_gb": mem_gb,
-                # other processes competing for the cores make CPU numbers noisy: say how busy it was
-                "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "software": {"python": platform.python_version(), "torch": torch.__version__,
-                     "triton": _version("triton"), "deepspeed": _version("deepspeed"),
-                     "transformers": _version("transformers"), "megapt": _version("megapt"),
-                     "numpy": _version("numpy")},
+        "cpu": {
+            "model": _cpu_model(),
+            "logical_cores": os.cpu_count(),
+            "physical_cores": physical,
+            "affinity_cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else None,
+            "torch_threads": torch.get_num_threads(),
+            "memory_gb": mem_gb,
+            # other processes competing for the cores make CPU numbers noisy: say how busy it was
+            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        },
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "deepspeed": _version("deepspeed"),
+            "transformers": _version("transformers"),
+            "megapt": _version("megapt"),
+            "numpy": _version("numpy"),
+        },
         "os": platform.platform(),
         "git": _git(repo),
         "hostname_sha256": hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12],
-        "env": {k: os.environ[k] for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
-                                            "TRITON_INTERPRET") if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in (
+                "DS_ACCELERATOR",
+                "OMP_NUM_THREADS",
+                "CUDA_VISIBLE_DEVICES",
+                "TRITON_INTERPRET",
+            )
+            if k in os.environ
+        },
     }
     spec_key = gpu.get("spec_model")
     fp["spec_peak_tflops"] = dict(GPUS[spec_key].peak_tflops) if spec_key else None
     if gpu["available"] and spec_key is None:
-        fp["spec_peak_note"] = f"unknown GPU model {gpu['name']!r}: MFU falls back to the measured matmul peak"
+        fp["spec_peak_note"] = (
+            f"unknown GPU model {gpu['name']!r}: MFU falls back to the measured matmul peak"
+        )
     if measure:
         keys = precisions or (PRECISION_KEYS if device == "cuda" else ("fp32",))
         fp["measured_peak"] = measured_peaks(device, tuple(keys))

@@ -26,6 +26,7 @@ time the step waited for data.
 
 Writes benchmarks/results/bench_loader-<host>-<time>.json under the current folder (or --out).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,33 @@ GOAL = 2_000_000  # loader tokens/s per rank we aim for
 def make_shards(out: Path, samples: int, seq_len: int, vocab: int, shard_samples: int) -> None:
     rng = np.random.default_rng(0)
     rows = (rng.integers(0, vocab, seq_len + 1, dtype=np.uint16) for _ in range(samples))
-    write_token_dataset(out, {"train": rows}, seq_len=seq_len, vocab_size=vocab, shard_samples=shard_samples)
+    write_token_dataset(
+        out, {"train": rows}, seq_len=seq_len, vocab_size=vocab, shard_samples=shard_samples
+    )
 
 
-def time_loader(shard_dir: Path, *, seq_len: int, micro_batch: int, workers: int, world_size: int,
-                seconds: float, verify: bool, pin_memory: bool) -> dict:
+def time_loader(
+    shard_dir: Path,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    workers: int,
+    world_size: int,
+    seconds: float,
+    verify: bool,
+    pin_memory: bool,
+) -> dict:
     cfg = DataConfig(seq_len=seq_len, loader_workers=workers, verify_checksums=verify)
-    ld = build_loader(cfg, shard_dir, "train", rank=0, world_size=world_size, micro_batch=micro_batch, seed=0,
-                      pin_memory=pin_memory)
+    ld = build_loader(
+        cfg,
+        shard_dir,
+        "train",
+        rank=0,
+        world_size=world_size,
+        micro_batch=micro_batch,
+        seed=0,
+        pin_memory=pin_memory,
+    )
     t0 = time.perf_counter()
     it = iter(ld)
     next(it)
@@ -73,11 +93,19 @@ def time_loader(shard_dir: Path, *, seq_len: int, micro_batch: int, workers: int
     assert b["input_ids"].shape == (micro_batch, seq_len)
     it.close()
     samples = n * micro_batch / dt
-    return {"workers": workers, "world_size": world_size, "micro_batch": micro_batch, "verify_checksums": verify,
-            "pin_memory": pin_memory,
-            "batches": n, "seconds": round(dt, 3), "first_batch_s": round(first, 3),
-            "samples_per_s": round(samples, 1), "tokens_per_s": round(samples * seq_len),
-            "global_epochs_covered": round(ld.state_dict()["position"] / ld.samples_per_epoch[0], 3)}
+    return {
+        "workers": workers,
+        "world_size": world_size,
+        "micro_batch": micro_batch,
+        "verify_checksums": verify,
+        "pin_memory": pin_memory,
+        "batches": n,
+        "seconds": round(dt, 3),
+        "first_batch_s": round(first, 3),
+        "samples_per_s": round(samples, 1),
+        "tokens_per_s": round(samples * seq_len),
+        "global_epochs_covered": round(ld.state_dict()["position"] / ld.samples_per_epoch[0], 3),
+    }
 
 
 def time_bare_reader(shard_dir: Path, *, seq_len: int, micro_batch: int, seconds: float) -> dict:
@@ -91,17 +119,23 @@ def time_bare_reader(shard_dir: Path, *, seq_len: int, micro_batch: int, seconds
         for e in entries:
             buf = (shard_dir / e["name"]).read_bytes()
             base = np.frombuffer(buf, dtype="<u2", offset=512, count=(len(buf) - 512) // 2)
-            rows = np.lib.stride_tricks.as_strided(base, (e["samples"], seq_len + 1), (stride, 2), writeable=False)
+            rows = np.lib.stride_tricks.as_strided(
+                base, (e["samples"], seq_len + 1), (stride, 2), writeable=False
+            )
             for k in range(0, e["samples"] - micro_batch + 1, micro_batch):
-                t = torch.from_numpy(rows[k:k + micro_batch].astype(np.int64))
+                t = torch.from_numpy(rows[k : k + micro_batch].astype(np.int64))
                 _x, _y = t[:, :-1].contiguous(), t[:, 1:].contiguous()
                 n += 1
             if time.perf_counter() - t1 >= seconds:
                 break
     dt = time.perf_counter() - t1
     samples = n * micro_batch / dt
-    return {"batches": n, "seconds": round(dt, 3), "samples_per_s": round(samples, 1),
-            "tokens_per_s": round(samples * seq_len)}
+    return {
+        "batches": n,
+        "seconds": round(dt, 3),
+        "samples_per_s": round(samples, 1),
+        "tokens_per_s": round(samples * seq_len),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,13 +155,18 @@ class LocalS3:
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                      str(self.port)], stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 60
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"moto.server exited ({self.proc.returncode}): install the dev "
-                                 f"extra (moto[server]) or pass --s3-url")
+                raise SystemExit(
+                    f"moto.server exited ({self.proc.returncode}): install the dev "
+                    f"extra (moto[server]) or pass --s3-url"
+                )
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 break
@@ -137,9 +176,13 @@ class LocalS3:
                     raise SystemExit("moto.server did not start within 60 s") from None
                 time.sleep(0.1)
         # fake credentials, this endpoint only; never the instance metadata service
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=self.url,
-                          AWS_EC2_METADATA_DISABLED="true")
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=self.url,
+            AWS_EC2_METADATA_DISABLED="true",
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -162,19 +205,41 @@ def upload(shard_dir: Path, url: str, remote_cfg) -> float:
     return time.perf_counter() - t
 
 
-def time_stream(source, *, seq_len: int, micro_batch: int, workers: int, world_size: int,
-                batches: int, step_s: float, shuffle_buffer: int, remote_cfg=None) -> dict:
+def time_stream(
+    source,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    workers: int,
+    world_size: int,
+    batches: int,
+    step_s: float,
+    shuffle_buffer: int,
+    remote_cfg=None,
+) -> dict:
     """Rank 0 of ``world_size`` takes a first batch, then ``batches`` more, spending ``step_s``
     on each (a training step). Returns tokens/s after the first batch and from the start
     (manifest, first shards), the time to the first batch and the stall: the share of the wall
     time after the first batch spent waiting for batches."""
     from megapt.config import RemoteConfig
 
-    cfg = DataConfig(seq_len=seq_len, loader_workers=workers, shuffle_buffer=shuffle_buffer,
-                     remote=remote_cfg if remote_cfg is not None else RemoteConfig())
+    cfg = DataConfig(
+        seq_len=seq_len,
+        loader_workers=workers,
+        shuffle_buffer=shuffle_buffer,
+        remote=remote_cfg if remote_cfg is not None else RemoteConfig(),
+    )
     t0 = time.perf_counter()
-    ld = build_loader(cfg, source, "train", rank=0, world_size=world_size,
-                      micro_batch=micro_batch, seed=0, pin_memory=False)
+    ld = build_loader(
+        cfg,
+        source,
+        "train",
+        rank=0,
+        world_size=world_size,
+        micro_batch=micro_batch,
+        seed=0,
+        pin_memory=False,
+    )
     it = iter(ld)
     next(it)
     first = time.perf_counter() - t0
@@ -191,17 +256,26 @@ def time_stream(source, *, seq_len: int, micro_batch: int, workers: int, world_s
     stats = ld.remote_stats
     it.close()
     tokens = batches * micro_batch * seq_len
-    out = {"workers": workers, "world_size": world_size, "micro_batch": micro_batch,
-           "batches": batches, "step_ms": round(step_s * 1e3, 2),
-           "first_batch_s": round(first, 3), "wall_s": round(wall, 3),
-           "tokens_per_s": round(tokens / wall),
-           "tokens_per_s_from_start": round((tokens + micro_batch * seq_len) / (first + wall)),
-           "wait_s": round(wait, 3),
-           "stall_fraction": round(wait / wall, 4),
-           "mean_wait_ms": round(wait / batches * 1e3, 3)}
+    out = {
+        "workers": workers,
+        "world_size": world_size,
+        "micro_batch": micro_batch,
+        "batches": batches,
+        "step_ms": round(step_s * 1e3, 2),
+        "first_batch_s": round(first, 3),
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall),
+        "tokens_per_s_from_start": round((tokens + micro_batch * seq_len) / (first + wall)),
+        "wait_s": round(wait, 3),
+        "stall_fraction": round(wait / wall, 4),
+        "mean_wait_ms": round(wait / batches * 1e3, 3),
+    }
     if stats["downloads"] or stats["hits"]:
-        out.update(downloaded_mb=round(stats["bytes"] / 1e6, 2), downloads=stats["downloads"],
-                   reader_wait_s=round(stats["wait_s"], 3))
+        out.update(
+            downloaded_mb=round(stats["bytes"] / 1e6, 2),
+            downloads=stats["downloads"],
+            reader_wait_s=round(stats["wait_s"], 3),
+        )
     return out
 
 
@@ -210,8 +284,11 @@ def run_remote(shard_dir: Path, args, tmp: Path) -> dict:
     from megapt.config import RemoteConfig
 
     seq_len = load_manifest(shard_dir)["seq_len"]
-    step_s = (args.step_ms if args.step_ms is not None else
-              args.micro_batch * seq_len / CONSUMPTION_124M_H100 * 1e3) / 1e3
+    step_s = (
+        args.step_ms
+        if args.step_ms is not None
+        else args.micro_batch * seq_len / CONSUMPTION_124M_H100 * 1e3
+    ) / 1e3
     server = None if args.s3_url else LocalS3(tmp / "moto.log")
     url = args.s3_url or "s3://megapt-bench/shards"
     try:
@@ -223,58 +300,105 @@ def run_remote(shard_dir: Path, args, tmp: Path) -> dict:
         for world in args.world_sizes:
             for workers in args.workers:
                 for step in (0.0, step_s):
-                    common = dict(seq_len=seq_len, micro_batch=args.micro_batch, workers=workers,
-                                  world_size=world, batches=args.batches, step_s=step,
-                                  shuffle_buffer=args.shuffle_buffer)
+                    common = dict(
+                        seq_len=seq_len,
+                        micro_batch=args.micro_batch,
+                        workers=workers,
+                        world_size=world,
+                        batches=args.batches,
+                        step_s=step,
+                        shuffle_buffer=args.shuffle_buffer,
+                    )
                     k += 1
                     cache = RemoteConfig(cache_dir=str(tmp / f"cache{k}"))
-                    for source, src, rc in (("disk", shard_dir, None), ("s3-cold", url, cache),
-                                            ("s3-warm", url, cache)):
+                    for source, src, rc in (
+                        ("disk", shard_dir, None),
+                        ("s3-cold", url, cache),
+                        ("s3-warm", url, cache),
+                    ):
                         r = {"source": source, **time_stream(src, remote_cfg=rc, **common)}
                         rows.append(r)
                         stall = f", stall {100 * r['stall_fraction']:5.1f}%" if step else ""
-                        fetched = (f", {r['downloaded_mb']} MB fetched"
-                                   if "downloaded_mb" in r else "")
-                        print(f"{source:8s} W={world:<3d} workers={workers} "
-                              f"step={r['step_ms']:6.2f}ms: {r['tokens_per_s'] / 1e6:6.2f}M "
-                              f"tokens/s ({r['tokens_per_s_from_start'] / 1e6:.2f}M from the "
-                              f"start){stall}, first batch {r['first_batch_s']}s{fetched}")
+                        fetched = (
+                            f", {r['downloaded_mb']} MB fetched" if "downloaded_mb" in r else ""
+                        )
+                        print(
+                            f"{source:8s} W={world:<3d} workers={workers} "
+                            f"step={r['step_ms']:6.2f}ms: {r['tokens_per_s'] / 1e6:6.2f}M "
+                            f"tokens/s ({r['tokens_per_s_from_start'] / 1e6:.2f}M from the "
+                            f"start){stall}, first batch {r['first_batch_s']}s{fetched}"
+                        )
     finally:
         if server is not None:
             server.stop()
-    return {"url": url, "server": "moto (local, 127.0.0.1)" if server else "given by --s3-url",
-            "upload_s": round(up, 3), "set_mb": round(mb, 2),
-            "step_ms_for_stall": round(step_s * 1e3, 3),
-            "step_note": "stall runs sleep this long per batch: the time one H100 trains the 124M "
-                         "model on the batch's tokens at the reference rate",
-            "shuffle_buffer": args.shuffle_buffer,
-            "runs": rows}
+    return {
+        "url": url,
+        "server": "moto (local, 127.0.0.1)" if server else "given by --s3-url",
+        "upload_s": round(up, 3),
+        "set_mb": round(mb, 2),
+        "step_ms_for_stall": round(step_s * 1e3, 3),
+        "step_note": "stall runs sleep this long per batch: the time one H100 trains the 124M "
+        "model on the batch's tokens at the reference rate",
+        "shuffle_buffer": args.shuffle_buffer,
+        "runs": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=16384, help="synthetic samples (8 shards of 2048)")
+    ap.add_argument(
+        "--samples", type=int, default=16384, help="synthetic samples (8 shards of 2048)"
+    )
     ap.add_argument("--shard-samples", type=int, default=2048)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     ap.add_argument("--world-sizes", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per setting")
-    ap.add_argument("--verify", choices=["true", "false", "both"], default="both",
-                    help="data.verify_checksums: true = whole shards hashed, false = single-member reads")
-    ap.add_argument("--pin-memory", choices=["auto", "true", "false"], default="auto",
-                    help="pin batches (auto: when CUDA is available, as the trainer does)")
+    ap.add_argument(
+        "--verify",
+        choices=["true", "false", "both"],
+        default="both",
+        help="data.verify_checksums: true = whole shards hashed, false = single-member reads",
+    )
+    ap.add_argument(
+        "--pin-memory",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="pin batches (auto: when CUDA is available, as the trainer does)",
+    )
     ap.add_argument("--shard-dir", default="", help="use existing shards instead of synthetic ones")
-    ap.add_argument("--out", default="", help="JSON path (default benchmarks/results/bench_loader-<host>-<time>.json)")
-    ap.add_argument("--source", choices=["disk", "remote", "both"], default="disk",
-                    help="disk: the loader settings sweep; remote: disk vs S3 cold/warm cache")
-    ap.add_argument("--s3-url", default="", help="remote: upload to this s3:// prefix instead of "
-                    "a local moto server")
+    ap.add_argument(
+        "--out",
+        default="",
+        help="JSON path (default benchmarks/results/bench_loader-<host>-<time>.json)",
+    )
+    ap.add_argument(
+        "--source",
+        choices=["disk", "remote", "both"],
+        default="disk",
+        help="disk: the loader settings sweep; remote: disk vs S3 cold/warm cache",
+    )
+    ap.add_argument(
+        "--s3-url",
+        default="",
+        help="remote: upload to this s3:// prefix instead of a local moto server",
+    )
     ap.add_argument("--batches", type=int, default=600, help="remote: batches timed per run")
-    ap.add_argument("--shuffle-buffer", type=int, default=4096, help="remote: data.shuffle_buffer "
-                    "(smaller than the set, so later windows are fetched while the run goes on)")
-    ap.add_argument("--step-ms", type=float, default=None, help="remote: simulated training step "
-                    "(default: micro_batch x seq_len tokens at the 124M/H100 reference rate)")
+    ap.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=4096,
+        help="remote: data.shuffle_buffer "
+        "(smaller than the set, so later windows are fetched while the run goes on)",
+    )
+    ap.add_argument(
+        "--step-ms",
+        type=float,
+        default=None,
+        help="remote: simulated training step "
+        "(default: micro_batch x seq_len tokens at the 124M/H100 reference rate)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -283,10 +407,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.shard_dir:
             t = time.perf_counter()
             make_shards(shard_dir, args.samples, args.seq_len, 32000, args.shard_samples)
-            print(f"wrote {args.samples} samples x {args.seq_len + 1} tokens in {time.perf_counter() - t:.1f}s")
+            print(
+                f"wrote {args.samples} samples x {args.seq_len + 1} tokens in {time.perf_counter() - t:.1f}s"
+            )
         m = load_manifest(shard_dir)
         seq_len = m["seq_len"]
-        base = time_bare_reader(shard_dir, seq_len=seq_len, micro_batch=args.micro_batch, seconds=args.seconds)
+        base = time_bare_reader(
+            shard_dir, seq_len=seq_len, micro_batch=args.micro_batch, seconds=args.seconds
+        )
         print(f"baseline bare reader: {base['tokens_per_s'] / 1e6:.2f}M tokens/s")
         runs = []
         remote = run_remote(shard_dir, args, Path(tmp)) if args.source != "disk" else None
@@ -295,33 +423,56 @@ def main(argv: list[str] | None = None) -> int:
         for verify in verifies if args.source != "remote" else []:
             for world in args.world_sizes:
                 for workers in args.workers:
-                    r = time_loader(shard_dir, seq_len=seq_len, micro_batch=args.micro_batch, workers=workers,
-                                    world_size=world, seconds=args.seconds, verify=verify, pin_memory=pin)
-                    r["vs_124m_h100_consumption"] = round(r["tokens_per_s"] / CONSUMPTION_124M_H100, 2)
+                    r = time_loader(
+                        shard_dir,
+                        seq_len=seq_len,
+                        micro_batch=args.micro_batch,
+                        workers=workers,
+                        world_size=world,
+                        seconds=args.seconds,
+                        verify=verify,
+                        pin_memory=pin,
+                    )
+                    r["vs_124m_h100_consumption"] = round(
+                        r["tokens_per_s"] / CONSUMPTION_124M_H100, 2
+                    )
                     r["vs_goal"] = round(r["tokens_per_s"] / GOAL, 2)
                     r["vs_bare_reader"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
                     runs.append(r)
-                    print(f"W={world:<3d} workers={workers} verify={verify}: {r['samples_per_s']:8.0f} samples/s "
-                          f"{r['tokens_per_s'] / 1e6:6.2f}M tokens/s = {r['vs_124m_h100_consumption']:.1f}x the "
-                          f"124M/H100 rate, {r['vs_goal']:.2f}x goal (first batch {r['first_batch_s']}s)")
+                    print(
+                        f"W={world:<3d} workers={workers} verify={verify}: {r['samples_per_s']:8.0f} samples/s "
+                        f"{r['tokens_per_s'] / 1e6:6.2f}M tokens/s = {r['vs_124m_h100_consumption']:.1f}x the "
+                        f"124M/H100 rate, {r['vs_goal']:.2f}x goal (first batch {r['first_batch_s']}s)"
+                    )
 
     result = {
         "benchmark": "loader",
         "what": "tokens/s one rank of build_loader yields (rank 0 of a simulated world size), seq_len "
-                f"{seq_len}, micro_batch {args.micro_batch}, synthetic uint16 shards of {args.shard_samples} samples",
+        f"{seq_len}, micro_batch {args.micro_batch}, synthetic uint16 shards of {args.shard_samples} samples",
         "config": vars(args),
-        "reference": {"consumption_124m_h100_tokens_per_s": CONSUMPTION_124M_H100,
-                      "note": "reference rate a single H100 trains the 124M model at (stated, not measured here)",
-                      "goal_tokens_per_s_per_rank": GOAL},
+        "reference": {
+            "consumption_124m_h100_tokens_per_s": CONSUMPTION_124M_H100,
+            "note": "reference rate a single H100 trains the 124M model at (stated, not measured here)",
+            "goal_tokens_per_s_per_rank": GOAL,
+        },
         "baseline_bare_reader": base,
         "runs": runs,
         "remote": remote,
         "hardware": fingerprint(measure=False),
-        "load_average_1_5_15min": list(os.getloadavg()),  # other work on the machine skews the numbers
+        "load_average_1_5_15min": list(
+            os.getloadavg()
+        ),  # other work on the machine skews the numbers
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(args.out) if args.out else (Path("benchmarks") / "results" /
-                                           f"bench_loader-{hostname_tag()}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else (
+            Path("benchmarks")
+            / "results"
+            / f"bench_loader-{hostname_tag()}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        )
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -31,6 +31,7 @@ and writing one JSON:
 
 (``python -m torch.distributed.run --nproc_per_node N -m megapt.bench.planner ARGS`` is the same.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,19 +70,25 @@ def predict_memory(cfg, world_size: int = 1) -> dict:
             over["gpu"] = key or cfg.plan.gpu
             over["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
             if key is None:
-                note = (f"GPU {name!r} not in megapt.hardware.GPUS: planned as {cfg.plan.gpu} "
-                        "with this device's memory")
+                note = (
+                    f"GPU {name!r} not in megapt.hardware.GPUS: planned as {cfg.plan.gpu} "
+                    "with this device's memory"
+                )
             if not (GPUS[over["gpu"]].host_gib or cfg.plan.cpu_mem_gb):
                 over["cpu_mem_gib"] = psutil.virtual_memory().total / 2**30  # this node's RAM
         else:
-            note = (f"no GPU: the prediction is for one {cfg.plan.gpu} (plan.gpu) and is not "
-                    "comparable with the CPU RSS measured here")
+            note = (
+                f"no GPU: the prediction is for one {cfg.plan.gpu} (plan.gpu) and is not "
+                "comparable with the CPU RSS measured here"
+            )
         hw = P.Hardware.from_config(cfg, **over)
         plan = P.plan_memory(cfg, hw)
     except Exception as exc:  # noqa: BLE001 - a planner problem must not stop a benchmark
-        return {"available": False,
-                "reason": f"megapt.planner.plan_memory failed: {type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc()[-2000:]}
+        return {
+            "available": False,
+            "reason": f"megapt.planner.plan_memory failed: {type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-2000:],
+        }
     gib = P.GIB
     context = P.OVERHEAD_GIB * gib
     frag = plan.row("fragmentation margin")
@@ -104,25 +111,93 @@ def predict_memory(cfg, world_size: int = 1) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 # small model for the state accounting: big enough that flat-buffer padding is noise
-STATE_MODEL = ["--model.preset=tiny", "--model.n_layers=2", "--model.d_model=128", "--model.n_heads=4",
-               "--model.n_kv_heads=2", "--model.ffn_hidden=384", "--tokenizer.vocab_size=512", "--data.seq_len=32"]
+STATE_MODEL = [
+    "--model.preset=tiny",
+    "--model.n_layers=2",
+    "--model.d_model=128",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--model.ffn_hidden=384",
+    "--tokenizer.vocab_size=512",
+    "--data.seq_len=32",
+]
 
 # (name, overrides) for the GPU peak mode; sized for one 80 GB GPU at world size 1..8
 PEAK_CASES = [
-    ("124m-z1-mb8", ["--model.preset=124m", "--tokenizer.vocab_size=50304", "--data.seq_len=1024",
-                     "--train.micro_batch=8", "--deepspeed.zero_stage=1"]),
-    ("124m-z1-mb16-eagerloss", ["--model.preset=124m", "--tokenizer.vocab_size=50304", "--data.seq_len=1024",
-                                "--train.micro_batch=16", "--deepspeed.zero_stage=1", "--model.loss=eager"]),
-    ("350m-z2-mb4", ["--model.preset=350m", "--tokenizer.vocab_size=50304", "--data.seq_len=2048",
-                     "--train.micro_batch=4", "--deepspeed.zero_stage=2"]),
-    ("1b-z2-mb2", ["--model.preset=1b", "--tokenizer.vocab_size=32000", "--data.seq_len=2048",
-                   "--train.micro_batch=2", "--deepspeed.zero_stage=2"]),
-    ("1b-z2-mb4-ckpt", ["--model.preset=1b", "--tokenizer.vocab_size=32000", "--data.seq_len=2048",
-                        "--train.micro_batch=4", "--deepspeed.zero_stage=2", "--train.activation_checkpointing=true"]),
-    ("1b-z3-mb4-ckpt", ["--model.preset=1b", "--tokenizer.vocab_size=32000", "--data.seq_len=2048",
-                        "--train.micro_batch=4", "--deepspeed.zero_stage=3", "--train.activation_checkpointing=true"]),
-    ("3b-z3-mb1-ckpt", ["--model.preset=3b", "--tokenizer.vocab_size=32000", "--data.seq_len=4096",
-                        "--train.micro_batch=1", "--deepspeed.zero_stage=3", "--train.activation_checkpointing=true"]),
+    (
+        "124m-z1-mb8",
+        [
+            "--model.preset=124m",
+            "--tokenizer.vocab_size=50304",
+            "--data.seq_len=1024",
+            "--train.micro_batch=8",
+            "--deepspeed.zero_stage=1",
+        ],
+    ),
+    (
+        "124m-z1-mb16-eagerloss",
+        [
+            "--model.preset=124m",
+            "--tokenizer.vocab_size=50304",
+            "--data.seq_len=1024",
+            "--train.micro_batch=16",
+            "--deepspeed.zero_stage=1",
+            "--model.loss=eager",
+        ],
+    ),
+    (
+        "350m-z2-mb4",
+        [
+            "--model.preset=350m",
+            "--tokenizer.vocab_size=50304",
+            "--data.seq_len=2048",
+            "--train.micro_batch=4",
+            "--deepspeed.zero_stage=2",
+        ],
+    ),
+    (
+        "1b-z2-mb2",
+        [
+            "--model.preset=1b",
+            "--tokenizer.vocab_size=32000",
+            "--data.seq_len=2048",
+            "--train.micro_batch=2",
+            "--deepspeed.zero_stage=2",
+        ],
+    ),
+    (
+        "1b-z2-mb4-ckpt",
+        [
+            "--model.preset=1b",
+            "--tokenizer.vocab_size=32000",
+            "--data.seq_len=2048",
+            "--train.micro_batch=4",
+            "--deepspeed.zero_stage=2",
+            "--train.activation_checkpointing=true",
+        ],
+    ),
+    (
+        "1b-z3-mb4-ckpt",
+        [
+            "--model.preset=1b",
+            "--tokenizer.vocab_size=32000",
+            "--data.seq_len=2048",
+            "--train.micro_batch=4",
+            "--deepspeed.zero_stage=3",
+            "--train.activation_checkpointing=true",
+        ],
+    ),
+    (
+        "3b-z3-mb1-ckpt",
+        [
+            "--model.preset=3b",
+            "--tokenizer.vocab_size=32000",
+            "--data.seq_len=4096",
+            "--train.micro_batch=1",
+            "--deepspeed.zero_stage=3",
+            "--train.activation_checkpointing=true",
+        ],
+    ),
 ]
 
 
@@ -172,7 +247,9 @@ def measure_states(engine) -> dict:
     """Per-rank bytes of parameters, gradients and optimizer states (call after backward, before step)."""
     module, opt = engine.module, engine.optimizer
     seen: set = set()
-    ptensors = [p.data for p in module.parameters()] + [getattr(p, "ds_tensor", None) for p in module.parameters()]
+    ptensors = [p.data for p in module.parameters()] + [
+        getattr(p, "ds_tensor", None) for p in module.parameters()
+    ]
     params = _tensor_bytes(ptensors, set())
     _storage_bytes(ptensors, seen)  # remember the storages, so an aliasing master copy counts 0
     # flat gradient buffers by storage first, then per-tensor gradients outside those buffers
@@ -183,15 +260,31 @@ def measure_states(engine) -> dict:
     loose = [p.grad for p in module.parameters()]
     for attr in ("averaged_gradients", "all_grad_tensors"):
         loose += list(_flat(getattr(opt, attr, None)))
-    loose = [t for t in loose if t is not None and (t.device.type, t.untyped_storage().data_ptr()) not in flat_seen]
+    loose = [
+        t
+        for t in loose
+        if t is not None and (t.device.type, t.untyped_storage().data_ptr()) not in flat_seen
+    ]
     grads += _tensor_bytes(loose, set())
-    inner = opt if isinstance(opt, torch.optim.Optimizer) and not hasattr(opt, "optimizer") else opt.optimizer
+    inner = (
+        opt
+        if isinstance(opt, torch.optim.Optimizer) and not hasattr(opt, "optimizer")
+        else opt.optimizer
+    )
     optim = 0
-    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
-                 "fp32_groups_flat"):
+    for attr in (
+        "single_partition_of_fp32_groups",
+        "fp32_partitioned_groups_flat",
+        "fp32_groups_flat_partition",
+        "fp32_groups_flat",
+    ):
         optim += _storage_bytes(_flat(getattr(opt, attr, None)), seen)
-    state_tensors = [t for st in inner.state.values() for t in st.values()
-                     if isinstance(t, torch.Tensor) and t.numel() > 1]
+    state_tensors = [
+        t
+        for st in inner.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor) and t.numel() > 1
+    ]
     optim += _storage_bytes(state_tensors, seen)
     return {"parameters": params, "gradients": grads, "optimizer states": optim}
 
@@ -210,24 +303,34 @@ def _engine(cfg, device):
     args = P.model_args(cfg)
     backends = select_backends(cfg.model, device)
     layout = parallel.Layout.from_config(cfg, dist.get_world_size(), args)
-    return args, create_engine(cfg, lambda: GPT(args, backends), world_size=layout.dp,
-                               layout=layout)
+    return args, create_engine(
+        cfg, lambda: GPT(args, backends), world_size=layout.dp, layout=layout
+    )
 
 
-def run_states(precisions: list[str], stages: list[int], device: str, sp: int = 1,
-               tp: int = 1) -> list[dict]:
+def run_states(
+    precisions: list[str], stages: list[int], device: str, sp: int = 1, tp: int = 1
+) -> list[dict]:
     """``sp``/``tp``: sequence / tensor parallelism for every engine of this process (DeepSpeed's
     groups are per process: one layout per run)."""
     world = dist.get_world_size()
     rows = []
     for precision in precisions:
         for stage in stages:
-            cfg = load_config([], STATE_MODEL + [f"--train.precision={precision}", f"--deepspeed.zero_stage={stage}",
-                                                 "--train.micro_batch=2", "--train.grad_accum=2",
-                                                 f"--train.device={device}",
-                                                 f"--train.sequence_parallel={sp}",
-                                                 f"--train.tensor_parallel={tp}",
-                                                 "--deepspeed.stage3_param_persistence_threshold=1000"])
+            cfg = load_config(
+                [],
+                STATE_MODEL
+                + [
+                    f"--train.precision={precision}",
+                    f"--deepspeed.zero_stage={stage}",
+                    "--train.micro_batch=2",
+                    "--train.grad_accum=2",
+                    f"--train.device={device}",
+                    f"--train.sequence_parallel={sp}",
+                    f"--train.tensor_parallel={tp}",
+                    "--deepspeed.stage3_param_persistence_threshold=1000",
+                ],
+            )
             args, bundle = _engine(cfg, device)
             eng = bundle.engine
             # optimizer step 0 (2 micro-steps) creates the Adam moments; measure after the first
@@ -243,22 +346,45 @@ def run_states(precisions: list[str], stages: list[int], device: str, sp: int = 
             eng_stage, fp32_accum = engine_stage(precision, stage)
             numels = P.rank_param_numels(args, tp)  # what one rank holds before ZeRO
             n = sum(numels)
-            persistent = sum(k for k in numels if k < cfg.deepspeed.stage3_param_persistence_threshold) \
-                if eng_stage == 3 else 0
+            persistent = (
+                sum(k for k in numels if k < cfg.deepspeed.stage3_param_persistence_threshold)
+                if eng_stage == 3
+                else 0
+            )
             # ZeRO partitions over data x sequence ranks, i.e. the world over the tensor group
-            pred = P.model_states(n, precision=precision, zero_stage=eng_stage, world=world // tp,
-                                  persistent_params=persistent, fp32_grad_accum=fp32_accum)
-            predicted = {"parameters": pred.params, "gradients": pred.grads, "optimizer states": pred.optimizer}
+            pred = P.model_states(
+                n,
+                precision=precision,
+                zero_stage=eng_stage,
+                world=world // tp,
+                persistent_params=persistent,
+                fp32_grad_accum=fp32_accum,
+            )
+            predicted = {
+                "parameters": pred.params,
+                "gradients": pred.grads,
+                "optimizer states": pred.optimizer,
+            }
             gathered = [None] * world
             dist.all_gather_object(gathered, measured)
             for comp in predicted:
                 vals = [g[comp] for g in gathered]
                 mean = sum(vals) / len(vals)
-                rows.append({"precision": precision, "zero_stage": stage, "engine_stage": eng_stage,
-                             "world_size": world, "sequence_parallel": sp, "tensor_parallel": tp,
-                             "n_params": n, "component": comp,
-                             "predicted_bytes": predicted[comp], "measured_bytes_per_rank": vals,
-                             "ratio": (mean / predicted[comp]) if predicted[comp] else None})
+                rows.append(
+                    {
+                        "precision": precision,
+                        "zero_stage": stage,
+                        "engine_stage": eng_stage,
+                        "world_size": world,
+                        "sequence_parallel": sp,
+                        "tensor_parallel": tp,
+                        "n_params": n,
+                        "component": comp,
+                        "predicted_bytes": predicted[comp],
+                        "measured_bytes_per_rank": vals,
+                        "ratio": (mean / predicted[comp]) if predicted[comp] else None,
+                    }
+                )
             del eng, bundle
             gc.collect()
     return rows
@@ -274,14 +400,27 @@ def run_peak(names: list[str], steps: int) -> list[dict]:
     for name, over in PEAK_CASES:
         if names and not any(name.startswith(n) for n in names):
             continue
-        cfg = load_config([], over + ["--train.precision=bf16", "--train.device=cuda", "--train.grad_accum=1"])
-        hw = P.Hardware(1, world, gpu_key or "h100", gpu_mem_gib=total_gib,
-                        cpu_mem_gib=psutil.virtual_memory().total / 2**30)
+        cfg = load_config(
+            [], over + ["--train.precision=bf16", "--train.device=cuda", "--train.grad_accum=1"]
+        )
+        hw = P.Hardware(
+            1,
+            world,
+            gpu_key or "h100",
+            gpu_mem_gib=total_gib,
+            cpu_mem_gib=psutil.virtual_memory().total / 2**30,
+        )
         plan = P.plan_memory(cfg, hw)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-        rec = {"case": name, "overrides": over, "world_size": world, "predicted_allocator_peak_bytes": plan.allocator_peak,
-               "predicted_peak_bytes": plan.peak, "predicted_rows": [[r, b] for r, b, _ in plan.rows]}
+        rec = {
+            "case": name,
+            "overrides": over,
+            "world_size": world,
+            "predicted_allocator_peak_bytes": plan.allocator_peak,
+            "predicted_peak_bytes": plan.peak,
+            "predicted_rows": [[r, b] for r, b, _ in plan.rows],
+        }
         try:
             args, bundle = _engine(cfg, "cuda")
             eng = bundle.engine
@@ -292,9 +431,11 @@ def run_peak(names: list[str], steps: int) -> list[dict]:
                 eng.backward(loss)
                 eng.step()
             torch.cuda.synchronize(dev)
-            rec.update(measured_max_allocated_bytes=torch.cuda.max_memory_allocated(dev),
-                       measured_max_reserved_bytes=torch.cuda.max_memory_reserved(dev),
-                       seconds=time.time() - t0)
+            rec.update(
+                measured_max_allocated_bytes=torch.cuda.max_memory_allocated(dev),
+                measured_max_reserved_bytes=torch.cuda.max_memory_reserved(dev),
+                seconds=time.time() - t0,
+            )
             rec["ratio_allocated"] = rec["measured_max_allocated_bytes"] / plan.allocator_peak
             del eng, bundle
         except torch.cuda.OutOfMemoryError as exc:
@@ -308,11 +449,19 @@ def run_peak(names: list[str], steps: int) -> list[dict]:
 def fingerprint() -> dict:
     import deepspeed
 
-    fp = {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-          "cpu": platform.processor() or platform.machine(), "host": platform.node()}
+    fp = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "host": platform.node(),
+    }
     if torch.cuda.is_available():
-        fp.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
-                  gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30)
+        fp.update(
+            gpu=torch.cuda.get_device_name(0),
+            cuda=torch.version.cuda,
+            gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+        )
     fp["full"] = full_fingerprint(measure=False)
     return fp
 
@@ -322,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["states", "peak"], default="states")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--stages", default="0,1,2,3")
-    ap.add_argument("--cases", default="", help="peak mode: comma-separated case-name prefixes (default all)")
+    ap.add_argument(
+        "--cases", default="", help="peak mode: comma-separated case-name prefixes (default all)"
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--sequence-parallel", type=int, default=1, help="states mode: Ulysses degree")
     ap.add_argument("--tensor-parallel", type=int, default=1, help="states mode: AutoTP degree")
@@ -336,8 +487,13 @@ def main(argv: list[str] | None = None) -> int:
 
         deepspeed.init_distributed(dist_backend=backend)
     if a.mode == "states":
-        rows = run_states(a.precisions.split(","), [int(s) for s in a.stages.split(",")], device,
-                          a.sequence_parallel, a.tensor_parallel)
+        rows = run_states(
+            a.precisions.split(","),
+            [int(s) for s in a.stages.split(",")],
+            device,
+            a.sequence_parallel,
+            a.tensor_parallel,
+        )
     else:
         if not torch.cuda.is_available():
             print("megapt bench planner --mode peak needs a CUDA GPU", file=sys.stderr)
@@ -352,9 +508,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             if a.mode == "states":
                 meas = r["measured_bytes_per_rank"]
-                print(f"{r['precision']:>5} ZeRO-{r['zero_stage']} {r['component']:<17} predicted "
-                      f"{r['predicted_bytes'] / 1e6:8.3f} MB  measured {'/'.join(f'{m / 1e6:.3f}' for m in meas)} MB  "
-                      f"ratio {r['ratio'] if r['ratio'] is None else round(r['ratio'], 3)}")
+                print(
+                    f"{r['precision']:>5} ZeRO-{r['zero_stage']} {r['component']:<17} predicted "
+                    f"{r['predicted_bytes'] / 1e6:8.3f} MB  measured {'/'.join(f'{m / 1e6:.3f}' for m in meas)} MB  "
+                    f"ratio {r['ratio'] if r['ratio'] is None else round(r['ratio'], 3)}"
+                )
             else:
                 print(json.dumps({k: v for k, v in r.items() if k != "predicted_rows"}))
     dist.barrier()

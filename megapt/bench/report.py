@@ -11,6 +11,7 @@ JSON (schema "megapt-bench", version 1), one per run:
     ratios       flat list: {point, metric, numerator, denominator, numerator_value, denominator_value, ratio}
     plots        PNG paths (or a note that matplotlib is missing)
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 from megapt.bench.runners import BASELINES
 from megapt.config import ConfigError
@@ -35,18 +35,29 @@ METRICS = {
     "mfu": (("mfu", "median"), True),
     "peak_memory_bytes": (("memory", "peak_bytes"), False),
 }
-RATIO_METRICS = ("tokens_per_s_total", "tokens_per_s_per_device", "step_time_s", "peak_memory_bytes")
+RATIO_METRICS = (
+    "tokens_per_s_total",
+    "tokens_per_s_per_device",
+    "step_time_s",
+    "peak_memory_bytes",
+)
 RATIO_PAIRS = (("engine", "plain"), ("engine", "hf"), ("plain", "hf"))
-TOKENS_FORMULA = ("tokens/s = real tokens (label != -100) in an optimizer step (micro_batch x grad_accum "
-                  "x seq_len per rank when nothing is padded) / step wall time; total = sum over ranks")
-RATIO_FORMULA = ("ratio = numerator / denominator of the recorded medians (memory: peak bytes); "
-                 "tokens_per_s_total > 1 means the numerator is faster")
-MEMORY_FORMULA = ("CUDA: peak_bytes = torch.cuda.max_memory_allocated over a runner minus what was allocated "
-                  "when it started (device 0; raw allocated/reserved peaks beside it). CPU (kind=rss): peak "
-                  "process RSS sampled every 5 ms, including what earlier runners of the process hold")
+TOKENS_FORMULA = (
+    "tokens/s = real tokens (label != -100) in an optimizer step (micro_batch x grad_accum "
+    "x seq_len per rank when nothing is padded) / step wall time; total = sum over ranks"
+)
+RATIO_FORMULA = (
+    "ratio = numerator / denominator of the recorded medians (memory: peak bytes); "
+    "tokens_per_s_total > 1 means the numerator is faster"
+)
+MEMORY_FORMULA = (
+    "CUDA: peak_bytes = torch.cuda.max_memory_allocated over a runner minus what was allocated "
+    "when it started (device 0; raw allocated/reserved peaks beside it). CPU (kind=rss): peak "
+    "process RSS sampled every 5 ms, including what earlier runners of the process hold"
+)
 
 
-def metric(res: Optional[dict], name: str) -> Optional[float]:
+def metric(res: dict | None, name: str) -> float | None:
     if not res or res.get("status") != "ok":
         return None
     node = res
@@ -87,14 +98,30 @@ def flat_ratios(points: list[dict]) -> list[dict]:
         for pair, row in (p.get("ratios") or {}).items():
             num, den = pair.split("/")
             for m, r in row.items():
-                rows.append({"point": p["id"], "metric": m, "numerator": num, "denominator": den,
-                             "numerator_value": metric(res[num], m), "denominator_value": metric(res[den], m),
-                             "ratio": r})
+                rows.append(
+                    {
+                        "point": p["id"],
+                        "metric": m,
+                        "numerator": num,
+                        "denominator": den,
+                        "numerator_value": metric(res[num], m),
+                        "denominator_value": metric(res[den], m),
+                        "ratio": r,
+                    }
+                )
     return rows
 
 
-def build_document(kind: str, *, argv: list[str], config: dict, fingerprint: dict, peaks: dict,
-                   points: list[dict], extra: Optional[dict] = None) -> dict:
+def build_document(
+    kind: str,
+    *,
+    argv: list[str],
+    config: dict,
+    fingerprint: dict,
+    peaks: dict,
+    points: list[dict],
+    extra: dict | None = None,
+) -> dict:
     doc = {
         "schema": SCHEMA,
         "version": VERSION,
@@ -104,9 +131,14 @@ def build_document(kind: str, *, argv: list[str], config: dict, fingerprint: dic
         "config": config,
         "fingerprint": fingerprint,
         "peaks": peaks,
-        "formulas": {"mfu": MFU_FORMULA, "hfu": HFU_FORMULA, "tokens": TOKENS_FORMULA, "memory": MEMORY_FORMULA,
-                     "ratio": RATIO_FORMULA,
-                     "spread": "median over measured steps (warm-up excluded); q1/q3/iqr/min/max beside it"},
+        "formulas": {
+            "mfu": MFU_FORMULA,
+            "hfu": HFU_FORMULA,
+            "tokens": TOKENS_FORMULA,
+            "memory": MEMORY_FORMULA,
+            "ratio": RATIO_FORMULA,
+            "spread": "median over measured steps (warm-up excluded); q1/q3/iqr/min/max beside it",
+        },
         "baselines": dict(BASELINES),
         "results": points,
         "ratios": flat_ratios(points),
@@ -152,8 +184,22 @@ def _fmt(x, spec=".0f", scale=1.0) -> str:
 
 
 def table(points: list[dict]) -> str:
-    head = ["point", "params", "runner", "status", "tok/s total", "IQR", "step ms", "data/fwd/bwd/opt ms",
-            "comm ms", "MFU%", "HFU%", "peak mem", "planner", "vs engine"]
+    head = [
+        "point",
+        "params",
+        "runner",
+        "status",
+        "tok/s total",
+        "IQR",
+        "step ms",
+        "data/fwd/bwd/opt ms",
+        "comm ms",
+        "MFU%",
+        "HFU%",
+        "peak mem",
+        "planner",
+        "vs engine",
+    ]
     rows = []
     for p in points:
         res = runner_results(p)
@@ -167,28 +213,65 @@ def table(points: list[dict]) -> str:
             on_gpu = (r.get("memory") or {}).get("kind") == "cuda" or r.get("status") == "oom"
             planned = planner.get("peak_bytes") if on_gpu else None
             if r.get("status") != "ok":
-                rows.append([p["id"], params, name, r.get("status", "?"), "-", "-", "-", "-", "-", "-", "-",
-                             _fmt_bytes((r.get("memory") or {}).get("peak_bytes")), _fmt_bytes(planned), "-"])
+                rows.append(
+                    [
+                        p["id"],
+                        params,
+                        name,
+                        r.get("status", "?"),
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        _fmt_bytes((r.get("memory") or {}).get("peak_bytes")),
+                        _fmt_bytes(planned),
+                        "-",
+                    ]
+                )
                 continue
             ph = r.get("phases_s", {})
-            split = "/".join(_fmt((ph.get(k) or {}).get("median"), ".0f", 1e3)
-                             for k in ("data_wait", "forward", "backward", "optimizer"))
+            split = "/".join(
+                _fmt((ph.get(k) or {}).get("median"), ".0f", 1e3)
+                for k in ("data_wait", "forward", "backward", "optimizer")
+            )
             ratio = "-"
             if name != "engine" and f"engine/{name}" in (p.get("ratios") or {}):
-                ratio = f"{p['ratios'][f'engine/{name}'].get('tokens_per_s_total', float('nan')):.2f}x"
+                ratio = (
+                    f"{p['ratios'][f'engine/{name}'].get('tokens_per_s_total', float('nan')):.2f}x"
+                )
             mem = r.get("memory") or {}
-            rows.append([p["id"], params, name + (" (reused)" if r.get("reused_from") else ""), "ok",
-                         _fmt(r["tokens_per_s_total"]["median"]), _fmt(r["tokens_per_s_total"]["iqr"]),
-                         _fmt(r["step_time_s"]["median"], ".0f", 1e3), split,
-                         _fmt((r.get("comm_s") or {}).get("median"), ".0f", 1e3),
-                         _fmt((r.get("mfu") or {}).get("median"), ".2f", 100),
-                         _fmt((r.get("hfu") or {}).get("median"), ".2f", 100),
-                         _fmt_bytes(mem.get("peak_bytes")) + (" rss" if mem.get("kind") == "rss" else ""),
-                         _fmt_bytes(planned), ratio])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
+            rows.append(
+                [
+                    p["id"],
+                    params,
+                    name + (" (reused)" if r.get("reused_from") else ""),
+                    "ok",
+                    _fmt(r["tokens_per_s_total"]["median"]),
+                    _fmt(r["tokens_per_s_total"]["iqr"]),
+                    _fmt(r["step_time_s"]["median"], ".0f", 1e3),
+                    split,
+                    _fmt((r.get("comm_s") or {}).get("median"), ".0f", 1e3),
+                    _fmt((r.get("mfu") or {}).get("median"), ".2f", 100),
+                    _fmt((r.get("hfu") or {}).get("median"), ".2f", 100),
+                    _fmt_bytes(mem.get("peak_bytes"))
+                    + (" rss" if mem.get("kind") == "rss" else ""),
+                    _fmt_bytes(planned),
+                    ratio,
+                ]
+            )
+    widths = (
+        [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        if rows
+        else [len(h) for h in head]
+    )
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    out.append("vs engine = engine tokens/s / baseline tokens/s (>1: the DeepSpeed engine is faster)")
+    out.append(
+        "vs engine = engine tokens/s / baseline tokens/s (>1: the DeepSpeed engine is faster)"
+    )
     return "\n".join(out)
 
 
@@ -203,7 +286,7 @@ CATEGORICAL_AXES = ("deepspeed.zero_stage",)
 
 
 def plot_style(axis: str, values: list) -> str:
-    """"bars" (grouped, one group per value) for categories: presets, ZeRO stages, backends,
+    """ "bars" (grouped, one group per value) for categories: presets, ZeRO stages, backends,
     precisions; "lines" for quantities: sequence length, micro-batch, grad accumulation."""
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     return "lines" if numeric and axis not in CATEGORICAL_AXES else "bars"
@@ -251,12 +334,17 @@ def figure(points: list[dict], axis: str):
                 ax.bar([x + offset for x, _ in pts], [y for _, y in pts], width, label=label)
             else:
                 ax.plot(*zip(*pts), marker="o", label=label)
-    kinds = {(r.get("memory") or {}).get("kind") for p in points for r in runner_results(p).values()}
+    kinds = {
+        (r.get("memory") or {}).get("kind") for p in points for r in runner_results(p).values()
+    }
     values = [y for s in series.values() for y in s["tps"].values() if y]
     if values and max(values) / min(values) > 20:
         ax1.set_yscale("log")
-    mem_title = ("peak memory (GiB, process RSS)" if kinds == {"rss"}
-                 else "peak memory (GiB, CUDA allocated)")
+    mem_title = (
+        "peak memory (GiB, process RSS)"
+        if kinds == {"rss"}
+        else "peak memory (GiB, CUDA allocated)"
+    )
     for ax, title in ((ax1, "tokens/s (total)"), (ax2, mem_title)):
         ax.set_xticks(range(len(xs)))
         ax.set_xticklabels([str(x) for x in xs])
@@ -268,7 +356,7 @@ def figure(points: list[dict], axis: str):
     return fig, (ax1, ax2)
 
 
-def plot(points: list[dict], out_stem: Path) -> tuple[list[str], Optional[str]]:
+def plot(points: list[dict], out_stem: Path) -> tuple[list[str], str | None]:
     """A PNG per axis that varies (``figure``); returns (png paths, note)."""
     try:
         import matplotlib
@@ -307,13 +395,22 @@ def compare(a: dict, b: dict, threshold: float = 0.05) -> tuple[list[dict], list
     """
     warnings = []
     fa, fb = a.get("fingerprint", {}), b.get("fingerprint", {})
-    for label, get in (("GPU", lambda f: (f.get("gpu") or {}).get("name")), ("CPU", lambda f: (f.get("cpu") or {}).get("model")),
-                       ("torch", lambda f: (f.get("software") or {}).get("torch"))):
+    for label, get in (
+        ("GPU", lambda f: (f.get("gpu") or {}).get("name")),
+        ("CPU", lambda f: (f.get("cpu") or {}).get("model")),
+        ("torch", lambda f: (f.get("software") or {}).get("torch")),
+    ):
         if get(fa) != get(fb):
-            warnings.append(f"{label} differs: {get(fa)!r} vs {get(fb)!r} - numbers may not be comparable")
-    diff = _dict_diff((a.get("config") or {}).get("base") or {}, (b.get("config") or {}).get("base") or {})
+            warnings.append(
+                f"{label} differs: {get(fa)!r} vs {get(fb)!r} - numbers may not be comparable"
+            )
+    diff = _dict_diff(
+        (a.get("config") or {}).get("base") or {}, (b.get("config") or {}).get("base") or {}
+    )
     if diff:
-        warnings.append(f"base configs differ: {', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}")
+        warnings.append(
+            f"base configs differ: {', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}"
+        )
     pa = {_point_key(p): p for p in a.get("results", [])}
     pb = {_point_key(p): p for p in b.get("results", [])}
     only = sorted(set(pa) ^ set(pb))
@@ -325,8 +422,17 @@ def compare(a: dict, b: dict, threshold: float = 0.05) -> tuple[list[dict], list
         for runner in [r for r in ra if r in rb]:
             sa, sb = ra[runner].get("status"), rb[runner].get("status")
             if sa == "ok" and sb != "ok":
-                rows.append({"point": key, "runner": runner, "metric": "status", "a": sa, "b": sb,
-                             "change": None, "regression": True})
+                rows.append(
+                    {
+                        "point": key,
+                        "runner": runner,
+                        "metric": "status",
+                        "a": sa,
+                        "b": sb,
+                        "change": None,
+                        "regression": True,
+                    }
+                )
                 continue
             for m, (_, higher_better) in METRICS.items():
                 va, vb = metric(ra[runner], m), metric(rb[runner], m)
@@ -334,8 +440,17 @@ def compare(a: dict, b: dict, threshold: float = 0.05) -> tuple[list[dict], list
                     continue
                 change = (vb - va) / abs(va)
                 worse = -change if higher_better else change
-                rows.append({"point": key, "runner": runner, "metric": m, "a": va, "b": vb, "change": change,
-                             "regression": worse > threshold})
+                rows.append(
+                    {
+                        "point": key,
+                        "runner": runner,
+                        "metric": m,
+                        "a": va,
+                        "b": vb,
+                        "change": change,
+                        "regression": worse > threshold,
+                    }
+                )
     return rows, warnings
 
 
@@ -354,10 +469,21 @@ def compare_table(rows: list[dict]) -> str:
     head = ["point", "runner", "metric", "A", "B", "change", ""]
     body = []
     for r in rows:
-        fmt = (lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
-        change = "-" if r["change"] is None or math.isnan(r["change"]) else f"{r['change'] * 100:+.1f}%"
-        body.append([r["point"], r["runner"], r["metric"], fmt(r["a"]), fmt(r["b"]), change,
-                     "REGRESSION" if r["regression"] else ""])
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        change = (
+            "-" if r["change"] is None or math.isnan(r["change"]) else f"{r['change'] * 100:+.1f}%"
+        )
+        body.append(
+            [
+                r["point"],
+                r["runner"],
+                r["metric"],
+                fmt(r["a"]),
+                fmt(r["b"]),
+                change,
+                "REGRESSION" if r["regression"] else "",
+            ]
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])

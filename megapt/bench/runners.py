@@ -19,6 +19,7 @@ Runners:
     hf      transformers LlamaForCausalLM with the same shapes, attn_implementation="sdpa",
             config built locally (no download), torch.optim.AdamW, torch.autocast
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,8 @@ import statistics
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from megapt.hardware import select_peak
 from megapt.model.gpt import ModelArgs
@@ -39,12 +41,16 @@ RUNNERS = ("engine", "plain", "hf")
 IGNORE_INDEX = -100
 
 BASELINES = {
-    "plain": ("the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW (fused where "
-              "torch has it) over the engine's parameter groups (no decay on norms, biases, embeddings) "
-              "with the trainer's LR schedule, torch.autocast for bf16/fp16 with fp32 weights, same grad clip "
-              "and accumulation"),
-    "hf": ("transformers LlamaForCausalLM with the same shapes (layers, d_model, heads, kv heads, ffn, vocab, "
-           "rope theta, tie), attn_implementation='sdpa', config built locally, the same AdamW loop as plain"),
+    "plain": (
+        "the same megapt GPT (same kernels/backends), no DeepSpeed: torch.optim.AdamW (fused where "
+        "torch has it) over the engine's parameter groups (no decay on norms, biases, embeddings) "
+        "with the trainer's LR schedule, torch.autocast for bf16/fp16 with fp32 weights, same grad clip "
+        "and accumulation"
+    ),
+    "hf": (
+        "transformers LlamaForCausalLM with the same shapes (layers, d_model, heads, kv heads, ffn, vocab, "
+        "rope theta, tie), attn_implementation='sdpa', config built locally, the same AdamW loop as plain"
+    ),
 }
 
 
@@ -52,14 +58,30 @@ def summarize(values: Iterable[float]) -> dict:
     """median, quartiles (IQR), min, max, mean, n of a sample; empty sample -> n=0 and Nones."""
     xs = sorted(float(v) for v in values)
     if not xs:
-        return {"n": 0, "median": None, "q1": None, "q3": None, "iqr": None, "min": None, "max": None,
-                "mean": None}
+        return {
+            "n": 0,
+            "median": None,
+            "q1": None,
+            "q3": None,
+            "iqr": None,
+            "min": None,
+            "max": None,
+            "mean": None,
+        }
     if len(xs) >= 2:
         q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     else:
         q1 = q3 = xs[0]
-    return {"n": len(xs), "median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1,
-            "min": xs[0], "max": xs[-1], "mean": statistics.fmean(xs)}
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": xs[0],
+        "max": xs[-1],
+        "mean": statistics.fmean(xs),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +124,7 @@ class MemoryMeter:
         self.interval_s = interval_s
         self._peak_rss = 0
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self):
         import torch
@@ -141,15 +163,28 @@ class MemoryMeter:
 
         if self.cuda:
             peak = torch.cuda.max_memory_allocated()
-            return {"kind": "cuda", "peak_bytes": peak - self._start_alloc, "peak_allocated_bytes": peak,
-                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-                    "allocated_at_start_bytes": self._start_alloc, "peak_rss_bytes": self._peak_rss,
-                    "note": ("peak_bytes = torch.cuda.max_memory_allocated over the runner minus what was "
-                             "allocated when it started (device 0); reserved beside it")}
-        return {"kind": "rss", "peak_bytes": self._peak_rss, "peak_rss_bytes": self._peak_rss,
-                "rss_at_start_bytes": self._start_rss,
-                "note": ("CPU: peak process RSS, sampled every 5 ms over the runner; includes the interpreter, "
-                         "torch and what earlier runners of the process still hold")}
+            return {
+                "kind": "cuda",
+                "peak_bytes": peak - self._start_alloc,
+                "peak_allocated_bytes": peak,
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                "allocated_at_start_bytes": self._start_alloc,
+                "peak_rss_bytes": self._peak_rss,
+                "note": (
+                    "peak_bytes = torch.cuda.max_memory_allocated over the runner minus what was "
+                    "allocated when it started (device 0); reserved beside it"
+                ),
+            }
+        return {
+            "kind": "rss",
+            "peak_bytes": self._peak_rss,
+            "peak_rss_bytes": self._peak_rss,
+            "rss_at_start_bytes": self._start_rss,
+            "note": (
+                "CPU: peak process RSS, sampled every 5 ms over the runner; includes the interpreter, "
+                "torch and what earlier runners of the process still hold"
+            ),
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +192,9 @@ class MemoryMeter:
 # ---------------------------------------------------------------------------------------------
 
 
-def synthetic_batches(vocab: int, micro_batch: int, seq_len: int, device: str, seed: int,
-                      pool: int = 4) -> Iterator[dict]:
+def synthetic_batches(
+    vocab: int, micro_batch: int, seq_len: int, device: str, seed: int, pool: int = 4
+) -> Iterator[dict]:
     """Cycle over a few random batches already on the device (data wait ~ 0: measures compute)."""
     import torch
 
@@ -166,7 +202,12 @@ def synthetic_batches(vocab: int, micro_batch: int, seq_len: int, device: str, s
     batches = []
     for _ in range(pool):
         x = torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=g)
-        batches.append({"input_ids": x[:, :-1].contiguous().to(device), "labels": x[:, 1:].contiguous().to(device)})
+        batches.append(
+            {
+                "input_ids": x[:, :-1].contiguous().to(device),
+                "labels": x[:, 1:].contiguous().to(device),
+            }
+        )
     i = 0
     while True:
         yield batches[i % pool]
@@ -185,8 +226,16 @@ def loader_batches(cfg, device: str, rank: int, world_size: int) -> Iterator[dic
         from megapt.data.prepare import prepare_data
 
         shard_dir = prepare_data(cfg)
-    loader = build_loader(cfg.data, shard_dir, "train", rank=rank, world_size=world_size,
-                          micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, infinite=True)
+    loader = build_loader(
+        cfg.data,
+        shard_dir,
+        "train",
+        rank=rank,
+        world_size=world_size,
+        micro_batch=cfg.train.micro_batch,
+        seed=cfg.run.seed,
+        infinite=True,
+    )
     for batch in loader:
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -194,8 +243,13 @@ def loader_batches(cfg, device: str, rank: int, world_size: int) -> Iterator[dic
 def make_batches(cfg, data: str, device: str, rank: int = 0, world_size: int = 1) -> Iterator[dict]:
     if data == "loader":
         return loader_batches(cfg, device, rank, world_size)
-    return synthetic_batches(model_args(cfg).vocab_size, cfg.train.micro_batch, cfg.data.seq_len, device,
-                             cfg.run.seed + rank)
+    return synthetic_batches(
+        model_args(cfg).vocab_size,
+        cfg.train.micro_batch,
+        cfg.data.seq_len,
+        device,
+        cfg.run.seed + rank,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,12 +270,21 @@ def build_hf_llama(args, device: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kw = dict(vocab_size=args.vocab_size, hidden_size=args.d_model, intermediate_size=args.ffn_hidden,
-              num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-              num_key_value_heads=args.n_kv_heads or args.n_heads, max_position_embeddings=args.max_seq_len,
-              rms_norm_eps=args.norm_eps, tie_word_embeddings=bool(args.tie_embeddings),
-              initializer_range=getattr(args, "init_std", 0.02), attention_dropout=0.0, use_cache=False,
-              rope_theta=args.rope_theta)
+    kw = dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.d_model,
+        intermediate_size=args.ffn_hidden,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads or args.n_heads,
+        max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps,
+        tie_word_embeddings=bool(args.tie_embeddings),
+        initializer_range=getattr(args, "init_std", 0.02),
+        attention_dropout=0.0,
+        use_cache=False,
+        rope_theta=args.rope_theta,
+    )
     hcfg = LlamaConfig(**kw)
     hcfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -236,8 +299,13 @@ def _adamw(model, train_cfg, cuda: bool):
     import torch
 
     groups = param_groups(model, train_cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
-                             eps=train_cfg.eps, **adamw_impl(groups))
+    return torch.optim.AdamW(
+        groups,
+        lr=train_cfg.lr,
+        betas=(train_cfg.beta1, train_cfg.beta2),
+        eps=train_cfg.eps,
+        **adamw_impl(groups),
+    )
 
 
 def _autocast(device: str, precision: str):
@@ -245,7 +313,9 @@ def _autocast(device: str, precision: str):
 
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(
+        device_type=device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +323,18 @@ def _autocast(device: str, precision: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def timed_loop(batches: Iterator[dict], forward: Callable[[dict], Any], backward: Callable[[Any], None],
-               optimizer_step: Callable[[bool], None], *, grad_accum: int, warmup: int, steps: int, cuda: bool,
-               comm_timer: Optional[Callable[[], Optional[float]]] = None) -> dict:
+def timed_loop(
+    batches: Iterator[dict],
+    forward: Callable[[dict], Any],
+    backward: Callable[[Any], None],
+    optimizer_step: Callable[[bool], None],
+    *,
+    grad_accum: int,
+    warmup: int,
+    steps: int,
+    cuda: bool,
+    comm_timer: Callable[[], float | None] | None = None,
+) -> dict:
     """Run warmup + steps optimizer steps; per measured step: wall time, phases, real tokens, loss."""
     import torch
 
@@ -288,13 +367,21 @@ def timed_loop(batches: Iterator[dict], forward: Callable[[dict], Any], backward
         comm = comm_timer() if comm_timer else None
         losses.append(loss_sum / grad_accum)
         if step >= warmup:
-            records.append({"step_time_s": dt, "tokens": tokens, "phases": phases, "comm_s": comm,
-                            "all_tokens": grad_accum * batch["labels"].numel()})
+            records.append(
+                {
+                    "step_time_s": dt,
+                    "tokens": tokens,
+                    "phases": phases,
+                    "comm_s": comm,
+                    "all_tokens": grad_accum * batch["labels"].numel(),
+                }
+            )
     return {"records": records, "losses": losses}
 
 
-def summarize_records(out: dict, *, world_size: int, args: ModelArgs, seq_len: int, recompute: bool,
-                      peak: dict) -> dict:
+def summarize_records(
+    out: dict, *, world_size: int, args: ModelArgs, seq_len: int, recompute: bool, peak: dict
+) -> dict:
     """Statistics of a timed loop; MFU / HFU are ``args.mfu`` / ``args.hfu`` of each step's
     tokens/s per device against ``peak`` (``megapt.hardware.select_peak``, TFLOP/s)."""
     recs = out["records"]
@@ -314,13 +401,18 @@ def summarize_records(out: dict, *, world_size: int, args: ModelArgs, seq_len: i
         "tokens_per_s_per_device": summarize(tps),
         "tokens_per_s_total": summarize([x * world_size for x in tps]),
         "step_time_s": summarize(r["step_time_s"] for r in recs),
-        "phases_s": {name: summarize(r["phases"].get(name, 0.0) for r in recs) for name in phase_names},
+        "phases_s": {
+            name: summarize(r["phases"].get(name, 0.0) for r in recs) for name in phase_names
+        },
         "comm_s": summarize(comm) if comm else None,
-        "comm_note": ("time in DeepSpeed's engine.allreduce_gradients after backward's compute (CUDA synchronised "
-                      "before and after): the gradient reduction not overlapped with backward; it is part of the "
-                      "backward phase" if comm else
-                      "communication is inside backward (and step with ZeRO); measured separately only with "
-                      "--comm-timers (on by default with --nproc > 1)"),
+        "comm_note": (
+            "time in DeepSpeed's engine.allreduce_gradients after backward's compute (CUDA synchronised "
+            "before and after): the gradient reduction not overlapped with backward; it is part of the "
+            "backward phase"
+            if comm
+            else "communication is inside backward (and step with ZeRO); measured separately only with "
+            "--comm-timers (on by default with --nproc > 1)"
+        ),
         "mfu": summarize(mfu) if peak_flops else None,
         "hfu": summarize(hfu) if peak_flops else None,
         "flops": flops_record(args, seq_len, recompute),
@@ -354,13 +446,19 @@ def _shape(cfg, args: ModelArgs) -> dict:
 def flops_record(args: ModelArgs, seq_len: int, recompute: bool) -> dict:
     """The FLOPs per token behind a record's MFU / HFU (``ModelArgs.flops_per_token`` and
     ``hardware_flops_per_token``) and the counts they are made of."""
-    return {"N": args.num_params(exclude_embeddings=True), "L": args.n_layers, "H": args.n_heads,
-            "Q": args.head_dim, "T": seq_len, "recompute": recompute,
-            "model_flops_per_token": args.flops_per_token(seq_len),
-            "hardware_flops_per_token": args.hardware_flops_per_token(seq_len, recompute)}
+    return {
+        "N": args.num_params(exclude_embeddings=True),
+        "L": args.n_layers,
+        "H": args.n_heads,
+        "Q": args.head_dim,
+        "T": seq_len,
+        "recompute": recompute,
+        "model_flops_per_token": args.flops_per_token(seq_len),
+        "hardware_flops_per_token": args.hardware_flops_per_token(seq_len, recompute),
+    }
 
 
-def _engine_comm_timer(engine, cuda: bool) -> Callable[[], Optional[float]]:
+def _engine_comm_timer(engine, cuda: bool) -> Callable[[], float | None]:
     """Time DeepSpeed's gradient reduction: wraps ``engine.allreduce_gradients`` (what its
     ``bwd_allreduce`` timer covers; the engine calls it at the end of every backward). CUDA is
     synchronised before and after, so this is the reduction left after backward's compute (the part
@@ -393,8 +491,16 @@ def _engine_comm_timer(engine, cuda: bool) -> Callable[[], Optional[float]]:
     return read
 
 
-def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict,
-               comm_timers: bool = False) -> dict:
+def run_engine(
+    cfg,
+    *,
+    device: str,
+    warmup: int,
+    steps: int,
+    data: str,
+    measured: dict,
+    comm_timers: bool = False,
+) -> dict:
     """The trainer's engine set-up (megapt.train.process.start_process + create_engine), timed by our loop.
 
     comm_timers: time DeepSpeed's gradient reduction (``_engine_comm_timer``) and report it as comm_s."""
@@ -410,9 +516,13 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     seed = cfg.run.seed
     # sequence/tensor parallelism: a group of ranks shares each batch (as in the trainer)
     layout = parallel.Layout.from_config(cfg, world, args)
-    bundle = create_engine(cfg, lambda: GPT(args, backends, seed=seed), world_size=layout.dp,
-                           init_weights=lambda m, name, p: m.init_parameter(name, p, seed),
-                           layout=layout)
+    bundle = create_engine(
+        cfg,
+        lambda: GPT(args, backends, seed=seed),
+        world_size=layout.dp,
+        init_weights=lambda m, name, p: m.init_parameter(name, p, seed),
+        layout=layout,
+    )
     engine = bundle.engine
     ga = int(engine.gradient_accumulation_steps())
     batch_device = str(engine.device) if device == "cuda" else "cpu"
@@ -421,8 +531,17 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     def forward(batch):
         return engine(batch["input_ids"], labels=batch["labels"]).loss
 
-    out = timed_loop(batches, forward, engine.backward, lambda boundary: engine.step(), grad_accum=ga,
-                     warmup=warmup, steps=steps, cuda=device == "cuda", comm_timer=_engine_comm_timer(engine, device == "cuda") if comm_timers else None)
+    out = timed_loop(
+        batches,
+        forward,
+        engine.backward,
+        lambda boundary: engine.step(),
+        grad_accum=ga,
+        warmup=warmup,
+        steps=steps,
+        cuda=device == "cuda",
+        comm_timer=_engine_comm_timer(engine, device == "cuda") if comm_timers else None,
+    )
     for r in out["records"]:  # a group's ranks see the same tokens: count each token once
         r["tokens"] /= layout.group
         r["all_tokens"] /= layout.group
@@ -437,7 +556,7 @@ def run_engine(cfg, *, device: str, warmup: int, steps: int, data: str, measured
     return res
 
 
-def _describe_backends(backends) -> Optional[dict]:
+def _describe_backends(backends) -> dict | None:
     if backends is None:
         return None
     import dataclasses
@@ -481,7 +600,16 @@ def _torch_loop(model, cfg, *, device: str, warmup: int, steps: int, data: str, 
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-    return timed_loop(batches, forward, backward, optimizer_step, grad_accum=ga, warmup=warmup, steps=steps, cuda=cuda)
+    return timed_loop(
+        batches,
+        forward,
+        backward,
+        optimizer_step,
+        grad_accum=ga,
+        warmup=warmup,
+        steps=steps,
+        cuda=cuda,
+    )
 
 
 def run_plain(cfg, *, device: str, warmup: int, steps: int, data: str, measured: dict, **_) -> dict:
@@ -492,8 +620,15 @@ def run_plain(cfg, *, device: str, warmup: int, steps: int, data: str, measured:
     model.gradient_checkpointing = cfg.train.activation_checkpointing  # GPT recomputes each block
     model.train()
     call = torch.compile(model) if cfg.train.compile else model
-    out = _torch_loop(model, cfg, device=device, warmup=warmup, steps=steps, data=data,
-                      forward_fn=lambda b: call(b["input_ids"], labels=b["labels"]).loss)
+    out = _torch_loop(
+        model,
+        cfg,
+        device=device,
+        warmup=warmup,
+        steps=steps,
+        data=data,
+        forward_fn=lambda b: call(b["input_ids"], labels=b["labels"]).loss,
+    )
     peak = _peak_for(cfg, device, measured)
     res = summarize_records(out, world_size=1, peak=peak, **_shape(cfg, args))
     res["backends"] = _describe_backends(backends)
@@ -510,8 +645,15 @@ def run_hf(cfg, *, device: str, warmup: int, steps: int, data: str, measured: di
     model.train()
     call = torch.compile(model) if cfg.train.compile else model
     # HF shifts labels inside the loss: pass the inputs as labels (same shapes, same work).
-    out = _torch_loop(model, cfg, device=device, warmup=warmup, steps=steps, data=data,
-                      forward_fn=lambda b: call(input_ids=b["input_ids"], labels=b["input_ids"]).loss)
+    out = _torch_loop(
+        model,
+        cfg,
+        device=device,
+        warmup=warmup,
+        steps=steps,
+        data=data,
+        forward_fn=lambda b: call(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
+    )
     peak = _peak_for(cfg, device, measured)
     res = summarize_records(out, world_size=1, peak=peak, **_shape(cfg, args))
     res["attn_implementation"] = model.config._attn_implementation
@@ -531,7 +673,9 @@ def is_oom(exc: BaseException) -> bool:
     return "out of memory" in text.lower() or "CUDA_ERROR_OUT_OF_MEMORY" in text
 
 
-def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dict, comm_timers: bool = False) -> dict:
+def run_one(
+    name: str, cfg, *, warmup: int, steps: int, data: str, measured: dict, comm_timers: bool = False
+) -> dict:
     """One runner, its memory window and its failure (OOM or error) caught and recorded."""
     import torch
 
@@ -541,15 +685,25 @@ def run_one(name: str, cfg, *, warmup: int, steps: int, data: str, measured: dic
     meter = MemoryMeter(cuda)
     try:
         with meter:
-            res = RUNNER_FNS[name](cfg, device=device, warmup=warmup, steps=steps, data=data, measured=measured,
-                                   comm_timers=comm_timers)
+            res = RUNNER_FNS[name](
+                cfg,
+                device=device,
+                warmup=warmup,
+                steps=steps,
+                data=data,
+                measured=measured,
+                comm_timers=comm_timers,
+            )
     except ImportError as exc:
         res = {"status": "unavailable", "error": f"{type(exc).__name__}: {exc}"}
     except BaseException as exc:  # a sweep must survive any failure of one runner
         if isinstance(exc, KeyboardInterrupt):
             raise
-        res = {"status": "oom" if is_oom(exc) else "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
-               "traceback": traceback.format_exc()[-4000:]}
+        res = {
+            "status": "oom" if is_oom(exc) else "error",
+            "error": f"{type(exc).__name__}: {exc}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
     finally:
         gc.collect()
         if cuda:

@@ -25,6 +25,7 @@ Spec YAML (every key optional):
     timeout_s: 900
     data: synthetic                       # or loader (real shards)
 """
+
 from __future__ import annotations
 
 import itertools
@@ -36,7 +37,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -56,7 +56,17 @@ AXIS_ALIASES = {
     "precision": "train.precision",
     "grad_accum": "train.grad_accum",
 }
-SPEC_KEYS = {"configs", "overrides", "axes", "points", "runners", "warmup", "steps", "timeout_s", "data"}
+SPEC_KEYS = {
+    "configs",
+    "overrides",
+    "axes",
+    "points",
+    "runners",
+    "warmup",
+    "steps",
+    "timeout_s",
+    "data",
+}
 # config keys a baseline ignores: it is reused across points differing only there
 BASELINE_IGNORES = {
     "plain": ("deepspeed.",),
@@ -67,7 +77,9 @@ BASELINE_IGNORES = {
 def axis_key(name: str) -> str:
     key = AXIS_ALIASES.get(name, name)
     if "." not in key:
-        raise ConfigError(f"sweep axis {name!r}: use one of {sorted(AXIS_ALIASES)} or a dotted config key")
+        raise ConfigError(
+            f"sweep axis {name!r}: use one of {sorted(AXIS_ALIASES)} or a dotted config key"
+        )
     return key
 
 
@@ -94,7 +106,9 @@ def load_spec(path: str) -> dict:
         else:
             for i, pt in enumerate(points):
                 if not isinstance(pt, dict) or not pt:
-                    problems.append(f"{p}: points[{i}] must be a non-empty mapping (axis -> value), got {pt!r}")
+                    problems.append(
+                        f"{p}: points[{i}] must be a non-empty mapping (axis -> value), got {pt!r}"
+                    )
                     continue
                 for k, v in pt.items():
                     if isinstance(v, (list, dict)):
@@ -119,13 +133,15 @@ def parse_axis_arg(text: str) -> tuple[str, list]:
     return axis_key(name.strip()), [yaml.safe_load(v) for v in values.split(",") if v != ""]
 
 
-def expand(axes: dict, points: Optional[list[dict]] = None) -> list[dict]:
+def expand(axes: dict, points: list[dict] | None = None) -> list[dict]:
     """Cartesian product in the order given: the last axis varies fastest.
 
     ``points`` (explicit axis -> value mappings): each is combined with every product point, the
     axes winning where both name a key; duplicates are dropped."""
     keys = [axis_key(k) for k in axes]
-    product = [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())] if keys else [{}]
+    product = (
+        [dict(zip(keys, combo)) for combo in itertools.product(*axes.values())] if keys else [{}]
+    )
     if not points:
         return product
     out: list[dict] = []
@@ -142,11 +158,13 @@ def point_overrides(params: dict) -> list[str]:
     return [f"--{k}={v}" for k, v in params.items()]
 
 
-def baseline_key(runner: str, params: dict) -> Optional[tuple]:
+def baseline_key(runner: str, params: dict) -> tuple | None:
     ignores = BASELINE_IGNORES.get(runner)
     if ignores is None:
         return None
-    return tuple(sorted((k, str(v)) for k, v in params.items() if not any(k.startswith(i) for i in ignores)))
+    return tuple(
+        sorted((k, str(v)) for k, v in params.items() if not any(k.startswith(i) for i in ignores))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +172,7 @@ def baseline_key(runner: str, params: dict) -> Optional[tuple]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _classify_failure(rc: Optional[int], log_tail: str, timed_out: bool) -> tuple[str, str]:
+def _classify_failure(rc: int | None, log_tail: str, timed_out: bool) -> tuple[str, str]:
     if timed_out:
         return "timeout", "point exceeded its timeout and was killed"
     low = log_tail.lower()
@@ -167,23 +185,62 @@ def _classify_failure(rc: Optional[int], log_tail: str, timed_out: bool) -> tupl
 
 def worker_command(spec_path: Path, out_path: Path, nproc: int = 1) -> list[str]:
     if nproc > 1:  # one process per GPU, as the deepspeed/torchrun launchers do
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "megapt.bench.worker", str(spec_path), str(out_path)]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "megapt.bench.worker",
+            str(spec_path),
+            str(out_path),
+        ]
     return [sys.executable, "-m", "megapt.bench.worker", str(spec_path), str(out_path)]
 
 
-def run_point_subprocess(config_files: list[str], overrides: list[str], runners: list[str], *, warmup: int,
-                         steps: int, data: str, measured: dict, timeout_s: float, workdir: Path,
-                         name: str, nproc: int = 1, comm_timers: bool = False) -> dict:
+def run_point_subprocess(
+    config_files: list[str],
+    overrides: list[str],
+    runners: list[str],
+    *,
+    warmup: int,
+    steps: int,
+    data: str,
+    measured: dict,
+    timeout_s: float,
+    workdir: Path,
+    name: str,
+    nproc: int = 1,
+    comm_timers: bool = False,
+) -> dict:
     """Run the worker for one point; always returns a dict (with whatever the worker wrote)."""
-    spec = {"config_files": config_files, "overrides": overrides, "runners": runners, "warmup": warmup,
-            "steps": steps, "data": data, "measured": measured, "comm_timers": comm_timers}
-    spec_path, out_path, log_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json", workdir / f"{name}.log"
+    spec = {
+        "config_files": config_files,
+        "overrides": overrides,
+        "runners": runners,
+        "warmup": warmup,
+        "steps": steps,
+        "data": data,
+        "measured": measured,
+        "comm_timers": comm_timers,
+    }
+    spec_path, out_path, log_path = (
+        workdir / f"{name}.spec.json",
+        workdir / f"{name}.out.json",
+        workdir / f"{name}.log",
+    )
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     t0 = time.perf_counter()
     timed_out = False
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(worker_command(spec_path, out_path, nproc), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
+        proc = subprocess.Popen(
+            worker_command(spec_path, out_path, nproc),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=os.environ.copy(),
+        )
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -196,7 +253,12 @@ def run_point_subprocess(config_files: list[str], overrides: list[str], runners:
         out = json.loads(out_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         out = {"runners": {}, "planner": None}
-    res = {"returncode": rc, "wall_s": wall, "planner": out.get("planner"), "runners": out.get("runners", {})}
+    res = {
+        "returncode": rc,
+        "wall_s": wall,
+        "planner": out.get("planner"),
+        "runners": out.get("runners", {}),
+    }
     missing = [r for r in runners if r not in res["runners"]]
     if rc != 0 or timed_out or missing:
         status, why = _classify_failure(rc, log_tail, timed_out)
@@ -217,10 +279,23 @@ def point_status(results: dict, requested: list[str]) -> str:
     return "partial"
 
 
-def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, runners: list[str], *,
-              warmup: int, steps: int, data: str, measured: dict, timeout_s: float,
-              log_dir: Optional[Path] = None, progress=print, nproc: int = 1, comm_timers: bool = False,
-              points: Optional[list[dict]] = None) -> list[dict]:
+def run_sweep(
+    config_files: list[str],
+    base_overrides: list[str],
+    axes: dict,
+    runners: list[str],
+    *,
+    warmup: int,
+    steps: int,
+    data: str,
+    measured: dict,
+    timeout_s: float,
+    log_dir: Path | None = None,
+    progress=print,
+    nproc: int = 1,
+    comm_timers: bool = False,
+    points: list[dict] | None = None,
+) -> list[dict]:
     """Every point of the product in its own subprocess; returns the point records.
 
     nproc > 1: the engine runs under torchrun on nproc devices; the baselines (single-device loops)
@@ -245,17 +320,38 @@ def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, ru
                 else:
                     todo.append(r)
             label = ", ".join(f"{k}={v}" for k, v in params.items()) or "base config"
-            progress(f"[bench] {pid} ({i + 1}/{len(points)}) {label}: running {todo or 'nothing'}"
-                     + (f", reusing {sorted(reused)}" if reused else ""))
+            progress(
+                f"[bench] {pid} ({i + 1}/{len(points)}) {label}: running {todo or 'nothing'}"
+                + (f", reusing {sorted(reused)}" if reused else "")
+            )
             overrides = base_overrides + point_overrides(params)
-            common = dict(warmup=warmup, steps=steps, data=data, measured=measured, timeout_s=timeout_s,
-                          workdir=log_dir, comm_timers=comm_timers)
-            groups = [(todo, 1)] if nproc <= 1 else [(["engine"] if "engine" in todo else [], nproc),
-                                                     ([r for r in todo if r != "engine"], 1)]
+            common = dict(
+                warmup=warmup,
+                steps=steps,
+                data=data,
+                measured=measured,
+                timeout_s=timeout_s,
+                workdir=log_dir,
+                comm_timers=comm_timers,
+            )
+            groups = (
+                [(todo, 1)]
+                if nproc <= 1
+                else [
+                    (["engine"] if "engine" in todo else [], nproc),
+                    ([r for r in todo if r != "engine"], 1),
+                ]
+            )
             sub = {"runners": {}, "planner": None, "returncode": 0, "wall_s": 0.0}
             for j, (group, n) in enumerate(g for g in groups if g[0]):
-                part = run_point_subprocess(config_files, overrides, group, name=pid if j == 0 else f"{pid}-{j}", nproc=n,
-                                            **common)
+                part = run_point_subprocess(
+                    config_files,
+                    overrides,
+                    group,
+                    name=pid if j == 0 else f"{pid}-{j}",
+                    nproc=n,
+                    **common,
+                )
                 sub["runners"].update(part["runners"])
                 sub["planner"] = sub["planner"] or part.get("planner")
                 sub["returncode"] = sub["returncode"] or part.get("returncode")
@@ -285,8 +381,10 @@ def run_sweep(config_files: list[str], base_overrides: list[str], axes: dict, ru
                 rec["failure"] = sub["failure"]
             rec["ratios"] = point_ratios(rec)
             records.append(rec)
-            progress(f"[bench] {pid}: {rec['status']}  " + "  ".join(
-                f"{r}={_short(res)}" for r, res in results.items()))
+            progress(
+                f"[bench] {pid}: {rec['status']}  "
+                + "  ".join(f"{r}={_short(res)}" for r, res in results.items())
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()

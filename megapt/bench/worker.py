@@ -6,6 +6,7 @@ Under torchrun (``--nproc N``) every rank runs it; only rank 0 writes OUT.
 OUT is rewritten (atomically) after every runner, so a crash in the next runner keeps what was
 measured before it; the parent sweep reads it whatever the exit code.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,18 +35,34 @@ def write_json_atomic(path: Path, obj) -> None:
 def run_spec(spec: dict, out_path: Path) -> dict:
     cfg = load_config(spec.get("config_files", []), spec.get("overrides", []))
     # {key: TFLOP/s} (from the parent's fingerprint) or {key: {"tflops": ...}} (measure_matmul_tflops rows)
-    measured = {k: (v.get("tflops") if isinstance(v, dict) else v) for k, v in (spec.get("measured") or {}).items()}
+    measured = {
+        k: (v.get("tflops") if isinstance(v, dict) else v)
+        for k, v in (spec.get("measured") or {}).items()
+    }
     if not measured:
         dev = resolve_device(cfg.train.device)
         keys = ("bf16", "fp16", "tf32", "fp32") if dev == "cuda" else ("fp32", cfg.train.precision)
-        measured = {k: v.get("tflops") for k, v in measured_peaks(dev, tuple(dict.fromkeys(keys))).items()}
-    out = {"pid": os.getpid(), "started": time.time(), "planner": predict_memory(cfg, int(os.environ.get("WORLD_SIZE", "1"))), "runners": {}}
+        measured = {
+            k: v.get("tflops") for k, v in measured_peaks(dev, tuple(dict.fromkeys(keys))).items()
+        }
+    out = {
+        "pid": os.getpid(),
+        "started": time.time(),
+        "planner": predict_memory(cfg, int(os.environ.get("WORLD_SIZE", "1"))),
+        "runners": {},
+    }
     write_json_atomic(out_path, out)
     for name in spec["runners"]:
         print(f"[bench worker] runner {name}: {spec.get('overrides')}", file=sys.stderr, flush=True)
-        out["runners"][name] = run_one(name, cfg, warmup=spec["warmup"], steps=spec["steps"],
-                                       data=spec.get("data", "synthetic"), measured=measured,
-                                       comm_timers=bool(spec.get("comm_timers")))
+        out["runners"][name] = run_one(
+            name,
+            cfg,
+            warmup=spec["warmup"],
+            steps=spec["steps"],
+            data=spec.get("data", "synthetic"),
+            measured=measured,
+            comm_timers=bool(spec.get("comm_timers")),
+        )
         write_json_atomic(out_path, out)
     out["finished"] = time.time()
     write_json_atomic(out_path, out)

@@ -20,6 +20,7 @@ tokenizer, ``iter_mixed_lines`` for the shard jobs) keeps only the first copy of
 all jobs, in source-then-job order: the texts kept per source are those a single job would keep
 (their order differs).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,15 +32,23 @@ import string
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional
 
 from megapt.config import CleanConfig
-from megapt.data.sources import (DataError, ReadStats, apply_split_args, describe_sources, iter_source,
-                                 sources_of)
+from megapt.data.sources import (
+    DataError,
+    ReadStats,
+    apply_split_args,
+    describe_sources,
+    iter_source,
+    sources_of,
+)
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode category Cc except \t (09) and \n (0a)
+_CONTROL = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"
+)  # Unicode category Cc except \t (09) and \n (0a)
 _CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F])  # the ASCII part of _CONTROL
 _BLANKS = re.compile(r"\n{4,}")  # more than two blank lines
 _NON_ASCII = re.compile(r"[^\x00-\x7f]+")
@@ -93,7 +102,7 @@ def char_fractions(text: str) -> tuple[float, float]:
     return letters / n, (n - alnum_space) / n
 
 
-def reject_reason(text: str, cc: CleanConfig) -> Optional[str]:
+def reject_reason(text: str, cc: CleanConfig) -> str | None:
     """Why a cleaned document is dropped (one of REASONS except duplicate), or None to keep it."""
     if not text.strip():
         return "empty"
@@ -119,11 +128,13 @@ class Cleaner:
         self.dropped: Counter = Counter()
         self.docs_in = self.docs_out = self.chars_in = self.chars_out = self.changed = 0
 
-    def __call__(self, text: str) -> Optional[str]:
+    def __call__(self, text: str) -> str | None:
         self.docs_in += 1
         self.chars_in += len(text)
         out = normalize(text, self.cc)
-        if out != (text.strip("\n") if self.cc.normalize_whitespace else text):  # not counting the final newline
+        if out != (
+            text.strip("\n") if self.cc.normalize_whitespace else text
+        ):  # not counting the final newline
             self.changed += 1
         reason = reject_reason(out, self.cc)
         if reason is None and self.cc.dedup:
@@ -141,9 +152,14 @@ class Cleaner:
         return out
 
     def stats(self) -> dict:
-        return {"docs_in": self.docs_in, "docs_out": self.docs_out, "chars_in": self.chars_in,
-                "chars_out": self.chars_out, "changed": self.changed,
-                "dropped": {r: self.dropped.get(r, 0) for r in REASONS}}
+        return {
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "chars_in": self.chars_in,
+            "chars_out": self.chars_out,
+            "changed": self.changed,
+            "dropped": {r: self.dropped.get(r, 0) for r in REASONS},
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,11 +187,11 @@ def clean_signature(cfg) -> dict:
     return {"clean": asdict(cfg.data.clean), "sources": describe_sources(sources_of(cfg.data))}
 
 
-def clean_done(out_dir: Path, cfg, jobs: Optional[list[int]] = None) -> bool:
+def clean_done(out_dir: Path, cfg, jobs: list[int] | None = None) -> bool:
     """True when the parts ``jobs`` (default: all) of the clean job exist with the current signature."""
     k = cfg.data.num_shards
     sig = clean_signature(cfg)
-    for i in (range(k) if jobs is None else jobs):
+    for i in range(k) if jobs is None else jobs:
         p = out_dir / stats_name(i, k)
         try:
             st = json.loads(p.read_text())
@@ -214,10 +230,14 @@ def run_clean(cfg, out_dir: str | os.PathLike | None = None, *, progress: bool =
     k, i = cfg.data.num_shards, cfg.data.shard_index
     for stale in out_dir.glob(f"*part{i:03d}-of{k:03d}*.tmp"):
         stale.unlink()
-    for p in out_dir.glob("*-part*-of*"):  # outputs of an earlier run split into another number of jobs
+    for p in out_dir.glob(
+        "*-part*-of*"
+    ):  # outputs of an earlier run split into another number of jobs
         if not p.name.split("-of")[-1].startswith(f"{k:03d}"):
             p.unlink()
-    (out_dir / stats_name(i, k)).unlink(missing_ok=True)  # this part is not done until its stats are back
+    (out_dir / stats_name(i, k)).unlink(
+        missing_ok=True
+    )  # this part is not done until its stats are back
     t0 = time.time()
     cleaner = Cleaner(cfg.data.clean)
     srcs = sources_of(cfg.data)
@@ -245,20 +265,36 @@ def run_clean(cfg, out_dir: str | os.PathLike | None = None, *, progress: bool =
                 hash_files.append(name[: -len(".jsonl")] + ".hashes")
                 _atomic_bytes(out_dir / hash_files[-1], b"".join(hashes))
             cleaner.dropped["no_text"] += rs.no_text
-            per_source.append({"path": src.path, "docs_read": rs.docs, "files_read": rs.files,
-                               "docs_kept": n, "no_text": rs.no_text,
-                               "undecodable_files": len(rs.undecodable),
-                               "undecodable": rs.undecodable[:50]})
+            per_source.append(
+                {
+                    "path": src.path,
+                    "docs_read": rs.docs,
+                    "files_read": rs.files,
+                    "docs_kept": n,
+                    "no_text": rs.no_text,
+                    "undecodable_files": len(rs.undecodable),
+                    "undecodable": rs.undecodable[:50],
+                }
+            )
             if rs.no_text and not rs.docs:
-                raise DataError(f"{src.path}: none of the {rs.no_text} row(s) read has a text in "
-                                f"field {src.text_field!r} (first: {rs.no_text_example}); set the "
-                                f"source's text_field")
+                raise DataError(
+                    f"{src.path}: none of the {rs.no_text} row(s) read has a text in "
+                    f"field {src.text_field!r} (first: {rs.no_text_example}); set the "
+                    f"source's text_field"
+                )
     finally:
         bar.close()
     stats = cleaner.stats()
     stats["docs_in"] += cleaner.dropped["no_text"]  # read, then dropped: kept + dropped == read
-    stats.update(job=i, num_jobs=k, files=files, hash_files=hash_files, sources=per_source,
-                 seconds=round(time.time() - t0, 2), signature=clean_signature(cfg))
+    stats.update(
+        job=i,
+        num_jobs=k,
+        files=files,
+        hash_files=hash_files,
+        sources=per_source,
+        seconds=round(time.time() - t0, 2),
+        signature=clean_signature(cfg),
+    )
     if stats["docs_out"] == 0:
         raise DataError(_nothing_left(srcs, per_source, stats))
     from megapt.data.manifest import atomic_write_json
@@ -275,12 +311,18 @@ def _nothing_left(srcs, per_source: list[dict], stats: dict) -> str:
     dropped = {r: n for r, n in stats["dropped"].items() if n}
     parts = []
     if n_undec:
-        parts.append(f"{n_undec} file(s) skipped as not UTF-8 text (binary or another encoding): "
-                     + ", ".join(undecodable[:5]) + (" ..." if n_undec > 5 else ""))
+        parts.append(
+            f"{n_undec} file(s) skipped as not UTF-8 text (binary or another encoding): "
+            + ", ".join(undecodable[:5])
+            + (" ..." if n_undec > 5 else "")
+        )
     if read or not n_undec:
         parts.append(f"{read} document(s) read, dropped {dropped or 'none'}")
-    hint = ("re-encode the files as UTF-8 or drop them from data.sources" if n_undec and not read
-            else "check data.sources and the data.clean filters")
+    hint = (
+        "re-encode the files as UTF-8 or drop them from data.sources"
+        if n_undec and not read
+        else "check data.sources and the data.clean filters"
+    )
     where = [s.path for s in srcs]
     return f"clean: no documents left from {where}: " + "; ".join(parts) + f"; {hint}"
 
@@ -297,15 +339,17 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
 def format_stats(st: dict) -> str:
     dropped = ", ".join(f"{r} {n}" for r, n in st["dropped"].items() if n) or "none"
     undec = sum(s["undecodable_files"] for s in st["sources"])
-    return (f"clean: kept {st['docs_out']}/{st['docs_in']} docs ({st['chars_out'] / 1e6:.1f}/"
-            f"{st['chars_in'] / 1e6:.1f} M chars) in {st['seconds']:.1f}s; dropped: {dropped}; "
-            f"changed by normalisation: {st['changed']}; skipped non-UTF-8 files: {undec}")
+    return (
+        f"clean: kept {st['docs_out']}/{st['docs_in']} docs ({st['chars_out'] / 1e6:.1f}/"
+        f"{st['chars_in'] / 1e6:.1f} M chars) in {st['seconds']:.1f}s; dropped: {dropped}; "
+        f"changed by normalisation: {st['changed']}; skipped non-UTF-8 files: {undec}"
+    )
 
 
 _STATS_RE = re.compile(r"^stats-part(\d{3,})-of(\d{3,})\.json$")
 
 
-def clean_files(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) -> list[list[Path]]:
+def clean_files(clean_dir: str | os.PathLike, num_jobs: int | None = None) -> list[list[Path]]:
     """The cleaned jsonl files per source (outer list: source j; inner: parts in job order).
 
     Uses the parts of the ``num_jobs``-way clean run, or (None) the one complete run in the
@@ -314,7 +358,7 @@ def clean_files(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) ->
     return [[f for f, _ in parts] for parts in clean_parts(clean_dir, num_jobs)]
 
 
-def clean_parts(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) -> list[list[tuple]]:
+def clean_parts(clean_dir: str | os.PathLike, num_jobs: int | None = None) -> list[list[tuple]]:
     """Per source, per job: ``(jsonl path, hashes path or None)`` (see ``clean_files``)."""
     clean_dir = Path(clean_dir)
     runs: dict[int, dict[int, Path]] = {}
@@ -326,9 +370,11 @@ def clean_parts(clean_dir: str | os.PathLike, num_jobs: Optional[int] = None) ->
     k = num_jobs if num_jobs is not None else (complete[0] if len(complete) == 1 else None)
     if k is None or k not in complete:
         have = {kk: sorted(parts) for kk, parts in runs.items()}
-        raise DataError(f"{clean_dir}: no complete cleaned text (parts found per job count: {have or 'none'}"
-                        f"{'' if num_jobs is None else f', wanted {num_jobs} jobs'}); run `megapt data clean` "
-                        f"first (for a split run, every --data.shard_index=<i> of --data.num_shards=K)")
+        raise DataError(
+            f"{clean_dir}: no complete cleaned text (parts found per job count: {have or 'none'}"
+            f"{'' if num_jobs is None else f', wanted {num_jobs} jobs'}); run `megapt data clean` "
+            f"first (for a split run, every --data.shard_index=<i> of --data.num_shards=K)"
+        )
     per_source: list[list[tuple]] = []
     for i in range(k):
         st = json.loads(runs[k][i].read_text())
@@ -354,8 +400,10 @@ def keep_masks(parts: list[list[tuple]]) -> tuple[list[list], int]:
     for h in flat:
         raw = h.read_bytes()
         if len(raw) % HASH_BYTES:
-            raise DataError(f"{h}: truncated dedup hash file ({len(raw)} bytes); run "
-                            f"`megapt data clean --force`")
+            raise DataError(
+                f"{h}: truncated dedup hash file ({len(raw)} bytes); run "
+                f"`megapt data clean --force`"
+            )
         arrays.append(np.frombuffer(raw, dtype=f"V{HASH_BYTES}"))
     every = np.concatenate(arrays)
     keep = np.zeros(len(every), dtype=bool)
@@ -365,7 +413,7 @@ def keep_masks(parts: list[list[tuple]]) -> tuple[list[list], int]:
         row = []
         for _ in src:
             n = next(sizes)
-            row.append(keep[at:at + n])
+            row.append(keep[at : at + n])
             at += n
         masks.append(row)
     return masks, int(len(every) - keep.sum())
@@ -383,9 +431,11 @@ def _kept_lines(path: Path, mask) -> Iterator[bytes]:
             if mask[n - 1]:
                 yield line
         if n != len(mask):
-            raise DataError(f"{path}: {n} lines but its .hashes file lists {len(mask)} texts; "
-                            f"the cleaned text changed after cleaning - run `megapt data clean "
-                            f"--force`")
+            raise DataError(
+                f"{path}: {n} lines but its .hashes file lists {len(mask)} texts; "
+                f"the cleaned text changed after cleaning - run `megapt data clean "
+                f"--force`"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,9 +445,13 @@ def _kept_lines(path: Path, mask) -> Iterator[bytes]:
 
 def add_args(parser) -> None:
     parser.add_argument("--out", default="", help="output folder (default: <work_dir>/clean)")
-    parser.add_argument("--num-shards", type=int, default=None, help="same as --data.num_shards (split job)")
+    parser.add_argument(
+        "--num-shards", type=int, default=None, help="same as --data.num_shards (split job)"
+    )
     parser.add_argument("--shard-index", type=int, default=None, help="same as --data.shard_index")
-    parser.add_argument("--force", action="store_true", help="clean again even if the output is up to date")
+    parser.add_argument(
+        "--force", action="store_true", help="clean again even if the output is up to date"
+    )
 
 
 def cli_main(cfg, args) -> int:
@@ -412,9 +466,13 @@ def cli_main(cfg, args) -> int:
     k = cfg.data.num_shards
     if k > 1 and cfg.data.clean.dedup and clean_done(out, cfg):  # the last job of a split run
         _, dups = keep_masks(clean_parts(out, k))
-        print(f"clean: all {k} jobs done; {dups} document(s) kept by one job are duplicates of "
-              f"another's and are skipped wherever the cleaned text is read (global exact dedup)")
-    print(f"clean: wrote {', '.join(st['files'])} and {stats_name(st['job'], st['num_jobs'])} to {out}")
+        print(
+            f"clean: all {k} jobs done; {dups} document(s) kept by one job are duplicates of "
+            f"another's and are skipped wherever the cleaned text is read (global exact dedup)"
+        )
+    print(
+        f"clean: wrote {', '.join(st['files'])} and {stats_name(st['job'], st['num_jobs'])} to {out}"
+    )
     return 0
 
 
@@ -429,8 +487,10 @@ def iter_mixed_lines(cfg, clean_dir: str | os.PathLike | None = None) -> Iterato
     parts = clean_parts(clean_dir)
     srcs = sources_of(cfg.data)
     if len(parts) != len(srcs):
-        raise DataError(f"{clean_dir}: cleaned text has {len(parts)} source(s) but data.sources "
-                        f"lists {len(srcs)}; run `megapt data clean --force`")
+        raise DataError(
+            f"{clean_dir}: cleaned text has {len(parts)} source(s) but data.sources "
+            f"lists {len(srcs)}; run `megapt data clean --force`"
+        )
     masks, _ = keep_masks(parts)
 
     def lines(src: list[tuple], src_masks: list) -> Iterator[bytes]:
@@ -438,8 +498,10 @@ def iter_mixed_lines(cfg, clean_dir: str | os.PathLike | None = None) -> Iterato
             yield from _kept_lines(f, mask)
 
     seed = cfg.run.seed
-    streams = [repeat_weighted(functools.partial(lines, src, m), s.weight, seed, j)
-               for j, (src, m, s) in enumerate(zip(parts, masks, srcs))]
+    streams = [
+        repeat_weighted(functools.partial(lines, src, m), s.weight, seed, j)
+        for j, (src, m, s) in enumerate(zip(parts, masks, srcs))
+    ]
     return streams[0] if len(streams) == 1 else mix_streams(streams, [s.weight for s in srcs], seed)
 
 

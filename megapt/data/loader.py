@@ -107,6 +107,7 @@ every rank (and worker) reads and hashes every shard of the epoch though it uses
 fine on a node (page cache), costly on large jobs: there run ``megapt data verify`` once and
 train with ``verify_checksums=false``, which reads only the samples each process uses.
 """
+
 from __future__ import annotations
 
 import functools
@@ -114,9 +115,10 @@ import logging
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,7 +128,13 @@ from megapt.config import ConfigError, RemoteConfig
 from megapt.data.manifest import check_tokenizer, load_manifest
 from megapt.data.remote import RemoteStore, ShardCache, cache_root, open_store
 from megapt.data.tarformat import (
-    MemberSpec, NotFixedLayout, PartialShard, ShardError, read_rows, verify_shard)
+    MemberSpec,
+    NotFixedLayout,
+    PartialShard,
+    ShardError,
+    read_rows,
+    verify_shard,
+)
 from megapt.data.workers import die_with_parent
 from megapt.errors import UserError
 from megapt.urls import is_url, join
@@ -244,7 +252,9 @@ class _Plan:
 
     def __post_init__(self):
         if self.mix_labels is None:
-            self.mix_labels, self.mix_counts, self.mix_cum = _mix_pattern([s.weight for s in self.sets])
+            self.mix_labels, self.mix_counts, self.mix_cum = _mix_pattern(
+                [s.weight for s in self.sets]
+            )
 
     @property
     def total(self) -> int:
@@ -344,9 +354,17 @@ class _Reader:
                 path = Path(s.path) / entry["name"]
                 verify_shard(path, entry, check_sha=False)  # exists, size
                 try:
-                    return self.shards.put((si, j), PartialShard(
-                        path, entry, self.sample_len, self.plan.dtype, self.plan.vocab_size,
-                        preload=self.preload))
+                    return self.shards.put(
+                        (si, j),
+                        PartialShard(
+                            path,
+                            entry,
+                            self.sample_len,
+                            self.plan.dtype,
+                            self.plan.vocab_size,
+                            preload=self.preload,
+                        ),
+                    )
                 except NotFixedLayout:
                     pass
             return self.shards.put((si, j), self._read(si, j))
@@ -397,8 +415,16 @@ class _Reader:
             where = Path(s.path) / entry["name"]
             verify_shard(where, entry, check_sha=False)  # exists, size
             buf, check_sha = where.read_bytes(), self.plan.verify_checksums
-        return read_rows(buf, where, entry, sample_len=self.sample_len, dtype=self.plan.dtype,
-                         vocab_size=self.plan.vocab_size, check_sha=check_sha, spec=s.member)
+        return read_rows(
+            buf,
+            where,
+            entry,
+            sample_len=self.sample_len,
+            dtype=self.plan.dtype,
+            vocab_size=self.plan.vocab_size,
+            check_sha=check_sha,
+            spec=s.member,
+        )
 
     def cache(self, si: int) -> ShardCache:
         c = self.caches.get(si)
@@ -414,8 +440,11 @@ class _Reader:
         shard, _ = self.locate(si, epoch, p)
         _, first = np.unique(shard, return_index=True)
         order = shard[np.sort(first)]
-        self.cache(si).prefetch(int(j) for j in order if (si, int(j)) not in self.shards
-                                and (si, int(j)) not in self.unusable)
+        self.cache(si).prefetch(
+            int(j)
+            for j in order
+            if (si, int(j)) not in self.shards and (si, int(j)) not in self.unusable
+        )
 
     def remote_stats(self) -> dict:
         """This process's downloads so far (summed over the remote sets)."""
@@ -439,7 +468,9 @@ class _Reader:
             return
         self.bad[(si, j)] = reason
         self.new_bad.append([si, self.plan.sets[si].names[j], reason])
-        _check_bad_fraction(self.plan, si, {self.plan.sets[si].names[k[1]] for k in self.bad if k[0] == si})
+        _check_bad_fraction(
+            self.plan, si, {self.plan.sets[si].names[k[1]] for k in self.bad if k[0] == si}
+        )
 
     def rows(self, si: int, epoch: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Samples at positions ``p`` of (set, epoch) -> (rows (n, L), kept mask (len(p),))."""
@@ -470,7 +501,9 @@ class _Reader:
                 if not len(pending):
                     break
             else:
-                raise ShardError(f"{s.path}: no usable {self.plan.split} shard left to fill in for bad ones")
+                raise ShardError(
+                    f"{s.path}: no usable {self.plan.split} shard left to fill in for bad ones"
+                )
         return out[keep], keep
 
 
@@ -480,7 +513,8 @@ def _check_bad_fraction(plan: _Plan, si: int, bad_names: set) -> None:
         raise ShardError(
             f"{s.path}: {len(bad_names)} of {len(s.names)} {plan.split} shards are bad "
             f"(> data.max_bad_fraction={plan.max_bad_fraction}): {sorted(bad_names)[:10]}; "
-            f"run `megapt data verify` and re-shard")
+            f"run `megapt data verify` and re-shard"
+        )
 
 
 def _worker_init(parent_pid: int, worker_id: int) -> None:
@@ -501,11 +535,25 @@ class _BatchStream(IterableDataset):
     shorter; a rank with nothing in a micro-step gets an empty array for it).
     """
 
-    def __init__(self, plan: _Plan, *, g0: int, q0: list[int], rank: int, world_size: int, micro_batch: int,
-                 chunk: int):
+    def __init__(
+        self,
+        plan: _Plan,
+        *,
+        g0: int,
+        q0: list[int],
+        rank: int,
+        world_size: int,
+        micro_batch: int,
+        chunk: int,
+    ):
         super().__init__()
         self.plan, self.g0, self.q0 = plan, int(g0), list(q0)
-        self.rank, self.world_size, self.micro_batch, self.chunk = rank, world_size, micro_batch, chunk
+        self.rank, self.world_size, self.micro_batch, self.chunk = (
+            rank,
+            world_size,
+            micro_batch,
+            chunk,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         if get_worker_info() is None:
@@ -564,8 +612,9 @@ class _BatchStream(IterableDataset):
         pos = np.arange(start, start + self.micro_batch, dtype=np.int64)
         return pos if self.plan.infinite else pos[pos < self.plan.total]
 
-    def _prefetch(self, reader: _Reader, c: int, nw: int, ahead: int, c0: np.ndarray,
-                  set_start: np.ndarray) -> None:
+    def _prefetch(
+        self, reader: _Reader, c: int, nw: int, ahead: int, c0: np.ndarray, set_start: np.ndarray
+    ) -> None:
         """Queue the remote shards of this worker's next ``ahead`` micro-steps, in order."""
         plan, M = self.plan, self.chunk
         ks: list[int] = []
@@ -586,8 +635,9 @@ class _BatchStream(IterableDataset):
             for e in np.unique(epochs):  # in order: an epoch's positions come before the next's
                 reader.prefetch(int(s), int(e), qs[epochs == e] - e * n)
 
-    def _where(self, pos: np.ndarray, c0: np.ndarray,
-               set_start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _where(
+        self, pos: np.ndarray, c0: np.ndarray, set_start: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Global positions -> (set, sample index within the set's own stream)."""
         plan = self.plan
         if plan.infinite:
@@ -601,8 +651,9 @@ class _BatchStream(IterableDataset):
             q = pos - set_start[si]
         return si, q
 
-    def _build(self, reader: _Reader, pos: np.ndarray, c0: np.ndarray,
-               set_start: np.ndarray) -> np.ndarray:
+    def _build(
+        self, reader: _Reader, pos: np.ndarray, c0: np.ndarray, set_start: np.ndarray
+    ) -> np.ndarray:
         plan = self.plan
         si, q = self._where(pos, c0, set_start)
         out = np.empty((len(pos), plan.seq_len + 1), dtype=np.dtype(plan.dtype).newbyteorder("<"))
@@ -627,10 +678,20 @@ class _BatchStream(IterableDataset):
 class ShardLoader:
     """Iterable of batches for one rank with a resumable global position (see module docstring)."""
 
-    def __init__(self, plan: _Plan, *, rank: int, world_size: int, micro_batch: int, num_workers: int = 0,
-                 pin_memory: bool = False):
+    def __init__(
+        self,
+        plan: _Plan,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}"
+            )
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         self.plan = plan
@@ -638,7 +699,9 @@ class ShardLoader:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.position = 0  # global samples consumed by the batches yielded so far
         self.set_positions = [0] * len(plan.sets)  # per set: samples consumed (across epochs)
-        self.bad_shards: dict[tuple[int, str], str] = {}  # (set, shard name) -> reason, as seen by this rank
+        self.bad_shards: dict[
+            tuple[int, str], str
+        ] = {}  # (set, shard name) -> reason, as seen by this rank
         # remote sets: what this rank's processes fetched (latest totals per worker) and the
         # shards they downloaded, in order ([set, name]; per process, so a shard two workers
         # of a node share appears once)
@@ -659,18 +722,32 @@ class ShardLoader:
             c0 = plan.set_counts(g0)
             step = self.world_size * self.micro_batch
             chunk = self._chunk()
-            ds = _BatchStream(plan, g0=g0, q0=q0, rank=self.rank, world_size=self.world_size,
-                              micro_batch=self.micro_batch, chunk=chunk)
+            ds = _BatchStream(
+                plan,
+                g0=g0,
+                q0=q0,
+                rank=self.rank,
+                world_size=self.world_size,
+                micro_batch=self.micro_batch,
+                chunk=chunk,
+            )
             self._passes += 1
-            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            worker_init_fn=functools.partial(_worker_init, os.getpid()))
+            dl = DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_as_is,
+                worker_init_fn=functools.partial(_worker_init, os.getpid()),
+            )
             expect = 0
             restarted = False
             for rec in dl:
                 if "_error" in rec:  # a bad shard (policy raise) found by a worker
                     raise rec["_error"]
                 if rec["_c"] != expect:  # never hand out batches out of order
-                    raise RuntimeError(f"loader: got chunk {rec['_c']} from the workers, expected {expect}")
+                    raise RuntimeError(
+                        f"loader: got chunk {rec['_c']} from the workers, expected {expect}"
+                    )
                 expect += 1
                 self._note_bad(rec["_bad"])
                 if "_remote" in rec:
@@ -716,8 +793,14 @@ class ShardLoader:
             if (si, name) not in self.bad_shards:
                 self.bad_shards[(si, name)] = reason
                 n_bad = sum(1 for (i, _) in self.bad_shards if i == si)
-                log.warning("rank %d: skipping bad shard (%d of %d in %s so far): %s", self.rank, n_bad,
-                            len(self.plan.sets[si].names), self.plan.sets[si].path, reason)
+                log.warning(
+                    "rank %d: skipping bad shard (%d of %d in %s so far): %s",
+                    self.rank,
+                    n_bad,
+                    len(self.plan.sets[si].names),
+                    self.plan.sets[si].path,
+                    reason,
+                )
                 _check_bad_fraction(self.plan, si, {n for (i, n) in self.bad_shards if i == si})
 
     def _note_remote(self, rec: dict) -> None:
@@ -742,7 +825,9 @@ class ShardLoader:
             raise TypeError("an infinite (training) loader has no length")
         B, step, total = self.micro_batch, self.world_size * self.micro_batch, self.plan.total
         steps = -(-total // step)
-        return max(0, steps - 1) + (1 if steps and (steps - 1) * step + self.rank * B < total else 0)
+        return max(0, steps - 1) + (
+            1 if steps and (steps - 1) * step + self.rank * B < total else 0
+        )
 
     @property
     def samples_per_epoch(self) -> list[int]:
@@ -753,38 +838,71 @@ class ShardLoader:
     def state_dict(self) -> dict[str, Any]:
         sets: list[dict[str, Any]] = []
         for s, q in zip(self.plan.sets, self.set_positions):
-            sets.append({"path": s.path, "weight": s.weight, "samples": s.samples, "position": q,
-                         "epoch": q // s.samples})
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "split": self.plan.split,
-                "infinite": self.plan.infinite, "position": self.position,
-                "epoch": min(x["epoch"] for x in sets), "order": self.plan.order.as_dict(), "sets": sets}
+            sets.append(
+                {
+                    "path": s.path,
+                    "weight": s.weight,
+                    "samples": s.samples,
+                    "position": q,
+                    "epoch": q // s.samples,
+                }
+            )
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "split": self.plan.split,
+            "infinite": self.plan.infinite,
+            "position": self.position,
+            "epoch": min(x["epoch"] for x in sets),
+            "order": self.plan.order.as_dict(),
+            "sets": sets,
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Continue at the saved global position (see "Resume semantics" in the module docstring)."""
         try:
             self._load_state(sd)
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"loader state is incomplete or malformed ({type(exc).__name__}: {exc}); "
-                             f"expected what ShardLoader.state_dict() returns") from None
+            raise ValueError(
+                f"loader state is incomplete or malformed ({type(exc).__name__}: {exc}); "
+                f"expected what ShardLoader.state_dict() returns"
+            ) from None
 
     def _load_state(self, sd: dict[str, Any]) -> None:
         if not isinstance(sd, dict) or sd.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a megapt loader state (format {sd.get('format') if isinstance(sd, dict) else sd!r})")
+            raise ValueError(
+                f"not a megapt loader state (format {sd.get('format') if isinstance(sd, dict) else sd!r})"
+            )
         if sd.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {sd.get('version')!r}, this megapt reads {STATE_VERSION}")
+            raise ValueError(
+                f"loader state version {sd.get('version')!r}, this megapt reads {STATE_VERSION}"
+            )
         if sd["split"] != self.plan.split or bool(sd["infinite"]) != self.plan.infinite:
-            raise ValueError(f"loader state is for split {sd['split']!r} infinite={sd['infinite']}, this loader is "
-                             f"split {self.plan.split!r} infinite={self.plan.infinite}")
-        order = _Order(int(sd["order"]["seed"]), bool(sd["order"]["shuffle"]), int(sd["order"]["shuffle_buffer"]))
+            raise ValueError(
+                f"loader state is for split {sd['split']!r} infinite={sd['infinite']}, this loader is "
+                f"split {self.plan.split!r} infinite={self.plan.infinite}"
+            )
+        order = _Order(
+            int(sd["order"]["seed"]),
+            bool(sd["order"]["shuffle"]),
+            int(sd["order"]["shuffle_buffer"]),
+        )
         if order != self.plan.order:
-            log.warning("loader: the checkpoint's data order %s differs from the config's %s; keeping the "
-                        "checkpoint's so the epoch in progress stays exactly-once", order.as_dict(),
-                        self.plan.order.as_dict())
+            log.warning(
+                "loader: the checkpoint's data order %s differs from the config's %s; keeping the "
+                "checkpoint's so the epoch in progress stays exactly-once",
+                order.as_dict(),
+                self.plan.order.as_dict(),
+            )
             self.plan.order = order
         old = sd["sets"]
         if len(old) > len(self.plan.sets):
-            log.warning("loader: the checkpoint had %d shard sets, the config has %d; dropping %s",
-                        len(old), len(self.plan.sets), [o["path"] for o in old[len(self.plan.sets):]])
+            log.warning(
+                "loader: the checkpoint had %d shard sets, the config has %d; dropping %s",
+                len(old),
+                len(self.plan.sets),
+                [o["path"] for o in old[len(self.plan.sets) :]],
+            )
         q = []
         for i, s in enumerate(self.plan.sets):
             if i >= len(old):
@@ -793,11 +911,24 @@ class ShardLoader:
                 continue
             o = old[i]
             if Path(o["path"]).name != Path(s.path).name or o["samples"] != s.samples:
-                log.warning("loader: shard set %d was %s (%d samples), now %s (%d samples); continuing at its "
-                            "saved position %d", i, o["path"], o["samples"], s.path, s.samples, o["position"])
+                log.warning(
+                    "loader: shard set %d was %s (%d samples), now %s (%d samples); continuing at its "
+                    "saved position %d",
+                    i,
+                    o["path"],
+                    o["samples"],
+                    s.path,
+                    s.samples,
+                    o["position"],
+                )
             if o.get("weight") != s.weight:
-                log.info("loader: set %s weight %s -> %s from position %d", s.path, o.get("weight"), s.weight,
-                         sd["position"])
+                log.info(
+                    "loader: set %s weight %s -> %s from position %d",
+                    s.path,
+                    o.get("weight"),
+                    s.weight,
+                    sd["position"],
+                )
             q.append(int(o["position"]))
         pos = int(sd["position"])
         if not self.plan.infinite:
@@ -811,8 +942,9 @@ class ShardLoader:
 # --------------------------------------------------------------------------------------------
 
 
-def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
-              tokenizer_sha256: str | None) -> tuple[_ShardSet, dict]:
+def _open_set(
+    path: str | os.PathLike, weight: float, split: str, data_cfg: Any, tokenizer_sha256: str | None
+) -> tuple[_ShardSet, dict]:
     """One shard set: its manifest (a URL's is fetched first) checked against the config, and
     every shard it lists present (for a URL: one listing; http(s) cannot list, its shards are
     checked when fetched)."""
@@ -821,8 +953,10 @@ def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
     m = load_manifest(loc, data_cfg.remote)  # ShardError naming the file when missing / invalid
     where = getattr(m, "path", join(loc, "manifest.json"))
     if m["seq_len"] != data_cfg.seq_len:
-        raise ConfigError(f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is "
-                          f"{data_cfg.seq_len}; set --data.seq_len={m['seq_len']} or re-shard")
+        raise ConfigError(
+            f"{where}: shards have seq_len {m['seq_len']} but data.seq_len is "
+            f"{data_cfg.seq_len}; set --data.seq_len={m['seq_len']} or re-shard"
+        )
     if tokenizer_sha256:
         check_tokenizer(m, tokenizer_sha256)
     entries = m["splits"].get(split, {}).get("shards", [])
@@ -838,17 +972,36 @@ def _open_set(path: str | os.PathLike, weight: float, split: str, data_cfg: Any,
         missing = []
     if missing:
         more = f" (and {len(missing) - 1} more: {missing[1:6]})" if len(missing) > 1 else ""
-        raise ShardError(f"{join(loc, missing[0])}: shard listed in {where} is missing{more}; "
-                         f"re-run the shard job that wrote it or restore the files")
-    s = _ShardSet(path=str(loc).rstrip("/"), weight=float(weight), names=[e["name"] for e in entries],
-                  counts=np.array([e["samples"] for e in entries], dtype=np.int64),
-                  entries=entries, remote=remote, member=MemberSpec.of(m))
+        raise ShardError(
+            f"{join(loc, missing[0])}: shard listed in {where} is missing{more}; "
+            f"re-run the shard job that wrote it or restore the files"
+        )
+    s = _ShardSet(
+        path=str(loc).rstrip("/"),
+        weight=float(weight),
+        names=[e["name"] for e in entries],
+        counts=np.array([e["samples"] for e in entries], dtype=np.int64),
+        entries=entries,
+        remote=remote,
+        member=MemberSpec.of(m),
+    )
     return s, m
 
 
-def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, rank: int, world_size: int,
-                 micro_batch: int, seed: int, infinite: bool = True, tokenizer_sha256: str | None = None,
-                 pin_memory: bool | None = None, num_workers: int | None = None) -> ShardLoader:
+def build_loader(
+    data_cfg: Any,
+    shard_dir: str | os.PathLike,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    micro_batch: int,
+    seed: int,
+    infinite: bool = True,
+    tokenizer_sha256: str | None = None,
+    pin_memory: bool | None = None,
+    num_workers: int | None = None,
+) -> ShardLoader:
     """The loader for one rank: checks manifests and shards, returns a resumable ``ShardLoader``.
 
     ``data_cfg`` is ``cfg.data``; ``shard_dir`` is used when ``data.mix`` is empty. ``pin_memory``
@@ -858,7 +1011,9 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not data_cfg.mix and not shard_dir:
         raise ConfigError("loader: no shard directory (pass cfg.shard_dir, or set data.mix)")
-    specs = [(mx["path"], float(mx.get("weight", 1.0))) for mx in data_cfg.mix] or [(shard_dir, 1.0)]
+    specs = [(mx["path"], float(mx.get("weight", 1.0))) for mx in data_cfg.mix] or [
+        (shard_dir, 1.0)
+    ]
     sets, manifests = [], []
     for p, w in specs:
         s, m = _open_set(p, w, split, data_cfg, tokenizer_sha256)
@@ -866,38 +1021,73 @@ def build_loader(data_cfg: Any, shard_dir: str | os.PathLike, split: str, *, ran
         manifests.append(m)
     first = manifests[0]
     for s, m in zip(sets[1:], manifests[1:]):
-        diff = [k for k in ("dtype", "vocab_size", "tokenizer_sha256", "eos_id") if m[k] != first[k]]
+        diff = [
+            k for k in ("dtype", "vocab_size", "tokenizer_sha256", "eos_id") if m[k] != first[k]
+        ]
         if diff:
-            raise ShardError(f"{s.path}: mixed shard sets disagree with {sets[0].path} on {diff}; every set of "
-                             f"data.mix must be tokenized with the same tokenizer")
+            raise ShardError(
+                f"{s.path}: mixed shard sets disagree with {sets[0].path} on {diff}; every set of "
+                f"data.mix must be tokenized with the same tokenizer"
+            )
     if infinite and len(sets) > 1:
         total_w = sum(s.weight for s in sets)
         tiny = [s.path for s in sets if s.weight / total_w * MIX_SLOTS < 0.5]
         if tiny:
-            raise ConfigError(f"data.mix: weights of {tiny} are below 1/{2 * MIX_SLOTS} of the total; too small to mix")
+            raise ConfigError(
+                f"data.mix: weights of {tiny} are below 1/{2 * MIX_SLOTS} of the total; too small to mix"
+            )
     workers = data_cfg.loader_workers if num_workers is None else num_workers
-    plan = _Plan(split=split, sets=sets, order=_Order(int(seed), bool(data_cfg.shuffle), int(data_cfg.shuffle_buffer)),
-                 seq_len=int(first["seq_len"]), dtype=first["dtype"], vocab_size=int(first["vocab_size"]),
-                 infinite=infinite, verify_checksums=bool(data_cfg.verify_checksums),
-                 policy=data_cfg.bad_shard_policy, max_bad_fraction=float(data_cfg.max_bad_fraction),
-                 # no checksums to compute: read just the members this process needs. Decided by the
-                 # config alone, so every world size / worker count sees the same samples
-                 partial_reads=not data_cfg.verify_checksums, remote=data_cfg.remote,
-                 prefetch=_prefetch_depth(data_cfg, sets))
+    plan = _Plan(
+        split=split,
+        sets=sets,
+        order=_Order(int(seed), bool(data_cfg.shuffle), int(data_cfg.shuffle_buffer)),
+        seq_len=int(first["seq_len"]),
+        dtype=first["dtype"],
+        vocab_size=int(first["vocab_size"]),
+        infinite=infinite,
+        verify_checksums=bool(data_cfg.verify_checksums),
+        policy=data_cfg.bad_shard_policy,
+        max_bad_fraction=float(data_cfg.max_bad_fraction),
+        # no checksums to compute: read just the members this process needs. Decided by the
+        # config alone, so every world size / worker count sees the same samples
+        partial_reads=not data_cfg.verify_checksums,
+        remote=data_cfg.remote,
+        prefetch=_prefetch_depth(data_cfg, sets),
+    )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    loader = ShardLoader(plan, rank=rank, world_size=world_size, micro_batch=micro_batch, num_workers=workers,
-                         pin_memory=pin_memory)
+    loader = ShardLoader(
+        plan,
+        rank=rank,
+        world_size=world_size,
+        micro_batch=micro_batch,
+        num_workers=workers,
+        pin_memory=pin_memory,
+    )
     if rank == 0:
-        log.info("loader %s: %s, %d samples x %d tokens in %d shards, %s, %d workers/rank, seed %d, %s",
-                 split, " + ".join(f"{s.path} (w={s.weight:g}, {s.samples} samples)" for s in sets),
-                 plan.total, plan.seq_len, sum(len(s.names) for s in sets),
-                 "infinite" if infinite else "one epoch", workers, seed,
-                 f"shuffle buffer {plan.order.shuffle_buffer}" if plan.order.shuffle else "no shuffle")
+        log.info(
+            "loader %s: %s, %d samples x %d tokens in %d shards, %s, %d workers/rank, seed %d, %s",
+            split,
+            " + ".join(f"{s.path} (w={s.weight:g}, {s.samples} samples)" for s in sets),
+            plan.total,
+            plan.seq_len,
+            sum(len(s.names) for s in sets),
+            "infinite" if infinite else "one epoch",
+            workers,
+            seed,
+            f"shuffle buffer {plan.order.shuffle_buffer}" if plan.order.shuffle else "no shuffle",
+        )
         if any(s.remote for s in sets):
             r = data_cfg.remote
-            log.info("loader %s: remote shards cached in %s (cap %g GB), %d shards prefetched per "
-                     "set, %d retries", split, cache_root(r), r.cache_gb, plan.prefetch, r.retries)
+            log.info(
+                "loader %s: remote shards cached in %s (cap %g GB), %d shards prefetched per "
+                "set, %d retries",
+                split,
+                cache_root(r),
+                r.cache_gb,
+                plan.prefetch,
+                r.retries,
+            )
     return loader
 
 

@@ -12,6 +12,7 @@ half-written shard or manifest.
         verify_shard(shard_dir / entry["name"], entry, sample_len=m["seq_len"] + 1, dtype=m["dtype"])
     check_tokenizer(m, Tokenizer.load(path))     # shards were made with this tokenizer?
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ def _schema_errors(m: Any) -> list[str]:
     if m.get("format") != FORMAT:
         e.append(f"format: expected {FORMAT!r}, got {m.get('format')!r}")
     if m.get("version") != VERSION:
-        e.append(f"version: expected {VERSION}, got {m.get('version')!r} (written by another megapt version?)")
+        e.append(
+            f"version: expected {VERSION}, got {m.get('version')!r} (written by another megapt version?)"
+        )
     for key in ("seq_len", "vocab_size", "eos_id", "pad_id"):
         if not isinstance(m.get(key), int) or isinstance(m.get(key), bool):
             e.append(f"{key}: expected an integer, got {m.get(key)!r}")
@@ -84,11 +87,18 @@ def _schema_errors(m: Any) -> list[str]:
         e.append("tokenizer_sha256: expected a hex string")
     if "member" in m:  # foreign WebDataset shards (megapt data index); absent: <key>.tokens, raw
         mem = m["member"]
-        if not isinstance(mem, dict) or not isinstance(mem.get("ext"), str) or not mem["ext"] \
-                or "/" in mem["ext"] or mem.get("encoding") not in ("raw", "npy") \
-                or mem.get("dtype") not in (None, *MEMBER_DTYPES):
-            e.append(f"member: expected {{ext: str, encoding: raw|npy, dtype: one of "
-                     f"{MEMBER_DTYPES} or null}}, got {mem!r}")
+        if (
+            not isinstance(mem, dict)
+            or not isinstance(mem.get("ext"), str)
+            or not mem["ext"]
+            or "/" in mem["ext"]
+            or mem.get("encoding") not in ("raw", "npy")
+            or mem.get("dtype") not in (None, *MEMBER_DTYPES)
+        ):
+            e.append(
+                f"member: expected {{ext: str, encoding: raw|npy, dtype: one of "
+                f"{MEMBER_DTYPES} or null}}, got {mem!r}"
+            )
     splits = m.get("splits")
     if not isinstance(splits, dict) or "train" not in splits:
         e.append("splits: expected an object with at least 'train'")
@@ -109,21 +119,35 @@ def _schema_errors(m: Any) -> list[str]:
                 e.append(f"{w}: expected an object")
                 continue
             name = sh.get("name")
-            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-                e.append(f"{w}.name: must be a plain file name inside the shard directory, got {name!r}")
+            if (
+                not isinstance(name, str)
+                or not name
+                or "/" in name
+                or "\\" in name
+                or name in (".", "..")
+            ):
+                e.append(
+                    f"{w}.name: must be a plain file name inside the shard directory, got {name!r}"
+                )
             for key in ("samples", "tokens", "bytes"):
                 if not isinstance(sh.get(key), int) or sh[key] < 0:
                     e.append(f"{w}.{key}: expected a non-negative integer, got {sh.get(key)!r}")
             if not isinstance(sh.get("sha256"), str) or len(sh["sha256"]) != 64:
                 e.append(f"{w}.sha256: expected 64 hex digits, got {sh.get('sha256')!r}")
-            if seq is not None and isinstance(sh.get("samples"), int) and isinstance(sh.get("tokens"), int):
+            if (
+                seq is not None
+                and isinstance(sh.get("samples"), int)
+                and isinstance(sh.get("tokens"), int)
+            ):
                 if sh["tokens"] != sh["samples"] * (seq + 1):
                     e.append(f"{w}: tokens {sh['tokens']} != samples {sh['samples']} x (seq_len+1)")
                 samples += sh["samples"]
                 tokens += sh["tokens"]
         if s.get("samples") != samples or s.get("tokens") != tokens:
-            e.append(f"{where}: totals samples={s.get('samples')!r} tokens={s.get('tokens')!r} do not match "
-                     f"the sum over its shards ({samples}, {tokens})")
+            e.append(
+                f"{where}: totals samples={s.get('samples')!r} tokens={s.get('tokens')!r} do not match "
+                f"the sum over its shards ({samples}, {tokens})"
+            )
     return e
 
 
@@ -131,7 +155,9 @@ def validate_manifest(m: Any, where: str = "manifest") -> None:
     """Raise ShardError listing every schema problem of a manifest dict."""
     errors = _schema_errors(m)
     if errors:
-        raise ShardError(f"{where}: invalid shard manifest, {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+        raise ShardError(
+            f"{where}: invalid shard manifest, {len(errors)} problem(s):\n  " + "\n  ".join(errors)
+        )
 
 
 def parse_manifest(text: str | bytes, where: str | Path) -> Manifest:
@@ -139,8 +165,10 @@ def parse_manifest(text: str | bytes, where: str | Path) -> Manifest:
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ShardError(f"{where}: not valid JSON ({exc}); the file is corrupt - rerun "
-                         f"`megapt data shard` (or `megapt data merge` for a split job)") from None
+        raise ShardError(
+            f"{where}: not valid JSON ({exc}); the file is corrupt - rerun "
+            f"`megapt data shard` (or `megapt data merge` for a split job)"
+        ) from None
     validate_manifest(data, str(where))
     m = Manifest(data)
     m.path = where
@@ -177,11 +205,15 @@ def load_manifest(shard_dir: str | os.PathLike, remote: RemoteConfig | None = No
         except ShardError:
             parts = []
         if parts:
-            raise ShardError(f"{path}: not found, but {len(parts)} partial manifest(s) are there "
-                             f"({parts[0]} ...): run `megapt data merge --data.shard_dir={where}` "
-                             f"once every job has finished") from None
-        raise ShardError(f"{path}: not found - no shards prepared in {where}. Run `megapt data "
-                         f"prepare` (or `megapt data shard`) with the same config first") from None
+            raise ShardError(
+                f"{path}: not found, but {len(parts)} partial manifest(s) are there "
+                f"({parts[0]} ...): run `megapt data merge --data.shard_dir={where}` "
+                f"once every job has finished"
+            ) from None
+        raise ShardError(
+            f"{path}: not found - no shards prepared in {where}. Run `megapt data "
+            f"prepare` (or `megapt data shard`) with the same config first"
+        ) from None
     except IsADirectoryError:
         raise ShardError(f"{path}: is a folder, not a manifest file") from None
     return parse_manifest(text, path)
@@ -192,8 +224,13 @@ def load_manifest(shard_dir: str | os.PathLike, remote: RemoteConfig | None = No
 # --------------------------------------------------------------------------------------------
 
 
-def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bool = True,
-               remote: RemoteConfig | None = None) -> tuple[int, list[str]]:
+def verify_dir(
+    shard_dir: str | os.PathLike,
+    *,
+    check_sha: bool = True,
+    deep: bool = True,
+    remote: RemoteConfig | None = None,
+) -> tuple[int, list[str]]:
     """Verify every shard listed in ``<shard_dir>/manifest.json``; returns (checked, errors).
     A URL's shards are downloaded one at a time into a temporary folder and checked there."""
     import tempfile
@@ -215,12 +252,19 @@ def verify_dir(shard_dir: str | os.PathLike, *, check_sha: bool = True, deep: bo
                         try:
                             store.get(entry["name"], path)
                         except FileNotFoundError:
-                            raise ShardError(f"{store.url(entry['name'])}: shard file missing "
-                                             f"(listed in the manifest)") from None
-                    verify_shard(path, entry, check_sha=check_sha,
-                                 sample_len=m["seq_len"] + 1 if deep else None,
-                                 dtype=m["dtype"] if deep else None, vocab_size=m["vocab_size"],
-                                 spec=spec)
+                            raise ShardError(
+                                f"{store.url(entry['name'])}: shard file missing "
+                                f"(listed in the manifest)"
+                            ) from None
+                    verify_shard(
+                        path,
+                        entry,
+                        check_sha=check_sha,
+                        sample_len=m["seq_len"] + 1 if deep else None,
+                        dtype=m["dtype"] if deep else None,
+                        vocab_size=m["vocab_size"],
+                        spec=spec,
+                    )
                 except ShardError as exc:
                     text = str(exc)
                     if store.is_remote:  # name the URL, not the temporary copy
@@ -248,16 +292,23 @@ def check_tokenizer(manifest: dict, tokenizer: Any) -> None:
     tpath = getattr(tokenizer, "path", "the tokenizer")
     problems = []
     if manifest["tokenizer_sha256"] and manifest["tokenizer_sha256"] != sha:
-        problems.append(f"tokenizer sha256 {sha[:12]}... != manifest {manifest['tokenizer_sha256'][:12]}...")
+        problems.append(
+            f"tokenizer sha256 {sha[:12]}... != manifest {manifest['tokenizer_sha256'][:12]}..."
+        )
     if not isinstance(tokenizer, str):
         if tokenizer.vocab_size != manifest["vocab_size"]:
-            problems.append(f"vocab_size {tokenizer.vocab_size} != manifest {manifest['vocab_size']}")
+            problems.append(
+                f"vocab_size {tokenizer.vocab_size} != manifest {manifest['vocab_size']}"
+            )
         if tokenizer.eos_id != manifest["eos_id"]:
             problems.append(f"eos_id {tokenizer.eos_id} != manifest {manifest['eos_id']}")
     if problems:
-        raise ShardError(f"{where}: shards were written with a different tokenizer than {tpath} ("
-                         + "; ".join(problems) + "). Re-shard with this tokenizer (`megapt data shard --force`) "
-                         "or set tokenizer.path to the one the shards were made with")
+        raise ShardError(
+            f"{where}: shards were written with a different tokenizer than {tpath} ("
+            + "; ".join(problems)
+            + "). Re-shard with this tokenizer (`megapt data shard --force`) "
+            "or set tokenizer.path to the one the shards were made with"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,21 +316,48 @@ def check_tokenizer(manifest: dict, tokenizer: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_manifest(*, seq_len: int, vocab_size: int, eos_id: int, pad_id: int, tokenizer_sha256: str,
-                   splits: dict[str, list[dict]], sources: list | None = None, docs: dict | None = None,
-                   dropped_tokens: int = 0, num_jobs: int = 1, done: list[int] | None = None,
-                   params: dict | None = None) -> dict:
+def build_manifest(
+    *,
+    seq_len: int,
+    vocab_size: int,
+    eos_id: int,
+    pad_id: int,
+    tokenizer_sha256: str,
+    splits: dict[str, list[dict]],
+    sources: list | None = None,
+    docs: dict | None = None,
+    dropped_tokens: int = 0,
+    num_jobs: int = 1,
+    done: list[int] | None = None,
+    params: dict | None = None,
+) -> dict:
     """Assemble a manifest dict (schema in the module docstring) from shard entries per split."""
     out_splits = {}
     for split in SPLITS:
         shards = list(splits.get(split, []))
-        out_splits[split] = {"samples": sum(s["samples"] for s in shards),
-                             "tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    m = {"format": FORMAT, "version": VERSION, "seq_len": int(seq_len), "dtype": dtype_for_vocab(vocab_size),
-         "vocab_size": int(vocab_size), "eos_id": int(eos_id), "pad_id": int(pad_id),
-         "tokenizer_sha256": tokenizer_sha256, "splits": out_splits, "sources": list(sources or []),
-         "docs": dict(docs or {"train": 0, "val": 0}), "dropped_tokens": int(dropped_tokens),
-         "jobs": {"num_shards": int(num_jobs), "done": sorted(done if done is not None else range(num_jobs))}}
+        out_splits[split] = {
+            "samples": sum(s["samples"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        }
+    m = {
+        "format": FORMAT,
+        "version": VERSION,
+        "seq_len": int(seq_len),
+        "dtype": dtype_for_vocab(vocab_size),
+        "vocab_size": int(vocab_size),
+        "eos_id": int(eos_id),
+        "pad_id": int(pad_id),
+        "tokenizer_sha256": tokenizer_sha256,
+        "splits": out_splits,
+        "sources": list(sources or []),
+        "docs": dict(docs or {"train": 0, "val": 0}),
+        "dropped_tokens": int(dropped_tokens),
+        "jobs": {
+            "num_shards": int(num_jobs),
+            "done": sorted(done if done is not None else range(num_jobs)),
+        },
+    }
     if params is not None:
         m["params"] = params
     validate_manifest(m)
@@ -289,8 +367,9 @@ def build_manifest(*, seq_len: int, vocab_size: int, eos_id: int, pad_id: int, t
 _SAME_KEYS = ("seq_len", "dtype", "vocab_size", "eos_id", "pad_id", "tokenizer_sha256")
 
 
-def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True,
-                    remote: RemoteConfig | None = None) -> dict:
+def merge_manifests(
+    shard_dir: str | os.PathLike, *, write: bool = True, remote: RemoteConfig | None = None
+) -> dict:
     """Join ``manifest-part-*-of-K.json`` (all K jobs) into ``manifest.json``, in job order. The
     folder may be a URL (Slurm array jobs that uploaded their shards)."""
     store = open_store(shard_dir, remote)
@@ -302,31 +381,41 @@ def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True,
         if mt:
             found.setdefault(int(mt.group(2)), {})[int(mt.group(1))] = name
     if not found:
-        raise ShardError(f"{where}: no partial manifests (manifest-part-*-of-*.json) to merge; "
-                         f"run `megapt data shard --data.num_shards=K --data.shard_index=i` for "
-                         f"each i first")
+        raise ShardError(
+            f"{where}: no partial manifests (manifest-part-*-of-*.json) to merge; "
+            f"run `megapt data shard --data.num_shards=K --data.shard_index=i` for "
+            f"each i first"
+        )
     if len(found) > 1:
-        raise ShardError(f"{where}: partial manifests of different splits {sorted(found)} "
-                         f"(jobs counts); delete the stale ones and merge again")
-    (k, parts), = found.items()
+        raise ShardError(
+            f"{where}: partial manifests of different splits {sorted(found)} "
+            f"(jobs counts); delete the stale ones and merge again"
+        )
+    ((k, parts),) = found.items()
     missing = [i for i in range(k) if i not in parts]
     if missing:
-        raise ShardError(f"{where}: {len(missing)} of {k} jobs have not finished (no partial "
-                         f"manifest for shard_index {missing[:20]}"
-                         f"{' ...' if len(missing) > 20 else ''}); run `megapt data shard "
-                         f"--data.num_shards={k} --data.shard_index=<i>` for them, then merge")
+        raise ShardError(
+            f"{where}: {len(missing)} of {k} jobs have not finished (no partial "
+            f"manifest for shard_index {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}); run `megapt data shard "
+            f"--data.num_shards={k} --data.shard_index=<i>` for them, then merge"
+        )
     ms = [read_manifest(store, parts[i]) for i in range(k)]
     first = ms[0]
     for i, m in enumerate(ms):
         diff = [key for key in _SAME_KEYS if m[key] != first[key]]
         if diff:
-            raise ShardError(f"{m.path}: differs from {parts[0]} in {diff}; all jobs must use "
-                             f"the same config and tokenizer - re-run that job")
+            raise ShardError(
+                f"{m.path}: differs from {parts[0]} in {diff}; all jobs must use "
+                f"the same config and tokenizer - re-run that job"
+            )
         for s in m["splits"].values():
             for entry in s["shards"]:
                 if listing.get(entry["name"]) != entry["bytes"]:
-                    raise ShardError(f"{join(where, entry['name'])}: listed in {parts[i]} but "
-                                     f"missing or of the wrong size; re-run job {i}")
+                    raise ShardError(
+                        f"{join(where, entry['name'])}: listed in {parts[i]} but "
+                        f"missing or of the wrong size; re-run job {i}"
+                    )
     splits = {s: [e for m in ms for e in m["splits"].get(s, {}).get("shards", [])] for s in SPLITS}
     sources: list = []
     for m in ms:
@@ -334,17 +423,26 @@ def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True,
             if src not in sources:
                 sources.append(src)
     merged = build_manifest(
-        seq_len=first["seq_len"], vocab_size=first["vocab_size"], eos_id=first["eos_id"],
-        pad_id=first["pad_id"], tokenizer_sha256=first["tokenizer_sha256"], splits=splits,
-        sources=sources, docs={s: sum(m.get("docs", {}).get(s, 0) for m in ms) for s in SPLITS},
-        dropped_tokens=sum(m.get("dropped_tokens", 0) for m in ms), num_jobs=k,
+        seq_len=first["seq_len"],
+        vocab_size=first["vocab_size"],
+        eos_id=first["eos_id"],
+        pad_id=first["pad_id"],
+        tokenizer_sha256=first["tokenizer_sha256"],
+        splits=splits,
+        sources=sources,
+        docs={s: sum(m.get("docs", {}).get(s, 0) for m in ms) for s in SPLITS},
+        dropped_tokens=sum(m.get("dropped_tokens", 0) for m in ms),
+        num_jobs=k,
         done=list(range(k)),
         params={key: v for key, v in first.get("params", {}).items() if key != "shard_index"}
-        or None)
+        or None,
+    )
     if merged["splits"]["train"]["samples"] == 0:
-        raise ShardError(f"{where}: the {k} job(s) wrote no training sample (input too small for "
-                         f"seq_len={merged['seq_len']}?); add text or lower data.seq_len, then "
-                         f"re-shard with --force")
+        raise ShardError(
+            f"{where}: the {k} job(s) wrote no training sample (input too small for "
+            f"seq_len={merged['seq_len']}?); add text or lower data.seq_len, then "
+            f"re-shard with --force"
+        )
     if write:
         write_json(store, MANIFEST, merged)
     return merged
@@ -356,9 +454,13 @@ def merge_manifests(shard_dir: str | os.PathLike, *, write: bool = True,
 
 
 def add_args(parser, verb=("data", "verify")) -> None:
-    parser.add_argument("--dir", default="", help="shard directory (default: data.shard_dir / derived)")
+    parser.add_argument(
+        "--dir", default="", help="shard directory (default: data.shard_dir / derived)"
+    )
     if tuple(verb)[-1] == "verify":
-        parser.add_argument("--quick", action="store_true", help="check sizes and tar structure only, no sha256")
+        parser.add_argument(
+            "--quick", action="store_true", help="check sizes and tar structure only, no sha256"
+        )
 
 
 def cli_main(cfg, args) -> int:
@@ -368,18 +470,27 @@ def cli_main(cfg, args) -> int:
     remote = cfg.data.remote
     if tuple(args.verb)[-1] == "merge":
         m = merge_manifests(shard_dir, remote=remote)
-        print(f"merged {m['jobs']['num_shards']} partial manifest(s) -> "
-              f"{join(shard_dir, MANIFEST)}: "
-              + ", ".join(f"{s} {m['splits'][s]['samples']} samples / "
-                          f"{len(m['splits'][s]['shards'])} shards" for s in SPLITS))
+        print(
+            f"merged {m['jobs']['num_shards']} partial manifest(s) -> "
+            f"{join(shard_dir, MANIFEST)}: "
+            + ", ".join(
+                f"{s} {m['splits'][s]['samples']} samples / {len(m['splits'][s]['shards'])} shards"
+                for s in SPLITS
+            )
+        )
         return 0
-    checked, errors = verify_dir(shard_dir, check_sha=not getattr(args, "quick", False),
-                                 remote=remote)
+    checked, errors = verify_dir(
+        shard_dir, check_sha=not getattr(args, "quick", False), remote=remote
+    )
     for e in errors:
         print(f"BAD  {e}")
-    print(f"verified {checked} shard(s) in {shard_dir}: {checked - len(errors)} ok, {len(errors)} bad")
+    print(
+        f"verified {checked} shard(s) in {shard_dir}: {checked - len(errors)} ok, {len(errors)} bad"
+    )
     if errors:
-        raise ShardError(f"{len(errors)} of {checked} shard(s) in {shard_dir} are bad (listed "
-                         f"above); re-run the shard jobs that wrote them "
-                         f"(`megapt data shard --force`)")
+        raise ShardError(
+            f"{len(errors)} of {checked} shard(s) in {shard_dir} are bad (listed "
+            f"above); re-run the shard jobs that wrote them "
+            f"(`megapt data shard --force`)"
+        )
     return 0

@@ -14,6 +14,7 @@ shard folder may be a URL (s3://, gs://): shards are uploaded as they are writte
 last. ``ensure_data_for_ranks`` is what `megapt train` runs on every rank: rank 0 prepares while
 the others wait on a status file, not in a collective.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from megapt.data.manifest import MANIFEST, check_tokenizer, load_manifest, merge_manifests
 from megapt.data.remote import open_store
@@ -33,15 +35,23 @@ from megapt.errors import UserError
 from megapt.urls import join
 
 
-def prepare_data(cfg, *, log=print, progress: bool | None = None,
-                 force: bool = False) -> Path | str:
+def prepare_data(
+    cfg, *, log=print, progress: bool | None = None, force: bool = False
+) -> Path | str:
     """Make sure ``cfg.shard_dir`` holds shards for ``cfg``; returns the shard directory (or URL:
     the shards are uploaded there as they are written, the manifest last).
 
     ``force`` cleans and shards again (the tokenizer is kept when it exists: delete it to retrain).
     """
-    from megapt.data.clean import (clean_dir_of, clean_done, clean_parts, format_stats,
-                                   iter_mixed_docs, keep_masks, run_clean)
+    from megapt.data.clean import (
+        clean_dir_of,
+        clean_done,
+        clean_parts,
+        format_stats,
+        iter_mixed_docs,
+        keep_masks,
+        run_clean,
+    )
     from megapt.data.shard import shard_corpus, summary
     from megapt.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -54,12 +64,16 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None,
     if not force and store.exists(MANIFEST):
         m: dict = load_manifest(shard_dir, cfg.data.remote)
         if not tok_path.is_file():
-            raise ShardError(f"{join(shard_dir, MANIFEST)}: shards exist but their tokenizer "
-                             f"{tok_path} does not; set tokenizer.path to the .model the shards "
-                             f"were made with")
+            raise ShardError(
+                f"{join(shard_dir, MANIFEST)}: shards exist but their tokenizer "
+                f"{tok_path} does not; set tokenizer.path to the .model the shards "
+                f"were made with"
+            )
         check_tokenizer(m, Tokenizer.load(tok_path))
         _warn_if_stale(m, cfg, log)
-        log(f"prepare: shards ready in {shard_dir} ({m['splits']['train']['samples']} train samples); nothing to do")
+        log(
+            f"prepare: shards ready in {shard_dir} ({m['splits']['train']['samples']} train samples); nothing to do"
+        )
         return shard_dir
 
     k = cfg.data.num_shards
@@ -75,8 +89,10 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None,
         log(f"prepare: cleaned text -> {clean_dir} ({time.time() - t0:.1f}s)")
         if k > 1 and cfg.data.clean.dedup:
             _, dups = keep_masks(clean_parts(clean_dir, k))
-            log(f"prepare: {dups} document(s) kept by one clean job duplicate another's; skipped "
-                f"when read (global exact dedup)")
+            log(
+                f"prepare: {dups} document(s) kept by one clean job duplicate another's; skipped "
+                f"when read (global exact dedup)"
+            )
     else:
         log(f"prepare: cleaned text in {clean_dir} is up to date; skipped")
 
@@ -85,15 +101,27 @@ def prepare_data(cfg, *, log=print, progress: bool | None = None,
         tok = Tokenizer.load(tok_path)
         log(f"prepare: tokenizer {tok_path} exists (vocab {tok.vocab_size}); skipped")
     else:
-        tok = train_tokenizer(cfg.tokenizer, iter_mixed_docs(cfg, clean_dir), tok_path, log=log,
-                              progress=progress)
-        log(f"prepare: trained tokenizer ({cfg.tokenizer.model_type}, vocab {tok.vocab_size}) -> {tok_path} "
-            f"({time.time() - t0:.1f}s)")
+        tok = train_tokenizer(
+            cfg.tokenizer, iter_mixed_docs(cfg, clean_dir), tok_path, log=log, progress=progress
+        )
+        log(
+            f"prepare: trained tokenizer ({cfg.tokenizer.model_type}, vocab {tok.vocab_size}) -> {tok_path} "
+            f"({time.time() - t0:.1f}s)"
+        )
 
     t0 = time.time()
     for i in range(k):
-        m = shard_corpus(cfg, clean_dir=clean_dir, out_dir=shard_dir, tokenizer=tok, job=i, num_jobs=k,
-                         progress=progress, log=log, force=force)
+        m = shard_corpus(
+            cfg,
+            clean_dir=clean_dir,
+            out_dir=shard_dir,
+            tokenizer=tok,
+            job=i,
+            num_jobs=k,
+            progress=progress,
+            log=log,
+            force=force,
+        )
         log(f"prepare: shard job {i}/{k}: {summary(m)}")
     if k > 1:
         merge_manifests(shard_dir, remote=cfg.data.remote)
@@ -112,13 +140,18 @@ def _warn_if_stale(m: dict, cfg, log) -> None:
 
     now = describe_sources(sources_of(cfg.data))
     if m.get("sources") and key(m["sources"]) != key(now):
-        log(f"prepare: warning: the shards in {cfg.shard_dir} were made from other sources or files "
-            f"({key(m['sources'])} != {key(now)}); using them anyway - `megapt data prepare --force` rebuilds them")
+        log(
+            f"prepare: warning: the shards in {cfg.shard_dir} were made from other sources or files "
+            f"({key(m['sources'])} != {key(now)}); using them anyway - `megapt data prepare --force` rebuilds them"
+        )
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--force", action="store_true",
-                        help="clean and shard again (keeps an existing tokenizer; delete it to retrain)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="clean and shard again (keeps an existing tokenizer; delete it to retrain)",
+    )
 
 
 def cli_main(cfg, args) -> int:
@@ -139,8 +172,14 @@ PROBE_WAIT_S = 60.0  # how long ranks look for rank 0's probe file (attribute ca
 PROBE_WAIT_ENV = "MEGAPT_PROBE_WAIT_S"  # overrides PROBE_WAIT_S
 
 
-def ensure_data_for_ranks(cfg, *, rank: int, world_size: int, gather: Callable[[Any], list],
-                          log: Callable[[str], None] = print) -> Path | str:
+def ensure_data_for_ranks(
+    cfg,
+    *,
+    rank: int,
+    world_size: int,
+    gather: Callable[[Any], list],
+    log: Callable[[str], None] = print,
+) -> Path | str:
     """Shards and tokenizer ready on every rank of a job; returns the shard folder or URL.
 
     ``gather(obj)`` is an all-gather over the job's ranks (megapt.train.dist.all_gather_object);
@@ -169,11 +208,16 @@ def ensure_data_for_ranks(cfg, *, rank: int, world_size: int, gather: Callable[[
         return shard_dir
     missing = [r for r, (ok, _) in enumerate(states) if not ok]
     if remote:
-        what = (f"{join(shard_dir, MANIFEST)} not found" if not store.exists(MANIFEST)
-                else f"ranks {missing} have no tokenizer {tok_path}")
-        raise ShardError(f"{what}: train reads shards from a URL but does not make them; run "
-                         f"`megapt data prepare --data.shard_dir={shard_dir}` (it uploads the "
-                         f"shards, the manifest last) or check the URL")
+        what = (
+            f"{join(shard_dir, MANIFEST)} not found"
+            if not store.exists(MANIFEST)
+            else f"ranks {missing} have no tokenizer {tok_path}"
+        )
+        raise ShardError(
+            f"{what}: train reads shards from a URL but does not make them; run "
+            f"`megapt data prepare --data.shard_dir={shard_dir}` (it uploads the "
+            f"shards, the manifest last) or check the URL"
+        )
     if world_size == 1:
         return prepare_data(cfg, log=log)
 
@@ -207,7 +251,8 @@ def ensure_data_for_ranks(cfg, *, rank: int, world_size: int, gather: Callable[[
             f"data prepared by rank 0 would never reach them. Prepare the data before training: "
             f"`megapt data prepare -c <config>` on every node (or on shared storage, or one Slurm "
             f"array job per data.shard_index then `megapt data merge`), or set data.shard_dir to "
-            f"a shared folder or an s3:// / gs:// URL")
+            f"a shared folder or an s3:// / gs:// URL"
+        )
 
     status = Path(shard_dir) / f".megapt-prepare-{nonce}.json"
     if rank == 0:
@@ -238,8 +283,10 @@ def _prepare_on_rank0(cfg, status: Path, log: Callable[[str], None]) -> None:
         while not stop.wait(HEARTBEAT_S):
             _write_status(status, state="running", last=last["line"])
 
-    log(f"prepare: rank 0 prepares the data; the other ranks wait on {status.name} "
-        f"(no collective timeout)")
+    log(
+        f"prepare: rank 0 prepares the data; the other ranks wait on {status.name} "
+        f"(no collective timeout)"
+    )
     _write_status(status, state="running", last=last["line"])
     t = threading.Thread(target=beat, daemon=True, name="megapt-prepare-heartbeat")
     t.start()
@@ -249,9 +296,13 @@ def _prepare_on_rank0(cfg, status: Path, log: Callable[[str], None]) -> None:
         stop.set()
         t.join()
         user = exc if isinstance(exc, UserError) else None
-        _write_status(status, state="failed", message=str(exc) if user else repr(exc),
-                      exit_code=user.exit_code if user else None,
-                      kind=user.kind if user else None)
+        _write_status(
+            status,
+            state="failed",
+            message=str(exc) if user else repr(exc),
+            exit_code=user.exit_code if user else None,
+            kind=user.kind if user else None,
+        )
         raise
     stop.set()
     t.join()
@@ -276,12 +327,16 @@ def _wait_for_rank0(status: Path, rank: int, log: Callable[[str], None]) -> None
             raise err
         age = time.time() - float(st.get("time", time.time()))
         if age > STALE_S:
-            raise ShardError(f"{status}: rank 0 has not updated its data preparation status for "
-                             f"{age:.0f} s (killed?); run `megapt data prepare` before training")
+            raise ShardError(
+                f"{status}: rank 0 has not updated its data preparation status for "
+                f"{age:.0f} s (killed?); run `megapt data prepare` before training"
+            )
         now = time.monotonic()
         if now >= next_report:
             if now > t0:
-                log(f"prepare: rank {rank}: waiting for rank 0 to prepare the data "
-                    f"({now - t0:.0f} s so far; rank 0: {st.get('last', '...')})")
+                log(
+                    f"prepare: rank {rank}: waiting for rank 0 to prepare the data "
+                    f"({now - t0:.0f} s so far; rank 0: {st.get('last', '...')})"
+                )
             next_report = now + REPORT_S
         time.sleep(POLL_S)

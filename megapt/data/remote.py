@@ -23,6 +23,7 @@ share the folder: a per-shard lock makes one of them download while the others w
 each download the cache is trimmed to ``cache_gb``: least recently used shards first, never one
 this process has queued or is reading; a cap smaller than those is exceeded with a warning.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -38,8 +39,9 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 from megapt.config import RemoteConfig
 from megapt.data.tarformat import ShardError
@@ -61,16 +63,22 @@ _FILESYSTEMS: dict[tuple, Any] = {}
 
 
 def s3_endpoint(cfg: RemoteConfig) -> str | None:
-    return (cfg.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL") or None)
+    return (
+        cfg.s3_endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
 
 
 def _require(url: str, scheme: Scheme) -> None:
     try:
         importlib.import_module(scheme.module)
     except ImportError:
-        raise UsageError(f"{url}: reading {url.split('://')[0]}:// URLs needs the {scheme.module} "
-                         f"package: pip install \"megapt[{scheme.extra}]\"") from None
+        raise UsageError(
+            f"{url}: reading {url.split('://')[0]}:// URLs needs the {scheme.module} "
+            f'package: pip install "megapt[{scheme.extra}]"'
+        ) from None
 
 
 def filesystem(url: str, cfg: RemoteConfig) -> Any:
@@ -89,14 +97,23 @@ def filesystem(url: str, cfg: RemoteConfig) -> Any:
     common = {"skip_instance_cache": True, "use_listings_cache": False}
     if scheme.protocol == "s3":
         # one attempt per call inside botocore and s3fs: the retries are ours (counted, logged)
-        fs = fsspec.filesystem("s3", endpoint_url=s3_endpoint(cfg), config_kwargs={
-            "retries": {"max_attempts": 1}, "connect_timeout": t, "read_timeout": t}, **common)
+        fs = fsspec.filesystem(
+            "s3",
+            endpoint_url=s3_endpoint(cfg),
+            config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": t, "read_timeout": t},
+            **common,
+        )
         fs.retries = 1
     elif scheme.protocol == "http":
         import aiohttp
 
-        fs = fsspec.filesystem("http", client_kwargs={
-            "timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}, **common)
+        fs = fsspec.filesystem(
+            "http",
+            client_kwargs={
+                "timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+            },
+            **common,
+        )
     else:
         fs = fsspec.filesystem(scheme.protocol, **common)
     _FILESYSTEMS[key] = fs
@@ -107,8 +124,13 @@ def filesystem(url: str, cfg: RemoteConfig) -> Any:
 # Retries
 # --------------------------------------------------------------------------------------------
 
-_PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError",
-                    "ParamValidationError", "InvalidS3AddressingStyleError"}
+_PERMANENT_NAMES = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "NoRegionError",
+    "ParamValidationError",
+    "InvalidS3AddressingStyleError",
+}
 _TRANSIENT: tuple[type, ...] | None = None
 
 
@@ -116,9 +138,11 @@ def _transient_types() -> tuple[type, ...]:
     global _TRANSIENT
     if _TRANSIENT is None:
         found: list[type] = [OSError, TimeoutError, ConnectionError]
-        for module, names in (("botocore.exceptions", ("BotoCoreError", "ClientError")),
-                              ("aiohttp", ("ClientError",)),
-                              ("fsspec.exceptions", ("FSTimeoutError",))):
+        for module, names in (
+            ("botocore.exceptions", ("BotoCoreError", "ClientError")),
+            ("aiohttp", ("ClientError",)),
+            ("fsspec.exceptions", ("FSTimeoutError",)),
+        ):
             try:
                 mod = importlib.import_module(module)
             except ImportError:
@@ -146,26 +170,38 @@ def with_retries(fn: Callable[[], T], url: str, cfg: RemoteConfig, what: str) ->
         except (FileNotFoundError, UsageError):
             raise
         except PermissionError as exc:
-            raise ShardError(f"{url}: {what}: access denied ({_why(exc)}); check the "
-                             f"credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / gcloud auth)"
-                             ) from None
+            raise ShardError(
+                f"{url}: {what}: access denied ({_why(exc)}); check the "
+                f"credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE / gcloud auth)"
+            ) from None
         except Exception as exc:  # classified below; bugs are re-raised
             if type(exc).__name__ in _PERMANENT_NAMES:
-                raise ShardError(f"{url}: {what}: {_why(exc)}; check the credentials, region and "
-                                 f"endpoint (data.remote.s3_endpoint_url)") from None
+                raise ShardError(
+                    f"{url}: {what}: {_why(exc)}; check the credentials, region and "
+                    f"endpoint (data.remote.s3_endpoint_url)"
+                ) from None
             if not isinstance(exc, _transient_types()):
                 raise
             last = exc
             if k + 1 < attempts:
-                log.warning("%s: %s failed (%s); retry %d of %d in %.1f s", url, what, _why(exc),
-                            k + 1, attempts - 1, wait)
+                log.warning(
+                    "%s: %s failed (%s); retry %d of %d in %.1f s",
+                    url,
+                    what,
+                    _why(exc),
+                    k + 1,
+                    attempts - 1,
+                    wait,
+                )
                 time.sleep(wait)
                 wait = min(2 * wait, MAX_WAIT_S)
     assert last is not None
-    raise ShardError(f"{url}: {what} failed after {attempts} attempt(s) in "
-                     f"{time.monotonic() - t0:.1f} s: {_why(last)}; check the network, the "
-                     f"endpoint (data.remote.s3_endpoint_url / AWS_ENDPOINT_URL) and "
-                     f"data.remote.retries")
+    raise ShardError(
+        f"{url}: {what} failed after {attempts} attempt(s) in "
+        f"{time.monotonic() - t0:.1f} s: {_why(last)}; check the network, the "
+        f"endpoint (data.remote.s3_endpoint_url / AWS_ENDPOINT_URL) and "
+        f"data.remote.retries"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +310,10 @@ class RemoteStore:
 
     def check_writable(self) -> None:
         if not self.scheme.writable:
-            raise UsageError(f"{self.root}: {self.root.split('://')[0]}:// is read-only for "
-                             f"megapt; write shards to a folder, s3:// or gs://")
+            raise UsageError(
+                f"{self.root}: {self.root.split('://')[0]}:// is read-only for "
+                f"megapt; write shards to a folder, s3:// or gs://"
+            )
 
     def put(self, src: Path, name: str) -> None:
         self.check_writable()
@@ -358,8 +396,15 @@ class ShardCache:
     caller waited for shards (``wait_s``: the stall the reader saw).
     """
 
-    def __init__(self, store: RemoteStore, entries: list[dict], cfg: RemoteConfig, *,
-                 depth: int, threads: int = 4):
+    def __init__(
+        self,
+        store: RemoteStore,
+        entries: list[dict],
+        cfg: RemoteConfig,
+        *,
+        depth: int,
+        threads: int = 4,
+    ):
         self.store, self.entries, self.cfg = store, entries, cfg
         self.root = cache_root(cfg)
         self.dir = self.root / set_dirname(store.root)
@@ -373,8 +418,14 @@ class ShardCache:
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
         self._warned_cap = False
-        self.stats = {"downloads": 0, "bytes": 0, "hits": 0, "wait_s": 0.0, "evicted": 0,
-                      "retried_reads": 0}
+        self.stats = {
+            "downloads": 0,
+            "bytes": 0,
+            "hits": 0,
+            "wait_s": 0.0,
+            "evicted": 0,
+            "retried_reads": 0,
+        }
         self.downloaded: list[str] = []  # shard names this process downloaded, in order
 
     def path(self, j: int) -> Path:
@@ -403,8 +454,10 @@ class ShardCache:
                     return data
                 except FileNotFoundError:  # evicted by another process between fetch and read
                     self.stats["retried_reads"] += 1
-            raise ShardError(f"{self.url(j)}: the cached copy keeps disappearing from {self.dir}; "
-                             f"data.remote.cache_gb is too small for the processes sharing it")
+            raise ShardError(
+                f"{self.url(j)}: the cached copy keeps disappearing from {self.dir}; "
+                f"data.remote.cache_gb is too small for the processes sharing it"
+            )
         finally:
             self.stats["wait_s"] += time.perf_counter() - t0
             with self._lock:
@@ -439,8 +492,9 @@ class ShardCache:
 
     def _start_workers(self) -> None:
         while len(self._workers) < self.threads:
-            t = threading.Thread(target=self._work, daemon=True,
-                                 name=f"megapt-prefetch-{len(self._workers)}")
+            t = threading.Thread(
+                target=self._work, daemon=True, name=f"megapt-prefetch-{len(self._workers)}"
+            )
             t.start()
             self._workers.append(t)
 
@@ -506,16 +560,20 @@ class ShardCache:
         try:
             with_retries(once, url, self.cfg, "download")
         except FileNotFoundError:
-            raise ShardError(f"{url}: shard listed in the manifest is not there; re-run the shard "
-                             f"job that wrote it (`megapt data shard --out ...`)") from None
+            raise ShardError(
+                f"{url}: shard listed in the manifest is not there; re-run the shard "
+                f"job that wrote it (`megapt data shard --out ...`)"
+            ) from None
         h = hashlib.sha256()
         with open(tmp, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
         if h.hexdigest() != entry["sha256"]:
             tmp.unlink(missing_ok=True)
-            raise ShardError(f"{url}: sha256 mismatch: {h.hexdigest()[:16]}... downloaded, the "
-                             f"manifest says {entry['sha256'][:16]}... (corrupt or replaced shard)")
+            raise ShardError(
+                f"{url}: sha256 mismatch: {h.hexdigest()[:16]}... downloaded, the "
+                f"manifest says {entry['sha256'][:16]}... (corrupt or replaced shard)"
+            )
         os.replace(tmp, final)
         with self._lock:  # prefetch threads and the reader count here
             self.stats["downloads"] += 1
@@ -545,7 +603,11 @@ class ShardCache:
                 self.stats["evicted"] += 1
         if total > self.cap and not self._warned_cap:
             self._warned_cap = True
-            log.warning("shard cache %s holds %.2f GB, over data.remote.cache_gb=%g: the shards "
-                        "this process needs soon do not fit; raise the cap (or lower "
-                        "data.remote.prefetch)", self.root, total / 1e9, self.cfg.cache_gb)
-
+            log.warning(
+                "shard cache %s holds %.2f GB, over data.remote.cache_gb=%g: the shards "
+                "this process needs soon do not fit; raise the cap (or lower "
+                "data.remote.prefetch)",
+                self.root,
+                total / 1e9,
+                self.cfg.cache_gb,
+            )

@@ -19,32 +19,48 @@ document and writes ``manifest-part-i-of-K.json``; ``megapt data merge`` joins t
     write_token_dataset(out_dir, {"train": arrays, "val": arrays}, seq_len=16, vocab_size=500)
     shard_corpus(cfg)              # what `megapt data shard` runs
 """
+
 from __future__ import annotations
 
 import fnmatch
 import hashlib
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from megapt.data.manifest import (
-    MANIFEST, atomic_write_json, build_manifest, merge_manifests, part_name, read_manifest)
+    MANIFEST,
+    atomic_write_json,
+    build_manifest,
+    merge_manifests,
+    part_name,
+    read_manifest,
+)
 from megapt.data.remote import RemoteStore, Store, cache_root, open_store, set_dirname, write_json
 from megapt.data.tarformat import ShardError, ShardWriter, dtype_for_vocab, write_shards
-from megapt.urls import join, location
 from megapt.data.workers import die_with_parent
-
+from megapt.urls import location
 
 # --------------------------------------------------------------------------------------------
 # Token arrays -> a complete shard set (reusable by tests and other tools)
 # --------------------------------------------------------------------------------------------
 
 
-def write_token_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[np.ndarray]], *, seq_len: int,
-                        vocab_size: int, eos_id: int = 1, pad_id: int = 2, tokenizer_sha256: str = "",
-                        shard_samples: int = 2048, job: int = 0, num_jobs: int = 1) -> dict:
+def write_token_dataset(
+    out_dir: str | os.PathLike,
+    splits: dict[str, Iterable[np.ndarray]],
+    *,
+    seq_len: int,
+    vocab_size: int,
+    eos_id: int = 1,
+    pad_id: int = 2,
+    tokenizer_sha256: str = "",
+    shard_samples: int = 2048,
+    job: int = 0,
+    num_jobs: int = 1,
+) -> dict:
     """Write complete shards + ``manifest.json`` (or a partial manifest when ``num_jobs > 1``).
 
     ``splits`` maps "train"/"val" to iterables of ``seq_len + 1``-token arrays. Handy to build
@@ -52,11 +68,29 @@ def write_token_dataset(out_dir: str | os.PathLike, splits: dict[str, Iterable[n
     """
     out_dir = Path(out_dir)
     dtype = dtype_for_vocab(vocab_size)
-    entries = {split: write_shards(arrs, out_dir, split, job, sample_len=seq_len + 1, dtype=dtype,
-                                   shard_samples=shard_samples) for split, arrs in splits.items()}
-    m = build_manifest(seq_len=seq_len, vocab_size=vocab_size, eos_id=eos_id, pad_id=pad_id,
-                       tokenizer_sha256=tokenizer_sha256, splits=entries, num_jobs=num_jobs, done=[job],
-                       docs={s: 0 for s in ("train", "val")})
+    entries = {
+        split: write_shards(
+            arrs,
+            out_dir,
+            split,
+            job,
+            sample_len=seq_len + 1,
+            dtype=dtype,
+            shard_samples=shard_samples,
+        )
+        for split, arrs in splits.items()
+    }
+    m = build_manifest(
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        tokenizer_sha256=tokenizer_sha256,
+        splits=entries,
+        num_jobs=num_jobs,
+        done=[job],
+        docs={s: 0 for s in ("train", "val")},
+    )
     atomic_write_json(out_dir / (MANIFEST if num_jobs == 1 else part_name(job, num_jobs)), m)
     return m
 
@@ -78,11 +112,14 @@ def is_val(text: str, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
-def _init_worker(tokenizer, sample_len: int, dtype: str, val_fraction: float,
-                 parent_pid: int = 0) -> None:
+def _init_worker(
+    tokenizer, sample_len: int, dtype: str, val_fraction: float, parent_pid: int = 0
+) -> None:
     if parent_pid:  # a pool worker: die with the shard job (megapt.data.workers)
         die_with_parent(parent_pid)
-    _WORKER.update(tok=tokenizer, sample_len=sample_len, dtype=np.dtype(dtype), val_fraction=val_fraction)
+    _WORKER.update(
+        tok=tokenizer, sample_len=sample_len, dtype=np.dtype(dtype), val_fraction=val_fraction
+    )
 
 
 def _pack(docs: list[np.ndarray], eos: int, sample_len: int, dtype) -> tuple[np.ndarray, int]:
@@ -118,7 +155,9 @@ def _process_block(lines: list[bytes]) -> dict:
     return out
 
 
-def iter_blocks(lines: Iterable[bytes], block_bytes: int, num_jobs: int = 1, job: int = 0) -> Iterator[list[bytes]]:
+def iter_blocks(
+    lines: Iterable[bytes], block_bytes: int, num_jobs: int = 1, job: int = 0
+) -> Iterator[list[bytes]]:
     """Group the stream into ~block_bytes blocks; yield the blocks b with b % num_jobs == job."""
     buf: list[bytes] = []
     size = b = 0
@@ -186,22 +225,35 @@ def _job_is_done(store: Store, part: str, params: dict) -> bool:
     if m.get("params") != params:
         return False
     listing = store.list()
-    return all(listing.get(e["name"]) == e["bytes"]
-               for s in m["splits"].values() for e in s["shards"])
+    return all(
+        listing.get(e["name"]) == e["bytes"] for s in m["splits"].values() for e in s["shards"]
+    )
 
 
 def _remove_job_outputs(store: Store, job: int, num_jobs: int) -> None:
     names = list(store.list())
-    stale = {n for n in names if fnmatch.fnmatch(n, f"*-{job:03d}-*.tar*")
-             and n.split("-")[0] in ("train", "val")}  # *.tar and leftover *.tar.tmp
+    stale = {
+        n
+        for n in names
+        if fnmatch.fnmatch(n, f"*-{job:03d}-*.tar*") and n.split("-")[0] in ("train", "val")
+    }  # *.tar and leftover *.tar.tmp
     # an earlier run split into another number of jobs: its partial manifests (and the shards of
     # jobs that no longer exist) would make `data merge` fail or waste space
-    stale |= {n for n in names if fnmatch.fnmatch(n, "manifest-part-*-of-*.json")
-              and not n.endswith(f"-of-{num_jobs:03d}.json")}
+    stale |= {
+        n
+        for n in names
+        if fnmatch.fnmatch(n, "manifest-part-*-of-*.json")
+        and not n.endswith(f"-of-{num_jobs:03d}.json")
+    }
     for n in names:
         parts = n.split("-")
-        if (len(parts) == 3 and parts[0] in ("train", "val") and parts[1].isdigit()
-                and int(parts[1]) >= num_jobs and ".tar" in parts[2]):
+        if (
+            len(parts) == 3
+            and parts[0] in ("train", "val")
+            and parts[1].isdigit()
+            and int(parts[1]) >= num_jobs
+            and ".tar" in parts[2]
+        ):
             stale.add(n)
     # first the manifests that list this job's shards (stale from now on), then the files
     for n in [MANIFEST, part_name(job, num_jobs)] + sorted(stale):
@@ -209,10 +261,20 @@ def _remove_job_outputs(store: Store, job: int, num_jobs: int) -> None:
             store.delete(n)
 
 
-def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
-                 tokenizer=None, job: int | None = None, num_jobs: int | None = None, num_proc: int | None = None,
-                 block_bytes: int = BLOCK_BYTES, force: bool = False, progress: bool = True,
-                 log=print) -> dict:
+def shard_corpus(
+    cfg,
+    *,
+    clean_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    tokenizer=None,
+    job: int | None = None,
+    num_jobs: int | None = None,
+    num_proc: int | None = None,
+    block_bytes: int = BLOCK_BYTES,
+    force: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Tokenize this job's part of the cleaned corpus into shards; returns its (partial) manifest.
 
     With one job the manifest is also merged into ``manifest.json``. The returned dict has an
@@ -231,15 +293,26 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
     k = d.num_shards if num_jobs is None else num_jobs
     i = d.shard_index if job is None else job
     clean_dir = Path(clean_dir) if clean_dir else clean_dir_of(cfg)
-    out_dir = (location(out_dir if isinstance(out_dir, Path) else str(out_dir)) if out_dir
-               else cfg.shard_dir)
+    out_dir = (
+        location(out_dir if isinstance(out_dir, Path) else str(out_dir))
+        if out_dir
+        else cfg.shard_dir
+    )
     store = open_store(out_dir, d.remote)
     tok = tokenizer if tokenizer is not None else Tokenizer.load(cfg.tokenizer_path)
     nproc = num_proc if num_proc is not None else (d.num_proc or available_cores())
-    params = {"seq_len": d.seq_len, "shard_samples": d.shard_samples, "val_fraction": d.val_fraction,
-              "tokenizer_sha256": tok.sha256, "num_shards": k, "shard_index": i, "block_bytes": block_bytes,
-              "seed": cfg.run.seed, "weights": [s.weight for s in sources_of(d)],
-              "input": _input_fingerprint(clean_dir)}
+    params = {
+        "seq_len": d.seq_len,
+        "shard_samples": d.shard_samples,
+        "val_fraction": d.val_fraction,
+        "tokenizer_sha256": tok.sha256,
+        "num_shards": k,
+        "shard_index": i,
+        "block_bytes": block_bytes,
+        "seed": cfg.run.seed,
+        "weights": [s.weight for s in sources_of(d)],
+        "input": _input_fingerprint(clean_dir),
+    }
     if isinstance(store, RemoteStore):  # shards are written here, each uploaded once finished
         store.check_writable()
         stage = cache_root(d.remote) / "upload" / set_dirname(store.root)
@@ -255,15 +328,20 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
         m = read_manifest(store, part)
         if k == 1 and not store.exists(MANIFEST):
             merge_manifests(out_dir, remote=d.remote)
-        log(f"shard: job {i}/{k} already complete in {out_dir} ({m['splits']['train']['samples']} train samples); "
-            f"--force to redo")
+        log(
+            f"shard: job {i}/{k} already complete in {out_dir} ({m['splits']['train']['samples']} train samples); "
+            f"--force to redo"
+        )
         m["_run"] = {"skipped": True}
         return m
     _remove_job_outputs(store, i, k)
 
     total_bytes = sum(f.stat().st_size for files in clean_files(clean_dir) for f in files)
-    log(f"shard: job {i}/{k} of {total_bytes / 1e6:.1f} MB cleaned text -> {out_dir}, {nproc} proc, "
-        f"tokenizer encoder {tok.encoder_path}" + (f" ({tok.encoder_note})" if tok.encoder_note else ""))
+    log(
+        f"shard: job {i}/{k} of {total_bytes / 1e6:.1f} MB cleaned text -> {out_dir}, {nproc} proc, "
+        f"tokenizer encoder {tok.encoder_path}"
+        + (f" ({tok.encoder_note})" if tok.encoder_note else "")
+    )
     sample_len = d.seq_len + 1
     dtype = dtype_for_vocab(tok.vocab_size)
 
@@ -271,18 +349,34 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
         store.put(path, entry["name"])
         path.unlink()
 
-    writers = {s: ShardWriter(stage, s, i, sample_len=sample_len, dtype=dtype,
-                              shard_samples=d.shard_samples,
-                              on_shard=upload if store.is_remote else None)
-               for s in ("train", "val")}
+    writers = {
+        s: ShardWriter(
+            stage,
+            s,
+            i,
+            sample_len=sample_len,
+            dtype=dtype,
+            shard_samples=d.shard_samples,
+            on_shard=upload if store.is_remote else None,
+        )
+        for s in ("train", "val")
+    }
     docs = {"train": 0, "val": 0}
     dropped = nbytes = tokens_in = 0
     t0 = time.time()
-    bar = tqdm(total=total_bytes // k, unit="B", unit_scale=True, desc=f"shard {i}/{k}", disable=not progress,
-               mininterval=1.0)
+    bar = tqdm(
+        total=total_bytes // k,
+        unit="B",
+        unit_scale=True,
+        desc=f"shard {i}/{k}",
+        disable=not progress,
+        mininterval=1.0,
+    )
     try:
         blocks = iter_blocks(iter_mixed_lines(cfg, clean_dir), block_bytes, k, i)
-        for res in _ordered_map(_process_block, blocks, nproc, (tok, sample_len, dtype, d.val_fraction)):
+        for res in _ordered_map(
+            _process_block, blocks, nproc, (tok, sample_len, dtype, d.val_fraction)
+        ):
             for split in ("train", "val"):
                 writers[split].add_many(res[split])
                 docs[split] += res[f"{split}_docs"]
@@ -299,34 +393,61 @@ def shard_corpus(cfg, *, clean_dir: str | os.PathLike | None = None, out_dir: st
         bar.close()
     seconds = time.time() - t0
     if docs["train"] + docs["val"] == 0 and k == 1:
-        raise DataError(f"shard: no documents in {clean_dir} (empty input); check data.sources and run "
-                        f"`megapt data clean`")
+        raise DataError(
+            f"shard: no documents in {clean_dir} (empty input); check data.sources and run "
+            f"`megapt data clean`"
+        )
     if k == 1 and not entries["train"]:
-        raise DataError(f"shard: the corpus is too small: {tokens_in} tokens in {docs['train']} training documents "
-                        f"give no complete sample of seq_len+1={sample_len} tokens; add text or lower data.seq_len")
-    m = build_manifest(seq_len=d.seq_len, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                       tokenizer_sha256=tok.sha256, splits=entries, sources=describe_sources(sources_of(d)),
-                       docs=docs, dropped_tokens=dropped, num_jobs=k, done=[i], params=params)
+        raise DataError(
+            f"shard: the corpus is too small: {tokens_in} tokens in {docs['train']} training documents "
+            f"give no complete sample of seq_len+1={sample_len} tokens; add text or lower data.seq_len"
+        )
+    m = build_manifest(
+        seq_len=d.seq_len,
+        vocab_size=tok.vocab_size,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        tokenizer_sha256=tok.sha256,
+        splits=entries,
+        sources=describe_sources(sources_of(d)),
+        docs=docs,
+        dropped_tokens=dropped,
+        num_jobs=k,
+        done=[i],
+        params=params,
+    )
     write_json(store, part, m)  # after every shard of the job is in place
     if k == 1:
         merge_manifests(out_dir, remote=d.remote)  # manifest.json last
     if d.val_fraction > 0 and not entries["val"] and k == 1:
-        log(f"shard: warning: no validation sample (val_fraction={d.val_fraction}, {docs['val']} val docs); "
-            f"raise data.val_fraction or add text")
-    m["_run"] = {"skipped": False, "seconds": seconds, "bytes": nbytes, "tokens": tokens_in, "num_proc": nproc,
-                 "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9)}
+        log(
+            f"shard: warning: no validation sample (val_fraction={d.val_fraction}, {docs['val']} val docs); "
+            f"raise data.val_fraction or add text"
+        )
+    m["_run"] = {
+        "skipped": False,
+        "seconds": seconds,
+        "bytes": nbytes,
+        "tokens": tokens_in,
+        "num_proc": nproc,
+        "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9),
+    }
     return m
 
 
 def summary(m: dict) -> str:
     r = m.get("_run", {})
     tr, va = m["splits"]["train"], m["splits"]["val"]
-    s = (f"train {tr['samples']} samples / {len(tr['shards'])} shards, val {va['samples']} samples / "
-         f"{len(va['shards'])} shards, docs {m['docs']['train']}+{m['docs']['val']}, "
-         f"dropped tail tokens {m['dropped_tokens']}")
+    s = (
+        f"train {tr['samples']} samples / {len(tr['shards'])} shards, val {va['samples']} samples / "
+        f"{len(va['shards'])} shards, docs {m['docs']['train']}+{m['docs']['val']}, "
+        f"dropped tail tokens {m['dropped_tokens']}"
+    )
     if r and not r.get("skipped"):
-        s += (f"; {r['bytes'] / 1e6:.1f} MB -> {r['tokens']} tokens in {r['seconds']:.1f}s "
-              f"({r['mb_per_s']:.2f} MB/s with {r['num_proc']} proc)")
+        s += (
+            f"; {r['bytes'] / 1e6:.1f} MB -> {r['tokens']} tokens in {r['seconds']:.1f}s "
+            f"({r['mb_per_s']:.2f} MB/s with {r['num_proc']} proc)"
+        )
     return s
 
 
@@ -336,12 +457,20 @@ def summary(m: dict) -> str:
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--input", default="", help="cleaned-text folder (default: <work_dir>/clean)")
-    parser.add_argument("--out", default="", help="shard folder or s3:// / gs:// URL (shards are "
-                        "uploaded as they finish, the manifest last; default: data.shard_dir)")
+    parser.add_argument(
+        "--input", default="", help="cleaned-text folder (default: <work_dir>/clean)"
+    )
+    parser.add_argument(
+        "--out",
+        default="",
+        help="shard folder or s3:// / gs:// URL (shards are "
+        "uploaded as they finish, the manifest last; default: data.shard_dir)",
+    )
     parser.add_argument("--num-shards", type=int, default=None, help="same as --data.num_shards")
     parser.add_argument("--shard-index", type=int, default=None, help="same as --data.shard_index")
-    parser.add_argument("--force", action="store_true", help="rewrite this job's shards even if complete")
+    parser.add_argument(
+        "--force", action="store_true", help="rewrite this job's shards even if complete"
+    )
 
 
 def cli_main(cfg, args) -> int:
@@ -350,11 +479,18 @@ def cli_main(cfg, args) -> int:
 
     apply_split_args(cfg.data, args)
     out = location(args.out) if args.out else cfg.shard_dir
-    m = shard_corpus(cfg, clean_dir=args.input or None, out_dir=out, force=args.force,
-                     progress=cfg.logging.progress)
+    m = shard_corpus(
+        cfg,
+        clean_dir=args.input or None,
+        out_dir=out,
+        force=args.force,
+        progress=cfg.logging.progress,
+    )
     k, i = cfg.data.num_shards, cfg.data.shard_index
     print(f"shard: job {i}/{k}: {summary(m)} -> {out}")
     if k > 1:
-        print(f"shard: wrote {part_name(i, k)}; once all {k} jobs are done run `megapt data merge` "
-              f"with the same config")
+        print(
+            f"shard: wrote {part_name(i, k)}; once all {k} jobs are done run `megapt data merge` "
+            f"with the same config"
+        )
     return 0

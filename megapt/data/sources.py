@@ -21,6 +21,7 @@ jobs are skipped without being decoded where possible.
 Mixing: ``mix_streams`` interleaves several document streams with a seeded weighted choice; a
 source of weight ``w`` contributes ``floor(w)`` full passes plus a hash-chosen fraction ``w - floor(w)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,14 +31,28 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from megapt.config import ConfigError, SourceConfig
 from megapt.errors import EXIT_DATA, UserError
 
-TEXT_EXT = {".txt", ".md", ".rst", ".py", ".text", ".c", ".h", ".cpp", ".js", ".java", ".go", ".rs", ".tex"}
+TEXT_EXT = {
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".text",
+    ".c",
+    ".h",
+    ".cpp",
+    ".js",
+    ".java",
+    ".go",
+    ".rs",
+    ".tex",
+}
 JSONL_EXT = {".jsonl", ".json", ".ndjson"}
 PARQUET_EXT = {".parquet"}
 
@@ -76,14 +91,19 @@ def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         out += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
     return sorted(out, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _is_hf_dir(p: Path) -> bool:
-    return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()
-                           or (p / "state.json").is_file())
+    return p.is_dir() and (
+        (p / "dataset_info.json").is_file()
+        or (p / "dataset_dict.json").is_file()
+        or (p / "state.json").is_file()
+    )
 
 
 def _format_of(path: Path, fmt: str) -> str:
@@ -104,8 +124,10 @@ def resolve_files(src: SourceConfig) -> list[Path]:
     if any(ch in path for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     elif p.is_dir():
-        files = sorted((q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")),
-                       key=lambda q: q.relative_to(p).as_posix())
+        files = sorted(
+            (q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")),
+            key=lambda q: q.relative_to(p).as_posix(),
+        )
         if src.format == "python":
             files = [f for f in files if f.suffix == ".py"]
         elif src.format == "auto":
@@ -128,7 +150,9 @@ def _take(idx: int, num_shards: int, shard_index: int) -> bool:
     return idx % num_shards == shard_index
 
 
-def _read_text_files(files: list[Path], stats: ReadStats, start: int, k: int, i: int) -> Iterator[str]:
+def _read_text_files(
+    files: list[Path], stats: ReadStats, start: int, k: int, i: int
+) -> Iterator[str]:
     for n, f in enumerate(files, start):
         if not _take(n, k, i):
             continue
@@ -143,7 +167,9 @@ def _read_text_files(files: list[Path], stats: ReadStats, start: int, k: int, i:
         yield text
 
 
-def _read_jsonl(f: Path, field_: str, stats: ReadStats, start: int, k: int, i: int) -> Iterator[tuple[int, str]]:
+def _read_jsonl(
+    f: Path, field_: str, stats: ReadStats, start: int, k: int, i: int
+) -> Iterator[tuple[int, str]]:
     """Yield (global index, text); only lines of this job are parsed."""
     stats.files += 1
     n = start
@@ -159,20 +185,26 @@ def _read_jsonl(f: Path, field_: str, stats: ReadStats, start: int, k: int, i: i
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise DataError(f"{f}:{lineno}: invalid JSON line ({exc})") from None
             if not isinstance(obj, dict):
-                raise DataError(f"{f}:{lineno}: a JSON {type(obj).__name__}, expected an object "
-                                f"with field {field_!r}")
+                raise DataError(
+                    f"{f}:{lineno}: a JSON {type(obj).__name__}, expected an object "
+                    f"with field {field_!r}"
+                )
             text = obj.get(field_)
             if text is None:  # missing or null: dropped and counted, as in every reader
                 stats.count_no_text(f"{f}:{lineno} (keys {sorted(obj)})")
                 continue
             if not isinstance(text, str):
-                raise DataError(f"{f}:{lineno}: field {field_!r} is {type(text).__name__}, expected a string")
+                raise DataError(
+                    f"{f}:{lineno}: field {field_!r} is {type(text).__name__}, expected a string"
+                )
             stats.docs += 1
             yield n, text
     yield n, None  # type: ignore[misc]  # end marker carries the running index
 
 
-def _read_parquet(f: Path, field_: str, stats: ReadStats, start: int, k: int, i: int) -> Iterator[tuple[int, str]]:
+def _read_parquet(
+    f: Path, field_: str, stats: ReadStats, start: int, k: int, i: int
+) -> Iterator[tuple[int, str]]:
     import pyarrow.parquet as pq
 
     stats.files += 1
@@ -184,11 +216,15 @@ def _read_parquet(f: Path, field_: str, stats: ReadStats, start: int, k: int, i:
 
     names = pf.schema_arrow.names
     if field_ not in names:
-        raise DataError(f"{f}: no column {field_!r} (columns: {names}); set the source's text_field")
+        raise DataError(
+            f"{f}: no column {field_!r} (columns: {names}); set the source's text_field"
+        )
     col_type = pf.schema_arrow.field(field_).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
-        raise DataError(f"{f}: column {field_!r} holds {col_type}, expected strings; set the "
-                        f"source's text_field")
+        raise DataError(
+            f"{f}: column {field_!r} holds {col_type}, expected strings; set the "
+            f"source's text_field"
+        )
     n = start
     for batch in pf.iter_batches(columns=[field_], batch_size=1024):
         for v in batch.column(0).to_pylist():
@@ -247,7 +283,9 @@ def _open_hf(src: SourceConfig, stats: ReadStats | None = None):
             raise DataError(f"{p}: not a readable HF dataset folder ({why})") from None
         if isinstance(ds, datasets.DatasetDict):
             if src.split not in ds:
-                raise DataError(f"{p}: HF dataset has splits {list(ds)}, not {src.split!r}; set the source's split")
+                raise DataError(
+                    f"{p}: HF dataset has splits {list(ds)}, not {src.split!r}; set the source's split"
+                )
             ds = ds[src.split]
         if stats is not None:
             stats.files += 1
@@ -258,35 +296,45 @@ def _open_hf(src: SourceConfig, stats: ReadStats | None = None):
             kinds.setdefault(_builder(f), f)
         if len(kinds) > 1:
             seen = ", ".join(f"{f.name} ({kind})" for kind, f in kinds.items())
-            raise DataError(f"{src.path}: format hf reads one kind of file per source, found "
-                            f"{seen}; list each kind as its own source (or use format auto)")
-        (builder, _), = kinds.items()
+            raise DataError(
+                f"{src.path}: format hf reads one kind of file per source, found "
+                f"{seen}; list each kind as its own source (or use format auto)"
+            )
+        ((builder, _),) = kinds.items()
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
         except Exception as exc:  # noqa: BLE001 - datasets wraps the reader's error in its own (or none)
             _raise_if_undecodable(files if builder in ("json", "text") else [])
             cause = exc.__cause__ or exc.__context__ or exc
             why = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}"
-            raise DataError(f"{src.path}: datasets.load_dataset({builder!r}) cannot read "
-                            f"{len(files)} file(s) ({why})") from None
+            raise DataError(
+                f"{src.path}: datasets.load_dataset({builder!r}) cannot read "
+                f"{len(files)} file(s) ({why})"
+            ) from None
         if stats is not None:
             stats.files += len(files)
     if src.text_field not in ds.column_names:
-        raise DataError(f"{p}: HF dataset has no column {src.text_field!r} (columns: {ds.column_names}); "
-                        f"set the source's text_field")
+        raise DataError(
+            f"{p}: HF dataset has no column {src.text_field!r} (columns: {ds.column_names}); "
+            f"set the source's text_field"
+        )
     feat = ds.features[src.text_field]
     if getattr(feat, "dtype", None) not in ("string", "large_string"):
         holds = getattr(feat, "dtype", None) or feat
-        raise DataError(f"{p}: HF column {src.text_field!r} holds {holds}, expected strings; set "
-                        f"the source's text_field")
+        raise DataError(
+            f"{p}: HF column {src.text_field!r} holds {holds}, expected strings; set "
+            f"the source's text_field"
+        )
     return ds, files
 
 
 def _raise_if_undecodable(files: list[Path]) -> None:
     bad = _first_undecodable(files)
     if bad is not None:
-        raise DataError(f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); datasets "
-                        f"cannot read it. Re-encode the file as UTF-8 or drop it from the source")
+        raise DataError(
+            f"{bad[0]}: not valid UTF-8 (first bad byte at offset {bad[1]}); datasets "
+            f"cannot read it. Re-encode the file as UTF-8 or drop it from the source"
+        )
 
 
 def _read_hf(src: SourceConfig, stats: ReadStats, k: int, i: int) -> Iterator[str]:
@@ -300,8 +348,10 @@ def _read_hf(src: SourceConfig, stats: ReadStats, k: int, i: int) -> Iterator[st
             batch = next(batches, None)
         except UnicodeDecodeError as exc:  # datasets stores invalid UTF-8 unchecked; it fails here
             _raise_if_undecodable(files)
-            raise DataError(f"{src.path}: rows {row + 1}-{row + 1024} of this job hold text that "
-                            f"is not valid UTF-8 ({exc})") from None
+            raise DataError(
+                f"{src.path}: rows {row + 1}-{row + 1024} of this job hold text that "
+                f"is not valid UTF-8 ({exc})"
+            ) from None
         if batch is None:
             return
         for v in batch[src.text_field]:
@@ -313,8 +363,9 @@ def _read_hf(src: SourceConfig, stats: ReadStats, k: int, i: int) -> Iterator[st
             yield v
 
 
-def iter_source(src: SourceConfig, stats: ReadStats | None = None, *, num_shards: int = 1,
-                shard_index: int = 0) -> Iterator[str]:
+def iter_source(
+    src: SourceConfig, stats: ReadStats | None = None, *, num_shards: int = 1, shard_index: int = 0
+) -> Iterator[str]:
     """Documents of one source (this job's part of them when ``num_shards > 1``)."""
     stats = stats if stats is not None else ReadStats()
     k, i = num_shards, shard_index
@@ -347,8 +398,9 @@ def apply_split_args(data_cfg, args) -> None:
     k = args.num_shards if args.num_shards is not None else data_cfg.num_shards
     i = args.shard_index if args.shard_index is not None else data_cfg.shard_index
     if k < 1 or not 0 <= i < k:
-        raise ConfigError(f"--num-shards/--shard-index: need 0 <= shard index < num shards, "
-                          f"got {i}/{k}")
+        raise ConfigError(
+            f"--num-shards/--shard-index: need 0 <= shard index < num shards, got {i}/{k}"
+        )
     data_cfg.num_shards, data_cfg.shard_index = k, i
 
 
@@ -364,10 +416,19 @@ def describe_sources(sources: list[SourceConfig]) -> list[dict]:
     """JSON-able description of the sources, with a fingerprint of the files behind them."""
     out = []
     for s in sources:
-        d = {"path": s.path, "format": s.format, "text_field": s.text_field, "weight": s.weight, "split": s.split}
+        d = {
+            "path": s.path,
+            "format": s.format,
+            "text_field": s.text_field,
+            "weight": s.weight,
+            "split": s.split,
+        }
         try:
-            files = stdlib_files() if s.path == "stdlib" else (
-                [Path(s.path)] if _is_hf_dir(Path(s.path)) else resolve_files(s))
+            files = (
+                stdlib_files()
+                if s.path == "stdlib"
+                else ([Path(s.path)] if _is_hf_dir(Path(s.path)) else resolve_files(s))
+            )
             h = hashlib.sha256()
             for f in files:
                 st = f.stat()
@@ -392,7 +453,9 @@ def _frac_keep(seed: int, src: int, rep: int, idx: int, frac: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < frac
 
 
-def repeat_weighted(make_stream: Callable[[], Iterable], weight: float, seed: int, src: int) -> Iterator:
+def repeat_weighted(
+    make_stream: Callable[[], Iterable], weight: float, seed: int, src: int
+) -> Iterator:
     """``floor(weight)`` passes over the stream, then a hash-chosen ``weight - floor(weight)`` share."""
     if weight <= 0:
         raise ConfigError(f"data.sources[{src}].weight: must be > 0, got {weight}")
@@ -421,8 +484,14 @@ def mix_streams(streams: Sequence[Iterable], weights: list[float], seed: int) ->
             live.remove(j)
 
 
-def iter_documents(data_cfg, stats: list[ReadStats] | None = None, *, seed: int = 0,
-                   num_shards: Optional[int] = None, shard_index: Optional[int] = None) -> Iterator[str]:
+def iter_documents(
+    data_cfg,
+    stats: list[ReadStats] | None = None,
+    *,
+    seed: int = 0,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+) -> Iterator[str]:
     """All documents of ``data_cfg.sources`` (weighted and mixed), this job's part only."""
     k = data_cfg.num_shards if num_shards is None else num_shards
     i = data_cfg.shard_index if shard_index is None else shard_index
@@ -430,8 +499,12 @@ def iter_documents(data_cfg, stats: list[ReadStats] | None = None, *, seed: int 
     st = [ReadStats() for _ in srcs]
     if stats is not None:
         stats[:] = st
-    streams = [repeat_weighted(functools.partial(iter_source, s, r, num_shards=k, shard_index=i), s.weight, seed, j)
-               for j, (s, r) in enumerate(zip(srcs, st))]
+    streams = [
+        repeat_weighted(
+            functools.partial(iter_source, s, r, num_shards=k, shard_index=i), s.weight, seed, j
+        )
+        for j, (s, r) in enumerate(zip(srcs, st))
+    ]
     if len(streams) == 1:
         return streams[0]
     return mix_streams(streams, [s.weight for s in srcs], seed)

@@ -19,6 +19,7 @@ read through ``tarfile``; see ``MemberSpec``.
     rows = read_rows(buf, path, entry, sample_len=257, dtype="uint16", vocab_size=4096)
     verify_shard(path, entry, sample_len=257, dtype="uint16")   # ShardError naming the file
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,10 @@ import io
 import os
 import re
 import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import numpy as np
 
@@ -72,10 +74,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def check_member_name(name: str, shard: str | os.PathLike) -> None:
     """Refuse tar member names that would escape the shard directory (absolute, ``..``)."""
     p = PurePosixPath(name)
-    if (not name or name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts
-            or "\\" in name or re.match(r"^[A-Za-z]:", name)):
-        raise ShardError(f"{shard}: unsafe tar member name {name!r} (absolute path or '..'); "
-                         f"the shard is corrupt or not from megapt - delete it and re-shard")
+    if (
+        not name
+        or name.startswith(("/", "\\"))
+        or p.is_absolute()
+        or ".." in p.parts
+        or "\\" in name
+        or re.match(r"^[A-Za-z]:", name)
+    ):
+        raise ShardError(
+            f"{shard}: unsafe tar member name {name!r} (absolute path or '..'); "
+            f"the shard is corrupt or not from megapt - delete it and re-shard"
+        )
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -106,7 +116,7 @@ class MemberSpec:
     strict: bool = True  # every member is <key>.tokens (megapt's shards); False: others skipped
 
     @classmethod
-    def of(cls, manifest: dict) -> "MemberSpec":
+    def of(cls, manifest: dict) -> MemberSpec:
         """The spec of a manifest: megapt's own without a ``member`` entry, else foreign."""
         m = manifest.get("member")
         if not m:
@@ -130,8 +140,10 @@ def decode_member(data: bytes, spec: MemberSpec, default_dtype: str, where: str)
         except (ValueError, OSError, EOFError) as exc:
             raise ShardError(f"{where}: not a readable .npy array ({exc})") from None
         if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.dtype.name not in MEMBER_DTYPES:
-            raise ShardError(f"{where}: .npy holds {arr.dtype} of shape {arr.shape}; megapt "
-                             f"reads 1-D token arrays of {', '.join(MEMBER_DTYPES)}")
+            raise ShardError(
+                f"{where}: .npy holds {arr.dtype} of shape {arr.shape}; megapt "
+                f"reads 1-D token arrays of {', '.join(MEMBER_DTYPES)}"
+            )
         return arr
     dt = np.dtype(spec.dtype or default_dtype).newbyteorder("<")
     if len(data) % dt.itemsize:
@@ -172,10 +184,10 @@ def _tar_headers(names: list[str], size: int) -> np.ndarray:
         raise ValueError(f"tar member name too long: {max(raw, key=len)!r}")
     h = np.repeat(tmpl[None, :], len(raw), axis=0)
     if len(widths) == 1:  # the usual case: fixed-width sample keys
-        h[:, :len(raw[0])] = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), -1)
+        h[:, : len(raw[0])] = np.frombuffer(b"".join(raw), dtype=np.uint8).reshape(len(raw), -1)
     else:
         for row, r in zip(h, raw):
-            row[:len(r)] = np.frombuffer(r, dtype=np.uint8)
+            row[: len(r)] = np.frombuffer(r, dtype=np.uint8)
     # checksum: sum of the header bytes with the field blank, as "%06o\0" then the space left there
     chk = base + h[:, :100].sum(axis=1, dtype=np.int64)
     h[:, 148:154] = ord("0") + ((chk[:, None] >> np.arange(15, -1, -3)) & 7)
@@ -192,9 +204,17 @@ class ShardWriter:
     entry)``, when given, is called with each finished shard (an upload, see megapt.data.remote).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, split: str, job: int = 0, *, sample_len: int,
-                 dtype: str = "uint16", shard_samples: int = 2048,
-                 on_shard: Callable[[Path, dict], None] | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        split: str,
+        job: int = 0,
+        *,
+        sample_len: int,
+        dtype: str = "uint16",
+        shard_samples: int = 2048,
+        on_shard: Callable[[Path, dict], None] | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.split, self.job, self.sample_len = split, int(job), int(sample_len)
@@ -229,11 +249,15 @@ class ShardWriter:
             if self._file is None:
                 self._file = self._open()
             take = min(len(data) - i, self.shard_samples - self._in_shard)
-            names = [sample_key(self.split, self.job, n) + "." + TOKENS_EXT
-                     for n in range(self.n_samples, self.n_samples + take)]
+            names = [
+                sample_key(self.split, self.job, n) + "." + TOKENS_EXT
+                for n in range(self.n_samples, self.n_samples + take)
+            ]
             block = np.zeros((take, member), dtype=np.uint8)  # one buffer, one member a row
             block[:, :512] = _tar_headers(names, row_bytes)
-            block[:, 512:512 + row_bytes] = data[i:i + take].view(np.uint8).reshape(take, row_bytes)
+            block[:, 512 : 512 + row_bytes] = (
+                data[i : i + take].view(np.uint8).reshape(take, row_bytes)
+            )
             self._file.write(block.data.cast("B"))
             self.n_samples += take
             self._in_shard += take
@@ -251,9 +275,13 @@ class ShardWriter:
         self._file.close()
         self._file = None
         os.replace(self._tmp, self._final)
-        entry = {"name": self._final.name, "samples": self._in_shard,
-                 "tokens": self._in_shard * self.sample_len, "bytes": self._final.stat().st_size,
-                 "sha256": sha256_file(self._final)}
+        entry = {
+            "name": self._final.name,
+            "samples": self._in_shard,
+            "tokens": self._in_shard * self.sample_len,
+            "bytes": self._final.stat().st_size,
+            "sha256": sha256_file(self._final),
+        }
         if self.on_shard is not None:
             self.on_shard(self._final, entry)
         self.entries.append(entry)
@@ -273,12 +301,20 @@ class ShardWriter:
                 self._file = None
 
 
-def write_shards(samples: Iterable[np.ndarray], out_dir: str | os.PathLike, split: str,
-                 job: int = 0, *, sample_len: int, dtype: str = "uint16",
-                 shard_samples: int = 2048) -> list[dict]:
+def write_shards(
+    samples: Iterable[np.ndarray],
+    out_dir: str | os.PathLike,
+    split: str,
+    job: int = 0,
+    *,
+    sample_len: int,
+    dtype: str = "uint16",
+    shard_samples: int = 2048,
+) -> list[dict]:
     """Write an iterable of ``sample_len``-token arrays as shards; returns the manifest entries."""
-    w = ShardWriter(out_dir, split, job, sample_len=sample_len, dtype=dtype,
-                    shard_samples=shard_samples)
+    w = ShardWriter(
+        out_dir, split, job, sample_len=sample_len, dtype=dtype, shard_samples=shard_samples
+    )
     try:
         for s in samples:
             w.add(s)
@@ -299,9 +335,14 @@ def _open_tar(src: str | os.PathLike | bytes) -> tarfile.TarFile:
     return tarfile.open(src, mode="r:")
 
 
-def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str,
-               spec: MemberSpec | None = None,
-               data: bytes | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_shard(
+    path: str | os.PathLike,
+    *,
+    sample_len: int,
+    dtype: str,
+    spec: MemberSpec | None = None,
+    data: bytes | None = None,
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(key, tokens)`` for every sample of one shard tar, checking its structure.
 
     ``data``: the shard's bytes when already read (``path`` then only names it in errors).
@@ -325,15 +366,18 @@ def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str,
                     break
                 check_member_name(info.name, path)
                 if native:
-                    key, ext = info.name[:-len(".tokens")], info.name[-len(".tokens"):]
+                    key, ext = info.name[: -len(".tokens")], info.name[-len(".tokens") :]
                     if not info.isfile():
                         raise ShardError(f"{path}: member {info.name!r} is not a regular file")
                     if ext != ".tokens":
-                        raise ShardError(f"{path}: unexpected member {info.name!r} "
-                                         f"(expected <key>.tokens)")
+                        raise ShardError(
+                            f"{path}: unexpected member {info.name!r} (expected <key>.tokens)"
+                        )
                     if info.size != want:
-                        raise ShardError(f"{path}: member {info.name!r} has {info.size} bytes, "
-                                         f"expected {want} ({sample_len} x {dtype})")
+                        raise ShardError(
+                            f"{path}: member {info.name!r} has {info.size} bytes, "
+                            f"expected {want} ({sample_len} x {dtype})"
+                        )
                 else:
                     key, ext = split_key(info.name)
                     if ext != spec.ext or not info.isfile():
@@ -341,15 +385,19 @@ def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str,
                 f = tf.extractfile(info)
                 payload = f.read() if f is not None else b""
                 if len(payload) != info.size:
-                    raise ShardError(f"{path}: truncated tar: member {info.name!r} has "
-                                     f"{len(payload)} of {info.size} bytes")
+                    raise ShardError(
+                        f"{path}: truncated tar: member {info.name!r} has "
+                        f"{len(payload)} of {info.size} bytes"
+                    )
                 if native:
                     yield key, np.frombuffer(payload, dtype=out_dtype)
                     continue
                 tokens = decode_member(payload, spec, dtype, f"{path}: member {info.name!r}")
                 if len(tokens) != sample_len:
-                    raise ShardError(f"{path}: member {info.name!r} holds {len(tokens)} tokens, "
-                                     f"the manifest says {sample_len} (seq_len + 1)")
+                    raise ShardError(
+                        f"{path}: member {info.name!r} holds {len(tokens)} tokens, "
+                        f"the manifest says {sample_len} (seq_len + 1)"
+                    )
                 yield key, tokens
     except FileNotFoundError:
         raise ShardError(f"{path}: shard file missing") from None
@@ -366,8 +414,11 @@ def iter_shard(path: str | os.PathLike, *, sample_len: int, dtype: str,
 
 BLOCK = 512
 _NAME_CHARS = np.zeros(256, dtype=bool)  # bytes of a plain member name
-_NAME_CHARS[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-",
-                          dtype=np.uint8)] = True
+_NAME_CHARS[
+    np.frombuffer(
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-", dtype=np.uint8
+    )
+] = True
 
 
 def _octal(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -398,10 +449,14 @@ def _headers_ok(h: np.ndarray, payload: int) -> bool:
     if not chk_ok.all():  # some tars sum signed chars (tarfile accepts both)
         high = (h >= 128).sum(axis=1) - (h[:, 148:156] >= 128).sum(axis=1)
         chk_ok |= chk == unsigned - 256 * high
-    ok = (size_ok & chk_ok & (size == payload)
-          & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))  # regular file
-          & np.all(h[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8), axis=1)
-          & ~h[:, 345:500].any(axis=1))  # no ustar name prefix
+    ok = (
+        size_ok
+        & chk_ok
+        & (size == payload)
+        & ((h[:, 156] == ord("0")) | (h[:, 156] == 0))  # regular file
+        & np.all(h[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8), axis=1)
+        & ~h[:, 345:500].any(axis=1)
+    )  # no ustar name prefix
     return bool(ok.all())
 
 
@@ -413,19 +468,26 @@ def _check_names(h: np.ndarray, path: str | os.PathLike) -> None:
     field_ = h[:, :100]
     length = np.where(field_.all(axis=1), 100, np.argmax(field_ == 0, axis=1))
     inside = np.arange(100)[None, :] < length[:, None]
-    plain = (np.all(_NAME_CHARS[field_] | ~inside, axis=1) & (field_[:, 0] != ord("."))
-             & np.all(field_[np.arange(m)[:, None],
-                             np.maximum(length - 7, 0)[:, None] + np.arange(7)]
-                      == np.frombuffer(b".tokens", dtype=np.uint8), axis=1) & (length > 7))
+    plain = (
+        np.all(_NAME_CHARS[field_] | ~inside, axis=1)
+        & (field_[:, 0] != ord("."))
+        & np.all(
+            field_[np.arange(m)[:, None], np.maximum(length - 7, 0)[:, None] + np.arange(7)]
+            == np.frombuffer(b".tokens", dtype=np.uint8),
+            axis=1,
+        )
+        & (length > 7)
+    )
     for k in np.nonzero(~plain)[0]:
-        text = bytes(field_[k, :length[k]]).decode("utf-8", "replace")
+        text = bytes(field_[k, : length[k]]).decode("utf-8", "replace")
         check_member_name(text, path)
         if not text.endswith(".tokens"):
             raise ShardError(f"{path}: unexpected member {text!r} (expected <key>.tokens)")
 
 
-def fixed_stride_rows(buf: bytes, path: str | os.PathLike, n: int, sample_len: int,
-                      dtype: str) -> np.ndarray | None:
+def fixed_stride_rows(
+    buf: bytes, path: str | os.PathLike, n: int, sample_len: int, dtype: str
+) -> np.ndarray | None:
     """(n, sample_len) read-only view of the payloads when the tar is n regular members of equal
     size, back to back (one ustar header each), then zero blocks; None when the layout differs.
 
@@ -445,14 +507,28 @@ def fixed_stride_rows(buf: bytes, path: str | os.PathLike, n: int, sample_len: i
     unique = len(np.unique(np.ascontiguousarray(h[:, :100]).view(np.dtype((np.void, 100)))))
     if unique != n:
         raise ShardError(f"{path}: duplicate member names ({n - unique} repeated keys)")
-    base = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<"), offset=BLOCK,
-                         count=(len(buf) - BLOCK) // itemsize)
-    return np.lib.stride_tricks.as_strided(base, shape=(n, sample_len), strides=(stride, itemsize),
-                                           writeable=False)
+    base = np.frombuffer(
+        buf,
+        dtype=np.dtype(dtype).newbyteorder("<"),
+        offset=BLOCK,
+        count=(len(buf) - BLOCK) // itemsize,
+    )
+    return np.lib.stride_tricks.as_strided(
+        base, shape=(n, sample_len), strides=(stride, itemsize), writeable=False
+    )
 
 
-def read_rows(buf: bytes, path: str | os.PathLike, entry: dict, *, sample_len: int, dtype: str,
-              vocab_size: int, check_sha: bool, spec: MemberSpec | None = None) -> np.ndarray:
+def read_rows(
+    buf: bytes,
+    path: str | os.PathLike,
+    entry: dict,
+    *,
+    sample_len: int,
+    dtype: str,
+    vocab_size: int,
+    check_sha: bool,
+    spec: MemberSpec | None = None,
+) -> np.ndarray:
     """A whole shard's bytes -> its (samples, sample_len) token rows, checked.
 
     Checks the size, the sha256 (``check_sha``), the tar structure (vectorised for megapt's own
@@ -460,13 +536,16 @@ def read_rows(buf: bytes, path: str | os.PathLike, entry: dict, *, sample_len: i
     ShardError naming ``path``.
     """
     if len(buf) != entry["bytes"]:
-        raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest says "
-                         f"{entry['bytes']})")
+        raise ShardError(
+            f"{path}: changed while being read ({len(buf)} bytes, manifest says {entry['bytes']})"
+        )
     if check_sha:
         digest = hashlib.sha256(buf).hexdigest()
         if digest != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... read, manifest says "
-                             f"{entry['sha256'][:16]}... (corrupt shard)")
+            raise ShardError(
+                f"{path}: sha256 mismatch: {digest[:16]}... read, manifest says "
+                f"{entry['sha256'][:16]}... (corrupt shard)"
+            )
     spec = spec or MemberSpec()
     arr = None
     if spec.is_native(dtype):
@@ -474,24 +553,32 @@ def read_rows(buf: bytes, path: str | os.PathLike, entry: dict, *, sample_len: i
     if arr is None:  # not the plain layout megapt writes (pax headers, foreign): walk it
         arr = np.empty((entry["samples"], sample_len), dtype=np.dtype(dtype).newbyteorder("<"))
         n = 0
-        for key, tokens in iter_shard(path, sample_len=sample_len, dtype=dtype, spec=spec,
-                                      data=buf):
+        for key, tokens in iter_shard(
+            path, sample_len=sample_len, dtype=dtype, spec=spec, data=buf
+        ):
             if n >= len(arr):
-                raise ShardError(f"{path}: more samples than the {entry['samples']} the "
-                                 f"manifest lists")
+                raise ShardError(
+                    f"{path}: more samples than the {entry['samples']} the manifest lists"
+                )
             if tokens.dtype.kind == "i" and len(tokens) and int(tokens.min()) < 0:
                 raise ShardError(f"{path}: sample {key}: negative token id {int(tokens.min())}")
             if len(tokens) and int(tokens.max()) >= vocab_size:
-                raise ShardError(f"{path}: sample {key}: token id {int(tokens.max())} >= "
-                                 f"vocab_size {vocab_size} (corrupt shard or wrong manifest)")
+                raise ShardError(
+                    f"{path}: sample {key}: token id {int(tokens.max())} >= "
+                    f"vocab_size {vocab_size} (corrupt shard or wrong manifest)"
+                )
             arr[n] = tokens
             n += 1
         if n != entry["samples"]:
-            raise ShardError(f"{path}: truncated or corrupt tar: {n} readable samples, manifest "
-                             f"says {entry['samples']}")
+            raise ShardError(
+                f"{path}: truncated or corrupt tar: {n} readable samples, manifest "
+                f"says {entry['samples']}"
+            )
     if len(arr) and int(arr.max()) >= vocab_size:
-        raise ShardError(f"{path}: token id {int(arr.max())} >= vocab_size {vocab_size} "
-                         f"(corrupt shard or wrong manifest)")
+        raise ShardError(
+            f"{path}: token id {int(arr.max())} >= vocab_size {vocab_size} "
+            f"(corrupt shard or wrong manifest)"
+        )
     return arr
 
 
@@ -505,7 +592,7 @@ def _octal_field(f: bytes) -> int | None:
     None."""
     f = f.lstrip(b" ")
     rest = f.lstrip(b"01234567")
-    digits = f[:len(f) - len(rest)]
+    digits = f[: len(f) - len(rest)]
     return int(digits, 8) if digits and not rest.strip(b"\0 ") else None
 
 
@@ -524,8 +611,12 @@ def _member_ok(hdr: bytes, payload: int, key: int, path: str | os.PathLike) -> b
     """One member header, checked in plain Python (cheaper than numpy for a few members): a ustar
     regular file of ``payload`` bytes, valid checksum, safe ``.tokens`` name with sample
     ``key``."""
-    if (_octal_field(hdr[124:136]) != payload or hdr[156] not in (0, ord("0"))
-            or hdr[257:262] != b"ustar" or hdr[345:500].strip(b"\0")):
+    if (
+        _octal_field(hdr[124:136]) != payload
+        or hdr[156] not in (0, ord("0"))
+        or hdr[257:262] != b"ustar"
+        or hdr[345:500].strip(b"\0")
+    ):
         return False
     chk = _octal_field(hdr[148:156])
     unsigned = sum(hdr) - sum(hdr[148:156]) + 8 * 32
@@ -560,8 +651,16 @@ class PartialShard:
     NotFixedLayout for any other layout.
     """
 
-    def __init__(self, path: Path, entry: dict, sample_len: int, dtype: str, vocab_size: int, *,
-                 preload: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        entry: dict,
+        sample_len: int,
+        dtype: str,
+        vocab_size: int,
+        *,
+        preload: bool = False,
+    ):
         self.path, self.n, self.vocab_size = path, int(entry["samples"]), vocab_size
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.payload = sample_len * self.dtype.itemsize
@@ -573,23 +672,28 @@ class PartialShard:
         if preload:  # the process uses much of the shard: one read beats a pread per member
             buf = path.read_bytes()
             if len(buf) != entry["bytes"]:
-                raise ShardError(f"{path}: changed while being read ({len(buf)} bytes, manifest "
-                                 f"says {entry['bytes']})")
+                raise ShardError(
+                    f"{path}: changed while being read ({len(buf)} bytes, manifest "
+                    f"says {entry['bytes']})"
+                )
             end = self.n * self.stride
             self.members = np.frombuffer(buf, dtype=np.uint8)[:end].reshape(self.n, self.stride)
-            first, last = buf[:BLOCK], buf[end - self.stride:end - self.stride + BLOCK]
-            eof = buf[end:end + 2 * BLOCK]
+            first, last = buf[:BLOCK], buf[end - self.stride : end - self.stride + BLOCK]
+            eof = buf[end : end + 2 * BLOCK]
         else:
             self.fd = os.open(path, os.O_RDONLY)
             first = os.pread(self.fd, BLOCK, 0)
             last = os.pread(self.fd, BLOCK, (self.n - 1) * self.stride)
             eof = os.pread(self.fd, 2 * BLOCK, self.n * self.stride)
         self.key0 = _key_index(first[:100].split(b"\0", 1)[0])
-        if (self.key0 is None or len(first) != BLOCK
-                or not _member_ok(first, self.payload, self.key0, path)
-                or len(last) != BLOCK
-                or not _member_ok(last, self.payload, self.key0 + self.n - 1, path)
-                or eof != bytes(2 * BLOCK)):
+        if (
+            self.key0 is None
+            or len(first) != BLOCK
+            or not _member_ok(first, self.payload, self.key0, path)
+            or len(last) != BLOCK
+            or not _member_ok(last, self.payload, self.key0 + self.n - 1, path)
+            or eof != bytes(2 * BLOCK)
+        ):
             raise NotFixedLayout
         if self.members is not None:  # every member's verdict at once (the checks of read())
             self.data, self.ok = self._check(self.members, np.arange(self.n))
@@ -614,19 +718,25 @@ class PartialShard:
         buf = bytearray(len(uniq) * self.stride)
         view = memoryview(buf)
         for i, k in enumerate(uniq.tolist()):
-            part = view[i * self.stride:(i + 1) * self.stride]
+            part = view[i * self.stride : (i + 1) * self.stride]
             if os.preadv(self.fd, [part], k * self.stride) != self.stride:
-                raise ShardError(f"{self.path}: truncated: member {k} ends past the end of the "
-                                 f"file")
+                raise ShardError(
+                    f"{self.path}: truncated: member {k} ends past the end of the file"
+                )
         raw = np.frombuffer(buf, dtype=np.uint8).reshape(len(uniq), self.stride)
         data, ok = self._check(raw, uniq)
         return data[inverse], ok[inverse]
 
     def _check(self, raw: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Member blocks (m, stride) at rows ``index`` -> (payloads (m, sample_len), ok (m,))."""
-        ok = np.array([_member_ok(raw[i, :BLOCK].tobytes(), self.payload, self.key0 + k,
-                                  self.path) for i, k in enumerate(index.tolist())], dtype=bool)
-        data = raw[:, BLOCK:BLOCK + self.payload].view(self.dtype)  # (m, sample_len)
+        ok = np.array(
+            [
+                _member_ok(raw[i, :BLOCK].tobytes(), self.payload, self.key0 + k, self.path)
+                for i, k in enumerate(index.tolist())
+            ],
+            dtype=bool,
+        )
+        data = raw[:, BLOCK : BLOCK + self.payload].view(self.dtype)  # (m, sample_len)
         ok &= data.max(axis=1) < self.vocab_size
         return data, ok
 
@@ -636,9 +746,16 @@ class PartialShard:
 # --------------------------------------------------------------------------------------------
 
 
-def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None = None,
-                 dtype: str | None = None, check_sha: bool = True,
-                 vocab_size: int | None = None, spec: MemberSpec | None = None) -> None:
+def verify_shard(
+    path: str | os.PathLike,
+    entry: dict,
+    *,
+    sample_len: int | None = None,
+    dtype: str | None = None,
+    check_sha: bool = True,
+    vocab_size: int | None = None,
+    spec: MemberSpec | None = None,
+) -> None:
     """Check one shard against its manifest entry; raise ShardError naming the file.
 
     Checks, in order: the file exists, its size, its sha256 (``check_sha``), and - when
@@ -648,17 +765,23 @@ def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None
     """
     path = Path(path)
     if not path.is_file():
-        raise ShardError(f"{path}: shard file missing (listed in the manifest); re-run the shard "
-                         f"job that wrote it")
+        raise ShardError(
+            f"{path}: shard file missing (listed in the manifest); re-run the shard "
+            f"job that wrote it"
+        )
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise ShardError(f"{path}: size mismatch: {size} bytes on disk, manifest says "
-                         f"{entry['bytes']} (truncated or replaced shard)")
+        raise ShardError(
+            f"{path}: size mismatch: {size} bytes on disk, manifest says "
+            f"{entry['bytes']} (truncated or replaced shard)"
+        )
     if check_sha:
         digest = sha256_file(path)
         if digest != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
-                             f"{entry['sha256'][:16]}... (corrupt shard)")
+            raise ShardError(
+                f"{path}: sha256 mismatch: {digest[:16]}... on disk, manifest says "
+                f"{entry['sha256'][:16]}... (corrupt shard)"
+            )
     if sample_len is not None and dtype is not None:
         n = 0
         for key, tokens in iter_shard(path, sample_len=sample_len, dtype=dtype, spec=spec):
@@ -666,8 +789,11 @@ def verify_shard(path: str | os.PathLike, entry: dict, *, sample_len: int | None
             if tokens.dtype.kind == "i" and len(tokens) and int(tokens.min()) < 0:
                 raise ShardError(f"{path}: sample {key}: negative token id {int(tokens.min())}")
             if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-                raise ShardError(f"{path}: sample {key}: token id {int(tokens.max())} >= "
-                                 f"vocab_size {vocab_size} (corrupt shard or wrong manifest)")
+                raise ShardError(
+                    f"{path}: sample {key}: token id {int(tokens.max())} >= "
+                    f"vocab_size {vocab_size} (corrupt shard or wrong manifest)"
+                )
         if n != entry["samples"]:
-            raise ShardError(f"{path}: truncated tar: {n} samples, manifest says "
-                             f"{entry['samples']}")
+            raise ShardError(
+                f"{path}: truncated tar: {n} samples, manifest says {entry['samples']}"
+            )

@@ -18,6 +18,7 @@ special tokens, vocab size, sha256 and training statistics.
     tok = Tokenizer.load(cfg.tokenizer_path)   # clear error naming the path when missing
     ids = tok.encode("def f(x):\\n    return x\\n") + [tok.eos_id]
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,12 +28,12 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 from megapt.config import TokenizerConfig
 from megapt.errors import EXIT_DATA, UserError
-
 
 # Encoding paths, fastest first; ``Tokenizer.encoder_path`` names the one a tokenizer uses. All
 # three give exactly ``SentencePieceProcessor.encode``'s ids (the cached ones are enabled only after
@@ -81,8 +82,14 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
 class Tokenizer:
     """A SentencePiece model plus the special-token ids megapt uses (EOS between documents, PAD)."""
 
-    def __init__(self, model_proto: bytes, *, path: Optional[str | os.PathLike] = None,
-                 eos_token: str = "<|endoftext|>", pad_token: str = "<|pad|>"):
+    def __init__(
+        self,
+        model_proto: bytes,
+        *,
+        path: str | os.PathLike | None = None,
+        eos_token: str = "<|endoftext|>",
+        pad_token: str = "<|pad|>",
+    ):
         import sentencepiece as spm
 
         self._proto = bytes(model_proto)
@@ -91,12 +98,16 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
         except Exception as exc:  # noqa: BLE001 - sentencepiece: RuntimeError/OSError for bad protos
-            raise TokenizerError(f"{path or 'tokenizer'}: not a valid sentencepiece model ({exc}); "
-                                 f"delete it and run `megapt tokenizer train`") from None
+            raise TokenizerError(
+                f"{path or 'tokenizer'}: not a valid sentencepiece model ({exc}); "
+                f"delete it and run `megapt tokenizer train`"
+            ) from None
         self.sha256 = hashlib.sha256(self._proto).hexdigest()
         self._cache: dict[str, list[int]] = {}
         self._array_cache: dict[str, dict] = {}
-        self._segcache: Any = None  # a SegmentCache (C extension or its Python fallback) once chosen
+        self._segcache: Any = (
+            None  # a SegmentCache (C extension or its Python fallback) once chosen
+        )
         self._plain_markers: tuple[str, ...] = ("\u2581",)
         self.encoder_path, self.encoder_note = self._choose_encoder()
         self.segment_cache = self.encoder_path != PLAIN
@@ -107,8 +118,10 @@ class Tokenizer:
     def _special_id(self, piece: str) -> int:
         i = self.sp.piece_to_id(piece)
         if i == self.sp.unk_id() or self.sp.id_to_piece(i) != piece:
-            raise TokenizerError(f"{self.path or 'tokenizer'}: special token {piece!r} is not in the vocabulary; "
-                                 f"retrain with it in tokenizer.special_tokens (`megapt tokenizer train`)")
+            raise TokenizerError(
+                f"{self.path or 'tokenizer'}: special token {piece!r} is not in the vocabulary; "
+                f"retrain with it in tokenizer.special_tokens (`megapt tokenizer train`)"
+            )
         return i
 
     def _choose_encoder(self) -> tuple[str, str]:
@@ -134,11 +147,19 @@ class Tokenizer:
         except Exception as exc:  # noqa: BLE001 - no protobuf: the plain path is exact
             return PLAIN, f"model proto not readable ({exc.__class__.__name__})"
         ns, ts, P = proto.normalizer_spec, proto.trainer_spec, pb.ModelProto.SentencePiece
-        self._plain_markers = ("\u2581", *(p.piece for p in proto.pieces if p.type == P.USER_DEFINED))
+        self._plain_markers = (
+            "\u2581",
+            *(p.piece for p in proto.pieces if p.type == P.USER_DEFINED),
+        )
         if ts.model_type != pb.TrainerSpec.BPE:
             return PLAIN, "not a BPE model"
-        if (ns.add_dummy_prefix or ns.remove_extra_whitespaces or not ns.escape_whitespaces
-                or ns.precompiled_charsmap or ts.treat_whitespace_as_suffix):
+        if (
+            ns.add_dummy_prefix
+            or ns.remove_extra_whitespaces
+            or not ns.escape_whitespaces
+            or ns.precompiled_charsmap
+            or ts.treat_whitespace_as_suffix
+        ):
             return PLAIN, "normaliser is not the identity with verbatim spaces"
         if not ts.byte_fallback:
             return PLAIN, "no byte fallback"
@@ -159,7 +180,9 @@ class Tokenizer:
                 return SEGCACHE_C, ""
             else:
                 note = "fine segment split disagrees with sentencepiece on the probe"
-        if any(len(_SEGMENT.findall(p)) > 1 for p in normal) or not self._probe_matches(_SEGMENT.findall):
+        if any(len(_SEGMENT.findall(p)) > 1 for p in normal) or not self._probe_matches(
+            _SEGMENT.findall
+        ):
             return PLAIN, f"{note}; coarse segment split not exact for this model"
         return SEGMENT_CACHE_PY, note
 
@@ -171,12 +194,13 @@ class Tokenizer:
         return any(m in text for m in self._plain_markers)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise TokenizerNotFoundError(
                 f"{path}: tokenizer not found. Create it with `megapt tokenizer train` (or `megapt data prepare`) "
-                f"using the same config, or set tokenizer.path to an existing .model file")
+                f"using the same config, or set tokenizer.path to an existing .model file"
+            )
         eos, pad = "<|endoftext|>", "<|pad|>"
         side = sidecar_path(path)
         if side.is_file():
@@ -221,7 +245,11 @@ class Tokenizer:
                     miss = list(set(segs))
                 for seg, ids in zip(miss, self.sp.encode(miss, num_threads=1)):
                     cache[seg] = np.array(ids, dtype=dtype)
-            out.append(np.concatenate(list(map(cache.__getitem__, segs))) if segs else np.empty(0, dtype=dtype))
+            out.append(
+                np.concatenate(list(map(cache.__getitem__, segs)))
+                if segs
+                else np.empty(0, dtype=dtype)
+            )
         return out
 
     def _encode_segcache(self, text: str, dtype):
@@ -237,7 +265,10 @@ class Tokenizer:
         try:
             r = cache.encode(text, width)
             if type(r) is list:  # the distinct segments not cached yet
-                if len(cache) + len(r) > _SEGCACHE_MAX_ENTRIES or cache.nbytes > _SEGCACHE_MAX_BYTES:
+                if (
+                    len(cache) + len(r) > _SEGCACHE_MAX_ENTRIES
+                    or cache.nbytes > _SEGCACHE_MAX_BYTES
+                ):
                     cache.clear()
                     r = cache.encode(text, width)
                 cache.add(r, self.sp.encode(r, num_threads=1))
@@ -275,14 +306,23 @@ class Tokenizer:
 
     # pickled as the model bytes (for worker processes)
     def __getstate__(self) -> dict:
-        return {"proto": self._proto, "path": self.path, "eos": self.eos_token, "pad": self.pad_token}
+        return {
+            "proto": self._proto,
+            "path": self.path,
+            "eos": self.eos_token,
+            "pad": self.pad_token,
+        }
 
     def __setstate__(self, st: dict) -> None:
-        type(self).__init__(self, st["proto"], path=st["path"], eos_token=st["eos"], pad_token=st["pad"])
+        type(self).__init__(
+            self, st["proto"], path=st["path"], eos_token=st["eos"], pad_token=st["pad"]
+        )
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({self.path}, vocab={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id}, "
-                f"encoder={self.encoder_path})")
+        return (
+            f"Tokenizer({self.path}, vocab={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id}, "
+            f"encoder={self.encoder_path})"
+        )
 
 
 def training_sentences(texts: Iterable[str], max_chars: int, counts: dict) -> Iterator[str]:
@@ -303,7 +343,7 @@ def training_sentences(texts: Iterable[str], max_chars: int, counts: dict) -> It
                     buf, size = [], 0
                 cut = (len(line) - 1) // max_chars * max_chars
                 for start in range(0, cut, max_chars):
-                    yield line[start:start + max_chars]
+                    yield line[start : start + max_chars]
                 line = line[cut:]
             if size + len(line) > max_chars and buf:
                 yield "".join(buf)
@@ -314,8 +354,14 @@ def training_sentences(texts: Iterable[str], max_chars: int, counts: dict) -> It
             yield "".join(buf)
 
 
-def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | os.PathLike, *,
-                    log=None, progress: bool = False) -> Tokenizer:
+def train_tokenizer(
+    tc: TokenizerConfig,
+    texts: Iterable[str],
+    out_path: str | os.PathLike,
+    *,
+    log=None,
+    progress: bool = False,
+) -> Tokenizer:
     """Train a SentencePiece model on ``texts`` and write it (atomically) to ``out_path``.
 
     SentencePiece first reads every piece, then trains; ``log`` gets a line when the reading is
@@ -333,10 +379,13 @@ def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | o
     sentences = training_sentences(texts, max(16, tc.max_sentence_length // 4), counts)
     first = next(sentences, None)
     if first is None:
-        raise TokenizerError(f"{out_path}: no training text (empty corpus); check data.sources / `megapt data clean`")
+        raise TokenizerError(
+            f"{out_path}: no training text (empty corpus); check data.sources / `megapt data clean`"
+        )
 
-    bar = tqdm(desc="tokenizer: read", unit="char", unit_scale=True, disable=not progress,
-               mininterval=1.0)
+    bar = tqdm(
+        desc="tokenizer: read", unit="char", unit_scale=True, disable=not progress, mininterval=1.0
+    )
     t0 = time.time()
 
     def all_sentences() -> Iterator[str]:
@@ -351,25 +400,45 @@ def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | o
         used = min(n, tc.input_sentence_size) if tc.input_sentence_size else n
         if log is not None:
             mchars = counts.get("chars", 0) / 1e6
-            log(f"tokenizer: read {counts.get('docs', 0)} docs, {mchars:.1f} M chars -> {n} pieces "
+            log(
+                f"tokenizer: read {counts.get('docs', 0)} docs, {mchars:.1f} M chars -> {n} pieces "
                 f"in {time.time() - t0:.1f}s; training {tc.model_type} vocab {tc.vocab_size} on "
-                f"{used} of them")
+                f"{used} of them"
+            )
 
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=all_sentences(), model_writer=model, model_type=tc.model_type,
-            vocab_size=tc.vocab_size, byte_fallback=tc.byte_fallback, user_defined_symbols=list(tc.special_tokens),
-            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-            add_dummy_prefix=False, split_by_whitespace=True,
-            input_sentence_size=tc.input_sentence_size, shuffle_input_sentence=True,
-            max_sentence_length=tc.max_sentence_length, character_coverage=tc.character_coverage,
-            num_threads=tc.num_threads or os.cpu_count() or 1, hard_vocab_limit=False, minloglevel=2)
+            sentence_iterator=all_sentences(),
+            model_writer=model,
+            model_type=tc.model_type,
+            vocab_size=tc.vocab_size,
+            byte_fallback=tc.byte_fallback,
+            user_defined_symbols=list(tc.special_tokens),
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            add_dummy_prefix=False,
+            split_by_whitespace=True,
+            input_sentence_size=tc.input_sentence_size,
+            shuffle_input_sentence=True,
+            max_sentence_length=tc.max_sentence_length,
+            character_coverage=tc.character_coverage,
+            num_threads=tc.num_threads or os.cpu_count() or 1,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
     except RuntimeError as exc:
-        raise TokenizerError(f"{out_path}: sentencepiece training failed: {exc}. With byte_fallback the vocab needs "
-                             f"room for 256 byte pieces + special tokens + the corpus' characters; a tiny corpus "
-                             f"may not support vocab_size={tc.vocab_size}") from None
+        raise TokenizerError(
+            f"{out_path}: sentencepiece training failed: {exc}. With byte_fallback the vocab needs "
+            f"room for 256 byte pieces + special tokens + the corpus' characters; a tiny corpus "
+            f"may not support vocab_size={tc.vocab_size}"
+        ) from None
     seconds = time.time() - t0
     proto = model.getvalue()
     tok = Tokenizer(proto, path=out_path, eos_token=tc.eos_token, pad_token=tc.pad_token)
@@ -381,15 +450,28 @@ def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | o
     os.replace(tmp, out_path)
     from megapt.data.manifest import atomic_write_json
 
-    atomic_write_json(sidecar_path(out_path), {
-        "model": out_path.name, "sha256": tok.sha256, "model_type": tc.model_type, "vocab_size": tok.vocab_size,
-        "requested_vocab_size": tc.vocab_size, "eos_token": tc.eos_token, "eos_id": tok.eos_id,
-        "pad_token": tc.pad_token, "pad_id": tok.pad_id,
-        "special_tokens": {t: tok.sp.piece_to_id(t) for t in tc.special_tokens},
-        "byte_fallback": tc.byte_fallback, "trained_on": {"docs": counts.get("docs", 0),
-                                                          "chars": counts.get("chars", 0),
-                                                          "sentences": counts.get("sentences", 0) + 1},
-        "seconds": round(seconds, 2)})
+    atomic_write_json(
+        sidecar_path(out_path),
+        {
+            "model": out_path.name,
+            "sha256": tok.sha256,
+            "model_type": tc.model_type,
+            "vocab_size": tok.vocab_size,
+            "requested_vocab_size": tc.vocab_size,
+            "eos_token": tc.eos_token,
+            "eos_id": tok.eos_id,
+            "pad_token": tc.pad_token,
+            "pad_id": tok.pad_id,
+            "special_tokens": {t: tok.sp.piece_to_id(t) for t in tc.special_tokens},
+            "byte_fallback": tc.byte_fallback,
+            "trained_on": {
+                "docs": counts.get("docs", 0),
+                "chars": counts.get("chars", 0),
+                "sentences": counts.get("sentences", 0) + 1,
+            },
+            "seconds": round(seconds, 2),
+        },
+    )
     return tok
 
 
@@ -399,9 +481,14 @@ def train_tokenizer(tc: TokenizerConfig, texts: Iterable[str], out_path: str | o
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--input", default="", help="cleaned-text folder (default: <work_dir>/clean)")
-    parser.add_argument("--out", default="",
-                        help="model path (default: tokenizer.path or <work_dir>/tokenizer/spm.model)")
+    parser.add_argument(
+        "--input", default="", help="cleaned-text folder (default: <work_dir>/clean)"
+    )
+    parser.add_argument(
+        "--out",
+        default="",
+        help="model path (default: tokenizer.path or <work_dir>/tokenizer/spm.model)",
+    )
     parser.add_argument("--force", action="store_true", help="train even if the model file exists")
 
 
@@ -415,8 +502,11 @@ def cli_main(cfg, args) -> int:
         return 0
     src = Path(args.input) if args.input else clean_dir_of(cfg)
     t0 = time.time()
-    tok = train_tokenizer(cfg.tokenizer, iter_mixed_docs(cfg, src), out, log=print,
-                          progress=cfg.logging.progress)
-    print(f"tokenizer: trained {cfg.tokenizer.model_type} vocab {tok.vocab_size} in {time.time() - t0:.1f}s "
-          f"-> {out} (eos {tok.eos_id}, pad {tok.pad_id}, sha256 {tok.sha256[:12]})")
+    tok = train_tokenizer(
+        cfg.tokenizer, iter_mixed_docs(cfg, src), out, log=print, progress=cfg.logging.progress
+    )
+    print(
+        f"tokenizer: trained {cfg.tokenizer.model_type} vocab {tok.vocab_size} in {time.time() - t0:.1f}s "
+        f"-> {out} (eos {tok.eos_id}, pad {tok.pad_id}, sha256 {tok.sha256[:12]})"
+    )
     return 0

@@ -12,6 +12,7 @@ and a worker whose result pipe is full blocks at exit forever (~300 MB each, fil
   (it is not once the worker has been re-parented) and ends the worker if not: the fallback on
   systems without prctl.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -43,5 +44,6 @@ def die_with_parent(parent_pid: int, interval: float = 1.0) -> None:
     _set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
-    threading.Thread(target=_watch, args=(parent_pid, interval), daemon=True,
-                     name="megapt-parent-watch").start()
+    threading.Thread(
+        target=_watch, args=(parent_pid, interval), daemon=True, name="megapt-parent-watch"
+    ).start()

@@ -8,13 +8,14 @@ a fine-tuned classifier. Writes JSON and TensorBoard scalars.
 Text files are tokenized, joined with EOS and cut into non-overlapping windows of ``seq_len``
 tokens (+1 for the shifted labels), exactly like the training shards.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
@@ -62,19 +63,43 @@ def text_windows(tok, paths: list[str], seq_len: int, batch_size: int) -> list[d
         stream += tok.encode(text) + [tok.eos_id]
     n = len(stream) // (seq_len + 1)
     if n == 0:
-        raise ConfigError(f"{paths}: {len(stream)} tokens, fewer than one window of seq_len+1={seq_len + 1}")
+        raise ConfigError(
+            f"{paths}: {len(stream)} tokens, fewer than one window of seq_len+1={seq_len + 1}"
+        )
     rows = torch.tensor(stream[: n * (seq_len + 1)]).view(n, seq_len + 1)
-    return [{"input_ids": rows[i:i + batch_size, :-1], "labels": rows[i:i + batch_size, 1:]}
-            for i in range(0, n, batch_size)]
+    return [
+        {"input_ids": rows[i : i + batch_size, :-1], "labels": rows[i : i + batch_size, 1:]}
+        for i in range(0, n, batch_size)
+    ]
 
 
-def shard_batches(cfg, shard_dir: Path, split: str, batch_size: int, tokenizer_sha256: Optional[str]):
-    return build_loader(cfg.data, shard_dir, split, rank=0, world_size=1, micro_batch=batch_size,
-                        seed=cfg.run.seed, infinite=False, tokenizer_sha256=tokenizer_sha256)
+def shard_batches(cfg, shard_dir: Path, split: str, batch_size: int, tokenizer_sha256: str | None):
+    return build_loader(
+        cfg.data,
+        shard_dir,
+        split,
+        rank=0,
+        world_size=1,
+        micro_batch=batch_size,
+        seed=cfg.run.seed,
+        infinite=False,
+        tokenizer_sha256=tokenizer_sha256,
+    )
 
 
-def evaluate_lm(cfg, model, tok, *, texts: list[str], shard_dir: str, split: str, batch_size: int,
-                max_batches: int, int8: bool, seq_len: int) -> dict:
+def evaluate_lm(
+    cfg,
+    model,
+    tok,
+    *,
+    texts: list[str],
+    shard_dir: str,
+    split: str,
+    batch_size: int,
+    max_batches: int,
+    int8: bool,
+    seq_len: int,
+) -> dict:
     def batches():
         if texts:
             return text_windows(tok, texts, seq_len, batch_size)
@@ -93,10 +118,13 @@ def evaluate_lm(cfg, model, tok, *, texts: list[str], shard_dir: str, split: str
         q["seconds"] = round(time.time() - t0, 2)
         q["quantized_linears"] = len(names)
         res["int8"] = q
-        res["int8_cost"] = {"ppl_ratio": q["ppl"] / res["fp32"]["ppl"],
-                            "ppl_delta": q["ppl"] - res["fp32"]["ppl"],
-                            "loss_delta": q["loss"] - res["fp32"]["loss"],
-                            "weight_bytes_fp32": before, "weight_bytes_int8": weight_bytes(model)}
+        res["int8_cost"] = {
+            "ppl_ratio": q["ppl"] / res["fp32"]["ppl"],
+            "ppl_delta": q["ppl"] - res["fp32"]["ppl"],
+            "loss_delta": q["loss"] - res["fp32"]["loss"],
+            "weight_bytes_fp32": before,
+            "weight_bytes_int8": weight_bytes(model),
+        }
     return res
 
 
@@ -104,7 +132,9 @@ def evaluate_classifier(cfg, src, tok, data_file: str, batch_size: int) -> dict:
     meta = src.meta
     task = meta.get("task")
     if task not in ("classify", "regress"):
-        raise ConfigError(f"{src.path}: not a fine-tuned classifier/regressor (finetune.json task={task!r})")
+        raise ConfigError(
+            f"{src.path}: not a fine-tuned classifier/regressor (finetune.json task={task!r})"
+        )
     ft = cfg.finetune
     rows = D.read_rows(data_file, [ft.text_field, ft.label_field])
     max_len = meta.get("max_len") or cfg.data.seq_len
@@ -128,17 +158,32 @@ def _scalars(prefix: str, d: dict):
 
 
 def add_args(p) -> None:
-    p.add_argument("--from", dest="source", default="",
-                   help="checkpoint dir, finetune output or HF folder (default: finetune.init_from, else newest checkpoint)")
-    p.add_argument("--text", action="append", default=[], help="text file for perplexity (repeatable)")
-    p.add_argument("--shards", default="",
-                   help="shard folder or URL (default: the config's shard_dir)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        default="",
+        help="checkpoint dir, finetune output or HF folder (default: finetune.init_from, else newest checkpoint)",
+    )
+    p.add_argument(
+        "--text", action="append", default=[], help="text file for perplexity (repeatable)"
+    )
+    p.add_argument(
+        "--shards", default="", help="shard folder or URL (default: the config's shard_dir)"
+    )
     p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--data", default="", help="jsonl/csv rows (text, label) to score a fine-tuned classifier")
+    p.add_argument(
+        "--data", default="", help="jsonl/csv rows (text, label) to score a fine-tuned classifier"
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=0, help="0 = all")
-    p.add_argument("--seq-len", type=int, default=0, help="window for --text (default data.seq_len)")
-    p.add_argument("--int8", action="store_true", help="also evaluate the int8 weight-only model and report the cost")
+    p.add_argument(
+        "--seq-len", type=int, default=0, help="window for --text (default data.seq_len)"
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also evaluate the int8 weight-only model and report the cost",
+    )
     p.add_argument("--out", default="", help="JSON path (default <run_dir>/eval.json)")
 
 
@@ -149,22 +194,38 @@ def cli_main(cfg, args) -> int:
     if args.data or src.meta.get("task") in ("classify", "regress"):
         data_file = args.data or cfg.finetune.test_file
         if not data_file:
-            raise ConfigError(f"{src.path} is a fine-tuned {src.meta.get('task')} model: pass --data ROWS.jsonl")
+            raise ConfigError(
+                f"{src.path} is a fine-tuned {src.meta.get('task')} model: pass --data ROWS.jsonl"
+            )
         result["classification"] = evaluate_classifier(cfg, src, tok, data_file, args.batch_size)
         m = result["classification"]
-        print("eval: " + ", ".join(f"{k}={m[k]:.4f}" for k in ("accuracy", "macro_f1", "mse", "r2") if k in m)
-              + f" on {m['n']} rows of {data_file}")
+        print(
+            "eval: "
+            + ", ".join(f"{k}={m[k]:.4f}" for k in ("accuracy", "macro_f1", "mse", "r2") if k in m)
+            + f" on {m['n']} rows of {data_file}"
+        )
     else:
         seq_len = min(args.seq_len or cfg.data.seq_len, src.args.max_seq_len)
-        result["lm"] = evaluate_lm(cfg, src.model, tok, texts=args.text, shard_dir=args.shards, split=args.split,
-                                   batch_size=args.batch_size, max_batches=args.max_batches, int8=args.int8,
-                                   seq_len=seq_len)
+        result["lm"] = evaluate_lm(
+            cfg,
+            src.model,
+            tok,
+            texts=args.text,
+            shard_dir=args.shards,
+            split=args.split,
+            batch_size=args.batch_size,
+            max_batches=args.max_batches,
+            int8=args.int8,
+            seq_len=seq_len,
+        )
         lm = result["lm"]
         line = f"eval: loss {lm['fp32']['loss']:.4f} ppl {lm['fp32']['ppl']:.3f} over {lm['fp32']['tokens']} tokens"
         if "int8" in lm:
             c = lm["int8_cost"]
-            line += (f"; int8 ppl {lm['int8']['ppl']:.3f} (x{c['ppl_ratio']:.4f}, "
-                     f"weights {c['weight_bytes_fp32'] / 2**20:.1f} -> {c['weight_bytes_int8'] / 2**20:.1f} MiB)")
+            line += (
+                f"; int8 ppl {lm['int8']['ppl']:.3f} (x{c['ppl_ratio']:.4f}, "
+                f"weights {c['weight_bytes_fp32'] / 2**20:.1f} -> {c['weight_bytes_int8'] / 2**20:.1f} MiB)"
+            )
         print(line)
     out = Path(args.out) if args.out else cfg.run_dir / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +234,9 @@ def cli_main(cfg, args) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(cfg.run_dir / "tb_eval")) as tb:
-            for k, v in _scalars("eval", {k: v for k, v in result.items() if k in ("lm", "classification")}):
+            for k, v in _scalars(
+                "eval", {k: v for k, v in result.items() if k in ("lm", "classification")}
+            ):
                 if "confusion_matrix" not in k:
                     tb.add_scalar(k, v, 0)
     print(f"eval: wrote {out}")

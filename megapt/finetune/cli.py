@@ -4,6 +4,7 @@
     megapt finetune -c configs/tiny.yaml --finetune.task=classify --finetune.train_file=train.jsonl
     megapt finetune -c configs/tiny.yaml --example stdlib
 """
+
 from __future__ import annotations
 
 from megapt.finetune.run import finetune
@@ -12,12 +13,26 @@ from megapt.train.dist import detect_launcher_env
 
 
 def add_args(p) -> None:
-    p.add_argument("--example", choices=["stdlib"], default=None,
-                   help="run the built-in example (stdlib module-family classification; no download)")
-    p.add_argument("--example-lrs", type=float, nargs="+", default=None,
-                   help="example: LR grid per arm, best on validation kept (default 5e-4 1e-3 2e-3 4e-3)")
-    p.add_argument("--example-seeds", type=int, nargs="+", default=None,
-                   help="example: seeds to repeat each run with (default: run.seed)")
+    p.add_argument(
+        "--example",
+        choices=["stdlib"],
+        default=None,
+        help="run the built-in example (stdlib module-family classification; no download)",
+    )
+    p.add_argument(
+        "--example-lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="example: LR grid per arm, best on validation kept (default 5e-4 1e-3 2e-3 4e-3)",
+    )
+    p.add_argument(
+        "--example-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="example: seeds to repeat each run with (default: run.seed)",
+    )
 
 
 def cli_main(cfg, args) -> int:

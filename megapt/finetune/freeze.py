@@ -4,6 +4,7 @@
 frozen ones get no optimizer state (no Adam moments, no weight decay) and stay bit-identical;
 it also applies the layer-wise LR decay and the head LR multiplier.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,9 +14,16 @@ import torch.nn as nn
 from megapt.train.optim import block_index, is_embedding, is_head
 
 
-def apply_freezing(model: nn.Module, n_layers: int, *, freeze_embeddings: bool = False,
-                   freeze_layers: int = 0, freeze_pattern: str = "", train_head_only: bool = False,
-                   train_top_layers: int = 0) -> dict[str, int]:
+def apply_freezing(
+    model: nn.Module,
+    n_layers: int,
+    *,
+    freeze_embeddings: bool = False,
+    freeze_layers: int = 0,
+    freeze_pattern: str = "",
+    train_head_only: bool = False,
+    train_top_layers: int = 0,
+) -> dict[str, int]:
     """Set requires_grad on every parameter; returns {"trainable": n, "frozen": n} (elements).
 
     Rules compose: a parameter is frozen when any rule freezes it.
@@ -25,11 +33,15 @@ def apply_freezing(model: nn.Module, n_layers: int, *, freeze_embeddings: bool =
     if freeze_layers < 0 or freeze_layers > n_layers:
         raise ValueError(f"finetune.freeze_layers: must be in [0, {n_layers}], got {freeze_layers}")
     if train_top_layers < 0 or train_top_layers > n_layers:
-        raise ValueError(f"finetune.train_top_layers: must be in [0, {n_layers}], got {train_top_layers}")
+        raise ValueError(
+            f"finetune.train_top_layers: must be in [0, {n_layers}], got {train_top_layers}"
+        )
     try:
         pattern = re.compile(freeze_pattern) if freeze_pattern else None
     except re.error as exc:
-        raise ValueError(f"finetune.freeze_pattern: invalid regex {freeze_pattern!r}: {exc}") from None
+        raise ValueError(
+            f"finetune.freeze_pattern: invalid regex {freeze_pattern!r}: {exc}"
+        ) from None
     matched = 0
     for name, p in model.named_parameters():
         frozen = False
@@ -51,8 +63,10 @@ def apply_freezing(model: nn.Module, n_layers: int, *, freeze_embeddings: bool =
             frozen = True
         p.requires_grad_(not frozen)
     if pattern is not None and matched == 0:
-        raise ValueError(f"finetune.freeze_pattern {freeze_pattern!r} matched no parameter; "
-                         f"names look like {[n for n, _ in model.named_parameters()][:4]}")
+        raise ValueError(
+            f"finetune.freeze_pattern {freeze_pattern!r} matched no parameter; "
+            f"names look like {[n for n, _ in model.named_parameters()][:4]}"
+        )
     counts = {"trainable": 0, "frozen": 0}
     for p in _unique_params(model):
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()

@@ -23,6 +23,7 @@ every rank evaluates, rank 0 writes.
 
 ``init_from=scratch`` builds a freshly initialised model of ``model.preset`` (baselines).
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,7 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -67,7 +68,9 @@ def scratch_source(cfg) -> Source:
     """A randomly initialised model of ``cfg.model`` (for from-scratch baselines)."""
     tok = Tokenizer.load(cfg.tokenizer_path)
     max_len = cfg.finetune.max_len or cfg.data.seq_len
-    args = ModelArgs.from_config(cfg.model, vocab_size=tok.vocab_size, seq_len=max(max_len + 1, cfg.data.seq_len))
+    args = ModelArgs.from_config(
+        cfg.model, vocab_size=tok.vocab_size, seq_len=max(max_len + 1, cfg.data.seq_len)
+    )
     model = GPT(args, select_backends(cfg.model, "cpu"), seed=cfg.run.seed)
     return Source(model, args, cfg.tokenizer_path, "scratch", "scratch")
 
@@ -81,12 +84,16 @@ def get_source(cfg, path: str) -> Source:
 # --------------------------------------------------------------------------------------------
 
 
-def load_examples(cfg, tok, max_len: int, classes: Optional[list[str]] = None):
+def load_examples(cfg, tok, max_len: int, classes: list[str] | None = None):
     """(train, val, test examples, classes). Classes come from the training labels unless given."""
     ft = cfg.finetune
     task = ft.task
-    fields = {"classify": [ft.text_field, ft.label_field], "regress": [ft.text_field, ft.label_field],
-              "sft": [ft.prompt_field, ft.response_field], "lm": [ft.text_field]}[task]
+    fields = {
+        "classify": [ft.text_field, ft.label_field],
+        "regress": [ft.text_field, ft.label_field],
+        "sft": [ft.prompt_field, ft.response_field],
+        "lm": [ft.text_field],
+    }[task]
     if not ft.train_file:
         raise ConfigError("finetune.train_file: required")
     train_rows = D.read_rows(ft.train_file, fields)
@@ -99,22 +106,32 @@ def load_examples(cfg, tok, max_len: int, classes: Optional[list[str]] = None):
         if classes is None:
             classes = D.infer_classes(train_rows, ft.label_field)
         if ft.num_classes and ft.num_classes != len(classes):
-            raise ConfigError(f"finetune.num_classes={ft.num_classes} but {ft.train_file} has "
-                              f"{len(classes)} distinct labels {classes[:20]}")
+            raise ConfigError(
+                f"finetune.num_classes={ft.num_classes} but {ft.train_file} has "
+                f"{len(classes)} distinct labels {classes[:20]}"
+            )
         if len(classes) < 2:
-            raise D.DataError(f"{ft.train_file}: classification needs >= 2 distinct labels, found {classes}")
+            raise D.DataError(
+                f"{ft.train_file}: classification needs >= 2 distinct labels, found {classes}"
+            )
 
         def build(rows):
-            return D.build_classification(rows, tok, max_len, ft.text_field, ft.label_field, classes)
+            return D.build_classification(
+                rows, tok, max_len, ft.text_field, ft.label_field, classes
+            )
     elif task == "regress":
+
         def build(rows):
             return D.build_regression(rows, tok, max_len, ft.text_field, ft.label_field)
     elif task == "sft":
+
         def build(rows):
             return D.build_sft(rows, tok, max_len, ft.prompt_field, ft.response_field)
     else:
+
         def build(rows):
             return D.build_lm(rows, tok, max_len, ft.text_field)
+
     return build(train_rows), build(val_rows), (build(test_rows) if test_rows else []), classes
 
 
@@ -168,7 +185,7 @@ class Setup:
     src: Source
     tok: Any  # megapt.data.tokenizer.Tokenizer
     max_len: int
-    classes: Optional[list[str]]
+    classes: list[str] | None
     train_ex: list
     val_ex: list
     test_ex: list
@@ -178,7 +195,7 @@ class Setup:
     total: int  # optimizer steps
     eval_every: int
     engine: Any  # deepspeed.DeepSpeedEngine
-    teacher: Optional[torch.nn.Module]
+    teacher: torch.nn.Module | None
     tb: Any = None  # TensorBoard SummaryWriter on rank 0
 
     @property
@@ -190,14 +207,16 @@ class Setup:
             _say(msg)
 
 
-def setup(cfg, *, tb=None, source: Optional[Source] = None) -> Setup:
+def setup(cfg, *, tb=None, source: Source | None = None) -> Setup:
     """Process, source model, data, task model, freezing, optimizer groups, DeepSpeed engine and
     (with ``finetune.distill_from``) the teacher."""
     ft = cfg.finetune
     task = ft.task
     if cfg.train.sequence_parallel > 1 or cfg.train.tensor_parallel > 1:
-        raise ConfigError("finetune: train.sequence_parallel / train.tensor_parallel apply to "
-                          "`megapt train` only (fine-tuning runs data-parallel); set them to 1")
+        raise ConfigError(
+            "finetune: train.sequence_parallel / train.tensor_parallel apply to "
+            "`megapt train` only (fine-tuning runs data-parallel); set them to 1"
+        )
     if task == "none":
         raise ConfigError("finetune.task: choose classify, regress, sft or lm")
     # every rank gets run.seed: new heads and LoRA adapters start identical everywhere; progress
@@ -213,10 +232,16 @@ def setup(cfg, *, tb=None, source: Optional[Source] = None) -> Setup:
     tok = src.tokenizer()
     check_tokenizer(tok, task, str(src.tokenizer_path))
     if tok.vocab_size > src.args.vocab_size:
-        raise ConfigError(f"tokenizer {src.tokenizer_path} has {tok.vocab_size} tokens but the model "
-                          f"{src.path} embeds only {src.args.vocab_size}: wrong tokenizer for this model")
+        raise ConfigError(
+            f"tokenizer {src.tokenizer_path} has {tok.vocab_size} tokens but the model "
+            f"{src.path} embeds only {src.args.vocab_size}: wrong tokenizer for this model"
+        )
     max_len = min(ft.max_len or cfg.data.seq_len, src.args.max_seq_len - 1)
-    classes = src.meta.get("classes") if task == "classify" and src.meta.get("task") == "classify" else None
+    classes = (
+        src.meta.get("classes")
+        if task == "classify" and src.meta.get("task") == "classify"
+        else None
+    )
     train_ex, val_ex, test_ex, classes = load_examples(cfg, tok, max_len, classes)
     model = build_task_model(src, task, len(classes or []), ft.pooling, ft.head_dropout)
     n_layers = src.args.n_layers
@@ -225,15 +250,29 @@ def setup(cfg, *, tb=None, source: Optional[Source] = None) -> Setup:
 
     lora_names: list[str] = []
     if ft.lora_rank > 0:
-        lora_names = apply_lora(src.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets, ft.lora_dropout)
+        lora_names = apply_lora(
+            src.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets, ft.lora_dropout
+        )
         if task in ("classify", "regress"):
             for p in model.head.parameters():
                 p.requires_grad_(True)
-    counts = apply_freezing(model, n_layers, freeze_embeddings=ft.freeze_embeddings,
-                            freeze_layers=ft.freeze_layers, freeze_pattern=ft.freeze_pattern,
-                            train_head_only=ft.train_head_only, train_top_layers=ft.train_top_layers)
-    groups = param_groups(model, ft.weight_decay, lr=ft.lr, n_layers=n_layers,
-                          layer_lr_decay=ft.layer_lr_decay, head_lr_mult=ft.head_lr_mult)
+    counts = apply_freezing(
+        model,
+        n_layers,
+        freeze_embeddings=ft.freeze_embeddings,
+        freeze_layers=ft.freeze_layers,
+        freeze_pattern=ft.freeze_pattern,
+        train_head_only=ft.train_head_only,
+        train_top_layers=ft.train_top_layers,
+    )
+    groups = param_groups(
+        model,
+        ft.weight_decay,
+        lr=ft.lr,
+        n_layers=n_layers,
+        layer_lr_decay=ft.layer_lr_decay,
+        head_lr_mult=ft.head_lr_mult,
+    )
 
     steps_per_epoch = math.ceil(len(train_ex) / ft.batch_size)
     total = ft.max_steps or steps_per_epoch * ft.epochs
@@ -254,9 +293,13 @@ def setup(cfg, *, tb=None, source: Optional[Source] = None) -> Setup:
         say("ZeRO stage 3: evaluation and best-weight snapshots gather parameters on every rank")
     # warmup then linear decay to 0 at `total`, scaling each group's own peak LR
     schedule = LRSchedule(ft.lr, 0.0, warmup, total, "linear")
-    bundle = create_engine(ecfg, model, world_size=world,
-                           param_groups=[{k: v for k, v in g.items() if k != "names"} for g in groups],
-                           schedule=schedule)
+    bundle = create_engine(
+        ecfg,
+        model,
+        world_size=world,
+        param_groups=[{k: v for k, v in g.items() if k != "names"} for g in groups],
+        schedule=schedule,
+    )
     engine = bundle.engine
     dev = engine.device
 
@@ -264,26 +307,60 @@ def setup(cfg, *, tb=None, source: Optional[Source] = None) -> Setup:
     if ft.distill_from:
         tsrc = get_source(cfg, ft.distill_from)
         if tsrc.args.vocab_size != src.args.vocab_size and task in ("lm", "sft"):
-            raise ConfigError(f"finetune.distill_from: teacher vocab {tsrc.args.vocab_size} != student "
-                              f"vocab {src.args.vocab_size}; KL needs the same tokenizer")
+            raise ConfigError(
+                f"finetune.distill_from: teacher vocab {tsrc.args.vocab_size} != student "
+                f"vocab {src.args.vocab_size}; KL needs the same tokenizer"
+            )
         t_classes = len(tsrc.meta.get("classes", [])) if tsrc.meta else 0
         if task in ("classify", "regress") and not tsrc.extra:
-            raise ConfigError(f"finetune.distill_from={ft.distill_from}: a {task} teacher must be a "
-                              "fine-tuned folder with a head (written by megapt finetune)")
-        teacher = build_task_model(tsrc, task, t_classes or len(classes or []), tsrc.meta.get("pooling", ft.pooling),
-                                   0.0).to(dev).eval()
+            raise ConfigError(
+                f"finetune.distill_from={ft.distill_from}: a {task} teacher must be a "
+                "fine-tuned folder with a head (written by megapt finetune)"
+            )
+        teacher = (
+            build_task_model(
+                tsrc,
+                task,
+                t_classes or len(classes or []),
+                tsrc.meta.get("pooling", ft.pooling),
+                0.0,
+            )
+            .to(dev)
+            .eval()
+        )
         low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
         if low is not None:
             teacher.to(low)  # the engine feeds it the same dtype as the student
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-    say(f"task={task} source={src.path} ({src.kind}) rows train/val/test={len(train_ex)}/{len(val_ex)}/"
+    say(
+        f"task={task} source={src.path} ({src.kind}) rows train/val/test={len(train_ex)}/{len(val_ex)}/"
         f"{len(test_ex)} trainable={counts['trainable']:,} frozen={counts['frozen']:,} params "
         f"in {len(groups)} groups; lora={len(lora_names)} layers; steps={total} device={dev} "
-        f"engine=DeepSpeed ZeRO-{stage} {cfg.train.precision} world_size={world} grad_accum={ga}")
-    return Setup(cfg, task, rank, world, src, tok, max_len, classes, train_ex, val_ex, test_ex, model,
-                 counts, lora_names, total, eval_every, engine, teacher, tb)
+        f"engine=DeepSpeed ZeRO-{stage} {cfg.train.precision} world_size={world} grad_accum={ga}"
+    )
+    return Setup(
+        cfg,
+        task,
+        rank,
+        world,
+        src,
+        tok,
+        max_len,
+        classes,
+        train_ex,
+        val_ex,
+        test_ex,
+        model,
+        counts,
+        lora_names,
+        total,
+        eval_every,
+        engine,
+        teacher,
+        tb,
+    )
 
 
 def fit(s: Setup) -> dict:
@@ -309,18 +386,23 @@ def fit(s: Setup) -> dict:
     epoch = 0
     while not stop:
         engine.train()
-        for batch in D.batches(s.train_ex, ft.batch_size, s.tok.pad_id, True, cfg.run.seed + epoch,
-                               task == "regress"):
+        for batch in D.batches(
+            s.train_ex, ft.batch_size, s.tok.pad_id, True, cfg.run.seed + epoch, task == "regress"
+        ):
             rows = len(batch["input_ids"])
             loss_sum = 0.0
             for part, weight in micro_batches(batch, s.rank, s.world, ga):
                 part = {k: v.to(dev) for k, v in part.items()}
-                loss = task_loss(engine, part, task, s.teacher, ft.distill_alpha, ft.distill_temperature)
+                loss = task_loss(
+                    engine, part, task, s.teacher, ft.distill_alpha, ft.distill_temperature
+                )
                 n_k = len(part["input_ids"]) if weight else 0
                 lv = float(loss.detach())
                 local, bad = _all_sum([lv * n_k, 0.0 if math.isfinite(lv) else 1.0])
                 if bad:
-                    raise FloatingPointError(f"finetune: non-finite loss at step {step} (on {int(bad)} rank(s))")
+                    raise FloatingPointError(
+                        f"finetune: non-finite loss at step {step} (on {int(bad)} rank(s))"
+                    )
                 loss_sum += local
                 engine.backward(loss if weight == 1.0 else loss * weight)
                 engine.step()
@@ -341,10 +423,14 @@ def fit(s: Setup) -> dict:
                     bad_evals += 1
                 if s.tb is not None and s.main:
                     s.tb.add_scalar("finetune/val_score", m["score"], step)
-                s.say(f"step {step}/{s.total} train_loss {train_loss:.4f} val_score {m['score']:.4f}"
-                      f"{' (best)' if improved else ''} {time.time() - t0:.0f}s")
+                s.say(
+                    f"step {step}/{s.total} train_loss {train_loss:.4f} val_score {m['score']:.4f}"
+                    f"{' (best)' if improved else ''} {time.time() - t0:.0f}s"
+                )
                 if ft.early_stopping_patience and bad_evals >= ft.early_stopping_patience:
-                    s.say(f"early stop: {bad_evals} evaluations without improvement; best at step {best['step']}")
+                    s.say(
+                        f"early stop: {bad_evals} evaluations without improvement; best at step {best['step']}"
+                    )
                     stop = True
             if step >= s.total or stop:
                 stop = True
@@ -356,14 +442,24 @@ def fit(s: Setup) -> dict:
     with gathered([params[n] for n in best_state], modifier_rank=0), torch.no_grad():
         for n, v in best_state.items():
             params[n].copy_(v)
-    results = {"task": task, "init_from": s.src.path, "best_step": best["step"], "steps": step,
-               "val": best["metrics"], "trainable_params": s.counts["trainable"], "history": history}
+    results = {
+        "task": task,
+        "init_from": s.src.path,
+        "best_step": best["step"],
+        "steps": step,
+        "val": best["metrics"],
+        "trainable_params": s.counts["trainable"],
+        "history": history,
+    }
     if s.test_ex:
         results["test"] = evaluate(s.test_ex)
         if task == "classify":
-            results["majority_baseline"] = majority_baseline([e.label for e in s.train_ex],
-                                                             [e.label for e in s.test_ex])
-        s.say(f"test: {json.dumps({k: v for k, v in results['test'].items() if not isinstance(v, (dict, list))})}")
+            results["majority_baseline"] = majority_baseline(
+                [e.label for e in s.train_ex], [e.label for e in s.test_ex]
+            )
+        s.say(
+            f"test: {json.dumps({k: v for k, v in results['test'].items() if not isinstance(v, (dict, list))})}"
+        )
     return results
 
 
@@ -378,8 +474,15 @@ def save(s: Setup, results: dict) -> Path:
     rank gathers). Returns the folder."""
     ft, task, module = s.cfg.finetune, s.task, s.engine.module
     out_dir = Path(ft.out_dir) if ft.out_dir else s.cfg.run_dir / "finetune"
-    meta = {"task": task, "classes": s.classes, "pooling": ft.pooling, "init_from": s.src.path,
-            "best_step": results["best_step"], "val_score": best_score(results), "max_len": s.max_len}
+    meta = {
+        "task": task,
+        "classes": s.classes,
+        "pooling": ft.pooling,
+        "init_from": s.src.path,
+        "best_step": results["best_step"],
+        "val_score": best_score(results),
+        "max_len": s.max_len,
+    }
     with gathered(list(module.parameters())):  # ZeRO-3: full weights while saving (rank 0 writes)
         if s.lora_names and ft.merge_lora:
             merge_lora(s.src.model)
@@ -395,7 +498,7 @@ def save(s: Setup, results: dict) -> Path:
     return out_dir
 
 
-def finetune(cfg, *, tb=None, source: Optional[Source] = None, keep_engine: bool = False) -> dict:
+def finetune(cfg, *, tb=None, source: Source | None = None, keep_engine: bool = False) -> dict:
     """Run fine-tuning as configured (``setup``, ``fit``, ``save``); returns the results dict (also
     written as results.json).
 

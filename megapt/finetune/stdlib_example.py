@@ -21,6 +21,7 @@ LR 5e-4 gave pretrained 0.694 vs scratch 0.750 test accuracy, 2e-4 gave 0.466 vs
 the pretrained model needs a larger LR than the scratch model tolerates at small LRs, and it
 stays trainable at LRs where scratch diverges. Measured figures of the command: README.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,14 +54,16 @@ def collect_snippets(stdlib: Path | None = None) -> dict[str, list[dict]]:
     for fam in FAMILIES:
         base = root / fam
         if not base.is_dir():
-            raise FileNotFoundError(f"{base}: stdlib package {fam!r} not found; this example needs CPython's Lib/")
+            raise FileNotFoundError(
+                f"{base}: stdlib package {fam!r} not found; this example needs CPython's Lib/"
+            )
         for path in sorted(base.rglob("*.py")):
             rel = path.relative_to(root).as_posix()
             if "/test" in rel or "/idle_test/" in rel:
                 continue
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
             for start in range(0, len(lines) - FAMILY_LINES + 1, FAMILY_LINES):
-                chunk = lines[start:start + FAMILY_LINES]
+                chunk = lines[start : start + FAMILY_LINES]
                 text = "\n".join(chunk).strip("\n")
                 if sum(1 for ln in chunk if ln.strip()) < 8 or len(text) < 200:
                     continue
@@ -90,7 +93,10 @@ def build_dataset(out_dir: Path, stdlib: Path | None = None) -> dict[str, Path]:
         counts[split] = per
     per: dict[str, int] = {}
     paths["train_low"] = out_dir / "train_low.jsonl"
-    with open(paths["train"], encoding="utf-8") as src, open(paths["train_low"], "w", encoding="utf-8") as f:
+    with (
+        open(paths["train"], encoding="utf-8") as src,
+        open(paths["train_low"], "w", encoding="utf-8") as f,
+    ):
         for line in src:
             label = json.loads(line)["label"]
             if per.get(label, 0) < LOW_PER_CLASS:
@@ -124,17 +130,34 @@ def run_example(cfg, lrs=None, seeds=None) -> dict:
     ft = cfg.finetune
     base = copy.deepcopy(cfg)
     base.finetune = dataclasses.replace(
-        ft, task="classify", train_file=str(paths["train"]), val_file=str(paths["val"]),
-        test_file=str(paths["test"]), text_field="text", label_field="label",
-        max_len=ft.max_len or 64)  # ~5 lines of code per snippet: CPU-sized
-    print(f"stdlib example: data in {data_dir} ({json.loads((data_dir / 'counts.json').read_text())}); "
-          f"pretrained model {ft.init_from or cfg.checkpoint_dir}; LR grid {lrs}, seeds {seeds}")
-    results: dict = {"classes": list(FAMILIES), "lr_grid": lrs, "seeds": seeds,
-                     "selection": "per arm and seed, the LR with the best validation accuracy"}
-    regimes = {"full": (paths["train"], base.finetune.epochs),
-               "low": (paths["train_low"], base.finetune.epochs * LOW_EPOCH_MULT)}
+        ft,
+        task="classify",
+        train_file=str(paths["train"]),
+        val_file=str(paths["val"]),
+        test_file=str(paths["test"]),
+        text_field="text",
+        label_field="label",
+        max_len=ft.max_len or 64,
+    )  # ~5 lines of code per snippet: CPU-sized
+    print(
+        f"stdlib example: data in {data_dir} ({json.loads((data_dir / 'counts.json').read_text())}); "
+        f"pretrained model {ft.init_from or cfg.checkpoint_dir}; LR grid {lrs}, seeds {seeds}"
+    )
+    results: dict = {
+        "classes": list(FAMILIES),
+        "lr_grid": lrs,
+        "seeds": seeds,
+        "selection": "per arm and seed, the LR with the best validation accuracy",
+    }
+    regimes = {
+        "full": (paths["train"], base.finetune.epochs),
+        "low": (paths["train_low"], base.finetune.epochs * LOW_EPOCH_MULT),
+    }
     for regime, (train_file, epochs) in regimes.items():
-        res_r: dict = {"train_rows": sum(1 for _ in open(train_file, encoding="utf-8")), "epochs": epochs}
+        res_r: dict = {
+            "train_rows": sum(1 for _ in open(train_file, encoding="utf-8")),
+            "epochs": epochs,
+        }
         for name in ("pretrained", "scratch"):
             runs = []
             for seed in seeds:
@@ -142,35 +165,69 @@ def run_example(cfg, lrs=None, seeds=None) -> dict:
                     run_cfg = copy.deepcopy(base)
                     run_cfg.run.seed = seed
                     run_cfg.finetune = dataclasses.replace(
-                        base.finetune, train_file=str(train_file), epochs=epochs, lr=lr,
-                        out_dir=str(cfg.run_dir / f"stdlib_{regime}_{name}_lr{lr:g}_s{seed}"))
-                    pre = load_source(run_cfg, ft.init_from)  # a fresh copy each time: fine-tuning works in place
+                        base.finetune,
+                        train_file=str(train_file),
+                        epochs=epochs,
+                        lr=lr,
+                        out_dir=str(cfg.run_dir / f"stdlib_{regime}_{name}_lr{lr:g}_s{seed}"),
+                    )
+                    pre = load_source(
+                        run_cfg, ft.init_from
+                    )  # a fresh copy each time: fine-tuning works in place
                     if name == "pretrained":
                         src = pre
                     else:  # the same architecture, freshly initialised
                         model = GPT(pre.args, pre.model.backends, seed=seed)
                         src = Source(model, pre.args, pre.tokenizer_path, "scratch", "scratch")
                     res = finetune(run_cfg, source=src)
-                    runs.append({"lr": lr, "seed": seed, "val_accuracy": res["val"]["accuracy"],
-                                 "test_accuracy": res["test"]["accuracy"], "test_macro_f1": res["test"]["macro_f1"],
-                                 "best_step": res["best_step"], "confusion_matrix": res["test"]["confusion_matrix"]})
+                    runs.append(
+                        {
+                            "lr": lr,
+                            "seed": seed,
+                            "val_accuracy": res["val"]["accuracy"],
+                            "test_accuracy": res["test"]["accuracy"],
+                            "test_macro_f1": res["test"]["macro_f1"],
+                            "best_step": res["best_step"],
+                            "confusion_matrix": res["test"]["confusion_matrix"],
+                        }
+                    )
                     res_r["majority"] = {"test_accuracy": res["majority_baseline"]["accuracy"]}
             chosen = [select_by_val([r for r in runs if r["seed"] == s]) for s in seeds]
             accs = [r["test_accuracy"] for r in chosen]
-            res_r[name] = {"test_accuracy": sum(accs) / len(accs), "test_accuracy_per_seed": accs,
-                           "selected_lr_per_seed": [r["lr"] for r in chosen], "selected": chosen, "grid": runs}
+            res_r[name] = {
+                "test_accuracy": sum(accs) / len(accs),
+                "test_accuracy_per_seed": accs,
+                "selected_lr_per_seed": [r["lr"] for r in chosen],
+                "selected": chosen,
+                "grid": runs,
+            }
         results[regime] = res_r
     results["pretrained_from"] = str(ft.init_from or cfg.checkpoint_dir)
-    results["settings"] = {k: getattr(base.finetune, k) for k in
-                           ("batch_size", "max_len", "layer_lr_decay", "head_lr_mult", "head_dropout",
-                            "train_top_layers", "freeze_embeddings", "pooling", "weight_decay")}
+    results["settings"] = {
+        k: getattr(base.finetune, k)
+        for k in (
+            "batch_size",
+            "max_len",
+            "layer_lr_decay",
+            "head_lr_mult",
+            "head_dropout",
+            "train_top_layers",
+            "freeze_embeddings",
+            "pooling",
+            "weight_decay",
+        )
+    }
     out = cfg.run_dir / "stdlib_example.json"
     out.write_text(json.dumps(results, indent=2))
     for regime in regimes:
         r = results[regime]
-        print(f"stdlib example [{regime}: {r['train_rows']} train rows] test accuracy (LR chosen on val): "
-              + ", ".join(f"{k}={r[k]['test_accuracy']:.3f}" for k in ("pretrained", "scratch", "majority"))
-              + f" (chosen LR pretrained {r['pretrained']['selected_lr_per_seed']}, "
-                f"scratch {r['scratch']['selected_lr_per_seed']})")
+        print(
+            f"stdlib example [{regime}: {r['train_rows']} train rows] test accuracy (LR chosen on val): "
+            + ", ".join(
+                f"{k}={r[k]['test_accuracy']:.3f}" for k in ("pretrained", "scratch", "majority")
+            )
+            + f" (chosen LR pretrained {r['pretrained']['selected_lr_per_seed']}, "
+            f"scratch {r['scratch']['selected_lr_per_seed']})"
+        )
     print(f"stdlib example: wrote {out}")
     return results

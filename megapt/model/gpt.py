@@ -19,6 +19,7 @@ layer calls its ``AttentionCore`` through one seam that sequence parallelism wra
 selects the slice of the sequence this rank computes, and attention reads its head counts off the
 projection widths, so tensor-parallel shards of the linear layers run the same code.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,21 @@ class ModelArgs:
     dropout: float = 0.0  # on the attention and MLP outputs (before the residual add)
 
     def __post_init__(self) -> None:
-        problems = [f"{f.name}: must be >= 1, got {getattr(self, f.name)}" for f in fields(self)
-                    if f.name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-                                  "max_seq_len") and getattr(self, f.name) < 1]
+        problems = [
+            f"{f.name}: must be >= 1, got {getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name
+            in (
+                "n_layers",
+                "d_model",
+                "n_heads",
+                "n_kv_heads",
+                "ffn_hidden",
+                "vocab_size",
+                "max_seq_len",
+            )
+            and getattr(self, f.name) < 1
+        ]
         if not problems:
             if self.d_model % self.n_heads:
                 problems.append(f"n_heads: {self.n_heads} must divide d_model {self.d_model}")
@@ -76,10 +89,14 @@ class ModelArgs:
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.init_std <= 0 or self.rope_theta <= 0 or self.norm_eps <= 0:
-            problems.append("init_std, rope_theta and norm_eps must be > 0, got "
-                            f"{self.init_std}, {self.rope_theta}, {self.norm_eps}")
+            problems.append(
+                "init_std, rope_theta and norm_eps must be > 0, got "
+                f"{self.init_std}, {self.rope_theta}, {self.norm_eps}"
+            )
         if problems:
-            raise ConfigError(f"model args: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+            raise ConfigError(
+                f"model args: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+            )
 
     @property
     def head_dim(self) -> int:
@@ -88,10 +105,14 @@ class ModelArgs:
     # ---- construction ----
 
     @classmethod
-    def from_preset(cls, name: str, vocab_size: int, max_seq_len: int, **overrides: Any) -> ModelArgs:
+    def from_preset(
+        cls, name: str, vocab_size: int, max_seq_len: int, **overrides: Any
+    ) -> ModelArgs:
         if name not in PRESETS:
             raise ConfigError(f"model.preset: unknown {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], "vocab_size": vocab_size, "max_seq_len": max_seq_len, **overrides})
+        return cls(
+            **{**PRESETS[name], "vocab_size": vocab_size, "max_seq_len": max_seq_len, **overrides}
+        )
 
     @classmethod
     def from_config(cls, model_cfg: Any, vocab_size: int, seq_len: int) -> ModelArgs:
@@ -103,25 +124,47 @@ class ModelArgs:
         (``swiglu_hidden(d_model, 64)``).
         """
         if model_cfg.preset not in PRESETS:
-            raise ConfigError(f"model.preset: unknown {model_cfg.preset!r}; choose from {', '.join(PRESETS)}")
+            raise ConfigError(
+                f"model.preset: unknown {model_cfg.preset!r}; choose from {', '.join(PRESETS)}"
+            )
         kw = dict(PRESETS[model_cfg.preset])
-        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "rope_theta", "norm_eps",
-                     "tie_embeddings", "init_std"):
+        for name in (
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_hidden",
+            "rope_theta",
+            "norm_eps",
+            "tie_embeddings",
+            "init_std",
+        ):
             value = getattr(model_cfg, name, None)
             if value is not None:
                 kw[name] = value
-        if getattr(model_cfg, "d_model", None) is not None and getattr(model_cfg, "ffn_hidden", None) is None:
+        if (
+            getattr(model_cfg, "d_model", None) is not None
+            and getattr(model_cfg, "ffn_hidden", None) is None
+        ):
             kw["ffn_hidden"] = swiglu_hidden(kw["d_model"], 64)
         if getattr(model_cfg, "vocab_size", None) is not None:
             if model_cfg.vocab_size < vocab_size:
-                raise ConfigError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's "
-                                  f"vocabulary ({vocab_size}); token ids would fall outside the embedding")
+                raise ConfigError(
+                    f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's "
+                    f"vocabulary ({vocab_size}); token ids would fall outside the embedding"
+                )
             vocab_size = model_cfg.vocab_size
         max_seq_len = getattr(model_cfg, "max_seq_len", None) or seq_len
         if max_seq_len < seq_len:
-            raise ConfigError(f"model.max_seq_len: {max_seq_len} is shorter than data.seq_len {seq_len}")
-        return cls(**kw, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                   dropout=float(getattr(model_cfg, "dropout", 0.0) or 0.0))
+            raise ConfigError(
+                f"model.max_seq_len: {max_seq_len} is shorter than data.seq_len {seq_len}"
+            )
+        return cls(
+            **kw,
+            vocab_size=vocab_size,
+            max_seq_len=max_seq_len,
+            dropout=float(getattr(model_cfg, "dropout", 0.0) or 0.0),
+        )
 
     # ---- accounting ----
 
@@ -133,7 +176,9 @@ class ModelArgs:
         shared matrix is that head, so nothing is dropped (nanoGPT's convention).
         """
         C, hs, V = self.d_model, self.head_dim, self.vocab_size
-        attn = C * self.n_heads * hs + 2 * C * self.n_kv_heads * hs + self.n_heads * hs * C  # wq, wk+wv, wo
+        attn = (
+            C * self.n_heads * hs + 2 * C * self.n_kv_heads * hs + self.n_heads * hs * C
+        )  # wq, wk+wv, wo
         ffn = 3 * C * self.ffn_hidden  # w1, w3, w2
         body = self.n_layers * (attn + ffn + 2 * C) + C  # + 2 norms per block + final norm
         head = V * C  # output projection (the embedding table itself when tied)
@@ -160,8 +205,9 @@ class ModelArgs:
         T = self.max_seq_len if seq_len is None else seq_len
         return 12.0 * self.n_layers * self.n_heads * self.head_dim * T
 
-    def hardware_flops_per_token(self, seq_len: int | None = None,
-                                 recompute: bool = False) -> float:
+    def hardware_flops_per_token(
+        self, seq_len: int | None = None, recompute: bool = False
+    ) -> float:
         """FLOPs the hardware runs per token (the HFU numerator): ``flops_per_token`` plus, under
         activation checkpointing, the forward recomputed in backward (2 * N + 4 * L * H * Q * T,
         a third of it): 8 * N + 16 * L * H * Q * T in all."""
@@ -171,16 +217,22 @@ class ModelArgs:
         forward = 2.0 * self.num_params(exclude_embeddings=True)
         return model + forward + self.attention_flops_per_token(seq_len) / 3
 
-    def mfu(self, tokens_per_s_per_device: float, peak_flops: float | None,
-            seq_len: int | None = None) -> float | None:
+    def mfu(
+        self, tokens_per_s_per_device: float, peak_flops: float | None, seq_len: int | None = None
+    ) -> float | None:
         """Model FLOPs utilisation (0..1): tokens/s per device x ``flops_per_token`` / peak FLOP/s
         of one device (``megapt.hardware``); None without a peak (CPU, unknown GPU)."""
         if not peak_flops:
             return None
         return tokens_per_s_per_device * self.flops_per_token(seq_len) / peak_flops
 
-    def hfu(self, tokens_per_s_per_device: float, peak_flops: float | None,
-            seq_len: int | None = None, recompute: bool = False) -> float | None:
+    def hfu(
+        self,
+        tokens_per_s_per_device: float,
+        peak_flops: float | None,
+        seq_len: int | None = None,
+        recompute: bool = False,
+    ) -> float | None:
         """Hardware FLOPs utilisation: as ``mfu`` with ``hardware_flops_per_token``."""
         if not peak_flops:
             return None
@@ -189,33 +241,75 @@ class ModelArgs:
 
 
 # The accounting above in words, for records that carry numbers made with it (benchmark JSON).
-MFU_FORMULA = ("MFU = tokens_per_s_per_device * (6*N + 12*L*H*Q*T) / peak_flops_per_device; "
-               "N = matmul parameters (all except an untied input embedding), L layers, "
-               "H query heads, Q head dim, T sequence length (PaLM, Chowdhery et al. 2022, "
-               "appendix B; megapt.model.gpt.ModelArgs.flops_per_token)")
-HFU_FORMULA = ("HFU = tokens_per_s_per_device * hardware_flops / peak; hardware_flops = "
-               "6*N + 12*L*H*Q*T without activation checkpointing, 8*N + 16*L*H*Q*T with it "
-               "(the forward is recomputed; ModelArgs.hardware_flops_per_token)")
+MFU_FORMULA = (
+    "MFU = tokens_per_s_per_device * (6*N + 12*L*H*Q*T) / peak_flops_per_device; "
+    "N = matmul parameters (all except an untied input embedding), L layers, "
+    "H query heads, Q head dim, T sequence length (PaLM, Chowdhery et al. 2022, "
+    "appendix B; megapt.model.gpt.ModelArgs.flops_per_token)"
+)
+HFU_FORMULA = (
+    "HFU = tokens_per_s_per_device * hardware_flops / peak; hardware_flops = "
+    "6*N + 12*L*H*Q*T without activation checkpointing, 8*N + 16*L*H*Q*T with it "
+    "(the forward is recomputed; ModelArgs.hardware_flops_per_token)"
+)
 
 
 # Named sizes. vocab_size and max_seq_len come from the tokenizer and the data at run time.
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU seconds: 4 layers, GQA 4:2, head_dim 64
-    "tiny": dict(n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=swiglu_hidden(256, 64)),
+    "tiny": dict(
+        n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=swiglu_hidden(256, 64)
+    ),
     # GPT-2 small / medium shapes; SwiGLU at 8/3 width has the params of GPT-2's 4x MLP
-    "124m": dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, ffn_hidden=swiglu_hidden(768),
-                 tie_embeddings=True),
-    "350m": dict(n_layers=24, d_model=1024, n_heads=16, n_kv_heads=16, ffn_hidden=swiglu_hidden(1024),
-                 tie_embeddings=True),
+    "124m": dict(
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        n_kv_heads=12,
+        ffn_hidden=swiglu_hidden(768),
+        tie_embeddings=True,
+    ),
+    "350m": dict(
+        n_layers=24,
+        d_model=1024,
+        n_heads=16,
+        n_kv_heads=16,
+        ffn_hidden=swiglu_hidden(1024),
+        tie_embeddings=True,
+    ),
     # Llama-3.2-1B / 3B shapes (tied, GQA 8 kv heads, theta 5e5)
-    "1b": dict(n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, ffn_hidden=swiglu_hidden(2048, 256, 1.5),
-               tie_embeddings=True, rope_theta=500000.0),
-    "3b": dict(n_layers=28, d_model=3072, n_heads=24, n_kv_heads=8, ffn_hidden=swiglu_hidden(3072, 256),
-               tie_embeddings=True, rope_theta=500000.0),
+    "1b": dict(
+        n_layers=16,
+        d_model=2048,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=swiglu_hidden(2048, 256, 1.5),
+        tie_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "3b": dict(
+        n_layers=28,
+        d_model=3072,
+        n_heads=24,
+        n_kv_heads=8,
+        ffn_hidden=swiglu_hidden(3072, 256),
+        tie_embeddings=True,
+        rope_theta=500000.0,
+    ),
     # Llama-2 shapes
-    "7b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, ffn_hidden=swiglu_hidden(4096)),
-    "13b": dict(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=40, ffn_hidden=swiglu_hidden(5120)),
-    "70b": dict(n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8, ffn_hidden=swiglu_hidden(8192, 4096, 1.3)),
+    "7b": dict(
+        n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, ffn_hidden=swiglu_hidden(4096)
+    ),
+    "13b": dict(
+        n_layers=40, d_model=5120, n_heads=40, n_kv_heads=40, ffn_hidden=swiglu_hidden(5120)
+    ),
+    "70b": dict(
+        n_layers=80,
+        d_model=8192,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_hidden=swiglu_hidden(8192, 4096, 1.3),
+    ),
 }
 
 
@@ -265,10 +359,17 @@ class AttentionCore(nn.Module):
         self.backend = backend
         self.fn = ops.attention_impl(backend)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                spec: AttentionMask) -> torch.Tensor:
-        y = self.fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec.causal,
-                    mask=spec.mask, doc_start=spec.doc_start)  # (B, nh, T, hs)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionMask
+    ) -> torch.Tensor:
+        y = self.fn(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            spec.causal,
+            mask=spec.mask,
+            doc_start=spec.doc_start,
+        )  # (B, nh, T, hs)
         return y.transpose(1, 2)
 
     def extra_repr(self) -> str:
@@ -303,8 +404,15 @@ class Attention(nn.Module):
         decode = "sdpa" if backends.attention in ("triton", "cuda") else backends.attention
         self.decode_fn = ops.attention_impl(decode)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionMask,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        spec: AttentionMask,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         hs = self.head_dim
         q = self.wq(x).view(B, T, -1, hs)  # (B, T, nh, hs)
@@ -342,8 +450,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.d_model, args.norm_eps, backends)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: AttentionMask,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        spec: AttentionMask,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, spec, kv_cache, start_pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -362,8 +477,9 @@ class OutputHead(nn.Linear):
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             return super().forward(h)  # (B, T, V)
-        return ops.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1),
-                                        self.backends.loss)  # scalar; (chunk, V) logits at a time
+        return ops.linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.weight, labels.reshape(-1), self.backends.loss
+        )  # scalar; (chunk, V) logits at a time
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,8 +498,12 @@ class ModelOutput(dict):
     loss: torch.Tensor | None  # scalar fp32 mean over labels != -100
     hidden: torch.Tensor | None  # (B, T, C) after the final norm, when return_hidden
 
-    def __init__(self, logits: torch.Tensor | None = None, loss: torch.Tensor | None = None,
-                 hidden: torch.Tensor | None = None):
+    def __init__(
+        self,
+        logits: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+    ):
         super().__init__(logits=logits, loss=loss, hidden=hidden)
 
     def __getattr__(self, name: str):
@@ -397,8 +517,15 @@ class GPT(nn.Module):
     rope_cos: torch.Tensor  # buffers (max_seq_len, hs/2), registered in __init__
     rope_sin: torch.Tensor
 
-    def __init__(self, args: ModelArgs, backends: Backends | None = None, *, seed: int = 0,
-                 doc_mask: bool = False, eos_id: int | None = None):
+    def __init__(
+        self,
+        args: ModelArgs,
+        backends: Backends | None = None,
+        *,
+        seed: int = 0,
+        doc_mask: bool = False,
+        eos_id: int | None = None,
+    ):
         """Build the model; unless built on the meta device, weights come from ``init_weights(seed)``.
 
         ``doc_mask``: attend only within documents of a packed row (split after each ``eos_id``
@@ -420,8 +547,12 @@ class GPT(nn.Module):
         self.norm = RMSNorm(args.d_model, args.norm_eps, self.backends)
         self.output = OutputHead(args.d_model, args.vocab_size, self.backends)
         self.tie_weights()
-        cos, sin = ops.rope_cache(args.max_seq_len, args.head_dim, args.rope_theta,
-                                  device=self.tok_embeddings.weight.device)
+        cos, sin = ops.rope_cache(
+            args.max_seq_len,
+            args.head_dim,
+            args.rope_theta,
+            device=self.tok_embeddings.weight.device,
+        )
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs/2)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.tok_embeddings.weight.device.type != "meta":
@@ -453,8 +584,10 @@ class GPT(nn.Module):
         self.tie_weights()
         for name, p in self.named_parameters():
             if p.device.type == "meta":
-                raise RuntimeError(f"init_weights: {name} is on the meta device; call "
-                                   "model.to_empty(device=...) first")
+                raise RuntimeError(
+                    f"init_weights: {name} is on the meta device; call "
+                    "model.to_empty(device=...) first"
+                )
             self.init_parameter(name, p, seed)
         self.reset_rope_cache()
 
@@ -474,7 +607,7 @@ class GPT(nn.Module):
         if name.endswith(("wo.weight", "w2.weight")):  # projections into the residual stream
             std /= math.sqrt(2 * self.args.n_layers)
         gen = torch.Generator(device=p.device)
-        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+        gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         if p.dtype in (torch.float32, torch.float64):
             p.normal_(0.0, std, generator=gen)
         else:  # draw in fp32 so bf16/fp16 weights are the rounded fp32 ones
@@ -491,17 +624,28 @@ class GPT(nn.Module):
         return self
 
     def reset_rope_cache(self) -> None:
-        cos, sin = ops.rope_cache(self.args.max_seq_len, self.args.head_dim, self.args.rope_theta,
-                                  device=self.rope_cos.device)
+        cos, sin = ops.rope_cache(
+            self.args.max_seq_len,
+            self.args.head_dim,
+            self.args.rope_theta,
+            device=self.rope_cos.device,
+        )
         self.rope_cos = cos.to(self.rope_cos.dtype)
         self.rope_sin = sin.to(self.rope_sin.dtype)
 
     # ---- forward ----
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None, start_pos: int = 0, return_hidden: bool = False,
-                position_ids: torch.Tensor | None = None,
-                doc_mask: bool | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        return_hidden: bool = False,
+        position_ids: torch.Tensor | None = None,
+        doc_mask: bool | None = None,
+    ) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput.
 
         labels (B, T) (-100 = ignore): the mean loss goes through the loss backend (fused
@@ -512,8 +656,9 @@ class GPT(nn.Module):
         sequence and ``loss`` is this slice's share of the sequence mean (the shares of a
         sequence-parallel group sum to it).
         """
-        spec, cos, sin = self.attention_inputs(input_ids, kv_cache, start_pos, position_ids,
-                                               doc_mask)
+        spec, cos, sin = self.attention_inputs(
+            input_ids, kv_cache, start_pos, position_ids, doc_mask
+        )
         tokens, targets = self.local_slice(input_ids), self.local_slice(labels)
         h = self.tok_embeddings(tokens)  # (B, T, C); T is this rank's slice under seq_shard
         for layer in self.layers:
@@ -521,15 +666,28 @@ class GPT(nn.Module):
         h = self.norm(h)  # (B, T, C)
         return self.head(h, targets, labels, return_hidden)
 
-    def run_layer(self, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  spec: AttentionMask, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+    def run_layer(
+        self,
+        layer: nn.Module,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        spec: AttentionMask,
+        kv_cache: KVCache | None,
+        start_pos: int,
+    ) -> torch.Tensor:
         """One block; recomputed in backward under ``gradient_checkpointing`` while training."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(layer, h, cos, sin, spec, use_reentrant=False)
         return layer(h, cos, sin, spec, kv_cache, start_pos)
 
-    def head(self, h: torch.Tensor, targets: torch.Tensor | None, labels: torch.Tensor | None,
-             return_hidden: bool) -> ModelOutput:
+    def head(
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        return_hidden: bool,
+    ) -> ModelOutput:
         """Final hidden states -> logits, or (with labels) the fused linear + CE loss (no (B, T, V)
         logits). ``targets`` are this rank's slice of ``labels``."""
         if targets is None:
@@ -541,9 +699,14 @@ class GPT(nn.Module):
             loss = loss * n_here / (labels != ops.IGNORE_INDEX).sum().clamp(min=1)
         return ModelOutput(loss=loss, hidden=h if return_hidden else None)
 
-    def attention_inputs(self, input_ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int,
-                         position_ids: torch.Tensor | None, doc_mask: bool | None,
-                         ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor]:
+    def attention_inputs(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None,
+        start_pos: int,
+        position_ids: torch.Tensor | None,
+        doc_mask: bool | None,
+    ) -> tuple[AttentionMask, torch.Tensor, torch.Tensor]:
         """Who sees whom, for the whole sequence, and the RoPE cos/sin of this rank's tokens.
 
         doc_mask: the triton attention gets each token's document start (B, T) and skips other
@@ -556,10 +719,14 @@ class GPT(nn.Module):
         spec = AttentionMask()
         if self.doc_mask if doc_mask is None else doc_mask:
             if kv_cache is not None:
-                raise ValueError("doc_mask is for packed training rows; it cannot be combined with kv_cache")
+                raise ValueError(
+                    "doc_mask is for packed training rows; it cannot be combined with kv_cache"
+                )
             if self.eos_id is None:
-                raise ValueError("doc_mask needs the tokenizer's EOS id: GPT(args, eos_id=tok.eos_id) "
-                                 "or model.eos_id = tok.eos_id")
+                raise ValueError(
+                    "doc_mask needs the tokenizer's EOS id: GPT(args, eos_id=tok.eos_id) "
+                    "or model.eos_id = tok.eos_id"
+                )
             starts = document_starts(input_ids, self.eos_id)  # (B, T)
             if position_ids is None:
                 position_ids = torch.arange(T, device=device) - starts  # restart at 0 per document
@@ -578,12 +745,17 @@ class GPT(nn.Module):
             raise ValueError("cached decoding runs on whole sequences; clear model.seq_shard first")
         if position_ids is None:
             if start_pos + T > self.args.max_seq_len:
-                raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len "
-                                 f"{self.args.max_seq_len} (ModelArgs.max_seq_len / --model.max_seq_len)")
-            cos = self.rope_cos[start_pos:start_pos + T]  # (T, hs/2)
-            sin = self.rope_sin[start_pos:start_pos + T]
+                raise ValueError(
+                    f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len "
+                    f"{self.args.max_seq_len} (ModelArgs.max_seq_len / --model.max_seq_len)"
+                )
+            cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs/2)
+            sin = self.rope_sin[start_pos : start_pos + T]
         else:
-            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]  # (B or T, ..., hs/2)
+            cos, sin = (
+                self.rope_cos[position_ids],
+                self.rope_sin[position_ids],
+            )  # (B or T, ..., hs/2)
         t_dim = cos.dim() - 2
         return spec, self.local_slice(cos, dim=t_dim), self.local_slice(sin, dim=t_dim)
 
@@ -601,9 +773,11 @@ class GPT(nn.Module):
         index, count = self.seq_shard
         T = t.shape[dim]
         if T % count:
-            raise ValueError(f"sequence length {T} is not divisible by the {count} "
-                             "sequence-parallel ranks (data.seq_len must be a multiple of "
-                             "train.sequence_parallel)")
+            raise ValueError(
+                f"sequence length {T} is not divisible by the {count} "
+                "sequence-parallel ranks (data.seq_len must be a multiple of "
+                "train.sequence_parallel)"
+            )
         return t.narrow(dim, index * (T // count), T // count)
 
     # ---- generation ----
@@ -633,9 +807,15 @@ def param_table(args: ModelArgs) -> list[ParamInfo]:
         model = GPT(args)
     kinds: dict[int, str] = {}
     for module in model.modules():  # registration order: the embedding claims a tied head first
-        kind = ("embedding" if isinstance(module, nn.Embedding)
-                else "norm" if isinstance(module, RMSNorm)
-                else "linear" if isinstance(module, nn.Linear) else None)
+        kind = (
+            "embedding"
+            if isinstance(module, nn.Embedding)
+            else "norm"
+            if isinstance(module, RMSNorm)
+            else "linear"
+            if isinstance(module, nn.Linear)
+            else None
+        )
         for p in module.parameters(recurse=False):
             if kind is None:
                 raise TypeError(f"param_table: no kind for a parameter of {type(module).__name__}")
@@ -652,7 +832,9 @@ def document_starts(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     B, T = input_ids.shape
     idx = torch.arange(T, device=input_ids.device).expand(B, T)
     starts = torch.zeros(B, T, dtype=torch.long, device=input_ids.device)
-    starts[:, 1:] = (input_ids[:, :-1] == eos_id).long() * idx[:, 1:]  # first token after an EOS, else 0
+    starts[:, 1:] = (input_ids[:, :-1] == eos_id).long() * idx[
+        :, 1:
+    ]  # first token after an EOS, else 0
     return torch.cummax(starts, dim=1).values  # (B, T)
 
 
@@ -660,7 +842,9 @@ def document_mask_from_starts(starts: torch.Tensor) -> torch.Tensor:
     """(B, T) document starts -> (B, 1, T, T) bool, True where query i may see key j: starts[i] <= j <= i."""
     T = starts.shape[1]
     j = torch.arange(T, device=starts.device)
-    return ((j[None, None, :] >= starts[:, :, None]) & (j[None, None, :] <= j[None, :, None]))[:, None]
+    return ((j[None, None, :] >= starts[:, :, None]) & (j[None, None, :] <= j[None, :, None]))[
+        :, None
+    ]
 
 
 def document_mask(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -677,8 +861,15 @@ def document_mask(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
 class KVCache:
     """Preallocated keys/values, one (B, n_kv, max_T, hs) pair per layer."""
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int | None = None, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        args: ModelArgs,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.max_seq_len = max_seq_len or args.max_seq_len
         shape = (batch_size, args.n_kv_heads, self.max_seq_len, args.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]

@@ -9,17 +9,19 @@ it, so the backbone needs no attention mask; pooling then reads only the real po
     model = GPTForSequenceClassification(gpt, num_classes=5, pooling="last", dropout=0.1)
     out = model(input_ids, attention_mask, labels)   # out.logits (B, 5), out.loss
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def pool_hidden(hidden: torch.Tensor, attention_mask: Optional[torch.Tensor], pooling: str) -> torch.Tensor:
+def pool_hidden(
+    hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
+) -> torch.Tensor:
     """(B, T, C) hidden states -> (B, C).
 
     ``last``: the last position whose mask is 1 (works for right or left padding);
@@ -58,8 +60,8 @@ class SequenceHead(nn.Module):
 @dataclass
 class HeadOutput:
     logits: torch.Tensor  # (B, n_out)
-    loss: Optional[torch.Tensor] = None
-    pooled: Optional[torch.Tensor] = None  # (B, C)
+    loss: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None  # (B, C)
 
 
 class GPTForSequenceClassification(nn.Module):
@@ -69,8 +71,15 @@ class GPTForSequenceClassification(nn.Module):
     tell them apart.
     """
 
-    def __init__(self, backbone: nn.Module, d_model: int, num_classes: int, pooling: str = "last",
-                 dropout: float = 0.0, regression: bool = False):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        d_model: int,
+        num_classes: int,
+        pooling: str = "last",
+        dropout: float = 0.0,
+        regression: bool = False,
+    ):
         super().__init__()
         if pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
@@ -84,8 +93,12 @@ class GPTForSequenceClassification(nn.Module):
         self.num_classes = num_classes
         self.head = SequenceHead(d_model, num_classes, dropout)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> HeadOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> HeadOutput:
         hidden = self.backbone(input_ids, return_hidden=True).hidden  # (B, T, C)
         pooled = pool_hidden(hidden, attention_mask, self.pooling)  # (B, C)
         logits = self.head(pooled.to(self.head.proj.weight.dtype))  # (B, n_out)

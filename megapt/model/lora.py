@@ -9,6 +9,7 @@ adapter tensors), and ``merge_lora`` folds every adapter back into its weight, g
     ...train...
     merge_lora(model)                                                    # plain model again
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,13 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain Linear with W + (alpha/r) B A (computed in fp32, cast back)."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        out = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
         out.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         if self.bias is not None:
@@ -68,8 +74,14 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(leaf == t or re.fullmatch(t, name) for t in targets)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], dropout: float = 0.0,
-               freeze_base: bool = True) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    dropout: float = 0.0,
+    freeze_base: bool = True,
+) -> list[str]:
     """Replace every nn.Linear whose leaf name is in ``targets`` (or whose full name matches one
     as a regex) by a LoRALinear; freeze all other parameters when ``freeze_base``.
     Returns the replaced module names; raises when nothing matched."""
@@ -78,17 +90,27 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], dr
             p.requires_grad_(False)
     replaced = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and _matches(name, targets):
+        if (
+            isinstance(module, nn.Linear)
+            and not isinstance(module, LoRALinear)
+            and _matches(name, targets)
+        ):
             if name.rsplit(".", 1)[-1] == "output":
-                raise ValueError(f"LoRA target {name!r}: the LM head is not supported (the loss reads "
-                                 "output.weight directly through the fused linear+cross-entropy)")
+                raise ValueError(
+                    f"LoRA target {name!r}: the LM head is not supported (the loss reads "
+                    "output.weight directly through the fused linear+cross-entropy)"
+                )
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, LoRALinear(module, rank, alpha, dropout))
             replaced.append(name)
     if not replaced:
-        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"LoRA targets {targets} matched no Linear layer; Linear leaf names are {linears}")
+        linears = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ValueError(
+            f"LoRA targets {targets} matched no Linear layer; Linear leaf names are {linears}"
+        )
     return replaced
 
 

@@ -15,14 +15,16 @@ else to ``sdpa`` (attention) / ``eager`` (norm, rope) / ``chunked`` (loss). Aski
 a backend that cannot run here is an error that names it; nothing falls back silently in the
 hot path. ``megapt.kernels`` is imported only when a triton/cuda backend is selected.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +54,12 @@ class Backends:
     def __post_init__(self) -> None:
         bad = [
             f"{op}={getattr(self, op)!r} (choose from {', '.join(allowed)})"
-            for op, allowed in (("attention", ATTENTION_BACKENDS), ("norm", NORM_BACKENDS),
-                                ("rope", ROPE_BACKENDS), ("loss", LOSS_BACKENDS))
+            for op, allowed in (
+                ("attention", ATTENTION_BACKENDS),
+                ("norm", NORM_BACKENDS),
+                ("rope", ROPE_BACKENDS),
+                ("loss", LOSS_BACKENDS),
+            )
             if getattr(self, op) not in allowed
         ]
         if bad:
@@ -76,7 +82,9 @@ def _find_kernel(backend: str, name: str) -> Callable[..., Any] | None:
     key = (backend, name)
     if key not in _KERNEL_CACHE:
         try:  # the package resolves names lazily: a missing submodule raises ImportError here
-            mod = importlib.import_module("megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels")
+            mod = importlib.import_module(
+                "megapt.kernels.cuda" if backend == "cuda" else "megapt.kernels"
+            )
             fn = getattr(mod, name)
         except (ImportError, AttributeError) as exc:
             _KERNEL_ERRORS[key] = f"{type(exc).__name__}: {exc}"
@@ -93,8 +101,10 @@ def _missing(backend: str, name: str) -> str:
 def _kernel(backend: str, name: str) -> Callable[..., Any]:
     fn = _find_kernel(backend, name)
     if fn is None:
-        raise RuntimeError(f"model backend {backend!r}: {_missing(backend, name)}; choose another backend, "
-                           "e.g. --model.attention=sdpa --model.norm=eager --model.rope=eager --model.loss=chunked")
+        raise RuntimeError(
+            f"model backend {backend!r}: {_missing(backend, name)}; choose another backend, "
+            "e.g. --model.attention=sdpa --model.norm=eager --model.rope=eager --model.loss=chunked"
+        )
     return fn
 
 
@@ -119,8 +129,12 @@ def _triton_importable() -> bool:
 # Backend selection
 # --------------------------------------------------------------------------------------------
 
-_KERNEL_FOR = {"attention": "flash_attention", "norm": "rms_norm", "rope": "apply_rope",
-               "loss": "fused_linear_cross_entropy"}
+_KERNEL_FOR = {
+    "attention": "flash_attention",
+    "norm": "rms_norm",
+    "rope": "apply_rope",
+    "loss": "fused_linear_cross_entropy",
+}
 _LOGGED: set[tuple[str, Backends]] = set()
 
 
@@ -150,21 +164,27 @@ def select_backends(model_cfg: Any, device: str | torch.device) -> Backends:
             chosen[op] = "triton" if use_triton else cpu_default[op]
             continue
         if doc_mask and op == "attention" and want == "cuda":
-            problems.append("model.attention=cuda: model.doc_mask is not supported by the cuda attention backend; "
-                            "use triton (document starts, O(T) memory) or sdpa/eager (explicit mask)")
+            problems.append(
+                "model.attention=cuda: model.doc_mask is not supported by the cuda attention backend; "
+                "use triton (document starts, O(T) memory) or sdpa/eager (explicit mask)"
+            )
         elif want in ("triton", "cuda"):
             if not on_cuda:
                 problems.append(f"model.{op}={want}: needs a CUDA device, running on {device_type}")
             elif want == "triton" and not _triton_importable():
-                problems.append(f"model.{op}=triton: triton is not installed (pip install -e '.[gpu]')")
+                problems.append(
+                    f"model.{op}=triton: triton is not installed (pip install -e '.[gpu]')"
+                )
             elif _find_kernel(want, kernel) is None:
                 problems.append(f"model.{op}={want}: {_missing(want, kernel)}")
             elif want == "cuda" and (why := _cuda_extension_problem()):
                 problems.append(f"model.{op}=cuda: {why}")
         chosen[op] = want
     if problems:
-        raise ConfigError(f"model backends: {len(problems)} requested backend(s) unavailable:\n  "
-                          + "\n  ".join(problems))
+        raise ConfigError(
+            f"model backends: {len(problems)} requested backend(s) unavailable:\n  "
+            + "\n  ".join(problems)
+        )
     backends = Backends(**chosen)
     if (device_type, backends) not in _LOGGED:
         _LOGGED.add((device_type, backends))
@@ -194,13 +214,21 @@ def attention_impl(backend: str) -> AttentionFn:
         return _attention_eager_checked
     if backend in ("triton", "cuda"):
         return functools.partial(_attention_kernel, backend, _kernel(backend, "flash_attention"))
-    raise ValueError(f"unknown attention backend {backend!r} "
-                     f"(choose from {', '.join(ATTENTION_BACKENDS)})")
+    raise ValueError(
+        f"unknown attention backend {backend!r} (choose from {', '.join(ATTENTION_BACKENDS)})"
+    )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              backend: str = "sdpa", *, mask: torch.Tensor | None = None,
-              doc_start: torch.Tensor | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    backend: str = "sdpa",
+    *,
+    mask: torch.Tensor | None = None,
+    doc_start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads.
 
     q (B, nh, T, hs); k, v (B, n_kv, S, hs) with n_kv dividing nh -> (B, nh, T, hs).
@@ -217,8 +245,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 def _no_doc_start(backend: str, doc_start: torch.Tensor | None) -> None:
     if doc_start is not None:
-        raise ValueError(f"attention backend {backend!r} takes no doc_start; pass the explicit document "
-                         "mask (gpt.document_mask) or use the triton backend")
+        raise ValueError(
+            f"attention backend {backend!r} takes no doc_start; pass the explicit document "
+            "mask (gpt.document_mask) or use the triton backend"
+        )
 
 
 def _attention_sdpa(q, k, v, causal=True, *, mask=None, doc_start=None):
@@ -230,8 +260,9 @@ def _attention_sdpa(q, k, v, causal=True, *, mask=None, doc_start=None):
         # on CUDA only the flash kernel (fp16/bf16, no mask) takes enable_gqa; otherwise SDPA
         # would drop to the slow math kernel, so repeat kv heads for the memory-efficient one
         k, v, gqa = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1]), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                          is_causal=causal and mask is None, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal and mask is None, enable_gqa=gqa
+    )
 
 
 def _attention_eager_checked(q, k, v, causal=True, *, mask=None, doc_start=None):
@@ -241,8 +272,10 @@ def _attention_eager_checked(q, k, v, causal=True, *, mask=None, doc_start=None)
 
 def _attention_kernel(backend, flash, q, k, v, causal=True, *, mask=None, doc_start=None):
     if mask is not None:
-        raise ValueError(f"attention backend {backend!r} takes no explicit mask (doc_mask, cached "
-                         "decoding); use sdpa or eager")
+        raise ValueError(
+            f"attention backend {backend!r} takes no explicit mask (doc_mask, cached "
+            "decoding); use sdpa or eager"
+        )
     if doc_start is not None:
         if backend != "triton":
             _no_doc_start(backend, doc_start)
@@ -254,14 +287,16 @@ def attention_eager(q, k, v, causal=True, mask=None):
     """Reference math, softmax in fp32 (or wider); materialises the (B, nh, T, S) score matrix."""
     nh, T, S = q.shape[1], q.shape[-2], k.shape[-2]
     k, v = _repeat_kv(k, nh), _repeat_kv(v, nh)  # (B, nh, S, hs)
-    scores = (q @ k.transpose(-2, -1)).to(_acc_dtype(q)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
+    scores = (q @ k.transpose(-2, -1)).to(_acc_dtype(q)) * (
+        1.0 / math.sqrt(q.shape[-1])
+    )  # (B, nh, T, S)
     allowed = mask
     if causal:
         tri = _causal_mask(T, S, q.device)
         allowed = tri if allowed is None else allowed & tri
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    return (scores.softmax(dim=-1).to(v.dtype) @ v)  # (B, nh, T, hs)
+    return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, nh, T, hs)
 
 
 def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -281,7 +316,9 @@ def _repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "eager") -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "eager"
+) -> torch.Tensor:
     """x / rms(x) * weight over the last dim; normalised in fp32, cast back, then scaled (Llama)."""
     if backend == "eager":
         xf = x.to(_acc_dtype(x))
@@ -292,8 +329,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     raise ValueError(f"unknown norm backend {backend!r} (choose from {', '.join(NORM_BACKENDS)})")
 
 
-def rope_cache(max_seq_len: int, head_dim: int, theta: float = 10000.0,
-               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(
+    max_seq_len: int,
+    head_dim: int,
+    theta: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (max_seq_len, head_dim // 2) in fp32: angle[p, i] = p * theta^(-2i/hs).
 
     The aranges are integer and cast after: ``deepspeed.zero.Init(dtype=bf16)`` turns floating
@@ -306,8 +347,9 @@ def rope_cache(max_seq_len: int, head_dim: int, theta: float = 10000.0,
     return angles.cos(), angles.sin()
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               backend: str = "eager") -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str = "eager"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (B, T, nh, hs) and k (B, T, n_kv, hs) by position.
 
     cos/sin: (T, hs/2) shared by the batch, or (B, T, hs/2) for per-sample positions (doc_mask,
@@ -336,9 +378,14 @@ def _rope_eager(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 # --------------------------------------------------------------------------------------------
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         backend: str = "chunked", ignore_index: int = IGNORE_INDEX,
-                         chunk_size: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    backend: str = "chunked",
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels``, over non-ignored rows.
 
     hidden (N, C), weight (V, C), labels (N,) -> scalar (fp32; fp64 for fp64 eager inputs).
@@ -356,7 +403,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     elif backend == "triton":
         fn = _kernel("triton", "fused_linear_cross_entropy")
     else:
-        raise ValueError(f"unknown loss backend {backend!r} (choose from {', '.join(LOSS_BACKENDS)})")
+        raise ValueError(
+            f"unknown loss backend {backend!r} (choose from {', '.join(LOSS_BACKENDS)})"
+        )
     return fn(hidden, weight, labels, ignore_index=ignore_index, chunk_size=chunk_size)
 
 

@@ -10,10 +10,11 @@ one generator per row, seeded from (seed, row index), so a run is reproducible.
 
 Used by ``megapt generate`` (megapt/generate.py) and the trainer's end-of-run sample.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
     """(B, V) -> (B,) token ids. temperature 0 = greedy (argmax)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -45,8 +51,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     probs = F.softmax(logits, dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g).view(1)
-                      for i, g in enumerate(generators)])
+    return torch.cat(
+        [
+            torch.multinomial(probs[i : i + 1], 1, generator=g).view(1)
+            for i, g in enumerate(generators)
+        ]
+    )
 
 
 def _logits_last(model, ids: torch.Tensor, kv_cache=None, start_pos: int = 0) -> torch.Tensor:
@@ -59,8 +69,17 @@ def _new_cache(model, batch: int, max_len: int):
 
 
 @torch.no_grad()
-def _generate_group(model, prompts: torch.Tensor, max_new: int, temperature: float, top_k: int,
-                    top_p: float, stop_ids: set[int], generators, use_cache: bool) -> list[list[int]]:
+def _generate_group(
+    model,
+    prompts: torch.Tensor,
+    max_new: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop_ids: set[int],
+    generators,
+    use_cache: bool,
+) -> list[list[int]]:
     B, T0 = prompts.shape
     seqs = prompts
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
@@ -94,16 +113,26 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     if not 0.0 < top_p <= 1.0:
         raise UsageError(f"top_p (--top-p) must be in (0, 1], got {top_p}")
     if temperature < 0:
-        raise UsageError(f"temperature (--temperature) must be >= 0 (0 = greedy), "
-                         f"got {temperature}")
+        raise UsageError(
+            f"temperature (--temperature) must be >= 0 (0 = greedy), got {temperature}"
+        )
     if top_k < 0:
         raise UsageError(f"top_k (--top-k) must be >= 0 (0 = off), got {top_k}")
 
 
 @torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (), seed: int = 0,
-             use_cache: bool = True, max_seq_len: Optional[int] = None) -> list[list[int]]:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: Sequence[int] = (),
+    seed: int = 0,
+    use_cache: bool = True,
+    max_seq_len: int | None = None,
+) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded), in input order. Settings out of range, an
     empty prompt or one too long for the model raise UsageError (a ValueError)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -112,9 +141,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
         if len(p) == 0:
             raise UsageError(f"prompt {i} is empty: give at least one token")
         if limit is not None and len(p) + max_new_tokens > limit:
-            raise UsageError(f"prompt {i}: {len(p)} prompt tokens + "
-                             f"max_new_tokens={max_new_tokens} exceed the model's "
-                             f"max_seq_len={limit}; shorten the prompt or --max-tokens")
+            raise UsageError(
+                f"prompt {i}: {len(p)} prompt tokens + "
+                f"max_new_tokens={max_new_tokens} exceed the model's "
+                f"max_seq_len={limit}; shorten the prompt or --max-tokens"
+            )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -132,8 +163,17 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, 
                     g = torch.Generator(device=device)
                     g.manual_seed(seed * 1_000_003 + i)
                     gens.append(g)
-            res = _generate_group(model, batch, max_new_tokens, temperature, top_k, top_p,
-                                  set(int(s) for s in stop_ids), gens, use_cache)
+            res = _generate_group(
+                model,
+                batch,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                set(int(s) for s in stop_ids),
+                gens,
+                use_cache,
+            )
             for i, r in zip(idx, res):
                 out[i] = r
     finally:

@@ -6,14 +6,15 @@ Every row error names the file and the row number (1-based, as an editor shows i
     ds = ClassificationData.build(rows, tok, max_len=256, classes=None, source="train.jsonl")
     for batch in batches(ds.examples, batch_size=16, pad_id=tok.pad_id, shuffle=True, seed=0): ...
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import random
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -76,8 +77,10 @@ def read_rows(path: str, fields: Sequence[str]) -> list[Row]:
             for i, r in enumerate(reader, 2):  # line 1 is the header
                 rows.append(Row(f"{path}:{i}", dict(r)))
     else:
-        raise DataError(f"{path}: unknown format {p.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet "
-                        "or a datasets.save_to_disk folder")
+        raise DataError(
+            f"{path}: unknown format {p.suffix!r}; use .jsonl, .json, .csv, .tsv, .parquet "
+            "or a datasets.save_to_disk folder"
+        )
     if not rows:
         raise DataError(f"{path}: no rows")
     for r in rows:
@@ -106,7 +109,7 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
 class Example:
     input_ids: list[int]
     label: float | int = 0
-    labels: Optional[list[int]] = None  # per-token labels (SFT / LM)
+    labels: list[int] | None = None  # per-token labels (SFT / LM)
 
 
 def _label_key(v) -> str:
@@ -135,26 +138,33 @@ def encode_text(tok, text: str, max_len: int, where: str) -> list[int]:
     return ids[:max_len]
 
 
-def build_classification(rows: list[Row], tok, max_len: int, text_field: str, label_field: str,
-                         classes: list[str]) -> list[Example]:
+def build_classification(
+    rows: list[Row], tok, max_len: int, text_field: str, label_field: str, classes: list[str]
+) -> list[Example]:
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for r in rows:
         key = _label_key(r.values[label_field])
         if key not in index:
-            raise DataError(f"{r.where}: label {r.values[label_field]!r} is not one of the "
-                            f"{len(classes)} classes {classes[:20]}")
+            raise DataError(
+                f"{r.where}: label {r.values[label_field]!r} is not one of the "
+                f"{len(classes)} classes {classes[:20]}"
+            )
         out.append(Example(encode_text(tok, r.values[text_field], max_len, r.where), index[key]))
     return out
 
 
-def build_regression(rows: list[Row], tok, max_len: int, text_field: str, label_field: str) -> list[Example]:
+def build_regression(
+    rows: list[Row], tok, max_len: int, text_field: str, label_field: str
+) -> list[Example]:
     out = []
     for r in rows:
         try:
             y = float(r.values[label_field])
         except (TypeError, ValueError):
-            raise DataError(f"{r.where}: regression label {r.values[label_field]!r} is not a number") from None
+            raise DataError(
+                f"{r.where}: regression label {r.values[label_field]!r} is not a number"
+            ) from None
         out.append(Example(encode_text(tok, r.values[text_field], max_len, r.where), y))
     return out
 
@@ -164,7 +174,9 @@ def build_regression(rows: list[Row], tok, max_len: int, text_field: str, label_
 # --------------------------------------------------------------------------------------------
 
 
-def build_sft(rows: list[Row], tok, max_len: int, prompt_field: str, response_field: str) -> list[Example]:
+def build_sft(
+    rows: list[Row], tok, max_len: int, prompt_field: str, response_field: str
+) -> list[Example]:
     """input = prompt + response + EOS; labels = -100 on the prompt, the response tokens (+EOS)
     elsewhere, already shifted so labels[t] is the target for input[t]."""
     out = []
@@ -176,11 +188,13 @@ def build_sft(rows: list[Row], tok, max_len: int, prompt_field: str, response_fi
             raise DataError(f"{r.where}: empty response ({response_field!r})")
         p_ids, r_ids = tok.encode(prompt), tok.encode(response) + [tok.eos_id]
         if len(p_ids) >= max_len:
-            raise DataError(f"{r.where}: prompt has {len(p_ids)} tokens, no room for the response "
-                            f"within max_len={max_len}")
+            raise DataError(
+                f"{r.where}: prompt has {len(p_ids)} tokens, no room for the response "
+                f"within max_len={max_len}"
+            )
         seq = (p_ids + r_ids)[: max_len + 1]
         # targets for positions 0..len-2 are seq[1:]; prompt positions predict prompt tokens -> -100
-        labels = [-100] * (len(p_ids) - 1) + seq[len(p_ids):]
+        labels = [-100] * (len(p_ids) - 1) + seq[len(p_ids) :]
         out.append(Example(seq[:-1], 0, labels))
     return out
 
@@ -201,7 +215,9 @@ def build_lm(rows: list[Row], tok, max_len: int, text_field: str) -> list[Exampl
 # --------------------------------------------------------------------------------------------
 
 
-def collate(examples: Sequence[Example], pad_id: int, regression: bool = False) -> dict[str, torch.Tensor]:
+def collate(
+    examples: Sequence[Example], pad_id: int, regression: bool = False
+) -> dict[str, torch.Tensor]:
     T = max(len(e.input_ids) for e in examples)
     B = len(examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -217,15 +233,22 @@ def collate(examples: Sequence[Example], pad_id: int, regression: bool = False) 
     if examples[0].labels is not None:
         batch["labels"] = tok_labels
     else:
-        batch["labels"] = torch.tensor([e.label for e in examples],
-                                       dtype=torch.float32 if regression else torch.long)
+        batch["labels"] = torch.tensor(
+            [e.label for e in examples], dtype=torch.float32 if regression else torch.long
+        )
     return batch
 
 
-def batches(examples: Sequence[Example], batch_size: int, pad_id: int, shuffle: bool, seed: int,
-            regression: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+def batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    pad_id: int,
+    shuffle: bool,
+    seed: int,
+    regression: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
     idx = list(range(len(examples)))
     if shuffle:
         random.Random(seed).shuffle(idx)
     for s in range(0, len(idx), batch_size):
-        yield collate([examples[i] for i in idx[s: s + batch_size]], pad_id, regression)
+        yield collate([examples[i] for i in idx[s : s + batch_size]], pad_id, regression)

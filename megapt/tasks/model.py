@@ -6,10 +6,10 @@ itself for lm/sft.
     loss = task_loss(model, batch, "classify")
     metrics = evaluate_task(model, examples, "classify", classes, batch_size, pad_id, device)
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,11 @@ def build_task_model(src: Source, task: str, num_classes: int, pooling: str, dro
     if task in ("lm", "sft"):
         return src.model
     regression = task == "regress"
-    model = GPTForSequenceClassification(src.model, src.args.d_model, 1 if regression else num_classes,
-                                         pooling, dropout, regression)
+    model = GPTForSequenceClassification(
+        src.model, src.args.d_model, 1 if regression else num_classes, pooling, dropout, regression
+    )
     if src.extra:
-        head_state = {k[len("head."):]: v.float() for k, v in src.extra.items()}
+        head_state = {k[len("head.") :]: v.float() for k, v in src.extra.items()}
         load_weights(model.head, head_state, f"{src.path} (head)")
     return model
 
@@ -43,9 +44,11 @@ def check_tokenizer(tok, task: str, where: str) -> None:
         if v is None or v < 0:
             missing.append(name.replace("_id", ""))
     if missing:
-        raise ConfigError(f"{where}: tokenizer has no {' / '.join(missing)} token, needed for {task} "
-                          "(batches are padded; SFT responses end with EOS); retrain it with "
-                          "tokenizer.pad_token / tokenizer.eos_token in tokenizer.special_tokens")
+        raise ConfigError(
+            f"{where}: tokenizer has no {' / '.join(missing)} token, needed for {task} "
+            "(batches are padded; SFT responses end with EOS); retrain it with "
+            "tokenizer.pad_token / tokenizer.eos_token in tokenizer.special_tokens"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,8 +56,12 @@ def check_tokenizer(tok, task: str, where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: Optional[torch.Tensor],
-               temperature: float) -> torch.Tensor:
+def distill_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
     """T^2 * KL(softmax(teacher/T) || softmax(student/T)), averaged over masked positions.
 
     logits (..., V); mask (...) bool of the positions that count (None = all)."""
@@ -67,7 +74,9 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     return kl.mean() * t * t
 
 
-def task_loss(model, batch: dict, task: str, teacher=None, alpha: float = 0.0, temperature: float = 1.0):
+def task_loss(
+    model, batch: dict, task: str, teacher=None, alpha: float = 0.0, temperature: float = 1.0
+):
     """Training loss for one batch (with optional distillation toward ``teacher``)."""
     if task in ("lm", "sft"):
         if teacher is None:
@@ -119,7 +128,9 @@ def lm_loss(model, examples, batch_size: int, pad_id: int, device) -> dict:
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
 
 
-def evaluate_task(model, examples, task: str, classes, batch_size: int, pad_id: int, device) -> dict:
+def evaluate_task(
+    model, examples, task: str, classes, batch_size: int, pad_id: int, device
+) -> dict:
     """Metrics dict with a ``score`` (higher is better) used for model selection."""
     if task == "classify":
         y, p = predict(model, examples, task, batch_size, pad_id, device)

@@ -18,6 +18,7 @@ the manifest and renames the folder atomically. A crash at any point leaves the 
 intact and at most a ``.tmp`` folder, which is never loaded and is removed by the next save.
 Rotation keeps the newest ``keep_last`` valid checkpoints and never deletes the only valid one.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,7 +33,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,12 +143,14 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def find_latest_valid(root: Path, hashes: bool = True) -> Optional[Path]:
+def find_latest_valid(root: Path, hashes: bool = True) -> Path | None:
     for _step, p in reversed(list_checkpoints(root)):
         problems = verify_checkpoint(p, hashes=hashes)
         if not problems:
             return p
-        log.warning("checkpoint %s is not valid, trying an older one: %s", p, "; ".join(problems[:3]))
+        log.warning(
+            "checkpoint %s is not valid, trying an older one: %s", p, "; ".join(problems[:3])
+        )
     return None
 
 
@@ -155,10 +158,14 @@ def rotate(root: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` valid checkpoints (invalid ones older than the newest
     valid one go too); never delete the newest valid checkpoint. Returns deleted paths."""
     ckpts = list_checkpoints(root)
-    valid = [(s, p) for s, p in ckpts if (p / MANIFEST).is_file() and not verify_checkpoint(p, hashes=False)]
+    valid = [
+        (s, p)
+        for s, p in ckpts
+        if (p / MANIFEST).is_file() and not verify_checkpoint(p, hashes=False)
+    ]
     if not valid:
         return []
-    keep = {p for _, p in valid[-max(1, keep_last):]}
+    keep = {p for _, p in valid[-max(1, keep_last) :]}
     newest_valid_step = valid[-1][0]
     deleted = []
     for s, p in ckpts:
@@ -191,7 +198,9 @@ def rng_state() -> dict:
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
         "torch": _b64(torch.get_rng_state()),
-        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()]
+        if torch.cuda.is_available()
+        else [],
     }
     return state
 
@@ -211,8 +220,16 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(root: Path, step: int, engine: Any, meta: dict, *, config_text: str,
-                    tokenizer_path: Optional[Path], keep_last: int) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    engine: Any,
+    meta: dict,
+    *,
+    config_text: str,
+    tokenizer_path: Path | None,
+    keep_last: int,
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     root = Path(root)
     final = root / step_dir_name(step)
@@ -226,8 +243,17 @@ def save_checkpoint(root: Path, step: int, engine: Any, meta: dict, *, config_te
         tmp.mkdir()
     dist.barrier()
     try:
-        _write_checkpoint(root, tmp, final, step, engine, meta, config_text=config_text,
-                          tokenizer_path=tokenizer_path, keep_last=keep_last)
+        _write_checkpoint(
+            root,
+            tmp,
+            final,
+            step,
+            engine,
+            meta,
+            config_text=config_text,
+            tokenizer_path=tokenizer_path,
+            keep_last=keep_last,
+        )
     except (OSError, RuntimeError) as exc:
         if isinstance(exc, CheckpointError):
             raise
@@ -248,22 +274,45 @@ def _write_error(root: Path, tmp: Path, exc: BaseException) -> CheckpointWriteEr
         prev = find_latest_valid(root)
     except Exception:  # noqa: BLE001 - the message must still be produced
         prev = None
-    keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier valid checkpoint exists"
-    err = CheckpointWriteError(f"saving checkpoint into {tmp} failed: {why} ({free} on {root}); "
-                               f"{keep}. Free space (or point checkpoint.dir elsewhere) and --resume.")
+    keep = (
+        f"the previous checkpoint {prev} is intact"
+        if prev
+        else "no earlier valid checkpoint exists"
+    )
+    err = CheckpointWriteError(
+        f"saving checkpoint into {tmp} failed: {why} ({free} on {root}); "
+        f"{keep}. Free space (or point checkpoint.dir elsewhere) and --resume."
+    )
     err.errno = code
     return err
 
 
-def _write_checkpoint(root: Path, tmp: Path, final: Path, step: int, engine: Any, meta: dict, *,
-                      config_text: str, tokenizer_path: Optional[Path], keep_last: int) -> None:
+def _write_checkpoint(
+    root: Path,
+    tmp: Path,
+    final: Path,
+    step: int,
+    engine: Any,
+    meta: dict,
+    *,
+    config_text: str,
+    tokenizer_path: Path | None,
+    keep_last: int,
+) -> None:
     rngs = dist.all_gather_object(rng_state())
     # universal_checkpoint_info (no tensor/pipeline parallelism: nothing to describe but the version)
     # is what `megapt ckpt universal` (ds_to_universal) needs to reshard this checkpoint later
-    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
-    client = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    client = {
+        UNIVERSAL_CHECKPOINT_INFO: {
+            UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
+        }
+    }
     if getattr(getattr(engine, "module", None), UNIVERSAL_CHECKPOINT_INFO, None) is not None:
         client = {}  # tensor parallelism: DeepSpeed's AutoTP writes its own (shard layout included)
     engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=client, save_latest=False)
@@ -306,12 +355,12 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads(p.read_text(encoding="utf-8"))
 
 
-def resolve_checkpoint(cfg_ckpt: Any, root: Path) -> Optional[Path]:
+def resolve_checkpoint(cfg_ckpt: Any, root: Path) -> Path | None:
     """The checkpoint to start from: ``checkpoint.load`` if set (must be valid), else the newest valid
     one under ``root`` when ``checkpoint.resume`` (None if there is none yet), else None.
     Rank 0 decides (hashing every file) and broadcasts the choice."""
     choice: Any = None
-    path: Optional[Path]
+    path: Path | None
     if dist.rank() == 0:
         try:
             if cfg_ckpt.load:
@@ -320,8 +369,10 @@ def resolve_checkpoint(cfg_ckpt: Any, root: Path) -> Optional[Path]:
                     raise CheckpointError(f"checkpoint.load: {path} does not exist")
                 problems = verify_checkpoint(path)
                 if problems:
-                    raise CheckpointError(f"checkpoint.load: {path} is not a valid checkpoint:\n  "
-                                          + "\n  ".join(problems[:10]))
+                    raise CheckpointError(
+                        f"checkpoint.load: {path} is not a valid checkpoint:\n  "
+                        + "\n  ".join(problems[:10])
+                    )
                 choice = str(path)
             elif cfg_ckpt.resume:
                 path = find_latest_valid(root)
@@ -334,8 +385,9 @@ def resolve_checkpoint(cfg_ckpt: Any, root: Path) -> Optional[Path]:
     return Path(choice) if choice else None
 
 
-def check_compatible(meta: dict, *, model_args: dict, world_size: int, zero_stage: int, universal: bool,
-                     ckpt: Path) -> None:
+def check_compatible(
+    meta: dict, *, model_args: dict, world_size: int, zero_stage: int, universal: bool, ckpt: Path
+) -> None:
     """Raise CheckpointError naming every mismatch between a checkpoint and this run."""
     problems = []
     saved_args = meta.get("model_args") or {}
@@ -343,28 +395,38 @@ def check_compatible(meta: dict, *, model_args: dict, world_size: int, zero_stag
         if key in _NON_SHAPE_ARGS:
             continue
         if saved_args.get(key) != model_args.get(key):
-            problems.append(f"model.{key}: checkpoint has {saved_args.get(key)!r}, this run has {model_args.get(key)!r}")
+            problems.append(
+                f"model.{key}: checkpoint has {saved_args.get(key)!r}, this run has {model_args.get(key)!r}"
+            )
     if problems:
-        raise CheckpointError(f"{ckpt}: the checkpoint was saved for a different model:\n  " + "\n  ".join(problems)
-                              + "\nuse the same model settings (see the checkpoint's config.yaml) or start a new run "
-                                "(another run.name or checkpoint.dir)")
+        raise CheckpointError(
+            f"{ckpt}: the checkpoint was saved for a different model:\n  "
+            + "\n  ".join(problems)
+            + "\nuse the same model settings (see the checkpoint's config.yaml) or start a new run "
+            "(another run.name or checkpoint.dir)"
+        )
     s_world, s_stage = meta.get("world_size"), int(meta.get("zero_stage") or 0)
     if universal:
         if s_stage and not (Path(ckpt) / UNIVERSAL_TAG).is_dir():
             raise CheckpointError(
                 f"{ckpt}: checkpoint.universal=true but this ZeRO-{s_stage} checkpoint has no "
                 f"{UNIVERSAL_TAG}/ yet; convert it once (megapt ckpt universal {ckpt}), then "
-                "resume again")
+                "resume again"
+            )
         return
     if s_stage == zero_stage and (s_stage == 0 or s_world == world_size):
         return  # ZeRO-0 holds the whole optimizer state in one file: any world size loads it
-    how = ("it needs no conversion: resume with --checkpoint.universal=true" if s_stage == 0 else
-           f"convert it once (megapt ckpt universal {ckpt}), then resume with "
-           "--checkpoint.universal=true")
+    how = (
+        "it needs no conversion: resume with --checkpoint.universal=true"
+        if s_stage == 0
+        else f"convert it once (megapt ckpt universal {ckpt}), then resume with "
+        "--checkpoint.universal=true"
+    )
     raise CheckpointError(
         f"{ckpt}: saved with ZeRO stage {s_stage} at world size {s_world}; this run has stage "
         f"{zero_stage} at world size {world_size}. A plain resume needs the same stage (and, for "
-        f"ZeRO 1-3, the same world size); {how} to load it at any stage 0-3 and any world size.")
+        f"ZeRO 1-3, the same world size); {how} to load it at any stage 0-3 and any world size."
+    )
 
 
 def _deepspeed_safe_globals() -> list:
@@ -390,9 +452,14 @@ def weights_only_loads(ckpt: Path):
             yield
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
-        why = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise CheckpointError(f"{ckpt}: refused to load: it pickles something other than tensors and "
-                              f"DeepSpeed's state types ({why}). Only load checkpoints you trust.") from None
+        why = next(
+            (line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line),
+            first[0] if first else "",
+        )
+        raise CheckpointError(
+            f"{ckpt}: refused to load: it pickles something other than tensors and "
+            f"DeepSpeed's state types ({why}). Only load checkpoints you trust."
+        ) from None
     finally:
         if old is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
@@ -404,8 +471,9 @@ def load_engine_state(engine: Any, ckpt: Path) -> None:
     """A plain resume: DeepSpeed loads its own files (same ZeRO stage; for ZeRO 1-3 the same world
     size). Universal checkpoints go through megapt.train.reshard instead."""
     with weights_only_loads(ckpt):
-        path, _ = engine.load_checkpoint(str(ckpt), tag=DS_TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            str(ckpt), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if path is None:
         raise CheckpointError(f"{ckpt}/{DS_TAG}: DeepSpeed found no checkpoint to load")
 
@@ -419,4 +487,6 @@ def load_rng(ckpt: Path, rank: int, world_size: int, seed: int, step: int) -> No
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
-        log.warning("checkpoint had %d ranks, this run has %d: RNG states reseeded", len(data), world_size)
+        log.warning(
+            "checkpoint had %d ranks, this run has %d: RNG states reseeded", len(data), world_size
+        )

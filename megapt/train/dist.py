@@ -12,6 +12,7 @@ Launchers and the variables they set (first match wins, in this order):
 and torch see one consistent picture) and creates the default process group: gloo on CPU, nccl on
 CUDA, with ``timeout`` so a stalled rank fails with an error naming the collective instead of hanging.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -22,8 +23,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, NoReturn, Optional
+from typing import NoReturn
 
 log = logging.getLogger("megapt.train")
 
@@ -41,8 +43,10 @@ class DistInfo:
     master_port: int
 
     def describe(self) -> str:
-        return (f"launcher={self.launcher} rank={self.rank}/{self.world_size} local_rank={self.local_rank} "
-                f"master={self.master_addr}:{self.master_port}")
+        return (
+            f"launcher={self.launcher} rank={self.rank}/{self.world_size} local_rank={self.local_rank} "
+            f"master={self.master_addr}:{self.master_port}"
+        )
 
 
 def _int(env: Mapping[str, str], *names: str, default: int) -> int:
@@ -57,8 +61,13 @@ def first_slurm_host(nodelist: str) -> str:
     the compressed syntax: ``node[003-005,007],gpu01`` -> ``node003``; ``a-[1-2]`` -> ``a-1``."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.split()
             if out:
                 return out[0]
         except (subprocess.SubprocessError, OSError):
@@ -80,28 +89,56 @@ def first_slurm_host(nodelist: str) -> str:
     return f"{prefix}{lo}{suffix}"
 
 
-def detect_launcher_env(env: Optional[Mapping[str, str]] = None) -> DistInfo:
+def detect_launcher_env(env: Mapping[str, str] | None = None) -> DistInfo:
     """Read rank/world/local rank/master from the environment (see module docstring)."""
     env = os.environ if env is None else env
     port = _int(env, "MASTER_PORT", default=DEFAULT_PORT)
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), _int(env, "LOCAL_RANK", default=0),
-                        "torchrun/deepspeed", env.get("MASTER_ADDR", "127.0.0.1"), port)
+        return DistInfo(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            _int(env, "LOCAL_RANK", default=0),
+            "torchrun/deepspeed",
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            port,
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST")
+            or env.get("SLURM_JOB_NODELIST")
+            or env.get("SLURM_NODELIST", "")
+        )
         master = env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1")
         if "MASTER_PORT" not in env and env.get("SLURM_JOB_ID"):
-            port = 20000 + int(env["SLURM_JOB_ID"]) % 20000  # same on every task, differs between jobs
-        return DistInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), _int(env, "SLURM_LOCALID", default=0),
-                        "slurm", master, port)
+            port = (
+                20000 + int(env["SLURM_JOB_ID"]) % 20000
+            )  # same on every task, differs between jobs
+        return DistInfo(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            _int(env, "SLURM_LOCALID", default=0),
+            "slurm",
+            master,
+            port,
+        )
     if "OMPI_COMM_WORLD_RANK" in env:
-        return DistInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                        _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0), "openmpi",
-                        env.get("MASTER_ADDR", "127.0.0.1"), port)
+        return DistInfo(
+            int(env["OMPI_COMM_WORLD_RANK"]),
+            int(env["OMPI_COMM_WORLD_SIZE"]),
+            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
+            "openmpi",
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            port,
+        )
     if "PMI_RANK" in env:
-        return DistInfo(int(env["PMI_RANK"]), int(env["PMI_SIZE"]),
-                        _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", default=0), "mpich",
-                        env.get("MASTER_ADDR", "127.0.0.1"), port)
+        return DistInfo(
+            int(env["PMI_RANK"]),
+            int(env["PMI_SIZE"]),
+            _int(env, "MPI_LOCALRANKID", "PMI_LOCAL_RANK", default=0),
+            "mpich",
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            port,
+        )
     return DistInfo(0, 1, 0, "single", "127.0.0.1", port)
 
 
@@ -130,9 +167,14 @@ def init_distributed(info: DistInfo, device: str, timeout_s: int) -> None:
         # single-process runs on one machine don't collide.
         info = DistInfo(0, 1, 0, "single", "127.0.0.1", free_port())
     _EXPORTED.clear()
-    _EXPORTED.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
-                     LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(info.world_size)),
-                     MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    _EXPORTED.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        LOCAL_SIZE=os.environ.get("LOCAL_SIZE", str(info.world_size)),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
     os.environ.update(_EXPORTED)
     if device == "cuda":
         torch.cuda.set_device(info.local_rank)
@@ -144,11 +186,14 @@ def init_distributed(info: DistInfo, device: str, timeout_s: int) -> None:
     timeout = datetime.timedelta(seconds=timeout_s)
     distributed_c10d.default_pg_timeout = timeout
     distributed_c10d.default_pg_nccl_timeout = timeout
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                            timeout=timeout)
+    dist.init_process_group(
+        backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout
+    )
     global _GROUP_MADE
     _GROUP_MADE = True
-    log.info("process group: backend=%s %s collective_timeout=%ss", backend, info.describe(), timeout_s)
+    log.info(
+        "process group: backend=%s %s collective_timeout=%ss", backend, info.describe(), timeout_s
+    )
 
 
 def rank() -> int:

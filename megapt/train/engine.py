@@ -17,15 +17,17 @@ Precision notes (measured with DeepSpeed 0.19.8):
     (bf16 + ``zero_stage: 0`` is upgraded to stage 1 with fp32 gradient accumulation, with a warning).
   * fp16: dynamic loss scaling (``loss_scale: 0``); overflowing steps are skipped by DeepSpeed.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -62,23 +64,33 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
     stage, raised = engine_stage(t.precision, ds.zero_stage)
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
-        zero.update(reduce_bucket_size=ds.reduce_bucket_size, overlap_comm=ds.overlap_comm,
-                    contiguous_gradients=ds.contiguous_gradients)
+        zero.update(
+            reduce_bucket_size=ds.reduce_bucket_size,
+            overlap_comm=ds.overlap_comm,
+            contiguous_gradients=ds.contiguous_gradients,
+        )
     if stage in (1, 2):
         zero.update(allgather_bucket_size=ds.allgather_bucket_size, reduce_scatter=True)
     if stage == 3:
-        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
-                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
-                    # no gathered 16-bit copy in each save (it would gather the whole model on rank 0);
-                    # `megapt ckpt consolidate` merges the fp32 partitions offline instead
-                    stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            # no gathered 16-bit copy in each save (it would gather the whole model on rank 0);
+            # `megapt ckpt consolidate` merges the fp32 partitions offline instead
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
         if ds.zero_hpz_partition_size > 1:  # ZeRO++ hpZ: secondary partition within a node
             zero["zero_hpz_partition_size"] = ds.zero_hpz_partition_size
     if ds.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": ds.offload_optimizer == "cpu"
-                                     and torch.cuda.is_available()}
+        zero["offload_optimizer"] = {
+            "device": ds.offload_optimizer,
+            "pin_memory": ds.offload_optimizer == "cpu" and torch.cuda.is_available(),
+        }
     if ds.offload_params != "none":
-        zero["offload_param"] = {"device": ds.offload_params, "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {
+            "device": ds.offload_params,
+            "pin_memory": torch.cuda.is_available(),
+        }
 
     conf: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -88,8 +100,14 @@ def build_ds_config(cfg: Config, world_size: int = 1) -> dict:
         "gradient_clipping": 0.0 if (stage == 0 and t.precision == "fp32") else t.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "wall_clock_breakdown": False,
         "steps_per_print": STEPS_PER_PRINT,
         "zero_allow_untested_optimizer": True,
@@ -152,21 +170,35 @@ def merge_user_ds_config(ours: dict, user: dict, path: str, cfg: Config) -> dict
         if mine is _MISSING:
             mine = "none" if key.endswith(".device") else None
         if theirs != mine and not (key.endswith(".device") and theirs == "none" and mine == "none"):
-            problems.append(f"{key}: file says {theirs!r}, megapt config gives {mine!r} (set by {source})")
-    if "bf16" in user and isinstance(user["bf16"], dict) and user["bf16"].get("enabled") is True \
-            and _get(user, "fp16.enabled") is True:
+            problems.append(
+                f"{key}: file says {theirs!r}, megapt config gives {mine!r} (set by {source})"
+            )
+    if (
+        "bf16" in user
+        and isinstance(user["bf16"], dict)
+        and user["bf16"].get("enabled") is True
+        and _get(user, "fp16.enabled") is True
+    ):
         problems.append("bf16.enabled and fp16.enabled are both true")
     clip = _get(user, "gradient_clipping")
     if clip is not _MISSING and float(clip) != float(cfg.train.grad_clip):
-        problems.append(f"gradient_clipping: file says {clip!r}, megapt config gives {cfg.train.grad_clip!r} "
-                        "(set by train.grad_clip)")
-    for section, what in (("optimizer", "AdamW from train.lr/beta1/beta2/eps/weight_decay"),
-                          ("scheduler", "the LR schedule from train.warmup_steps/schedule/min_lr")):
+        problems.append(
+            f"gradient_clipping: file says {clip!r}, megapt config gives {cfg.train.grad_clip!r} "
+            "(set by train.grad_clip)"
+        )
+    for section, what in (
+        ("optimizer", "AdamW from train.lr/beta1/beta2/eps/weight_decay"),
+        ("scheduler", "the LR schedule from train.warmup_steps/schedule/min_lr"),
+    ):
         if section in user:
-            problems.append(f"{section}: megapt builds {what}; remove the '{section}' section from the file")
+            problems.append(
+                f"{section}: megapt builds {what}; remove the '{section}' section from the file"
+            )
     if problems:
-        raise ConfigError(f"deepspeed.config_file {path}: {len(problems)} conflict(s) with the megapt config:\n  "
-                          + "\n  ".join(problems))
+        raise ConfigError(
+            f"deepspeed.config_file {path}: {len(problems)} conflict(s) with the megapt config:\n  "
+            + "\n  ".join(problems)
+        )
 
     def merge(a: dict, b: dict) -> dict:
         out = copy.deepcopy(a)
@@ -175,8 +207,12 @@ def merge_user_ds_config(ours: dict, user: dict, path: str, cfg: Config) -> dict
         return out
 
     merged = merge(ours, {k: v for k, v in user.items() if v != "auto"})
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+        "gradient_clipping",
+    ):
         merged[key] = ours[key]  # "auto" or equal: ours is authoritative
     return merged
 
@@ -225,7 +261,7 @@ class GuardedAdamW(torch.optim.AdamW):
         super().__init__(params, **kw)
         self.max_grad_norm = max_grad_norm
         self.overflow = False
-        self._global_grad_norm: Optional[float] = None
+        self._global_grad_norm: float | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -264,12 +300,16 @@ def check_param_groups(groups: list[dict]) -> list[dict]:
     return [dict(g, params=list(g["params"])) for g in groups]
 
 
-def build_optimizer(cfg: Config, model: nn.Module, groups: Optional[list[dict]] = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: Config, model: nn.Module, groups: list[dict] | None = None
+) -> torch.optim.Optimizer:
     """AdamW over ``groups`` (each with its own lr / weight_decay) or, by default, the weight-decay
     groups of every trainable parameter at ``train.lr`` (``megapt.train.optim.param_groups``)."""
     t = cfg.train
     groups = param_groups(model, t.weight_decay) if groups is None else check_param_groups(groups)
-    kw: dict[str, Any] = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+    kw: dict[str, Any] = dict(
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay
+    )
     if cfg.deepspeed.offload_optimizer != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam  # JIT-builds a CPU op on first use (~1 min)
 
@@ -294,7 +334,10 @@ def _skip_cpu_shm_comm_build() -> None:
 
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu" and os.environ.get("MEGAPT_DS_SHM_COMM", "0") != "1":
+    if (
+        get_accelerator().device_name() == "cpu"
+        and os.environ.get("MEGAPT_DS_SHM_COMM", "0") != "1"
+    ):
         # (`import deepspeed.comm.torch as m` would give the torch package: deepspeed.comm re-exports it)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # type: ignore[attr-defined]
 
@@ -311,11 +354,16 @@ class EngineBundle:
 ModelFactory = Callable[[], nn.Module]
 
 
-def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_size: int,
-                  init_weights: Optional[Callable[[Any, str, torch.Tensor], None]] = None,
-                  param_groups: Optional[list[dict]] = None,
-                  schedule: Optional[LRSchedule] = None,
-                  layout: Optional[parallel.Layout] = None) -> EngineBundle:
+def create_engine(
+    cfg: Config,
+    model: nn.Module | ModelFactory,
+    *,
+    world_size: int,
+    init_weights: Callable[[Any, str, torch.Tensor], None] | None = None,
+    param_groups: list[dict] | None = None,
+    schedule: LRSchedule | None = None,
+    layout: parallel.Layout | None = None,
+) -> EngineBundle:
     """Build the model (under ``deepspeed.zero.Init`` for ZeRO-3), the optimizer with weight-decay
     groups, our LR schedule, and ``deepspeed.initialize``. ``model`` is a module or a factory; with a
     factory and ZeRO-3 the parameters are partitioned as they are created, then
@@ -332,7 +380,9 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
     made before the model, the model is prepared for it (Ulysses attention) and DeepSpeed gets
     the matching ``mpu``; ``world_size`` is then the data-parallel size, ``layout.dp``."""
     if param_groups is not None and not isinstance(model, nn.Module):
-        raise ValueError("create_engine(param_groups=...): pass the model as a module (the groups name its parameters)")
+        raise ValueError(
+            "create_engine(param_groups=...): pass the model as a module (the groups name its parameters)"
+        )
     import deepspeed
 
     _skip_cpu_shm_comm_build()
@@ -368,15 +418,17 @@ def create_engine(cfg: Config, model: Union[nn.Module, ModelFactory], *, world_s
 
     if cfg.train.activation_checkpointing:
         if not hasattr(module, "gradient_checkpointing"):
-            raise ConfigError("train.activation_checkpointing: this model has no gradient_checkpointing switch")
+            raise ConfigError(
+                "train.activation_checkpointing: this model has no gradient_checkpointing switch"
+            )
         module.gradient_checkpointing = True  # type: ignore[assignment]  # GPT recomputes each block in backward
 
     optimizer = build_optimizer(cfg, module, param_groups)
     schedule = schedule if schedule is not None else lr_schedule(cfg)
     scheduler = ScheduledLR(optimizer, schedule)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds_config,
-                                                           mpu=mpu)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+    )
     skip_identity_allreduce(engine, stage)
     parallel.fix_replicated_shapes(engine.module, layout)
     parallel.log_engine_groups(engine, layout)
@@ -397,11 +449,13 @@ def skip_identity_allreduce(engine, stage: int) -> bool:
     if not getattr(engine, "enable_backward_allreduce", False):
         return False
     engine.enable_backward_allreduce = False
-    log.info("ZeRO-0 on one data-parallel rank: DeepSpeed's gradient allreduce (an identity here) is skipped")
+    log.info(
+        "ZeRO-0 on one data-parallel rank: DeepSpeed's gradient allreduce (an identity here) is skipped"
+    )
     return True
 
 
-def gathered(params: list, modifier_rank: Optional[int] = None):
+def gathered(params: list, modifier_rank: int | None = None):
     """Context in which ZeRO-3 partitioned ``params`` hold their full tensors (every rank takes part;
     changes made on ``modifier_rank`` are scattered back on exit). Stages 0-2: nothing to do."""
     import contextlib

@@ -7,6 +7,7 @@ the full T x T window even under ``model.doc_mask``, where the kernel skips bloc
 boundaries: the same convention as an unmasked run (comparable across runs), an overstatement of
 the work done there (the trainer logs the attention share of the count at start).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,20 +15,22 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 log = logging.getLogger("megapt.train")
 
 
-def peak_memory_gb() -> Optional[float]:
+def peak_memory_gb() -> float | None:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (RSS)
+        return (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )  # KiB on Linux -> GiB (RSS)
     except Exception:  # noqa: BLE001 - no `resource` (Windows) or no rusage: no figure  # pragma: no cover
         return None
 
@@ -92,9 +95,13 @@ class Metrics:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         moved = truncate_rows(self.run_dir / "metrics.jsonl", start_step)
         if moved:
-            log.info("metrics: %d row(s) of steps after %d (a run that went past its last "
-                     "checkpoint) moved to %s; this run writes them again", moved, start_step,
-                     self.run_dir / SUPERSEDED)
+            log.info(
+                "metrics: %d row(s) of steps after %d (a run that went past its last "
+                "checkpoint) moved to %s; this run writes them again",
+                moved,
+                start_step,
+                self.run_dir / SUPERSEDED,
+            )
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             try:

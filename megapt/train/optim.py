@@ -19,13 +19,15 @@ gives every group its own peak LR (``initial_lr``) times ``schedule.multiplier(s
 ``ScheduledLR`` is the object DeepSpeed advances after each applied step; its only state is that
 step, so a resumed run takes its LRs from the current config's schedule.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,7 @@ from megapt.config import Config
 _BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def block_index(name: str) -> Optional[int]:
+def block_index(name: str) -> int | None:
     """The transformer block a parameter belongs to (``...layers.<i>.``), or None."""
     m = _BLOCK.search(name)
     return int(m.group(1)) if m else None
@@ -71,8 +73,9 @@ def decays(model: nn.Module) -> dict[int, bool]:
     """``id(parameter) -> whether it gets weight decay``: matrices yes; 1-D tensors (norm gains,
     biases) and embeddings (``nn.Embedding`` modules, or a name with "embed") no. A ZeRO-3
     partition is judged by its real shape (``ds_shape``), not its flat local piece."""
-    embed_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
-                 for p in m.parameters()}
+    embed_ids = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
     out = {}
     for name, p in model.named_parameters():
         shape = getattr(p, "ds_shape", p.shape)
@@ -80,9 +83,15 @@ def decays(model: nn.Module) -> dict[int, bool]:
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, lr: Optional[float] = None,
-                 n_layers: int = 0, layer_lr_decay: float = 1.0,
-                 head_lr_mult: float = 1.0) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    lr: float | None = None,
+    n_layers: int = 0,
+    layer_lr_decay: float = 1.0,
+    head_lr_mult: float = 1.0,
+) -> list[dict]:
     """AdamW parameter groups of the trainable parameters of ``model``.
 
     Without ``lr`` (pretraining): up to two groups, ``{"name": "decay", "weight_decay":
@@ -96,8 +105,10 @@ def param_groups(model: nn.Module, weight_decay: float, *, lr: Optional[float] =
         no_decay: list[nn.Parameter] = []
         for _, p in trainable_parameters(model):
             (decay if wd[id(p)] else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-                  {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        ]
         return [g for g in groups if g["params"]]
 
     if not 0.0 < layer_lr_decay <= 1.0:
@@ -114,8 +125,15 @@ def param_groups(model: nn.Module, weight_decay: float, *, lr: Optional[float] =
     out = []
     for key in sorted(params):
         scale, undecayed, _ = key
-        out.append({"params": params[key], "names": names[key], "lr": lr * scale, "lr_scale": scale,
-                    "weight_decay": 0.0 if undecayed else weight_decay})
+        out.append(
+            {
+                "params": params[key],
+                "names": names[key],
+                "lr": lr * scale,
+                "lr_scale": scale,
+                "weight_decay": 0.0 if undecayed else weight_decay,
+            }
+        )
     return out
 
 

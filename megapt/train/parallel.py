@@ -30,6 +30,7 @@ runs the fused linear + cross-entropy inside the head.
 Also here: the ZeRO-3 settings sequence parallelism needs, the resume check of a checkpoint's
 layout, and reading full weights from a universal checkpoint (tensor-parallel consolidation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,14 @@ log = logging.getLogger("megapt.train")
 # parameter-name regexes -> column (output dim split, all-reduce of the input grad in backward)
 # or row (input dim split, all-reduce of the output in forward). Unmatched layers stay replicated.
 PARTITION_RULES = (
-    {"patterns": [r".*\.attention\.w[qkv]\.weight$", r".*\.feed_forward\.w[13]\.weight$"],
-     "partition_type": "column"},
-    {"patterns": [r".*\.attention\.wo\.weight$", r".*\.feed_forward\.w2\.weight$"],
-     "partition_type": "row"},
+    {
+        "patterns": [r".*\.attention\.w[qkv]\.weight$", r".*\.feed_forward\.w[13]\.weight$"],
+        "partition_type": "column",
+    },
+    {
+        "patterns": [r".*\.attention\.wo\.weight$", r".*\.feed_forward\.w2\.weight$"],
+        "partition_type": "row",
+    },
 )
 
 
@@ -110,8 +115,9 @@ class Layout:
         if args is not None:
             problems += head_problems(args, cfg.train.sequence_parallel, cfg.train.tensor_parallel)
         if problems:
-            raise ConfigError(f"parallel layout: {len(problems)} problem(s):\n  "
-                              + "\n  ".join(problems))
+            raise ConfigError(
+                f"parallel layout: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+            )
         return cls(world, cfg.train.sequence_parallel, cfg.train.tensor_parallel)
 
 
@@ -123,11 +129,15 @@ def layout_problems(cfg: Config, world: int) -> list[str]:
     e = []
     if group > 1 and world % group:
         knob = "train.sequence_parallel" if sp > 1 else "train.tensor_parallel"
-        e.append(f"{knob}: {group} does not divide the world size {world}; the world must be "
-                 f"a whole number of groups of {group} ranks")
+        e.append(
+            f"{knob}: {group} does not divide the world size {world}; the world must be "
+            f"a whole number of groups of {group} ranks"
+        )
     if hpz > 1 and world % hpz:
-        e.append(f"deepspeed.zero_hpz_partition_size: {hpz} does not divide the world size {world} "
-                 "(use the GPUs per node)")
+        e.append(
+            f"deepspeed.zero_hpz_partition_size: {hpz} does not divide the world size {world} "
+            "(use the GPUs per node)"
+        )
     return e
 
 
@@ -137,16 +147,22 @@ def head_problems(args: Any, sp: int, tp: int) -> list[str]:
     e = []
     if sp > 1:
         if args.n_heads % sp:
-            e.append(f"train.sequence_parallel: {sp} must divide the {args.n_heads} query heads "
-                     "(each rank attends over n_heads / sequence_parallel of them)")
+            e.append(
+                f"train.sequence_parallel: {sp} must divide the {args.n_heads} query heads "
+                "(each rank attends over n_heads / sequence_parallel of them)"
+            )
         if args.n_kv_heads % sp and sp % args.n_kv_heads:
-            e.append(f"train.sequence_parallel: {sp} and the {args.n_kv_heads} KV heads must "
-                     "divide one another (KV heads are split over the ranks, or repeated when "
-                     "there are fewer of them than ranks)")
+            e.append(
+                f"train.sequence_parallel: {sp} and the {args.n_kv_heads} KV heads must "
+                "divide one another (KV heads are split over the ranks, or repeated when "
+                "there are fewer of them than ranks)"
+            )
     if tp > 1 and args.n_kv_heads % tp:
-        e.append(f"train.tensor_parallel: {tp} must divide the {args.n_kv_heads} KV heads "
-                 "(AutoTP gives every rank whole K/V heads; with fewer KV heads than ranks use "
-                 "sequence parallelism, which repeats them, or a smaller tensor_parallel)")
+        e.append(
+            f"train.tensor_parallel: {tp} must divide the {args.n_kv_heads} KV heads "
+            "(AutoTP gives every rank whole K/V heads; with fewer KV heads than ranks use "
+            "sequence parallelism, which repeats them, or a smaller tensor_parallel)"
+        )
     if tp > 1 and args.ffn_hidden % tp:
         e.append(f"train.tensor_parallel: {tp} must divide ffn_hidden {args.ffn_hidden}")
     return e
@@ -162,8 +178,15 @@ def ds_config_sections(cfg: Config) -> dict:
     tp = cfg.train.tensor_parallel
     if tp <= 1:
         return {}
-    return {"tensor_parallel": {"autotp_size": tp, "partition_config": {
-        "use_default_specs": False, "layer_specs": [dict(r) for r in PARTITION_RULES]}}}
+    return {
+        "tensor_parallel": {
+            "autotp_size": tp,
+            "partition_config": {
+                "use_default_specs": False,
+                "layer_specs": [dict(r) for r in PARTITION_RULES],
+            },
+        }
+    }
 
 
 def init_groups(layout: Layout) -> Any:
@@ -257,9 +280,12 @@ def fix_replicated_shapes(module: nn.Module, layout: Layout | None) -> int:
     if layout is None or layout.tp <= 1:
         return 0
     from deepspeed.checkpoint.affine import replicated_map
-    from deepspeed.checkpoint.constants import (AFFINE_MAP, AFFINE_MAP_PARAMS,
-                                                TP_REPLICATED_PARAMETER_PATTERNS,
-                                                UNIVERSAL_CHECKPOINT_INFO)
+    from deepspeed.checkpoint.constants import (
+        AFFINE_MAP,
+        AFFINE_MAP_PARAMS,
+        TP_REPLICATED_PARAMETER_PATTERNS,
+        UNIVERSAL_CHECKPOINT_INFO,
+    )
 
     info = getattr(module, UNIVERSAL_CHECKPOINT_INFO, None) or {}
     maps = info.get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS, {})
@@ -278,15 +304,21 @@ def fix_replicated_shapes(module: nn.Module, layout: Layout | None) -> int:
 def log_engine_groups(engine: Any, layout: Layout | None) -> None:
     """Say which groups DeepSpeed actually built (the layout as the engine sees it, hpZ)."""
     if layout is not None and layout.group > 1:
-        log.info("parallel layout: %s; DeepSpeed data-parallel size %s, sequence-parallel size %s",
-                 layout.describe(), getattr(engine, "dp_world_size", "?"),
-                 getattr(engine, "sequence_parallel_size", "?"))
+        log.info(
+            "parallel layout: %s; DeepSpeed data-parallel size %s, sequence-parallel size %s",
+            layout.describe(),
+            getattr(engine, "dp_world_size", "?"),
+            getattr(engine, "sequence_parallel_size", "?"),
+        )
     from deepspeed.utils import groups
 
     hpz = groups._get_zero_param_intra_parallel_group()
     if hpz is not None:
-        log.info("ZeRO++ hpZ: parameters are all-gathered within groups of %d ranks (secondary "
-                 "partition)", torch.distributed.get_world_size(hpz))
+        log.info(
+            "ZeRO++ hpZ: parameters are all-gathered within groups of %d ranks (secondary "
+            "partition)",
+            torch.distributed.get_world_size(hpz),
+        )
 
 
 class UlyssesAttention(nn.Module):
@@ -306,8 +338,9 @@ class UlyssesAttention(nn.Module):
         self.sp = sp
         self.attn = DistributedAttention(core, group, scatter_idx=2, gather_idx=1)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                spec: AttentionMask) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionMask
+    ) -> torch.Tensor:
         n_kv = k.shape[2]
         if n_kv < self.sp:
             k = k.repeat_interleave(self.sp // n_kv, dim=2)  # (B, T/N, N, hs)
@@ -335,11 +368,13 @@ def check_resume(meta: dict, layout: Layout, universal: bool, ckpt: Path) -> Non
     raise CheckpointError(
         f"{ckpt}: saved with sequence_parallel {saved[0]} x tensor_parallel {saved[1]}; this run "
         f"has {layout.sp} x {layout.tp}. Convert it once: megapt ckpt universal {ckpt}\n"
-        "then resume with --checkpoint.universal=true")
+        "then resume with --checkpoint.universal=true"
+    )
 
 
-def tensor_parallel_state_dict(ckpt: Path, ds_dir: Path, universal_dir: Path,
-                               tied: bool) -> dict[str, torch.Tensor]:
+def tensor_parallel_state_dict(
+    ckpt: Path, ds_dir: Path, universal_dir: Path, tied: bool
+) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a tensor-parallel checkpoint: DeepSpeed's zero_to_fp32 reads one
     model-parallel rank only, so the shards are merged by its universal conversion (the
     checkpoint's own ``universal_dir`` when converted already, else a temporary one beside it:
@@ -350,10 +385,17 @@ def tensor_parallel_state_dict(ckpt: Path, ds_dir: Path, universal_dir: Path,
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         with tempfile.TemporaryDirectory(prefix=".megapt-merge-", dir=ckpt.parent) as tmp:
-            ds_to_universal(argparse.Namespace(
-                input_folder=str(ds_dir), output_folder=str(Path(tmp) / "u"),
-                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                inject_missing_state=False))
+            ds_to_universal(
+                argparse.Namespace(
+                    input_folder=str(ds_dir),
+                    output_folder=str(Path(tmp) / "u"),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=False,
+                )
+            )
             sd = universal_state_dict(Path(tmp) / "u")
     if tied and "output.weight" not in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]  # one tensor, as the model ties them

@@ -12,14 +12,15 @@ of the step says nothing reliable. ``mark_saved`` writes the file named by
 only after every rank has finished the save, so its presence alone means "a complete checkpoint of
 this run exists: requeue".
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,12 +39,15 @@ class PreemptionHandler:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (e.g. inside a notebook worker)
-                log.warning("cannot install a handler for %s outside the main thread", signal.Signals(sig).name)
+                log.warning(
+                    "cannot install a handler for %s outside the main thread",
+                    signal.Signals(sig).name,
+                )
         return self
 
     def uninstall(self) -> None:
@@ -51,7 +55,7 @@ class PreemptionHandler:
             signal.signal(sig, prev)  # type: ignore[arg-type]
         self._previous.clear()
 
-    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+    def _on_signal(self, signum, frame) -> None:
         self.received = signum
 
     def should_stop(self) -> bool:
@@ -67,7 +71,11 @@ class PreemptionHandler:
 
     @property
     def signal_name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "a peer rank's signal"
+        return (
+            signal.Signals(self.received).name
+            if self.received is not None
+            else "a peer rank's signal"
+        )
 
 
 def _barrier() -> None:
@@ -75,7 +83,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def mark_saved(step: int, checkpoint: Optional[Path], env: Optional[Mapping[str, str]] = None) -> Optional[Path]:
+def mark_saved(
+    step: int, checkpoint: Path | None, env: Mapping[str, str] | None = None
+) -> Path | None:
     """Collective, after the pre-emption save returned on every rank: rank 0 writes the marker
     named by ``$MEGAPT_PREEMPT_MARKER`` (nothing when unset). A second barrier keeps every rank
     alive until the marker exists, so a launcher that kills the step when the first rank exits can
@@ -96,7 +106,12 @@ def mark_saved(step: int, checkpoint: Optional[Path], env: Optional[Mapping[str,
             written = path
             log.info("pre-emption marker written: %s (checkpoint %s)", path, checkpoint)
         except OSError as exc:  # the checkpoint is safe; without the marker the job is not requeued
-            log.error("cannot write the pre-emption marker %s (%s): the job will not be requeued; "
-                      "resubmit with --resume to continue from %s", path, exc, checkpoint)
+            log.error(
+                "cannot write the pre-emption marker %s (%s): the job will not be requeued; "
+                "resubmit with --resume to continue from %s",
+                path,
+                exc,
+                checkpoint,
+            )
     _barrier()
     return written

@@ -6,6 +6,7 @@ launcher environment -> logging -> device -> process group -> seeds.
                                         # rank seeded with run.seed (heads / LoRA start identical)
     proc.device, proc.rank, proc.world_size
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,6 +36,7 @@ def setup_logging(rank: int, all_ranks: bool, level: int = logging.INFO) -> None
     """``level`` (INFO) on rank 0 (every rank with logging.all_ranks), WARNING elsewhere;
     DeepSpeed's chatter stays at WARNING. Messages go through tqdm.write so a progress bar is
     not broken."""
+
     class _Handler(logging.StreamHandler):
         def emit(self, record):
             try:
@@ -68,7 +70,9 @@ def resolve_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but torch sees no CUDA device (set train.device=cpu)")
+        raise ConfigError(
+            "train.device: 'cuda' requested but torch sees no CUDA device (set train.device=cpu)"
+        )
     return choice
 
 
@@ -79,8 +83,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_process(cfg: Config, *, same_seed: bool = False,
-                  log_level: int = logging.INFO) -> Process:
+def start_process(
+    cfg: Config, *, same_seed: bool = False, log_level: int = logging.INFO
+) -> Process:
     """Read the launcher's environment, set up logging (``log_level`` on rank 0: fine-tuning
     reports its own progress lines and logs warnings only), choose the device, create the default
     process group (gloo on CPU, nccl on CUDA, ``train.collective_timeout_s``) and seed the global

@@ -33,8 +33,9 @@ and checked by name.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -124,7 +125,7 @@ def _state_keys(opt: Any, kind: str) -> list[tuple[int, torch.Tensor]]:
 # --------------------------------------------------------------------------------------------
 
 
-def optimizer_meta(engine: Any, scheduler: Any) -> Optional[dict]:
+def optimizer_meta(engine: Any, scheduler: Any) -> dict | None:
     """JSON for megapt.json: per group its hyperparameters, parameter names and Adam step; the LR
     scheduler's state; DeepSpeed's step counters and loss scaler. Local to this rank (no
     collective). None for an optimizer a universal load cannot take (saving goes on)."""
@@ -197,9 +198,7 @@ def _universal_reader(ckpt: Path) -> Reader:
     return read
 
 
-def _zero0_reader(
-    ckpt: Path, saved_groups: Optional[list], target_names: list[list[str]]
-) -> Reader:
+def _zero0_reader(ckpt: Path, saved_groups: list | None, target_names: list[list[str]]) -> Reader:
     """Reads a ZeRO-0 checkpoint's one file: ``module`` (the weights) and ``optimizer`` (the
     GuardedAdamW state, keyed by position across the groups)."""
     f = Path(ckpt) / DS_TAG / ZERO0_FILE
@@ -243,8 +242,10 @@ def _tp_local(read: Reader, module: torch.nn.Module) -> Reader:
         whole = parallel.whole_numel(module, name)
         if whole is None:
             return read(name, numel)
-        return {k: parallel.local_shard(module, name, v).reshape(-1)
-                for k, v in read(name, whole).items()}
+        return {
+            k: parallel.local_shard(module, name, v).reshape(-1)
+            for k, v in read(name, whole).items()
+        }
 
     return read_local
 
@@ -396,7 +397,7 @@ def _load_stage3(opt, base, read: Reader, names: dict, steps: list[int]) -> None
     opt.checkpoint_event_epilogue()  # persistent (never partitioned) parameters gathered again
 
 
-def _load_counters(engine, opt, scheduler, saved: Optional[dict], meta: dict) -> None:
+def _load_counters(engine, opt, scheduler, saved: dict | None, meta: dict) -> None:
     """LR scheduler state, DeepSpeed's step counters and loss scaler, as a plain resume restores
     them."""
     step = int(meta["step"])

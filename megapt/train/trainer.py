@@ -25,6 +25,7 @@ Exit codes of `megapt train` (the table shared by every verb: megapt/errors.py):
         megapt/train/preempt.py), requeue and resume with --resume
     130 interrupted (Ctrl-C)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -90,15 +91,20 @@ class Trainer:
         check_tokenizer(self.manifest, self.tokenizer)  # sha (when recorded), vocab, eos
         self.val_samples = int(self.manifest["splits"].get("val", {}).get("samples", 0))
         if self.val_samples == 0:
-            log.warning("%s has no validation samples (data.val_fraction=%s): evaluation is skipped",
-                        self.manifest.path, cfg.data.val_fraction)
+            log.warning(
+                "%s has no validation samples (data.val_fraction=%s): evaluation is skipped",
+                self.manifest.path,
+                cfg.data.val_fraction,
+            )
 
         # ---- model and engine ----
         from megapt.model import ops
         from megapt.model.gpt import GPT, ModelArgs
         from megapt.train.engine import create_engine, engine_stage
 
-        self.model_args = ModelArgs.from_config(cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len)
+        self.model_args = ModelArgs.from_config(
+            cfg.model, self.tokenizer.vocab_size, cfg.data.seq_len
+        )
         # sequence/tensor parallelism: groups of ranks share a batch; the data-parallel world is
         # world / (sp x tp), for the loader, the batch size and DeepSpeed
         self.layout = parallel.Layout.from_config(cfg, self.world_size, self.model_args)
@@ -107,19 +113,36 @@ class Trainer:
         args, seed, eos = self.model_args, cfg.run.seed, self.tokenizer.eos_id
         self.zero_stage, raised = engine_stage(cfg.train.precision, cfg.deepspeed.zero_stage)
         if raised:
-            log.warning("bf16 at ZeRO stage 0 keeps no fp32 master weights in DeepSpeed (training drifts): "
-                        "running ZeRO stage 1 with fp32 gradient accumulation instead")
+            log.warning(
+                "bf16 at ZeRO stage 0 keeps no fp32 master weights in DeepSpeed (training drifts): "
+                "running ZeRO stage 1 with fp32 gradient accumulation instead"
+            )
         bundle = create_engine(
-            cfg, lambda: GPT(args, backends, seed=seed, doc_mask=cfg.model.doc_mask, eos_id=eos),
-            world_size=self.dp_world, layout=self.layout,
-            init_weights=lambda m, name, p: m.init_parameter(name, p, seed))
-        self.engine, self.scheduler, self.schedule = bundle.engine, bundle.scheduler, bundle.schedule
+            cfg,
+            lambda: GPT(args, backends, seed=seed, doc_mask=cfg.model.doc_mask, eos_id=eos),
+            world_size=self.dp_world,
+            layout=self.layout,
+            init_weights=lambda m, name, p: m.init_parameter(name, p, seed),
+        )
+        self.engine, self.scheduler, self.schedule = (
+            bundle.engine,
+            bundle.scheduler,
+            bundle.schedule,
+        )
         self.ds_config = bundle.ds_config
         n_params = args.num_params()
-        log.info("model: %s preset, %.2fM parameters (%s), backends %s, ZeRO stage %d, %s, "
-                 "world size %d (%s)", cfg.model.preset, n_params / 1e6,
-                 json.dumps(dataclasses.asdict(args)), dataclasses.asdict(backends),
-                 self.zero_stage, cfg.train.precision, self.world_size, self.layout.describe())
+        log.info(
+            "model: %s preset, %.2fM parameters (%s), backends %s, ZeRO stage %d, %s, "
+            "world size %d (%s)",
+            cfg.model.preset,
+            n_params / 1e6,
+            json.dumps(dataclasses.asdict(args)),
+            dataclasses.asdict(backends),
+            self.zero_stage,
+            cfg.train.precision,
+            self.world_size,
+            self.layout.describe(),
+        )
 
         # ---- loop state ----
         t = cfg.train
@@ -132,24 +155,43 @@ class Trainer:
         self.flops_per_token = args.flops_per_token(cfg.data.seq_len)
         if cfg.model.doc_mask:
             attn_share = args.attention_flops_per_token(cfg.data.seq_len) / self.flops_per_token
-            log.info("MFU counts attention over the full %d-token window (PaLM's convention, %.1f%% of the model "
-                     "FLOPs per token); with model.doc_mask most of those score blocks are skipped, so MFU here "
-                     "overstates the attention work actually done", cfg.data.seq_len, 100 * attn_share)
+            log.info(
+                "MFU counts attention over the full %d-token window (PaLM's convention, %.1f%% of the model "
+                "FLOPs per token); with model.doc_mask most of those score blocks are skipped, so MFU here "
+                "overstates the attention work actually done",
+                cfg.data.seq_len,
+                100 * attn_share,
+            )
         self.peak = peak_flops(t.precision) if self.device == "cuda" else None
-        self.last_checkpoint: Optional[Path] = None
+        self.last_checkpoint: Path | None = None
         self.train_loader = self._build_loader(
-            cfg.data, self.shard_dir, "train", rank=self.dp_rank, world_size=self.dp_world,
-            micro_batch=t.micro_batch, seed=cfg.run.seed, infinite=True, tokenizer_sha256=self.tokenizer.sha256)
+            cfg.data,
+            self.shard_dir,
+            "train",
+            rank=self.dp_rank,
+            world_size=self.dp_world,
+            micro_batch=t.micro_batch,
+            seed=cfg.run.seed,
+            infinite=True,
+            tokenizer_sha256=self.tokenizer.sha256,
+        )
         self._nan_steps, self._nan_rank = self._fault_injection()
 
         resume_from = ckpt_lib.resolve_checkpoint(cfg.checkpoint, cfg.checkpoint_dir)
         if resume_from is not None:
             self.load(resume_from)
         elif cfg.checkpoint.resume:
-            log.info("checkpoint.resume: no valid checkpoint in %s yet, starting from step 0", cfg.checkpoint_dir)
+            log.info(
+                "checkpoint.resume: no valid checkpoint in %s yet, starting from step 0",
+                cfg.checkpoint_dir,
+            )
         self._train_iter = iter(self.train_loader)
-        self.metrics = Metrics(cfg.run_dir, enabled=self.rank == 0,
-                               tensorboard=cfg.logging.tensorboard, start_step=self.step)
+        self.metrics = Metrics(
+            cfg.run_dir,
+            enabled=self.rank == 0,
+            tensorboard=cfg.logging.tensorboard,
+            start_step=self.step,
+        )
         self._bad_reported: set = set()  # (set, shard) of the loader's bad shards in metrics
 
     # ------------------------------------------------------------------------------------------
@@ -159,21 +201,30 @@ class Trainer:
         wait on a status file, not in a collective (megapt.data.prepare.ensure_data_for_ranks)."""
         from megapt.data.prepare import ensure_data_for_ranks
 
-        return ensure_data_for_ranks(self.cfg, rank=self.rank, world_size=self.world_size,
-                                     gather=dist.all_gather_object, log=log.info)
+        return ensure_data_for_ranks(
+            self.cfg,
+            rank=self.rank,
+            world_size=self.world_size,
+            gather=dist.all_gather_object,
+            log=log.info,
+        )
 
-    def _fault_injection(self) -> tuple[set, Optional[int]]:
+    def _fault_injection(self) -> tuple[set, int | None]:
         steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
         r = os.environ.get(FAULT_NAN_RANK, "")
         if steps:
-            log.warning("fault injection: NaN loss on step attempts %s (rank %s)", sorted(steps), r or "all")
+            log.warning(
+                "fault injection: NaN loss on step attempts %s (rank %s)", sorted(steps), r or "all"
+            )
         return steps, (int(r) if r else None)
 
     # ------------------------------------------------------------------------------------------
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.engine.device
-        return batch["input_ids"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
+        return batch["input_ids"].to(dev, non_blocking=True), batch["labels"].to(
+            dev, non_blocking=True
+        )
 
     def train_step(self) -> dict:
         """One optimizer step (grad_accum micro-steps). Returns the step's numbers, agreed on all ranks."""
@@ -181,7 +232,9 @@ class Trainer:
         eng.train()
         self.attempt += 1
         lr = float(self.scheduler.get_last_lr()[0])
-        inject = self.attempt in self._nan_steps and (self._nan_rank is None or self._nan_rank == self.rank)
+        inject = self.attempt in self._nan_steps and (
+            self._nan_rank is None or self._nan_rank == self.rank
+        )
         t0 = time.perf_counter()
         losses = []
         for _ in range(self.cfg.train.grad_accum):
@@ -199,8 +252,16 @@ class Trainer:
         loss_bad = not math.isfinite(float(local))
         norm_bad = gn is not None and not math.isfinite(gn)
         # one collective: [sum of finite losses, any loss non-finite, any grad norm non-finite, any not applied]
-        flags = torch.tensor([0.0 if loss_bad else float(local), float(loss_bad), float(norm_bad), float(not applied)],
-                             dtype=torch.float64, device=eng.device if self.device == "cuda" else "cpu")
+        flags = torch.tensor(
+            [
+                0.0 if loss_bad else float(local),
+                float(loss_bad),
+                float(norm_bad),
+                float(not applied),
+            ],
+            dtype=torch.float64,
+            device=eng.device if self.device == "cuda" else "cpu",
+        )
         if self.world_size > 1:
             torch.distributed.all_reduce(flags)
         any_loss_bad, any_norm_bad, any_not_applied = (flags[i].item() > 0 for i in (1, 2, 3))
@@ -215,19 +276,38 @@ class Trainer:
         nonfinite = loss_bad or norm_bad
         dt = time.perf_counter() - t0
         mean_loss = self.layout.mean_loss(flags[0].item())
-        out = {"loss": mean_loss if not bad else float("nan"), "lr": lr,
-               "grad_norm": gn, "step_time_s": dt, "skipped": bad or scaler_skip}
+        out = {
+            "loss": mean_loss if not bad else float("nan"),
+            "lr": lr,
+            "grad_norm": gn,
+            "step_time_s": dt,
+            "skipped": bad or scaler_skip,
+        }
         if scaler_skip:
             self.skipped_total += 1
-            log.info("step attempt %d: fp16 gradient overflow, update skipped and loss scale lowered", self.attempt)
+            log.info(
+                "step attempt %d: fp16 gradient overflow, update skipped and loss scale lowered",
+                self.attempt,
+            )
         elif bad:
             self.skipped_total += 1
             self.bad_in_row += 1
-            if applied and nonfinite:  # cannot happen with the optimizers we build; say so loudly if it does
-                log.error("step attempt %d: non-finite loss/grad norm but the optimizer applied the update", self.attempt)
-            log.warning("step attempt %d (after step %d): non-finite loss or gradient norm on %s; update skipped on "
-                        "all ranks (%d in a row, stop at train.max_bad_steps=%d)", self.attempt, self.step,
-                        "this rank" if nonfinite else "another rank", self.bad_in_row, self.cfg.train.max_bad_steps)
+            if (
+                applied and nonfinite
+            ):  # cannot happen with the optimizers we build; say so loudly if it does
+                log.error(
+                    "step attempt %d: non-finite loss/grad norm but the optimizer applied the update",
+                    self.attempt,
+                )
+            log.warning(
+                "step attempt %d (after step %d): non-finite loss or gradient norm on %s; update skipped on "
+                "all ranks (%d in a row, stop at train.max_bad_steps=%d)",
+                self.attempt,
+                self.step,
+                "this rank" if nonfinite else "another rank",
+                self.bad_in_row,
+                self.cfg.train.max_bad_steps,
+            )
         else:
             self.step += 1
             self.bad_in_row = 0
@@ -241,10 +321,17 @@ class Trainer:
         cfg, eng = self.cfg, self.engine
         per_step = self.dp_world * cfg.train.micro_batch
         n = max(1, min(cfg.train.eval_batches, self.val_samples // per_step))
-        loader = self._build_loader(cfg.data, self.shard_dir, "val", rank=self.dp_rank,
-                                    world_size=self.dp_world,
-                                    micro_batch=cfg.train.micro_batch, seed=cfg.run.seed, infinite=True,
-                                    tokenizer_sha256=self.tokenizer.sha256)
+        loader = self._build_loader(
+            cfg.data,
+            self.shard_dir,
+            "val",
+            rank=self.dp_rank,
+            world_size=self.dp_world,
+            micro_batch=cfg.train.micro_batch,
+            seed=cfg.run.seed,
+            infinite=True,
+            tokenizer_sha256=self.tokenizer.sha256,
+        )
         was_training = eng.training
         eng.eval()
         total = torch.zeros(2, dtype=torch.float64)
@@ -256,8 +343,9 @@ class Trainer:
             # a sequence-parallel rank's loss is its share of the row's: weigh it by all the row's
             # tokens and count them once per group
             n_tok = y.numel()
-            total += torch.tensor([float(loss) * n_tok, n_tok / self.layout.sp],
-                                  dtype=torch.float64)
+            total += torch.tensor(
+                [float(loss) * n_tok, n_tok / self.layout.sp], dtype=torch.float64
+            )
         if was_training:
             eng.train()
         if self.world_size > 1:
@@ -265,19 +353,31 @@ class Trainer:
             torch.distributed.all_reduce(t)
             total = t.cpu()
         val_loss = float(total[0] / total[1])
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": int(total[1])}
+        return {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_tokens": int(total[1]),
+        }
 
     # ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Our client state (JSON): everything besides DeepSpeed's own model/optimizer/scheduler files."""
         return {
-            "step": self.step, "attempt": self.attempt, "tokens_seen": self.tokens_seen,
-            "skipped_total": self.skipped_total, "loader": self.train_loader.state_dict(),
-            "world_size": self.world_size, "zero_stage": self.zero_stage, "precision": self.cfg.train.precision,
-            "micro_batch": self.cfg.train.micro_batch, "grad_accum": self.cfg.train.grad_accum,
-            "model_args": dataclasses.asdict(self.model_args), "tokenizer_sha256": self.tokenizer.sha256,
-            "seed": self.cfg.run.seed, **parallel.layout_meta(self.layout),
+            "step": self.step,
+            "attempt": self.attempt,
+            "tokens_seen": self.tokens_seen,
+            "skipped_total": self.skipped_total,
+            "loader": self.train_loader.state_dict(),
+            "world_size": self.world_size,
+            "zero_stage": self.zero_stage,
+            "precision": self.cfg.train.precision,
+            "micro_batch": self.cfg.train.micro_batch,
+            "grad_accum": self.cfg.train.grad_accum,
+            "model_args": dataclasses.asdict(self.model_args),
+            "tokenizer_sha256": self.tokenizer.sha256,
+            "seed": self.cfg.run.seed,
+            **parallel.layout_meta(self.layout),
             # what a universal load restores besides the tensors (groups, Adam steps, LR schedule)
             "optimizer": reshard.optimizer_meta(self.engine, self.scheduler),
         }
@@ -286,9 +386,14 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         path = ckpt_lib.save_checkpoint(
-            cfg.checkpoint_dir, self.step, self.engine, self.state_dict(),
-            config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False), tokenizer_path=cfg.tokenizer_path,
-            keep_last=cfg.checkpoint.keep_last)
+            cfg.checkpoint_dir,
+            self.step,
+            self.engine,
+            self.state_dict(),
+            config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False),
+            tokenizer_path=cfg.tokenizer_path,
+            keep_last=cfg.checkpoint.keep_last,
+        )
         self.last_checkpoint = path
         log.info("checkpoint saved: %s (%.1fs)", path, time.perf_counter() - t0)
         return path
@@ -296,13 +401,20 @@ class Trainer:
     def load(self, path: Path) -> None:
         cfg = self.cfg
         meta = ckpt_lib.read_meta(path)
-        ckpt_lib.check_compatible(meta, model_args=dataclasses.asdict(self.model_args), world_size=self.world_size,
-                                  zero_stage=self.zero_stage, universal=cfg.checkpoint.universal, ckpt=path)
+        ckpt_lib.check_compatible(
+            meta,
+            model_args=dataclasses.asdict(self.model_args),
+            world_size=self.world_size,
+            zero_stage=self.zero_stage,
+            universal=cfg.checkpoint.universal,
+            ckpt=path,
+        )
         parallel.check_resume(meta, self.layout, cfg.checkpoint.universal, path)
         if meta.get("tokenizer_sha256") and meta["tokenizer_sha256"] != self.tokenizer.sha256:
             raise ckpt_lib.CheckpointError(
                 f"{path}: saved with tokenizer sha256 {meta['tokenizer_sha256'][:12]}..., this run's tokenizer "
-                f"{cfg.tokenizer_path} is {self.tokenizer.sha256[:12]}...; use the checkpoint's tokenizer.model")
+                f"{cfg.tokenizer_path} is {self.tokenizer.sha256[:12]}...; use the checkpoint's tokenizer.model"
+            )
         if cfg.checkpoint.universal:
             reshard.load_universal(self.engine, self.scheduler, path, meta)
         else:
@@ -311,12 +423,20 @@ class Trainer:
         # this run's schedule decides the LR of the next step
         self.scheduler.apply()
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
-        self.attempt, self.skipped_total = int(meta.get("attempt", meta["step"])), int(meta.get("skipped_total", 0))
+        self.attempt, self.skipped_total = (
+            int(meta.get("attempt", meta["step"])),
+            int(meta.get("skipped_total", 0)),
+        )
         self.train_loader.load_state_dict(meta["loader"])
         ckpt_lib.load_rng(path, self.rank, self.world_size, cfg.run.seed, self.step)
         self.last_checkpoint = Path(path)
-        log.info("resumed from %s: step %d, %d tokens seen%s", path, self.step, self.tokens_seen,
-                 " (universal checkpoint)" if cfg.checkpoint.universal else "")
+        log.info(
+            "resumed from %s: step %d, %d tokens seen%s",
+            path,
+            self.step,
+            self.tokens_seen,
+            " (universal checkpoint)" if cfg.checkpoint.universal else "",
+        )
 
     # ------------------------------------------------------------------------------------------
 
@@ -325,10 +445,17 @@ class Trainer:
         """Text from the trained model (all ranks run it in lock-step; rank 0's text is returned)."""
         cfg = self.cfg
         prompt = self.tokenizer.encode(cfg.train.sample_prompt) or [self.tokenizer.eos_id]
-        prompt = prompt[-(self.model_args.max_seq_len - 1):]
+        prompt = prompt[-(self.model_args.max_seq_len - 1) :]
         new = max(1, min(max_new_tokens, self.model_args.max_seq_len - len(prompt)))
-        out = generate(self.engine.module, [prompt], new, temperature=temperature, top_k=top_k,
-                       stop_ids=[self.tokenizer.eos_id], seed=cfg.run.seed)
+        out = generate(
+            self.engine.module,
+            [prompt],
+            new,
+            temperature=temperature,
+            top_k=top_k,
+            stop_ids=[self.tokenizer.eos_id],
+            seed=cfg.run.seed,
+        )
         return self.tokenizer.decode(prompt + out[0])
 
     def fit(self) -> int:
@@ -336,14 +463,20 @@ class Trainer:
         run_dir = cfg.run_dir
         if self.rank == 0:
             save_config(cfg, run_dir / "config.yaml")
-            log.info("run dir: %s | checkpoints: %s | TensorBoard: tensorboard --logdir %s", run_dir,
-                     cfg.checkpoint_dir, run_dir / "tb")
+            log.info(
+                "run dir: %s | checkpoints: %s | TensorBoard: tensorboard --logdir %s",
+                run_dir,
+                cfg.checkpoint_dir,
+                run_dir / "tb",
+            )
         preempt = self.preempt
         bar = None
         if self.rank == 0 and cfg.logging.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
+            )
         win_tokens, win_time = 0, 0.0  # tokens/s over training time only (not eval/checkpoint)
         saved_at = self.step if self.last_checkpoint is not None else -1
         try:
@@ -351,14 +484,22 @@ class Trainer:
                 out = self.train_step()
                 self._record_bad_shards(out)
                 if out["skipped"]:
-                    self.metrics.record("event", self.step, {"skipped_attempt": self.attempt,
-                                                             "bad_in_row": self.bad_in_row})
+                    self.metrics.record(
+                        "event",
+                        self.step,
+                        {"skipped_attempt": self.attempt, "bad_in_row": self.bad_in_row},
+                    )
                     if self.bad_in_row and self.bad_in_row >= t.max_bad_steps:
                         where = self.last_checkpoint or "none saved yet"
-                        log.error("stopping: %d steps in a row had a non-finite loss or gradient norm (train.max_bad_steps"
-                                  "=%d) after step %d. The last good checkpoint is kept: %s. Lower train.lr, raise "
-                                  "train.warmup_steps or check the data, then resume with --resume.",
-                                  self.bad_in_row, t.max_bad_steps, self.step, where)
+                        log.error(
+                            "stopping: %d steps in a row had a non-finite loss or gradient norm (train.max_bad_steps"
+                            "=%d) after step %d. The last good checkpoint is kept: %s. Lower train.lr, raise "
+                            "train.warmup_steps or check the data, then resume with --resume.",
+                            self.bad_in_row,
+                            t.max_bad_steps,
+                            self.step,
+                            where,
+                        )
                         return EXIT_NONFINITE
                 else:
                     win_tokens += self.tokens_per_step
@@ -366,35 +507,58 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{out['loss']:.3f}")
-                    row = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                           "tokens_seen": self.tokens_seen, "step_time_s": round(out["step_time_s"], 4)}
+                    row = {
+                        "loss": out["loss"],
+                        "lr": out["lr"],
+                        "grad_norm": out["grad_norm"],
+                        "tokens_seen": self.tokens_seen,
+                        "step_time_s": round(out["step_time_s"], 4),
+                    }
                     if self.step % t.log_every == 0 or self.step == t.max_steps:
                         tps = win_tokens / max(win_time, 1e-9)
                         seq = self.cfg.data.seq_len
                         mfu = self.model_args.mfu(tps / self.world_size, self.peak, seq)
-                        row.update(tokens_per_s=tps, mfu=mfu,
-                                   peak_mem_gb=peak_memory_gb(), skipped_total=self.skipped_total,
-                                   bad_shards=len(self.train_loader.bad_shards))
+                        row.update(
+                            tokens_per_s=tps,
+                            mfu=mfu,
+                            peak_mem_gb=peak_memory_gb(),
+                            skipped_total=self.skipped_total,
+                            bad_shards=len(self.train_loader.bad_shards),
+                        )
                         if t.precision == "fp16":
-                            row["loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", 0.0)) or None
+                            row["loss_scale"] = (
+                                float(getattr(self.engine.optimizer, "cur_scale", 0.0)) or None
+                            )
                         log.info(format_train_line(self.step, t.max_steps, row))
                         win_tokens, win_time = 0, 0.0
-                    self.metrics.record("train", self.step, {k: v for k, v in row.items() if v is not None})
+                    self.metrics.record(
+                        "train", self.step, {k: v for k, v in row.items() if v is not None}
+                    )
                     if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                         self._eval_and_log()
-                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < t.max_steps:
+                    if (
+                        cfg.checkpoint.every
+                        and self.step % cfg.checkpoint.every == 0
+                        and self.step < t.max_steps
+                    ):
                         self.save()
                         saved_at = self.step
                 if t.stop_after and self.step >= t.stop_after and not out["skipped"]:
                     if saved_at != self.step:
                         self.save()
-                    log.info("stopping at step %d (train.stop_after); continue with --resume", self.step)
+                    log.info(
+                        "stopping at step %d (train.stop_after); continue with --resume", self.step
+                    )
                     return EXIT_OK
                 if preempt is not None and preempt.should_stop():
                     from megapt.train.preempt import PREEMPT_EXIT_CODE, mark_saved
 
-                    log.warning("received %s: saving a checkpoint at step %d and exiting (%d) for requeue",
-                                preempt.signal_name, self.step, PREEMPT_EXIT_CODE)
+                    log.warning(
+                        "received %s: saving a checkpoint at step %d and exiting (%d) for requeue",
+                        preempt.signal_name,
+                        self.step,
+                        PREEMPT_EXIT_CODE,
+                    )
                     if saved_at != self.step:
                         self.save()
                     mark_saved(self.step, self.last_checkpoint)  # the Slurm scripts requeue on it
@@ -403,25 +567,40 @@ class Trainer:
             if saved_at != self.step:
                 self.save()
             if t.sample_tokens > 0 and self.layout.group > 1:
-                log.info("no end-of-training sample under sequence/tensor parallelism "
-                         "(generation runs on whole models): megapt generate --from %s",
-                         cfg.checkpoint_dir)
+                log.info(
+                    "no end-of-training sample under sequence/tensor parallelism "
+                    "(generation runs on whole models): megapt generate --from %s",
+                    cfg.checkpoint_dir,
+                )
             elif t.sample_tokens > 0:
                 text = self.sample(t.sample_tokens)
                 if self.rank == 0:
                     (run_dir / "sample.txt").write_text(text + "\n", encoding="utf-8")
                     self.metrics.text(text, self.step)
-                    log.info("sample (%d tokens, temperature 0.8, top-k 40) -> %s:\n%s", t.sample_tokens,
-                             run_dir / "sample.txt", text)
+                    log.info(
+                        "sample (%d tokens, temperature 0.8, top-k 40) -> %s:\n%s",
+                        t.sample_tokens,
+                        run_dir / "sample.txt",
+                        text,
+                    )
             bad = sorted(self._bad_shards_all_ranks())
             which = f" ({', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''})" if bad else ""
-            log.info("done: %d steps, %d tokens, %d skipped, %d bad shard(s) skipped%s. run dir "
-                     "%s | checkpoint %s | TensorBoard %s", self.step, self.tokens_seen,
-                     self.skipped_total, len(bad), which, run_dir, self.last_checkpoint,
-                     run_dir / "tb")
+            log.info(
+                "done: %d steps, %d tokens, %d skipped, %d bad shard(s) skipped%s. run dir "
+                "%s | checkpoint %s | TensorBoard %s",
+                self.step,
+                self.tokens_seen,
+                self.skipped_total,
+                len(bad),
+                which,
+                run_dir,
+                self.last_checkpoint,
+                run_dir / "tb",
+            )
             if bad:
-                self.metrics.record("data", self.step, {"bad_shards_total": len(bad),
-                                                        "bad_shards": bad})
+                self.metrics.record(
+                    "data", self.step, {"bad_shards_total": len(bad), "bad_shards": bad}
+                )
             return EXIT_OK
         finally:
             if bar is not None:
@@ -438,10 +617,16 @@ class Trainer:
         step = self.step + (1 if out["skipped"] else 0)  # a skipped attempt was towards step + 1
         for (si, name), reason in new:
             self._bad_reported.add((si, name))
-            self.metrics.record("data", step, {"bad_shard": name,
-                                               "shard_set": loader.plan.sets[si].path,
-                                               "reason": reason,
-                                               "bad_shards_total": len(self._bad_reported)})
+            self.metrics.record(
+                "data",
+                step,
+                {
+                    "bad_shard": name,
+                    "shard_set": loader.plan.sets[si].path,
+                    "reason": reason,
+                    "bad_shards_total": len(self._bad_reported),
+                },
+            )
 
     def _bad_shards_all_ranks(self) -> set[str]:
         """Paths of the shards any rank skipped as bad (a collective: every rank calls it)."""
@@ -449,12 +634,17 @@ class Trainer:
         mine = {str(Path(sets[si].path) / name) for si, name in self.train_loader.bad_shards}
         return set().union(*dist.all_gather_object(sorted(mine)))
 
-    def _eval_and_log(self) -> Optional[dict]:
+    def _eval_and_log(self) -> dict | None:
         if self.val_samples == 0:
             return None
         v = self.evaluate()
-        log.info("eval step %d: val_loss %.4f | val_ppl %.2f (%d tokens)", self.step, v["val_loss"], v["val_ppl"],
-                 v["val_tokens"])
+        log.info(
+            "eval step %d: val_loss %.4f | val_ppl %.2f (%d tokens)",
+            self.step,
+            v["val_loss"],
+            v["val_ppl"],
+            v["val_tokens"],
+        )
         self.metrics.record("val", self.step, v)
         return v
 
@@ -465,8 +655,11 @@ class Trainer:
 
 
 def add_args(parser) -> None:
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest valid checkpoint (same as --checkpoint.resume=true)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint (same as --checkpoint.resume=true)",
+    )
 
 
 def cli_main(cfg: Config, args: Any) -> int:

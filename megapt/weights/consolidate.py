@@ -13,6 +13,7 @@
 Both accept a checkpoint folder (step_XXXXXXX) or a checkpoint root (the newest valid one is used);
 both verify the checkpoint's manifest first and write atomically (tmp folder + rename).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,18 @@ from typing import Any
 import torch
 
 from megapt.train import parallel
-from megapt.train.checkpoint import (DS_TAG, MANIFEST, UNIVERSAL_TAG, CheckpointError, STEP_RE, find_latest_valid,
-                                     read_meta, verify_checkpoint, weights_only_loads, write_manifest)
+from megapt.train.checkpoint import (
+    DS_TAG,
+    MANIFEST,
+    STEP_RE,
+    UNIVERSAL_TAG,
+    CheckpointError,
+    find_latest_valid,
+    read_meta,
+    verify_checkpoint,
+    weights_only_loads,
+    write_manifest,
+)
 
 log = logging.getLogger("megapt.train")
 
@@ -41,7 +52,9 @@ def resolve(path: str | os.PathLike) -> Path:
     if not (p / MANIFEST).is_file() and not STEP_RE.match(p.name):
         latest = find_latest_valid(p)
         if latest is None:
-            raise CheckpointError(f"{p}: no valid checkpoint (step_XXXXXXX with a {MANIFEST}) in it")
+            raise CheckpointError(
+                f"{p}: no valid checkpoint (step_XXXXXXX with a {MANIFEST}) in it"
+            )
         p = latest
     problems = verify_checkpoint(p)
     if problems:
@@ -87,9 +100,14 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "fp32") -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "model.safetensors"),
-              metadata={"format": "pt", "megapt_step": str(meta.get("step")), "dtype": dtype})
-    (tmp / "model_config.json").write_text(json.dumps(meta.get("model_args"), indent=1), encoding="utf-8")
+    save_file(
+        tensors,
+        str(tmp / "model.safetensors"),
+        metadata={"format": "pt", "megapt_step": str(meta.get("step")), "dtype": dtype},
+    )
+    (tmp / "model_config.json").write_text(
+        json.dumps(meta.get("model_args"), indent=1), encoding="utf-8"
+    )
     for name in ("tokenizer.model", "config.yaml"):
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, tmp / name)
@@ -116,10 +134,17 @@ def to_universal(ckpt: Path) -> Path:
     out = scratch / UNIVERSAL_TAG
     try:
         with weights_only_loads(ckpt):
-            ds_to_universal(argparse.Namespace(
-                input_folder=str(ckpt / DS_TAG), output_folder=str(out), num_extract_workers=1,
-                num_merge_workers=1, keep_temp_folder=False, strict=True,
-                inject_missing_state=False))
+            ds_to_universal(
+                argparse.Namespace(
+                    input_folder=str(ckpt / DS_TAG),
+                    output_folder=str(out),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=False,
+                )
+            )
         if final.exists():
             shutil.rmtree(final)
         os.replace(out, final)
@@ -136,10 +161,16 @@ def is_universal(ckpt: Path) -> bool:
 
 
 def add_args(parser: argparse.ArgumentParser, verb: tuple = ()) -> None:
-    parser.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXX) or checkpoint root (newest valid)")
+    parser.add_argument(
+        "checkpoint", help="checkpoint folder (step_XXXXXXX) or checkpoint root (newest valid)"
+    )
     if verb == ("ckpt", "consolidate"):
-        parser.add_argument("--out", default="", help="output folder (default <run_dir>/consolidated/step_XXXXXXX)")
-        parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype to write")
+        parser.add_argument(
+            "--out", default="", help="output folder (default <run_dir>/consolidated/step_XXXXXXX)"
+        )
+        parser.add_argument(
+            "--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype to write"
+        )
 
 
 def cli_main(cfg: Any, args: argparse.Namespace) -> int:
@@ -148,21 +179,28 @@ def cli_main(cfg: Any, args: argparse.Namespace) -> int:
     try:
         ckpt = resolve(args.checkpoint)
         if tuple(args.verb) == ("ckpt", "universal"):
-            resume = ("megapt train ... --resume --checkpoint.universal=true "
-                      f"--checkpoint.load={ckpt}")
+            resume = (
+                f"megapt train ... --resume --checkpoint.universal=true --checkpoint.load={ckpt}"
+            )
             if is_universal(ckpt):
-                print(f"nothing to convert: {ckpt} is a ZeRO-0 checkpoint (the whole model and "
-                      "optimizer state in one file); it loads at any world size and ZeRO stage 0-3 "
-                      f"with: {resume}")
+                print(
+                    f"nothing to convert: {ckpt} is a ZeRO-0 checkpoint (the whole model and "
+                    "optimizer state in one file); it loads at any world size and ZeRO stage 0-3 "
+                    f"with: {resume}"
+                )
                 return 0
             out = to_universal(ckpt)
-            print(f"universal checkpoint written: {out}\nresume at any world size and ZeRO stage "
-                  f"0-3 with: {resume}")
+            print(
+                f"universal checkpoint written: {out}\nresume at any world size and ZeRO stage "
+                f"0-3 with: {resume}"
+            )
             return 0
         out = Path(args.out) if args.out else ckpt.parent.parent / "consolidated" / ckpt.name
         consolidate(ckpt, out, args.dtype)
-        print(f"consolidated weights: {out / 'model.safetensors'} ({args.dtype}), model config: "
-              f"{out / 'model_config.json'}")
+        print(
+            f"consolidated weights: {out / 'model.safetensors'} ({args.dtype}), model config: "
+            f"{out / 'model_config.json'}"
+        )
         return 0
     except CheckpointError as exc:
         print(f"megapt ckpt: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ and, when a sentencepiece model is known, tokenizer.model + tokenizer_config.jso
 special_tokens_map.json, so ``AutoModelForCausalLM.from_pretrained(dir)`` and
 ``AutoTokenizer.from_pretrained(dir)`` load it unchanged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -51,7 +51,7 @@ _OURS_TO_HF = [(_compile(a), b) for a, b in _NAME_MAP]
 _HF_TO_OURS = [(_compile(b), a) for a, b in _NAME_MAP]
 
 
-def _rename(name: str, table) -> Optional[str]:
+def _rename(name: str, table) -> str | None:
     for pat, target in table:
         m = pat.match(name)
         if m:
@@ -59,11 +59,11 @@ def _rename(name: str, table) -> Optional[str]:
     return None
 
 
-def ours_to_hf_name(name: str) -> Optional[str]:
+def ours_to_hf_name(name: str) -> str | None:
     return _rename(name, _OURS_TO_HF)
 
 
-def hf_to_ours_name(name: str) -> Optional[str]:
+def hf_to_ours_name(name: str) -> str | None:
     return _rename(name, _HF_TO_OURS)
 
 
@@ -72,8 +72,13 @@ def hf_to_ours_name(name: str) -> Optional[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def hf_config_dict(args, eos_id: Optional[int] = None, pad_id: Optional[int] = None,
-                   bos_id: Optional[int] = None, dtype: torch.dtype = torch.float32) -> dict:
+def hf_config_dict(
+    args,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    bos_id: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """A LlamaForCausalLM config.json for our ModelArgs."""
     head_dim = args.d_model // args.n_heads
     return {
@@ -90,7 +95,10 @@ def hf_config_dict(args, eos_id: Optional[int] = None, pad_id: Optional[int] = N
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,  # transformers < 5
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},  # transformers >= 5
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": args.rope_theta,
+        },  # transformers >= 5
         "rope_scaling": None,
         "tie_word_embeddings": bool(args.tie_embeddings),
         "attention_bias": False,
@@ -117,9 +125,20 @@ def args_from_hf_config(cfg: dict, source: str = "config.json"):
     """ModelArgs for a Llama-architecture config.json; raises naming every unsupported key."""
     problems = []
     arch = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if cfg.get("model_type", "llama") not in ("llama", "mistral", "qwen2") and "LlamaForCausalLM" not in arch:
-        problems.append(f"model_type={cfg.get('model_type')!r}: only Llama-architecture models are supported")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+    if (
+        cfg.get("model_type", "llama") not in ("llama", "mistral", "qwen2")
+        and "LlamaForCausalLM" not in arch
+    ):
+        problems.append(
+            f"model_type={cfg.get('model_type')!r}: only Llama-architecture models are supported"
+        )
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+    ):
         if key not in cfg:
             problems.append(f"{key}: missing")
     if problems:
@@ -131,8 +150,10 @@ def args_from_hf_config(cfg: dict, source: str = "config.json"):
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
     if head_dim * n_heads != cfg["hidden_size"]:
-        problems.append(f"head_dim={head_dim}: must equal hidden_size/num_attention_heads="
-                        f"{cfg['hidden_size']}/{n_heads}")
+        problems.append(
+            f"head_dim={head_dim}: must equal hidden_size/num_attention_heads="
+            f"{cfg['hidden_size']}/{n_heads}"
+        )
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     for key in ("rope_parameters", "rope_scaling"):  # transformers >= 5 / < 5; either may scale
         spec = cfg.get(key)
@@ -141,14 +162,22 @@ def args_from_hf_config(cfg: dict, source: str = "config.json"):
             problems.append(f"{key} type {kind!r}: only plain RoPE is supported (no scaling)")
     if problems:
         raise ExportError(f"{source}: " + "; ".join(problems))
-    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or cfg.get("rope_theta", 10000.0)
+    theta = (rope.get("rope_theta") if isinstance(rope, dict) else None) or cfg.get(
+        "rope_theta", 10000.0
+    )
     return ModelArgs(
-        n_layers=cfg["num_hidden_layers"], d_model=cfg["hidden_size"], n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads, ffn_hidden=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"], max_seq_len=cfg.get("max_position_embeddings", 2048),
-        rope_theta=float(theta), norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        n_layers=cfg["num_hidden_layers"],
+        d_model=cfg["hidden_size"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        ffn_hidden=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        rope_theta=float(theta),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        init_std=float(cfg.get("initializer_range", 0.02)))
+        init_std=float(cfg.get("initializer_range", 0.02)),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,13 +190,17 @@ def _model_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def to_hf_state_dict(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in _model_params(model).items():
         hf = ours_to_hf_name(name)
         if hf is None:
-            raise ExportError(f"parameter {name!r} has no Hugging Face Llama equivalent "
-                              "(merge LoRA adapters / drop task heads before export)")
+            raise ExportError(
+                f"parameter {name!r} has no Hugging Face Llama equivalent "
+                "(merge LoRA adapters / drop task heads before export)"
+            )
         out[hf] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
     return out
 
@@ -176,8 +209,11 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     """Copy ``state`` (our names) into ``model``; every missing/unexpected/mis-shaped tensor is
     named in one error. A tied output weight may be absent."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    tied = getattr(model, "output", None) is not None and getattr(model, "tok_embeddings", None) is not None \
+    tied = (
+        getattr(model, "output", None) is not None
+        and getattr(model, "tok_embeddings", None) is not None
         and model.output.weight is model.tok_embeddings.weight
+    )
     problems = []
     for name, p in params.items():
         if name not in state:
@@ -185,8 +221,10 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
                 continue
             problems.append(f"missing tensor {name} (model expects {tuple(p.shape)})")
         elif tuple(state[name].shape) != tuple(p.shape):
-            problems.append(f"tensor {name}: checkpoint shape {tuple(state[name].shape)} "
-                            f"!= model shape {tuple(p.shape)}")
+            problems.append(
+                f"tensor {name}: checkpoint shape {tuple(state[name].shape)} "
+                f"!= model shape {tuple(p.shape)}"
+            )
     buffers = {n for n, _ in model.named_buffers()}
     for name in state:
         if name not in params and name not in buffers:
@@ -216,7 +254,9 @@ def read_safetensors_dir(model_dir: Path) -> dict[str, torch.Tensor]:
         return out
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        raise ExportError(f"{model_dir}: no model.safetensors (or index) found; only safetensors weights are read")
+        raise ExportError(
+            f"{model_dir}: no model.safetensors (or index) found; only safetensors weights are read"
+        )
     out = {}
     for f in files:
         out.update(load_file(str(f)))
@@ -246,8 +286,10 @@ def load_hf(model_dir: str | os.PathLike, backends=None):
         else:
             state[ours] = t
     if unknown:
-        raise ExportError(f"{model_dir}: tensors with no megapt equivalent: {unknown[:10]}"
-                          + (f" ... ({len(unknown)} total)" if len(unknown) > 10 else ""))
+        raise ExportError(
+            f"{model_dir}: tensors with no megapt equivalent: {unknown[:10]}"
+            + (f" ... ({len(unknown)} total)" if len(unknown) > 10 else "")
+        )
     if args.tie_embeddings:
         state.pop("output.weight", None)
     model = GPT(args, backends) if backends is not None else GPT(args)
@@ -260,8 +302,13 @@ def load_hf(model_dir: str | os.PathLike, backends=None):
 # --------------------------------------------------------------------------------------------
 
 
-def write_hf_tokenizer(spm_path: str | os.PathLike, out_dir: str | os.PathLike,
-                       eos_token: str, pad_token: str, max_len: int) -> dict:
+def write_hf_tokenizer(
+    spm_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    eos_token: str,
+    pad_token: str,
+    max_len: int,
+) -> dict:
     """Copy the sentencepiece model as tokenizer.model and write a LlamaTokenizer config whose
     encoding matches ours (no BOS, dummy prefix as in the .model). Returns the special ids."""
     import sentencepiece as spm
@@ -273,8 +320,10 @@ def write_hf_tokenizer(spm_path: str | os.PathLike, out_dir: str | os.PathLike,
     for role, piece in (("eos", eos_token), ("pad", pad_token)):
         pid = sp.piece_to_id(piece)
         if pid == sp.unk_id() and piece != sp.id_to_piece(sp.unk_id()):
-            raise ExportError(f"{spm_path}: tokenizer has no {role} token {piece!r}; "
-                              f"retrain it with {piece!r} in tokenizer.special_tokens")
+            raise ExportError(
+                f"{spm_path}: tokenizer has no {role} token {piece!r}; "
+                f"retrain it with {piece!r} in tokenizer.special_tokens"
+            )
         ids[role] = pid
     proto = pb.ModelProto()
     proto.ParseFromString(spm_path.read_bytes())
@@ -287,8 +336,10 @@ def write_hf_tokenizer(spm_path: str | os.PathLike, out_dir: str | os.PathLike,
     specials = {k: v for k, v in specials.items() if v is not None}
     tok_cfg = {
         "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False, "add_eos_token": False,
-        "add_prefix_space": add_prefix, "legacy": True,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": add_prefix,
+        "legacy": True,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
         **specials,
@@ -313,9 +364,15 @@ def atomic_folder(out_dir: str | os.PathLike):
     os.replace(tmp, out)
 
 
-def export_hf(model: torch.nn.Module, args, out_dir: str | os.PathLike, tokenizer_path=None,
-              eos_token: str = "<|endoftext|>", pad_token: str = "<|pad|>",
-              dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(
+    model: torch.nn.Module,
+    args,
+    out_dir: str | os.PathLike,
+    tokenizer_path=None,
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|pad|>",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a transformers-loadable LlamaForCausalLM folder (atomically: tmp dir + rename)."""
     from safetensors.torch import save_file
 
@@ -327,9 +384,12 @@ def export_hf(model: torch.nn.Module, args, out_dir: str | os.PathLike, tokenize
         if args.tie_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = hf_config_dict(args, eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"], dtype=dtype)
+        cfg = hf_config_dict(
+            args, eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"], dtype=dtype
+        )
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         gen = {"eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "bos_token_id": ids["bos"]}
         (tmp / "generation_config.json").write_text(
-            json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+            json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2)
+        )
     return Path(out_dir)

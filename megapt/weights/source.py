@@ -15,6 +15,7 @@
 
 An empty path means ``finetune.init_from``, else the newest checkpoint of the run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -39,7 +39,7 @@ from megapt.weights.hf import ExportError, atomic_folder, is_hf_dir, load_hf, lo
 class Source:
     model: torch.nn.Module  # megapt GPT (backbone), eval mode, fp32, on CPU
     args: object  # ModelArgs
-    tokenizer_path: Optional[Path]
+    tokenizer_path: Path | None
     path: str
     kind: str  # "checkpoint" | "weights" | "hf"
     meta: dict = field(default_factory=dict)  # finetune.json of a fine-tuned folder
@@ -47,8 +47,10 @@ class Source:
 
     def tokenizer(self):
         if self.tokenizer_path is None:
-            raise TokenizerNotFoundError(f"{self.path}: no tokenizer.model found beside the "
-                                         "weights; pass --tokenizer.path=SPM.model")
+            raise TokenizerNotFoundError(
+                f"{self.path}: no tokenizer.model found beside the "
+                "weights; pass --tokenizer.path=SPM.model"
+            )
         return Tokenizer.load(self.tokenizer_path)
 
 
@@ -56,7 +58,7 @@ def _backends(cfg):
     return select_backends(cfg.model, "cpu")
 
 
-def _tokenizer_beside(folder: Path, cfg) -> Optional[Path]:
+def _tokenizer_beside(folder: Path, cfg) -> Path | None:
     if (folder / "tokenizer.model").is_file():
         return folder / "tokenizer.model"
     p = cfg.tokenizer_path
@@ -82,8 +84,14 @@ def _load_weights_folder(folder: Path, cfg) -> Source:
     args = _args_from_json(json.loads((folder / "model_config.json").read_text()))
     state = load_file(str(folder / "model.safetensors"))
     extra = {k: v for k, v in state.items() if k.startswith("head.")}
-    backbone = {k: v.float() for k, v in state.items() if not k.startswith("head.") and ".lora_" not in k}
-    meta = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else {}
+    backbone = {
+        k: v.float() for k, v in state.items() if not k.startswith("head.") and ".lora_" not in k
+    }
+    meta = (
+        json.loads((folder / "finetune.json").read_text())
+        if (folder / "finetune.json").is_file()
+        else {}
+    )
     model = _build(args, cfg, backbone, str(folder / "model.safetensors"))
     return Source(model, args, _tokenizer_beside(folder, cfg), str(folder), "weights", meta, extra)
 
@@ -98,14 +106,17 @@ def _load_weights_file(path: Path, cfg) -> Source:
     except Exception as exc:  # noqa: BLE001 - safetensors: its own error types for a bad header
         raise ExportError(f"{path}: not a readable safetensors file ({exc})") from None
     if WEIGHTS_META_ARGS not in meta:
-        raise ExportError(f"{path}: a safetensors file without megapt's model config in its "
-                          f"metadata ({WEIGHTS_META_ARGS}); pass a megapt weights folder or a "
-                          f"Hugging Face folder")
+        raise ExportError(
+            f"{path}: a safetensors file without megapt's model config in its "
+            f"metadata ({WEIGHTS_META_ARGS}); pass a megapt weights folder or a "
+            f"Hugging Face folder"
+        )
     args = _args_from_json(json.loads(meta[WEIGHTS_META_ARGS]))
     state = load_file(str(path))
     extra = {k: v for k, v in state.items() if k.startswith("head.")}
-    backbone = {k: v.float() for k, v in state.items()
-                if not k.startswith("head.") and ".lora_" not in k}
+    backbone = {
+        k: v.float() for k, v in state.items() if not k.startswith("head.") and ".lora_" not in k
+    }
     ft_meta = json.loads(meta[WEIGHTS_META_FINETUNE]) if WEIGHTS_META_FINETUNE in meta else {}
     model = _build(args, cfg, backbone, str(path))
     tok = cfg.tokenizer_path if cfg.tokenizer_path.is_file() else None
@@ -131,13 +142,16 @@ def load_source(cfg, path: str = "") -> Source:
     path = path or cfg.finetune.init_from
     if not path:
         if not cfg.checkpoint_dir.exists():
-            raise ExportError(f"no model given: pass --from PATH (or --finetune.init_from=PATH); "
-                              f"the run has no checkpoints in {cfg.checkpoint_dir}")
+            raise ExportError(
+                f"no model given: pass --from PATH (or --finetune.init_from=PATH); "
+                f"the run has no checkpoints in {cfg.checkpoint_dir}"
+            )
         path = str(cfg.checkpoint_dir)
     p = Path(path)
     if not p.exists():
-        raise ExportError(f"{path}: model path not found (megapt checkpoint dir, weights folder or "
-                          f"HF folder)")
+        raise ExportError(
+            f"{path}: model path not found (megapt checkpoint dir, weights folder or HF folder)"
+        )
     if p.is_file() and p.suffix == ".safetensors":
         return _load_weights_file(p, cfg)
     if (p / "model_config.json").is_file() and (p / "model.safetensors").is_file():
@@ -147,21 +161,28 @@ def load_source(cfg, path: str = "") -> Source:
         return Source(model.eval(), args, _tokenizer_beside(p, cfg), str(p), "hf")
     if (p / "megapt.json").is_file() or any(p.glob("step_*")):
         return _load_checkpoint(p, cfg)
-    raise ExportError(f"{path}: not a megapt checkpoint (step_*/), megapt weights folder "
-                      "(model.safetensors + model_config.json) or Hugging Face folder (config.json + *.safetensors)")
+    raise ExportError(
+        f"{path}: not a megapt checkpoint (step_*/), megapt weights folder "
+        "(model.safetensors + model_config.json) or Hugging Face folder (config.json + *.safetensors)"
+    )
 
 
 WEIGHTS_META_ARGS, WEIGHTS_META_FINETUNE = "megapt.model_config", "megapt.finetune"
 
 
-def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, tokenizer_path=None,
-                 meta: Optional[dict] = None, extra: Optional[dict] = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
+def save_weights(
+    out_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    args,
+    tokenizer_path=None,
+    meta: dict | None = None,
+    extra: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a megapt weights folder atomically (tmp folder + rename), or, when ``out_dir`` ends in
     ``.safetensors``, that one file (tmp file + rename) with the model config and ``meta`` in its
     safetensors metadata; the tokenizer is not part of a single file."""
     from safetensors.torch import save_file
-
 
     state = {}
     for n, p in model.named_parameters():  # tied weights once (the first name)
@@ -171,8 +192,9 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, token
     out = Path(out_dir)
     if out.suffix == ".safetensors":
         if out.is_dir():
-            raise UsageError(f"{out}: is a folder; remove it or choose another name for the "
-                             f"weights file")
+            raise UsageError(
+                f"{out}: is a folder; remove it or choose another name for the weights file"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         info = {"format": "pt", WEIGHTS_META_ARGS: json.dumps(dataclasses.asdict(args))}
         if meta:
@@ -195,4 +217,6 @@ def save_weights(out_dir: str | os.PathLike, model: torch.nn.Module, args, token
 
 
 def save_megapt(src: Source, out_dir: str, dtype: torch.dtype = torch.float32) -> Path:
-    return save_weights(out_dir, src.model, src.args, src.tokenizer_path, src.meta, src.extra, dtype)
+    return save_weights(
+        out_dir, src.model, src.args, src.tokenizer_path, src.meta, src.extra, dtype
+    )

@@ -13,6 +13,7 @@ The file is committed; the test reads it and never this script. Regenerating it 
 golden curve: do it only on purpose, then regenerate tests/golden/tiny_loss.json (see
 tests/integration/test_train_golden.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,30 +25,158 @@ OUT = Path(__file__).resolve().parent / "corpus.jsonl"
 SEED = 20261202
 DOCS = 700
 
-ANIMALS = ["fox", "heron", "badger", "otter", "wren", "hare", "stoat", "owl", "vole", "deer",
-           "crow", "lynx", "mole", "newt", "kite", "moth", "toad", "finch", "marten", "beetle"]
-PLACES = ["river", "meadow", "orchard", "ridge", "marsh", "hedge", "quarry", "harbour", "forest",
-          "valley", "garden", "bridge", "mill", "lake", "field", "wood"]
-ADJS = ["small", "grey", "quiet", "quick", "old", "young", "brown", "pale", "tired", "bold", "shy",
-        "wet", "hungry", "careful", "restless", "sleepy"]
-VERBS = ["crossed", "watched", "followed", "circled", "left", "reached", "searched", "guarded",
-         "avoided", "visited", "climbed", "ignored"]
-TIMES = ["at dawn", "before noon", "after the rain", "at dusk", "late at night", "in the fog",
-         "on Monday", "on Friday", "in early spring", "in the first frost"]
+ANIMALS = [
+    "fox",
+    "heron",
+    "badger",
+    "otter",
+    "wren",
+    "hare",
+    "stoat",
+    "owl",
+    "vole",
+    "deer",
+    "crow",
+    "lynx",
+    "mole",
+    "newt",
+    "kite",
+    "moth",
+    "toad",
+    "finch",
+    "marten",
+    "beetle",
+]
+PLACES = [
+    "river",
+    "meadow",
+    "orchard",
+    "ridge",
+    "marsh",
+    "hedge",
+    "quarry",
+    "harbour",
+    "forest",
+    "valley",
+    "garden",
+    "bridge",
+    "mill",
+    "lake",
+    "field",
+    "wood",
+]
+ADJS = [
+    "small",
+    "grey",
+    "quiet",
+    "quick",
+    "old",
+    "young",
+    "brown",
+    "pale",
+    "tired",
+    "bold",
+    "shy",
+    "wet",
+    "hungry",
+    "careful",
+    "restless",
+    "sleepy",
+]
+VERBS = [
+    "crossed",
+    "watched",
+    "followed",
+    "circled",
+    "left",
+    "reached",
+    "searched",
+    "guarded",
+    "avoided",
+    "visited",
+    "climbed",
+    "ignored",
+]
+TIMES = [
+    "at dawn",
+    "before noon",
+    "after the rain",
+    "at dusk",
+    "late at night",
+    "in the fog",
+    "on Monday",
+    "on Friday",
+    "in early spring",
+    "in the first frost",
+]
 WEATHER = ["clear", "windy", "cold", "warm", "cloudy", "wet", "still", "bright"]
 OBSERVERS = ["Ada", "Bram", "Cora", "Dev", "Elin", "Farid", "Greta", "Hugo", "Ines", "Jonah"]
-ITEMS = ["rope", "lamp", "nails", "flour", "candles", "salt", "oil", "cloth", "seed", "wire",
-         "paper", "soap", "beans", "thread", "glue", "tea"]
+ITEMS = [
+    "rope",
+    "lamp",
+    "nails",
+    "flour",
+    "candles",
+    "salt",
+    "oil",
+    "cloth",
+    "seed",
+    "wire",
+    "paper",
+    "soap",
+    "beans",
+    "thread",
+    "glue",
+    "tea",
+]
 UNITS = ["boxes", "jars", "bags", "rolls", "crates", "packets"]
-INGREDIENTS = ["onion", "carrot", "barley", "lentils", "butter", "apple", "leek", "potato",
-               "honey", "oats", "garlic", "pepper", "milk", "egg", "cheese", "parsley"]
-STEPS = ["chop the {a}", "warm the {a} in a pan", "stir in the {a}", "add the {a} and the {b}",
-         "simmer for {n} minutes", "season with {a}", "bake for {n} minutes", "let it rest",
-         "mash the {a} with the {b}", "serve with {a}"]
+INGREDIENTS = [
+    "onion",
+    "carrot",
+    "barley",
+    "lentils",
+    "butter",
+    "apple",
+    "leek",
+    "potato",
+    "honey",
+    "oats",
+    "garlic",
+    "pepper",
+    "milk",
+    "egg",
+    "cheese",
+    "parsley",
+]
+STEPS = [
+    "chop the {a}",
+    "warm the {a} in a pan",
+    "stir in the {a}",
+    "add the {a} and the {b}",
+    "simmer for {n} minutes",
+    "season with {a}",
+    "bake for {n} minutes",
+    "let it rest",
+    "mash the {a} with the {b}",
+    "serve with {a}",
+]
 NAMES = ["total", "count", "width", "height", "price", "score", "limit", "offset", "index", "size"]
 OPS = [("add", "+"), ("sub", "-"), ("mul", "*")]
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                "ten", "eleven", "twelve"]
+NUMBER_WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 
 
 class Picker:
@@ -70,8 +199,11 @@ def field_notes(r: Picker) -> str:
     lines = [f"Field notes of {who}, day {r.int(1, 90)}. The weather was {r.pick(WEATHER)}."]
     for _ in range(r.int(5, 10)):
         a, b = r.pick(ANIMALS), r.pick(ANIMALS)
-        s = (f"The {r.pick(ADJS)} {a} {r.pick(VERBS)} the {r.pick(PLACES)} {r.pick(TIMES)}"
-             + (f", and the {b} {r.pick(VERBS)} it" if r.chance(0.4) else "") + ".")
+        s = (
+            f"The {r.pick(ADJS)} {a} {r.pick(VERBS)} the {r.pick(PLACES)} {r.pick(TIMES)}"
+            + (f", and the {b} {r.pick(VERBS)} it" if r.chance(0.4) else "")
+            + "."
+        )
         if r.chance(0.3):
             s += f" {who} counted {NUMBER_WORDS[r.int(2, 12)]} of them near the {r.pick(PLACES)}."
         lines.append(s)
@@ -84,8 +216,9 @@ def ledger(r: Picker) -> str:
     for _ in range(r.int(6, 12)):
         n, price = r.int(1, 20), r.int(2, 40)
         total += n * price
-        rows.append(f"item: {r.pick(ITEMS)}; amount: {n} {r.pick(UNITS)}; price: {price}; "
-                    f"cost: {n * price}")
+        rows.append(
+            f"item: {r.pick(ITEMS)}; amount: {n} {r.pick(UNITS)}; price: {price}; cost: {n * price}"
+        )
     rows.append(f"total cost: {total}")
     return "\n".join(rows)
 
@@ -123,9 +256,11 @@ def code(r: Picker) -> str:
         x, y = r.pick(NAMES), r.pick(NAMES)
         if x == y:
             y = "other"
-        out += [f"def {op}_{name}({x}, {y}):",
-                f'    """Return {x} {sym} {y}."""',
-                f"    result = {x} {sym} {y}"]
+        out += [
+            f"def {op}_{name}({x}, {y}):",
+            f'    """Return {x} {sym} {y}."""',
+            f"    result = {x} {sym} {y}",
+        ]
         if r.chance(0.5):
             limit = r.int(10, 999)
             out += [f"    if result > {limit}:", f"        result = {limit}"]
@@ -135,12 +270,17 @@ def code(r: Picker) -> str:
 
 def letter(r: Picker) -> str:
     to, frm = r.pick(OBSERVERS), r.pick(OBSERVERS)
-    body = [f"Dear {to},", "",
-            f"the {r.pick(ADJS)} {r.pick(ANIMALS)} is back at the {r.pick(PLACES)}. "
-            f"I saw it {r.pick(TIMES)} while the sky was {r.pick(WEATHER)}."]
+    body = [
+        f"Dear {to},",
+        "",
+        f"the {r.pick(ADJS)} {r.pick(ANIMALS)} is back at the {r.pick(PLACES)}. "
+        f"I saw it {r.pick(TIMES)} while the sky was {r.pick(WEATHER)}.",
+    ]
     for _ in range(r.int(2, 5)):
-        body.append(f"Please bring {NUMBER_WORDS[r.int(1, 9)]} {r.pick(UNITS)} of {r.pick(ITEMS)} "
-                    f"to the {r.pick(PLACES)} {r.pick(TIMES)}.")
+        body.append(
+            f"Please bring {NUMBER_WORDS[r.int(1, 9)]} {r.pick(UNITS)} of {r.pick(ITEMS)} "
+            f"to the {r.pick(PLACES)} {r.pick(TIMES)}."
+        )
     body += ["", "Yours,", frm]
     return "\n".join(body)
 

@@ -4,6 +4,7 @@ Tolerances as in tests/unit/kernels: error <= factor x (error of the same math d
 at the kernel's dtype) + atol. Kernel modules are imported inside the tests: importing triton
 while collecting this file on a CPU machine would stop the CPU interpreter tests from working.
 """
+
 import functools
 import logging
 import math
@@ -44,16 +45,27 @@ def _attn_lowp(q, k, v, causal=True, sm_scale=None, doc_start=None):
         att = att.masked_fill(~doc_mask_ref(doc_start), float("-inf"))
     elif causal:
         T = q.shape[2]
-        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        att = att.masked_fill(
+            ~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf")
+        )
     return att.softmax(-1) @ v
 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("B,nh,nkv,T,hs", [
-    (2, 8, 8, 1024, 64), (2, 8, 4, 1000, 128), (1, 16, 4, 2048, 128), (1, 16, 2, 777, 64),
-    (1, 8, 1, 513, 128), (2, 32, 4, 256, 64), (1, 4, 2, 384, 256), (1, 8, 8, 97, 32),
-])
+@pytest.mark.parametrize(
+    "B,nh,nkv,T,hs",
+    [
+        (2, 8, 8, 1024, 64),
+        (2, 8, 4, 1000, 128),
+        (1, 16, 4, 2048, 128),
+        (1, 16, 2, 777, 64),
+        (1, 8, 1, 513, 128),
+        (2, 32, 4, 256, 64),
+        (1, 4, 2, 384, 256),
+        (1, 8, 8, 97, 32),
+    ],
+)
 def test_flash_attention_gpu(B, nh, nkv, T, hs, causal, dtype):
     from megapt.kernels.flash_attn import flash_attention, flash_attention_ref
 
@@ -118,10 +130,16 @@ def _random_doc_start(B, T, mean_len, seed):
     return doc_start_from_ids(ids, 0).cuda()
 
 
-@pytest.mark.parametrize("B,nh,nkv,T,hs,mean_len", [
-    (2, 8, 1, 1024, 64, 100), (1, 16, 2, 2048, 128, 512), (1, 8, 1, 4096, 128, 512), (2, 8, 8, 1000, 64, 37),
-    (1, 4, 2, 3000, 256, 700),
-])
+@pytest.mark.parametrize(
+    "B,nh,nkv,T,hs,mean_len",
+    [
+        (2, 8, 1, 1024, 64, 100),
+        (1, 16, 2, 2048, 128, 512),
+        (1, 8, 1, 4096, 128, 512),
+        (2, 8, 8, 1000, 64, 37),
+        (1, 4, 2, 3000, 256, 700),
+    ],
+)
 def test_flash_attention_doc_mask_gpu(B, nh, nkv, T, hs, mean_len):
     from megapt.kernels.flash_attn import flash_attention, flash_attention_ref
 
@@ -145,7 +163,9 @@ def test_flash_attention_doc_mask_one_document_equals_causal_gpu():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ds = torch.zeros(2, 2048, dtype=torch.int32, device="cuda")
-    torch.testing.assert_close(flash_attention(q, k, v, doc_start=ds), flash_attention(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(
+        flash_attention(q, k, v, doc_start=ds), flash_attention(q, k, v), rtol=0, atol=0
+    )
 
 
 # ----------------------------------------------------------------------------- rms norm
@@ -173,7 +193,13 @@ def test_rms_norm_gpu(impl, shape, dtype):
     out = _grads(rms_norm, [x.to(dtype), w.to(dtype)], dy.to(dtype), eps=1e-5)
     for name, o, r, lo in zip(("y", "dx", "dw"), out, ref, low):
         # dw sums over up to 8k rows: allow the fp32-accumulation difference to scale with them
-        _close(f"{impl} {name} {shape} {dtype}", o, r, lo, atol=ATOL[dtype] * (4 if name == "dw" else 1))
+        _close(
+            f"{impl} {name} {shape} {dtype}",
+            o,
+            r,
+            lo,
+            atol=ATOL[dtype] * (4 if name == "dw" else 1),
+        )
 
 
 # ----------------------------------------------------------------------------- rope
@@ -202,10 +228,19 @@ def test_rope_gpu(dtype):
 
     ref = run(apply_rope_ref, q.double(), k.double(), cos, sin)
     args = [t.to(dtype) for t in (q, k, cos, sin)]
-    low = run(lambda q, k, c, s: tuple(
-        torch.cat([x[..., :hs // 2] * c[None, :, None] - x[..., hs // 2:] * s[None, :, None],
-                   x[..., hs // 2:] * c[None, :, None] + x[..., :hs // 2] * s[None, :, None]], -1)
-        for x in (q, k)), *args)
+    low = run(
+        lambda q, k, c, s: tuple(
+            torch.cat(
+                [
+                    x[..., : hs // 2] * c[None, :, None] - x[..., hs // 2 :] * s[None, :, None],
+                    x[..., hs // 2 :] * c[None, :, None] + x[..., : hs // 2] * s[None, :, None],
+                ],
+                -1,
+            )
+            for x in (q, k)
+        ),
+        *args,
+    )
     out = run(apply_rope, *args)
     for name, o, r, lo in zip(("q", "k", "dq", "dk"), out, ref, low):
         _close(f"rope {name} {dtype}", o, r, lo)
@@ -230,7 +265,9 @@ def test_rope_per_sample_positions_gpu(dtype):
 
     ref = run(apply_rope_ref, q.double(), k.double(), cos, sin)
     args = [t.to(dtype) for t in (q, k, cos, sin)]
-    low = run(apply_rope_ref, q.to(dtype), k.to(dtype), cos.to(dtype).float(), sin.to(dtype).float())
+    low = run(
+        apply_rope_ref, q.to(dtype), k.to(dtype), cos.to(dtype).float(), sin.to(dtype).float()
+    )
     out = run(apply_rope, *args)
     for name, o, r, lo in zip(("q", "k", "dq", "dk"), out, ref, low):
         _close(f"rope per-sample {name} {dtype}", o, r, lo)
@@ -239,7 +276,10 @@ def test_rope_per_sample_positions_gpu(dtype):
 # ----------------------------------------------------------------------------- linear + CE
 @pytest.mark.parametrize("dtype", [torch.float32] + HALF)
 def test_fused_linear_cross_entropy_gpu(dtype):
-    from megapt.kernels.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+    from megapt.kernels.cross_entropy import (
+        fused_linear_cross_entropy,
+        fused_linear_cross_entropy_ref,
+    )
 
     torch.manual_seed(0)
     N, C, V = 4096, 2048, 32003  # V not a multiple of any block
@@ -268,4 +308,6 @@ def test_fused_linear_cross_entropy_gpu(dtype):
     for name, o, r, lo in zip(("loss", "dh", "dw"), out, ref, low):
         _close(f"ce {name} {dtype}", o, r, lo)
     # the full-logits path holds (N, V) logits, their fp32 copy and gradient; fused never does
-    assert peak_fused < 0.5 * peak_full, f"fused peak {peak_fused / 2**20:.0f} MiB vs full {peak_full / 2**20:.0f} MiB"
+    assert peak_fused < 0.5 * peak_full, (
+        f"fused peak {peak_fused / 2**20:.0f} MiB vs full {peak_full / 2**20:.0f} MiB"
+    )

@@ -15,5 +15,7 @@ pytestmark = pytest.mark.gpu
 def test_bf16_training_on_triton_kernels_follows_the_reference_loss_curve():
     from tests.unit.kernels.training_curve import check_curves, run_curves
 
-    curves = run_curves("cuda", "bfloat16", steps=60, T=1024, B=4, V=8192, shape="512,4,8,2", timeout=580)
+    curves = run_curves(
+        "cuda", "bfloat16", steps=60, T=1024, B=4, V=8192, shape="512,4,8,2", timeout=580
+    )
     check_curves(curves, rtol=0.03, min_drop=1.0)

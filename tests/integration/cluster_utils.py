@@ -237,7 +237,7 @@ class Cluster:
 
     # ---------------------------------------------------------------- set-up
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         self.base.mkdir(parents=True, exist_ok=True)
         self._namespaces()
         self._ssh_keys()
@@ -287,15 +287,15 @@ class Cluster:
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(b / key)])
         shutil.copy(b / "id_ed25519.pub", b / "authorized_keys")
         (b / "ssh_config").write_text(
-            "Host *\n    User root\n    IdentityFile {d}/id_ed25519\n    IdentitiesOnly yes\n"
-            "    UserKnownHostsFile {d}/known_hosts\n    GlobalKnownHostsFile /dev/null\n"
+            f"Host *\n    User root\n    IdentityFile {b}/id_ed25519\n    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {b}/known_hosts\n    GlobalKnownHostsFile /dev/null\n"
             "    StrictHostKeyChecking accept-new\n    BatchMode yes\n    ConnectTimeout 10\n"
-            "    LogLevel ERROR\n".format(d=b)
+            "    LogLevel ERROR\n"
         )
         bindir = self.base / "bin"
         bindir.mkdir()
         wrapper = bindir / "ssh"
-        wrapper.write_text(f"#!/bin/sh\nexec {_which('ssh')} -F {b}/ssh_config \"$@\"\n")
+        wrapper.write_text(f'#!/bin/sh\nexec {_which("ssh")} -F {b}/ssh_config "$@"\n')
         wrapper.chmod(0o755)
         for i, addr in enumerate(self.addrs):
             (b / f"sshd_config-{i}").write_text(
@@ -366,7 +366,7 @@ JobRequeue=1
 MinJobAge=600
 KillWait=30
 {nodes}
-PartitionName=ci Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=ci Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE State=UP
 """)
         self.env = dict(
             os.environ,

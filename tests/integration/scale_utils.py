@@ -4,6 +4,7 @@
 Addresses live only inside the namespaces the test creates; nothing is configured in the host's
 own namespace, and the namespaces (with their veth ends) are deleted in a ``finally``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,14 @@ IFNAME = "mp0"  # the veth end inside each namespace (same name in both: separat
 
 def base_env(**extra: str) -> dict:
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-               MEGAPT_PLAN_ARGS="--check-only", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+        MEGAPT_PLAN_ARGS="--check-only",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("MASTER_ADDR", None)
     env.pop("MASTER_PORT", None)
     env.update(extra)
@@ -44,12 +51,26 @@ def write_micro_config(tmp: Path, name: str = "micro", **sections: dict) -> Path
             (corpus / f"{f.stem}.txt").write_text(f.read_text(errors="ignore"), encoding="utf-8")
     cfg = {
         "run": {"name": name, "out_dir": str(tmp / "runs"), "work_dir": str(tmp / "work")},
-        "data": {"sources": [{"path": str(corpus), "format": "text"}], "seq_len": 32, "shard_samples": 256, "val_fraction": 0.2,
-                 "num_proc": 1},
+        "data": {
+            "sources": [{"path": str(corpus), "format": "text"}],
+            "seq_len": 32,
+            "shard_samples": 256,
+            "val_fraction": 0.2,
+            "num_proc": 1,
+        },
         "tokenizer": {"vocab_size": 512, "num_threads": 1},
         "model": {"preset": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 2, "n_kv_heads": 1},
-        "train": {"device": "cpu", "micro_batch": 2, "max_steps": 3, "warmup_steps": 1, "eval_every": 0,
-                  "eval_batches": 1, "log_every": 1, "sample_tokens": 0, "collective_timeout_s": 120},
+        "train": {
+            "device": "cpu",
+            "micro_batch": 2,
+            "max_steps": 3,
+            "warmup_steps": 1,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "log_every": 1,
+            "sample_tokens": 0,
+            "collective_timeout_s": 120,
+        },
         "checkpoint": {"every": 0, "keep_last": 3},
         "logging": {"tensorboard": False, "progress": False},
         "plan": {"gpus_per_node": 1},
@@ -62,8 +83,14 @@ def write_micro_config(tmp: Path, name: str = "micro", **sections: dict) -> Path
 
 
 def prepare_data(config: Path, timeout: int = 240) -> None:
-    proc = subprocess.run([sys.executable, "-m", "megapt", "data", "prepare", "-c", str(config)], cwd=ROOT,
-                          env=base_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megapt", "data", "prepare", "-c", str(config)],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
@@ -80,14 +107,23 @@ def write_micro_shards(d: Path, shard_samples: int) -> None:
     from megapt.data.tokenizer import train_tokenizer
 
     cfg = load_config([], ["--tokenizer.vocab_size=512", "--tokenizer.num_threads=1"])
-    texts = [f.read_text(encoding="utf-8") for f in sorted(Path(json_pkg.__file__).parent.glob("*.py"))]
+    texts = [
+        f.read_text(encoding="utf-8") for f in sorted(Path(json_pkg.__file__).parent.glob("*.py"))
+    ]
     tok = train_tokenizer(cfg.tokenizer, texts, d / "spm.model")
     ids = np.array([i for t in texts for i in tok.encode(t) + [tok.eos_id]])
     n = len(ids) // 33
     samples = ids[: n * 33].reshape(n, 33)
-    write_token_dataset(d / "shards", {"train": list(samples[32:]), "val": list(samples[:32])}, seq_len=32,
-                        vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                        tokenizer_sha256=tok.sha256, shard_samples=shard_samples)
+    write_token_dataset(
+        d / "shards",
+        {"train": list(samples[32:]), "val": list(samples[:32])},
+        seq_len=32,
+        vocab_size=tok.vocab_size,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        tokenizer_sha256=tok.sha256,
+        shard_samples=shard_samples,
+    )
 
 
 def free_port() -> int:
@@ -103,7 +139,9 @@ def start(cmd: list[str], env: dict, log: Path, netns: str | None = None) -> sub
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]
     fh = open(log, "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:

@@ -35,7 +35,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.cluster_utils import CRED_EXPIRE_S, InfraUnavailable, cluster, tool_versions
-from tests.integration.scale_utils import ROOT, base_env, free_port, prepare_data, tail, write_micro_config
+from tests.integration.scale_utils import (
+    ROOT,
+    base_env,
+    free_port,
+    prepare_data,
+    tail,
+    write_micro_config,
+)
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 

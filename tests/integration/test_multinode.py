@@ -9,6 +9,7 @@ ssh (pdsh) launch run against a real Slurm cluster and real sshd: tests/integrat
 
 Skipped (with the reason) when network namespaces cannot be created (not root, no iproute2).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.scale_utils import (ADDRS, IFNAME, ROOT, base_env, free_port, kill_all, prepare_data, start, tail, two_hosts,
-                         wait_all, write_micro_config)
+from tests.integration.scale_utils import (
+    ADDRS,
+    IFNAME,
+    ROOT,
+    base_env,
+    free_port,
+    kill_all,
+    prepare_data,
+    start,
+    tail,
+    two_hosts,
+    wait_all,
+    write_micro_config,
+)
 
 LAUNCH_TIMEOUT = 200  # seconds per scenario (CPU start-up of torch + DeepSpeed dominates)
 pytestmark = [pytest.mark.infra, pytest.mark.slow]  # network namespaces (root)
@@ -64,10 +77,27 @@ def test_torchrun_two_nodes_c10d_rendezvous(hosts, micro, tmp_path):
     procs, logs = [], []
     for node in (0, 1):
         log = tmp_path / f"node{node}.log"
-        cmd = ["bash", str(ROOT / "launch/torchrun_launch.sh"), "--nnodes", "2", "--node-rank", str(node),
-               "--nproc-per-node", "1", "--rdzv-endpoint", f"{ADDRS[0]}:{port}", "--rdzv-id", f"t{port}",
-               "--local-addr", ADDRS[node], "--", "-c", str(cfg), "--run.name=torchrun",
-               "--deepspeed.zero_stage=2"]
+        cmd = [
+            "bash",
+            str(ROOT / "launch/torchrun_launch.sh"),
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(node),
+            "--nproc-per-node",
+            "1",
+            "--rdzv-endpoint",
+            f"{ADDRS[0]}:{port}",
+            "--rdzv-id",
+            f"t{port}",
+            "--local-addr",
+            ADDRS[node],
+            "--",
+            "-c",
+            str(cfg),
+            "--run.name=torchrun",
+            "--deepspeed.zero_stage=2",
+        ]
         procs.append(start(cmd, env, log, hosts.netns[node]))
         logs.append(log)
     try:
@@ -90,9 +120,23 @@ def test_deepspeed_launcher_per_node_no_ssh(hosts, micro, tmp_path, stage):
     procs, logs = [], []
     for node in (0, 1):
         log = tmp_path / f"node{node}.log"
-        cmd = ["bash", str(ROOT / "launch/deepspeed_launch.sh"), "-H", str(hostfile), "--node-rank", str(node),
-               "--master-addr", ADDRS[0], "--master-port", str(port), "--", "-c", str(cfg),
-               f"--run.name=dslaunch{stage}", f"--deepspeed.zero_stage={stage}"]
+        cmd = [
+            "bash",
+            str(ROOT / "launch/deepspeed_launch.sh"),
+            "-H",
+            str(hostfile),
+            "--node-rank",
+            str(node),
+            "--master-addr",
+            ADDRS[0],
+            "--master-port",
+            str(port),
+            "--",
+            "-c",
+            str(cfg),
+            f"--run.name=dslaunch{stage}",
+            f"--deepspeed.zero_stage={stage}",
+        ]
         procs.append(start(cmd, env, log, hosts.netns[node]))
         logs.append(log)
     try:
@@ -110,8 +154,21 @@ def test_hostfile_with_an_unreachable_host_is_refused_before_launch(hosts, micro
     # resolves but nobody answers ssh (no sshd in the namespace) / does not resolve at all
     hostfile.write_text(f"{ADDRS[1]} slots=1\nno-such-node-megapt-test slots=1\n")
     log = tmp_path / "launch.log"
-    p = start(["bash", str(ROOT / "launch/deepspeed_launch.sh"), "-H", str(hostfile), "--",
-               "-c", str(cfg), "--run.name=never"], base_env(), log, hosts.netns[0])
+    p = start(
+        [
+            "bash",
+            str(ROOT / "launch/deepspeed_launch.sh"),
+            "-H",
+            str(hostfile),
+            "--",
+            "-c",
+            str(cfg),
+            "--run.name=never",
+        ],
+        base_env(),
+        log,
+        hosts.netns[0],
+    )
     rc = wait_all([p], 100)[0]
     text = log.read_text()
     assert rc == 3, text

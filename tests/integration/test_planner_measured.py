@@ -4,6 +4,7 @@ engine (megapt.train.engine.create_engine) allocates at 2 ranks, for every ZeRO 
 Runs `megapt bench planner --nproc 2 --script-args "--mode states"` (torchrun, gloo, CPU) once for
 the module.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,15 +24,28 @@ pytestmark = pytest.mark.slow
 def measured(tmp_path_factory):
     out = tmp_path_factory.mktemp("planner") / "states.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "megapt", "bench", "planner", "--nproc", "2", "--script-args", "--mode states",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megapt",
+        "bench",
+        "planner",
+        "--nproc",
+        "2",
+        "--script-args",
+        "--mode states",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["rows"]
 
 
 def _rows(rows, precision, stage):
-    return {r["component"]: r for r in rows if r["precision"] == precision and r["zero_stage"] == stage}
+    return {
+        r["component"]: r for r in rows if r["precision"] == precision and r["zero_stage"] == stage
+    }
 
 
 @pytest.mark.timeout(300)
@@ -59,8 +73,19 @@ def measured_tp(tmp_path_factory):
     """The same accounting with tensor parallelism 2 (AutoTP) at 2 ranks, bf16, ZeRO 1-3."""
     out = tmp_path_factory.mktemp("planner_tp") / "states.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "megapt", "bench", "planner", "--nproc", "2", "--script-args",
-           "--mode states --tensor-parallel 2 --precisions bf16 --stages 1,2,3", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "megapt",
+        "bench",
+        "planner",
+        "--nproc",
+        "2",
+        "--script-args",
+        "--mode states --tensor-parallel 2 --precisions bf16 --stages 1,2,3",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["rows"]
@@ -82,4 +107,3 @@ def test_planner_matches_deepspeed_allocations_under_tensor_parallelism(measured
     for comp, r in rows.items():
         for m in r["measured_bytes_per_rank"]:
             assert abs(m / r["predicted_bytes"] - 1) <= TOLERANCE, (comp, r)
-

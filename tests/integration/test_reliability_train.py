@@ -14,6 +14,7 @@
 Fault hooks (a save that blocks, a rank that stalls) are monkeypatches applied by this file's own
 ``__main__`` before it calls ``megapt.cli.main``; nothing in megapt knows about them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,20 +33,46 @@ import pytest
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[2]
-MICRO = ["--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2",
-         "--data.seq_len=32", "--train.micro_batch=2", "--train.warmup_steps=2", "--train.log_every=1",
-         "--train.eval_every=0", "--train.sample_tokens=0", "--logging.tensorboard=false",
-         "--logging.progress=false", "--train.collective_timeout_s=120", "--train.device=cpu",
-         "--data.shuffle=false"]
+MICRO = [
+    "--model.n_layers=2",
+    "--model.d_model=64",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--data.seq_len=32",
+    "--train.micro_batch=2",
+    "--train.warmup_steps=2",
+    "--train.log_every=1",
+    "--train.eval_every=0",
+    "--train.sample_tokens=0",
+    "--logging.tensorboard=false",
+    "--logging.progress=false",
+    "--train.collective_timeout_s=120",
+    "--train.device=cpu",
+    "--data.shuffle=false",
+]
 SHARD_SAMPLES = 32  # ~20 train shards: one bad shard is ~5% of them
-START_TIMEOUT = 240  # one micro run: torch + DeepSpeed import and engine set-up dominate on a loaded 2-core box
+START_TIMEOUT = (
+    240  # one micro run: torch + DeepSpeed import and engine set-up dominate on a loaded 2-core box
+)
 
 
 def _env(**extra: str) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for k in ("MEGAPT_FAULT_NAN_STEPS", "MEGAPT_FAULT_NAN_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-              "MASTER_ADDR", "MASTER_PORT"):
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    for k in (
+        "MEGAPT_FAULT_NAN_STEPS",
+        "MEGAPT_FAULT_NAN_RANK",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         env.pop(k, None)
     env.update(extra)
     return env
@@ -59,8 +86,13 @@ def _port() -> int:
 
 def _start(mode: str, args: list[str], log: Path, **env: str) -> subprocess.Popen:
     f = open(log, "w")
-    return subprocess.Popen([sys.executable, str(HERE), mode, *args], cwd=log.parent, env=_env(**env),
-                            stdout=f, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(HERE), mode, *args],
+        cwd=log.parent,
+        env=_env(**env),
+        stdout=f,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait(p: subprocess.Popen, timeout: float) -> int:
@@ -112,8 +144,11 @@ def data(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("reliability")
     write_micro_shards(d, SHARD_SAMPLES)
-    common = MICRO + [f"--tokenizer.path={d / 'spm.model'}", f"--data.shard_dir={d / 'shards'}",
-                      f"--run.out_dir={d / 'runs'}"]
+    common = MICRO + [
+        f"--tokenizer.path={d / 'spm.model'}",
+        f"--data.shard_dir={d / 'shards'}",
+        f"--run.out_dir={d / 'runs'}",
+    ]
     return {"dir": d, "runs": d / "runs", "shards": d / "shards", "common": common}
 
 
@@ -162,14 +197,21 @@ def _unsafe_member_shard(shard_dir: Path, name: str) -> None:
 
 
 @pytest.mark.timeout(3 * START_TIMEOUT + 60)
-def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resume_continues(data, tmp_path):
+def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resume_continues(
+    data, tmp_path
+):
     run = data["runs"] / "kill"
     common = data["common"] + ["--run.name=kill", "--checkpoint.keep_last=1"]
     marker = tmp_path / "saving"
 
     # (a) the second save (step 4) blocks after DeepSpeed wrote its files, before the manifest: SIGKILL it
-    p = _start("slow-save", common + ["--checkpoint.every=2", "--train.max_steps=6"], tmp_path / "a.log",
-               RELIABILITY_BLOCK_SAVE="2", RELIABILITY_MARKER=str(marker))
+    p = _start(
+        "slow-save",
+        common + ["--checkpoint.every=2", "--train.max_steps=6"],
+        tmp_path / "a.log",
+        RELIABILITY_BLOCK_SAVE="2",
+        RELIABILITY_MARKER=str(marker),
+    )
     try:
         _wait_for(marker.exists, START_TIMEOUT, [p], "the second checkpoint save")
         p.send_signal(signal.SIGKILL)
@@ -187,10 +229,15 @@ def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resum
     assert find_latest_valid(ck).name == "step_0000002"
 
     # (b) --resume picks step 2 (the .tmp is never loaded); SIGTERM -> checkpoint at the next boundary, exit 75
-    p = _start("cli", common + ["--resume", "--checkpoint.every=0", "--train.max_steps=100000"],
-               tmp_path / "b.log")
+    p = _start(
+        "cli",
+        common + ["--resume", "--checkpoint.every=0", "--train.max_steps=100000"],
+        tmp_path / "b.log",
+    )
     try:
-        _wait_for(lambda: any(r["step"] >= 5 for r in _train_rows(run)), START_TIMEOUT, [p], "step 5")
+        _wait_for(
+            lambda: any(r["step"] >= 5 for r in _train_rows(run)), START_TIMEOUT, [p], "step 5"
+        )
         p.send_signal(signal.SIGTERM)
         rc = _wait(p, 120)
     finally:
@@ -202,7 +249,9 @@ def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resum
     (saved,) = _ckpts(run)  # keep_last=1: the preemption checkpoint only, the stale .tmp removed
     s = int(saved.split("_")[1])
     assert s >= 5 and verify_checkpoint(ck / saved) == []
-    assert max(r["step"] for r in _train_rows(run)) == s  # saved at the boundary of the last step it logged
+    assert (
+        max(r["step"] for r in _train_rows(run)) == s
+    )  # saved at the boundary of the last step it logged
     # (a) logged steps 3-4 before it was killed; (b) re-ran them from step 2: one row per step
     # remains, the replaced rows are kept aside
     assert [r["step"] for r in _train_rows(run)] == list(range(1, s + 1))
@@ -211,8 +260,11 @@ def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resum
 
     # (c) --resume continues after the preemption step
     before = len(_train_rows(run))
-    p = _start("cli", common + ["--resume", "--checkpoint.every=0", f"--train.max_steps={s + 2}"],
-               tmp_path / "c.log")
+    p = _start(
+        "cli",
+        common + ["--resume", "--checkpoint.every=0", f"--train.max_steps={s + 2}"],
+        tmp_path / "c.log",
+    )
     rc = _wait(p, START_TIMEOUT)
     log_c = (tmp_path / "c.log").read_text()
     assert rc == 0, log_c[-3000:]
@@ -224,11 +276,17 @@ def test_kill_during_save_keeps_previous_checkpoint_then_sigterm_saves_and_resum
 @pytest.mark.timeout(START_TIMEOUT + 60)
 def test_preemption_signal_during_start_up_still_exits_75(data, tmp_path):
     marker = tmp_path / "starting"
-    p = _start("slow-init", data["common"] + ["--run.name=early", "--train.max_steps=50", "--checkpoint.every=0"],
-               tmp_path / "early.log", RELIABILITY_MARKER=str(marker))
+    p = _start(
+        "slow-init",
+        data["common"] + ["--run.name=early", "--train.max_steps=50", "--checkpoint.every=0"],
+        tmp_path / "early.log",
+        RELIABILITY_MARKER=str(marker),
+    )
     try:
         _wait_for(marker.exists, START_TIMEOUT, [p], "start-up")
-        p.send_signal(signal.SIGUSR1)  # Slurm's --signal=USR1@120 warning, arriving before the first step
+        p.send_signal(
+            signal.SIGUSR1
+        )  # Slurm's --signal=USR1@120 warning, arriving before the first step
         rc = _wait(p, START_TIMEOUT)
     finally:
         if p.poll() is None:
@@ -269,8 +327,13 @@ def test_sigkill_of_the_trainer_takes_its_loader_workers_with_it(data, tmp_path)
     seq 32 makes one worker message (16 micro-steps, 67 KB) larger than a pipe's buffer: the case
     where a worker whose parent died blocked at exit forever."""
     run = data["runs"] / "orphans"
-    args = ["--run.name=orphans", "--data.loader_workers=2", "--train.micro_batch=64",
-            "--train.max_steps=100000", "--checkpoint.every=0"]
+    args = [
+        "--run.name=orphans",
+        "--data.loader_workers=2",
+        "--train.micro_batch=64",
+        "--train.max_steps=100000",
+        "--checkpoint.every=0",
+    ]
     p = _start("cli", data["common"] + args, tmp_path / "o.log")
     workers: list[int] = []
     survivors: list[int] = []
@@ -298,10 +361,24 @@ def test_sigkill_of_the_trainer_takes_its_loader_workers_with_it(data, tmp_path)
 # --------------------------------------------------------------------------------------------
 
 
-def _start_two_ranks(mode: str, args: list[str], tmp_path: Path, tag: str, **env: str) -> list[subprocess.Popen]:
+def _start_two_ranks(
+    mode: str, args: list[str], tmp_path: Path, tag: str, **env: str
+) -> list[subprocess.Popen]:
     port = str(_port())
-    return [_start(mode, args, tmp_path / f"{tag}{r}.log", RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env) for r in (0, 1)]
+    return [
+        _start(
+            mode,
+            args,
+            tmp_path / f"{tag}{r}.log",
+            RANK=str(r),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(r),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            **env,
+        )
+        for r in (0, 1)
+    ]
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> None:
@@ -321,7 +398,9 @@ def test_sigterm_to_one_of_two_ranks_checkpoints_all_ranks_and_resumes(data, tmp
     common = data["common"] + ["--run.name=preempt2", "--checkpoint.every=0"]
     procs = _start_two_ranks("cli", common + ["--train.max_steps=100000"], tmp_path, "a")
     try:
-        _wait_for(lambda: any(r["step"] >= 3 for r in _train_rows(run)), START_TIMEOUT, procs, "step 3")
+        _wait_for(
+            lambda: any(r["step"] >= 3 for r in _train_rows(run)), START_TIMEOUT, procs, "step 3"
+        )
         procs[1].send_signal(signal.SIGTERM)  # rank 1 only; rank 0 never sees a signal
         codes = [_wait(p, 120) for p in procs]
     finally:
@@ -339,7 +418,9 @@ def test_sigterm_to_one_of_two_ranks_checkpoints_all_ranks_and_resumes(data, tmp
     assert len(rng["ranks"]) == 2 and any(ds.iterdir())  # both ranks took part in the save
 
     before = len(_train_rows(run))
-    procs = _start_two_ranks("cli", common + ["--resume", f"--train.max_steps={s + 2}"], tmp_path, "b")
+    procs = _start_two_ranks(
+        "cli", common + ["--resume", f"--train.max_steps={s + 2}"], tmp_path, "b"
+    )
     try:
         codes = [_wait(p, START_TIMEOUT) for p in procs]
     finally:
@@ -377,7 +458,9 @@ def faults(data, tmp_path_factory):
     missing = _copy_shards(data["shards"], tmp / "missing")
     (missing / names[n // 2]).unlink()
     corrupt = _copy_shards(data["shards"], tmp / "corrupt")
-    _flip_byte(corrupt / names[0], 512 + 8)  # a token of the first sample: same size, sha256 differs
+    _flip_byte(
+        corrupt / names[0], 512 + 8
+    )  # a token of the first sample: same size, sha256 differs
     truncated = _copy_shards(data["shards"], tmp / "truncated")
     (truncated / names[0]).write_bytes((truncated / names[0]).read_bytes()[:3000])
     two_bad = _copy_shards(data["shards"], tmp / "two_bad")
@@ -389,28 +472,82 @@ def faults(data, tmp_path_factory):
     ck = data["runs"] / "ckfall" / "checkpoints"
     actions = [
         {"name": "missing", "argv": base + ["--run.name=missing", f"--data.shard_dir={missing}"]},
-        {"name": "corrupt_raise", "argv": base + ["--run.name=craise", f"--data.shard_dir={corrupt}"]},
-        {"name": "truncated_raise", "argv": base + ["--run.name=traise", f"--data.shard_dir={truncated}",
-                                                    "--data.verify_checksums=false"]},
-        {"name": "corrupt_skip", "argv": base + ["--run.name=cskip", f"--data.shard_dir={corrupt}",
-                                                 "--data.bad_shard_policy=skip", "--data.max_bad_fraction=0.1"]},
-        {"name": "too_many_bad", "argv": base + ["--run.name=tmb", f"--data.shard_dir={two_bad}",
-                                                 "--data.bad_shard_policy=skip",
-                                                 f"--data.max_bad_fraction={1.5 / n}"]},
-        {"name": "unsafe_raise", "argv": base + ["--run.name=uraise", f"--data.shard_dir={unsafe}"]},
-        {"name": "unsafe_skip", "argv": base + ["--run.name=uskip", f"--data.shard_dir={unsafe}",
-                                                "--data.bad_shard_policy=skip", "--data.max_bad_fraction=0.1"]},
+        {
+            "name": "corrupt_raise",
+            "argv": base + ["--run.name=craise", f"--data.shard_dir={corrupt}"],
+        },
+        {
+            "name": "truncated_raise",
+            "argv": base
+            + [
+                "--run.name=traise",
+                f"--data.shard_dir={truncated}",
+                "--data.verify_checksums=false",
+            ],
+        },
+        {
+            "name": "corrupt_skip",
+            "argv": base
+            + [
+                "--run.name=cskip",
+                f"--data.shard_dir={corrupt}",
+                "--data.bad_shard_policy=skip",
+                "--data.max_bad_fraction=0.1",
+            ],
+        },
+        {
+            "name": "too_many_bad",
+            "argv": base
+            + [
+                "--run.name=tmb",
+                f"--data.shard_dir={two_bad}",
+                "--data.bad_shard_policy=skip",
+                f"--data.max_bad_fraction={1.5 / n}",
+            ],
+        },
+        {
+            "name": "unsafe_raise",
+            "argv": base + ["--run.name=uraise", f"--data.shard_dir={unsafe}"],
+        },
+        {
+            "name": "unsafe_skip",
+            "argv": base
+            + [
+                "--run.name=uskip",
+                f"--data.shard_dir={unsafe}",
+                "--data.bad_shard_policy=skip",
+                "--data.max_bad_fraction=0.1",
+            ],
+        },
         # checkpoints at steps 1 and 2, then step 2's weights file is corrupted (same size)
-        {"name": "ck_make", "argv": base + ["--run.name=ckfall", "--train.max_steps=2", "--checkpoint.every=1",
-                                            "--checkpoint.keep_last=3"]},
+        {
+            "name": "ck_make",
+            "argv": base
+            + [
+                "--run.name=ckfall",
+                "--train.max_steps=2",
+                "--checkpoint.every=1",
+                "--checkpoint.keep_last=3",
+            ],
+        },
         {"flip": str(ck / "step_0000002" / "ds" / "mp_rank_00_model_states.pt"), "offset": -100},
-        {"name": "ck_load_corrupt", "argv": base + ["--run.name=ckload", f"--checkpoint.load={ck / 'step_0000002'}"]},
+        {
+            "name": "ck_load_corrupt",
+            "argv": base + ["--run.name=ckload", f"--checkpoint.load={ck / 'step_0000002'}"],
+        },
         {"name": "ck_resume", "argv": base + ["--run.name=ckfall", "--resume"]},
         # a checkpoint whose weights file is a pickle that runs code, with a manifest that agrees with it
-        {"evil": str(ck / "step_0000001"), "dst": str(tmp / "evil" / "step_0000001"),
-         "marker": str(tmp / "evil_ran")},
-        {"name": "evil_load", "argv": base + ["--run.name=evil", f"--checkpoint.load={tmp / 'evil' / 'step_0000001'}"],
-         "marker": str(tmp / "evil_ran")},
+        {
+            "evil": str(ck / "step_0000001"),
+            "dst": str(tmp / "evil" / "step_0000001"),
+            "marker": str(tmp / "evil_ran"),
+        },
+        {
+            "name": "evil_load",
+            "argv": base
+            + ["--run.name=evil", f"--checkpoint.load={tmp / 'evil' / 'step_0000001'}"],
+            "marker": str(tmp / "evil_ran"),
+        },
     ]
     return _driver(actions, tmp), names
 
@@ -466,11 +603,15 @@ def test_skip_policy_stops_once_bad_shards_exceed_max_bad_fraction(faults):
 @pytest.mark.timeout(600)
 def test_member_name_escaping_the_folder_is_refused_or_skipped(faults, data):
     res, names = faults
-    assert res["unsafe_raise"]["rc"] == 5 and "unsafe" in res["unsafe_raise"]["err"], res["unsafe_raise"]["err"][-2000:]
+    assert res["unsafe_raise"]["rc"] == 5 and "unsafe" in res["unsafe_raise"]["err"], res[
+        "unsafe_raise"
+    ]["err"][-2000:]
     r = res["unsafe_skip"]
     assert r["rc"] == 0, r["err"][-2000:]
     assert names[0] in r["err"] and "unsafe" in r["err"]
-    assert not (data["dir"] / "evil.tokens").exists() and not (data["runs"] / "evil.tokens").exists()
+    assert (
+        not (data["dir"] / "evil.tokens").exists() and not (data["runs"] / "evil.tokens").exists()
+    )
 
 
 @pytest.mark.timeout(600)
@@ -486,7 +627,9 @@ def test_corrupt_checkpoint_is_rejected_and_resume_falls_back(faults, data):
     rows = _train_rows(data["runs"] / "ckfall")
     assert [x["step"] for x in rows] == [1, 2, 3]  # steps 2-3 redone from the step-1 checkpoint ...
     aside = (data["runs"] / "ckfall" / "metrics-superseded.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in aside if '"train"' in x] == [2]  # ... the first step 2 aside
+    assert [json.loads(x)["step"] for x in aside if '"train"' in x] == [
+        2
+    ]  # ... the first step 2 aside
 
 
 @pytest.mark.timeout(600)
@@ -510,19 +653,39 @@ def disk_full(data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("diskfull")
     disk = tmp / "disk"
     disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True, text=True,
-                       timeout=30)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to simulate a full disk: {r.stderr.strip() or r.returncode}")
+        pytest.skip(
+            f"cannot mount a tmpfs to simulate a full disk: {r.stderr.strip() or r.returncode}"
+        )
     try:
-        p = _start("cli", data["common"] + ["--run.name=diskfull", "--train.max_steps=6", "--checkpoint.every=2",
-                                            f"--checkpoint.dir={disk / 'ck'}"], tmp / "run.log")
+        p = _start(
+            "cli",
+            data["common"]
+            + [
+                "--run.name=diskfull",
+                "--train.max_steps=6",
+                "--checkpoint.every=2",
+                f"--checkpoint.dir={disk / 'ck'}",
+            ],
+            tmp / "run.log",
+        )
         rc = _wait(p, START_TIMEOUT)
         ck = disk / "ck"
         latest = find_latest_valid(ck)
-        return {"rc": rc, "log": (tmp / "run.log").read_text(), "names": sorted(x.name for x in ck.iterdir()),
-                "latest": latest.name if latest else None,
-                "step2_problems": verify_checkpoint(ck / "step_0000002"), "dir": str(ck)}
+        return {
+            "rc": rc,
+            "log": (tmp / "run.log").read_text(),
+            "names": sorted(x.name for x in ck.iterdir()),
+            "latest": latest.name if latest else None,
+            "step2_problems": verify_checkpoint(ck / "step_0000002"),
+            "dir": str(ck),
+        }
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
@@ -531,7 +694,9 @@ def disk_full(data, tmp_path_factory):
 def test_disk_full_during_a_training_save_stops_and_keeps_the_previous_checkpoint(disk_full):
     assert disk_full["rc"] not in (0, 75), disk_full["log"][-2000:]
     assert disk_full["step2_problems"] == [] and disk_full["latest"] == "step_0000002", disk_full
-    assert "step_0000004" not in disk_full["names"]  # at most step_0000004.tmp, which is never loaded
+    assert (
+        "step_0000004" not in disk_full["names"]
+    )  # at most step_0000004.tmp, which is never loaded
 
 
 @pytest.mark.timeout(START_TIMEOUT + 60)
@@ -545,7 +710,9 @@ def test_disk_full_during_a_training_save_says_so(disk_full):
 # 6: a stalled rank inside training
 # --------------------------------------------------------------------------------------------
 
-STALL_TIMEOUT = 20  # also bounds the rendezvous and the engine's start-up broadcasts: not too small under load
+STALL_TIMEOUT = (
+    20  # also bounds the rendezvous and the engine's start-up broadcasts: not too small under load
+)
 
 
 @pytest.mark.timeout(START_TIMEOUT + 120)
@@ -553,17 +720,30 @@ def test_rank_stalled_before_a_collective_fails_its_peer_after_collective_timeou
     """Rank 1 sleeps at step 3 (before its forward, so before the gradient all-reduce); rank 0 must fail
     with an error naming the collective after ~train.collective_timeout_s, not hang."""
     marker = tmp_path / "stalled"
-    args = data["common"] + ["--run.name=stall", "--train.max_steps=50", "--checkpoint.every=0",
-                             f"--train.collective_timeout_s={STALL_TIMEOUT}"]
-    procs = _start_two_ranks("stall", args, tmp_path, "s", RELIABILITY_STALL_RANK="1",
-                             RELIABILITY_STALL_ATTEMPT="3", RELIABILITY_MARKER=str(marker))
+    args = data["common"] + [
+        "--run.name=stall",
+        "--train.max_steps=50",
+        "--checkpoint.every=0",
+        f"--train.collective_timeout_s={STALL_TIMEOUT}",
+    ]
+    procs = _start_two_ranks(
+        "stall",
+        args,
+        tmp_path,
+        "s",
+        RELIABILITY_STALL_RANK="1",
+        RELIABILITY_STALL_ATTEMPT="3",
+        RELIABILITY_MARKER=str(marker),
+    )
     try:
         _wait_for(marker.exists, START_TIMEOUT, procs, "rank 1 to stall")
         try:
             rc0 = procs[0].wait(STALL_TIMEOUT + 30)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still waiting {STALL_TIMEOUT + 30}s after its peer stalled "
-                        f"(train.collective_timeout_s={STALL_TIMEOUT})")
+            pytest.fail(
+                f"rank 0 still waiting {STALL_TIMEOUT + 30}s after its peer stalled "
+                f"(train.collective_timeout_s={STALL_TIMEOUT})"
+            )
     finally:
         _stop_all(procs)
     log0 = (tmp_path / "s0.log").read_text()
@@ -590,7 +770,9 @@ def _install_hooks(mode: str) -> None:
             return orig(path)
 
         ck.write_manifest = blocking
-    elif mode == "slow-init":  # start-up (Trainer.__init__, before fit) pauses while choosing the checkpoint
+    elif (
+        mode == "slow-init"
+    ):  # start-up (Trainer.__init__, before fit) pauses while choosing the checkpoint
         from megapt.train import checkpoint as ck
 
         orig_resolve = ck.resolve_checkpoint
@@ -607,8 +789,9 @@ def _install_hooks(mode: str) -> None:
         orig_step = tr.Trainer.train_step
 
         def stalled(self):
-            if (self.rank == int(os.environ["RELIABILITY_STALL_RANK"])
-                    and self.attempt + 1 == int(os.environ["RELIABILITY_STALL_ATTEMPT"])):
+            if self.rank == int(os.environ["RELIABILITY_STALL_RANK"]) and self.attempt + 1 == int(
+                os.environ["RELIABILITY_STALL_ATTEMPT"]
+            ):
                 Path(os.environ["RELIABILITY_MARKER"]).write_text("stalled")
                 time.sleep(3600)
             return orig_step(self)
@@ -650,7 +833,10 @@ def _run_driver(spec_path: str) -> int:
             from megapt.train.checkpoint import write_manifest
 
             shutil.copytree(act["evil"], act["dst"])
-            torch.save({"module": _RunsCode(act["marker"])}, Path(act["dst"]) / "ds" / "mp_rank_00_model_states.pt")
+            torch.save(
+                {"module": _RunsCode(act["marker"])},
+                Path(act["dst"]) / "ds" / "mp_rank_00_model_states.pt",
+            )
             write_manifest(Path(act["dst"]))
             continue
         err = io.StringIO()

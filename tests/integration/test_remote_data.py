@@ -8,6 +8,7 @@ a server that stops answering for a while is ridden out by retries, one that is 
 error naming the URL; bad_shard_policy applies to shards missing remotely; `megapt data shard`
 uploads (split jobs too, manifest last) and the tiny model trains from s3:// exactly as from disk.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,6 @@ from megapt.data.manifest import load_manifest
 from megapt.data.tarformat import ShardError
 from tests.integration.scale_utils import ROOT, base_env, prepare_data, write_micro_config
 from tests.integration.servers import HttpServer, S3Server
-
 from tests.unit.loader_util import data_cfg, ids_of, loaders, make_set, run_global
 
 N = 100  # samples: 7 shards of 16 (ids 0-15 in train-000-00000.tar, ...), the last one of 4
@@ -93,12 +93,13 @@ def _shard_of(i: int) -> str:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("W,workers", [(1, 0), (2, 2), (3, 0)])
-def test_s3_set_streams_the_global_order_of_the_set_on_disk(uploaded, reference, tmp_path, W,
-                                                            workers):
+def test_s3_set_streams_the_global_order_of_the_set_on_disk(
+    uploaded, reference, tmp_path, W, workers
+):
     cfg = data_cfg(remote=remote(tmp_path / "cache"))
     lds = loaders(cfg, uploaded, W, B, workers=workers)
     order, state = run_global(lds, 2 * N // (W * B) + 1)
-    assert order == reference[:len(order)]
+    assert order == reference[: len(order)]
     assert state["sets"][0]["path"] == URL  # the same state dict as local, naming the URL
     stats = [ld.remote_stats for ld in lds]
     assert sum(s["downloads"] for s in stats) >= 7  # every shard came over the network
@@ -112,8 +113,17 @@ def test_each_rank_downloads_only_the_shards_its_positions_touch(uploaded, tmp_p
     size = {e["name"]: e["bytes"] for e in m["splits"]["train"]["shards"]}
     for r in range(4):
         cfg = data_cfg(shuffle=False, remote=remote(tmp_path / f"rank{r}"))
-        ld = build_loader(cfg, uploaded, "train", rank=r, world_size=4, micro_batch=16, seed=0,
-                          infinite=False, pin_memory=False)
+        ld = build_loader(
+            cfg,
+            uploaded,
+            "train",
+            rank=r,
+            world_size=4,
+            micro_batch=16,
+            seed=0,
+            infinite=False,
+            pin_memory=False,
+        )
         ids = [i for batch in ld for _, i in ids_of(batch)]
         touched = {_shard_of(i) for i in ids}
         assert touched == {f"train-000-{k:05d}.tar" for k in range(r, 7, 4)}
@@ -122,14 +132,13 @@ def test_each_rank_downloads_only_the_shards_its_positions_touch(uploaded, tmp_p
 
 
 @pytest.mark.timeout(300)
-def test_resume_at_another_world_size_from_s3_sees_every_sample_once(uploaded, reference,
-                                                                     tmp_path):
+def test_resume_at_another_world_size_from_s3_sees_every_sample_once(uploaded, reference, tmp_path):
     cfg = data_cfg(remote=remote(tmp_path / "a"))
     first, state = run_global(loaders(cfg, uploaded, 2, 3, workers=2), 7)  # 42 samples
     cfg2 = data_cfg(remote=remote(tmp_path / "b"))  # another node: a cold cache
     rest, _ = run_global(loaders(cfg2, uploaded, 3, 2, state=state), 12)  # 12 steps after
     both = first + rest
-    assert both == reference[:len(both)]
+    assert both == reference[: len(both)]
     assert sorted(i for _, i in both[:N]) == list(range(N))
 
 
@@ -158,7 +167,7 @@ def test_a_cache_smaller_than_the_set_gives_the_same_stream(uploaded, reference,
         order += ids_of(next(it))
         peak = max(peak, _cached_bytes(tmp_path / "cache"))
     it.close()
-    assert order == reference[:len(order)]
+    assert order == reference[: len(order)]
     stats = ld.remote_stats
     assert stats["evicted"] > 0 and stats["downloads"] > 7  # epoch 2 fetched shards again
     assert peak <= cap + shard_bytes  # at most one download ahead of the trim
@@ -170,11 +179,26 @@ def test_a_missing_remote_shard_follows_bad_shard_policy(s3, local_set, tmp_path
     s3.upload_dir(local_set, "bkt", "holes")
     url, gone = "s3://bkt/holes", "train-000-00002.tar"  # ids 32..47
     kw = dict(shuffle=False, max_bad_fraction=0.2)
-    strict = build_loader(data_cfg(remote=remote(tmp_path / "r"), **kw), url, "train", rank=0,
-                          world_size=1, micro_batch=B, seed=0, pin_memory=False)
-    skip = build_loader(data_cfg(remote=remote(tmp_path / "s"), bad_shard_policy="skip", **kw),
-                        url, "train", rank=0, world_size=1, micro_batch=B, seed=0,
-                        pin_memory=False)
+    strict = build_loader(
+        data_cfg(remote=remote(tmp_path / "r"), **kw),
+        url,
+        "train",
+        rank=0,
+        world_size=1,
+        micro_batch=B,
+        seed=0,
+        pin_memory=False,
+    )
+    skip = build_loader(
+        data_cfg(remote=remote(tmp_path / "s"), bad_shard_policy="skip", **kw),
+        url,
+        "train",
+        rank=0,
+        world_size=1,
+        micro_batch=B,
+        seed=0,
+        pin_memory=False,
+    )
     s3.delete("bkt", f"holes/{gone}")  # after start-up: gone while training
     ids = []
     for batch in skip:
@@ -183,8 +207,9 @@ def test_a_missing_remote_shard_follows_bad_shard_policy(s3, local_set, tmp_path
             break
     assert len(ids) == N and not set(range(32, 48)) & set(ids)  # full batches, filled
     assert (0, gone) in skip.bad_shards
-    with pytest.raises(ShardError, match=f"{url}/{gone}: shard listed in the manifest is not "
-                                         f"there") as err:
+    with pytest.raises(
+        ShardError, match=f"{url}/{gone}: shard listed in the manifest is not there"
+    ) as err:
         for _ in strict:
             pass
     assert err.value.exit_code == 5
@@ -192,16 +217,25 @@ def test_a_missing_remote_shard_follows_bad_shard_policy(s3, local_set, tmp_path
 
 @pytest.mark.timeout(300)
 def test_a_server_that_stops_answering_for_a_while_is_ridden_out_by_retries(
-        local_set, tmp_path, monkeypatch, caplog):
+    local_set, tmp_path, monkeypatch, caplog
+):
     srv = S3Server(tmp_path / "moto.log")
     for k, v in srv.env(tmp_path).items():
         monkeypatch.setenv(k, v)
     try:
         srv.make_bucket("bkt")
         srv.upload_dir(local_set, "bkt", "set")
-        cfg = data_cfg(shuffle=False, remote=remote(
-            tmp_path / "c", s3_endpoint_url=srv.url, retries=6, retry_wait_s=0.5,
-            timeout_s=1.0, prefetch=1))
+        cfg = data_cfg(
+            shuffle=False,
+            remote=remote(
+                tmp_path / "c",
+                s3_endpoint_url=srv.url,
+                retries=6,
+                retry_wait_s=0.5,
+                timeout_s=1.0,
+                prefetch=1,
+            ),
+        )
         (ld,) = loaders(cfg, URL, 1, B)
         it = iter(ld)
         ids = [i for _ in range(2) for _, i in ids_of(next(it))]  # shard 0 is in
@@ -228,9 +262,17 @@ def test_a_server_gone_for_good_ends_in_an_error_naming_the_url(local_set, tmp_p
     try:
         srv.make_bucket("bkt")
         srv.upload_dir(local_set, "bkt", "set")
-        cfg = data_cfg(shuffle=False, remote=remote(
-            tmp_path / "c", s3_endpoint_url=srv.url, retries=2, retry_wait_s=0.2,
-            timeout_s=1.0, prefetch=1))
+        cfg = data_cfg(
+            shuffle=False,
+            remote=remote(
+                tmp_path / "c",
+                s3_endpoint_url=srv.url,
+                retries=2,
+                retry_wait_s=0.2,
+                timeout_s=1.0,
+                prefetch=1,
+            ),
+        )
         (ld,) = loaders(cfg, URL, 1, B)
         it = iter(ld)
         ids = [i for _ in range(3) for _, i in ids_of(next(it))]
@@ -252,8 +294,7 @@ def test_a_server_gone_for_good_ends_in_an_error_naming_the_url(local_set, tmp_p
 
 
 @pytest.mark.timeout(300)
-def test_http_set_streams_the_same_order_and_is_read_only(local_set, reference, tmp_path,
-                                                         capsys):
+def test_http_set_streams_the_same_order_and_is_read_only(local_set, reference, tmp_path, capsys):
     root = tmp_path / "www"
     shutil.copytree(local_set, root / "set")
     shutil.copytree(local_set, root / "holes")
@@ -262,22 +303,30 @@ def test_http_set_streams_the_same_order_and_is_read_only(local_set, reference, 
     try:
         cfg = data_cfg(remote=remote(tmp_path / "c"))
         order, _ = run_global(loaders(cfg, f"{srv.url}/set", 2, 2, workers=2), N // 4 + 3)
-        assert order == reference[:len(order)]
-        with pytest.raises(ShardError, match=f"{srv.url}/holes/train-000-00004.tar: shard "
-                                             f"listed in the manifest is not there"):
-            run_global(loaders(data_cfg(remote=remote(tmp_path / "d")), f"{srv.url}/holes",
-                               1, B), N // B)
-        rc = main(["data", "index", f"{srv.url}/set", "--vocab-size=60000", "--eos-id=1",
-                   "--force"])  # reads every shard over HTTP, then may not write
+        assert order == reference[: len(order)]
+        with pytest.raises(
+            ShardError,
+            match=f"{srv.url}/holes/train-000-00004.tar: shard listed in the manifest is not there",
+        ):
+            run_global(
+                loaders(data_cfg(remote=remote(tmp_path / "d")), f"{srv.url}/holes", 1, B), N // B
+            )
+        rc = main(
+            ["data", "index", f"{srv.url}/set", "--vocab-size=60000", "--eos-id=1", "--force"]
+        )  # reads every shard over HTTP, then may not write
         assert rc == 2 and "is read-only for megapt" in capsys.readouterr().err
         # train never prepares data into a URL: without a manifest it says what to run
         from megapt.config import load_config
         from megapt.data.prepare import ensure_data_for_ranks
 
-        cfg = load_config([], [f"--data.shard_dir={srv.url}/nothing-here",
-                               f"--run.work_dir={tmp_path / 'work'}"])
-        with pytest.raises(ShardError, match="nothing-here/manifest.json not found: train reads "
-                                             "shards from a URL but does not make them"):
+        cfg = load_config(
+            [], [f"--data.shard_dir={srv.url}/nothing-here", f"--run.work_dir={tmp_path / 'work'}"]
+        )
+        with pytest.raises(
+            ShardError,
+            match="nothing-here/manifest.json not found: train reads "
+            "shards from a URL but does not make them",
+        ):
             ensure_data_for_ranks(cfg, rank=0, world_size=1, gather=lambda x: [x])
         assert not (tmp_path / "work").exists()
     finally:
@@ -321,8 +370,20 @@ def test_tiny_model_trains_from_s3_exactly_as_from_disk(s3, micro, tmp_path):
     tmp, cfg = micro
     url = "s3://bkt/micro/seq32"
     local = tmp / "work" / "shards" / "seq32"
-    assert main(["data", "shard", "-c", str(cfg), "--out", url,
-                 f"--data.remote.cache_dir={tmp_path / 'up'}"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "shard",
+                "-c",
+                str(cfg),
+                "--out",
+                url,
+                f"--data.remote.cache_dir={tmp_path / 'up'}",
+            ]
+        )
+        == 0
+    )
     ours = load_manifest(url)
     theirs = load_manifest(local)
     assert ours["splits"] == theirs["splits"]  # byte-identical shards (sha256) went up
@@ -330,13 +391,29 @@ def test_tiny_model_trains_from_s3_exactly_as_from_disk(s3, micro, tmp_path):
     curves = {}
     for name, shard_dir in (("disk", str(local)), ("s3", url)):
         p = subprocess.run(
-            [sys.executable, "-m", "megapt", "train", "-c", str(cfg), f"--run.name={name}",
-             f"--data.shard_dir={shard_dir}", "--train.max_steps=6", "--train.micro_batch=4",
-             f"--data.remote.cache_dir={tmp_path / 'cache'}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "megapt",
+                "train",
+                "-c",
+                str(cfg),
+                f"--run.name={name}",
+                f"--data.shard_dir={shard_dir}",
+                "--train.max_steps=6",
+                "--train.micro_batch=4",
+                f"--data.remote.cache_dir={tmp_path / 'cache'}",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
-        rows = [json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text()
-                .splitlines()]
+        rows = [
+            json.loads(x) for x in (tmp / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
         curves[name] = [r["loss"] for r in rows if r["kind"] == "train"]
         if name == "s3":
             assert f"loader train: {url}" in p.stderr

@@ -29,9 +29,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.integration.scale_utils import base_env, free_port, kill_all, start, tail, wait_all, write_micro_shards
 
 from megapt.train import checkpoint as ck
+from tests.integration.scale_utils import (
+    base_env,
+    free_port,
+    kill_all,
+    start,
+    tail,
+    wait_all,
+    write_micro_shards,
+)
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 600

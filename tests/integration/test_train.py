@@ -5,6 +5,7 @@ NaN steps skipped on every rank, incompatible checkpoints, resharding through a 
 checkpoint. Scenarios run inside one driver process per world size (tests/integration/
 train_driver.py) to pay start-up once; the exact-resume checks use fresh processes via the CLI.
 """
+
 import json
 import os
 import socket
@@ -19,10 +20,23 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("train_driver.py")
 STEPS = 6
 # micro model: 2 layers, d 64, vocab 512, seq 32; global batch 4 sequences per step
-MICRO = ["--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2",
-         "--data.seq_len=32", f"--train.max_steps={STEPS}", "--train.warmup_steps=2", "--train.log_every=1",
-         "--train.eval_every=0", "--train.eval_batches=2", "--checkpoint.every=3", "--train.sample_tokens=0",
-         "--logging.tensorboard=false", "--logging.progress=false", "--train.collective_timeout_s=120"]
+MICRO = [
+    "--model.n_layers=2",
+    "--model.d_model=64",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--data.seq_len=32",
+    f"--train.max_steps={STEPS}",
+    "--train.warmup_steps=2",
+    "--train.log_every=1",
+    "--train.eval_every=0",
+    "--train.eval_batches=2",
+    "--checkpoint.every=3",
+    "--train.sample_tokens=0",
+    "--logging.tensorboard=false",
+    "--logging.progress=false",
+    "--train.collective_timeout_s=120",
+]
 # rel tolerance between different reduction orders / ZeRO partitionings in fp32 (measured ~1e-7)
 LOSS_RTOL = 1e-5
 
@@ -43,7 +57,13 @@ def _run(args, nproc, cwd, timeout=240):
     if nproc == 1:
         cmd = [sys.executable] + args
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_port()}"] + args
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={_port()}",
+        ] + args
     p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     return p
 
@@ -62,7 +82,11 @@ def _driver(common, scenarios, nproc, cwd, out):
 
 
 def rows(run_dir, kind="train"):
-    return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+    return [
+        r
+        for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == kind
+    ]
 
 
 def curve(run_dir, key="loss"):
@@ -79,8 +103,11 @@ def mini(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("train")
     write_micro_shards(d, 256)
-    common = MICRO + [f"--tokenizer.path={d / 'spm.model'}", f"--data.shard_dir={d / 'shards'}",
-                      f"--run.out_dir={d / 'runs'}"]
+    common = MICRO + [
+        f"--tokenizer.path={d / 'spm.model'}",
+        f"--data.shard_dir={d / 'shards'}",
+        f"--run.out_dir={d / 'runs'}",
+    ]
     return {"dir": d, "runs": d / "runs", "common": common}
 
 
@@ -92,14 +119,34 @@ def two_ranks(mini):
     scenarios = [{"name": "z0", "phases": [["--run.name=z0"]]}]
     for s in (1, 2, 3):
         base = [f"--run.name=z{s}", f"--deepspeed.zero_stage={s}"]
-        scenarios.append({"name": f"z{s}", "phases": [base + ["--train.stop_after=3"],
-                                                     base + ["--checkpoint.resume=true"]]})
+        scenarios.append(
+            {
+                "name": f"z{s}",
+                "phases": [base + ["--train.stop_after=3"], base + ["--checkpoint.resume=true"]],
+            }
+        )
     # ZeRO-2 + optimizer offload (DeepSpeedCPUAdam; DeepSpeed JIT-compiles it on first use, ~1 min once)
     off = ["--run.name=z2off", "--deepspeed.zero_stage=2", "--deepspeed.offload_optimizer=cpu"]
-    scenarios.append({"name": "z2off", "phases": [off + ["--train.stop_after=3"], off + ["--checkpoint.resume=true"]]})
-    scenarios.append({"name": "nan", "env": {"MEGAPT_FAULT_NAN_STEPS": "2,5,6,7", "MEGAPT_FAULT_NAN_RANK": "1"},
-                      "phases": [["--run.name=nan", "--train.max_steps=10", "--checkpoint.every=2",
-                                  "--train.max_bad_steps=3"]]})
+    scenarios.append(
+        {
+            "name": "z2off",
+            "phases": [off + ["--train.stop_after=3"], off + ["--checkpoint.resume=true"]],
+        }
+    )
+    scenarios.append(
+        {
+            "name": "nan",
+            "env": {"MEGAPT_FAULT_NAN_STEPS": "2,5,6,7", "MEGAPT_FAULT_NAN_RANK": "1"},
+            "phases": [
+                [
+                    "--run.name=nan",
+                    "--train.max_steps=10",
+                    "--checkpoint.every=2",
+                    "--train.max_bad_steps=3",
+                ]
+            ],
+        }
+    )
     res = _driver(common, scenarios, 2, mini["dir"], "two_ranks.json")
     first = _train_cli(common, ["--run.name=d", "--train.stop_after=3"], 2, mini["dir"])
     assert first.returncode == 0, first.stderr[-4000:]
@@ -119,18 +166,48 @@ def one_proc(mini, two_ranks):
     assert conv.returncode == 0, conv.stderr[-3000:]
     scenarios = [
         {"name": "a", "phases": [["--run.name=a", "--train.micro_batch=4"]]},
-        {"name": "g", "phases": [["--run.name=g", "--train.micro_batch=2", "--train.grad_accum=2"]]},
-        {"name": "bad_shape", "phases": [["--run.name=bad", "--train.micro_batch=4", "--model.d_model=128",
-                                          f"--checkpoint.load={runs / 'a' / 'checkpoints' / 'step_0000003'}"]]},
-        {"name": "reshard", "phases": [
-            ["--run.name=rs0", "--train.micro_batch=4", "--deepspeed.zero_stage=2", f"--checkpoint.load={z2_ckpt}"],
-            ["--run.name=rs", "--train.micro_batch=4", "--deepspeed.zero_stage=2", f"--checkpoint.load={z2_ckpt}",
-             "--checkpoint.universal=true"]]},
+        {
+            "name": "g",
+            "phases": [["--run.name=g", "--train.micro_batch=2", "--train.grad_accum=2"]],
+        },
+        {
+            "name": "bad_shape",
+            "phases": [
+                [
+                    "--run.name=bad",
+                    "--train.micro_batch=4",
+                    "--model.d_model=128",
+                    f"--checkpoint.load={runs / 'a' / 'checkpoints' / 'step_0000003'}",
+                ]
+            ],
+        },
+        {
+            "name": "reshard",
+            "phases": [
+                [
+                    "--run.name=rs0",
+                    "--train.micro_batch=4",
+                    "--deepspeed.zero_stage=2",
+                    f"--checkpoint.load={z2_ckpt}",
+                ],
+                [
+                    "--run.name=rs",
+                    "--train.micro_batch=4",
+                    "--deepspeed.zero_stage=2",
+                    f"--checkpoint.load={z2_ckpt}",
+                    "--checkpoint.universal=true",
+                ],
+            ],
+        },
     ]
     res = _driver(common + ["--train.micro_batch=4"], scenarios, 1, mini["dir"], "one_proc.json")
-    first = _train_cli(common, ["--run.name=b", "--train.micro_batch=4", "--train.stop_after=3"], 1, mini["dir"])
+    first = _train_cli(
+        common, ["--run.name=b", "--train.micro_batch=4", "--train.stop_after=3"], 1, mini["dir"]
+    )
     assert first.returncode == 0, first.stderr[-4000:]
-    second = _train_cli(common, ["--run.name=b", "--train.micro_batch=4", "--resume"], 1, mini["dir"])
+    second = _train_cli(
+        common, ["--run.name=b", "--train.micro_batch=4", "--resume"], 1, mini["dir"]
+    )
     assert second.returncode == 0, second.stderr[-4000:]
     res["b_log"] = second.stderr
     return res
@@ -168,7 +245,9 @@ def test_zero_stage_at_two_ranks_matches_one_process(mini, two_ranks, one_proc, 
     if stage:
         assert two_ranks[f"z{stage}"] == [{"rc": 0}, {"rc": 0}]
     np.testing.assert_allclose(curve(runs / f"z{stage}"), curve(runs / "a"), rtol=LOSS_RTOL)
-    np.testing.assert_allclose(curve(runs / f"z{stage}", "grad_norm"), curve(runs / "a", "grad_norm"), rtol=1e-4)
+    np.testing.assert_allclose(
+        curve(runs / f"z{stage}", "grad_norm"), curve(runs / "a", "grad_norm"), rtol=1e-4
+    )
     ref = full_state_dict(runs / "a" / "checkpoints" / f"step_{STEPS:07d}")
     got = full_state_dict(runs / f"z{stage}" / "checkpoints" / f"step_{STEPS:07d}")
     assert sorted(ref) == sorted(got)
@@ -182,8 +261,9 @@ def test_grad_accumulation_matches_a_bigger_micro_batch(mini, one_proc):
     """micro 2 x accum 2 == micro 4: same samples per step, same loss and grad norm."""
     assert one_proc["g"] == [{"rc": 0}]
     np.testing.assert_allclose(curve(mini["runs"] / "g"), curve(mini["runs"] / "a"), rtol=LOSS_RTOL)
-    np.testing.assert_allclose(curve(mini["runs"] / "g", "grad_norm"), curve(mini["runs"] / "a", "grad_norm"),
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        curve(mini["runs"] / "g", "grad_norm"), curve(mini["runs"] / "a", "grad_norm"), rtol=1e-4
+    )
 
 
 @pytest.mark.timeout(900)
@@ -197,10 +277,17 @@ def test_nan_steps_are_skipped_on_all_ranks_then_training_stops(mini, two_ranks)
     run = mini["runs"] / "nan"
     assert two_ranks["nan"] == [{"rc": EXIT_NONFINITE}]
     events = rows(run, "event")
-    assert [e["skipped_attempt"] for e in events] == [2, 5, 6, 7]  # seen on rank 0, injected on rank 1
+    assert [e["skipped_attempt"] for e in events] == [
+        2,
+        5,
+        6,
+        7,
+    ]  # seen on rank 0, injected on rank 1
     train = rows(run)
     assert [r["step"] for r in train] == [1, 2, 3]
-    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in train)  # weights never got NaN
+    assert all(
+        np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in train
+    )  # weights never got NaN
     # the skipped attempt consumed its batch and did not move the LR schedule: step 2 uses step 2's LR
     assert train[1]["lr"] == pytest.approx(rows(mini["runs"] / "z0")[1]["lr"])
     assert [p.name for _, p in list_checkpoints(run / "checkpoints")] == ["step_0000002"]
@@ -210,7 +297,9 @@ def test_nan_steps_are_skipped_on_all_ranks_then_training_stops(mini, two_ranks)
 @pytest.mark.timeout(900)
 def test_incompatible_checkpoints_fail_clearly(one_proc):
     (bad,) = one_proc["bad_shape"]
-    assert bad["error"] == "CheckpointError" and "model.d_model" in bad["msg"] and "64" in bad["msg"]
+    assert (
+        bad["error"] == "CheckpointError" and "model.d_model" in bad["msg"] and "64" in bad["msg"]
+    )
     wrong_world = one_proc["reshard"][0]
     assert wrong_world["error"] == "CheckpointError"
     assert "world size 2" in wrong_world["msg"] and "megapt ckpt universal" in wrong_world["msg"]
@@ -223,7 +312,9 @@ def test_two_rank_zero2_checkpoint_resumes_at_one_process_via_universal(mini, on
     assert one_proc["reshard"][1] == {"rc": 0}
     rs = rows(mini["runs"] / "rs")
     assert [r["step"] for r in rs] == [4, 5, 6]
-    np.testing.assert_allclose([r["loss"] for r in rs], curve(mini["runs"] / "a")[3:], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(
+        [r["loss"] for r in rs], curve(mini["runs"] / "a")[3:], rtol=LOSS_RTOL
+    )
 
 
 @pytest.mark.timeout(900)
@@ -231,15 +322,27 @@ def test_cpu_optimizer_offload_matches_and_resumes(mini, two_ranks):
     """ZeRO-2 with the optimizer on the CPU (DeepSpeedCPUAdam), 2 ranks, stopped and resumed at step 3:
     the same losses as the 1-process run with torch AdamW."""
     assert two_ranks["z2off"] == [{"rc": 0}, {"rc": 0}]
-    np.testing.assert_allclose(curve(mini["runs"] / "z2off"), curve(mini["runs"] / "a"), rtol=LOSS_RTOL)
+    np.testing.assert_allclose(
+        curve(mini["runs"] / "z2off"), curve(mini["runs"] / "a"), rtol=LOSS_RTOL
+    )
 
 
 @pytest.mark.timeout(300)
 def test_doc_mask_run_trains_and_says_how_mfu_counts_attention(mini):
     # model.doc_mask end to end through the CLI (sdpa with the block mask on CPU): finite losses, and
     # the start-up log says MFU's attention term still counts the full window.
-    p = _train_cli(mini["common"], ["--run.name=dm", "--train.micro_batch=2", "--train.max_steps=2",
-                                    "--checkpoint.every=0", "--model.doc_mask=true"], 1, mini["dir"])
+    p = _train_cli(
+        mini["common"],
+        [
+            "--run.name=dm",
+            "--train.micro_batch=2",
+            "--train.max_steps=2",
+            "--checkpoint.every=0",
+            "--model.doc_mask=true",
+        ],
+        1,
+        mini["dir"],
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     assert "PaLM's convention" in p.stderr and "model.doc_mask" in p.stderr
     losses = curve(mini["runs"] / "dm")

@@ -18,6 +18,7 @@ value by more than 1.6e-6. Deliberate changes move it far more: lr +1 % by up to
 warm-up step or beta2 0.95 -> 0.99 by 2.9 %. (At lr 3e-3 the same rounding-level perturbation moved
 the curve by up to 1 %, as much as a real change: hence lr 1e-3 here.)
 """
+
 import hashlib
 import json
 import math
@@ -36,12 +37,24 @@ UPDATE = "MEGAPT_UPDATE_GOLDEN"
 RTOL = 0.005
 STEPS = 60
 OVERRIDES = [
-    f"--data.sources=[{{path: '{CORPUS}', format: jsonl}}]", "--tokenizer.vocab_size=1024",
-    "--tokenizer.num_threads=1", "--data.num_proc=1", "--data.seq_len=64",
-    "--data.shard_samples=256", "--data.shuffle_buffer=1024", "--data.val_fraction=0.15",
-    "--model.preset=tiny", "--train.micro_batch=8", f"--train.max_steps={STEPS}",
-    "--train.warmup_steps=10", "--train.lr=1e-3", "--train.eval_every=20", "--train.eval_batches=4",
-    "--train.log_every=10", "--checkpoint.every=0", "--train.sample_tokens=16",
+    f"--data.sources=[{{path: '{CORPUS}', format: jsonl}}]",
+    "--tokenizer.vocab_size=1024",
+    "--tokenizer.num_threads=1",
+    "--data.num_proc=1",
+    "--data.seq_len=64",
+    "--data.shard_samples=256",
+    "--data.shuffle_buffer=1024",
+    "--data.val_fraction=0.15",
+    "--model.preset=tiny",
+    "--train.micro_batch=8",
+    f"--train.max_steps={STEPS}",
+    "--train.warmup_steps=10",
+    "--train.lr=1e-3",
+    "--train.eval_every=20",
+    "--train.eval_batches=4",
+    "--train.log_every=10",
+    "--checkpoint.every=0",
+    "--train.sample_tokens=16",
     "--logging.progress=false",
 ]
 
@@ -52,25 +65,33 @@ def corpus_sha256() -> str:
 
 def check_golden(path: Path, got: dict, corpus: dict, rtol: float = RTOL) -> list[str]:
     """Every way a run differs from the golden file at ``path``; empty when it matches."""
-    regenerate = (f"regenerate on purpose with {UPDATE}=1 pytest "
-                  f"tests/integration/{Path(__file__).name} and say why in the commit")
+    regenerate = (
+        f"regenerate on purpose with {UPDATE}=1 pytest "
+        f"tests/integration/{Path(__file__).name} and say why in the commit"
+    )
     if not path.is_file():
         return [f"{path} is missing: the loss curve has nothing to match; {regenerate}"]
     golden = json.loads(path.read_text())
     if golden.get("corpus") != corpus:
-        return [f"the run's corpus {corpus} is not the golden file's {golden.get('corpus')}: "
-                f"tests/golden/corpus.jsonl or the data pipeline changed; {regenerate}"]
+        return [
+            f"the run's corpus {corpus} is not the golden file's {golden.get('corpus')}: "
+            f"tests/golden/corpus.jsonl or the data pipeline changed; {regenerate}"
+        ]
     problems = []
     for kind in ("train", "val"):
         if sorted(golden[kind]) != sorted(got[kind]):
-            problems.append(f"{kind}: logged steps {sorted(got[kind], key=int)} != golden "
-                            f"{sorted(golden[kind], key=int)}")
+            problems.append(
+                f"{kind}: logged steps {sorted(got[kind], key=int)} != golden "
+                f"{sorted(golden[kind], key=int)}"
+            )
             continue
         for step, want in sorted(golden[kind].items(), key=lambda kv: int(kv[0])):
             if not math.isclose(got[kind][step], want, rel_tol=rtol):
                 value = got[kind][step]
-                problems.append(f"{kind} loss at step {step}: {value:.6f} vs golden {want:.6f} "
-                                f"({value / want - 1:+.2%}, tolerance {rtol:.1%})")
+                problems.append(
+                    f"{kind} loss at step {step}: {value:.6f} vs golden {want:.6f} "
+                    f"({value / want - 1:+.2%}, tolerance {rtol:.1%})"
+                )
     return problems
 
 
@@ -79,15 +100,26 @@ def tiny_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("golden")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.pop("MEGAPT_FAULT_NAN_STEPS", None)
-    p = subprocess.run([sys.executable, "-m", "megapt.cli", "train"] + OVERRIDES, cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "megapt.cli", "train"] + OVERRIDES,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-5000:]
     run = cwd / "runs" / "tiny"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     manifest = json.loads((cwd / ".megapt_cache/shards/seq64/manifest.json").read_text())
-    return {"cwd": cwd, "run": run, "log": p.stderr + p.stdout, "manifest": manifest,
-            "train": {r["step"]: r["loss"] for r in rows if r["kind"] == "train"},
-            "val": {r["step"]: r["val_loss"] for r in rows if r["kind"] == "val"}}
+    return {
+        "cwd": cwd,
+        "run": run,
+        "log": p.stderr + p.stdout,
+        "manifest": manifest,
+        "train": {r["step"]: r["loss"] for r in rows if r["kind"] == "train"},
+        "val": {r["step"]: r["val_loss"] for r in rows if r["kind"] == "val"},
+    }
 
 
 @pytest.mark.timeout(700)
@@ -111,20 +143,34 @@ def test_train_prepares_data_and_the_loss_falls(tiny_run):
 @pytest.mark.timeout(700)
 def test_loss_curve_matches_golden(tiny_run):
     m = tiny_run["manifest"]
-    corpus = {"sha256": corpus_sha256(), "tokenizer_sha256": m["tokenizer_sha256"],
-              "train_tokens": m["splits"]["train"]["tokens"]}
+    corpus = {
+        "sha256": corpus_sha256(),
+        "tokenizer_sha256": m["tokenizer_sha256"],
+        "train_tokens": m["splits"]["train"]["tokens"],
+    }
     logged = {k: v for k, v in tiny_run["train"].items() if k % 10 == 0 or k == 1}
-    got = {"train": {str(k): v for k, v in sorted(logged.items())},
-           "val": {str(k): v for k, v in sorted(tiny_run["val"].items())}}
+    got = {
+        "train": {str(k): v for k, v in sorted(logged.items())},
+        "val": {str(k): v for k, v in sorted(tiny_run["val"].items())},
+    }
     if os.environ.get(UPDATE) == "1":
         import torch
 
-        GOLDEN.write_text(json.dumps({
-            "what": "tiny preset, vocab 1024, seq 64, micro 8, 60 steps on "
+        GOLDEN.write_text(
+            json.dumps(
+                {
+                    "what": "tiny preset, vocab 1024, seq 64, micro 8, 60 steps on "
                     "tests/golden/corpus.jsonl; see tests/integration/test_train_golden.py",
-            "overrides": OVERRIDES[1:], "rtol": RTOL, "corpus": corpus,
-            "made_with": {"python": platform.python_version(), "torch": torch.__version__},
-            **got}, indent=1) + "\n")
+                    "overrides": OVERRIDES[1:],
+                    "rtol": RTOL,
+                    "corpus": corpus,
+                    "made_with": {"python": platform.python_version(), "torch": torch.__version__},
+                    **got,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         pytest.skip(f"{UPDATE}=1: golden file rewritten ({GOLDEN}); unset it to compare")
     problems = check_golden(GOLDEN, got, corpus)
     assert not problems, "\n".join(problems)

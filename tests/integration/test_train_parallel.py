@@ -18,6 +18,7 @@ Tolerances (measured on this machine, fp32): losses agree to rel <= 1.7e-7 (LOSS
 the ZeRO tests); grad norms to rel <= 4e-5 (different reduction orders inside the norm and the
 all-reduces; GN_RTOL 1e-4, as the ZeRO tests); final weights to rel <= 7e-6 (1e-4).
 """
+
 import json
 import subprocess
 import sys
@@ -33,11 +34,23 @@ DRIVER = Path(__file__).with_name("train_driver.py")
 ULYSSES_CHECK = Path(__file__).with_name("ulysses_check.py")
 STEPS = 10
 LOSS_RTOL, GN_RTOL, WEIGHT_RTOL = 1e-5, 1e-4, 1e-4
-MICRO = ["--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2",
-         "--data.seq_len=32", f"--train.max_steps={STEPS}", "--train.warmup_steps=2",
-         "--train.log_every=1", "--train.eval_every=0", "--train.eval_batches=2",
-         "--checkpoint.every=5", "--train.sample_tokens=0", "--logging.tensorboard=false",
-         "--logging.progress=false", "--train.collective_timeout_s=120"]
+MICRO = [
+    "--model.n_layers=2",
+    "--model.d_model=64",
+    "--model.n_heads=4",
+    "--model.n_kv_heads=2",
+    "--data.seq_len=32",
+    f"--train.max_steps={STEPS}",
+    "--train.warmup_steps=2",
+    "--train.log_every=1",
+    "--train.eval_every=0",
+    "--train.eval_batches=2",
+    "--checkpoint.every=5",
+    "--train.sample_tokens=0",
+    "--logging.tensorboard=false",
+    "--logging.progress=false",
+    "--train.collective_timeout_s=120",
+]
 SP2 = ["--train.sequence_parallel=2"]
 TP2 = ["--train.tensor_parallel=2"]
 
@@ -49,9 +62,18 @@ def _env():
 
 
 def _run(args, nproc, cwd, timeout):
-    cmd = [sys.executable] + args if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}"] + args
+    cmd = (
+        [sys.executable] + args
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+        ]
+        + args
+    )
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -81,11 +103,12 @@ def curve(run_dir, key="loss"):
 
 def _close_to_reference(par, name, first_step=1):
     """Losses and grad norms of run ``name`` equal the 1-process run's from ``first_step`` on."""
-    got, ref = rows(par["runs"] / name), rows(par["runs"] / "a")[first_step - 1:]
+    got, ref = rows(par["runs"] / name), rows(par["runs"] / "a")[first_step - 1 :]
     assert [r["step"] for r in got] == [r["step"] for r in ref], name
     np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=LOSS_RTOL)
-    np.testing.assert_allclose([r["grad_norm"] for r in got], [r["grad_norm"] for r in ref],
-                               rtol=GN_RTOL)
+    np.testing.assert_allclose(
+        [r["grad_norm"] for r in got], [r["grad_norm"] for r in ref], rtol=GN_RTOL
+    )
     assert got[-1]["tokens_seen"] == ref[-1]["tokens_seen"]
 
 
@@ -109,24 +132,31 @@ def _final_weights_close(par, name):
 def par(tmp_path_factory):
     d = tmp_path_factory.mktemp("parallel")
     write_micro_shards(d, 256)
-    common = MICRO + [f"--tokenizer.path={d / 'spm.model'}", f"--data.shard_dir={d / 'shards'}",
-                      f"--run.out_dir={d / 'runs'}"]
+    common = MICRO + [
+        f"--tokenizer.path={d / 'spm.model'}",
+        f"--data.shard_dir={d / 'shards'}",
+        f"--run.out_dir={d / 'runs'}",
+    ]
     return {"dir": d, "runs": d / "runs", "common": common}
 
 
 def _stop_resume(name, extra):
     base = [f"--run.name={name}"] + extra
-    return {"name": name, "phases": [base + ["--train.stop_after=5"],
-                                     base + ["--checkpoint.resume=true"]]}
+    return {
+        "name": name,
+        "phases": [base + ["--train.stop_after=5"], base + ["--checkpoint.resume=true"]],
+    }
 
 
 @pytest.fixture(scope="module")
 def sp_job(par):
     common = par["common"] + ["--train.micro_batch=4"] + SP2
     z2 = ["--deepspeed.zero_stage=2"]
-    scenarios = [_stop_resume("sp_z2", z2),
-                 {"name": "sp_z2s", "phases": [["--run.name=sp_z2s"] + z2]},
-                 {"name": "sp_z3", "phases": [["--run.name=sp_z3", "--deepspeed.zero_stage=3"]]}]
+    scenarios = [
+        _stop_resume("sp_z2", z2),
+        {"name": "sp_z2s", "phases": [["--run.name=sp_z2s"] + z2]},
+        {"name": "sp_z3", "phases": [["--run.name=sp_z3", "--deepspeed.zero_stage=3"]]},
+    ]
     return _driver(common, scenarios, 2, par["dir"], "sp_job.json")
 
 
@@ -143,13 +173,17 @@ def tp_job(par, sp_universal):
     common = par["common"] + ["--train.micro_batch=4"] + TP2
     z1 = ["--deepspeed.zero_stage=1"]
     load = [f"--checkpoint.load={sp_universal}", "--checkpoint.universal=true"]
-    scenarios = [_stop_resume("tp_z1", z1),
-                 {"name": "tp_z1s", "phases": [["--run.name=tp_z1s"] + z1]},
-                 {"name": "tp_z3", "phases": [["--run.name=tp_z3", "--deepspeed.zero_stage=3"]]},
-                 # whole tensors into TP shards (megapt.train.reshard cuts this rank's part)
-                 {"name": "to_tp_z1", "phases": [["--run.name=to_tp_z1"] + z1 + load]},
-                 {"name": "to_tp_z3", "phases": [["--run.name=to_tp_z3",
-                                                  "--deepspeed.zero_stage=3"] + load]}]
+    scenarios = [
+        _stop_resume("tp_z1", z1),
+        {"name": "tp_z1s", "phases": [["--run.name=tp_z1s"] + z1]},
+        {"name": "tp_z3", "phases": [["--run.name=tp_z3", "--deepspeed.zero_stage=3"]]},
+        # whole tensors into TP shards (megapt.train.reshard cuts this rank's part)
+        {"name": "to_tp_z1", "phases": [["--run.name=to_tp_z1"] + z1 + load]},
+        {
+            "name": "to_tp_z3",
+            "phases": [["--run.name=to_tp_z3", "--deepspeed.zero_stage=3"] + load],
+        },
+    ]
     return _driver(common, scenarios, 2, par["dir"], "tp_job.json")
 
 
@@ -158,14 +192,36 @@ def four_ranks(par, sp_universal):
     """hpZ first: DeepSpeed keeps the sequence-parallel mpu once an engine set it."""
     sp_ckpt = sp_universal
     scenarios = [
-        {"name": "hpz", "phases": [["--run.name=hpz", "--train.micro_batch=1",
-                                    "--deepspeed.zero_stage=3",
-                                    "--deepspeed.zero_hpz_partition_size=2"]]},
-        {"name": "sp2dp2", "phases": [["--run.name=sp2dp2", "--train.micro_batch=2",
-                                       "--deepspeed.zero_stage=1"] + SP2]},
-        {"name": "elastic", "phases": [["--run.name=elastic", "--train.micro_batch=2",
-                                        "--deepspeed.zero_stage=2", f"--checkpoint.load={sp_ckpt}",
-                                        "--checkpoint.universal=true"] + SP2]},
+        {
+            "name": "hpz",
+            "phases": [
+                [
+                    "--run.name=hpz",
+                    "--train.micro_batch=1",
+                    "--deepspeed.zero_stage=3",
+                    "--deepspeed.zero_hpz_partition_size=2",
+                ]
+            ],
+        },
+        {
+            "name": "sp2dp2",
+            "phases": [
+                ["--run.name=sp2dp2", "--train.micro_batch=2", "--deepspeed.zero_stage=1"] + SP2
+            ],
+        },
+        {
+            "name": "elastic",
+            "phases": [
+                [
+                    "--run.name=elastic",
+                    "--train.micro_batch=2",
+                    "--deepspeed.zero_stage=2",
+                    f"--checkpoint.load={sp_ckpt}",
+                    "--checkpoint.universal=true",
+                ]
+                + SP2
+            ],
+        },
     ]
     return _driver(par["common"], scenarios, 4, par["dir"], "four_ranks.json", timeout=900)
 
@@ -176,12 +232,21 @@ def one_proc(par, tp_job):
     _universal(tp_ckpt, par["dir"])
     scenarios = [
         {"name": "a", "phases": [["--run.name=a"]]},
-        {"name": "tp_to_1", "phases": [["--run.name=tp_to_1", "--deepspeed.zero_stage=1",
-                                        f"--checkpoint.load={tp_ckpt}",
-                                        "--checkpoint.universal=true"]]},
+        {
+            "name": "tp_to_1",
+            "phases": [
+                [
+                    "--run.name=tp_to_1",
+                    "--deepspeed.zero_stage=1",
+                    f"--checkpoint.load={tp_ckpt}",
+                    "--checkpoint.universal=true",
+                ]
+            ],
+        },
     ]
-    return _driver(par["common"] + ["--train.micro_batch=4"], scenarios, 1, par["dir"],
-                   "one_proc.json")
+    return _driver(
+        par["common"] + ["--train.micro_batch=4"], scenarios, 1, par["dir"], "one_proc.json"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,8 +276,9 @@ def test_tensor_parallel_two_ranks_matches_one_process(par, tp_job, one_proc):
 
 
 @pytest.mark.timeout(1200)
-def test_a_checkpoint_of_whole_weights_resumes_at_tensor_parallel_2_via_universal(par, tp_job,
-                                                                                  one_proc):
+def test_a_checkpoint_of_whole_weights_resumes_at_tensor_parallel_2_via_universal(
+    par, tp_job, one_proc
+):
     """TP 1 -> TP 2: the universal checkpoint of SP 2's step 5 (whole weights) loaded into TP 2
     at ZeRO-1 and ZeRO-3, each rank keeping its shard: steps 6-10 continue the 1-process run."""
     assert tp_job["to_tp_z1"] == [{"rc": 0}] and tp_job["to_tp_z3"] == [{"rc": 0}]
@@ -227,14 +293,16 @@ def test_sp_and_tp_checkpoints_resume_bit_exactly(par, sp_job, tp_job):
     for resumed, straight in (("sp_z2", "sp_z2s"), ("tp_z1", "tp_z1s")):
         assert [r["step"] for r in rows(par["runs"] / resumed)] == list(range(1, STEPS + 1))
         for key in ("loss", "grad_norm"):
-            assert np.array_equal(curve(par["runs"] / resumed, key),
-                                  curve(par["runs"] / straight, key)), (resumed, key)
+            assert np.array_equal(
+                curve(par["runs"] / resumed, key), curve(par["runs"] / straight, key)
+            ), (resumed, key)
     assert sp_job["log"].count("resumed from") >= 1 and tp_job["log"].count("resumed from") >= 1
 
 
 @pytest.mark.timeout(1800)
-def test_four_ranks_sequence_parallel_times_data_parallel_matches_one_process(par, four_ranks,
-                                                                               one_proc):
+def test_four_ranks_sequence_parallel_times_data_parallel_matches_one_process(
+    par, four_ranks, one_proc
+):
     """SP 2 x DP 2 (two groups reading different rows, the loader on the 2 data-parallel ranks):
     the 1-process losses and grad norms at ZeRO-1."""
     assert four_ranks["sp2dp2"] == [{"rc": 0}]
@@ -243,8 +311,7 @@ def test_four_ranks_sequence_parallel_times_data_parallel_matches_one_process(pa
 
 
 @pytest.mark.timeout(1800)
-def test_sp_checkpoint_resumes_at_more_data_parallel_ranks_via_universal(par, four_ranks,
-                                                                         one_proc):
+def test_sp_checkpoint_resumes_at_more_data_parallel_ranks_via_universal(par, four_ranks, one_proc):
     """The step-5 checkpoint of SP 2 on 2 ranks, converted to universal and resumed at SP 2 x
     DP 2 (4 ranks, ZeRO-2): steps 6-10 continue the 1-process run (same data position)."""
     assert four_ranks["elastic"] == [{"rc": 0}]
@@ -282,8 +349,9 @@ def test_consolidate_and_hf_export_work_from_a_tensor_parallel_checkpoint(par, t
 
     ckpt = par["runs"] / "tp_z1s" / "checkpoints" / f"step_{STEPS:07d}"
     out = par["dir"] / "tp_consolidated"
-    p = _run(["-m", "megapt.cli", "ckpt", "consolidate", str(ckpt), f"--out={out}"], 1, par["dir"],
-             300)
+    p = _run(
+        ["-m", "megapt.cli", "ckpt", "consolidate", str(ckpt), f"--out={out}"], 1, par["dir"], 300
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert not (ckpt / "ds_universal").exists() and not list(ckpt.parent.glob(".megapt-merge-*"))
     got = load_file(str(out / "model.safetensors"))
@@ -293,8 +361,12 @@ def test_consolidate_and_hf_export_work_from_a_tensor_parallel_checkpoint(par, t
         assert float((got[k] - ref[k]).norm() / ref[k].norm()) < WEIGHT_RTOL, k
 
     hf = par["dir"] / "tp_hf"
-    p = _run(["-m", "megapt.cli", "export", *par["common"], f"--from={ckpt}", f"--out={hf}"], 1,
-             par["dir"], 300)
+    p = _run(
+        ["-m", "megapt.cli", "export", *par["common"], f"--from={ckpt}", f"--out={hf}"],
+        1,
+        par["dir"],
+        300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     args = ModelArgs(**json.loads((out / "model_config.json").read_text()))
     ours = GPT(args)
@@ -320,8 +392,16 @@ def test_ulysses_attention_on_the_bare_model_matches_one_process(tmp_path):
     except ImportError:
         pass
     out = tmp_path / "ulysses.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={free_port()}", str(ULYSSES_CHECK), str(out), names]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(ULYSSES_CHECK),
+        str(out),
+        names,
+    ]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(out.read_text())

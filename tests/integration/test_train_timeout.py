@@ -1,4 +1,5 @@
 """A stalled rank makes its peers fail with an error after train.collective_timeout_s, not hang."""
+
 import multiprocessing as mp
 import os
 import socket
@@ -10,8 +11,13 @@ TIMEOUT, STALL = 20, 150
 
 
 def _worker(rank, port, q):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     from megapt.train import dist
 
     try:  # the timeout also bounds the rendezvous: generous enough for a loaded CI machine
@@ -46,4 +52,7 @@ def test_stalled_rank_times_out_with_an_error():
         p.join(10)
     assert waited >= 0, msg
     assert msg != "no error"
-    assert waited < STALL - 30, (msg, waited)  # failed after the collective timeout, long before the stall ended
+    assert waited < STALL - 30, (
+        msg,
+        waited,
+    )  # failed after the collective timeout, long before the stall ended

@@ -11,6 +11,7 @@ Each phase builds a fresh Trainer (a phase with --checkpoint.resume=true resumes
 and records its exit code or exception (type + message) in the results file (rank 0 writes it).
 With "dump", the live optimizer after the last phase is written there (``dump_optimizer``).
 """
+
 import json
 import os
 import sys
@@ -68,7 +69,9 @@ def main(spec_path: str) -> int:
                     if sc.get("dump") and phase is sc["phases"][-1]:
                         dump_optimizer(trainer.engine, sc["dump"])
                 except Exception as exc:  # noqa: BLE001 - recorded; the test decides whether it was expected
-                    results.setdefault(sc["name"], []).append({"error": type(exc).__name__, "msg": str(exc)})
+                    results.setdefault(sc["name"], []).append(
+                        {"error": type(exc).__name__, "msg": str(exc)}
+                    )
         finally:
             for k, v in saved.items():
                 if v is None:

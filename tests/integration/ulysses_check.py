@@ -10,6 +10,7 @@ the replication path), and activation checkpointing is on in the parallel run. R
 reference and the parallel loss (the ranks' shares summed) and the largest relative gradient
 difference (the ranks' gradients summed, as DeepSpeed does over a sequence group) per backend.
 """
+
 import json
 import sys
 
@@ -30,8 +31,15 @@ def main(out: str) -> int:
     rank = dist.get_rank()
     layout = parallel.Layout(world=2, sp=2)
     mpu = parallel.init_groups(layout)
-    args = ModelArgs(n_layers=2, d_model=64, n_heads=4, n_kv_heads=1, ffn_hidden=96, vocab_size=64,
-                     max_seq_len=32)
+    args = ModelArgs(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=1,
+        ffn_hidden=96,
+        vocab_size=64,
+        max_seq_len=32,
+    )
     g = torch.Generator().manual_seed(0)
     x = torch.randint(2, 64, (2, 24), generator=g)
     x[0, [4, 5, 13, 17]] = EOS  # documents [0..4] [5] [6..13] [14..17] [18..23]: both halves cut
@@ -59,8 +67,12 @@ def main(out: str) -> int:
             worst = max(worst, float((grad - q.grad).norm() / q.grad.norm()))
         with torch.no_grad():
             plain = float(GPT(args, backends, seed=0)(x, y).loss)  # no document mask
-        result[name] = {"ref": loss_ref.item(), "sp": total.item(), "grad_rel": worst,
-                        "no_doc_mask": plain}
+        result[name] = {
+            "ref": loss_ref.item(),
+            "sp": total.item(),
+            "grad_rel": worst,
+            "no_doc_mask": plain,
+        }
     if rank == 0:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(result, f)

@@ -1,4 +1,5 @@
 """Helpers for the data tests: a tiny deterministic corpus and a config pointing at tmp_path."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,11 @@ from pathlib import Path
 
 from megapt.config import load_config
 
-WORDS = ("the model reads tokens from shards and learns to predict the next one while the loader "
-         "streams samples in a fixed order so that training can resume exactly where it stopped "
-         "data is cleaned normalised deduplicated and split into train and validation parts").split()
+WORDS = (
+    "the model reads tokens from shards and learns to predict the next one while the loader "
+    "streams samples in a fixed order so that training can resume exactly where it stopped "
+    "data is cleaned normalised deduplicated and split into train and validation parts"
+).split()
 
 
 def make_docs(n: int, seed: int = 0) -> list[str]:
@@ -23,7 +26,10 @@ def make_docs(n: int, seed: int = 0) -> list[str]:
                 name = rng.choice(WORDS)
                 lines.append(f"def {name}_{i}(x):\n    return x + {rng.randint(0, 99)}\n")
             else:
-                lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + ".")
+                lines.append(
+                    " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize()
+                    + "."
+                )
         docs.append(f"Document {i}.\n" + "\n".join(lines))
     return docs
 
@@ -40,8 +46,17 @@ def write_jsonl(path: Path, docs: list, field: str = "text", raw: bool = False) 
 def tiny_cfg(tmp_path: Path, *extra: str, docs: list[str] | None = None, vocab: int = 400):
     """Config with a jsonl source of ``docs`` (default 120 docs) and everything under tmp_path."""
     src = write_jsonl(tmp_path / "raw" / "docs.jsonl", make_docs(120) if docs is None else docs)
-    overrides = [f"--run.work_dir={tmp_path / 'work'}", f"--data.sources=[{{path: '{src}'}}]",
-                 f"--tokenizer.vocab_size={vocab}", "--tokenizer.num_threads=1", "--data.seq_len=32",
-                 "--data.shard_samples=16", "--data.num_proc=1", "--data.val_fraction=0.1",
-                 "--data.clean.min_chars=20", "--logging.progress=false", *extra]
+    overrides = [
+        f"--run.work_dir={tmp_path / 'work'}",
+        f"--data.sources=[{{path: '{src}'}}]",
+        f"--tokenizer.vocab_size={vocab}",
+        "--tokenizer.num_threads=1",
+        "--data.seq_len=32",
+        "--data.shard_samples=16",
+        "--data.num_proc=1",
+        "--data.val_fraction=0.1",
+        "--data.clean.min_chars=20",
+        "--logging.progress=false",
+        *extra,
+    ]
     return load_config(None, overrides)

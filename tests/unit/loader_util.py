@@ -3,6 +3,7 @@
 Row layout (seq_len + 1 tokens): ``[id, tag, (id * 7 + tag + j) % VOCAB for j = 2 ..]`` so a
 test can read the id and set tag of every sample and notice any misread token.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,13 +23,27 @@ def sample(i: int, tag: int, seq_len: int = SEQ) -> np.ndarray:
     return row.astype(np.uint16)
 
 
-def make_set(path, n: int, *, tag: int = 1, shard_samples: int = 16, seq_len: int = SEQ, val: int = 0,
-             tokenizer_sha256: str = "ab" * 32) -> None:
+def make_set(
+    path,
+    n: int,
+    *,
+    tag: int = 1,
+    shard_samples: int = 16,
+    seq_len: int = SEQ,
+    val: int = 0,
+    tokenizer_sha256: str = "ab" * 32,
+) -> None:
     splits = {"train": (sample(i, tag, seq_len) for i in range(n))}
     if val:
         splits["val"] = (sample(i, tag + 100, seq_len) for i in range(val))
-    write_token_dataset(path, splits, seq_len=seq_len, vocab_size=VOCAB, shard_samples=shard_samples,
-                        tokenizer_sha256=tokenizer_sha256)
+    write_token_dataset(
+        path,
+        splits,
+        seq_len=seq_len,
+        vocab_size=VOCAB,
+        shard_samples=shard_samples,
+        tokenizer_sha256=tokenizer_sha256,
+    )
 
 
 def data_cfg(**kw) -> DataConfig:
@@ -40,7 +55,9 @@ def data_cfg(**kw) -> DataConfig:
 def ids_of(batch: dict) -> list[tuple[int, int]]:
     """(tag, id) of every row, after checking that the row is intact and labels are shifted."""
     x, y = batch["input_ids"], batch["labels"]
-    assert x.dtype == torch.long and y.dtype == torch.long and x.shape == y.shape and x.shape[1] == SEQ
+    assert (
+        x.dtype == torch.long and y.dtype == torch.long and x.shape == y.shape and x.shape[1] == SEQ
+    )
     out = []
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         i, tag = row_x[0], row_x[1]
@@ -50,12 +67,32 @@ def ids_of(batch: dict) -> list[tuple[int, int]]:
     return out
 
 
-def loaders(cfg, shard_dir, W: int, B: int, *, workers: int = 0, seed: int = 0, infinite: bool = True,
-            split: str = "train", state: dict | None = None):
+def loaders(
+    cfg,
+    shard_dir,
+    W: int,
+    B: int,
+    *,
+    workers: int = 0,
+    seed: int = 0,
+    infinite: bool = True,
+    split: str = "train",
+    state: dict | None = None,
+):
     out = []
     for r in range(W):
-        ld = build_loader(cfg, shard_dir, split, rank=r, world_size=W, micro_batch=B, seed=seed,
-                          infinite=infinite, num_workers=workers, pin_memory=False)
+        ld = build_loader(
+            cfg,
+            shard_dir,
+            split,
+            rank=r,
+            world_size=W,
+            micro_batch=B,
+            seed=seed,
+            infinite=infinite,
+            num_workers=workers,
+            pin_memory=False,
+        )
         if state is not None:
             ld.load_state_dict(state)
         out.append(ld)

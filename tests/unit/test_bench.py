@@ -5,6 +5,7 @@ matmul peak for an unknown GPU / a CPU), medians and spread, real-token accounti
 accumulation, ratios that are the ratio of the recorded absolutes, compare flagging a regression,
 and a sweep that records an OOM and carries on.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_palm_flops_hand_calculation():
     # 2 layers of d 32, 4 heads (Q = 8, kv 4), ffn 64, vocab 10, untied, T = 16; N counted by hand
-    a = ModelArgs(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, ffn_hidden=64, vocab_size=10,
-                  max_seq_len=16)
+    a = ModelArgs(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=4,
+        ffn_hidden=64,
+        vocab_size=10,
+        max_seq_len=16,
+    )
     per_layer = 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32  # wq wk wv wo, w1 w2 w3, two norms = 10,304
     n = 2 * per_layer + 32 + 10 * 32  # + final norm + output head (the input table is a lookup)
     assert a.num_params(exclude_embeddings=True) == n == 20_960
@@ -93,15 +101,21 @@ def test_plain_baseline_optimizer_groups_match_the_engine():
     cfg = Config()
     cfg.train.weight_decay = 0.1
     for tie in (False, True):
-        model = GPT(ModelArgs.from_preset("tiny", vocab_size=512, max_seq_len=32, tie_embeddings=tie))
+        model = GPT(
+            ModelArgs.from_preset("tiny", vocab_size=512, max_seq_len=32, tie_embeddings=tie)
+        )
         plain, engine = runners._adamw(model, cfg.train, cuda=False), build_optimizer(cfg, model)
         keys = ("lr", "betas", "eps", "weight_decay", "fused", "foreach")
-        assert [{k: g.get(k) for k in keys} for g in plain.param_groups] == \
-            [{k: g.get(k) for k in keys} for g in engine.param_groups]
-        assert [[id(p) for p in g["params"]] for g in plain.param_groups] == \
-            [[id(p) for p in g["params"]] for g in engine.param_groups]
+        assert [{k: g.get(k) for k in keys} for g in plain.param_groups] == [
+            {k: g.get(k) for k in keys} for g in engine.param_groups
+        ]
+        assert [[id(p) for p in g["params"]] for g in plain.param_groups] == [
+            [id(p) for p in g["params"]] for g in engine.param_groups
+        ]
         emb = model.tok_embeddings.weight
-        assert [g["weight_decay"] for g in plain.param_groups if any(p is emb for p in g["params"])] == [0.0]
+        assert [
+            g["weight_decay"] for g in plain.param_groups if any(p is emb for p in g["params"])
+        ] == [0.0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,15 +123,30 @@ def test_plain_baseline_optimizer_groups_match_the_engine():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,key", [
-    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H100 NVL", "h100-nvl"),
-    ("NVIDIA H200", "h200"), ("NVIDIA H200 NVL", "h200-nvl"), ("NVIDIA A100-SXM4-80GB", "a100"),
-    ("NVIDIA A100-PCIE-40GB", "a100-40"), ("NVIDIA A100 80GB PCIe", "a100"), ("NVIDIA A10G", "a10g"),
-    ("NVIDIA A10", "a10"), ("NVIDIA L40S", "l40s"), ("NVIDIA L4", "l4"),
-    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA GeForce RTX 3090", "rtx3090"),
-    ("Tesla V100-SXM2-32GB", "v100"), ("Tesla V100-PCIE-32GB", "v100-pcie"),
-    ("Tesla V100S-PCIE-32GB", "v100s"), ("Tesla T4", "t4"), ("NVIDIA GeForce GTX 1080", None),
-])
+@pytest.mark.parametrize(
+    "name,key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", "h100-pcie"),
+        ("NVIDIA H100 NVL", "h100-nvl"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H200 NVL", "h200-nvl"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA A100-PCIE-40GB", "a100-40"),
+        ("NVIDIA A100 80GB PCIe", "a100"),
+        ("NVIDIA A10G", "a10g"),
+        ("NVIDIA A10", "a10"),
+        ("NVIDIA L40S", "l40s"),
+        ("NVIDIA L4", "l4"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ("NVIDIA GeForce RTX 3090", "rtx3090"),
+        ("Tesla V100-SXM2-32GB", "v100"),
+        ("Tesla V100-PCIE-32GB", "v100-pcie"),
+        ("Tesla V100S-PCIE-32GB", "v100s"),
+        ("Tesla T4", "t4"),
+        ("NVIDIA GeForce GTX 1080", None),
+    ],
+)
 def test_gpu_names_map_to_the_right_spec_row(name, key):
     assert match_gpu(name) == key
 
@@ -194,7 +223,15 @@ def test_fingerprint_identifies_the_machine():
 
 def test_summary_median_and_spread():
     s = runners.summarize([5, 1, 4, 2, 3])
-    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (3, 2, 4, 2, 1, 5, 5)
+    assert (s["median"], s["q1"], s["q3"], s["iqr"], s["min"], s["max"], s["n"]) == (
+        3,
+        2,
+        4,
+        2,
+        1,
+        5,
+        5,
+    )
     assert runners.summarize([])["median"] is None
 
 
@@ -209,9 +246,16 @@ def test_timed_loop_counts_real_tokens_over_grad_accum_and_skips_warmup():
         calls["fwd"] += 1
         return torch.tensor(float(calls["fwd"]))
 
-    out = runners.timed_loop(iter([batch] * 100), forward, lambda loss: None,
-                             lambda boundary: calls["step"].append(boundary), grad_accum=ga, warmup=2, steps=4,
-                             cuda=False)
+    out = runners.timed_loop(
+        iter([batch] * 100),
+        forward,
+        lambda loss: None,
+        lambda boundary: calls["step"].append(boundary),
+        grad_accum=ga,
+        warmup=2,
+        steps=4,
+        cuda=False,
+    )
     recs = out["records"]
     assert len(recs) == 4  # warm-up steps are not recorded
     assert calls["fwd"] == (2 + 4) * ga
@@ -222,16 +266,21 @@ def test_timed_loop_counts_real_tokens_over_grad_accum_and_skips_warmup():
     assert len(out["losses"]) == 6
     peak = {"tflops": 1e-3}
     args = ModelArgs.from_preset("tiny", vocab_size=512, max_seq_len=T)
-    res = runners.summarize_records(out, world_size=2, args=args, seq_len=T, recompute=True, peak=peak)
+    res = runners.summarize_records(
+        out, world_size=2, args=args, seq_len=T, recompute=True, peak=peak
+    )
     step = recs[0]
     assert res["tokens_per_s_total"]["n"] == 4
     assert res["real_token_fraction"] == pytest.approx((B * T - 3) / (B * T))
     tps = sorted(r["tokens"] / r["step_time_s"] for r in recs)
     assert res["tokens_per_s_per_device"]["median"] == pytest.approx((tps[1] + tps[2]) / 2)
-    assert res["tokens_per_s_total"]["median"] == pytest.approx(2 * res["tokens_per_s_per_device"]["median"])
+    assert res["tokens_per_s_total"]["median"] == pytest.approx(
+        2 * res["tokens_per_s_per_device"]["median"]
+    )
     # MFU = tokens/s per device x (6N + 12LHQT) / peak; with recomputation HFU counts 8N + 16LHQT: 4/3 of it
     assert res["mfu"]["median"] == pytest.approx(
-        res["tokens_per_s_per_device"]["median"] * args.flops_per_token(T) / 1e9)
+        res["tokens_per_s_per_device"]["median"] * args.flops_per_token(T) / 1e9
+    )
     assert res["hfu"]["median"] == pytest.approx(4 / 3 * res["mfu"]["median"])
     assert step["step_time_s"] >= sum(step["phases"].values()) * 0.999
 
@@ -254,17 +303,26 @@ def test_runner_oom_is_recorded_not_raised(monkeypatch):
 
 def _ok(tps: float, mem: float) -> dict:
     s = runners.summarize([tps])
-    return {"status": "ok", "tokens_per_s_total": s, "tokens_per_s_per_device": s,
-            "step_time_s": runners.summarize([1000.0 / tps]), "mfu": runners.summarize([tps / 1e4]),
-            "memory": {"kind": "rss", "peak_bytes": mem}}
+    return {
+        "status": "ok",
+        "tokens_per_s_total": s,
+        "tokens_per_s_per_device": s,
+        "step_time_s": runners.summarize([1000.0 / tps]),
+        "mfu": runners.summarize([tps / 1e4]),
+        "memory": {"kind": "rss", "peak_bytes": mem},
+    }
 
 
 def test_sweep_axes_expand_in_order_and_bad_specs_list_every_problem(tmp_path):
     assert sweep.parse_axis_arg("size=tiny,124m") == ("model.preset", ["tiny", "124m"])
     assert sweep.parse_axis_arg("zero=0,3") == ("deepspeed.zero_stage", [0, 3])
     pts = sweep.expand({"size": ["tiny", "124m"], "seq": [64, 128]})
-    assert pts == [{"model.preset": "tiny", "data.seq_len": 64}, {"model.preset": "tiny", "data.seq_len": 128},
-                   {"model.preset": "124m", "data.seq_len": 64}, {"model.preset": "124m", "data.seq_len": 128}]
+    assert pts == [
+        {"model.preset": "tiny", "data.seq_len": 64},
+        {"model.preset": "tiny", "data.seq_len": 128},
+        {"model.preset": "124m", "data.seq_len": 64},
+        {"model.preset": "124m", "data.seq_len": 128},
+    ]
     assert sweep.expand({}) == [{}]
     spec = tmp_path / "s.yaml"
     spec.write_text("axes: {size: tiny}\nrunners: [engine, fsdp]\nbogus: 1\n")
@@ -277,15 +335,29 @@ def test_sweep_axes_expand_in_order_and_bad_specs_list_every_problem(tmp_path):
 
 
 def test_sweep_explicit_points_combine_with_axes_and_are_validated(tmp_path):
-    pts = sweep.expand({"attention": ["sdpa", "triton"]},
-                       [{"size": "124m", "seq": 1024}, {"size": "1b", "seq": 2048, "zero": 3}])
+    pts = sweep.expand(
+        {"attention": ["sdpa", "triton"]},
+        [{"size": "124m", "seq": 1024}, {"size": "1b", "seq": 2048, "zero": 3}],
+    )
     assert pts == [
         {"model.preset": "124m", "data.seq_len": 1024, "model.attention": "sdpa"},
         {"model.preset": "124m", "data.seq_len": 1024, "model.attention": "triton"},
-        {"model.preset": "1b", "data.seq_len": 2048, "deepspeed.zero_stage": 3, "model.attention": "sdpa"},
-        {"model.preset": "1b", "data.seq_len": 2048, "deepspeed.zero_stage": 3, "model.attention": "triton"},
+        {
+            "model.preset": "1b",
+            "data.seq_len": 2048,
+            "deepspeed.zero_stage": 3,
+            "model.attention": "sdpa",
+        },
+        {
+            "model.preset": "1b",
+            "data.seq_len": 2048,
+            "deepspeed.zero_stage": 3,
+            "model.attention": "triton",
+        },
     ]
-    assert sweep.expand({}, [{"seq": 64}, {"seq": 64}]) == [{"data.seq_len": 64}]  # duplicates dropped
+    assert sweep.expand({}, [{"seq": 64}, {"seq": 64}]) == [
+        {"data.seq_len": 64}
+    ]  # duplicates dropped
     spec = tmp_path / "p.yaml"
     spec.write_text("points:\n  - {size: tiny, seq: [64, 128]}\n  - {nodot: 1}\n  - 7\n")
     with pytest.raises(ConfigError) as e:
@@ -312,19 +384,41 @@ def test_sweep_records_oom_with_planner_and_continues(monkeypatch):
     def fake_point(config_files, overrides, todo, **kw):
         calls.append((tuple(overrides), tuple(todo)))
         if "--train.micro_batch=64" in overrides:  # the big point dies in the engine
-            return {"returncode": -signal.SIGKILL, "wall_s": 1.0, "planner": {"available": True, "peak_bytes": 9e10},
-                    "runners": {"engine": {"status": "oom", "error": "killed by SIGKILL"},
-                                "plain": {"status": "not_run"}}, "failure": {"status": "oom"}}
+            return {
+                "returncode": -signal.SIGKILL,
+                "wall_s": 1.0,
+                "planner": {"available": True, "peak_bytes": 9e10},
+                "runners": {
+                    "engine": {"status": "oom", "error": "killed by SIGKILL"},
+                    "plain": {"status": "not_run"},
+                },
+                "failure": {"status": "oom"},
+            }
         mb = int([o for o in overrides if "micro_batch" in o][0].split("=")[1])
         z = int([o for o in overrides if "zero_stage" in o][0].split("=")[1])
         res = {"engine": _ok(100.0 * mb + z, 2e9)}
         if "plain" in todo:
             res["plain"] = _ok(80.0 * mb, 1e9)
-        return {"returncode": 0, "wall_s": 1.0, "planner": {"available": True, "peak_bytes": 3e9}, "runners": res}
+        return {
+            "returncode": 0,
+            "wall_s": 1.0,
+            "planner": {"available": True, "peak_bytes": 3e9},
+            "runners": res,
+        }
 
     monkeypatch.setattr(sweep, "run_point_subprocess", fake_point)
-    recs = sweep.run_sweep([], [], {"micro_batch": [64, 2], "zero": [0, 1]}, ["engine", "plain"], warmup=0, steps=1,
-                           data="synthetic", measured={}, timeout_s=10, progress=lambda *_: None)
+    recs = sweep.run_sweep(
+        [],
+        [],
+        {"micro_batch": [64, 2], "zero": [0, 1]},
+        ["engine", "plain"],
+        warmup=0,
+        steps=1,
+        data="synthetic",
+        measured={},
+        timeout_s=10,
+        progress=lambda *_: None,
+    )
     assert [r["status"] for r in recs] == ["oom", "oom", "ok", "ok"]
     assert recs[0]["planner"]["peak_bytes"] == 9e10  # the OOM carries the planner's prediction
     # plain ignores the ZeRO stage: measured once for mb=2 and reused by the zero=1 point
@@ -333,24 +427,36 @@ def test_sweep_records_oom_with_planner_and_continues(monkeypatch):
     # ratios are the ratios of the recorded absolutes
     r = recs[3]
     assert r["ratios"]["engine/plain"]["tokens_per_s_total"] == pytest.approx(
-        r["results"]["engine"]["tokens_per_s_total"]["median"] / r["baselines"]["plain"]["tokens_per_s_total"]["median"])
+        r["results"]["engine"]["tokens_per_s_total"]["median"]
+        / r["baselines"]["plain"]["tokens_per_s_total"]["median"]
+    )
     assert r["ratios"]["engine/plain"]["peak_memory_bytes"] == pytest.approx(2.0)
 
 
 def test_failure_classification():
     assert sweep._classify_failure(-signal.SIGKILL, "", False)[0] == "oom"
-    assert sweep._classify_failure(1, "torch.OutOfMemoryError: CUDA out of memory", False)[0] == "oom"
+    assert (
+        sweep._classify_failure(1, "torch.OutOfMemoryError: CUDA out of memory", False)[0] == "oom"
+    )
     assert sweep._classify_failure(1, "ValueError: x", False)[0] == "error"
     assert sweep._classify_failure(None, "", True)[0] == "timeout"
 
 
 def _doc(engine_tps: float, engine_status: str = "ok") -> dict:
-    point = {"id": "p000", "params": {"model.preset": "tiny"}, "status": engine_status,
-             "results": {"engine": _ok(engine_tps, 2e9) if engine_status == "ok" else {"status": engine_status}},
-             "baselines": {"plain": _ok(80.0, 1e9)}}
+    point = {
+        "id": "p000",
+        "params": {"model.preset": "tiny"},
+        "status": engine_status,
+        "results": {
+            "engine": _ok(engine_tps, 2e9) if engine_status == "ok" else {"status": engine_status}
+        },
+        "baselines": {"plain": _ok(80.0, 1e9)},
+    }
     point["ratios"] = report.point_ratios(point)
     fp = {"gpu": {"name": None}, "cpu": {"model": "x"}, "software": {"torch": "2"}}
-    return report.build_document("sweep", argv=[], config={}, fingerprint=fp, peaks={}, points=[point])
+    return report.build_document(
+        "sweep", argv=[], config={}, fingerprint=fp, peaks={}, points=[point]
+    )
 
 
 def test_compare_flags_an_injected_regression(tmp_path):
@@ -380,29 +486,46 @@ def test_compare_flags_an_injected_regression(tmp_path):
 
 def test_document_ratios_equal_recorded_absolutes():
     doc = _doc(120.0)
-    assert {"config", "fingerprint", "results", "baselines", "ratios", "formulas", "peaks"} <= set(doc)
+    assert {"config", "fingerprint", "results", "baselines", "ratios", "formulas", "peaks"} <= set(
+        doc
+    )
     (row,) = [r for r in doc["ratios"] if r["metric"] == "tokens_per_s_total"]
     assert row["ratio"] == pytest.approx(120.0 / 80.0)
     assert row["ratio"] == pytest.approx(row["numerator_value"] / row["denominator_value"])
-    assert "6*N + 12*L*H*Q*T" in doc["formulas"]["mfu"] and "8*N + 16*L*H*Q*T" in doc["formulas"]["hfu"]
+    assert (
+        "6*N + 12*L*H*Q*T" in doc["formulas"]["mfu"]
+        and "8*N + 16*L*H*Q*T" in doc["formulas"]["hfu"]
+    )
     plain_row = [line for line in report.table(doc["results"]).splitlines() if " plain " in line][0]
     assert "1.50x" in plain_row  # the terminal table prints the ratio beside the absolutes
 
 
 def _points(axis: str, values: list) -> list[dict]:
-    return [{"id": f"p{i:03d}", "params": {axis: v}, "results": {"engine": _ok(100.0 + i, 2e9)},
-             "baselines": {"plain": _ok(80.0 + i, 1e9)}} for i, v in enumerate(values)]
+    return [
+        {
+            "id": f"p{i:03d}",
+            "params": {axis: v},
+            "results": {"engine": _ok(100.0 + i, 2e9)},
+            "baselines": {"plain": _ok(80.0 + i, 1e9)},
+        }
+        for i, v in enumerate(values)
+    ]
 
 
-@pytest.mark.parametrize("axis,values,style", [
-    ("model.preset", ["tiny", "124m", "1b"], "bars"),  # categories: grouped bars
-    ("deepspeed.zero_stage", [0, 1, 2, 3], "bars"),  # numbers, but a choice, not a quantity
-    ("model.attention", ["sdpa", "triton"], "bars"),
-    ("data.seq_len", [128, 512, 2048], "lines"),  # quantities: lines
-    ("train.micro_batch", [1, 2, 4], "lines"),
-])
+@pytest.mark.parametrize(
+    "axis,values,style",
+    [
+        ("model.preset", ["tiny", "124m", "1b"], "bars"),  # categories: grouped bars
+        ("deepspeed.zero_stage", [0, 1, 2, 3], "bars"),  # numbers, but a choice, not a quantity
+        ("model.attention", ["sdpa", "triton"], "bars"),
+        ("data.seq_len", [128, 512, 2048], "lines"),  # quantities: lines
+        ("train.micro_batch", [1, 2, 4], "lines"),
+    ],
+)
 def test_categorical_sweeps_draw_grouped_bars_quantities_lines(axis, values, style, tmp_path):
-    pytest.importorskip("matplotlib", reason="the bench extra (pip install -e '.[bench]'); CI installs it")
+    pytest.importorskip(
+        "matplotlib", reason="the bench extra (pip install -e '.[bench]'); CI installs it"
+    )
     import matplotlib.pyplot as plt
 
     points = _points(axis, values)
@@ -420,7 +543,9 @@ def test_categorical_sweeps_draw_grouped_bars_quantities_lines(axis, values, sty
         assert [t.get_text() for t in tps.get_xticklabels()] == [str(v) for v in values]
         heights = sorted(b.get_height() for b in tps.patches) if style == "bars" else None
         if heights:  # the bars are the recorded tokens/s, nothing else
-            assert heights == sorted([100.0 + i for i in range(len(values))] + [80.0 + i for i in range(len(values))])
+            assert heights == sorted(
+                [100.0 + i for i in range(len(values))] + [80.0 + i for i in range(len(values))]
+            )
     finally:
         plt.close(fig)
     paths, note = report.plot(points, tmp_path / "run")
@@ -439,7 +564,9 @@ def test_comm_time_is_the_time_inside_allreduce_gradients():
             self.calls += 1
             time.sleep(0.05)
 
-        def backward(self, loss):  # DeepSpeed's backward calls self.allreduce_gradients() at its end
+        def backward(
+            self, loss
+        ):  # DeepSpeed's backward calls self.allreduce_gradients() at its end
             time.sleep(0.02)
             self.allreduce_gradients()
 
@@ -460,11 +587,25 @@ def test_loader_path_feeds_the_timed_loop(tmp_path):
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 256, 17, dtype=np.uint16) for _ in range(64)]
-    write_token_dataset(tmp_path, {"train": rows, "val": rows[:4]}, seq_len=16, vocab_size=256, shard_samples=16)
-    cfg = load_config([str(REPO / "configs" / "tiny.yaml")], [
-        "--model.n_layers=1", "--model.d_model=64", "--model.n_heads=2", "--model.n_kv_heads=1",
-        "--tokenizer.vocab_size=256", "--data.seq_len=16", "--train.micro_batch=2", "--train.grad_accum=2",
-        "--train.device=cpu", f"--data.shard_dir={tmp_path}", "--data.loader_workers=0"])
+    write_token_dataset(
+        tmp_path, {"train": rows, "val": rows[:4]}, seq_len=16, vocab_size=256, shard_samples=16
+    )
+    cfg = load_config(
+        [str(REPO / "configs" / "tiny.yaml")],
+        [
+            "--model.n_layers=1",
+            "--model.d_model=64",
+            "--model.n_heads=2",
+            "--model.n_kv_heads=1",
+            "--tokenizer.vocab_size=256",
+            "--data.seq_len=16",
+            "--train.micro_batch=2",
+            "--train.grad_accum=2",
+            "--train.device=cpu",
+            f"--data.shard_dir={tmp_path}",
+            "--data.loader_workers=0",
+        ],
+    )
     res = runners.run_one("plain", cfg, warmup=1, steps=3, data="loader", measured={"fp32": 1e-3})
     assert res["status"] == "ok", res.get("traceback")
     assert res["tokens_per_step_per_device"] == 2 * 2 * 16  # micro_batch x grad_accum x seq_len
@@ -484,14 +625,21 @@ def test_other_benchmarks_run_from_the_same_entry_point(tmp_path, monkeypatch, c
 
     out = tmp_path / "fake.json"
     monkeypatch.setattr(megapt.bench.loader, "main", fake_main)
-    assert main(["bench", "loader", "--script-args=--seconds 1 --workers 0", "--out", str(out)]) == 0
+    assert (
+        main(["bench", "loader", "--script-args=--seconds 1 --workers 0", "--out", str(out)]) == 0
+    )
     assert calls == [["--seconds", "1", "--workers", "0", "--out", str(out)]]
     # a benchmark's own bad argument: its usage error and exit code 2, no traceback
     assert main(["bench", "data", "--script-args=--no-such-flag"]) == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
     # a GPU-only benchmark on a machine without one says so and exits 2
     if not torch.cuda.is_available():
-        assert main(["bench", "kernels", "--script-args=--only rope", "--out", str(tmp_path / "k.json")]) == 2
+        assert (
+            main(
+                ["bench", "kernels", "--script-args=--only rope", "--out", str(tmp_path / "k.json")]
+            )
+            == 2
+        )
         assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
@@ -507,8 +655,13 @@ def test_gpu_session_script_dry_run_lists_every_phase(tmp_path):
     bad = subprocess.run(["bash", str(script), "bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
     env = dict(os.environ, MEGAPT_GPU_SESSION_DRY="1")
-    out = subprocess.run(["bash", str(script), "all", str(tmp_path / "o")], capture_output=True, text=True,
-                         env=env, timeout=60)
+    out = subprocess.run(
+        ["bash", str(script), "all", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for step in ("[gpu-tests]", "[kernel-bench]", "[goals]", "[zero]", "[planner-peak]"):
         assert step in out.stdout
@@ -516,12 +669,25 @@ def test_gpu_session_script_dry_run_lists_every_phase(tmp_path):
         assert path in out.stdout and (root / path).exists()
     # every `megapt bench ACTION` it runs is an action the installed package has
     actions = re.findall(r"-m megapt bench (\S+)", out.stdout)
-    assert {"kernels", "sweep", "planner"} <= set(actions) and set(actions) <= set(bench_cli.ACTIONS)
+    assert {"kernels", "sweep", "planner"} <= set(actions) and set(actions) <= set(
+        bench_cli.ACTIONS
+    )
     assert (tmp_path / "o" / "all.log").is_file()
-    core = subprocess.run(["bash", str(script), "core", str(tmp_path / "c")], capture_output=True, text=True,
-                          env=env, timeout=60)
+    core = subprocess.run(
+        ["bash", str(script), "core", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert core.returncode == 0, core.stderr
-    for step in ("[gpu-tests]", "[kernel-bench]", "[goal-124m]", "benchmarks/specs/gpu_124m.yaml", "--quick",
-                 "-m megapt bench kernels"):
+    for step in (
+        "[gpu-tests]",
+        "[kernel-bench]",
+        "[goal-124m]",
+        "benchmarks/specs/gpu_124m.yaml",
+        "--quick",
+        "-m megapt bench kernels",
+    ):
         assert step in core.stdout
     assert (root / "benchmarks/specs/gpu_124m.yaml").exists()

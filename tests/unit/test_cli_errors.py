@@ -1,5 +1,6 @@
 """User errors of every `megapt` verb: one line on stderr naming the culprit, the documented exit
 code (megapt/errors.py, README "Exit codes"), never a traceback. Tracebacks are for bugs."""
+
 from __future__ import annotations
 
 import re
@@ -23,11 +24,21 @@ CASES: dict[tuple, tuple[list[str], int, str]] = {
     ("data", "shard"): (["--input", "EMPTY"], EXIT_DATA, "spm.model: tokenizer not found"),
     ("data", "merge"): (["--dir", "EMPTY"], EXIT_DATA, "EMPTY: no partial manifests"),
     ("data", "verify"): (["--dir", "EMPTY"], EXIT_DATA, "manifest.json: not found"),
-    ("data", "index"): (["EMPTY", "--vocab-size=512", "--eos-id=1"], EXIT_DATA,
-                        "EMPTY: no *.tar files to index"),
+    ("data", "index"): (
+        ["EMPTY", "--vocab-size=512", "--eos-id=1"],
+        EXIT_DATA,
+        "EMPTY: no *.tar files to index",
+    ),
     ("data", "prepare"): (["--data.sources=[{path: MISSING}]"], EXIT_DATA, NO_SOURCE),
-    ("finetune",): (["--finetune.task=classify", "--finetune.init_from=MISSING",
-                     "--finetune.train_file=x.jsonl"], EXIT_CHECKPOINT, NO_MODEL),
+    ("finetune",): (
+        [
+            "--finetune.task=classify",
+            "--finetune.init_from=MISSING",
+            "--finetune.train_file=x.jsonl",
+        ],
+        EXIT_CHECKPOINT,
+        NO_MODEL,
+    ),
     ("eval",): (["--from", "MISSING"], EXIT_CHECKPOINT, NO_MODEL),
     ("generate",): (["--from", "MISSING", "--prompt", "def "], EXIT_CHECKPOINT, NO_MODEL),
     ("export",): (["--from", "MISSING", "--out", "OUT"], EXIT_CHECKPOINT, NO_MODEL),
@@ -41,8 +52,11 @@ CASES: dict[tuple, tuple[list[str], int, str]] = {
 
 def _args(args: list[str], tmp_path: Path) -> list[str]:
     (tmp_path / "empty").mkdir(exist_ok=True)
-    subs = {"MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"),
-            "OUT": str(tmp_path / "out")}
+    subs = {
+        "MISSING": str(tmp_path / "missing"),
+        "EMPTY": str(tmp_path / "empty"),
+        "OUT": str(tmp_path / "out"),
+    }
     return [re.sub("MISSING|EMPTY|OUT", lambda m: subs[m.group()], a) for a in args]
 
 
@@ -51,12 +65,17 @@ def test_every_verb_has_a_user_error_case():
 
 
 @pytest.mark.parametrize("verb", sorted(CASES), ids=lambda v: "-".join(v))
-def test_a_user_error_is_one_line_with_the_documented_exit_code(verb, tmp_path, capsys,
-                                                                monkeypatch):
+def test_a_user_error_is_one_line_with_the_documented_exit_code(
+    verb, tmp_path, capsys, monkeypatch
+):
     args, code, needle = CASES[verb]
     monkeypatch.chdir(tmp_path)
-    common = [f"--run.work_dir={tmp_path / 'work'}", f"--run.out_dir={tmp_path / 'runs'}",
-              "--logging.progress=false", "--logging.tensorboard=false"]
+    common = [
+        f"--run.work_dir={tmp_path / 'work'}",
+        f"--run.out_dir={tmp_path / 'runs'}",
+        "--logging.progress=false",
+        "--logging.tensorboard=false",
+    ]
     rc = main([*verb, *_args(args, tmp_path), *common])
     out, err = capsys.readouterr()
     assert rc == code, (out, err)
@@ -68,11 +87,23 @@ def test_a_user_error_is_one_line_with_the_documented_exit_code(verb, tmp_path, 
 
 def test_train_with_a_missing_data_source_exits_5_without_a_traceback(tmp_path):
     src = tmp_path / "nope"
-    r = subprocess.run([sys.executable, "-m", "megapt", "train",
-                        f"--data.sources=[{{path: {src}}}]",
-                        f"--run.work_dir={tmp_path / 'work'}", f"--run.out_dir={tmp_path / 'runs'}",
-                        "--logging.progress=false", "--train.device=cpu"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megapt",
+            "train",
+            f"--data.sources=[{{path: {src}}}]",
+            f"--run.work_dir={tmp_path / 'work'}",
+            f"--run.out_dir={tmp_path / 'runs'}",
+            "--logging.progress=false",
+            "--train.device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert r.returncode == EXIT_DATA, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last == f"megapt train: data error: data source '{src}': no such file or directory"

@@ -1,12 +1,20 @@
 """Config tree: YAML + overrides fill it; every bad key/value is reported at once."""
+
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from megapt.config import (Config, ConfigError, config_from_dict, load_config, parse_overrides,
-                           read_yaml, save_config)
+from megapt.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    save_config,
+)
 
 
 def write(tmp_path, name, text):
@@ -24,8 +32,15 @@ def test_defaults_are_valid_and_tiny_config_loads():
 
 def test_overrides_win_over_yaml_and_parse_types(tmp_path):
     p = write(tmp_path, "a.yaml", "train:\n  lr: 1.0e-3\n  max_steps: 10\n")
-    cfg = load_config([p], ["--train.lr=3e-4", "--deepspeed.zero_stage=2", "--train.compile=true",
-                            "--tokenizer.special_tokens=[<|endoftext|>, <|pad|>, <|sep|>]"])
+    cfg = load_config(
+        [p],
+        [
+            "--train.lr=3e-4",
+            "--deepspeed.zero_stage=2",
+            "--train.compile=true",
+            "--tokenizer.special_tokens=[<|endoftext|>, <|pad|>, <|sep|>]",
+        ],
+    )
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.max_steps == 10
     assert cfg.deepspeed.zero_stage == 2
@@ -34,25 +49,44 @@ def test_overrides_win_over_yaml_and_parse_types(tmp_path):
 
 
 def test_unknown_keys_and_wrong_types_are_all_listed(tmp_path):
-    p = write(tmp_path, "bad.yaml", "train:\n  lr: fast\n  mirco_batch: 4\nbogus:\n  x: 1\n"
-                                    "model:\n  attention: flash9\n  n_layers: 2.5\n")
+    p = write(
+        tmp_path,
+        "bad.yaml",
+        "train:\n  lr: fast\n  mirco_batch: 4\nbogus:\n  x: 1\n"
+        "model:\n  attention: flash9\n  n_layers: 2.5\n",
+    )
     with pytest.raises(ConfigError) as ei:
         load_config([p])
     msg = str(ei.value)
-    for needle in ["train.lr", "train.mirco_batch: unknown key", "bogus: unknown key",
-                   "model.attention", "model.n_layers", str(p)]:
+    for needle in [
+        "train.lr",
+        "train.mirco_batch: unknown key",
+        "bogus: unknown key",
+        "model.attention",
+        "model.n_layers",
+        str(p),
+    ]:
         assert needle in msg, needle
     assert "5 problem" in msg
 
 
 def test_value_range_errors_are_all_listed():
     with pytest.raises(ConfigError) as ei:
-        config_from_dict({"train": {"micro_batch": 0, "lr": -1.0},
-                          "deepspeed": {"zero_stage": 4, "offload_params": "cpu"},
-                          "tokenizer": {"eos_token": "</s>"}})
+        config_from_dict(
+            {
+                "train": {"micro_batch": 0, "lr": -1.0},
+                "deepspeed": {"zero_stage": 4, "offload_params": "cpu"},
+                "tokenizer": {"eos_token": "</s>"},
+            }
+        )
     msg = str(ei.value)
-    for needle in ["train.micro_batch", "train.lr", "deepspeed.zero_stage", "deepspeed.offload_params",
-                   "tokenizer.eos_token"]:
+    for needle in [
+        "train.micro_batch",
+        "train.lr",
+        "deepspeed.zero_stage",
+        "deepspeed.offload_params",
+        "tokenizer.eos_token",
+    ]:
         assert needle in msg, needle
 
 
@@ -87,7 +121,9 @@ def test_malformed_override_is_an_error():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config([], ["--train.lr=1e-4", "--train.min_lr=1e-5", "--data.sources=[{path: a.txt, weight: 2}]"])
+    cfg = load_config(
+        [], ["--train.lr=1e-4", "--train.min_lr=1e-5", "--data.sources=[{path: a.txt, weight: 2}]"]
+    )
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config([tmp_path / "config.yaml"])
     assert again == cfg
@@ -96,8 +132,12 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "megapt", "config", "--train.bogus=1", "--train.lr=x"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "megapt", "config", "--train.bogus=1", "--train.lr=x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "train.bogus: unknown key" in r.stderr and "train.lr" in r.stderr
 
@@ -123,32 +163,60 @@ def test_every_key_has_help():
 def test_a_yaml_with_problems_of_every_kind_lists_them_all(tmp_path):
     """Unknown key, wrong type, out-of-range value and an inconsistent pair in one file: one error
     lists all of them (not only the first kind found)."""
-    p = write(tmp_path, "bad.yaml", "train:\n  lr: fast\n  mirco_batch: 4\n  beta2: 1.5\n"
-                                    "data:\n  num_proc: -3\n  shuffle_buffer: -1\n  seq_len: 1\n"
-                                    "  clean: {min_chars: 50, max_chars: 10}\n"
-                                    "deepspeed:\n  offload_params: cpu\n")
+    p = write(
+        tmp_path,
+        "bad.yaml",
+        "train:\n  lr: fast\n  mirco_batch: 4\n  beta2: 1.5\n"
+        "data:\n  num_proc: -3\n  shuffle_buffer: -1\n  seq_len: 1\n"
+        "  clean: {min_chars: 50, max_chars: 10}\n"
+        "deepspeed:\n  offload_params: cpu\n",
+    )
     with pytest.raises(ConfigError) as ei:
         load_config([p])
     msg = str(ei.value)
-    for needle in ["train.lr: expected float", "train.mirco_batch: unknown key",
-                   "train.beta2: must be in [0, 1)", "data.num_proc: must be >= 0, got -3",
-                   "data.shuffle_buffer: must be >= 0, got -1", "data.seq_len: must be >= 2, got 1",
-                   "data.clean.max_chars: must be >= data.clean.min_chars=50",
-                   "deepspeed.offload_params: parameter offload needs zero_stage 3"]:
+    for needle in [
+        "train.lr: expected float",
+        "train.mirco_batch: unknown key",
+        "train.beta2: must be in [0, 1)",
+        "data.num_proc: must be >= 0, got -3",
+        "data.shuffle_buffer: must be >= 0, got -1",
+        "data.seq_len: must be >= 2, got 1",
+        "data.clean.max_chars: must be >= data.clean.min_chars=50",
+        "deepspeed.offload_params: parameter offload needs zero_stage 3",
+    ]:
         assert needle in msg, (needle, msg)
     assert "8 problem" in msg
 
 
 def test_negative_counts_and_sizes_are_rejected_with_exit_2():
-    bad = ["--data.num_proc=-3", "--data.shuffle_buffer=-1", "--data.loader_workers=-1",
-           "--train.eval_batches=0", "--train.log_every=0", "--tokenizer.num_threads=-2",
-           "--finetune.batch_size=0", "--plan.nodes=0"]
-    r = subprocess.run([sys.executable, "-m", "megapt", "config", *bad], capture_output=True,
-                       text=True, timeout=120)
+    bad = [
+        "--data.num_proc=-3",
+        "--data.shuffle_buffer=-1",
+        "--data.loader_workers=-1",
+        "--train.eval_batches=0",
+        "--train.log_every=0",
+        "--tokenizer.num_threads=-2",
+        "--finetune.batch_size=0",
+        "--plan.nodes=0",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "megapt", "config", *bad],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "8 problem" in r.stderr, r.stderr
     assert r.stderr.startswith("megapt config: config error: overrides: 8 problem(s):")
-    for key in ("data.num_proc", "data.shuffle_buffer", "data.loader_workers", "train.eval_batches",
-                "train.log_every", "tokenizer.num_threads", "finetune.batch_size", "plan.nodes"):
+    for key in (
+        "data.num_proc",
+        "data.shuffle_buffer",
+        "data.loader_workers",
+        "train.eval_batches",
+        "train.log_every",
+        "tokenizer.num_threads",
+        "finetune.batch_size",
+        "plan.nodes",
+    ):
         assert f"{key}: must be" in r.stderr, key
 
 
@@ -180,13 +248,12 @@ def test_pep604_optionals_check_like_typing_optional():
     # `X | None` (what ruff's pyupgrade writes for Optional[X]) must convert and be reported
     # exactly as Optional[X]: a wrong value is an error naming the key, None is allowed.
     import dataclasses
-    from typing import Optional
 
     from megapt.config import _build
 
     @dataclasses.dataclass
     class Old:
-        n: Optional[int] = None
+        n: int | None = None
 
     @dataclasses.dataclass
     class New:

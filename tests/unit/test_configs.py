@@ -1,5 +1,6 @@
 """Every shipped run config parses, builds its model, has the size its name promises and fits
 the hardware it was written for (per `megapt plan`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,9 @@ from megapt import planner as P
 from megapt.config import load_config, save_config
 from megapt.model.gpt import GPT, ModelArgs
 
-CONFIGS = sorted(p for p in (Path(__file__).parents[2] / "configs").glob("*.yaml") if p.name != "tiny.yaml")
+CONFIGS = sorted(
+    p for p in (Path(__file__).parents[2] / "configs").glob("*.yaml") if p.name != "tiny.yaml"
+)
 
 # Published parameter counts of the Llama-2 checkpoints (32000 vocab, untied) these presets copy.
 PUBLISHED = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}

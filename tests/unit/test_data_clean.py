@@ -1,4 +1,5 @@
 """Cleaning: each normalisation step, each filter with its drop reason, dedup counts, outputs."""
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,16 @@ def test_whitespace_cleanup_strips_trailing_spaces_and_long_blank_runs():
     assert normalize(text, CleanConfig(normalize_whitespace=False)) == text
 
 
-@pytest.mark.parametrize("text,cc,reason", [
-    ("   \n  ", CleanConfig(), "empty"),
-    ("short text", CleanConfig(min_chars=64), "too_short"),
-    ("word " * 100, CleanConfig(max_chars=100), "too_long"),
-    ("{}[]()<>!!@@##$$%%^^&&**" * 5 + "abc", CleanConfig(min_chars=1), "symbols"),
-    ("1234567890 " * 10 + "ab", CleanConfig(min_chars=1), "few_letters"),
-])
+@pytest.mark.parametrize(
+    "text,cc,reason",
+    [
+        ("   \n  ", CleanConfig(), "empty"),
+        ("short text", CleanConfig(min_chars=64), "too_short"),
+        ("word " * 100, CleanConfig(max_chars=100), "too_long"),
+        ("{}[]()<>!!@@##$$%%^^&&**" * 5 + "abc", CleanConfig(min_chars=1), "symbols"),
+        ("1234567890 " * 10 + "ab", CleanConfig(min_chars=1), "few_letters"),
+    ],
+)
 def test_each_filter_drops_with_its_reason(text, cc, reason):
     c = Cleaner(cc)
     assert c(text) is None
@@ -102,9 +106,14 @@ def test_clean_with_nothing_left_is_a_clear_error(tmp_path):
 
 def test_cli_clean_reports_counts_and_skips_when_up_to_date(tmp_path, capsys):
     cfg = tiny_cfg(tmp_path, docs=make_docs(10) + ["x"])
-    args = ["data", "clean", f"--run.work_dir={cfg.run.work_dir}",
-            f"--data.sources=[{{path: '{cfg.data.sources[0].path}'}}]",
-            "--data.clean.min_chars=20", "--logging.progress=false"]
+    args = [
+        "data",
+        "clean",
+        f"--run.work_dir={cfg.run.work_dir}",
+        f"--data.sources=[{{path: '{cfg.data.sources[0].path}'}}]",
+        "--data.clean.min_chars=20",
+        "--logging.progress=false",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "kept 10/11" in out and "too_short 1" in out
@@ -113,8 +122,15 @@ def test_cli_clean_reports_counts_and_skips_when_up_to_date(tmp_path, capsys):
 
 
 def _clean_cli(tmp_path, source: str, *extra: str) -> list[str]:
-    return ["data", "clean", f"--run.work_dir={tmp_path / 'work'}", f"--data.sources=[{source}]",
-            "--data.clean.min_chars=20", "--logging.progress=false", *extra]
+    return [
+        "data",
+        "clean",
+        f"--run.work_dir={tmp_path / 'work'}",
+        f"--data.sources=[{source}]",
+        "--data.clean.min_chars=20",
+        "--logging.progress=false",
+        *extra,
+    ]
 
 
 def test_rows_without_text_are_counted_in_the_clean_stats(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """`megapt data ...` / `megapt tokenizer train` through megapt.cli.main with overrides."""
+
 from __future__ import annotations
 
 from megapt.cli import main
@@ -10,9 +11,18 @@ def overrides(tmp_path, *extra):
     src = tmp_path / "raw" / "docs.jsonl"
     if not src.exists():
         write_jsonl(src, make_docs(80))
-    return [f"--run.work_dir={tmp_path / 'work'}", f"--data.sources=[{{path: '{src}'}}]",
-            "--tokenizer.vocab_size=400", "--tokenizer.num_threads=1", "--data.seq_len=32", "--data.shard_samples=32",
-            "--data.num_proc=1", "--data.clean.min_chars=20", "--logging.progress=false", *extra]
+    return [
+        f"--run.work_dir={tmp_path / 'work'}",
+        f"--data.sources=[{{path: '{src}'}}]",
+        "--tokenizer.vocab_size=400",
+        "--tokenizer.num_threads=1",
+        "--data.seq_len=32",
+        "--data.shard_samples=32",
+        "--data.num_proc=1",
+        "--data.clean.min_chars=20",
+        "--logging.progress=false",
+        *extra,
+    ]
 
 
 def test_prepare_then_verify_then_detect_corruption(tmp_path, capsys):
@@ -67,7 +77,10 @@ def test_verify_without_shards_is_an_error_naming_the_manifest(tmp_path, capsys)
 
 
 def test_bad_shard_index_is_refused(tmp_path, capsys):
-    assert main(["data", "shard", "--num-shards", "2", "--shard-index", "2", *overrides(tmp_path)]) == 2
+    assert (
+        main(["data", "shard", "--num-shards", "2", "--shard-index", "2", *overrides(tmp_path)])
+        == 2
+    )
 
 
 def test_changed_sources_are_flagged_and_force_rebuilds(tmp_path, capsys):

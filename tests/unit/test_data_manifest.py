@@ -1,4 +1,5 @@
 """Manifest loading and shard verification: every corruption is a ShardError naming the file."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from megapt.data.manifest import check_tokenizer, load_manifest, verify_dir
-from megapt.data.tarformat import ShardError, iter_shard, verify_shard
 from megapt.data.shard import write_token_dataset
+from megapt.data.tarformat import ShardError, iter_shard, verify_shard
 
 SEQ = 8
 
@@ -20,15 +21,26 @@ SEQ = 8
 def shards(tmp_path):
     rng = np.random.default_rng(1)
     rows = [rng.integers(0, 500, SEQ + 1) for _ in range(12)]
-    m = write_token_dataset(tmp_path, {"train": rows}, seq_len=SEQ, vocab_size=500, shard_samples=5,
-                            tokenizer_sha256="ab" * 32)
+    m = write_token_dataset(
+        tmp_path,
+        {"train": rows},
+        seq_len=SEQ,
+        vocab_size=500,
+        shard_samples=5,
+        tokenizer_sha256="ab" * 32,
+    )
     return tmp_path, m
 
 
 def entry_for(path) -> dict:
     data = path.read_bytes()
-    return {"name": path.name, "samples": 1, "tokens": SEQ + 1, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "name": path.name,
+        "samples": 1,
+        "tokens": SEQ + 1,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def test_intact_shards_verify(shards):
@@ -76,7 +88,9 @@ def test_truncated_tar_is_detected_even_when_the_manifest_matches_it(shards, tmp
     e["samples"] = 5
     with pytest.raises(ShardError, match=r"cut\.tar: truncated"):
         verify_shard(cut, e, sample_len=SEQ + 1, dtype="uint16")
-    cut.write_bytes(src.read_bytes()[:2048])  # ends exactly between members: fewer samples than listed
+    cut.write_bytes(
+        src.read_bytes()[:2048]
+    )  # ends exactly between members: fewer samples than listed
     e = dict(entry_for(cut), samples=5)
     with pytest.raises(ShardError, match=r"cut\.tar: truncated tar: 2 samples"):
         verify_shard(cut, e, sample_len=SEQ + 1, dtype="uint16")
@@ -105,12 +119,16 @@ def test_garbage_file_is_a_corrupt_tar(tmp_path):
 def test_missing_manifest_names_file_and_command(tmp_path):
     with pytest.raises(ShardError) as exc:
         load_manifest(tmp_path)
-    assert str(tmp_path / "manifest.json") in str(exc.value) and "megapt data prepare" in str(exc.value)
+    assert str(tmp_path / "manifest.json") in str(exc.value) and "megapt data prepare" in str(
+        exc.value
+    )
 
 
 def test_unmerged_partial_manifests_point_to_merge(shards, tmp_path):
     d = tmp_path / "parts"
-    write_token_dataset(d, {"train": [np.zeros(SEQ + 1)] * 3}, seq_len=SEQ, vocab_size=500, job=1, num_jobs=2)
+    write_token_dataset(
+        d, {"train": [np.zeros(SEQ + 1)] * 3}, seq_len=SEQ, vocab_size=500, job=1, num_jobs=2
+    )
     with pytest.raises(ShardError, match="megapt data merge"):
         load_manifest(d)
 
@@ -126,7 +144,12 @@ def test_invalid_json_and_schema_errors_name_the_file(shards):
     with pytest.raises(ShardError) as exc:
         load_manifest(d)
     msg = str(exc.value)
-    assert "manifest.json" in msg and "seq_len" in msg and "dtype" in msg and "splits.train: totals" in msg
+    assert (
+        "manifest.json" in msg
+        and "seq_len" in msg
+        and "dtype" in msg
+        and "splits.train: totals" in msg
+    )
 
 
 def test_shard_names_in_manifest_cannot_point_outside(shards):
@@ -147,7 +170,10 @@ def test_tokenizer_mismatch_is_refused(shards):
     m = load_manifest(d)
     check_tokenizer(m, FakeTok("ab" * 32))
     check_tokenizer(m, "ab" * 32)
-    with pytest.raises(ShardError, match=r"manifest\.json: shards were written with a different tokenizer.*spm\.model"):
+    with pytest.raises(
+        ShardError,
+        match=r"manifest\.json: shards were written with a different tokenizer.*spm\.model",
+    ):
         check_tokenizer(m, FakeTok("cd" * 32))
     with pytest.raises(ShardError, match="vocab_size 600"):
         check_tokenizer(m, FakeTok("ab" * 32, vocab=600))
@@ -162,8 +188,14 @@ def test_verify_fails_a_shard_whose_tokens_exceed_the_vocabulary(tmp_path, capsy
     rng = np.random.default_rng(2)
     rows = [rng.integers(0, 300, SEQ + 1) for _ in range(10)]
     rows[7][3] = 300  # one id past the vocabulary, in the second shard
-    m = write_token_dataset(tmp_path, {"train": rows}, seq_len=SEQ, vocab_size=300, shard_samples=5,
-                            tokenizer_sha256="ab" * 32)
+    m = write_token_dataset(
+        tmp_path,
+        {"train": rows},
+        seq_len=SEQ,
+        vocab_size=300,
+        shard_samples=5,
+        tokenizer_sha256="ab" * 32,
+    )
     bad = m["splits"]["train"]["shards"][1]["name"]
     rc = main(["data", "verify", "--dir", str(tmp_path), *(["--quick"] if quick else [])])
     out, err = capsys.readouterr()

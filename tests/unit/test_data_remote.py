@@ -1,5 +1,6 @@
 """Shard locations: a URL is read as a URL or refused with one clear line, never taken for a local
 folder (`s3:/bucket` once became `./s3:/bucket` and the corpus was prepared again there)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,40 +14,56 @@ from megapt.errors import UsageError
 from megapt.urls import location, location_problem
 
 
-@pytest.mark.parametrize("text,want", [
-    ("s3://bucket/shards/seq64/", "s3://bucket/shards/seq64"),
-    ("S3://bucket/x", "s3://bucket/x"),
-    ("gs://b/p", "gs://b/p"),
-    ("https://host:8080/data/set", "https://host:8080/data/set"),
-    ("file:///abs/shards", Path("/abs/shards")),
-    ("runs/shards", Path("runs/shards")),
-    ("./s3:bucket", Path("./s3:bucket")),  # a local folder with a colon, spelled explicitly
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("s3://bucket/shards/seq64/", "s3://bucket/shards/seq64"),
+        ("S3://bucket/x", "s3://bucket/x"),
+        ("gs://b/p", "gs://b/p"),
+        ("https://host:8080/data/set", "https://host:8080/data/set"),
+        ("file:///abs/shards", Path("/abs/shards")),
+        ("runs/shards", Path("runs/shards")),
+        ("./s3:bucket", Path("./s3:bucket")),  # a local folder with a colon, spelled explicitly
+    ],
+)
 def test_locations(text, want):
     assert location(text) == want
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("s3:/bucket/shards", "did you mean 's3://bucket/shards'"),
-    ("s3:bucket/shards", "did you mean 's3://bucket/shards'"),
-    ("ftp://host/x", "unsupported URL scheme 'ftp://'"),
-    ("s3://", "no bucket after s3://"),
-    ("https:///x", "no host after https://"),
-    ("file://rel/path", "file:// URL needs an absolute path"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("s3:/bucket/shards", "did you mean 's3://bucket/shards'"),
+        ("s3:bucket/shards", "did you mean 's3://bucket/shards'"),
+        ("ftp://host/x", "unsupported URL scheme 'ftp://'"),
+        ("s3://", "no bucket after s3://"),
+        ("https:///x", "no host after https://"),
+        ("file://rel/path", "file:// URL needs an absolute path"),
+    ],
+)
 def test_malformed_or_unsupported_urls_are_refused(text, needle):
     assert needle in location_problem(text)
     with pytest.raises(UsageError, match="'" + text):
         location(text)
 
 
-@pytest.mark.parametrize("override", ["--data.shard_dir=s3:/bucket/shards",
-                                      "--data.mix=[{path: 'ftp://h/x', weight: 1}]"])
-def test_train_with_a_bad_url_is_one_line_and_makes_no_local_folder(tmp_path, monkeypatch, capsys,
-                                                                    override):
+@pytest.mark.parametrize(
+    "override",
+    ["--data.shard_dir=s3:/bucket/shards", "--data.mix=[{path: 'ftp://h/x', weight: 1}]"],
+)
+def test_train_with_a_bad_url_is_one_line_and_makes_no_local_folder(
+    tmp_path, monkeypatch, capsys, override
+):
     monkeypatch.chdir(tmp_path)
-    rc = main(["train", override, f"--run.work_dir={tmp_path / 'work'}",
-               f"--run.out_dir={tmp_path / 'runs'}", "--logging.progress=false"])
+    rc = main(
+        [
+            "train",
+            override,
+            f"--run.work_dir={tmp_path / 'work'}",
+            f"--run.out_dir={tmp_path / 'runs'}",
+            "--logging.progress=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2, err
     assert len(err.strip().splitlines()) <= 2 and "Traceback" not in err

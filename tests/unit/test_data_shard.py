@@ -1,4 +1,5 @@
 """Shard writer and sharding job: format, packing, split, K-way split + merge, resume, errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,8 @@ import pytest
 from megapt.data.clean import run_clean
 from megapt.data.manifest import MANIFEST, load_manifest, merge_manifests, verify_dir
 from megapt.data.shard import shard_corpus, write_token_dataset
-from megapt.data.tarformat import ShardError, iter_shard, write_shards
 from megapt.data.sources import DataError
+from megapt.data.tarformat import ShardError, iter_shard, write_shards
 from megapt.data.tokenizer import Tokenizer, train_tokenizer
 from tests.unit.data_util import tiny_cfg
 
@@ -22,7 +23,12 @@ def read_split(shard_dir, split):
     m = load_manifest(shard_dir)
     rows = []
     for e in m["splits"][split]["shards"]:
-        rows += [arr for _, arr in iter_shard(shard_dir / e["name"], sample_len=m["seq_len"] + 1, dtype=m["dtype"])]
+        rows += [
+            arr
+            for _, arr in iter_shard(
+                shard_dir / e["name"], sample_len=m["seq_len"] + 1, dtype=m["dtype"]
+            )
+        ]
     return rows
 
 
@@ -36,7 +42,9 @@ def test_token_dataset_format_counts_dtype_and_checksums(tmp_path, vocab, dtype)
     rng = np.random.default_rng(0)
     train = [rng.integers(0, vocab, 9) for _ in range(23)]
     val = [rng.integers(0, vocab, 9) for _ in range(4)]
-    m = write_token_dataset(tmp_path, {"train": train, "val": val}, seq_len=8, vocab_size=vocab, shard_samples=10)
+    m = write_token_dataset(
+        tmp_path, {"train": train, "val": val}, seq_len=8, vocab_size=vocab, shard_samples=10
+    )
     assert m["dtype"] == np.dtype(dtype).name
     assert [e["samples"] for e in m["splits"]["train"]["shards"]] == [10, 10, 3]
     assert m["splits"]["train"]["samples"] == 23 and m["splits"]["train"]["tokens"] == 23 * 9
@@ -48,7 +56,10 @@ def test_token_dataset_format_counts_dtype_and_checksums(tmp_path, vocab, dtype)
     assert first["bytes"] == path.stat().st_size
     with tarfile.open(path) as tf:
         members = tf.getmembers()
-        assert [x.name for x in members[:2]] == ["train-000-000000000.tokens", "train-000-000000001.tokens"]
+        assert [x.name for x in members[:2]] == [
+            "train-000-000000000.tokens",
+            "train-000-000000001.tokens",
+        ]
         raw = tf.extractfile(members[1]).read()
     assert np.array_equal(np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")), train[1])
     got = read_split(tmp_path, "train")
@@ -64,7 +75,9 @@ def test_shards_are_byte_identical_to_what_tarfile_writes(tmp_path, dtype, sampl
     # Python's tarfile give the same bytes, hence the same sha256
     rng = np.random.default_rng(1)
     rows = [rng.integers(0, 500, sample_len).astype(dtype) for _ in range(23)]
-    entries = write_shards(rows, tmp_path, "train", 3, sample_len=sample_len, dtype=dtype, shard_samples=10)
+    entries = write_shards(
+        rows, tmp_path, "train", 3, sample_len=sample_len, dtype=dtype, shard_samples=10
+    )
     assert [e["samples"] for e in entries] == [10, 10, 3]
     for k, e in enumerate(entries):
         buf = io.BytesIO()
@@ -89,7 +102,9 @@ def test_interrupted_writer_leaves_no_partial_shard(tmp_path):
         write_shards(samples(), tmp_path, "train", 0, sample_len=5, shard_samples=10)
     # the first full shard is complete and visible; the half-written second one is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000-00000.tar"]
-    assert len(list(iter_shard(tmp_path / "train-000-00000.tar", sample_len=5, dtype="uint16"))) == 10
+    assert (
+        len(list(iter_shard(tmp_path / "train-000-00000.tar", sample_len=5, dtype="uint16"))) == 10
+    )
 
 
 def test_wrong_sample_length_is_refused(tmp_path):
@@ -141,23 +156,33 @@ def test_shard_job_names_its_tokenizer_encoder_at_start(corpus, tmp_path):
     lines = []
     shard_corpus(cfg, out_dir=tmp_path, tokenizer=tok, progress=False, log=lines.append)
     assert f"tokenizer encoder {tok.encoder_path}" in lines[0]
-    assert tok.encoder_path in ("segcache-c", "segment-cache-py")  # a megapt BPE model is always cached
+    assert tok.encoder_path in (
+        "segcache-c",
+        "segment-cache-py",
+    )  # a megapt BPE model is always cached
 
 
 def test_validation_split_is_by_document_and_independent_of_processes(corpus, tmp_path):
     cfg, tok = corpus
     m1 = run_job(cfg, tok, tmp_path / "a", num_proc=1)
     m2 = run_job(cfg, tok, tmp_path / "b", num_proc=2)
+
     def sha(m):
-        return [(e["name"], e["sha256"]) for s in ("train", "val") for e in m["splits"][s]["shards"]]
+        return [
+            (e["name"], e["sha256"]) for s in ("train", "val") for e in m["splits"][s]["shards"]
+        ]
 
     assert sha(m1) == sha(m2)  # byte-identical shards with 1 and 2 worker processes
     assert m1["docs"]["val"] > 0 and m1["splits"]["val"]["samples"] > 0
+
     # no document is in both splits: decode the val stream, split at EOS, compare with train
     def docs_of(split):
         flat = np.concatenate(read_split(tmp_path / "a", split)).tolist()
         text = tok.decode(flat)
-        return {d for d in text.split("<|endoftext|>")[1:-1]}  # whole docs only (first/last may be cut)
+        return {
+            d for d in text.split("<|endoftext|>")[1:-1]
+        }  # whole docs only (first/last may be cut)
+
     assert docs_of("val") and not (docs_of("val") & docs_of("train"))
 
 
@@ -174,7 +199,12 @@ def test_k_way_split_and_merge_equals_the_single_job(corpus, tmp_path):
     for split in ("train", "val"):
         a = Counter(r.tobytes() for r in read_split(tmp_path / "one", split))
         b = Counter(r.tobytes() for r in read_split(tmp_path / "three", split))
-        assert a == b and sum(a.values()) == single["splits"][split]["samples"] == merged["splits"][split]["samples"]
+        assert (
+            a == b
+            and sum(a.values())
+            == single["splits"][split]["samples"]
+            == merged["splits"][split]["samples"]
+        )
     assert merged["docs"] == single["docs"] and merged["dropped_tokens"] == single["dropped_tokens"]
     assert verify_dir(tmp_path / "three")[1] == []
 
@@ -203,7 +233,10 @@ def test_rerun_redoes_a_job_whose_shards_are_incomplete(corpus, tmp_path):
     (tmp_path / m1["splits"]["train"]["shards"][-1]["name"]).unlink()
     m2 = run_job(cfg, tok, tmp_path)
     assert not m2["_run"]["skipped"]
-    assert verify_dir(tmp_path) == (len(m1["splits"]["train"]["shards"]) + len(m1["splits"]["val"]["shards"]), [])
+    assert verify_dir(tmp_path) == (
+        len(m1["splits"]["train"]["shards"]) + len(m1["splits"]["val"]["shards"]),
+        [],
+    )
     assert m2["splits"] == m1["splits"]  # deterministic: the same shards again
 
 
@@ -251,7 +284,10 @@ def test_shards_record_the_tokenizer_they_were_made_with(corpus, tmp_path):
     cfg, tok = corpus
     m = run_job(cfg, tok, tmp_path)
     assert m["tokenizer_sha256"] == hashlib.sha256(cfg.tokenizer_path.read_bytes()).hexdigest()
-    assert m["vocab_size"] == Tokenizer.load(cfg.tokenizer_path).vocab_size and m["eos_id"] == tok.eos_id
+    assert (
+        m["vocab_size"] == Tokenizer.load(cfg.tokenizer_path).vocab_size
+        and m["eos_id"] == tok.eos_id
+    )
 
 
 def test_shards_are_standard_tars_that_webdataset_reads(tmp_path):
@@ -282,4 +318,7 @@ def test_resharding_with_another_job_count_replaces_the_old_split(corpus, tmp_pa
     assert load_manifest(tmp_path)["jobs"] == {"num_shards": 1, "done": [0]}
     assert not list(tmp_path.glob("manifest-part-*-of-003.json"))
     assert not list(tmp_path.glob("*-001-*.tar")) and not list(tmp_path.glob("*-002-*.tar"))
-    assert verify_dir(tmp_path) == (len(m["splits"]["train"]["shards"]) + len(m["splits"]["val"]["shards"]), [])
+    assert verify_dir(tmp_path) == (
+        len(m["splits"]["train"]["shards"]) + len(m["splits"]["val"]["shards"]),
+        [],
+    )

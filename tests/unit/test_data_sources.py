@@ -1,4 +1,5 @@
 """Input sources: formats, K-way input splitting, weighted mixing, the built-in stdlib corpus."""
+
 from __future__ import annotations
 
 import sysconfig
@@ -8,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from megapt.config import DataConfig, SourceConfig
-from megapt.data.sources import (DataError, ReadStats, iter_documents, iter_source, mix_streams, repeat_weighted,
-                                 stdlib_files)
+from megapt.data.sources import (
+    DataError,
+    ReadStats,
+    iter_documents,
+    iter_source,
+    mix_streams,
+    repeat_weighted,
+    stdlib_files,
+)
 from tests.unit.data_util import make_docs, write_jsonl
 
 DOCS = make_docs(12, seed=3)
@@ -63,8 +71,13 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
 
 def _rows_with_gaps(tmp_path, fmt: str) -> SourceConfig:
     """Five rows: texts a, b, c and two rows without one (a missing field / a null)."""
-    rows = [{"text": "a", "id": 1}, {"id": 2}, {"text": "b", "id": 3}, {"text": None, "id": 4},
-            {"text": "c", "id": 5}]
+    rows = [
+        {"text": "a", "id": 1},
+        {"id": 2},
+        {"text": "b", "id": 3},
+        {"text": None, "id": 4},
+        {"text": "c", "id": 5},
+    ]
     if fmt == "jsonl":
         return SourceConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows, raw=True)))
     if fmt == "parquet":
@@ -116,7 +129,11 @@ def test_parquet_column_and_missing_column_error(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": DOCS, "id": list(range(len(DOCS)))}), tmp_path / "d.parquet", row_group_size=5)
+    pq.write_table(
+        pa.table({"text": DOCS, "id": list(range(len(DOCS)))}),
+        tmp_path / "d.parquet",
+        row_group_size=5,
+    )
     assert docs_of(path=str(tmp_path / "d.parquet")) == DOCS
     with pytest.raises(DataError, match=r"no column 'body'.*'text'"):
         docs_of(path=str(tmp_path / "d.parquet"), text_field="body")
@@ -127,8 +144,12 @@ def test_hf_dataset_saved_to_disk_and_local_data_files(tmp_path):
 
     datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "ds"))
     assert docs_of(path=str(tmp_path / "ds")) == DOCS  # auto-detected
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[:3]}),
-                               "validation": datasets.Dataset.from_dict({"text": DOCS[3:5]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": DOCS[:3]}),
+            "validation": datasets.Dataset.from_dict({"text": DOCS[3:5]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert docs_of(path=str(tmp_path / "dd"), format="hf", split="validation") == DOCS[3:5]
     with pytest.raises(DataError, match="splits"):
@@ -187,5 +208,7 @@ def test_builtin_corpus_is_the_sorted_stdlib_without_site_packages():
     assert all(r.endswith(".py") for r in rel)
     # the default source reads them; undecodable test files are skipped, not fatal
     st = ReadStats()
-    first = next(iter_source(SourceConfig(path="stdlib", format="python"), st, num_shards=50, shard_index=0))
+    first = next(
+        iter_source(SourceConfig(path="stdlib", format="python"), st, num_shards=50, shard_index=0)
+    )
     assert first == files[0].read_text(encoding="utf-8")

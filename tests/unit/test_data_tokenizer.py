@@ -1,4 +1,5 @@
 """Tokenizer: round trip, special tokens, the segment cache, atomic files, clear errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +9,15 @@ import time
 import pytest
 
 from megapt.config import TokenizerConfig
-from megapt.data.tokenizer import (Tokenizer, TokenizerError, TokenizerNotFoundError, _segcache_module,
-                                   sidecar_path, train_tokenizer, training_sentences)
+from megapt.data.tokenizer import (
+    Tokenizer,
+    TokenizerError,
+    TokenizerNotFoundError,
+    _segcache_module,
+    sidecar_path,
+    train_tokenizer,
+    training_sentences,
+)
 from tests.unit.data_util import make_docs
 
 SAMPLES = [
@@ -33,7 +41,9 @@ def test_round_trip_reproduces_the_text(tok, text):
 
 
 def test_vocab_and_special_token_ids(tok):
-    assert 256 < tok.vocab_size <= 420  # byte fallback pieces + learnt pieces, at most the requested size
+    assert (
+        256 < tok.vocab_size <= 420
+    )  # byte fallback pieces + learnt pieces, at most the requested size
     assert tok.id_to_piece(tok.eos_id) == "<|endoftext|>"
     assert tok.id_to_piece(tok.pad_id) == "<|pad|>"
     assert tok.eos_id != tok.pad_id
@@ -70,10 +80,19 @@ def test_unigram_model_type_round_trips_and_batches_like_single_encodes(tmp_path
     import random
 
     rng = random.Random(0)  # indented code: whitespace pieces of 4, 8, 12, 16 spaces get learnt
-    code = ["\n".join(" " * rng.choice([4, 8, 12, 16, 20, 24]) + rng.choice(["x = 1", "return y", "foo(bar)", "(2),"])
-                      for _ in range(40)) for _ in range(60)]
-    t = train_tokenizer(TokenizerConfig(model_type="unigram", vocab_size=400, num_threads=1),
-                        make_docs(100) + code, tmp_path / "u.model")
+    code = [
+        "\n".join(
+            " " * rng.choice([4, 8, 12, 16, 20, 24])
+            + rng.choice(["x = 1", "return y", "foo(bar)", "(2),"])
+            for _ in range(40)
+        )
+        for _ in range(60)
+    ]
+    t = train_tokenizer(
+        TokenizerConfig(model_type="unigram", vocab_size=400, num_threads=1),
+        make_docs(100) + code,
+        tmp_path / "u.model",
+    )
     assert t.decode(t.encode(SAMPLES[0])) == SAMPLES[0]
     # a 22-space run scores the same as 2+8+12 or 2+12+8: batch encoding must break ties like encode()
     texts = SAMPLES + code[:20] + ["x),\n" + " " * 22 + "(2)", " " * 32 + "y"]
@@ -119,8 +138,12 @@ def test_training_says_what_it_read_before_sentencepiece_trains(tmp_path):
     msgs: list[str] = []
     line = ("alpha beta(gamma) 12 " * 60_000)[: 2**20]  # 1 MB, one line
     docs = [line, "def f(x):\n    return x\n"]
-    train_tokenizer(TokenizerConfig(vocab_size=300, num_threads=1), docs, tmp_path / "spm.model",
-                    log=msgs.append)
+    train_tokenizer(
+        TokenizerConfig(vocab_size=300, num_threads=1),
+        docs,
+        tmp_path / "spm.model",
+        log=msgs.append,
+    )
     assert len(msgs) == 1
     assert msgs[0].startswith("tokenizer: read 2 docs, 1.0 M chars -> 513 pieces in ")
     assert msgs[0].endswith("; training bpe vocab 300 on 513 of them")
@@ -138,18 +161,45 @@ def test_array_encoding_matches_list_encoding(tok):
 # Encoder paths: the C segment cache (megapt.data._segcache) and its fallbacks give sp's ids
 # --------------------------------------------------------------------------------------------
 
-FUZZ_ATOMS = (list("abcXYZxyz") + ["def", "self", "return", "__init__", "_", "__", "0", "7", "42", "3.14", "1e-5"]
-              + list("()[]{}:;,.=+-*/<>!?'\"#@%&|\\^~`$") + ["):", "->", "==", "...", "'''", "\"\"\""]
-              + [" ", "  ", "    ", "        ", "\t", "\n", "\n\n", "\n    ", "\r\n"]
-              + ["é", "café", "naïve", "Grüße", "—", "“", "”", "«", "東京", "日本語", "🦜", "∮", "\u00a0", "\u3000",
-                 "\u2581", "x\u2581y", "<|endoftext|>", "<|pad|>", "<|", "|>", "\x00"])
+FUZZ_ATOMS = (
+    list("abcXYZxyz")
+    + ["def", "self", "return", "__init__", "_", "__", "0", "7", "42", "3.14", "1e-5"]
+    + list("()[]{}:;,.=+-*/<>!?'\"#@%&|\\^~`$")
+    + ["):", "->", "==", "...", "'''", '"""']
+    + [" ", "  ", "    ", "        ", "\t", "\n", "\n\n", "\n    ", "\r\n"]
+    + [
+        "é",
+        "café",
+        "naïve",
+        "Grüße",
+        "—",
+        "“",
+        "”",
+        "«",
+        "東京",
+        "日本語",
+        "🦜",
+        "∮",
+        "\u00a0",
+        "\u3000",
+        "\u2581",
+        "x\u2581y",
+        "<|endoftext|>",
+        "<|pad|>",
+        "<|",
+        "|>",
+        "\x00",
+    ]
+)
 
 
 def fuzz_docs(n: int, seed: int) -> list[str]:
     import random
 
     rng = random.Random(seed)
-    return [""] + ["".join(rng.choice(FUZZ_ATOMS) for _ in range(rng.randint(1, 120))) for _ in range(n)]
+    return [""] + [
+        "".join(rng.choice(FUZZ_ATOMS) for _ in range(rng.randint(1, 120))) for _ in range(n)
+    ]
 
 
 def stdlib_docs(step: int = 60) -> list[str]:
@@ -158,7 +208,9 @@ def stdlib_docs(step: int = 60) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files()[::step]]
 
 
-needs_c = pytest.mark.skipif(_segcache_module() is None, reason="C extension not built (no compiler at install)")
+needs_c = pytest.mark.skipif(
+    _segcache_module() is None, reason="C extension not built (no compiler at install)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +227,25 @@ def test_c_segment_split_follows_the_documented_rule(code_tok):
     import re
 
     split = code_tok._segcache.split
-    assert split("def f(x_1):\n    return  12") == ["def", " f", "(", "x", "_", "1", "):\n", "    return", "  1", "2"]
+    assert split("def f(x_1):\n    return  12") == [
+        "def",
+        " f",
+        "(",
+        "x",
+        "_",
+        "1",
+        "):\n",
+        "    return",
+        "  1",
+        "2",
+    ]
     assert split("ab  ") == ["ab", "  "] and split("   ") == ["   "] and split("") == []
-    assert split("naïve café—ok 東京!") == ["naïve", " café—ok", " 東京", "!"]  # non-ASCII never splits
+    assert split("naïve café—ok 東京!") == [
+        "naïve",
+        " café—ok",
+        " 東京",
+        "!",
+    ]  # non-ASCII never splits
     # on ASCII text the C split is this regex: letters | one digit | other non-space (with '_'),
     # each with its leading spaces; a trailing space run alone
     fine = re.compile(r" *(?:[^\W\d_]+|\d|(?:[^\w ]|_)+)| +")
@@ -218,7 +286,9 @@ def test_c_segment_cache_stays_exact_when_it_is_evicted(code_tok, monkeypatch):
 def test_without_the_c_extension_the_python_cache_gives_the_same_ids(code_tok, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "megapt.data._segcache", None)  # `import` now raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "megapt.data._segcache", None
+    )  # `import` now raises ImportError
     fallback = Tokenizer(code_tok._proto)
     assert fallback.encoder_path == "segment-cache-py" and "not built" in fallback.encoder_note
     texts = fuzz_docs(150, seed=5) + SAMPLES
@@ -237,11 +307,27 @@ def test_vocabulary_crossing_the_split_disables_the_c_cache(tmp_path):
     texts = stdlib_docs(60)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, model_type="bpe", vocab_size=1200, byte_fallback=True,
-        user_defined_symbols=["<|endoftext|>", "<|pad|>"], unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_digits=True, add_dummy_prefix=False, split_by_whitespace=True, split_by_unicode_script=False,
-        max_sentence_length=8192, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=1200,
+        byte_fallback=True,
+        user_defined_symbols=["<|endoftext|>", "<|pad|>"],
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        split_by_whitespace=True,
+        split_by_unicode_script=False,
+        max_sentence_length=8192,
+        num_threads=1,
+        minloglevel=2,
+    )
     t = Tokenizer(model.getvalue())
     assert t.encoder_path != "segcache-c" and "cross the fine segment split" in t.encoder_note
     docs = texts[:5] + fuzz_docs(100, seed=6)

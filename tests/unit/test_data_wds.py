@@ -1,6 +1,7 @@
 """WebDataset interoperability, both ways: the `webdataset` package reads megapt's shards, and
 `megapt data index` turns WebDataset token shards written by another tool into a shard set that
 megapt's loader streams with its global order and exact resume."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import webdataset as wds
 
 from megapt.cli import main
 from megapt.data.manifest import load_manifest
-
 from tests.unit.loader_util import VOCAB, data_cfg, loaders, make_set, run_global, sample
 
 SEQ = 8
@@ -32,8 +32,15 @@ def test_webdataset_reads_megapt_shards_sample_for_sample(tmp_path):
         assert (tokens == sample(i, 1)).all()
 
 
-def _foreign_set(d: Path, *, ext: str = "npy", dtype=np.int32, tag: int = 5,
-                 lengths: dict | None = None, drop: set = frozenset()) -> list[int]:
+def _foreign_set(
+    d: Path,
+    *,
+    ext: str = "npy",
+    dtype=np.int32,
+    tag: int = 5,
+    lengths: dict | None = None,
+    drop: set = frozenset(),
+) -> list[int]:
     """WebDataset shards written by webdataset's own TarWriter: per sample a token member plus a
     .json member; sample ids run across shards in name order. Returns the ids per shard."""
     d.mkdir(parents=True, exist_ok=True)
@@ -43,7 +50,7 @@ def _foreign_set(d: Path, *, ext: str = "npy", dtype=np.int32, tag: int = 5,
             for _ in range(n):
                 row = sample(i, tag).astype(dtype)
                 if lengths and i in lengths:
-                    row = row[:lengths[i]]
+                    row = row[: lengths[i]]
                 rec = {"__key__": f"doc{i:06d}", "json": {"id": i}}
                 if i not in drop:
                     rec[ext] = row if ext == "npy" else row.astype(dtype).tobytes()
@@ -61,8 +68,11 @@ def test_index_foreign_npy_shards_then_exact_resume_at_another_world_size(tmp_pa
     _foreign_set(d)
     assert _index(d, "--val-shards", "1") == 0
     m = json.loads((d / "manifest.json").read_text())
-    assert m["seq_len"] == SEQ and m["member"] == {"ext": "npy", "encoding": "npy",
-                                                   "dtype": "int32"}
+    assert m["seq_len"] == SEQ and m["member"] == {
+        "ext": "npy",
+        "encoding": "npy",
+        "dtype": "int32",
+    }
     assert [e["samples"] for e in m["splits"]["train"]["shards"]] == list(COUNTS[:-1])
     assert m["splits"]["val"]["samples"] == COUNTS[-1]
     n = sum(COUNTS[:-1])  # 50 train samples, ids 0..49
@@ -74,7 +84,7 @@ def test_index_foreign_npy_shards_then_exact_resume_at_another_world_size(tmp_pa
     # 2 ranks for 3 steps, then resumed at 3 ranks for 12 steps: the same global stream
     first, state = run_global(loaders(cfg, d, 2, 2), 3)
     rest, _ = run_global(loaders(cfg, d, 3, 2, state=state), 12)
-    assert first + rest == ref[:len(first) + len(rest)]
+    assert first + rest == ref[: len(first) + len(rest)]
     # the validation split: the last shard, once in finite mode
     val, _ = run_global(loaders(cfg, d, 1, 3, split="val", infinite=False), 3)
     assert sorted(i for _, i in val) == list(range(n, n + COUNTS[-1]))
@@ -94,11 +104,14 @@ def test_index_raw_members_of_another_dtype_with_other_members_beside_them(tmp_p
     assert main(["data", "verify", "--dir", str(d)]) == 0  # sha256 and every sample's tokens
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("lengths", "sample 'doc000021' has 5 tokens, earlier samples 9"),
-    ("missing", "1 sample(s) without a .npy member (['doc000003'])"),
-    ("range", "outside [0, vocab_size=100)"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("lengths", "sample 'doc000021' has 5 tokens, earlier samples 9"),
+        ("missing", "1 sample(s) without a .npy member (['doc000003'])"),
+        ("range", "outside [0, vocab_size=100)"),
+    ],
+)
 def test_index_refuses_samples_it_cannot_train_on(tmp_path, capsys, case, needle):
     d = tmp_path / case
     if case == "lengths":
@@ -107,8 +120,17 @@ def test_index_refuses_samples_it_cannot_train_on(tmp_path, capsys, case, needle
         _foreign_set(d, drop={3})
     else:
         _foreign_set(d)
-    args = ["data", "index", str(d), "--eos-id", "1", "--ext", "npy",
-            "--vocab-size", "100" if case == "range" else str(VOCAB)]
+    args = [
+        "data",
+        "index",
+        str(d),
+        "--eos-id",
+        "1",
+        "--ext",
+        "npy",
+        "--vocab-size",
+        "100" if case == "range" else str(VOCAB),
+    ]
     assert main(args) == 5
     err = capsys.readouterr().err
     assert needle in err and "corpus-" in err and "Traceback" not in err

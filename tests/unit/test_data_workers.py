@@ -1,5 +1,6 @@
 """Worker processes die with their parent (megapt.data.workers): by the kernel's parent-death
 signal, and by the watchdog thread alone where prctl is not available."""
+
 from __future__ import annotations
 
 import subprocess
@@ -37,8 +38,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("no_prctl,interval", [(False, 3600.0), (True, 0.2)],
-                         ids=["pdeathsig", "watchdog"])
+@pytest.mark.parametrize(
+    "no_prctl,interval", [(False, 3600.0), (True, 0.2)], ids=["pdeathsig", "watchdog"]
+)
 def test_a_worker_ends_when_its_parent_dies(no_prctl, interval):
     code = CHILD.format(root=str(ROOT), no_prctl=no_prctl, interval=interval)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,5 +1,6 @@
 """Evaluation: metrics against hand-computed values, perplexity over text windows, int8
 weight-only quantization error bounds, and `megapt eval` writing its JSON."""
+
 import json
 import math
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 
 from megapt.eval.evaluate import perplexity, text_windows
-from megapt.tasks.metrics import classification_metrics, majority_baseline
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.ops import Backends
 from megapt.quantize import Int8Linear, quantize_int8, quantize_per_channel
+from megapt.tasks.metrics import classification_metrics, majority_baseline
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 
@@ -31,7 +32,9 @@ def test_per_channel_int8_roundtrip_error_bound():
     w = torch.randn(16, 40) * torch.logspace(-3, 1, 16)[:, None]  # rows of very different scale
     q, s = quantize_per_channel(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert torch.all((q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7)  # half a step per row
+    assert torch.all(
+        (q.float() * s[:, None] - w).abs() <= s[:, None] / 2 + 1e-7
+    )  # half a step per row
     assert torch.allclose(s, w.abs().amax(1) / 127)
     lin = torch.nn.Linear(40, 16, bias=True)
     with torch.no_grad():
@@ -41,7 +44,15 @@ def test_per_channel_int8_roundtrip_error_bound():
 
 
 def _model(vocab=64):
-    args = ModelArgs(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=vocab, max_seq_len=32)
+    args = ModelArgs(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=64,
+        vocab_size=vocab,
+        max_seq_len=32,
+    )
     return GPT(args, EAGER, seed=0)
 
 
@@ -51,11 +62,16 @@ def test_perplexity_is_token_weighted_and_int8_close():
     ids = torch.randint(0, 64, (4, 9))
     labels = ids.clone()
     labels[0, :5] = -100
-    batches = [{"input_ids": ids[:2], "labels": labels[:2]}, {"input_ids": ids[2:], "labels": labels[2:]}]
+    batches = [
+        {"input_ids": ids[:2], "labels": labels[:2]},
+        {"input_ids": ids[2:], "labels": labels[2:]},
+    ]
     res = perplexity(model, batches)
     with torch.no_grad():
         logits = model(ids).logits
-    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    ref = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100
+    )
     assert res["tokens"] == 4 * 9 - 5
     assert res["loss"] == pytest.approx(float(ref), rel=1e-5)
     assert res["ppl"] == pytest.approx(math.exp(float(ref)), rel=1e-5)
@@ -97,8 +113,22 @@ def test_eval_cli_text_int8_writes_json(tmp_path):
     save_weights(tmp_path / "w", model, model.args, tmp_path / "spm.model")
     (tmp_path / "t.txt").write_text(text)
     out = tmp_path / "eval.json"
-    rc = main(["eval", "--from", str(tmp_path / "w"), "--text", str(tmp_path / "t.txt"), "--int8",
-               "--seq-len", "16", "--out", str(out), f"--run.out_dir={tmp_path}", "--logging.tensorboard=false"])
+    rc = main(
+        [
+            "eval",
+            "--from",
+            str(tmp_path / "w"),
+            "--text",
+            str(tmp_path / "t.txt"),
+            "--int8",
+            "--seq-len",
+            "16",
+            "--out",
+            str(out),
+            f"--run.out_dir={tmp_path}",
+            "--logging.tensorboard=false",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())["lm"]
     assert res["fp32"]["tokens"] > 100 and res["int8"]["tokens"] == res["fp32"]["tokens"]

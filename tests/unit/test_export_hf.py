@@ -1,5 +1,6 @@
 """HF Llama export/import: transformers loads our export unchanged and gives the same logits,
 and a random HF LlamaForCausalLM imported into megapt gives the same logits (fp32)."""
+
 import json
 
 import pytest
@@ -15,8 +16,17 @@ EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 
 
 def tiny_args(**kw):
-    base = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=101,
-                max_seq_len=32, rope_theta=500.0, norm_eps=1e-5)
+    base = dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=96,
+        vocab_size=101,
+        max_seq_len=32,
+        rope_theta=500.0,
+        norm_eps=1e-5,
+    )
     base.update(kw)
     return ModelArgs(**base)
 
@@ -38,7 +48,9 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, tie):
     out = export_hf(model, args, tmp_path / "hf")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_key_value_heads"] == 2
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), torch_dtype=torch.float32
+    ).eval()
     ids = _ids(args.vocab_size)
     with torch.no_grad():
         ours = model(ids).logits
@@ -48,9 +60,18 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path, tie):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_random_hf_llama_imports_with_same_logits(tmp_path, tie):
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                   num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=40,
-                                   rms_norm_eps=1e-6, rope_theta=1000.0, tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=40,
+        rms_norm_eps=1e-6,
+        rope_theta=1000.0,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(1)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -61,7 +82,13 @@ def test_random_hf_llama_imports_with_same_logits(tmp_path, tie):
     model, args = load_hf(tmp_path / "hf")
     model.set_backends(EAGER)
     model.eval()
-    assert (args.n_layers, args.d_model, args.n_heads, args.n_kv_heads, args.tie_embeddings) == (2, 48, 6, 2, tie)
+    assert (args.n_layers, args.d_model, args.n_heads, args.n_kv_heads, args.tie_embeddings) == (
+        2,
+        48,
+        6,
+        2,
+        tie,
+    )
     ids = _ids(97, T=17, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
@@ -74,7 +101,9 @@ def test_import_shape_mismatch_names_the_tensor(tmp_path):
     cfg = json.loads(cfg_path.read_text())
     cfg["intermediate_size"] = 128  # config now disagrees with the saved mlp weights
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(ExportError, match=r"layers\.0\.feed_forward\.w1\.weight.*\(96, 64\).*\(128, 64\)"):
+    with pytest.raises(
+        ExportError, match=r"layers\.0\.feed_forward\.w1\.weight.*\(96, 64\).*\(128, 64\)"
+    ):
         load_hf(tmp_path / "hf")
 
 
@@ -93,14 +122,20 @@ def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path
     from megapt.config import load_config
     from megapt.data.tokenizer import train_tokenizer
 
-    text = ("def add(a, b):\n    return a + b\n\n\nclass Point:\n\tx = 1  # tab\n    y = 2\n"
-            "print('héllo wörld', 3.14159)\n") * 30
+    text = (
+        "def add(a, b):\n    return a + b\n\n\nclass Point:\n\tx = 1  # tab\n    y = 2\n"
+        "print('héllo wörld', 3.14159)\n"
+    ) * 30
     cfg = load_config(overrides=["--tokenizer.vocab_size=320"])
     tok = train_tokenizer(cfg.tokenizer, [text], tmp_path / "spm.model")
     args = tiny_args(vocab_size=tok.vocab_size)
     export_hf(GPT(args, EAGER), args, tmp_path / "hf", tokenizer_path=tmp_path / "spm.model")
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    for s in ["def add(a, b):\n    return a + b\n", "  leading spaces\n\n\nx\t=\t1", "héllo 3.14 <|endoftext|>"]:
+    for s in [
+        "def add(a, b):\n    return a + b\n",
+        "  leading spaces\n\n\nx\t=\t1",
+        "héllo 3.14 <|endoftext|>",
+    ]:
         assert hf_tok(s)["input_ids"] == tok.encode(s), s
         assert hf_tok.decode(tok.encode(s)) == tok.decode(tok.encode(s))
     assert hf_tok.eos_token_id == tok.eos_id and hf_tok.pad_token_id == tok.pad_id
@@ -120,10 +155,37 @@ def test_cli_export_roundtrip_hf_and_back(tmp_path, capsys):
     model = GPT(args, EAGER, seed=9)
     save_weights(tmp_path / "w", model, args, tmp_path / "spm.model")
     common = [f"--run.out_dir={tmp_path}", "--logging.tensorboard=false"]
-    assert main(["export", "--format", "hf", "--from", str(tmp_path / "w"), "--out", str(tmp_path / "hf"), *common]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "hf",
+                "--from",
+                str(tmp_path / "w"),
+                "--out",
+                str(tmp_path / "hf"),
+                *common,
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
-    assert main(["export", "--format", "megapt", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
-                 *common]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--format",
+                "megapt",
+                "--from",
+                str(tmp_path / "hf"),
+                "--out",
+                str(tmp_path / "back"),
+                *common,
+            ]
+        )
+        == 0
+    )
     back = load_source(load_config(overrides=common), str(tmp_path / "back"))
     assert back.args == args
     for (n, p), (_, q) in zip(model.named_parameters(), back.model.named_parameters()):
@@ -136,12 +198,20 @@ def test_tokenizer_without_pad_token_is_named(tmp_path):
 
     from megapt.weights.hf import write_hf_tokenizer
 
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["def f(x): return x\n"] * 200),
-                                   model_prefix=str(tmp_path / "nopad"), vocab_size=300, byte_fallback=True,
-                                   user_defined_symbols=["<|endoftext|>"], hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["def f(x): return x\n"] * 200),
+        model_prefix=str(tmp_path / "nopad"),
+        vocab_size=300,
+        byte_fallback=True,
+        user_defined_symbols=["<|endoftext|>"],
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     (tmp_path / "out").mkdir()
     with pytest.raises(ExportError, match=r"no pad token '<\|pad\|>'"):
-        write_hf_tokenizer(tmp_path / "nopad.model", tmp_path / "out", "<|endoftext|>", "<|pad|>", 32)
+        write_hf_tokenizer(
+            tmp_path / "nopad.model", tmp_path / "out", "<|endoftext|>", "<|pad|>", 32
+        )
 
 
 @pytest.fixture()
@@ -155,26 +225,50 @@ def hf_dir(tmp_path):
 # model-error exit code (4) and one line naming the key, never a traceback
 UNSUPPORTED = [
     ({"head_dim": 32}, "head_dim=32"),  # 4 heads x 32 != hidden 64
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-     "rope_scaling type 'llama3'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}},
-     "rope_parameters type 'llama3'"),
+    (
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        },
+        "rope_scaling type 'llama3'",
+    ),
+    (
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0}},
+        "rope_parameters type 'llama3'",
+    ),
     ({"attention_bias": True}, "attention_bias"),
 ]
 
 
-@pytest.mark.parametrize("change,needle", UNSUPPORTED,
-                         ids=["head_dim", "llama3_scaling", "llama3_params", "bias"])
-def test_cli_import_of_an_unsupported_hf_config_is_one_line_exit_4(hf_dir, tmp_path, capsys, change,
-                                                                    needle):
+@pytest.mark.parametrize(
+    "change,needle", UNSUPPORTED, ids=["head_dim", "llama3_scaling", "llama3_params", "bias"]
+)
+def test_cli_import_of_an_unsupported_hf_config_is_one_line_exit_4(
+    hf_dir, tmp_path, capsys, change, needle
+):
     from megapt.cli import main
 
     cfg = json.loads((hf_dir / "config.json").read_text())
     cfg.update(change)
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    rc = main(["export", "--format", "megapt", "--from", str(hf_dir), "--out", str(tmp_path / "w"),
-               f"--run.out_dir={tmp_path}", "--logging.tensorboard=false"])
+    rc = main(
+        [
+            "export",
+            "--format",
+            "megapt",
+            "--from",
+            str(hf_dir),
+            "--out",
+            str(tmp_path / "w"),
+            f"--run.out_dir={tmp_path}",
+            "--logging.tensorboard=false",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 4, err
     assert err.startswith("megapt export: model error: "), err

@@ -1,25 +1,29 @@
 """Fine-tuning: freezing keeps frozen weights bit-identical and out of the optimizer, layer-wise
 LR, classification/SFT data rules and the errors users get for bad rows."""
+
 import json
 import re
 
 import pytest
 import torch
 
-from megapt.config import ConfigError, load_config
+from megapt.config import load_config
 from megapt.data.tokenizer import train_tokenizer
 from megapt.finetune.freeze import apply_freezing
 from megapt.finetune.run import finetune
-from megapt.weights.source import load_source, save_weights
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.heads import GPTForSequenceClassification, pool_hidden
 from megapt.model.ops import Backends
 from megapt.tasks import data as D
 from megapt.train.optim import param_groups
+from megapt.weights.source import load_source, save_weights
 
 EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
-WORDS = {"a": "alpha apple avocado anchor arrow", "b": "bravo banana butter bottle button",
-         "c": "charlie cherry carrot candle cable"}
+WORDS = {
+    "a": "alpha apple avocado anchor arrow",
+    "b": "bravo banana butter bottle button",
+    "c": "charlie cherry carrot candle cable",
+}
 
 
 def _texts():
@@ -35,10 +39,17 @@ def _texts():
 def workdir(tmp_path_factory):
     """A tokenizer, a tiny pretrained-shaped weights folder and classification/SFT files."""
     root = tmp_path_factory.mktemp("ft")
-    cfg = load_config(overrides=[f"--tokenizer.vocab_size=300"])
+    cfg = load_config(overrides=["--tokenizer.vocab_size=300"])
     tok = train_tokenizer(cfg.tokenizer, _texts() * 4, root / "spm.model")
-    args = ModelArgs(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64,
-                     vocab_size=tok.vocab_size, max_seq_len=32)
+    args = ModelArgs(
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=64,
+        vocab_size=tok.vocab_size,
+        max_seq_len=32,
+    )
     save_weights(root / "base", GPT(args, EAGER, seed=1), args, root / "spm.model")
     rows = []
     for k, w in WORDS.items():
@@ -56,12 +67,23 @@ def workdir(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return load_config(overrides=[
-        f"--run.out_dir={root}/runs", "--run.name=t", "--logging.tensorboard=false",
-        f"--tokenizer.path={root}/spm.model", f"--finetune.init_from={root}/base",
-        f"--finetune.train_file={root}/train.jsonl", f"--finetune.val_file={root}/val.jsonl",
-        "--finetune.batch_size=8", "--finetune.epochs=1", "--finetune.lr=1e-2", "--data.seq_len=16",
-        "--model.attention=eager", *extra])
+    return load_config(
+        overrides=[
+            f"--run.out_dir={root}/runs",
+            "--run.name=t",
+            "--logging.tensorboard=false",
+            f"--tokenizer.path={root}/spm.model",
+            f"--finetune.init_from={root}/base",
+            f"--finetune.train_file={root}/train.jsonl",
+            f"--finetune.val_file={root}/val.jsonl",
+            "--finetune.batch_size=8",
+            "--finetune.epochs=1",
+            "--finetune.lr=1e-2",
+            "--data.seq_len=16",
+            "--model.attention=eager",
+            *extra,
+        ]
+    )
 
 
 def test_frozen_params_bit_identical_and_not_in_optimizer(workdir):
@@ -69,8 +91,9 @@ def test_frozen_params_bit_identical_and_not_in_optimizer(workdir):
     model = GPTForSequenceClassification(GPT(args, EAGER, seed=2), args.d_model, 3, "last", 0.0)
     apply_freezing(model, args.n_layers, freeze_embeddings=True, freeze_layers=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    groups = param_groups(model, 0.1, lr=1e-2, n_layers=args.n_layers, layer_lr_decay=0.5,
-                          head_lr_mult=10.0)
+    groups = param_groups(
+        model, 0.1, lr=1e-2, n_layers=args.n_layers, layer_lr_decay=0.5, head_lr_mult=10.0
+    )
     in_opt = {n for g in groups for n in g["names"]}
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and not (in_opt & frozen)
@@ -94,17 +117,22 @@ def test_frozen_params_bit_identical_and_not_in_optimizer(workdir):
 def test_layerwise_lr_decay_and_head_multiplier(workdir):
     _, _, args = workdir  # 3 blocks: depth 0 emb, 1..3 blocks, 4 final norm/head
     model = GPTForSequenceClassification(GPT(args, EAGER), args.d_model, 3, "mean", 0.0)
-    lr = {n: g["lr"] for g in param_groups(model, 0.0, lr=1.0, n_layers=3, layer_lr_decay=0.5,
-                                                 head_lr_mult=4.0) for n in g["names"]}
-    assert lr["backbone.tok_embeddings.weight"] == pytest.approx(0.5 ** 4)
-    assert lr["backbone.layers.0.attention.wq.weight"] == pytest.approx(0.5 ** 3)
+    lr = {
+        n: g["lr"]
+        for g in param_groups(model, 0.0, lr=1.0, n_layers=3, layer_lr_decay=0.5, head_lr_mult=4.0)
+        for n in g["names"]
+    }
+    assert lr["backbone.tok_embeddings.weight"] == pytest.approx(0.5**4)
+    assert lr["backbone.layers.0.attention.wq.weight"] == pytest.approx(0.5**3)
     assert lr["backbone.layers.2.feed_forward.w2.weight"] == pytest.approx(0.5)
     assert lr["backbone.norm.weight"] == pytest.approx(1.0)
     assert lr["head.proj.weight"] == pytest.approx(4.0)
 
 
 def test_pooling_respects_right_padding():
-    h = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)  # values = position index + 4*row
+    h = torch.arange(2 * 4 * 1, dtype=torch.float32).view(
+        2, 4, 1
+    )  # values = position index + 4*row
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
     assert pool_hidden(h, mask, "last").flatten().tolist() == [1.0, 7.0]
     assert pool_hidden(h, mask, "mean").flatten().tolist() == [0.5, 5.5]
@@ -114,7 +142,9 @@ def test_pooling_respects_right_padding():
 
 def test_padded_batch_gives_same_prediction_as_single_row(workdir):
     _, _, args = workdir
-    model = GPTForSequenceClassification(GPT(args, EAGER, seed=4), args.d_model, 3, "last", 0.0).eval()
+    model = GPTForSequenceClassification(
+        GPT(args, EAGER, seed=4), args.d_model, 3, "last", 0.0
+    ).eval()
     short, long = D.Example([5, 6, 7], 0), D.Example([5, 6, 7, 8, 9, 10], 1)
     b = D.collate([short, long], pad_id=1)
     with torch.no_grad():
@@ -160,22 +190,51 @@ def test_checkpoint_shape_mismatch_names_tensor(workdir, tmp_path):
 
 def test_classification_finetune_learns_and_saves_best(workdir):
     root, _, _ = workdir
-    cfg = _cfg(root, "--finetune.task=classify", "--finetune.epochs=6", "--finetune.head_lr_mult=3",
-               "--finetune.freeze_embeddings=true", "--finetune.early_stopping_patience=3",
-               f"--finetune.test_file={root}/val.jsonl", f"--finetune.out_dir={root}/clf")
+    cfg = _cfg(
+        root,
+        "--finetune.task=classify",
+        "--finetune.epochs=6",
+        "--finetune.head_lr_mult=3",
+        "--finetune.freeze_embeddings=true",
+        "--finetune.early_stopping_patience=3",
+        f"--finetune.test_file={root}/val.jsonl",
+        f"--finetune.out_dir={root}/clf",
+    )
     res = finetune(cfg)
     assert res["test"]["accuracy"] > 0.8  # 3 well-separated classes
-    assert res["test"]["accuracy"] == res["val"]["accuracy"]  # test == val file: best weights restored
+    assert (
+        res["test"]["accuracy"] == res["val"]["accuracy"]
+    )  # test == val file: best weights restored
     src = load_source(cfg, str(root / "clf"))  # reload: same predictions from the saved folder
-    assert src.meta["classes"] == ["a", "b", "c"] and set(src.extra) == {"head.proj.weight", "head.proj.bias"}
+    assert src.meta["classes"] == ["a", "b", "c"] and set(src.extra) == {
+        "head.proj.weight",
+        "head.proj.bias",
+    }
     base = load_source(cfg, str(root / "base"))
     assert torch.equal(src.model.tok_embeddings.weight, base.model.tok_embeddings.weight)  # frozen
-    from megapt.cli import main  # `megapt eval` on the saved classifier scores the same rows the same way
+    from megapt.cli import (
+        main,
+    )  # `megapt eval` on the saved classifier scores the same rows the same way
 
     out = root / "clf_eval.json"
-    assert main(["eval", "--from", str(root / "clf"), "--data", str(root / "val.jsonl"), "--out", str(out),
-                 f"--tokenizer.path={root}/spm.model", "--data.seq_len=16", f"--run.out_dir={root}/runs",
-                 "--logging.tensorboard=true"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--from",
+                str(root / "clf"),
+                "--data",
+                str(root / "val.jsonl"),
+                "--out",
+                str(out),
+                f"--tokenizer.path={root}/spm.model",
+                "--data.seq_len=16",
+                f"--run.out_dir={root}/runs",
+                "--logging.tensorboard=true",
+            ]
+        )
+        == 0
+    )
     scored = json.loads(out.read_text())["classification"]
     assert scored["accuracy"] == pytest.approx(res["test"]["accuracy"])
     assert scored["confusion_matrix"] == res["test"]["confusion_matrix"]
@@ -185,10 +244,20 @@ def test_classification_finetune_learns_and_saves_best(workdir):
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_learns_response_and_saves_plain_weights(workdir, lora):
     root, tok, _ = workdir
-    extra = ["--finetune.lora_rank=8", "--finetune.lora_targets=[wq,wk,wv,wo,w1,w2,w3]"] if lora else []
-    cfg = _cfg(root, "--finetune.task=sft", f"--finetune.train_file={root}/sft.jsonl",
-               f"--finetune.val_file={root}/sft.jsonl", "--finetune.epochs=15", "--finetune.batch_size=3",
-               "--finetune.lr=3e-2", f"--finetune.out_dir={root}/sft", *extra)
+    extra = (
+        ["--finetune.lora_rank=8", "--finetune.lora_targets=[wq,wk,wv,wo,w1,w2,w3]"] if lora else []
+    )
+    cfg = _cfg(
+        root,
+        "--finetune.task=sft",
+        f"--finetune.train_file={root}/sft.jsonl",
+        f"--finetune.val_file={root}/sft.jsonl",
+        "--finetune.epochs=15",
+        "--finetune.batch_size=3",
+        "--finetune.lr=3e-2",
+        f"--finetune.out_dir={root}/sft",
+        *extra,
+    )
     res = finetune(cfg)
     first = res["history"][0]["val_score"]
     # a random base can only move its (frozen) tiny output logits a little through LoRA
@@ -197,8 +266,12 @@ def test_sft_learns_response_and_saves_plain_weights(workdir, lora):
     assert not any("lora" in n for n, _ in src.model.named_parameters())
     from megapt.tasks.model import lm_loss
 
-    ex = D.build_sft(D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response")
-    assert lm_loss(src.model, ex, 3, tok.pad_id, "cpu")["loss"] == pytest.approx(res["val"]["loss"], abs=1e-4)
+    ex = D.build_sft(
+        D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response"
+    )
+    assert lm_loss(src.model, ex, 3, tok.pad_id, "cpu")["loss"] == pytest.approx(
+        res["val"]["loss"], abs=1e-4
+    )
 
 
 def test_unknown_freeze_pattern_is_an_error(workdir):
@@ -232,11 +305,20 @@ def test_distill_kl_matches_torch_kl_div():
 
     torch.manual_seed(0)
     s, t = torch.randn(5, 11), torch.randn(5, 11)
-    ref = torch.nn.functional.kl_div(torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1),
-                                     log_target=True, reduction="batchmean") * 4
+    ref = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(s / 2, -1),
+            torch.log_softmax(t / 2, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * 4
+    )
     assert float(distill_kl(s, t, None, 2.0)) == pytest.approx(float(ref), rel=1e-5)
     mask = torch.tensor([True, False, True, True, False])
-    assert float(distill_kl(s, t, mask, 2.0)) == pytest.approx(float(distill_kl(s[mask], t[mask], None, 2.0)))
+    assert float(distill_kl(s, t, mask, 2.0)) == pytest.approx(
+        float(distill_kl(s[mask], t[mask], None, 2.0))
+    )
 
 
 def test_distillation_pulls_student_toward_teacher(workdir):
@@ -244,11 +326,21 @@ def test_distillation_pulls_student_toward_teacher(workdir):
 
     root, tok, args = workdir
     save_weights(root / "teacher", GPT(args, EAGER, seed=11), args, root / "spm.model")
-    cfg = _cfg(root, "--finetune.task=sft", f"--finetune.train_file={root}/sft.jsonl",
-               f"--finetune.val_file={root}/sft.jsonl", "--finetune.epochs=8", "--finetune.batch_size=3",
-               f"--finetune.distill_from={root}/teacher", "--finetune.distill_alpha=1.0",
-               "--finetune.distill_temperature=1.0", f"--finetune.out_dir={root}/distilled")
-    ex = D.build_sft(D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response")
+    cfg = _cfg(
+        root,
+        "--finetune.task=sft",
+        f"--finetune.train_file={root}/sft.jsonl",
+        f"--finetune.val_file={root}/sft.jsonl",
+        "--finetune.epochs=8",
+        "--finetune.batch_size=3",
+        f"--finetune.distill_from={root}/teacher",
+        "--finetune.distill_alpha=1.0",
+        "--finetune.distill_temperature=1.0",
+        f"--finetune.out_dir={root}/distilled",
+    )
+    ex = D.build_sft(
+        D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response"
+    )
     batch = D.collate(ex, tok.pad_id)
     mask = batch["labels"] != -100
 
@@ -269,7 +361,9 @@ def test_rows_from_csv_and_hf_dataset_folder(tmp_path):
     rows = D.read_rows(str(tmp_path / "r.csv"), ["text", "label"])
     assert [r.values for r in rows] == [{"text": "x, y", "label": "1"}, {"text": "z", "label": "0"}]
     assert rows[1].where.endswith("r.csv:3")  # line 3 in an editor (header is line 1)
-    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}).save_to_disk(str(tmp_path / "ds"))
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}).save_to_disk(
+        str(tmp_path / "ds")
+    )
     rows = D.read_rows(str(tmp_path / "ds"), ["text", "label"])
     assert D.infer_classes(rows, "label") == ["0", "1"] and rows[0].values["text"] == "a"
 
@@ -282,13 +376,19 @@ def test_stdlib_example_split_is_deterministic_balanced_and_disjoint(tmp_path):
         assert a[split].read_bytes() == b[split].read_bytes(), split
     rows = {s: [json.loads(x) for x in a[s].read_text().splitlines()] for s in a}
     keys = {s: {r["key"] for r in rows[s]} for s in ("train", "val", "test")}
-    assert not (keys["train"] & keys["test"]) and not (keys["train"] & keys["val"]) and not (keys["val"] & keys["test"])
+    assert (
+        not (keys["train"] & keys["test"])
+        and not (keys["train"] & keys["val"])
+        and not (keys["val"] & keys["test"])
+    )
     from collections import Counter
 
     train = Counter(r["label"] for r in rows["train"])
     assert set(train) == set(FAMILIES) and set(train.values()) == {CAPS["train"]}
     assert set(Counter(r["label"] for r in rows["train_low"]).values()) == {LOW_PER_CLASS}
-    assert all(r["key"].split("/")[0] == r["label"] for r in rows["test"])  # label = top-level package
+    assert all(
+        r["key"].split("/")[0] == r["label"] for r in rows["test"]
+    )  # label = top-level package
 
 
 def test_finetune_runs_through_deepspeed_engine_zero1_matches_zero0(workdir):
@@ -300,23 +400,35 @@ def test_finetune_runs_through_deepspeed_engine_zero1_matches_zero0(workdir):
     base = load_source(_cfg(root), str(root / "base")).model.state_dict()
     runs = {}
     for stage in (0, 1):
-        cfg = _cfg(root, "--finetune.task=classify", "--finetune.max_steps=4", "--finetune.eval_every=1",
-                   "--finetune.freeze_embeddings=true", "--finetune.freeze_layers=1", "--finetune.head_dropout=0",
-                   "--finetune.head_lr_mult=3", "--finetune.layer_lr_decay=0.5",
-                   f"--deepspeed.zero_stage={stage}", f"--finetune.out_dir={root}/z{stage}")
+        cfg = _cfg(
+            root,
+            "--finetune.task=classify",
+            "--finetune.max_steps=4",
+            "--finetune.eval_every=1",
+            "--finetune.freeze_embeddings=true",
+            "--finetune.freeze_layers=1",
+            "--finetune.head_dropout=0",
+            "--finetune.head_lr_mult=3",
+            "--finetune.layer_lr_decay=0.5",
+            f"--deepspeed.zero_stage={stage}",
+            f"--finetune.out_dir={root}/z{stage}",
+        )
         res = finetune(cfg, keep_engine=True)
         eng = res["engine"]
         assert isinstance(eng, DeepSpeedEngine) and eng.zero_optimization_stage() == stage
         frozen = {n: p for n, p in eng.module.named_parameters() if not p.requires_grad}
-        assert "backbone.tok_embeddings.weight" in frozen and "backbone.layers.0.attention.wq.weight" in frozen
+        assert (
+            "backbone.tok_embeddings.weight" in frozen
+            and "backbone.layers.0.attention.wq.weight" in frozen
+        )
         for n, p in frozen.items():
-            assert torch.equal(p.cpu(), base[n[len("backbone."):]]), n
+            assert torch.equal(p.cpu(), base[n[len("backbone.") :]]), n
         frozen_ids = {id(p) for p in frozen.values()}
         opt = eng.optimizer
         # the schedule scales each group's own peak LR (layer-wise decay, head multiplier)
         peaks = sorted(g["initial_lr"] for g in opt.param_groups)
         assert peaks == pytest.approx(sorted(1e-2 * g["lr_scale"] for g in opt.param_groups))
-        assert peaks[0] == pytest.approx(1e-2 * 0.5 ** 2) and peaks[-1] == pytest.approx(3e-2)
+        assert peaks[0] == pytest.approx(1e-2 * 0.5**2) and peaks[-1] == pytest.approx(3e-2)
         if stage == 0:  # the client AdamW: state only for trainable parameters
             assert opt.state and not frozen_ids & {id(p) for p in opt.state}
         else:  # ZeRO-1 flattens and partitions only the parameters it was given
@@ -324,8 +436,12 @@ def test_finetune_runs_through_deepspeed_engine_zero1_matches_zero0(workdir):
             assert held and not frozen_ids & held
             assert sum(p.numel() for g in opt.bit16_groups for p in g) == res["trainable_params"]
         saved = load_source(cfg, str(root / f"z{stage}")).model
-        assert torch.equal(saved.layers[0].attention.wq.weight, base["layers.0.attention.wq.weight"])
-        assert not torch.equal(saved.layers[2].attention.wq.weight, base["layers.2.attention.wq.weight"])
+        assert torch.equal(
+            saved.layers[0].attention.wq.weight, base["layers.0.attention.wq.weight"]
+        )
+        assert not torch.equal(
+            saved.layers[2].attention.wq.weight, base["layers.2.attention.wq.weight"]
+        )
         runs[stage] = [h["train_loss"] for h in res["history"]]
     assert len(runs[0]) == 4 and runs[0][-1] != runs[0][0]
     assert runs[1] == pytest.approx(runs[0], abs=1e-5)
@@ -334,10 +450,14 @@ def test_finetune_runs_through_deepspeed_engine_zero1_matches_zero0(workdir):
 def test_stdlib_example_selects_each_arms_lr_on_validation_never_on_test():
     from megapt.finetune.stdlib_example import select_by_val
 
-    runs = [{"lr": 1e-3, "val_accuracy": 0.70, "test_accuracy": 0.90},
-            {"lr": 2e-3, "val_accuracy": 0.80, "test_accuracy": 0.60},
-            {"lr": 4e-3, "val_accuracy": 0.80, "test_accuracy": 0.99}]
-    assert select_by_val(runs)["lr"] == 2e-3  # best val; the tie goes to the lower LR; test is ignored
+    runs = [
+        {"lr": 1e-3, "val_accuracy": 0.70, "test_accuracy": 0.90},
+        {"lr": 2e-3, "val_accuracy": 0.80, "test_accuracy": 0.60},
+        {"lr": 4e-3, "val_accuracy": 0.80, "test_accuracy": 0.99},
+    ]
+    assert (
+        select_by_val(runs)["lr"] == 2e-3
+    )  # best val; the tie goes to the lower LR; test is ignored
 
 
 def test_stdlib_example_runs_both_arms_over_the_lr_grid(workdir):
@@ -346,8 +466,13 @@ def test_stdlib_example_runs_both_arms_over_the_lr_grid(workdir):
     from megapt.finetune.stdlib_example import run_example
 
     root, _, _ = workdir
-    cfg = _cfg(root, "--finetune.max_steps=2", "--finetune.max_len=16", "--finetune.batch_size=4",
-               "--finetune.pooling=mean")
+    cfg = _cfg(
+        root,
+        "--finetune.max_steps=2",
+        "--finetune.max_len=16",
+        "--finetune.batch_size=4",
+        "--finetune.pooling=mean",
+    )
     res = run_example(cfg, lrs=[1e-3, 3e-2], seeds=[7])
     saved = json.loads((cfg.run_dir / "stdlib_example.json").read_text())
     assert saved["lr_grid"] == [1e-3, 3e-2] and saved["seeds"] == [7]

@@ -1,5 +1,6 @@
 """Generation: KV-cached decoding gives the same tokens as recomputing the prefix, batches of
 mixed-length prompts give the same tokens as one prompt at a time, sampling filters behave."""
+
 import pytest
 import torch
 
@@ -12,8 +13,15 @@ EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 
 @pytest.fixture(scope="module")
 def model():
-    args = ModelArgs(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=50,
-                     max_seq_len=48)
+    args = ModelArgs(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=96,
+        vocab_size=50,
+        max_seq_len=48,
+    )
     m = GPT(args, EAGER, seed=5).eval()
     with torch.no_grad():  # a larger init so the sampled distribution is far from uniform
         m.output.weight.mul_(20.0)
@@ -43,7 +51,7 @@ def test_greedy_matches_plain_argmax_loop(model):
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, -1]
         ids.append(int(logits.argmax()))
-    assert generate(model, [PROMPTS[0]], 6, 0.0)[0] == ids[len(PROMPTS[0]):]
+    assert generate(model, [PROMPTS[0]], 6, 0.0)[0] == ids[len(PROMPTS[0]) :]
 
 
 def test_stop_token_ends_the_row_and_is_excluded(model):
@@ -93,8 +101,15 @@ def weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     cfg = load_config(overrides=["--tokenizer.vocab_size=300"])
     tok = train_tokenizer(cfg.tokenizer, ["import os\nimport sys\n" * 40], root / "spm.model")
-    args = ModelArgs(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=tok.vocab_size,
-                     max_seq_len=64)
+    args = ModelArgs(
+        n_layers=1,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=64,
+        vocab_size=tok.vocab_size,
+        max_seq_len=64,
+    )
     save_weights(root / "w", GPT(args, EAGER, seed=1), args, root / "spm.model")
     return root / "w"
 
@@ -102,8 +117,20 @@ def weights(tmp_path_factory):
 def test_cli_generate_greedy_is_deterministic_and_stops(weights, tmp_path, capsys):
     from megapt.cli import main
 
-    argv = ["generate", "--from", str(weights), "--prompt", "import", "--prompt", "import os\n",
-            "--max-tokens", "8", "--temperature", "0", f"--run.out_dir={tmp_path}"]
+    argv = [
+        "generate",
+        "--from",
+        str(weights),
+        "--prompt",
+        "import",
+        "--prompt",
+        "import os\n",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        f"--run.out_dir={tmp_path}",
+    ]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert main(argv + ["--no-cache"]) == 0
@@ -138,8 +165,9 @@ def test_cli_generate_bad_arguments_are_one_line_exit_2(weights, tmp_path, capsy
 def test_cli_generate_missing_model_is_a_model_error_exit_4(tmp_path, capsys):
     from megapt.cli import main
 
-    rc = main(["generate", "--from", str(tmp_path / "nope"), "--prompt", "x",
-               f"--run.out_dir={tmp_path}"])
+    rc = main(
+        ["generate", "--from", str(tmp_path / "nope"), "--prompt", "x", f"--run.out_dir={tmp_path}"]
+    )
     err = capsys.readouterr().err
     assert rc == 4 and err.startswith("megapt generate: model error: ") and "nope" in err, err
     assert err.count("\n") == 1

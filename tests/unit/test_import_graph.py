@@ -3,6 +3,7 @@ functions alike, read from the source with ast) go only to packages of a lower l
 megapt modules import each other in a cycle. A newcomer can then read the packages bottom-up:
 config -> data / model -> train -> weights -> tasks -> finetune / eval / generate / export /
 planner -> bench -> cli."""
+
 from __future__ import annotations
 
 import ast
@@ -15,13 +16,19 @@ PKG = ROOT / "megapt"
 LAYERS = {
     "megapt.errors": 0,
     "megapt.urls": 1,
-    "megapt.config": 2, "megapt.hardware": 2, "megapt.kernels": 2,
-    "megapt.data": 3, "megapt.model": 3,
+    "megapt.config": 2,
+    "megapt.hardware": 2,
+    "megapt.kernels": 2,
+    "megapt.data": 3,
+    "megapt.model": 3,
     "megapt.quantize": 4,
     "megapt.train": 5,  # the engine, trainer, checkpoints (DeepSpeed state)
     "megapt.weights": 6,  # model weights in and out: HF, safetensors, ZeRO consolidation, sources
     "megapt.tasks": 7,  # task models, data and metrics shared by fine-tuning and evaluation
-    "megapt.finetune": 8, "megapt.eval": 8, "megapt.generate": 8, "megapt.export": 8,
+    "megapt.finetune": 8,
+    "megapt.eval": 8,
+    "megapt.generate": 8,
+    "megapt.export": 8,
     "megapt.planner": 8,
     "megapt.bench": 9,
     "megapt.cli": 10,
@@ -49,9 +56,15 @@ def _modules() -> dict[str, Path]:
 def _is_main_block(node: ast.AST) -> bool:
     """``if __name__ == "__main__":``: a script's entry point, run only as ``python -m``."""
     t = getattr(node, "test", None)
-    return (isinstance(node, ast.If) and isinstance(t, ast.Compare) and isinstance(t.left, ast.Name)
-            and t.left.id == "__name__" and len(t.comparators) == 1
-            and isinstance(t.comparators[0], ast.Constant) and t.comparators[0].value == "__main__")
+    return (
+        isinstance(node, ast.If)
+        and isinstance(t, ast.Compare)
+        and isinstance(t.left, ast.Name)
+        and t.left.id == "__name__"
+        and len(t.comparators) == 1
+        and isinstance(t.comparators[0], ast.Constant)
+        and t.comparators[0].value == "__main__"
+    )
 
 
 def _walk(tree: ast.AST):
@@ -110,8 +123,10 @@ def test_imports_go_only_to_lower_layers():
             if dst == src or target == "megapt" or src == "megapt":
                 continue
             if LAYERS[dst] >= LAYERS[src]:
-                wrong.append(f"{mods[mod].relative_to(ROOT)}:{line}: {src} (layer {LAYERS[src]}) "
-                             f"imports {target} (layer {LAYERS[dst]})")
+                wrong.append(
+                    f"{mods[mod].relative_to(ROOT)}:{line}: {src} (layer {LAYERS[src]}) "
+                    f"imports {target} (layer {LAYERS[dst]})"
+                )
     assert wrong == [], "\n".join(wrong)
 
 
@@ -128,7 +143,7 @@ def test_no_import_cycle_between_modules():
         state[m] = 1
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                cycles.append(" -> ".join(path[path.index(t):] + [t]))
+                cycles.append(" -> ".join(path[path.index(t) :] + [t]))
             elif t not in state:
                 visit(t, path + [t])
         state[m] = 2
@@ -142,9 +157,11 @@ def test_no_import_cycle_between_modules():
 def test_the_reader_sees_lazy_relative_and_from_package_imports(tmp_path):
     # the checker itself: an import inside a function, a relative one and `from megapt import x`
     up = tmp_path / "x.py"
-    up.write_text("from . import engine\nfrom megapt import planner\n"
-                  "def f():\n    from megapt.finetune.run import finetune\n"
-                  "if __name__ == '__main__':\n    from megapt.cli import main\n")
+    up.write_text(
+        "from . import engine\nfrom megapt import planner\n"
+        "def f():\n    from megapt.finetune.run import finetune\n"
+        "if __name__ == '__main__':\n    from megapt.cli import main\n"
+    )
     known = {"megapt.finetune.run", "megapt.train.engine", "megapt.planner"}
     found = _imports("megapt.train.x", up, known)
     assert found == {("megapt.train.engine", 1), ("megapt.planner", 2), ("megapt.finetune.run", 4)}

@@ -3,6 +3,7 @@
 Ranks are simulated in one process: one loader per rank (rank=r, world_size=W), stepped in
 lock-step; the global order is rank 0's batch, then rank 1's, ... for each micro-step.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -10,7 +11,6 @@ from collections import Counter
 import pytest
 
 from megapt.data.loader import build_loader
-
 from tests.unit.loader_util import data_cfg, ids_of, loaders, make_set, run_global
 
 N = 100  # samples in the main set: 6 shards of 16 + one of 4
@@ -32,15 +32,17 @@ def reference(shards):
 
 @pytest.mark.parametrize("W", [1, 2, 3])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_sample_once_per_epoch_and_order_independent_of_ranks_and_workers(shards, reference, W, workers):
+def test_every_sample_once_per_epoch_and_order_independent_of_ranks_and_workers(
+    shards, reference, W, workers
+):
     B = 4
     steps = -(-2 * N // (W * B))  # two full epochs
     order, state = run_global(loaders(data_cfg(), shards, W, B, workers=workers), steps)
     ids = [i for _, i in order]
     assert sorted(ids[:N]) == list(range(N))  # epoch 0: every sample exactly once
-    assert sorted(ids[N:2 * N]) == list(range(N))  # epoch 1 too...
-    assert ids[N:2 * N] != ids[:N]  # ...reshuffled
-    assert order == reference[:len(order)]  # same global stream for any world size / workers
+    assert sorted(ids[N : 2 * N]) == list(range(N))  # epoch 1 too...
+    assert ids[N : 2 * N] != ids[:N]  # ...reshuffled
+    assert order == reference[: len(order)]  # same global stream for any world size / workers
     assert state["position"] == steps * W * B and state["epoch"] == steps * W * B // N
 
 
@@ -50,7 +52,7 @@ def test_member_reads_without_checksums_give_the_same_stream(shards, reference):
         lds = loaders(data_cfg(verify_checksums=False), shards, W, 3, workers=workers)
         assert lds[0].plan.partial_reads
         order, _ = run_global(lds, 80 // W)  # 240 samples: two epochs and a bit
-        assert order == reference[:len(order)]
+        assert order == reference[: len(order)]
 
 
 def test_shards_from_the_data_writer_take_the_fast_paths(shards):
@@ -68,7 +70,9 @@ def test_shards_from_the_data_writer_take_the_fast_paths(shards):
     rows = fixed_stride_rows(path.read_bytes(), path, entry["samples"], 9, "uint16")
     assert rows is not None and (rows == ref).all()
     for preload in (False, True):
-        data, ok = PartialShard(path, entry, 9, "uint16", 60000, preload=preload).read(np.array([3, 0, 3]))
+        data, ok = PartialShard(path, entry, 9, "uint16", 60000, preload=preload).read(
+            np.array([3, 0, 3])
+        )
         assert ok.all() and (data == ref[[3, 0, 3]]).all()
 
 
@@ -123,13 +127,15 @@ def test_resume_same_loader_object_while_iterating(shards):
 
 
 @pytest.mark.parametrize("w_from,w_to,workers", [(2, 3, 0), (3, 1, 2)])
-def test_resume_with_other_rank_count_loses_and_repeats_nothing(shards, reference, w_from, w_to, workers):
+def test_resume_with_other_rank_count_loses_and_repeats_nothing(
+    shards, reference, w_from, w_to, workers
+):
     B = 4
     first, state = run_global(loaders(data_cfg(), shards, w_from, B), 5)  # mid-epoch
     assert 0 < state["position"] < N
     rest, _ = run_global(loaders(data_cfg(), shards, w_to, B, workers=workers, state=state), 12)
     order = first + rest
-    assert order == reference[:len(order)]  # the global stream simply continues
+    assert order == reference[: len(order)]  # the global stream simply continues
     ids = [i for _, i in order]
     assert sorted(ids[:N]) == list(range(N))
 
@@ -137,7 +143,7 @@ def test_resume_with_other_rank_count_loses_and_repeats_nothing(shards, referenc
 def test_resume_with_other_micro_batch(shards, reference):
     first, state = run_global(loaders(data_cfg(), shards, 2, 4), 3)
     rest, _ = run_global(loaders(data_cfg(), shards, 2, 3, state=state), 10)
-    assert first + rest == reference[:len(first) + len(rest)]
+    assert first + rest == reference[: len(first) + len(rest)]
 
 
 def test_shuffle_is_seeded(shards):
@@ -191,7 +197,7 @@ def test_mix_proportions_and_per_set_coverage(two_sets):
     tags = [t for t, _ in order]
     assert tags.count(1) == 300 and tags.count(2) == 100
     for k in range(0, 400, 40):  # every stretch carries the proportions, not just the total
-        assert abs(tags[k:k + 40].count(2) - 10) <= 1
+        assert abs(tags[k : k + 40].count(2) - 10) <= 1
     a_ids = [i for t, i in order if t == 1]
     b_ids = [i for t, i in order if t == 2]
     assert sorted(a_ids[:N]) == list(range(N)) and sorted(b_ids[:60]) == list(range(60))
@@ -205,7 +211,7 @@ def test_mix_resume_identical_and_weight_change_continues_each_set(two_sets, wor
     full, _ = run_global(loaders(cfg, None, 2, 4), 40)
     first, state = run_global(loaders(cfg, None, 2, 4), 11)
     rest, _ = run_global(loaders(cfg, None, 3, 4, workers=workers, state=state), 14)
-    assert first + rest == full[:len(first) + len(rest)]
+    assert first + rest == full[: len(first) + len(rest)]
     # new weights from the saved position on: each set continues its own stream
     rest2, _ = run_global(loaders(_mix_cfg(two_sets, 1.0, 1.0), None, 2, 4, state=state), 10)
     tags = [t for t, _ in rest2]
@@ -213,7 +219,7 @@ def test_mix_resume_identical_and_weight_change_continues_each_set(two_sets, wor
     long, _ = run_global(loaders(cfg, None, 1, 8), 60)
     for tag in (1, 2):
         mine = [x for x in first + rest2 if x[0] == tag]
-        assert mine == [x for x in long if x[0] == tag][:len(mine)]
+        assert mine == [x for x in long if x[0] == tag][: len(mine)]
 
 
 def test_mix_finite_is_each_set_once(two_sets):
@@ -223,5 +229,7 @@ def test_mix_finite_is_each_set_once(two_sets):
 
 
 def test_build_loader_defaults_to_config_workers(shards):
-    ld = build_loader(data_cfg(loader_workers=2), shards, "train", rank=0, world_size=1, micro_batch=2, seed=0)
+    ld = build_loader(
+        data_cfg(loader_workers=2), shards, "train", rank=0, world_size=1, micro_batch=2, seed=0
+    )
     assert ld.num_workers == 2 and not ld.pin_memory

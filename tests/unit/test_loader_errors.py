@@ -1,4 +1,5 @@
 """Loader start-up checks and bad shards: clear errors naming the file, or skip-and-count."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,6 @@ import pytest
 
 from megapt.config import ConfigError
 from megapt.data.tarformat import ShardError
-
 from tests.unit.loader_util import data_cfg, ids_of, loaders, make_set, run_global, sample
 
 N = 100  # 7 shards: train-000-00000.tar (ids 0-15) ... train-000-00006.tar (ids 96-99)
@@ -45,7 +45,7 @@ def _corrupt_header(d: Path, name: str = SHARD) -> None:
     """Garbage over the 3rd member's tar header; same size (only the structure check sees it)."""
     p = d / name
     data = bytearray(p.read_bytes())
-    data[2048:2048 + 200] = b"\xff" * 200  # member stride: 512 header + 512 padded payload
+    data[2048 : 2048 + 200] = b"\xff" * 200  # member stride: 512 header + 512 padded payload
     p.write_bytes(bytes(data))
 
 
@@ -73,17 +73,38 @@ def test_seq_len_and_tokenizer_mismatch(shards):
         loaders(data_cfg(seq_len=16), shards, 1, 4)
     from megapt.data.loader import build_loader
 
-    build_loader(data_cfg(), shards, "train", rank=0, world_size=1, micro_batch=2, seed=0,
-                 tokenizer_sha256="ab" * 32)  # the right tokenizer passes
+    build_loader(
+        data_cfg(),
+        shards,
+        "train",
+        rank=0,
+        world_size=1,
+        micro_batch=2,
+        seed=0,
+        tokenizer_sha256="ab" * 32,
+    )  # the right tokenizer passes
     with pytest.raises(ShardError, match="different tokenizer"):
-        build_loader(data_cfg(), shards, "train", rank=0, world_size=1, micro_batch=2, seed=0,
-                     tokenizer_sha256="cd" * 32)
+        build_loader(
+            data_cfg(),
+            shards,
+            "train",
+            rank=0,
+            world_size=1,
+            micro_batch=2,
+            seed=0,
+            tokenizer_sha256="cd" * 32,
+        )
 
 
 def test_mixed_sets_must_share_the_tokenizer(tmp_path):
     make_set(tmp_path / "a", 20)
     make_set(tmp_path / "b", 20, tokenizer_sha256="ef" * 32)
-    cfg = data_cfg(mix=[{"path": str(tmp_path / "a"), "weight": 1.0}, {"path": str(tmp_path / "b"), "weight": 1.0}])
+    cfg = data_cfg(
+        mix=[
+            {"path": str(tmp_path / "a"), "weight": 1.0},
+            {"path": str(tmp_path / "b"), "weight": 1.0},
+        ]
+    )
     with pytest.raises(ShardError, match="tokenizer"):
         loaders(cfg, None, 1, 4)
 
@@ -107,7 +128,9 @@ def test_truncated_shard_raises_even_without_checksums(shards):
         _first_epoch(data_cfg(verify_checksums=False), shards)
     with pytest.raises(ShardError, match=SHARD + ".*size mismatch"):
         _first_epoch(data_cfg(verify_checksums=False), shards, ranks=4)
-    _rewrite_entry(shards, SHARD)  # a manifest that agrees with the cut file: the tar structure catches it
+    _rewrite_entry(
+        shards, SHARD
+    )  # a manifest that agrees with the cut file: the tar structure catches it
     with pytest.raises(ShardError, match=SHARD + ".*(truncated|corrupt)"):
         _first_epoch(data_cfg(verify_checksums=False), shards)
 
@@ -140,9 +163,15 @@ def _write_members(p: Path, names: list[str]) -> None:
     p.write_bytes(buf.getvalue())
 
 
-@pytest.mark.parametrize("bad,match", [("../../etc/evil.tokens", "unsafe"), ("/abs/x.tokens", "unsafe"),
-                                       ("train-000-000000034.txt", "unexpected member"),
-                                       ("train-000-000000032.tokens", "duplicate")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("../../etc/evil.tokens", "unsafe"),
+        ("/abs/x.tokens", "unsafe"),
+        ("train-000-000000034.txt", "unexpected member"),
+        ("train-000-000000032.tokens", "duplicate"),
+    ],
+)
 def test_unsafe_or_unexpected_member_names_raise(shards, bad, match):
     names = [f"train-000-{i:09d}.tokens" for i in sorted(SHARD_IDS)]
     names[3] = bad
@@ -162,7 +191,11 @@ def test_token_id_beyond_vocab_raises(shards, tmp_path):
     rows = [sample(i, 1) for i in range(20)]
     rows[5][3] = 61000  # >= vocab_size 60000
     write_token_dataset(d, {"train": rows}, seq_len=8, vocab_size=60000, shard_samples=16)
-    for verify, ranks in [(True, 1), (False, 1), (False, 4)]:  # whole shard, member checks (preload, pread)
+    for verify, ranks in [
+        (True, 1),
+        (False, 1),
+        (False, 4),
+    ]:  # whole shard, member checks (preload, pread)
         with pytest.raises(ShardError, match="train-000-00000.tar.*vocab_size"):
             run_global(loaders(data_cfg(verify_checksums=verify), d, ranks, 4), 5)
 
@@ -219,7 +252,9 @@ def test_valid_tar_in_another_layout_still_reads_exactly(shards):
     """A pax tar (global header first) is not the fixed-stride layout: tarfile walks it instead."""
     p = shards / SHARD
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}) as tf:
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}
+    ) as tf:
         for i in sorted(SHARD_IDS):
             payload = sample(i, 1).tobytes()
             info = tarfile.TarInfo(f"train-000-{i:09d}.tokens")

@@ -1,4 +1,5 @@
 """LoRA: adapters start as a no-op, only adapters train, and merging gives the same outputs."""
+
 import pytest
 import torch
 
@@ -10,7 +11,15 @@ EAGER = Backends(attention="eager", norm="eager", rope="eager", loss="eager")
 
 
 def _model():
-    args = ModelArgs(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=40, max_seq_len=16)
+    args = ModelArgs(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=64,
+        vocab_size=40,
+        max_seq_len=16,
+    )
     return GPT(args, EAGER, seed=0)
 
 

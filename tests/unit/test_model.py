@@ -1,5 +1,4 @@
 """megapt.model.gpt: sizes, init, causality, caching, document masks, checkpointing, HF parity."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +13,15 @@ SDPA = Backends(attention="sdpa", norm="eager", rope="eager", loss="chunked")
 
 
 def small_args(**kw):
-    base = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=97, max_seq_len=48)
+    base = dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=96,
+        vocab_size=97,
+        max_seq_len=48,
+    )
     return ModelArgs(**{**base, **kw})
 
 
@@ -30,7 +37,10 @@ def _by_hand(L, C, nh, nkv, F_, V, tied):
 # Published totals where they exist (HF model cards / config counts), else the formula by hand.
 EXPECTED = {
     "tiny": (4096, _by_hand(4, 256, 4, 2, 704, 4096, False)),
-    "124m": (50257, 38_597_376 + 12 * (4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768) + 768),  # ~123.6M, tied
+    "124m": (
+        50257,
+        38_597_376 + 12 * (4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768) + 768,
+    ),  # ~123.6M, tied
     "350m": (50257, _by_hand(24, 1024, 16, 16, 2816, 50257, True)),
     "1b": (128256, 1_235_814_400),  # Llama-3.2-1B
     "3b": (128256, 3_212_749_824),  # Llama-3.2-3B
@@ -60,7 +70,13 @@ def test_124m_is_gpt2_small_sized_and_70b_uses_gqa():
     assert (a.n_layers, a.d_model, a.n_heads) == (12, 768, 12)
     assert 123e6 < a.num_params() < 125e6
     b = ModelArgs.from_preset("70b", 32000, 4096)
-    assert (b.n_layers, b.d_model, b.n_heads, b.n_kv_heads, b.ffn_hidden) == (80, 8192, 64, 8, 28672)
+    assert (b.n_layers, b.d_model, b.n_heads, b.n_kv_heads, b.ffn_hidden) == (
+        80,
+        8192,
+        64,
+        8,
+        28672,
+    )
 
 
 def test_flops_per_token_by_hand_for_7b():
@@ -92,17 +108,29 @@ def test_flops_per_token_equals_the_matmul_flops_torch_counts(tie, n_kv_heads):
 def test_from_config_overrides_and_errors():
     cfg = ModelConfig(preset="tiny", n_layers=2, d_model=128, dropout=0.1)
     a = ModelArgs.from_config(cfg, vocab_size=1000, seq_len=64)
-    assert (a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.vocab_size, a.max_seq_len, a.dropout) == (
-        2, 128, 4, 2, 1000, 64, 0.1)
+    assert (
+        a.n_layers,
+        a.d_model,
+        a.n_heads,
+        a.n_kv_heads,
+        a.vocab_size,
+        a.max_seq_len,
+        a.dropout,
+    ) == (2, 128, 4, 2, 1000, 64, 0.1)
     assert a.ffn_hidden % 64 == 0 and 2 * 128 <= a.ffn_hidden <= 3 * 128  # follows the new d_model
-    assert ModelArgs.from_config(ModelConfig(vocab_size=1024, max_seq_len=512), 1000, 64).vocab_size == 1024
+    assert (
+        ModelArgs.from_config(ModelConfig(vocab_size=1024, max_seq_len=512), 1000, 64).vocab_size
+        == 1024
+    )
     with pytest.raises(ConfigError, match="model.vocab_size"):
         ModelArgs.from_config(ModelConfig(vocab_size=512), 1000, 64)
     with pytest.raises(ConfigError, match="model.preset: unknown 'huge'"):
         ModelArgs.from_config(ModelConfig(preset="huge"), 1000, 64)
     with pytest.raises(ConfigError) as e:
         ModelArgs.from_config(ModelConfig(n_heads=6, n_kv_heads=4), 1000, 64)
-    assert "n_heads: 6 must divide d_model 256" in str(e.value) and "n_kv_heads: 4 must divide" in str(e.value)
+    assert "n_heads: 6 must divide d_model 256" in str(
+        e.value
+    ) and "n_kv_heads: 4 must divide" in str(e.value)
 
 
 # ---------------------------------------------------------------- init
@@ -121,9 +149,13 @@ def test_meta_build_then_init_equals_direct_build(tied):
     assert sd_direct.keys() == sd_lazy.keys()
     for k in sd_direct:
         assert torch.equal(sd_direct[k], sd_lazy[k]), k
-    assert torch.equal(direct.rope_cos, lazy.rope_cos) and torch.equal(direct.rope_sin, lazy.rope_sin)
+    assert torch.equal(direct.rope_cos, lazy.rope_cos) and torch.equal(
+        direct.rope_sin, lazy.rope_sin
+    )
     other = GPT(args, seed=8)
-    assert not torch.equal(other.layers[0].attention.wq.weight, direct.layers[0].attention.wq.weight)
+    assert not torch.equal(
+        other.layers[0].attention.wq.weight, direct.layers[0].attention.wq.weight
+    )
 
 
 def test_meta_build_then_load_state_dict_without_init_is_complete():
@@ -142,8 +174,12 @@ def test_init_scales_residual_projections():
     args = small_args(n_layers=8, d_model=128, ffn_hidden=512, init_std=0.05)
     m = GPT(args, seed=0)
     resid = 0.05 / (2 * 8) ** 0.5
-    for w, std in ((m.layers[3].feed_forward.w2.weight, resid), (m.layers[3].attention.wo.weight, resid),
-                   (m.layers[3].feed_forward.w1.weight, 0.05), (m.tok_embeddings.weight, 0.05)):
+    for w, std in (
+        (m.layers[3].feed_forward.w2.weight, resid),
+        (m.layers[3].attention.wo.weight, resid),
+        (m.layers[3].feed_forward.w1.weight, 0.05),
+        (m.tok_embeddings.weight, 0.05),
+    ):
         assert abs(w.std().item() / std - 1) < 0.1
     assert torch.all(m.layers[0].attention_norm.weight == 1)
 
@@ -158,7 +194,9 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     hs, group = gqa_args.head_dim, 2
     sd = gqa.state_dict()
     for k, v in list(sd.items()):
-        if k.endswith(("wk.weight", "wv.weight")):  # (n_kv*hs, C) -> (nh*hs, C), head j uses kv head j//g
+        if k.endswith(
+            ("wk.weight", "wv.weight")
+        ):  # (n_kv*hs, C) -> (nh*hs, C), head j uses kv head j//g
             sd[k] = v.view(2, hs, -1).repeat_interleave(group, dim=0).reshape(4 * hs, -1)
     mha.load_state_dict(sd)
     x = torch.randint(0, 97, (2, 20))
@@ -218,7 +256,9 @@ def test_kv_cache_prefill_in_pieces_equals_full_forward_and_cached_greedy_matche
     x = torch.randint(0, 97, (2, 20))
     full = m(x).logits
     cache = m.new_kv_cache(2)
-    pieces = [m(x[:, a:b], kv_cache=cache, start_pos=a).logits for a, b in ((0, 7), (7, 8), (8, 20))]
+    pieces = [
+        m(x[:, a:b], kv_cache=cache, start_pos=a).logits for a, b in ((0, 7), (7, 8), (8, 20))
+    ]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
     # greedy decoding: one token per step through the cache vs the whole sequence every step
     cached, uncached = x[:, :6], x[:, :6]
@@ -254,7 +294,9 @@ def test_doc_mask_blocks_cross_document_attention(backends):
     # doc B sees neither doc A nor its positions: same as running B alone from position 0
     alone = m(doc_b[None], doc_mask=False).logits
     torch.testing.assert_close(packed[:, 5:], alone, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(packed[:, :5], m(doc_a[None], doc_mask=False).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        packed[:, :5], m(doc_a[None], doc_mask=False).logits, atol=1e-5, rtol=1e-4
+    )
     # without the mask, doc A leaks into doc B
     assert not torch.allclose(m(row, doc_mask=False).logits[:, 5:], alone, atol=1e-3)
     m.eos_id = None
@@ -293,17 +335,34 @@ def test_matches_hf_llama_without_weight_permutation():
     args = small_args(n_layers=2, rope_theta=500000.0, norm_eps=1e-6)
     m = GPT(args, EAGER, seed=0)
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.d_model, intermediate_size=args.ffn_hidden,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        max_position_embeddings=args.max_seq_len, rope_theta=args.rope_theta, rms_norm_eps=args.norm_eps,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+        vocab_size=args.vocab_size,
+        hidden_size=args.d_model,
+        intermediate_size=args.ffn_hidden,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        max_position_embeddings=args.max_seq_len,
+        rope_theta=args.rope_theta,
+        rms_norm_eps=args.norm_eps,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    names = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-             "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-             "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
+    names = {
+        "tok_embeddings": "model.embed_tokens",
+        "norm": "model.norm",
+        "output": "lm_head",
+        "attention.wq": "self_attn.q_proj",
+        "attention.wk": "self_attn.k_proj",
+        "attention.wv": "self_attn.v_proj",
+        "attention.wo": "self_attn.o_proj",
+        "feed_forward.w1": "mlp.gate_proj",
+        "feed_forward.w3": "mlp.up_proj",
+        "feed_forward.w2": "mlp.down_proj",
+        "attention_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
     sd = {}
     for k, v in m.state_dict().items():
         if k.startswith("layers."):

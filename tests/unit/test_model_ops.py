@@ -1,4 +1,5 @@
 """megapt.model.ops: every backend agrees with the reference math; selection fails loudly."""
+
 import logging
 import os
 import subprocess
@@ -30,7 +31,7 @@ def _naive_attention(q, k, v, allowed):
     out = torch.empty_like(q)
     for h in range(nh):
         kh, vh = k[:, h // group], v[:, h // group]  # (B, S, hs)
-        s = q[:, h] @ kh.transpose(-1, -2) / hs ** 0.5  # (B, T, S)
+        s = q[:, h] @ kh.transpose(-1, -2) / hs**0.5  # (B, T, S)
         a = allowed if allowed.dim() == 2 else allowed[:, 0]
         s = s.masked_fill(~a, float("-inf"))
         out[:, h] = s.softmax(-1) @ vh
@@ -41,7 +42,10 @@ def _naive_attention(q, k, v, allowed):
 def test_attention_matches_naive_gqa_causal(backend):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 7, 8, dtype=torch.float64)
-    k, v = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    k, v = (
+        torch.randn(2, 2, 7, 8, dtype=torch.float64),
+        torch.randn(2, 2, 7, 8, dtype=torch.float64),
+    )
     want = _naive_attention(q, k, v, torch.ones(7, 7, dtype=torch.bool).tril())
     torch.testing.assert_close(ops.attention(q, k, v, True, backend), want)
 
@@ -72,7 +76,7 @@ def test_attention_eager_equals_sdpa_forward_and_grads_with_mask():
 def test_rms_norm_eager_formula():
     x = torch.randn(3, 5, 32, dtype=torch.float64)
     w = torch.randn(32, dtype=torch.float64)
-    want = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6) * w
+    want = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * w
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6, "eager"), want)
 
 
@@ -86,14 +90,19 @@ def test_rope_rotate_half_convention_and_relative_positions():
     p, i = 5, 1
     ang = p * 10000.0 ** (-2 * i / hs)
     a, b = x[0, p, 0, i], x[0, p, 0, i + hs // 2]
-    torch.testing.assert_close(y[0, p, 0, i], a * torch.cos(torch.tensor(ang, dtype=torch.float64))
-                               - b * torch.sin(torch.tensor(ang, dtype=torch.float64)))
+    torch.testing.assert_close(
+        y[0, p, 0, i],
+        a * torch.cos(torch.tensor(ang, dtype=torch.float64))
+        - b * torch.sin(torch.tensor(ang, dtype=torch.float64)),
+    )
     # relative: <rope(q, m), rope(k, n)> depends only on m - n
     q, k = torch.randn(hs, dtype=torch.float64), torch.randn(hs, dtype=torch.float64)
     qs = q.expand(1, 16, 1, hs).contiguous()
     ks = k.expand(1, 16, 1, hs).contiguous()
     rq, rk = ops.apply_rope(qs, ks, cos.double(), sin.double(), "eager")
-    torch.testing.assert_close((rq[0, 7, 0] * rk[0, 4, 0]).sum(), (rq[0, 12, 0] * rk[0, 9, 0]).sum())
+    torch.testing.assert_close(
+        (rq[0, 7, 0] * rk[0, 4, 0]).sum(), (rq[0, 12, 0] * rk[0, 9, 0]).sum()
+    )
     # per-sample positions (B, T, hs/2) give the same rotation as the shared table
     pos = torch.tensor([[3, 4, 5], [0, 1, 2]])
     x3 = torch.randn(2, 3, 2, hs)
@@ -120,7 +129,9 @@ def test_rope_tables_survive_zero_init_style_bf16_constructors(monkeypatch):
 # ---------------------------------------------------------------- linear + cross-entropy
 
 
-@pytest.mark.parametrize("backend,chunk", [("chunked", 1), ("chunked", 8), ("chunked", None), ("eager", None)])
+@pytest.mark.parametrize(
+    "backend,chunk", [("chunked", 1), ("chunked", 8), ("chunked", None), ("eager", None)]
+)
 def test_linear_cross_entropy_matches_full_logits(backend, chunk):
     torch.manual_seed(0)
     N, C, V = 37, 16, 50
@@ -173,7 +184,9 @@ def test_select_backends_rejects_gpu_backends_on_cpu_naming_each():
 
 
 def test_unknown_kernel_error_names_module_and_cause():
-    with pytest.raises(RuntimeError, match=r"megapt.kernels.no_such_kernel is not available \(.*Error"):
+    with pytest.raises(
+        RuntimeError, match=r"megapt.kernels.no_such_kernel is not available \(.*Error"
+    ):
         ops._kernel("triton", "no_such_kernel")
 
 
@@ -202,8 +215,13 @@ def test_model_on_triton_kernels_matches_eager_under_interpreter():
     gives the eager model's loss and gradients; run through TRITON_INTERPRET=1 on CPU."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", TRITON_MODEL_CHECK], env=env, capture_output=True, text=True,
-                       timeout=170)
+    r = subprocess.run(
+        [sys.executable, "-c", TRITON_MODEL_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
@@ -247,15 +265,20 @@ def test_model_doc_mask_on_triton_kernels_matches_sdpa_under_interpreter():
     on sdpa/eager with the explicit mask; run through TRITON_INTERPRET=1 on CPU."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", TRITON_DOC_MASK_CHECK], env=env, capture_output=True, text=True,
-                       timeout=170)
+    r = subprocess.run(
+        [sys.executable, "-c", TRITON_DOC_MASK_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
     assert r.returncode == 0 and "OK 0" in r.stdout, r.stderr[-3000:]
 
 
 def test_select_backends_doc_mask_keeps_triton_and_refuses_cuda_attention(monkeypatch):
     # CUDA selection without a GPU: the kernel lookups are stubbed, the rules are real
     monkeypatch.setattr(ops, "_triton_importable", lambda: True)
-    monkeypatch.setattr(ops, "_find_kernel", lambda backend, name: (lambda *a, **k: None))
+    monkeypatch.setattr(ops, "_find_kernel", lambda backend, name: lambda *a, **k: None)
     monkeypatch.setattr(ops, "_cuda_extension_problem", lambda: "")
     auto = select_backends(_cfg(doc_mask=True), "cuda")
     assert auto.attention == "triton" and auto.rope == "triton"

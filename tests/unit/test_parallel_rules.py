@@ -2,6 +2,7 @@
 name the combination, the rank layout, which weights tensor parallelism shards, the resume check)
 and the ds_config DeepSpeed receives. The distributed behaviour is tested against one process in
 tests/integration/test_train_parallel.py."""
+
 from __future__ import annotations
 
 import re
@@ -17,17 +18,31 @@ from megapt.train.engine import build_ds_config
 
 
 def _args(**kw):
-    d = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=128,
-             max_seq_len=32)
+    d = dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=96,
+        vocab_size=128,
+        max_seq_len=32,
+    )
     d.update(kw)
     return ModelArgs(**d)
 
 
 def test_unsupported_combinations_are_one_config_error_naming_each():
     with pytest.raises(ConfigError) as e:
-        load_config([], ["--train.sequence_parallel=2", "--train.tensor_parallel=2",
-                         "--data.seq_len=33", "--deepspeed.zero_stage=0",
-                         "--deepspeed.zero_hpz_partition_size=2"])
+        load_config(
+            [],
+            [
+                "--train.sequence_parallel=2",
+                "--train.tensor_parallel=2",
+                "--data.seq_len=33",
+                "--deepspeed.zero_stage=0",
+                "--deepspeed.zero_hpz_partition_size=2",
+            ],
+        )
     text = str(e.value)
     assert "train.sequence_parallel=2 with train.tensor_parallel=2: not supported" in text
     assert "train.sequence_parallel: 2 must divide data.seq_len 33" in text
@@ -35,8 +50,14 @@ def test_unsupported_combinations_are_one_config_error_naming_each():
     assert "deepspeed.zero_hpz_partition_size=2: hpZ partitions ZeRO-3 parameters" in text
     assert "hpz_partition_size=2 with sequence/tensor parallelism" in text
     with pytest.raises(ConfigError, match="train.tensor_parallel with deepspeed.offload"):
-        load_config([], ["--train.tensor_parallel=2", "--deepspeed.zero_stage=2",
-                         "--deepspeed.offload_optimizer=cpu"])
+        load_config(
+            [],
+            [
+                "--train.tensor_parallel=2",
+                "--deepspeed.zero_stage=2",
+                "--deepspeed.offload_optimizer=cpu",
+            ],
+        )
     with pytest.raises(ConfigError, match="train.sequence_parallel: must be >= 1, got 0"):
         load_config([], ["--train.sequence_parallel=0"])
     ok = load_config([], ["--train.sequence_parallel=4", "--deepspeed.zero_stage=3"])
@@ -45,20 +66,25 @@ def test_unsupported_combinations_are_one_config_error_naming_each():
 
 def test_world_and_head_counts_that_do_not_fit_the_layout_are_named():
     cfg = load_config([], ["--train.sequence_parallel=4"])
-    with pytest.raises(ConfigError, match="train.sequence_parallel: 4 does not divide the world "
-                                          "size 6"):
+    with pytest.raises(
+        ConfigError, match="train.sequence_parallel: 4 does not divide the world size 6"
+    ):
         parallel.Layout.from_config(cfg, 6)
     # 4 query heads cannot be spread over 8 sequence ranks
     problems = parallel.head_problems(_args(), 8, 1)
     assert any("8 must divide the 4 query heads" in p for p in problems)
     # AutoTP needs whole KV heads per rank: 2 KV heads over 4 ranks is refused, over 2 is fine
-    assert any("train.tensor_parallel: 4 must divide the 2 KV heads" in p
-               for p in parallel.head_problems(_args(n_heads=8), 1, 4))
+    assert any(
+        "train.tensor_parallel: 4 must divide the 2 KV heads" in p
+        for p in parallel.head_problems(_args(n_heads=8), 1, 4)
+    )
     assert parallel.head_problems(_args(), 1, 2) == []
     with pytest.raises(ConfigError, match="parallel layout: 1 problem"):
-        parallel.Layout.from_config(load_config([], ["--train.tensor_parallel=4",
-                                                     "--deepspeed.zero_stage=1"]), 4,
-                                    _args(n_heads=8))
+        parallel.Layout.from_config(
+            load_config([], ["--train.tensor_parallel=4", "--deepspeed.zero_stage=1"]),
+            4,
+            _args(n_heads=8),
+        )
 
 
 def test_gqa_with_fewer_kv_heads_than_sequence_ranks_is_allowed_when_they_divide():
@@ -90,8 +116,15 @@ def test_tensor_parallelism_shards_every_attention_and_mlp_matrix_and_nothing_el
 
 
 def test_ds_config_carries_autotp_rules_and_the_data_parallel_batch():
-    cfg = load_config([], ["--train.tensor_parallel=2", "--deepspeed.zero_stage=1",
-                           "--train.micro_batch=3", "--train.grad_accum=2"])
+    cfg = load_config(
+        [],
+        [
+            "--train.tensor_parallel=2",
+            "--deepspeed.zero_stage=1",
+            "--train.micro_batch=3",
+            "--train.grad_accum=2",
+        ],
+    )
     ds = build_ds_config(cfg, world_size=parallel.Layout(world=8, tp=2).dp)
     assert ds["train_batch_size"] == 3 * 2 * 4
     tp = ds["tensor_parallel"]
@@ -139,8 +172,9 @@ def test_sequence_shard_is_a_slice_and_its_loss_a_share():
     full = GPT(args, seed=0)
     with torch.no_grad():
         logits = full(x).logits  # (B, T, V)
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none",
-                                           ignore_index=-100).view(2, 16)
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), y.flatten(), reduction="none", ignore_index=-100
+    ).view(2, 16)
     m = GPT(args, seed=0)
     m.seq_shard = (0, 2)
     out = m(x, y, return_hidden=True)
@@ -166,8 +200,10 @@ def test_gpu_parallel_benchmark_points_are_valid_and_fit_one_8_gpu_node():
     points = sweep.expand(spec.get("axes") or {}, spec.get("points"))
     assert len(points) == 8
     for point in points:
-        cfg = load_config([str(root / c) for c in spec["configs"]],
-                          list(spec["overrides"]) + sweep.point_overrides(point))
+        cfg = load_config(
+            [str(root / c) for c in spec["configs"]],
+            list(spec["overrides"]) + sweep.point_overrides(point),
+        )
         hw = P.Hardware(1, 8, "h100")
         args = P.model_args(cfg)
         assert P.check_launch(cfg, hw, args) == [], point

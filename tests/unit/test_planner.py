@@ -3,6 +3,7 @@
 Expected values come from the ZeRO paper (Rajbhandari et al. 2020, Figure 1: 7.5B parameters,
 64 GPUs, K=12) and from first principles, not from the planner's code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,14 +19,24 @@ GB = 1e9
 
 
 def args_7b(**kw):
-    d = dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, ffn_hidden=11008, vocab_size=32000,
-             max_seq_len=4096, tie_embeddings=False)
+    d = dict(
+        n_layers=32,
+        d_model=4096,
+        n_heads=32,
+        n_kv_heads=32,
+        ffn_hidden=11008,
+        vocab_size=32000,
+        max_seq_len=4096,
+        tie_embeddings=False,
+    )
     d.update(kw)
     return ModelArgs(**d)
 
 
 def cfg_for(*overrides: str):
-    return load_config([], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b", *overrides])
+    return load_config(
+        [], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b", *overrides]
+    )
 
 
 # ---- model states -----------------------------------------------------------------------------
@@ -57,7 +68,9 @@ def test_each_zero_stage_shards_one_more_component():
 def test_offload_moves_optimizer_and_params_to_host_ram():
     n, w = 8_000_000, 8
     on_gpu = P.model_states(n, precision="bf16", zero_stage=3, world=w)
-    off = P.model_states(n, precision="bf16", zero_stage=3, world=w, offload_optimizer=True, offload_params=True)
+    off = P.model_states(
+        n, precision="bf16", zero_stage=3, world=w, offload_optimizer=True, offload_params=True
+    )
     assert off.optimizer == 0 and off.params == 0
     # host holds fp32 master + Adam moments + fp32 grad partition + the bf16 param partition
     assert off.host == pytest.approx((12 + 4 + 2) * n / w)
@@ -65,8 +78,13 @@ def test_offload_moves_optimizer_and_params_to_host_ram():
 
 
 def test_offload_reports_host_ram_per_node_and_fails_when_it_does_not_fit():
-    cfg = cfg_for("--deepspeed.zero_stage=3", "--deepspeed.offload_optimizer=cpu", "--deepspeed.offload_params=cpu",
-                  "--train.activation_checkpointing=true", "--train.micro_batch=1")
+    cfg = cfg_for(
+        "--deepspeed.zero_stage=3",
+        "--deepspeed.offload_optimizer=cpu",
+        "--deepspeed.offload_params=cpu",
+        "--train.activation_checkpointing=true",
+        "--train.micro_batch=1",
+    )
     a = args_7b()
     n = sum(p.numel for p in P.param_list(a))
     plan = P.plan_memory(cfg, P.Hardware(1, 8, "h100"), args=a)
@@ -83,8 +101,12 @@ def test_parameter_list_is_the_models_own():
         a = ModelArgs.from_preset("tiny", vocab_size=1000, max_seq_len=64, tie_embeddings=tie)
         params = P.param_list(a)
         by_kind = {k: [p for p in params if p.kind == k] for k in ("embedding", "norm", "linear")}
-        assert [(p.name, p.shape) for p in by_kind["embedding"]] == [("tok_embeddings.weight", (1000, 256))]
-        assert len(by_kind["norm"]) == 2 * a.n_layers + 1 and {p.shape for p in by_kind["norm"]} == {(256,)}
+        assert [(p.name, p.shape) for p in by_kind["embedding"]] == [
+            ("tok_embeddings.weight", (1000, 256))
+        ]
+        assert len(by_kind["norm"]) == 2 * a.n_layers + 1 and {
+            p.shape for p in by_kind["norm"]
+        } == {(256,)}
         # per block wq wk wv wo w1 w2 w3, plus the output head when it is not the embedding
         assert len(by_kind["linear"]) == 7 * a.n_layers + (0 if tie else 1)
         assert ("output.weight" in {p.name for p in params}) == (not tie)
@@ -101,7 +123,9 @@ def test_activations_linear_in_micro_batch_and_no_seq_squared_with_flash_attenti
     assert P.activation_bytes(a, 2048, 4, "bf16", False) == pytest.approx(4 * one)
     assert P.activation_bytes(a, 4096, 1, "bf16", False) == pytest.approx(2 * one)
     eager = P.activation_bytes(a, 4096, 1, "bf16", False, attention="eager")
-    assert eager - P.activation_bytes(a, 4096, 1, "bf16", False) >= 33 * 2 * 2 * 32 * 4096**2  # the s^2 scores
+    assert (
+        eager - P.activation_bytes(a, 4096, 1, "bf16", False) >= 33 * 2 * 2 * 32 * 4096**2
+    )  # the s^2 scores
 
 
 def test_activation_checkpointing_keeps_block_inputs_only():
@@ -137,8 +161,15 @@ def test_7b_zero0_does_not_fit_one_h100_but_zero3_on_8_does():
     a = args_7b()
     p0 = P.plan_memory(cfg_for("--train.micro_batch=1"), P.Hardware(1, 1), args=a)
     assert not p0.fits and p0.peak > 16 * 6.7e9
-    p3 = P.plan_memory(cfg_for("--deepspeed.zero_stage=3", "--train.micro_batch=1",
-                               "--train.activation_checkpointing=true"), P.Hardware(1, 8), args=a)
+    p3 = P.plan_memory(
+        cfg_for(
+            "--deepspeed.zero_stage=3",
+            "--train.micro_batch=1",
+            "--train.activation_checkpointing=true",
+        ),
+        P.Hardware(1, 8),
+        args=a,
+    )
     assert p3.fits and p3.peak < 40 * P.GIB
 
 
@@ -193,10 +224,14 @@ def test_sequence_parallelism_divides_every_activation_by_the_ranks():
 
 def test_sequence_parallelism_keeps_weights_whole_and_zero_shards_over_all_ranks():
     a = args_7b()
-    plain = P.plan_memory(cfg_for("--deepspeed.zero_stage=2", "--train.micro_batch=1"),
-                          P.Hardware(1, 8), args=a)
-    sp = P.plan_memory(cfg_for("--deepspeed.zero_stage=2", "--train.micro_batch=1",
-                               "--train.sequence_parallel=4"), P.Hardware(1, 8), args=a)
+    plain = P.plan_memory(
+        cfg_for("--deepspeed.zero_stage=2", "--train.micro_batch=1"), P.Hardware(1, 8), args=a
+    )
+    sp = P.plan_memory(
+        cfg_for("--deepspeed.zero_stage=2", "--train.micro_batch=1", "--train.sequence_parallel=4"),
+        P.Hardware(1, 8),
+        args=a,
+    )
     for row in ("parameters", "gradients", "optimizer states"):
         assert sp.row(row) == plain.row(row)  # ZeRO partitions over data x sequence ranks = 8
     assert sp.row("activations") < plain.row("activations") / 3.9
@@ -217,9 +252,14 @@ def test_tensor_parallelism_keeps_a_tp_th_of_attention_and_mlp_weights_per_rank(
 
 def test_7b_at_128k_on_one_node_fits_only_with_sequence_parallelism_and_the_planner_says_so():
     a = args_7b(max_seq_len=131072)
-    cfg = cfg_for("--data.seq_len=131072", "--train.micro_batch=1", "--train.grad_accum=1",
-                  "--deepspeed.zero_stage=3", "--train.activation_checkpointing=true",
-                  "--plan.global_batch=8")
+    cfg = cfg_for(
+        "--data.seq_len=131072",
+        "--train.micro_batch=1",
+        "--train.grad_accum=1",
+        "--deepspeed.zero_stage=3",
+        "--train.activation_checkpointing=true",
+        "--plan.global_batch=8",
+    )
     hw = P.Hardware(1, 8)
     assert not P.plan_memory(cfg, hw, args=a).fits
     found = P.suggest(cfg, hw, a, top=5)
@@ -231,13 +271,23 @@ def test_7b_at_128k_on_one_node_fits_only_with_sequence_parallelism_and_the_plan
 
 
 def test_batch_checks_count_data_parallel_replicas_not_gpus():
-    cfg = cfg_for("--train.tensor_parallel=8", "--deepspeed.zero_stage=1", "--train.micro_batch=1",
-                  "--train.grad_accum=16", "--plan.global_batch=1024")
+    cfg = cfg_for(
+        "--train.tensor_parallel=8",
+        "--deepspeed.zero_stage=1",
+        "--train.micro_batch=1",
+        "--train.grad_accum=16",
+        "--plan.global_batch=1024",
+    )
     problems = P.check_launch(cfg, P.Hardware(8, 8), args_7b())
     # 64 GPUs in groups of 8: 8 data-parallel replicas, so 1 x 128 x 8 = 1024
     assert any("--train.grad_accum=128" in p and "data-parallel size" in p for p in problems)
-    ok = cfg_for("--train.tensor_parallel=8", "--deepspeed.zero_stage=1", "--train.micro_batch=1",
-                 "--train.grad_accum=128", "--plan.global_batch=1024")
+    ok = cfg_for(
+        "--train.tensor_parallel=8",
+        "--deepspeed.zero_stage=1",
+        "--train.micro_batch=1",
+        "--train.grad_accum=128",
+        "--plan.global_batch=1024",
+    )
     assert P.check_launch(ok, P.Hardware(8, 8), args_7b()) == []
 
 
@@ -253,8 +303,16 @@ def test_overrides_carry_sequence_and_tensor_parallelism():
     cfg = cfg_for("--train.micro_batch=4")
     base = P.Setting.from_config(cfg)
     s = dataclasses.replace(base, sequence_parallel=4, zero_stage=2)
-    again = load_config([], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b",
-                             "--train.micro_batch=4", *s.overrides(base)])
+    again = load_config(
+        [],
+        [
+            "--train.precision=bf16",
+            "--data.seq_len=4096",
+            "--model.preset=7b",
+            "--train.micro_batch=4",
+            *s.overrides(base),
+        ],
+    )
     assert P.Setting.from_config(again) == s
 
 
@@ -272,7 +330,9 @@ def test_world_size_not_dividing_the_global_batch_is_named():
 
 def test_bad_combinations_are_all_reported():
     cfg = cfg_for("--plan.global_batch=100", "--train.micro_batch=4")
-    a = SimpleNamespace(**{**dataclasses.asdict(args_7b()), "n_kv_heads": 5})  # ModelArgs refuses it
+    a = SimpleNamespace(
+        **{**dataclasses.asdict(args_7b()), "n_kv_heads": 5}
+    )  # ModelArgs refuses it
     problems = P.check_launch(cfg, P.Hardware(1, 8, "v100"), a)
     text = "\n".join(problems)
     assert "bf16" in text and "v100" in text
@@ -288,9 +348,19 @@ def test_unknown_gpu_is_a_config_error():
 def test_overrides_turn_the_config_into_the_suggested_setting():
     cfg = cfg_for("--train.micro_batch=4")
     base = P.Setting.from_config(cfg)
-    s = dataclasses.replace(base, zero_stage=3, activation_checkpointing=True, offload_optimizer=True)
-    again = load_config([], ["--train.precision=bf16", "--data.seq_len=4096", "--model.preset=7b", "--train.micro_batch=4",
-                             *s.overrides(base)])
+    s = dataclasses.replace(
+        base, zero_stage=3, activation_checkpointing=True, offload_optimizer=True
+    )
+    again = load_config(
+        [],
+        [
+            "--train.precision=bf16",
+            "--data.seq_len=4096",
+            "--model.preset=7b",
+            "--train.micro_batch=4",
+            *s.overrides(base),
+        ],
+    )
     assert P.Setting.from_config(again) == s
 
 
@@ -302,17 +372,23 @@ def test_bf16_at_zero0_runs_as_stage_1_in_the_engine_and_the_planner():
     for precision in ("fp32", "bf16", "fp16"):
         for stage in range(4):
             raised = precision == "bf16" and stage == 0
-            cfg = load_config([], [f"--train.precision={precision}", f"--deepspeed.zero_stage={stage}"])
+            cfg = load_config(
+                [], [f"--train.precision={precision}", f"--deepspeed.zero_stage={stage}"]
+            )
             ds = build_ds_config(cfg)
             assert ds["zero_optimization"]["stage"] == (1 if raised else stage)
             assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if raised else None)
             assert engine_stage(precision, stage) == (1 if raised else stage, raised)
-    hw = P.Hardware(1, 2, "h100")  # 2 ranks: stage 1 partitions the optimizer states, stage 0 does not
+    hw = P.Hardware(
+        1, 2, "h100"
+    )  # 2 ranks: stage 1 partitions the optimizer states, stage 0 does not
     states = {}
     for precision in ("fp32", "bf16"):
         cfg = load_config([], [f"--train.precision={precision}", "--model.preset=124m"])
         for stage in (0, 1):
-            plan = P.plan_memory(cfg, hw, dataclasses.replace(P.Setting.from_config(cfg), zero_stage=stage))
+            plan = P.plan_memory(
+                cfg, hw, dataclasses.replace(P.Setting.from_config(cfg), zero_stage=stage)
+            )
             states[precision, stage] = plan.row("optimizer states")
     assert states["fp32", 0] > states["fp32", 1]
     assert states["bf16", 0] == states["bf16", 1]  # planned as the stage 1 the engine runs
@@ -332,20 +408,47 @@ def _plan_cli(capsys, *argv):
 def test_cli_prints_the_table_and_exits_0_when_it_fits(capsys):
     rc, text = _plan_cli(capsys, "-c", "configs/7b.yaml")
     assert rc == 0, text
-    for row in ("parameters", "gradients", "optimizer states", "activations", "logits / loss",
-                "ZeRO buffers", "CUDA context", "peak per GPU", "host RAM per node", "largest micro_batch"):
+    for row in (
+        "parameters",
+        "gradients",
+        "optimizer states",
+        "activations",
+        "logits / loss",
+        "ZeRO buffers",
+        "CUDA context",
+        "peak per GPU",
+        "host RAM per node",
+        "largest micro_batch",
+    ):
         assert row in text
 
 
 def test_cli_exits_1_with_a_fitting_suggestion_when_it_does_not_fit(capsys):
-    rc, text = _plan_cli(capsys, "-c", "configs/7b.yaml", "--nodes", "1", "--gpus-per-node", "8",
-                         "--deepspeed.zero_stage=0", "--train.activation_checkpointing=false")
+    rc, text = _plan_cli(
+        capsys,
+        "-c",
+        "configs/7b.yaml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--deepspeed.zero_stage=0",
+        "--train.activation_checkpointing=false",
+    )
     assert rc == 1 and "DOES NOT FIT" in text
-    line = next(x for x in text.splitlines() if x.strip().startswith("x1") or x.strip().startswith("x2"))
+    line = next(
+        x for x in text.splitlines() if x.strip().startswith("x1") or x.strip().startswith("x2")
+    )
     overrides = [w for w in line.split() if w.startswith("--")]
     assert overrides
-    rc2, text2 = _plan_cli(capsys, "-c", "configs/7b.yaml", "--deepspeed.zero_stage=0",
-                           "--train.activation_checkpointing=false", *overrides)
+    rc2, text2 = _plan_cli(
+        capsys,
+        "-c",
+        "configs/7b.yaml",
+        "--deepspeed.zero_stage=0",
+        "--train.activation_checkpointing=false",
+        *overrides,
+    )
     assert rc2 == 0, text2
 
 
@@ -356,8 +459,20 @@ def test_cli_exits_2_naming_the_key_when_the_world_size_does_not_divide_the_batc
 
 
 def test_cli_says_nothing_fits_when_nothing_does(capsys):
-    rc, text = _plan_cli(capsys, "-c", "configs/70b.yaml", "--nodes", "1", "--gpus-per-node", "1",
-                         "--plan.global_batch=0", "--gpu", "a10g", "--cpu-mem-gb", "64")
+    rc, text = _plan_cli(
+        capsys,
+        "-c",
+        "configs/70b.yaml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--plan.global_batch=0",
+        "--gpu",
+        "a10g",
+        "--cpu-mem-gb",
+        "64",
+    )
     assert rc == 1 and "nothing fits" in text
 
 
@@ -369,11 +484,25 @@ def test_block_activation_formula_matches_the_tensors_a_real_block_saves(precisi
 
     from megapt.model.ops import select_backends
 
-    cfg = load_config([], ["--model.preset=tiny", "--model.n_layers=1", "--model.d_model=256", "--model.n_heads=4",
-                           "--model.n_kv_heads=2", "--model.ffn_hidden=704", "--tokenizer.vocab_size=512",
-                           "--data.seq_len=128", "--model.norm=eager", "--model.attention=sdpa"])
+    cfg = load_config(
+        [],
+        [
+            "--model.preset=tiny",
+            "--model.n_layers=1",
+            "--model.d_model=256",
+            "--model.n_heads=4",
+            "--model.n_kv_heads=2",
+            "--model.ffn_hidden=704",
+            "--tokenizer.vocab_size=512",
+            "--data.seq_len=128",
+            "--model.norm=eager",
+            "--model.attention=sdpa",
+        ],
+    )
     a = P.model_args(cfg)
-    model = GPT(a, select_backends(cfg.model, "cpu")).to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    model = GPT(a, select_backends(cfg.model, "cpu")).to(
+        torch.bfloat16 if precision == "bf16" else torch.float32
+    )
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
 

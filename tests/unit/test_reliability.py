@@ -3,12 +3,12 @@ out-of-space during checkpoint and shard writes, and every CLI verb's answer to 
 
 Out-of-space uses a real 1-4 MiB tmpfs (needs root to mount; skipped with the reason otherwise).
 """
+
 from __future__ import annotations
 
 import ast
 import contextlib
 import errno
-import io
 import json
 import os
 import re
@@ -38,7 +38,7 @@ class FakeEngine:
     def __init__(self, size: int):
         self.size = size
 
-    def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=False):  # noqa: ARG002
+    def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=False):
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
         with open(d / "mp_rank_00_model_states.pt", "wb") as f:
@@ -49,8 +49,15 @@ class FakeEngine:
 
 
 def _save(root: Path, step: int, size: int, keep_last: int = 3) -> Path:
-    return ck.save_checkpoint(root, step, FakeEngine(size), {"step": step, "tokens_seen": 0}, config_text="x: 1\n",
-                              tokenizer_path=None, keep_last=keep_last)
+    return ck.save_checkpoint(
+        root,
+        step,
+        FakeEngine(size),
+        {"step": step, "tokens_seen": 0},
+        config_text="x: 1\n",
+        tokenizer_path=None,
+        keep_last=keep_last,
+    )
 
 
 class _Ckpt:
@@ -61,10 +68,16 @@ class _Ckpt:
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str):
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to simulate a full disk: {r.stderr.strip() or r.returncode}")
+        pytest.skip(
+            f"cannot mount a tmpfs to simulate a full disk: {r.stderr.strip() or r.returncode}"
+        )
     try:
         yield path
     finally:
@@ -132,8 +145,15 @@ def test_disk_full_while_megapt_writes_its_own_checkpoint_files(tmp_path):
         _save(root, 1, 128 * 1024)
         big_meta = {"step": 2, "tokens_seen": 0, "pad": "x" * (2 * 1024 * 1024)}
         with pytest.raises(OSError) as ei:
-            ck.save_checkpoint(root, 2, FakeEngine(64 * 1024), big_meta, config_text="x: 1\n", tokenizer_path=None,
-                               keep_last=1)
+            ck.save_checkpoint(
+                root,
+                2,
+                FakeEngine(64 * 1024),
+                big_meta,
+                config_text="x: 1\n",
+                tokenizer_path=None,
+                keep_last=1,
+            )
         assert ei.value.errno == errno.ENOSPC
         assert [p.name for _, p in ck.list_checkpoints(root)] == ["step_0000001"]
         assert ck.verify_checkpoint(root / "step_0000001") == []
@@ -141,18 +161,22 @@ def test_disk_full_while_megapt_writes_its_own_checkpoint_files(tmp_path):
 
 def test_disk_full_during_a_shard_write_leaves_earlier_shards_intact(tmp_path):
     from megapt.data.manifest import load_manifest
-    from megapt.data.tarformat import verify_shard
     from megapt.data.shard import write_token_dataset
+    from megapt.data.tarformat import verify_shard
 
     def rows(n, seed):
         rng = np.random.default_rng(seed)
         return [rng.integers(0, 500, 129).astype(np.uint16) for _ in range(n)]
 
     with tmpfs(tmp_path / "disk", "2m") as disk:
-        write_token_dataset(disk / "a", {"train": rows(200, 0)}, seq_len=128, vocab_size=512, shard_samples=64)
+        write_token_dataset(
+            disk / "a", {"train": rows(200, 0)}, seq_len=128, vocab_size=512, shard_samples=64
+        )
         before = {p.name: p.read_bytes() for p in (disk / "a").iterdir()}
         with pytest.raises(OSError) as ei:  # ~2.5 MiB of samples into the ~1.8 MiB left
-            write_token_dataset(disk / "b", {"train": rows(4000, 1)}, seq_len=128, vocab_size=512, shard_samples=256)
+            write_token_dataset(
+                disk / "b", {"train": rows(4000, 1)}, seq_len=128, vocab_size=512, shard_samples=256
+            )
         assert ei.value.errno == errno.ENOSPC
         # the earlier dataset: byte for byte as it was, and it verifies
         assert {p.name: p.read_bytes() for p in (disk / "a").iterdir()} == before
@@ -210,13 +234,28 @@ def unsafe_loads(files: list[Path]) -> list[str]:
                 wo = _kw(node, "weights_only")
                 if not (isinstance(wo, ast.Constant) and wo.value is True):
                     problems.append(where + " without weights_only=True")
-            elif name.startswith("yaml.") and last in ("load", "load_all", "unsafe_load", "full_load",
-                                                       "unsafe_load_all", "full_load_all"):
+            elif name.startswith("yaml.") and last in (
+                "load",
+                "load_all",
+                "unsafe_load",
+                "full_load",
+                "unsafe_load_all",
+                "full_load_all",
+            ):
                 loader = _kw(node, "Loader") or (node.args[1] if len(node.args) > 1 else None)
-                if last.startswith(("unsafe", "full")) or not (loader is not None and "Safe" in _dotted(loader)):
+                if last.startswith(("unsafe", "full")) or not (
+                    loader is not None and "Safe" in _dotted(loader)
+                ):
                     problems.append(where + " (use yaml.safe_load)")
-            elif name.split(".")[0] in ("pickle", "cPickle", "_pickle", "dill", "marshal", "shelve", "joblib") \
-                    and last in ("load", "loads", "open", "Unpickler"):
+            elif name.split(".")[0] in (
+                "pickle",
+                "cPickle",
+                "_pickle",
+                "dill",
+                "marshal",
+                "shelve",
+                "joblib",
+            ) and last in ("load", "loads", "open", "Unpickler"):
                 problems.append(where + " (unpickling runs code)")
             elif name.endswith(("np.load", "numpy.load")):
                 ap = _kw(node, "allow_pickle")
@@ -227,11 +266,13 @@ def unsafe_loads(files: list[Path]) -> list[str]:
 
 def test_the_scanner_flags_every_unsafe_form(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import torch, yaml, pickle, numpy as np\n"
-                   "torch.load('a')\ntorch.load('a', weights_only=False)\nyaml.load(s)\nyaml.unsafe_load(s)\n"
-                   "yaml.load(s, Loader=yaml.FullLoader)\npickle.loads(b)\nnp.load('x', allow_pickle=True)\n"
-                   "torch.load('a', weights_only=True)\nyaml.load(s, Loader=yaml.SafeLoader)\nyaml.safe_load(s)\n"
-                   "np.load('x')\n")
+    bad.write_text(
+        "import torch, yaml, pickle, numpy as np\n"
+        "torch.load('a')\ntorch.load('a', weights_only=False)\nyaml.load(s)\nyaml.unsafe_load(s)\n"
+        "yaml.load(s, Loader=yaml.FullLoader)\npickle.loads(b)\nnp.load('x', allow_pickle=True)\n"
+        "torch.load('a', weights_only=True)\nyaml.load(s, Loader=yaml.SafeLoader)\nyaml.safe_load(s)\n"
+        "np.load('x')\n"
+    )
     global ROOT
     saved, ROOT = ROOT, tmp_path
     try:
@@ -246,7 +287,9 @@ def test_source_tree_loads_nothing_unsafely():
     assert len(files) > 30
     assert unsafe_loads(files) == []
     text = "\n".join(f.read_text(encoding="utf-8") for f in files)
-    assert "torch.load(" in text  # the scanner looks at real code (consolidate.py loads ZeRO-0 weights)
+    assert (
+        "torch.load(" in text
+    )  # the scanner looks at real code (consolidate.py loads ZeRO-0 weights)
 
 
 def test_exported_and_consolidated_weights_are_safetensors_only():
@@ -256,10 +299,16 @@ def test_exported_and_consolidated_weights_are_safetensors_only():
         for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call):
                 name = _dotted(node.func)
-                if name.endswith(("torch.save", "pickle.dump", "pickle.dumps")) or name.endswith(".save_pretrained"):
+                if name.endswith(("torch.save", "pickle.dump", "pickle.dumps")) or name.endswith(
+                    ".save_pretrained"
+                ):
                     writers.append(f"{f.relative_to(ROOT)}:{node.lineno}: {name}")
     assert writers == []
-    for mod in ("megapt/weights/hf.py", "megapt/weights/consolidate.py", "megapt/weights/source.py"):
+    for mod in (
+        "megapt/weights/hf.py",
+        "megapt/weights/consolidate.py",
+        "megapt/weights/source.py",
+    ):
         assert "save_file(" in (ROOT / mod).read_text(), mod
 
 
@@ -313,13 +362,20 @@ def _verbs():
 
 
 # the positional / required arguments a verb needs so that argparse lets it reach the config
-_REQUIRED = {("ckpt", "consolidate"): ["CKPT"], ("ckpt", "universal"): ["CKPT"], ("bench",): ["train"],
-             ("export",): ["--out", "OUT"], ("data", "index"): ["CKPT"]}
+_REQUIRED = {
+    ("ckpt", "consolidate"): ["CKPT"],
+    ("ckpt", "universal"): ["CKPT"],
+    ("bench",): ["train"],
+    ("export",): ["--out", "OUT"],
+    ("data", "index"): ["CKPT"],
+}
 BAD = ["--train.bogus_key=1", "--train.lr=fast", "--model.attention=flash9", "--data.seq_len=long"]
 
 
 @pytest.mark.parametrize("verb", _verbs(), ids=lambda v: "-".join(v))
-def test_every_verb_rejects_bad_overrides_with_exit_2_listing_all(verb, tmp_path, capsys, monkeypatch):
+def test_every_verb_rejects_bad_overrides_with_exit_2_listing_all(
+    verb, tmp_path, capsys, monkeypatch
+):
     from megapt.cli import main
 
     monkeypatch.chdir(tmp_path)

@@ -1,4 +1,5 @@
 """Checkpoint bookkeeping without DeepSpeed: manifest, validity, rotation, compatibility, RNG."""
+
 import json
 import random
 
@@ -53,15 +54,29 @@ def test_rotation_keeps_last_k_and_never_the_only_valid(tmp_path):
     assert "step_0000004" in names and "step_0000005" in names and "step_0000003" not in names
 
 
-ARGS = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=192, vocab_size=512, max_seq_len=32,
-            dropout=0.0)
+ARGS = dict(
+    n_layers=2,
+    d_model=64,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn_hidden=192,
+    vocab_size=512,
+    max_seq_len=32,
+    dropout=0.0,
+)
 
 
 def test_incompatible_model_names_every_differing_field(tmp_path):
     meta = {"model_args": ARGS, "world_size": 1, "zero_stage": 0}
     with pytest.raises(ck.CheckpointError) as exc:
-        ck.check_compatible(meta, model_args=dict(ARGS, d_model=128, n_layers=4, dropout=0.1), world_size=1,
-                            zero_stage=0, universal=False, ckpt=tmp_path)
+        ck.check_compatible(
+            meta,
+            model_args=dict(ARGS, d_model=128, n_layers=4, dropout=0.1),
+            world_size=1,
+            zero_stage=0,
+            universal=False,
+            ckpt=tmp_path,
+        )
     msg = str(exc.value)
     assert "model.d_model" in msg and "model.n_layers" in msg and "dropout" not in msg
 
@@ -69,31 +84,37 @@ def test_incompatible_model_names_every_differing_field(tmp_path):
 def test_zero_partitions_at_another_world_size_suggest_universal(tmp_path):
     meta = {"model_args": ARGS, "world_size": 2, "zero_stage": 2}
     with pytest.raises(ck.CheckpointError, match="megapt ckpt universal") as exc:
-        ck.check_compatible(meta, model_args=ARGS, world_size=1, zero_stage=2, universal=False,
-                            ckpt=tmp_path)
+        ck.check_compatible(
+            meta, model_args=ARGS, world_size=1, zero_stage=2, universal=False, ckpt=tmp_path
+        )
     assert "--checkpoint.universal=true" in str(exc.value)
     with pytest.raises(ck.CheckpointError, match="no ds_universal.*megapt ckpt universal"):
-        ck.check_compatible(meta, model_args=ARGS, world_size=1, zero_stage=2, universal=True,
-                            ckpt=tmp_path)
+        ck.check_compatible(
+            meta, model_args=ARGS, world_size=1, zero_stage=2, universal=True, ckpt=tmp_path
+        )
     (tmp_path / ck.UNIVERSAL_TAG).mkdir()  # converted: any stage, any world size
     for stage in (0, 1, 2, 3):
-        ck.check_compatible(meta, model_args=ARGS, world_size=3, zero_stage=stage, universal=True,
-                            ckpt=tmp_path)
+        ck.check_compatible(
+            meta, model_args=ARGS, world_size=3, zero_stage=stage, universal=True, ckpt=tmp_path
+        )
 
 
 def test_zero0_checkpoint_needs_no_conversion_and_the_messages_say_so(tmp_path):
     """ZeRO-0 holds the whole optimizer state in one file: another world size loads it plainly;
     another stage needs --checkpoint.universal=true, which takes it as it is (no ds_universal/)."""
     meta = {"model_args": ARGS, "world_size": 2, "zero_stage": 0}
-    ck.check_compatible(meta, model_args=ARGS, world_size=4, zero_stage=0, universal=False,
-                        ckpt=tmp_path)
+    ck.check_compatible(
+        meta, model_args=ARGS, world_size=4, zero_stage=0, universal=False, ckpt=tmp_path
+    )
     with pytest.raises(ck.CheckpointError, match="--checkpoint.universal=true") as exc:
-        ck.check_compatible(meta, model_args=ARGS, world_size=2, zero_stage=3, universal=False,
-                            ckpt=tmp_path)
+        ck.check_compatible(
+            meta, model_args=ARGS, world_size=2, zero_stage=3, universal=False, ckpt=tmp_path
+        )
     assert "megapt ckpt universal" not in str(exc.value) and "no conversion" in str(exc.value)
     for stage in (0, 1, 2, 3):
-        ck.check_compatible(meta, model_args=ARGS, world_size=1, zero_stage=stage, universal=True,
-                            ckpt=tmp_path)
+        ck.check_compatible(
+            meta, model_args=ARGS, world_size=1, zero_stage=stage, universal=True, ckpt=tmp_path
+        )
 
 
 def test_rng_state_round_trips_through_json():

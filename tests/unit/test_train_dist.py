@@ -1,4 +1,5 @@
 """Rank/world detection: every launcher a user may start megapt under gives the right picture."""
+
 import pytest
 
 from megapt.train.dist import detect_launcher_env, first_slurm_host
@@ -10,15 +11,32 @@ def test_plain_python_is_single_process():
 
 
 def test_torchrun_and_deepspeed_launcher_env():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "1234",
+    }
     info = detect_launcher_env(env)
-    assert (info.rank, info.world_size, info.local_rank, info.master_addr, info.master_port) == (3, 8, 1, "node7", 1234)
+    assert (info.rank, info.world_size, info.local_rank, info.master_addr, info.master_port) == (
+        3,
+        8,
+        1,
+        "node7",
+        1234,
+    )
 
 
 def test_slurm_srun_env_uses_first_host_of_nodelist(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)  # no scontrol: parse the list ourselves
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODELIST": "gpu[017-020,031],cpu01",
-           "SLURM_JOB_ID": "4242"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODELIST": "gpu[017-020,031],cpu01",
+        "SLURM_JOB_ID": "4242",
+    }
     info = detect_launcher_env(env)
     assert (info.rank, info.world_size, info.local_rank, info.launcher) == (5, 16, 1, "slurm")
     assert info.master_addr == "gpu017"
@@ -27,24 +45,46 @@ def test_slurm_srun_env_uses_first_host_of_nodelist(monkeypatch):
     assert info.master_port != detect_launcher_env(dict(env, SLURM_JOB_ID="4243")).master_port
 
 
-@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a-[1-2]", "a-1"), ("x[003,007]", "x003"),
-                                            ("h1,h2", "h1"), ("r[1-2]n[3-4]", "r1n[3-4]")])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("node1", "node1"),
+        ("a-[1-2]", "a-1"),
+        ("x[003,007]", "x003"),
+        ("h1,h2", "h1"),
+        ("r[1-2]n[3-4]", "r1n[3-4]"),
+    ],
+)
 def test_first_slurm_host_parsing(monkeypatch, nodelist, first):
     monkeypatch.setattr("shutil.which", lambda name: None)
     assert first_slurm_host(nodelist) == first
 
 
 def test_openmpi_and_mpich_env():
-    ompi = detect_launcher_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
-                                "OMPI_COMM_WORLD_LOCAL_RANK": "0", "MASTER_ADDR": "h0"})
-    assert (ompi.rank, ompi.world_size, ompi.local_rank, ompi.launcher, ompi.master_addr) == (2, 4, 0, "openmpi", "h0")
+    ompi = detect_launcher_env(
+        {
+            "OMPI_COMM_WORLD_RANK": "2",
+            "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+            "MASTER_ADDR": "h0",
+        }
+    )
+    assert (ompi.rank, ompi.world_size, ompi.local_rank, ompi.launcher, ompi.master_addr) == (
+        2,
+        4,
+        0,
+        "openmpi",
+        "h0",
+    )
     pmi = detect_launcher_env({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"})
     assert (pmi.rank, pmi.world_size, pmi.local_rank, pmi.launcher) == (1, 2, 1, "mpich")
 
 
 def test_torchrun_env_wins_over_slurm_when_both_are_set():
     # torchrun inside an sbatch allocation: the per-process RANK is the truth
-    info = detect_launcher_env({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    info = detect_launcher_env(
+        {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    )
     assert (info.rank, info.world_size, info.launcher) == (1, 2, "torchrun/deepspeed")
 
 
@@ -69,7 +109,12 @@ def test_start_process_seeds_each_rank_and_checks_the_device(monkeypatch):
         return random.random(), float(np.random.rand()), float(torch.rand(()))
 
     proc = process.start_process(cfg)
-    assert (proc.rank, proc.world_size, proc.device, proc.info.launcher) == (1, 2, "cpu", "torchrun/deepspeed")
+    assert (proc.rank, proc.world_size, proc.device, proc.info.launcher) == (
+        1,
+        2,
+        "cpu",
+        "torchrun/deepspeed",
+    )
     per_rank = draws()
     process.start_process(cfg, same_seed=True)  # fine-tuning: the same seed on every rank
     same = draws()

@@ -1,6 +1,6 @@
 """ds_config generation, user ds_config validation, LR schedule, weight-decay groups, NaN guard."""
+
 import json
-import math
 
 import pytest
 import torch
@@ -16,8 +16,13 @@ def cfg_with(*overrides):
 
 
 def test_batch_sizes_and_zero_sections_follow_the_config():
-    cfg = cfg_with("--train.micro_batch=3", "--train.grad_accum=5", "--deepspeed.zero_stage=3",
-                   "--deepspeed.offload_params=cpu", "--deepspeed.offload_optimizer=cpu")
+    cfg = cfg_with(
+        "--train.micro_batch=3",
+        "--train.grad_accum=5",
+        "--deepspeed.zero_stage=3",
+        "--deepspeed.offload_params=cpu",
+        "--deepspeed.offload_optimizer=cpu",
+    )
     ds = build_ds_config(cfg, world_size=4)
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 5
@@ -46,16 +51,29 @@ def test_fp32_stage0_clips_in_our_optimizer_not_twice():
 
 
 def test_user_ds_config_conflicts_are_all_listed(tmp_path):
-    user = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": True}, "optimizer": {"type": "Adam"}, "gradient_clipping": 5.0}
+    user = {
+        "train_micro_batch_size_per_gpu": 16,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": True},
+        "optimizer": {"type": "Adam"},
+        "gradient_clipping": 5.0,
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    cfg = cfg_with("--train.micro_batch=8", "--deepspeed.zero_stage=1", f"--deepspeed.config_file={path}")
+    cfg = cfg_with(
+        "--train.micro_batch=8", "--deepspeed.zero_stage=1", f"--deepspeed.config_file={path}"
+    )
     with pytest.raises(ConfigError) as exc:
         build_ds_config(cfg, world_size=2)
     msg = str(exc.value)
-    for key in ("train_micro_batch_size_per_gpu", "zero_optimization.stage", "bf16.enabled", "optimizer",
-                "gradient_clipping"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "zero_optimization.stage",
+        "bf16.enabled",
+        "optimizer",
+        "gradient_clipping",
+    ):
         assert key in msg, key
     assert "gradient_accumulation_steps" not in msg  # equal values are not conflicts
     assert str(path) in msg
@@ -63,8 +81,15 @@ def test_user_ds_config_conflicts_are_all_listed(tmp_path):
 
 def test_user_ds_config_extra_knobs_are_kept(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {
-        "stage": 2, "reduce_bucket_size": 12345}, "communication_data_type": "fp32"}))
+    path.write_text(
+        json.dumps(
+            {
+                "train_micro_batch_size_per_gpu": "auto",
+                "zero_optimization": {"stage": 2, "reduce_bucket_size": 12345},
+                "communication_data_type": "fp32",
+            }
+        )
+    )
     cfg = cfg_with("--deepspeed.zero_stage=2", f"--deepspeed.config_file={path}")
     ds = build_ds_config(cfg, world_size=1)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 12345
@@ -80,14 +105,15 @@ def test_missing_user_ds_config_names_the_file(tmp_path):
 
 def test_lr_schedule_shapes():
     s = LRSchedule(peak=1.0, min_lr=0.1, warmup=10, max_steps=110, kind="cosine")
-    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(1.0)  # linear warmup, peak at its end
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(9) == pytest.approx(
+        1.0
+    )  # linear warmup, peak at its end
     assert s.lr(60) == pytest.approx(0.55)  # cosine midpoint
     assert s.lr(110) == pytest.approx(0.1) and s.lr(500) == pytest.approx(0.1)
     lin = LRSchedule(1.0, 0.0, 0, 100, "linear")
     assert lin.lr(25) == pytest.approx(0.75)
     assert LRSchedule(2.0, 0.0, 5, 100, "constant").lr(99) == 2.0
     assert all(s.lr(i) >= s.lr(i + 1) for i in range(10, 200))  # monotone after warmup
-
 
 
 def test_scheduled_lr_sets_each_groups_own_peak_from_the_step():
@@ -109,6 +135,7 @@ def test_scheduled_lr_sets_each_groups_own_peak_from_the_step():
     opt2.load_state_dict(opt.state_dict())  # saved LRs (and initial_lr) come back with the groups
     resumed.load_state_dict({"last_epoch": 12, "base_lrs": [1e-3, 4e-3]})  # a LambdaLR state loads
     assert resumed.get_last_lr() == [1e-3 * longer.multiplier(12), 4e-3 * longer.multiplier(12)]
+
 
 class Tiny(nn.Module):
     def __init__(self):
@@ -134,7 +161,9 @@ def test_guarded_adamw_skips_non_finite_and_clips():
     assert opt.overflow and torch.equal(p.data, torch.ones(3)) and not opt.state[p]
     p.grad = torch.tensor([30.0, 40.0, 0.0])
     opt.step()
-    assert not opt.overflow and opt._global_grad_norm == pytest.approx(50.0)  # pre-clip norm reported
+    assert not opt.overflow and opt._global_grad_norm == pytest.approx(
+        50.0
+    )  # pre-clip norm reported
     assert not torch.equal(p.data, torch.ones(3))
     q = nn.Parameter(torch.ones(3))
     ref = torch.optim.AdamW([q], lr=0.1)
@@ -152,9 +181,11 @@ def test_guarded_adamw_reports_and_clips_by_the_exact_grad_norm_of_large_tensors
     groups = [{"params": [big], "weight_decay": 0.1}, {"params": [small], "weight_decay": 0.0}]
     opt = GuardedAdamW(groups, max_grad_norm=1.0, lr=1e-3)
     big.grad, small.grad = torch.randn(1000, 1000) * 1e-2, torch.randn(300) * 1e-2
+
     def fp64_norm():
-        return torch.linalg.vector_norm(torch.cat([big.grad.double().flatten(),
-                                                   small.grad.double()])).item()
+        return torch.linalg.vector_norm(
+            torch.cat([big.grad.double().flatten(), small.grad.double()])
+        ).item()
 
     exact = fp64_norm()
     opt.step()
@@ -205,8 +236,13 @@ def test_one_rank_zero0_skips_the_identity_allreduce_with_identical_gradients(tm
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(k, None)
-    out = subprocess.run([sys.executable, str(script), str(stage)], capture_output=True, text=True, env=env,
-                         timeout=220)
+    out = subprocess.run(
+        [sys.executable, str(script), str(stage)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=220,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["allreduce"] is (stage != 0)
@@ -223,5 +259,7 @@ def test_adamw_is_fused_where_torch_has_the_kernel():
     for over in ([], ["--train.precision=bf16", "--deepspeed.zero_stage=1"]):
         opt = build_optimizer(cfg_with(*over), m)
         assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
-    assert adamw_impl([torch.zeros(2, dtype=torch.int64)]) == {"foreach": True}  # nothing fused for that
+    assert adamw_impl([torch.zeros(2, dtype=torch.int64)]) == {
+        "foreach": True
+    }  # nothing fused for that
     assert adamw_impl([]) == {"foreach": True}

@@ -1,4 +1,5 @@
 """metrics.jsonl after a resume: one row per step (rows past the resumed step move aside)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,14 @@ def test_resume_keeps_one_row_per_step_and_moves_the_rest_aside(tmp_path):
     m.record("train", 5, {"loss": 4.9})
     m.close()
     rows = _rows(tmp_path / "metrics.jsonl")
-    assert [(r["kind"], r["step"]) for r in rows] == [("train", 1), ("train", 2), ("train", 3),
-                                                     ("train", 4), ("val", 4), ("train", 5)]
+    assert [(r["kind"], r["step"]) for r in rows] == [
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("train", 4),
+        ("val", 4),
+        ("train", 5),
+    ]
     assert rows[-1]["loss"] == 4.9
     aside = (tmp_path / SUPERSEDED).read_text().splitlines()
     assert len(aside) == 3 and json.loads(aside[0])["loss"] == 5.0 and aside[2].endswith('"lo')

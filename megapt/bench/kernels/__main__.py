@@ -1,4 +1,5 @@
 """``python -m megapt.bench.kernels ARGS`` == ``megapt bench kernels --script-args "ARGS"``."""
+
 import sys
 
 from megapt.bench.kernels.run import main

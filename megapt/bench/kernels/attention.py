@@ -15,6 +15,7 @@ the visible (query, key) pairs: 4*nh*hs*sum_i(i - doc_start[i] + 1) forward. Pea
 recorded for these cases. Providers that cannot take a document mask (or that only serve it)
 get status "n/a" rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,37 @@ def cases(quick: bool = False, gqa: int = 1, dtype: str = "bf16") -> list[dict]:
             for mode in ("fwd", "fwd+bwd"):
                 for T in seqs:
                     nh = 2048 // hs
-                    out.append(dict(op="attention", mode=mode, causal=causal, head_dim=hs, seq=T,
-                                    batch=max(1, 16384 // T), heads=nh, kv_heads=nh // gqa, dtype=dtype))
+                    out.append(
+                        dict(
+                            op="attention",
+                            mode=mode,
+                            causal=causal,
+                            head_dim=hs,
+                            seq=T,
+                            batch=max(1, 16384 // T),
+                            heads=nh,
+                            kv_heads=nh // gqa,
+                            dtype=dtype,
+                        )
+                    )
     for hs in dims:  # packed documents, mean length 512
         for mode in ("fwd", "fwd+bwd"):
-            for T in ((4096,) if quick else (4096, 8192)):
+            for T in (4096,) if quick else (4096, 8192):
                 nh = 2048 // hs
-                out.append(dict(op="attention", mode=mode, causal=True, head_dim=hs, seq=T,
-                                batch=max(1, 16384 // T), heads=nh, kv_heads=nh // gqa, dtype=dtype, doc_len=512))
+                out.append(
+                    dict(
+                        op="attention",
+                        mode=mode,
+                        causal=True,
+                        head_dim=hs,
+                        seq=T,
+                        batch=max(1, 16384 // T),
+                        heads=nh,
+                        kv_heads=nh // gqa,
+                        dtype=dtype,
+                        doc_len=512,
+                    )
+                )
     return out
 
 
@@ -60,7 +84,7 @@ def doc_start_for(B: int, T: int, mean_len: int, seed: int = 0) -> torch.Tensor:
         i = 0
         while i < T:
             n = int(torch.randint(1, 2 * mean_len, (1,), generator=g))
-            ds[b, i:i + n] = i
+            ds[b, i : i + n] = i
             i += n
     return ds
 
@@ -123,7 +147,9 @@ def _provider_fn(name: str, causal: bool, group: int):
         def sdpa(q, k, v):
             with sdpa_kernel(backend):
                 if group > 1:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+                    return F.scaled_dot_product_attention(
+                        q, k, v, is_causal=causal, enable_gqa=True
+                    )
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return sdpa
@@ -131,8 +157,9 @@ def _provider_fn(name: str, causal: bool, group: int):
         from flash_attn import flash_attn_func  # optional package; ImportError -> "unavailable"
 
         # flash-attn takes (B, T, nh, hs): transposed views, as a model holding that layout would pass
-        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               causal=causal).transpose(1, 2)
+        return lambda q, k, v: flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+        ).transpose(1, 2)
     raise ValueError(name)
 
 
@@ -156,10 +183,21 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
         for name in providers:
             row = dict(c, provider=name)
             if doc_len and name == "sdpa-mask":
-                row["mask_mb"] = float(f"{B * T * T / 2**20:.4g}")  # the bool mask, allocated before timing
+                row["mask_mb"] = float(
+                    f"{B * T * T / 2**20:.4g}"
+                )  # the bool mask, allocated before timing
             if name in (NO_DOC if doc_len else DOC_ONLY):
-                rows.append(dict(row, status="n/a: " + ("takes no document mask" if doc_len
-                                                        else "baseline of the document-masked cases")))
+                rows.append(
+                    dict(
+                        row,
+                        status="n/a: "
+                        + (
+                            "takes no document mask"
+                            if doc_len
+                            else "baseline of the document-masked cases"
+                        ),
+                    )
+                )
                 continue
             try:
                 if doc_len:
@@ -174,19 +212,39 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
                 bc.empty_cache()
                 continue
             if c["mode"] == "fwd":
+
                 def fn(attn=attn):
                     with torch.no_grad():
                         return attn(q, k, v)  # noqa: B023, F821 - called by measure() in this iteration
-                rows.append(measure(row, fn, work=flops / 1e12, unit="tflops", quick=quick, memory=bool(doc_len)))
+
+                rows.append(
+                    measure(
+                        row, fn, work=flops / 1e12, unit="tflops", quick=quick, memory=bool(doc_len)
+                    )
+                )
             else:
+
                 def fn(attn=attn):
                     attn(q, k, v).backward(do)  # noqa: B023, F821 - called by measure() in this iteration
-                rows.append(measure(row, fn, work=flops / 1e12, unit="tflops", grad_to_none=[q, k, v],
-                                    quick=quick, memory=bool(doc_len)))
+
+                rows.append(
+                    measure(
+                        row,
+                        fn,
+                        work=flops / 1e12,
+                        unit="tflops",
+                        grad_to_none=[q, k, v],
+                        quick=quick,
+                        memory=bool(doc_len),
+                    )
+                )
             del attn
-            print(f"attention {c['mode']:8s} T={T:6d} hs={hs} causal={c['causal']!s:5s} "
-                  f"{f'doc_len={doc_len} ' if doc_len else ''}{name:14s} "
-                  f"{rows[-1].get('tflops', rows[-1]['status'])}", flush=True)
+            print(
+                f"attention {c['mode']:8s} T={T:6d} hs={hs} causal={c['causal']!s:5s} "
+                f"{f'doc_len={doc_len} ' if doc_len else ''}{name:14s} "
+                f"{rows[-1].get('tflops', rows[-1]['status'])}",
+                flush=True,
+            )
         del q, k, v, do
         bc.empty_cache()
     add_speedups(rows, ("mode", "causal", "head_dim", "seq", "kv_heads", "dtype", "doc_len"))
@@ -194,9 +252,14 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
 
 
 def plot(rows: list[dict], out_dir) -> list[str]:
-    path = line_plot([r for r in rows if not r.get("doc_len")], x="seq", y="tflops",
-                     panel_keys=("mode", "causal", "head_dim"),
-                     title="attention TFLOP/s", out=out_dir / "attention_tflops.png")
+    path = line_plot(
+        [r for r in rows if not r.get("doc_len")],
+        x="seq",
+        y="tflops",
+        panel_keys=("mode", "causal", "head_dim"),
+        title="attention TFLOP/s",
+        out=out_dir / "attention_tflops.png",
+    )
     return [path] if path else []
 
 

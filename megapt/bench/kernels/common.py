@@ -4,14 +4,15 @@ Every number is measured in the same process as its baselines; each row records 
 the shape, the median time and a throughput (TFLOP/s for attention, GB/s for the memory-bound
 ops), and ``speedup_vs`` holds megapt's time ratio against every baseline of the same case.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -47,7 +48,9 @@ def time_ms(fn: Callable[[], object], grad_to_none=None, warmup: int = 25, rep: 
     try:
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median"))
+        return float(
+            do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+        )
     except ImportError:  # plain CUDA events
         for _ in range(3):
             fn()
@@ -77,8 +80,16 @@ def peak_mem_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(row: dict, fn: Callable[[], object], *, work: float, unit: str, grad_to_none=None,
-            quick: bool = False, memory: bool = False) -> dict:
+def measure(
+    row: dict,
+    fn: Callable[[], object],
+    *,
+    work: float,
+    unit: str,
+    grad_to_none=None,
+    quick: bool = False,
+    memory: bool = False,
+) -> dict:
     """Fill ``row`` with ms and throughput (work per second in ``unit``); errors are recorded, not raised."""
     try:
         fn()  # compile / autotune / build graphs outside the timed region
@@ -88,7 +99,9 @@ def measure(row: dict, fn: Callable[[], object], *, work: float, unit: str, grad
         sync()
         if memory:
             row["peak_mem_mb"] = round(peak_mem_mb(fn), 1)
-        ms = time_ms(fn, grad_to_none=grad_to_none, warmup=5 if quick else 25, rep=20 if quick else 100)
+        ms = time_ms(
+            fn, grad_to_none=grad_to_none, warmup=5 if quick else 25, rep=20 if quick else 100
+        )
         row.update(status="ok", ms=float(f"{ms:.5g}"), **{unit: float(f"{work / (ms * 1e-3):.4g}")})
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom")
@@ -114,7 +127,8 @@ def add_speedups(rows: list[dict], case_keys: tuple[str, ...]) -> None:
             continue
         ours["speedup_vs"] = {
             name: round(r["ms"] / ours["ms"], 3)
-            for name, r in providers.items() if name != MEGAPT and r.get("status") == "ok"
+            for name, r in providers.items()
+            if name != MEGAPT and r.get("status") == "ok"
         }
 
 
@@ -131,8 +145,9 @@ def write_json(path: Path, doc: dict) -> Path:
     return path
 
 
-def line_plot(rows: list[dict], *, x: str, y: str, panel_keys: tuple[str, ...], title: str,
-              out: Path) -> Optional[str]:
+def line_plot(
+    rows: list[dict], *, x: str, y: str, panel_keys: tuple[str, ...], title: str, out: Path
+) -> str | None:
     """One panel per distinct value of ``panel_keys``, one line per provider. None without matplotlib."""
     try:
         import matplotlib
@@ -156,11 +171,14 @@ def line_plot(rows: list[dict], *, x: str, y: str, panel_keys: tuple[str, ...], 
         ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel_keys, panel)), fontsize=9)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
-        if isinstance(sub[0][x], (int, float)) and max(r[x] for r in sub) / max(1, min(r[x] for r in sub)) > 8:
+        if (
+            isinstance(sub[0][x], (int, float))
+            and max(r[x] for r in sub) / max(1, min(r[x] for r in sub)) > 8
+        ):
             ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
@@ -172,6 +190,9 @@ def line_plot(rows: list[dict], *, x: str, y: str, panel_keys: tuple[str, ...], 
 
 def require_cuda(what: str) -> None:
     if not torch.cuda.is_available():
-        print(f"{what}: needs a CUDA GPU (torch sees none). `--dry-run` lists the cases and writes the "
-              "fingerprint without running anything.", file=sys.stderr)
+        print(
+            f"{what}: needs a CUDA GPU (torch sees none). `--dry-run` lists the cases and writes the "
+            "fingerprint without running anything.",
+            file=sys.stderr,
+        )
         raise SystemExit(2)

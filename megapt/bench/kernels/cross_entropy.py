@@ -6,6 +6,7 @@ installed, same run.
 
 TFLOP/s counts the three GEMMs (logits, d hidden, d weight): 6*N*C*V. N = 8192 tokens, C = 4096.
 """
+
 from __future__ import annotations
 
 import sys
@@ -20,8 +21,17 @@ PROVIDERS = (MEGAPT, "megapt-chunked", "torch-full-logits", "liger")
 
 def cases(quick: bool = False, dtype: str = "bf16", **_) -> list[dict]:
     vocabs = (32000,) if quick else (32000, 50304, 128256)
-    return [dict(op="linear_cross_entropy", mode="fwd+bwd", tokens=8192, hidden=4096, vocab=V, dtype=dtype)
-            for V in vocabs]
+    return [
+        dict(
+            op="linear_cross_entropy",
+            mode="fwd+bwd",
+            tokens=8192,
+            hidden=4096,
+            vocab=V,
+            dtype=dtype,
+        )
+        for V in vocabs
+    ]
 
 
 def _provider_fn(name: str):
@@ -57,7 +67,7 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
         dtype = dtypes[c["dtype"]]
         N, C, V = c["tokens"], c["hidden"], c["vocab"]
         h = (torch.randn(N, C, device=bc.DEVICE) / 4).to(dtype).requires_grad_(True)
-        w = (torch.randn(V, C, device=bc.DEVICE) / C ** 0.5).to(dtype).requires_grad_(True)
+        w = (torch.randn(V, C, device=bc.DEVICE) / C**0.5).to(dtype).requires_grad_(True)
         y = torch.randint(0, V, (N,), device=bc.DEVICE)
         y[::10] = -100
         flops = 6.0 * N * C * V
@@ -72,11 +82,23 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
             def fn(f=f):
                 f(h, w, y).backward()  # noqa: B023, F821 - called by measure() in this iteration
 
-            rows.append(measure(row, fn, work=flops / 1e12, unit="tflops", grad_to_none=[h, w], quick=quick,
-                                memory=True))
+            rows.append(
+                measure(
+                    row,
+                    fn,
+                    work=flops / 1e12,
+                    unit="tflops",
+                    grad_to_none=[h, w],
+                    quick=quick,
+                    memory=True,
+                )
+            )
             r = rows[-1]
-            print(f"linear_ce V={V:6d} {name:18s} {r.get('tflops', r['status'])} TFLOP/s "
-                  f"peak {r.get('peak_mem_mb', '-')} MiB", flush=True)
+            print(
+                f"linear_ce V={V:6d} {name:18s} {r.get('tflops', r['status'])} TFLOP/s "
+                f"peak {r.get('peak_mem_mb', '-')} MiB",
+                flush=True,
+            )
         del h, w, y
         bc.empty_cache()
     add_speedups(rows, ("tokens", "hidden", "vocab", "dtype"))
@@ -84,8 +106,17 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
 
 
 def plot(rows: list[dict], out_dir) -> list[str]:
-    paths = [line_plot(rows, x="vocab", y=y, panel_keys=("dtype",), title=f"linear+CE {y}",
-                       out=out_dir / f"linear_ce_{y}.png") for y in ("tflops", "peak_mem_mb")]
+    paths = [
+        line_plot(
+            rows,
+            x="vocab",
+            y=y,
+            panel_keys=("dtype",),
+            title=f"linear+CE {y}",
+            out=out_dir / f"linear_ce_{y}.png",
+        )
+        for y in ("tflops", "peak_mem_mb")
+    ]
     return [p for p in paths if p]
 
 

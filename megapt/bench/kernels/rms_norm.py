@@ -6,6 +6,7 @@ PyTorch reference (fp32 math, eager) and Liger's LigerRMSNorm when installed, sa
 Bytes moved (the op is memory bound): forward reads x and writes y; backward reads dy and x
 and writes dx (weight and rstd traffic ignored). 16k rows per case.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,11 @@ TOKENS = 16384
 
 def cases(quick: bool = False, dtype: str = "bf16", **_) -> list[dict]:
     hidden = (4096,) if quick else (1024, 2048, 4096, 5120, 8192)
-    return [dict(op="rms_norm", mode=mode, rows=TOKENS, hidden=h, dtype=dtype)
-            for mode in ("fwd", "fwd+bwd") for h in hidden]
+    return [
+        dict(op="rms_norm", mode=mode, rows=TOKENS, hidden=h, dtype=dtype)
+        for mode in ("fwd", "fwd+bwd")
+        for h in hidden
+    ]
 
 
 def _provider_fn(name: str, hidden: int, dtype):
@@ -65,23 +69,39 @@ def run(case_list: list[dict], quick: bool = False, providers=PROVIDERS) -> list
                 rows.append(dict(row, status=f"unavailable: {exc}"))
                 continue
             if c["mode"] == "fwd":
+
                 def fn(f=f):
                     with torch.no_grad():
                         return f(x, w, 1e-5)  # noqa: B023 - called by measure() in this iteration
+
                 rows.append(measure(row, fn, work=nbytes / 1e9, unit="gbps", quick=quick))
             else:
+
                 def fn(f=f):
                     f(x, w, 1e-5).backward(dy)  # noqa: B023 - called by measure() in this iteration
-                rows.append(measure(row, fn, work=nbytes / 1e9, unit="gbps", grad_to_none=[x, w], quick=quick))
-            print(f"rms_norm {c['mode']:8s} C={c['hidden']:5d} {name:12s} {rows[-1].get('gbps', rows[-1]['status'])}",
-                  flush=True)
+
+                rows.append(
+                    measure(
+                        row, fn, work=nbytes / 1e9, unit="gbps", grad_to_none=[x, w], quick=quick
+                    )
+                )
+            print(
+                f"rms_norm {c['mode']:8s} C={c['hidden']:5d} {name:12s} {rows[-1].get('gbps', rows[-1]['status'])}",
+                flush=True,
+            )
     add_speedups(rows, ("mode", "rows", "hidden", "dtype"))
     return rows
 
 
 def plot(rows: list[dict], out_dir) -> list[str]:
-    path = line_plot(rows, x="hidden", y="gbps", panel_keys=("mode", "dtype"), title="RMSNorm GB/s",
-                     out=out_dir / "rms_norm_gbps.png")
+    path = line_plot(
+        rows,
+        x="hidden",
+        y="gbps",
+        panel_keys=("mode", "dtype"),
+        title="RMSNorm GB/s",
+        out=out_dir / "rms_norm_gbps.png",
+    )
     return [path] if path else []
 
 

@@ -13,6 +13,7 @@ and per case megapt's speedup over each baseline measured in the same run; PNG p
 when matplotlib is installed. Baselines that are not installed (liger-kernel, flash-attn) are
 recorded as "unavailable", failures as "error: ..."; neither stops the run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,33 @@ BENCHES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", action="append", choices=sorted(BENCHES),
-                   help="run only these benchmarks (repeatable; default: all)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=sorted(BENCHES),
+        help="run only these benchmarks (repeatable; default: all)",
+    )
     p.add_argument("--quick", action="store_true", help="few shapes, short timing loops")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-*.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/kernels-*.json)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--dry-run", action="store_true", help="list the cases and write the fingerprint; run nothing")
-    p.add_argument("--providers", default=None,
-                   help="comma-separated subset of providers (default: all, e.g. megapt,sdpa-flash)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cases and write the fingerprint; run nothing",
+    )
+    p.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated subset of providers (default: all, e.g. megapt,sdpa-flash)",
+    )
     attention.add_args(p)
     return p.parse_args(argv)
 
@@ -49,19 +67,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     names = args.only or list(BENCHES)
-    plan = {name: BENCHES[name].cases(quick=args.quick, gqa=args.gqa, dtype=args.dtype) for name in names}
+    plan = {
+        name: BENCHES[name].cases(quick=args.quick, gqa=args.gqa, dtype=args.dtype)
+        for name in names
+    }
     out = args.out or default_out()
     doc = {
         "kind": "kernels",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "argv": sys.argv[1:] if argv is None else list(argv),
-        "config": {"only": names, "quick": args.quick, "gqa": args.gqa, "dtype": args.dtype,
-                   "providers": {n: list(BENCHES[n].PROVIDERS) for n in names}},
+        "config": {
+            "only": names,
+            "quick": args.quick,
+            "gqa": args.gqa,
+            "dtype": args.dtype,
+            "providers": {n: list(BENCHES[n].PROVIDERS) for n in names},
+        },
         "fingerprint": fingerprint(),
-        "metrics": {"attention": "TFLOP/s, fwd 4*B*nh*T^2*hs (x0.5 causal), fwd+bwd 3.5x fwd",
-                    "rms_norm": "GB/s of x/y (fwd) + dy/x/dx (bwd)", "rope": "GB/s of q,k read+write",
-                    "cross_entropy": "TFLOP/s of the three GEMMs 6*N*C*V, plus peak MiB",
-                    "speedup_vs": "baseline ms / megapt ms for the same case (> 1: megapt faster)"},
+        "metrics": {
+            "attention": "TFLOP/s, fwd 4*B*nh*T^2*hs (x0.5 causal), fwd+bwd 3.5x fwd",
+            "rms_norm": "GB/s of x/y (fwd) + dy/x/dx (bwd)",
+            "rope": "GB/s of q,k read+write",
+            "cross_entropy": "TFLOP/s of the three GEMMs 6*N*C*V, plus peak MiB",
+            "speedup_vs": "baseline ms / megapt ms for the same case (> 1: megapt faster)",
+        },
         "results": {},
         "plots": [],
     }

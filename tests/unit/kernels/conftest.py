@@ -7,6 +7,7 @@ are reloaded. If triton itself was imported earlier in this process (by a test c
 before this directory), the interpreter cannot be switched on any more: every kernel test then
 fails with an explanation instead of crashing inside triton.
 """
+
 import importlib
 import os
 import sys
@@ -52,8 +53,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/unit/kernels/" not in item.nodeid.replace("\\", "/"):
             continue
-        if problem and not any(k in item.nodeid for k in ("aot_compile", "cuda_ext")):  # no interpreter there
+        if problem and not any(
+            k in item.nodeid for k in ("aot_compile", "cuda_ext")
+        ):  # no interpreter there
             item.add_marker(pytest.mark.skip(reason=problem))
         elif old_autotuner and item.get_closest_marker("interpreter_autotune"):
-            item.add_marker(pytest.mark.skip(reason="triton < 3.8's autotuner asks for a GPU driver even under "
-                                                    "TRITON_INTERPRET=1 (3.6, 3.7 seen); runs with triton >= 3.8"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="triton < 3.8's autotuner asks for a GPU driver even under "
+                    "TRITON_INTERPRET=1 (3.6, 3.7 seen); runs with triton >= 3.8"
+                )
+            )

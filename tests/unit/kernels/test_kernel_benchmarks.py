@@ -3,6 +3,7 @@
 Real numbers need a GPU; here the benchmark modules run on CPU through the Triton interpreter
 at toy sizes so a broken provider, row or speedup computation is caught before a GPU run.
 """
+
 import json
 
 import pytest
@@ -57,9 +58,23 @@ def _by_provider(rows):
 
 
 def test_benchmarks_run_end_to_end_on_toy_cases(cpu_bench):
-    att = bench_attention.run([
-        dict(op="attention", mode=m, causal=True, head_dim=16, seq=32, batch=1, heads=2, kv_heads=1, dtype="fp16")
-        for m in ("fwd", "fwd+bwd")], quick=True)
+    att = bench_attention.run(
+        [
+            dict(
+                op="attention",
+                mode=m,
+                causal=True,
+                head_dim=16,
+                seq=32,
+                batch=1,
+                heads=2,
+                kv_heads=1,
+                dtype="fp16",
+            )
+            for m in ("fwd", "fwd+bwd")
+        ],
+        quick=True,
+    )
     for mode in ("fwd", "fwd+bwd"):
         rows = _by_provider([r for r in att if r["mode"] == mode])
         assert set(rows) == set(bench_attention.PROVIDERS)
@@ -69,30 +84,65 @@ def test_benchmarks_run_end_to_end_on_toy_cases(cpu_bench):
         assert set(rows["megapt"]["speedup_vs"]) == ok_baselines
 
     # document-masked case: ours with doc_start vs SDPA with the explicit mask; the others are n/a
-    doc = bench_attention.run([
-        dict(op="attention", mode=m, causal=True, head_dim=16, seq=40, batch=2, heads=2, kv_heads=1, dtype="fp16",
-             doc_len=8) for m in ("fwd", "fwd+bwd")], quick=True)
+    doc = bench_attention.run(
+        [
+            dict(
+                op="attention",
+                mode=m,
+                causal=True,
+                head_dim=16,
+                seq=40,
+                batch=2,
+                heads=2,
+                kv_heads=1,
+                dtype="fp16",
+                doc_len=8,
+            )
+            for m in ("fwd", "fwd+bwd")
+        ],
+        quick=True,
+    )
     for mode in ("fwd", "fwd+bwd"):
         rows = _by_provider([r for r in doc if r["mode"] == mode])
         assert set(rows) == set(bench_attention.PROVIDERS)
         assert rows["megapt"]["status"] == "ok" and rows["sdpa-mask"]["status"] == "ok"
         assert rows["sdpa-mask"]["mask_mb"] > 0
         assert all(rows[p]["status"].startswith("n/a") for p in bench_attention.NO_DOC)
-        assert set(rows["megapt"]["speedup_vs"]) == {"sdpa-mask"}  # not compared with the plain cases
+        assert set(rows["megapt"]["speedup_vs"]) == {
+            "sdpa-mask"
+        }  # not compared with the plain cases
     ds = bench_attention.doc_start_for(2, 40, 8)
     assert ds.shape == (2, 40) and (ds[:, 1:] >= ds[:, :-1]).all() and ds[0].unique().numel() > 2
 
-    rms = _by_provider(bench_rms_norm.run([dict(op="rms_norm", mode="fwd+bwd", rows=8, hidden=24, dtype="fp16")]))
+    rms = _by_provider(
+        bench_rms_norm.run([dict(op="rms_norm", mode="fwd+bwd", rows=8, hidden=24, dtype="fp16")])
+    )
     assert rms["megapt"]["status"] == "ok" and rms["torch-eager"]["status"] == "ok"
     assert rms["megapt-cuda"]["status"].startswith("unavailable")
     assert "torch-eager" in rms["megapt"]["speedup_vs"]
 
-    rope = bench_rope.run([dict(op="rope", mode=m, batch=1, seq=8, heads=2, kv_heads=1, head_dim=16, dtype="fp16")
-                           for m in ("fwd", "fwd+bwd")])
+    rope = bench_rope.run(
+        [
+            dict(op="rope", mode=m, batch=1, seq=8, heads=2, kv_heads=1, head_dim=16, dtype="fp16")
+            for m in ("fwd", "fwd+bwd")
+        ]
+    )
     assert all(r["status"] == "ok" for r in rope if r["provider"] in ("megapt", "torch-eager"))
     assert any(r["provider"] == "megapt-inplace" and r["status"] == "ok" for r in rope)
 
-    ce = _by_provider(bench_cross_entropy.run([dict(op="linear_cross_entropy", mode="fwd+bwd", tokens=16,
-                                                    hidden=16, vocab=50, dtype="fp16")]))
+    ce = _by_provider(
+        bench_cross_entropy.run(
+            [
+                dict(
+                    op="linear_cross_entropy",
+                    mode="fwd+bwd",
+                    tokens=16,
+                    hidden=16,
+                    vocab=50,
+                    dtype="fp16",
+                )
+            ]
+        )
+    )
     for p in ("megapt", "megapt-chunked", "torch-full-logits"):
         assert ce[p]["status"] == "ok", ce[p]

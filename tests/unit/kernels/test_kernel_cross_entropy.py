@@ -1,14 +1,15 @@
 """Chunked/fused linear cross-entropy equals full-logits cross-entropy (loss and both grads)."""
+
 import pytest
 import torch
 
-from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 from megapt.kernels import cross_entropy  # the module: its WGRAD_SLICE_ELEMENTS is patched
 from megapt.kernels.cross_entropy import (
     chunked_linear_cross_entropy,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_ref,
 )
+from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 
 FNS = {"fused": fused_linear_cross_entropy, "chunked": chunked_linear_cross_entropy}
 
@@ -16,7 +17,7 @@ FNS = {"fused": fused_linear_cross_entropy, "chunked": chunked_linear_cross_entr
 def _data(N=37, C=32, V=200, n_ignored=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, C, generator=g)
-    weight = torch.randn(V, C, generator=g) / C ** 0.5
+    weight = torch.randn(V, C, generator=g) / C**0.5
     labels = torch.randint(0, V, (N,), generator=g)
     labels[torch.randperm(N, generator=g)[:n_ignored]] = -100
     return hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE)
@@ -92,4 +93,6 @@ def test_chunked_linear_ce_passes_fp64_gradcheck():
     w = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 11, (9,), generator=g)
     y[2] = -100
-    assert torch.autograd.gradcheck(lambda h, w: chunked_linear_cross_entropy(h, w, y, chunk_size=4), (h, w))
+    assert torch.autograd.gradcheck(
+        lambda h, w: chunked_linear_cross_entropy(h, w, y, chunk_size=4), (h, w)
+    )

@@ -1,5 +1,6 @@
 """Triton flash attention (GQA, causal or not, any T, packed documents) matches plain attention:
 output and grads."""
+
 import math
 import os
 import subprocess
@@ -8,8 +9,13 @@ import sys
 import pytest
 import torch
 
+from megapt.kernels.flash_attn import (
+    doc_mask_ref,
+    doc_start_from_ids,
+    flash_attention,
+    flash_attention_ref,
+)
 from tests.unit.kernels.kernel_testing import DEVICE, assert_close_rel_torch
-from megapt.kernels.flash_attn import doc_mask_ref, doc_start_from_ids, flash_attention, flash_attention_ref
 
 
 def _attn_lowp(q, k, v, causal, sm_scale=None, doc_start=None):
@@ -21,7 +27,9 @@ def _attn_lowp(q, k, v, causal, sm_scale=None, doc_start=None):
         att = att.masked_fill(~doc_mask_ref(doc_start), float("-inf"))
     elif causal:
         T = q.shape[2]
-        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+        att = att.masked_fill(
+            ~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf")
+        )
     return att.softmax(-1) @ v
 
 
@@ -46,8 +54,12 @@ def _check(B, nh, nkv, T, hs, causal, dtype, sm_scale=None, seed=0, doc_start=No
     out = _grads(flash_attention, q.to(dtype), k.to(dtype), v.to(dtype), do.to(dtype), **kw)
     for name, o, r, lo in zip(("o", "dq", "dk", "dv"), out, ref, low):
         assert o.dtype == dtype
-        assert_close_rel_torch(f"{name} nh={nh} nkv={nkv} T={T} causal={causal} doc={doc_start is not None} "
-                               f"{dtype}", o, r, lo)
+        assert_close_rel_torch(
+            f"{name} nh={nh} nkv={nkv} T={T} causal={causal} doc={doc_start is not None} {dtype}",
+            o,
+            r,
+            lo,
+        )
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -94,7 +106,10 @@ def test_flash_attention_bad_inputs_are_value_errors():
     q = torch.randn(1, 4, 8, 16, device=DEVICE)
     k = torch.randn(1, 2, 8, 16, device=DEVICE)
     cases = [
-        ((torch.randn(1, 4, 8, 48), torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48)), "head_dim 48"),
+        (
+            (torch.randn(1, 4, 8, 48), torch.randn(1, 2, 8, 48), torch.randn(1, 2, 8, 48)),
+            "head_dim 48",
+        ),
         ((q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16)), "do not divide"),
         ((q, torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32)), "head size"),
         ((q, k[:, :, :4], k[:, :, :4]), "equal lengths"),
@@ -126,7 +141,9 @@ def test_cpu_tensors_without_interpreter_are_rejected_before_launch():
         "print('ok')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
@@ -139,14 +156,18 @@ def test_autotuned_launch_prunes_by_head_dim_and_logs_the_chosen_config(monkeypa
 
     import megapt.kernels.flash_attn as fa
 
-    fake = {"fwd": [(16, 16, 4, 1, (16,)), (32, 16, 4, 1, (64,))],
-            "dkdv": [(16, 32, 4, 1, (16,)), (16, 16, 4, 1, (64,))],
-            "dq": [(32, 16, 4, 1, (16,)), (16, 16, 4, 1, (64,))]}
+    fake = {
+        "fwd": [(16, 16, 4, 1, (16,)), (32, 16, 4, 1, (64,))],
+        "dkdv": [(16, 32, 4, 1, (16,)), (16, 16, 4, 1, (64,))],
+        "dq": [(32, 16, 4, 1, (16,)), (16, 16, 4, 1, (64,))],
+    }
     for name, configs in fake.items():
         monkeypatch.setitem(fa._CONFIGS[name], "fake", configs)
     monkeypatch.setattr(fa, "_tuned", {})
     monkeypatch.setattr(fa, "_logged", set())
-    monkeypatch.setattr(fa, "_launch", lambda name, jit_fn, *rest: fa._launch_autotuned(name, "fake", *rest))
+    monkeypatch.setattr(
+        fa, "_launch", lambda name, jit_fn, *rest: fa._launch_autotuned(name, "fake", *rest)
+    )
     torch.manual_seed(0)
     q = torch.randn(1, 4, 21, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(1, 2, 21, 16, device=DEVICE, requires_grad=True)
@@ -156,7 +177,10 @@ def test_autotuned_launch_prunes_by_head_dim_and_logs_the_chosen_config(monkeypa
         o.sum().backward()
     torch.testing.assert_close(o, flash_attention_ref(q, k, v, causal=True), rtol=1e-4, atol=1e-5)
     text = caplog.text
-    assert "flash_attention fwd fake T<=32 hs=16 causal=True group=2" in text and "BLOCK_M=16 BLOCK_N=16" in text
+    assert (
+        "flash_attention fwd fake T<=32 hs=16 causal=True group=2" in text
+        and "BLOCK_M=16 BLOCK_N=16" in text
+    )
     assert "flash_attention dkdv fake" in text and "BLOCK_M=16 BLOCK_N=32" in text
     assert "flash_attention dq fake" in text and "BLOCK_M=32 BLOCK_N=16" in text
     ins = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
@@ -168,7 +192,9 @@ def test_autotuned_launch_prunes_by_head_dim_and_logs_the_chosen_config(monkeypa
     with caplog.at_level(logging.INFO, logger="megapt.kernels.flash_attn"):
         o = flash_attention(q, k, v, causal=True, doc_start=ds)
     assert "flash_attention fwd fake T<=32 hs=16 causal=True group=2 doc_mask=True" in caplog.text
-    torch.testing.assert_close(o, flash_attention_ref(q, k, v, causal=True, doc_start=ds), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        o, flash_attention_ref(q, k, v, causal=True, doc_start=ds), rtol=1e-4, atol=1e-5
+    )
 
 
 # ----------------------------------------------------------------------------- document mask
@@ -187,7 +213,10 @@ def _packed_ids(T, eos_positions_per_row):
 
 def test_doc_start_from_ids_marks_first_token_of_each_document():
     ids = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8, 9], [EOS, 1, 2, 3, 4, 5, 6, 7]])
-    assert doc_start_from_ids(ids, EOS).tolist() == [[0, 0, 0, 3, 3, 5, 6, 6], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert doc_start_from_ids(ids, EOS).tolist() == [
+        [0, 0, 0, 3, 3, 5, 6, 6],
+        [0, 1, 1, 1, 1, 1, 1, 1],
+    ]
     assert doc_start_from_ids(ids, EOS).dtype == torch.int32
 
 
@@ -230,7 +259,9 @@ def test_flash_attention_documents_of_length_one_attend_to_themselves():
     torch.testing.assert_close(dv, do.view(B, nkv, 2, T, hs).sum(2), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes on the nan rows too
+@pytest.mark.filterwarnings(
+    "ignore::RuntimeWarning"
+)  # the interpreter computes on the nan rows too
 def test_flash_attention_doc_mask_skips_earlier_documents_key_blocks():
     # Documents [0, 32) and [32, 64): block-aligned. Non-finite K/V in the first document must
     # not reach the second one's output or dq (its key blocks are never loaded, not just masked:
@@ -270,8 +301,14 @@ def test_flash_attention_bad_doc_start_raises_before_any_launch(monkeypatch):
         (dict(doc_start=good[:, None]), r"shape \(B, T\)"),
         (dict(doc_start=good.tolist()), "integer tensor"),
         (dict(doc_start=torch.zeros(2, 8, dtype=torch.int32, device="meta")), "meta"),
-        (dict(doc_start=torch.tensor([[0, 0, 0, 3, 2, 2, 2, 2]] * 2, dtype=torch.int32)), r"doc_start\[0, 4\] = 2"),
-        (dict(doc_start=torch.tensor([[0, 0, 3, 3, 3, 3, 3, 3]] * 2, dtype=torch.int32)), r"doc_start\[0, 2\] = 3"),
+        (
+            dict(doc_start=torch.tensor([[0, 0, 0, 3, 2, 2, 2, 2]] * 2, dtype=torch.int32)),
+            r"doc_start\[0, 4\] = 2",
+        ),
+        (
+            dict(doc_start=torch.tensor([[0, 0, 3, 3, 3, 3, 3, 3]] * 2, dtype=torch.int32)),
+            r"doc_start\[0, 2\] = 3",
+        ),
         (dict(doc_start=torch.full((2, 8), -1, dtype=torch.int32)), "0 <= doc_start"),
     ]
     for kw, msg in cases:

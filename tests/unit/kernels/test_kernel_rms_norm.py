@@ -1,9 +1,10 @@
 """Fused RMSNorm matches the plain-PyTorch reference in output, dx and dweight."""
+
 import pytest
 import torch
 
-from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 from megapt.kernels.rms_norm import rms_norm, rms_norm_ref
+from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 
 
 def _torch_lowp(x, w, eps):
@@ -64,7 +65,7 @@ def test_rms_norm_uses_hf_llama_casting():
     hf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).half() * w
     out = rms_norm(x, w, 1e-5)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out, hf, rtol=2 ** -9, atol=1e-4)
+    torch.testing.assert_close(out, hf, rtol=2**-9, atol=1e-4)
     # single rounding of x*rstd*w would differ from HF in ~1/4 of the elements
     assert (out != hf).float().mean().item() < 0.05
     torch.testing.assert_close(rms_norm_ref(x, w, 1e-5), hf, rtol=0, atol=0)

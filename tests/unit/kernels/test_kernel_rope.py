@@ -1,9 +1,10 @@
 """Fused RoPE matches the HF Llama rotate_half convention, forward and backward."""
+
 import pytest
 import torch
 
-from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 from megapt.kernels.rope import apply_rope, apply_rope_, apply_rope_ref
+from tests.unit.kernels.kernel_testing import DEVICE, DTYPES, assert_close_rel_torch
 
 
 def _rotate_half(x):
@@ -66,17 +67,17 @@ def test_rope_on_strided_views_and_in_place():
     torch.manual_seed(0)
     B, T, nh, nkv, hs = 1, 9, 4, 2, 16
     qkv = torch.randn(B, T, nh + 2 * nkv, hs, device=DEVICE)
-    q, k = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv]
+    q, k = qkv[:, :, :nh], qkv[:, :, nh : nh + nkv]
     cos, sin = (t.float().to(DEVICE) for t in _cos_sin(T, hs))
     eq, ek = _hf_rope(q, k, cos, sin)
     qo, ko = apply_rope(q, k, cos, sin)
     torch.testing.assert_close(qo, eq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ko, ek, rtol=1e-5, atol=1e-5)
-    v_before = qkv[:, :, nh + nkv:].clone()
+    v_before = qkv[:, :, nh + nkv :].clone()
     apply_rope_(q, k, cos, sin)
     torch.testing.assert_close(qkv[:, :, :nh], eq, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(qkv[:, :, nh:nh + nkv], ek, rtol=1e-5, atol=1e-5)
-    assert torch.equal(qkv[:, :, nh + nkv:], v_before)  # v untouched
+    torch.testing.assert_close(qkv[:, :, nh : nh + nkv], ek, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, :, nh + nkv :], v_before)  # v untouched
 
 
 def test_rope_in_place_gradients_match_out_of_place():
@@ -98,8 +99,12 @@ def test_rope_per_sample_positions_forward_and_grads(dtype):
     # packed documents: positions restart at 0 in each document, differently in each row
     torch.manual_seed(0)
     B, T, nh, nkv, hs = 2, 23, 4, 2, 16
-    pos = torch.stack([torch.cat([torch.arange(9), torch.arange(1), torch.arange(13)]),
-                       torch.cat([torch.arange(4), torch.arange(19)])])  # (B, T)
+    pos = torch.stack(
+        [
+            torch.cat([torch.arange(9), torch.arange(1), torch.arange(13)]),
+            torch.cat([torch.arange(4), torch.arange(19)]),
+        ]
+    )  # (B, T)
     cos_t, sin_t = _cos_sin(T, hs)
     cos, sin = cos_t[pos].to(DEVICE), sin_t[pos].to(DEVICE)  # (B, T, hs // 2)
     q = torch.randn(B, T, nh, hs, device=DEVICE)
@@ -136,5 +141,5 @@ def test_rope_half_inputs_with_fp32_tables_match_the_model_eager_math():
     qo, ko = apply_rope(q, k, cos, sin)
     eq, ek = (t.half() for t in _hf_rope(q.float(), k.float(), cos, sin))
     assert qo.dtype == torch.float16 and ko.dtype == torch.float16
-    torch.testing.assert_close(qo, eq, rtol=2 ** -10, atol=1e-3)
-    torch.testing.assert_close(ko, ek, rtol=2 ** -10, atol=1e-3)
+    torch.testing.assert_close(qo, eq, rtol=2**-10, atol=1e-3)
+    torch.testing.assert_close(ko, ek, rtol=2**-10, atol=1e-3)

@@ -7,6 +7,7 @@ RMSNorm, RoPE, fused linear+CE) and once on sdpa/eager/chunked, from the same in
 the two loss curves must agree step by step. On CPU the kernels run through TRITON_INTERPRET=1
 (fp32); tests/gpu runs the same at bf16 on a real GPU.
 """
+
 import pytest
 
 from tests.unit.kernels.training_curve import check_curves, run_curves

@@ -1,6 +1,7 @@
 """Train a micro GPT on the Triton kernels and on sdpa/eager from the same weights and compare
 the two loss curves (used by tests/unit/kernels/test_kernel_training_curve.py on CPU and by
 tests/gpu/test_training_curve_gpu.py at bf16)."""
+
 import os
 import subprocess
 import sys
@@ -42,14 +43,32 @@ CURVE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_curves(device: str, dtype: str, steps: int, T: int, B: int, V: int, shape: str, timeout: int) -> dict:
+def run_curves(
+    device: str, dtype: str, steps: int, T: int, B: int, V: int, shape: str, timeout: int
+) -> dict:
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", CURVE_SCRIPT, device, dtype, str(steps), str(T), str(B), str(V), shape],
-                       env=env, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CURVE_SCRIPT,
+            device,
+            dtype,
+            str(steps),
+            str(T),
+            str(B),
+            str(V),
+            shape,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -58,4 +77,6 @@ def check_curves(curves: dict, rtol: float, min_drop: float) -> None:
     ref, tri = curves["reference"], curves["triton"]
     assert ref[-1] < ref[0] - min_drop, ref  # it learns, so the comparison means something
     for step, (a, b) in enumerate(zip(ref, tri)):
-        assert abs(a - b) <= rtol * abs(a), f"step {step}: reference {a:.5f} vs triton {b:.5f}\n{ref}\n{tri}"
+        assert abs(a - b) <= rtol * abs(a), (
+            f"step {step}: reference {a:.5f} vs triton {b:.5f}\n{ref}\n{tri}"
+        )
