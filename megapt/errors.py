@@ -29,7 +29,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_ERROR: "unexpected error (a bug: traceback printed); also a negative verdict of `plan` "
     "(does not fit) and `bench` (regression / failed point), which print why",
     EXIT_USAGE: "config or usage error: bad key, type or value, bad command-line argument",
-    EXIT_NONFINITE: "`train`: too many non-finite steps in a row (train.max_bad_steps)",
+    EXIT_NONFINITE: "`train`: too many non-finite steps in a row (train.max_bad_steps); "
+    "`finetune`: a non-finite loss",
     EXIT_CHECKPOINT: "checkpoint or model error: missing, corrupt, incompatible or unsupported",
     EXIT_DATA: "data error: missing, unreadable or invalid input text, shards or tokenizer",
     EXIT_PREEMPTED: "`train`: pre-empted (SIGTERM/SIGUSR1); checkpoint saved, resume with --resume",
@@ -49,3 +50,11 @@ class UsageError(UserError, ValueError):
 
     exit_code = EXIT_USAGE
     kind = "usage error"
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged: the loss became NaN/inf (exit 3). Not a bug in megapt: the learning
+    rate, the data or the starting weights need a change, and the message says which run."""
+
+    exit_code = EXIT_NONFINITE
+    kind = "non-finite loss"

@@ -39,6 +39,7 @@ import torch
 
 from megapt.config import ConfigError
 from megapt.data.tokenizer import Tokenizer
+from megapt.errors import NonFiniteLossError
 from megapt.finetune.freeze import apply_freezing
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.lora import apply_lora, lora_state_dict, merge_lora
@@ -400,8 +401,10 @@ def fit(s: Setup) -> dict:
                 lv = float(loss.detach())
                 local, bad = _all_sum([lv * n_k, 0.0 if math.isfinite(lv) else 1.0])
                 if bad:
-                    raise FloatingPointError(
-                        f"finetune: non-finite loss at step {step} (on {int(bad)} rank(s))"
+                    raise NonFiniteLossError(
+                        f"the loss is not finite at step {step + 1} (on {int(bad)} rank(s)); "
+                        f"nothing was saved. Lower finetune.lr (now {ft.lr:g}), check the data "
+                        f"and the source weights, then run again"
                     )
                 loss_sum += local
                 engine.backward(loss if weight == 1.0 else loss * weight)

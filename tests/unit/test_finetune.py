@@ -67,23 +67,25 @@ def workdir(tmp_path_factory):
 
 
 def _cfg(root, *extra):
-    return load_config(
-        overrides=[
-            f"--run.out_dir={root}/runs",
-            "--run.name=t",
-            "--logging.tensorboard=false",
-            f"--tokenizer.path={root}/spm.model",
-            f"--finetune.init_from={root}/base",
-            f"--finetune.train_file={root}/train.jsonl",
-            f"--finetune.val_file={root}/val.jsonl",
-            "--finetune.batch_size=8",
-            "--finetune.epochs=1",
-            "--finetune.lr=1e-2",
-            "--data.seq_len=16",
-            "--model.attention=eager",
-            *extra,
-        ]
-    )
+    return load_config(overrides=_overrides(root, *extra))
+
+
+def _overrides(root, *extra):
+    return [
+        f"--run.out_dir={root}/runs",
+        "--run.name=t",
+        "--logging.tensorboard=false",
+        f"--tokenizer.path={root}/spm.model",
+        f"--finetune.init_from={root}/base",
+        f"--finetune.train_file={root}/train.jsonl",
+        f"--finetune.val_file={root}/val.jsonl",
+        "--finetune.batch_size=8",
+        "--finetune.epochs=1",
+        "--finetune.lr=1e-2",
+        "--data.seq_len=16",
+        "--model.attention=eager",
+        *extra,
+    ]
 
 
 def test_frozen_params_bit_identical_and_not_in_optimizer(workdir):
@@ -487,3 +489,24 @@ def test_stdlib_example_runs_both_arms_over_the_lr_grid(workdir):
             assert r[arm]["test_accuracy"] == best["test_accuracy"]
         assert 0 < r["majority"]["test_accuracy"] < 0.5
         assert saved[regime]["pretrained"]["test_accuracy"] == r["pretrained"]["test_accuracy"]
+
+
+def test_a_diverging_finetune_is_one_line_with_exit_3(workdir, capsys):
+    from megapt.cli import main
+    from megapt.errors import EXIT_NONFINITE
+
+    root, _, _ = workdir
+    out = root / "diverged"
+    argv = _overrides(
+        root,
+        "--finetune.task=classify",
+        "--finetune.lr=1e30",
+        "--finetune.epochs=4",
+        f"--finetune.out_dir={out}",
+    )
+    assert main(["finetune", *argv]) == EXIT_NONFINITE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "megapt finetune: non-finite loss: the loss is not finite at step"
+    ), err
+    assert "finetune.lr (now 1e+30)" in err[0] and not out.exists()
