@@ -142,15 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def run() -> NoReturn:
-    """The `megapt` command (console script and ``python -m megapt``): ``main`` in a process that
-    prints every thread's Python stack on a crash (faulthandler: SIGSEGV, SIGABRT, ...) and ends
-    through ``megapt.train.dist.exit_process``."""
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The `megapt` command (console script and ``python -m megapt``): ``main(argv)`` in a process
+    that prints every thread's Python stack on a crash (faulthandler: SIGSEGV, SIGABRT, ...) and
+    ends through ``megapt.train.dist.exit_process``. Scripts that start megapt processes call this
+    rather than ``sys.exit(main(...))``."""
     from megapt.train.dist import exit_process
 
     faulthandler.enable()
     try:
-        code = main()
+        code = main(argv)
     except SystemExit as exc:  # argparse's usage errors and --help
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

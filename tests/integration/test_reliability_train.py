@@ -12,7 +12,7 @@
 * A rank that stalls before a collective: its peer fails after train.collective_timeout_s.
 
 Fault hooks (a save that blocks, a rank that stalls) are monkeypatches applied by this file's own
-``__main__`` before it calls ``megapt.cli.main``; nothing in megapt knows about them.
+``__main__`` before it calls ``megapt.cli.run``; nothing in megapt knows about them.
 """
 
 from __future__ import annotations
@@ -856,8 +856,10 @@ def _run_driver(spec_path: str) -> int:
 if __name__ == "__main__":
     _mode, _args = sys.argv[1], sys.argv[2:]
     if _mode == "driver":
-        sys.exit(_run_driver(_args[0]))
-    _install_hooks(_mode)
-    from megapt.cli import main as _main
+        from megapt.train.dist import exit_process
 
-    sys.exit(_main(["train"] + _args))
+        exit_process(_run_driver(_args[0]))  # no interpreter tear-down: see exit_process
+    _install_hooks(_mode)
+    from megapt.cli import run
+
+    run(["train"] + _args)

@@ -76,9 +76,10 @@ def main(out: str) -> int:
     if rank == 0:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(result, f)
-    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from megapt.train.dist import exit_process
+
+    exit_process(main(sys.argv[1]))  # destroys the group; no SIGABRT in interpreter tear-down
