@@ -486,6 +486,8 @@ def save(s: Setup, results: dict) -> Path:
         "val_score": best_score(results),
         "max_len": s.max_len,
     }
+    if s.lora_names and not ft.merge_lora:  # readers fold the adapters in with these
+        meta["lora"] = {"rank": ft.lora_rank, "alpha": ft.lora_alpha, "targets": ft.lora_targets}
     with gathered(list(module.parameters())):  # ZeRO-3: full weights while saving (rank 0 writes)
         if s.lora_names and ft.merge_lora:
             merge_lora(s.src.model)

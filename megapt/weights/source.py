@@ -78,20 +78,46 @@ def _build(args, cfg, state: dict, where: str):
     return model.eval()
 
 
+def _backbone(state: dict, meta: dict, where: str) -> dict:
+    """The base model's tensors of a saved state (fp32): the ``head.*`` tensors left out, LoRA
+    adapters saved unmerged (finetune.merge_lora=false) folded into their weights,
+    W + (alpha / r) B A, as ``LoRALinear.merged`` does, so every reader of the folder (eval,
+    generate, export, init_from) gets the fine-tuned model, not the base."""
+    out = {
+        k: v.float() for k, v in state.items() if not k.startswith("head.") and ".lora_" not in k
+    }
+    adapters = sorted(k[: -len(".lora_A")] for k in state if k.endswith(".lora_A"))
+    if not adapters:
+        return out
+    alpha = (meta.get("lora") or {}).get("alpha")
+    if alpha is None:
+        raise ExportError(
+            f"{where}: holds LoRA adapters ({adapters[0]}.lora_A, ...) without their alpha in the "
+            f"fine-tuning metadata (saved by an older megapt); fine-tune again (the default "
+            f"finetune.merge_lora=true folds them into the weights)"
+        )
+    for name in adapters:
+        a, b = state[f"{name}.lora_A"].float(), state.get(f"{name}.lora_B")
+        if b is None or f"{name}.weight" not in out:
+            raise ExportError(f"{where}: LoRA adapter {name} without its lora_B or base weight")
+        out[f"{name}.weight"] = out[f"{name}.weight"] + (b.float() @ a) * (
+            float(alpha) / a.shape[0]
+        )
+    return out
+
+
 def _load_weights_folder(folder: Path, cfg) -> Source:
     from safetensors.torch import load_file
 
     args = _args_from_json(json.loads((folder / "model_config.json").read_text()))
     state = load_file(str(folder / "model.safetensors"))
     extra = {k: v for k, v in state.items() if k.startswith("head.")}
-    backbone = {
-        k: v.float() for k, v in state.items() if not k.startswith("head.") and ".lora_" not in k
-    }
     meta = (
         json.loads((folder / "finetune.json").read_text())
         if (folder / "finetune.json").is_file()
         else {}
     )
+    backbone = _backbone(state, meta, str(folder / "model.safetensors"))
     model = _build(args, cfg, backbone, str(folder / "model.safetensors"))
     return Source(model, args, _tokenizer_beside(folder, cfg), str(folder), "weights", meta, extra)
 
@@ -114,10 +140,8 @@ def _load_weights_file(path: Path, cfg) -> Source:
     args = _args_from_json(json.loads(meta[WEIGHTS_META_ARGS]))
     state = load_file(str(path))
     extra = {k: v for k, v in state.items() if k.startswith("head.")}
-    backbone = {
-        k: v.float() for k, v in state.items() if not k.startswith("head.") and ".lora_" not in k
-    }
     ft_meta = json.loads(meta[WEIGHTS_META_FINETUNE]) if WEIGHTS_META_FINETUNE in meta else {}
+    backbone = _backbone(state, ft_meta, str(path))
     model = _build(args, cfg, backbone, str(path))
     tok = cfg.tokenizer_path if cfg.tokenizer_path.is_file() else None
     return Source(model, args, tok, str(path), "weights", ft_meta, extra)

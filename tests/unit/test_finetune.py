@@ -276,6 +276,37 @@ def test_sft_learns_response_and_saves_plain_weights(workdir, lora):
     )
 
 
+def test_unmerged_lora_adapters_are_part_of_the_loaded_model(workdir):
+    # finetune.merge_lora=false keeps the adapters as tensors; every reader must fold them in
+    # (they were dropped on load, so eval/generate/export silently used the base model)
+    from megapt.tasks.model import lm_loss
+
+    root, tok, _ = workdir
+    out = root / "sft_lora"
+    cfg = _cfg(
+        root,
+        "--finetune.task=sft",
+        f"--finetune.train_file={root}/sft.jsonl",
+        f"--finetune.val_file={root}/sft.jsonl",
+        "--finetune.epochs=6",
+        "--finetune.batch_size=3",
+        "--finetune.lr=3e-2",
+        "--finetune.lora_rank=4",
+        "--finetune.lora_alpha=8",
+        "--finetune.merge_lora=false",
+        f"--finetune.out_dir={out}",
+    )
+    res = finetune(cfg)
+    ex = D.build_sft(
+        D.read_rows(str(root / "sft.jsonl"), ["prompt", "response"]), tok, 16, "prompt", "response"
+    )
+    src = load_source(cfg, str(out))
+    assert src.meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["wq", "wk", "wv", "wo"]}
+    loss = lm_loss(src.model, ex, 3, tok.pad_id, "cpu")["loss"]
+    base = lm_loss(load_source(cfg, str(root / "base")).model, ex, 3, tok.pad_id, "cpu")["loss"]
+    assert loss == pytest.approx(res["val"]["loss"], abs=1e-4) and abs(loss - base) > 1e-3
+
+
 def test_unknown_freeze_pattern_is_an_error(workdir):
     _, _, args = workdir
     with pytest.raises(ValueError, match="matched no parameter"):
