@@ -211,15 +211,28 @@ class ScheduledLR:
         self.optimizer, self.schedule, self.last_epoch = optimizer, schedule, 0
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
+        # this run's peak per group (from its config); a checkpoint load brings back the saved ones
+        self.peaks = [float(g["initial_lr"]) for g in optimizer.param_groups]
+        self.changed_peaks: list[tuple[float, float]] = []  # what the last load's apply replaced
         set_lr(optimizer, schedule, 0)
 
     def step(self, *_: Any, **__: Any) -> None:
         self.last_epoch += 1
         set_lr(self.optimizer, self.schedule, self.last_epoch)
 
-    def apply(self) -> None:
-        """Set the LRs of the current step again (after a checkpoint load restored saved ones)."""
+    def apply(self) -> list[tuple[float, float]]:
+        """Set the LRs of the current step again after a checkpoint load restored the saved ones:
+        this run's peaks (its config's train.lr and group multipliers) and schedule decide.
+        Returns ``(saved peak, peak now)`` for each group whose peak the config changed."""
+        changed = []
+        for g, peak in zip(self.optimizer.param_groups, self.peaks, strict=True):
+            if float(g["initial_lr"]) != peak:
+                changed.append((float(g["initial_lr"]), peak))
+            g["initial_lr"] = peak
+        if changed:
+            self.changed_peaks = changed
         set_lr(self.optimizer, self.schedule, self.last_epoch)
+        return changed
 
     def get_last_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]

@@ -419,9 +419,18 @@ class Trainer:
             reshard.load_universal(self.engine, self.scheduler, path, meta)
         else:
             ckpt_lib.load_engine_state(self.engine, path)
-        # the saved optimizer groups carry the LR of the saved schedule (e.g. an older max_steps);
-        # this run's schedule decides the LR of the next step
-        self.scheduler.apply()
+        # the saved optimizer groups carry the LR of the saved schedule (e.g. an older max_steps
+        # or train.lr); this run's config decides the LR of the next step
+        self.scheduler.apply()  # DeepSpeed's load may have called it already (load_state_dict)
+        changed = self.scheduler.changed_peaks
+        if changed:
+            log.info(
+                "train.lr: the checkpoint's peak LR was %g, this run's is %g: the schedule goes "
+                "on from step %d with the new peak",
+                changed[0][0],
+                changed[0][1],
+                int(meta["step"]),
+            )
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.attempt, self.skipped_total = (
             int(meta.get("attempt", meta["step"])),

@@ -135,6 +135,16 @@ def test_scheduled_lr_sets_each_groups_own_peak_from_the_step():
     opt2.load_state_dict(opt.state_dict())  # saved LRs (and initial_lr) come back with the groups
     resumed.load_state_dict({"last_epoch": 12, "base_lrs": [1e-3, 4e-3]})  # a LambdaLR state loads
     assert resumed.get_last_lr() == [1e-3 * longer.multiplier(12), 4e-3 * longer.multiplier(12)]
+    # a resumed run with another train.lr: the config's peaks win over the saved ones
+    opt3 = torch.optim.AdamW([{"params": [a], "lr": 3e-4}, {"params": [b], "lr": 1.2e-3}])
+    lower = ScheduledLR(opt3, LRSchedule(peak=3e-4, min_lr=1e-4, warmup=4, max_steps=20))
+    opt3.load_state_dict(opt.state_dict())
+    lower.load_state_dict({"last_epoch": 12})
+    assert lower.get_last_lr() == [
+        3e-4 * lower.schedule.multiplier(12),
+        1.2e-3 * lower.schedule.multiplier(12),
+    ]
+    assert lower.apply() == [] and lower.changed_peaks == [(1e-3, 3e-4), (4e-3, 1.2e-3)]
 
 
 class Tiny(nn.Module):
