@@ -21,7 +21,7 @@ import traceback
 from typing import NoReturn
 
 from megapt.config import describe, load_config, save_config, to_dict
-from megapt.errors import EXIT_INTERRUPTED, UsageError, UserError
+from megapt.errors import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, UserError
 
 # verb (one or two words) -> (module, one-line help)
 VERBS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -73,14 +73,29 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _find_verb(argv: list[str]) -> tuple[tuple[str, ...], list[str]]:
+def _find_verb(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
     if len(argv) >= 2 and tuple(argv[:2]) in VERBS:
         return tuple(argv[:2]), argv[2:]
     if argv and (argv[0],) in VERBS:
         return (argv[0],), argv[1:]
-    raise SystemExit(
-        _usage() + (f"\n\nmegapt: unknown verb {' '.join(argv[:2])!r}" if argv else "")
-    )
+    return None
+
+
+def _no_verb(argv: list[str]) -> int:
+    """`megapt GROUP --help` lists the verbs (exit 0); a group without its verb or an unknown verb
+    is a usage error (the list and one line naming it on stderr, exit 2)."""
+    groups = {v[0] for v in VERBS if len(v) > 1}
+    if argv[0] in groups and argv[1:2] in (["-h"], ["--help"]):
+        print(_usage())
+        return 0
+    print(_usage(), file=sys.stderr)
+    if argv[0] in groups:
+        subs = ", ".join(v[1] for v in VERBS if len(v) > 1 and v[0] == argv[0])
+        what = f"which one? ({subs})" if len(argv) == 1 else f"unknown verb {' '.join(argv[:2])!r}"
+        print(f"megapt {argv[0]}: usage error: {what}", file=sys.stderr)
+    else:
+        print(f"megapt: usage error: unknown verb {argv[0]!r}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 # `megapt config`: the verb implemented here
@@ -112,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
-    verb, rest = _find_verb(argv)
+    found = _find_verb(argv)
+    if found is None:
+        return _no_verb(argv)
+    verb, rest = found
     module_name, text = VERBS[verb]
     module = importlib.import_module(module_name)
     overrides = [a for a in rest if _OVERRIDE.match(a)]

@@ -131,3 +131,26 @@ def test_readme_exit_code_table_is_the_one_in_megapt_errors():
     rows = dict(re.findall(r"^\| (\d+) \| ([^|]+?) \|", section, flags=re.M))
     assert {int(k): v for k, v in rows.items()} == EXIT_CODES
     assert PREEMPT_EXIT_CODE in EXIT_CODES
+
+
+@pytest.mark.parametrize(
+    "argv, code, last",
+    [
+        (["ckpt"], EXIT_USAGE, "megapt ckpt: usage error: which one? (consolidate, universal)"),
+        (["ckpt", "--help"], 0, None),
+        (
+            ["ckpt", "frobnicate"],
+            EXIT_USAGE,
+            "megapt ckpt: usage error: unknown verb 'ckpt frobnicate'",
+        ),
+        (["bogusverb"], EXIT_USAGE, "megapt: usage error: unknown verb 'bogusverb'"),
+    ],
+)
+def test_a_verb_group_alone_or_an_unknown_verb_is_a_usage_error(argv, code, last, capsys):
+    # they exited 1 (SystemExit with the usage text), which the exit-code table keeps for bugs
+    assert main(argv) == code
+    out, err = capsys.readouterr()
+    if last is None:
+        assert "consolidate" in out and not err
+    else:
+        assert err.strip().splitlines()[-1] == last and not out
