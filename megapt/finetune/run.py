@@ -251,9 +251,12 @@ def setup(cfg, *, tb=None, source: Source | None = None) -> Setup:
 
     lora_names: list[str] = []
     if ft.lora_rank > 0:
-        lora_names = apply_lora(
-            src.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets, ft.lora_dropout
-        )
+        try:
+            lora_names = apply_lora(
+                src.model, ft.lora_rank, ft.lora_alpha, ft.lora_targets, ft.lora_dropout
+            )
+        except ValueError as exc:  # targets that name no Linear layer
+            raise ConfigError(f"finetune.lora_targets: {exc}") from None
         if task in ("classify", "regress"):
             for p in model.head.parameters():
                 p.requires_grad_(True)

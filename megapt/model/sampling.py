@@ -13,6 +13,7 @@ Used by ``megapt generate`` (megapt/generate.py) and the trainer's end-of-run sa
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -112,9 +113,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise UsageError(f"max_new_tokens (--max-tokens) must be >= 1, got {max_new_tokens}")
     if not 0.0 < top_p <= 1.0:
         raise UsageError(f"top_p (--top-p) must be in (0, 1], got {top_p}")
-    if temperature < 0:
+    if not 0 <= temperature < math.inf:  # NaN fails too
         raise UsageError(
-            f"temperature (--temperature) must be >= 0 (0 = greedy), got {temperature}"
+            f"temperature (--temperature) must be finite and >= 0 (0 = greedy), got {temperature}"
         )
     if top_k < 0:
         raise UsageError(f"top_k (--top-k) must be >= 0 (0 = off), got {top_k}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from megapt.errors import EXIT_CHECKPOINT, UserError
+from megapt.errors import EXIT_CHECKPOINT, UsageError, UserError
 from megapt.model.gpt import GPT, ModelArgs
 
 # (our name, HF name); {i} is the block index.
@@ -354,6 +354,8 @@ def atomic_folder(out_dir: str | os.PathLike):
     """Yield ``<out_dir>.tmp`` to fill; on success it replaces ``out_dir`` in one rename, so a
     failed or killed write never leaves a half-written folder under the final name."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():  # never replaced: it may be anything of the user's
+        raise UsageError(f"{out}: exists and is not a folder; remove it or write somewhere else")
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

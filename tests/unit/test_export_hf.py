@@ -299,3 +299,13 @@ def test_cli_export_to_a_safetensors_path_writes_that_one_file(hf_dir, tmp_path,
     rc = main(["export", "--format", "hf", "--from", str(out), "--out", str(hf_out), *common])
     err = capsys.readouterr().err
     assert rc == 2 and "--format hf writes a folder" in err and not hf_out.exists()
+    # an --out that is an existing file is refused and kept (it was a NotADirectoryError traceback)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    rc = main(["export", "--format", "hf", "--from", str(out), "--out", str(mine), *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [
+        f"megapt export: usage error: {mine}: exists and is not a folder; "
+        f"remove it or write somewhere else"
+    ]
+    assert mine.read_text() == "mine"

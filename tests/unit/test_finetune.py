@@ -307,6 +307,24 @@ def test_unmerged_lora_adapters_are_part_of_the_loaded_model(workdir):
     assert loss == pytest.approx(res["val"]["loss"], abs=1e-4) and abs(loss - base) > 1e-3
 
 
+def test_lora_targets_that_match_nothing_are_a_config_error(workdir, capsys):
+    from megapt.cli import main
+
+    root, _, _ = workdir
+    argv = _overrides(
+        root,
+        "--finetune.task=classify",
+        "--finetune.lora_rank=4",
+        "--finetune.lora_targets=[nope]",
+        f"--finetune.out_dir={root}/never",
+    )
+    assert main(["finetune", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "megapt finetune: config error: finetune.lora_targets: LoRA targets ['nope']"
+    ), err
+
+
 def test_unknown_freeze_pattern_is_an_error(workdir):
     _, _, args = workdir
     with pytest.raises(ValueError, match="matched no parameter"):

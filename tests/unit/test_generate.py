@@ -144,7 +144,18 @@ BAD_ARGS = [
     (["--prompt", "import os " * 40], "exceed the model's max_seq_len=64"),
     (["--prompt", "import", "--max-tokens", "0"], "--max-tokens) must be >= 1, got 0"),
     (["--prompt", "import", "--top-p", "0"], "--top-p) must be in (0, 1], got 0.0"),
-    (["--prompt", "import", "--temperature", "-1"], "must be >= 0 (0 = greedy), got -1.0"),
+    (
+        ["--prompt", "import", "--temperature", "-1"],
+        "must be finite and >= 0 (0 = greedy), got -1.0",
+    ),
+    (
+        ["--prompt", "import", "--temperature", "nan"],
+        "must be finite and >= 0 (0 = greedy), got nan",
+    ),
+    (
+        ["--prompt", "import", "--temperature", "inf"],
+        "must be finite and >= 0 (0 = greedy), got inf",
+    ),
     (["--prompt", "import", "--top-k", "-2"], "--top-k) must be >= 0 (0 = off), got -2"),
     (["--prompt", "import", "--stop", "import os sys"], "a stop must be one token"),
     (["--prompt-file", "no_such_prompts.txt"], "--prompt-file no_such_prompts.txt: cannot read it"),
