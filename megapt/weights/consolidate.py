@@ -40,6 +40,7 @@ from megapt.train.checkpoint import (
     weights_only_loads,
     write_manifest,
 )
+from megapt.weights.hf import write_safetensors
 
 log = logging.getLogger("megapt.train")
 
@@ -84,7 +85,6 @@ def full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def consolidate(ckpt: Path, out: Path, dtype: str = "fp32") -> Path:
-    from safetensors.torch import save_file
 
     meta = read_meta(ckpt)
     sd = full_state_dict(ckpt)
@@ -100,9 +100,9 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "fp32") -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(
+    write_safetensors(
         tensors,
-        str(tmp / "model.safetensors"),
+        tmp / "model.safetensors",
         metadata={"format": "pt", "megapt_step": str(meta.get("step")), "dtype": dtype},
     )
     (tmp / "model_config.json").write_text(

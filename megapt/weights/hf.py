@@ -349,6 +349,28 @@ def write_hf_tokenizer(
     return ids
 
 
+def write_safetensors(state: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, then the file mode every other file gets (0644 under the
+    usual umask): safetensors creates its files 0600, so teammates on a shared cluster could not
+    read exported or consolidated weights."""
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would change it for the loader's
+    threads for a moment); 0o022 where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | os.PathLike):
     """Yield ``<out_dir>.tmp`` to fill; on success it replaces ``out_dir`` in one rename, so a
@@ -376,7 +398,6 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a transformers-loadable LlamaForCausalLM folder (atomically: tmp dir + rename)."""
-    from safetensors.torch import save_file
 
     with atomic_folder(out_dir) as tmp:
         ids: dict = {"eos": None, "pad": None, "bos": None}
@@ -385,7 +406,7 @@ def export_hf(
         state = to_hf_state_dict(model, dtype)
         if args.tie_embeddings:
             state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         cfg = hf_config_dict(
             args, eos_id=ids["eos"], pad_id=ids["pad"], bos_id=ids["bos"], dtype=dtype
         )

@@ -32,7 +32,14 @@ from megapt.errors import UsageError
 from megapt.model.gpt import GPT, ModelArgs
 from megapt.model.ops import select_backends
 from megapt.weights import consolidate
-from megapt.weights.hf import ExportError, atomic_folder, is_hf_dir, load_hf, load_weights
+from megapt.weights.hf import (
+    ExportError,
+    atomic_folder,
+    is_hf_dir,
+    load_hf,
+    load_weights,
+    write_safetensors,
+)
 
 
 @dataclass
@@ -206,7 +213,6 @@ def save_weights(
     """Write a megapt weights folder atomically (tmp folder + rename), or, when ``out_dir`` ends in
     ``.safetensors``, that one file (tmp file + rename) with the model config and ``meta`` in its
     safetensors metadata; the tokenizer is not part of a single file."""
-    from safetensors.torch import save_file
 
     state = {}
     for n, p in model.named_parameters():  # tied weights once (the first name)
@@ -225,13 +231,13 @@ def save_weights(
             info[WEIGHTS_META_FINETUNE] = json.dumps(meta)
         tmp = out.with_name(out.name + ".tmp")
         try:
-            save_file(state, str(tmp), metadata=info)
+            write_safetensors(state, tmp, metadata=info)
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
         return out
     with atomic_folder(out_dir) as tmp:
-        save_file(state, str(tmp / "model.safetensors"))
+        write_safetensors(state, tmp / "model.safetensors")
         (tmp / "model_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
         if meta:
             (tmp / "finetune.json").write_text(json.dumps(meta, indent=2))

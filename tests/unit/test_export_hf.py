@@ -289,6 +289,9 @@ def test_cli_export_to_a_safetensors_path_writes_that_one_file(hf_dir, tmp_path,
     rc = main(["export", "--format", "megapt", "--from", str(hf_dir), "--out", str(out), *common])
     assert rc == 0
     assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["tiny.safetensors"]
+    from megapt.weights.hf import _umask
+
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # safetensors alone makes it 0600
     cfg = load_config(overrides=common)
     ref, back = load_source(cfg, str(hf_dir)), load_source(cfg, str(out))
     assert back.args == ref.args and back.kind == "weights"
