@@ -254,12 +254,11 @@ def exit_process(code: int) -> NoReturn:
     launcher reports the job failed. Everything megapt writes is closed before this point
     (checkpoints, metrics, TensorBoard); loader workers die with their parent
     (megapt.data.workers). Processes without a group exit normally."""
-    import torch.distributed as dist
-
-    made = _GROUP_MADE or (dist.is_available() and dist.is_initialized())
-    destroy()
+    dist = sys.modules.get("torch.distributed")  # not imported: no group (and no torch import)
+    made = _GROUP_MADE or (dist is not None and dist.is_available() and dist.is_initialized())
     if not made:
         sys.exit(code)
+    destroy()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
