@@ -309,7 +309,10 @@ def test_exported_and_consolidated_weights_are_safetensors_only():
         "megapt/weights/consolidate.py",
         "megapt/weights/source.py",
     ):
-        assert "save_file(" in (ROOT / mod).read_text(), mod
+        text = (ROOT / mod).read_text()
+        assert "write_safetensors(" in text, mod  # megapt.weights.hf: save_file + the umask's mode
+    hf = (ROOT / "megapt/weights/hf.py").read_text()
+    assert "save_file(state, str(path), metadata=metadata)" in hf
 
 
 def _evil_file(path: Path, marker: Path) -> None:
