@@ -40,7 +40,7 @@ from megapt.train.checkpoint import (
     weights_only_loads,
     write_manifest,
 )
-from megapt.weights.hf import write_safetensors
+from megapt.weights.hf import atomic_folder, write_safetensors
 
 log = logging.getLogger("megapt.train")
 
@@ -85,7 +85,6 @@ def full_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def consolidate(ckpt: Path, out: Path, dtype: str = "fp32") -> Path:
-
     meta = read_meta(ckpt)
     sd = full_state_dict(ckpt)
     cast = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -95,26 +94,19 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "fp32") -> Path:
         v = v.to(cast)
         tensors[k] = v.clone() if v.data_ptr() in seen else v
         seen[v.data_ptr()] = k
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_safetensors(
-        tensors,
-        tmp / "model.safetensors",
-        metadata={"format": "pt", "megapt_step": str(meta.get("step")), "dtype": dtype},
-    )
-    (tmp / "model_config.json").write_text(
-        json.dumps(meta.get("model_args"), indent=1), encoding="utf-8"
-    )
-    for name in ("tokenizer.model", "config.yaml"):
-        if (ckpt / name).is_file():
-            shutil.copy2(ckpt / name, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    with atomic_folder(out) as tmp:
+        write_safetensors(
+            tensors,
+            tmp / "model.safetensors",
+            metadata={"format": "pt", "megapt_step": str(meta.get("step")), "dtype": dtype},
+        )
+        (tmp / "model_config.json").write_text(
+            json.dumps(meta.get("model_args"), indent=1), encoding="utf-8"
+        )
+        for name in ("tokenizer.model", "config.yaml"):
+            if (ckpt / name).is_file():
+                shutil.copy2(ckpt / name, tmp / name)
+    return Path(out)
 
 
 def to_universal(ckpt: Path) -> Path:
