@@ -40,6 +40,7 @@ import torch
 
 from megapt.errors import EXIT_CHECKPOINT, UserError
 from megapt.train import dist
+from megapt.train.process import seed_everything
 
 log = logging.getLogger("megapt.train")
 
@@ -483,10 +484,7 @@ def load_rng(ckpt: Path, rank: int, world_size: int, seed: int, step: int) -> No
     if len(data) == world_size:
         set_rng_state(data[rank])
     else:  # resharded resume: exact RNG continuation is impossible; reseed deterministically
-        s = (seed * 1_000_003 + step * 101 + rank) % (2**31)
-        random.seed(s)
-        np.random.seed(s)
-        torch.manual_seed(s)
+        seed_everything((seed * 1_000_003 + step * 101 + rank) % (2**31))
         log.warning(
             "checkpoint had %d ranks, this run has %d: RNG states reseeded", len(data), world_size
         )
